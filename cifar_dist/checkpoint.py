@@ -1,0 +1,173 @@
+"""Checkpoints: atomic directories, the newest complete one wins, safe loading.
+
+A checkpoint is ``checkpoints/step_XXXXXXXX/`` holding ``model.safetensors``,
+``optimizer.pt`` (tensors only: loaded with ``weights_only=True``) and
+``state.json`` (where training stands). It is written under a temporary name
+and renamed into place only when complete, so a crash mid-write leaves a
+``.tmp-*`` directory that is never picked up. Weights are read through
+safetensors, which cannot execute code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cifar_dist.errors import CheckpointError, EnvironmentFault
+
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def state_dict_of(model: torch.nn.Module) -> dict:
+    """Contiguous CPU copies of the model's persistent state (safetensors wants them)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Write ``model.safetensors`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        save_file(state_dict_of(model), str(tmp))
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise EnvironmentFault(f"{path}: cannot write weights: {e.strerror or e}") from None
+
+
+def load_weights(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict:
+    """Read a safetensors file; with ``model``, load it strictly and name any mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if model is not None:
+        check_compatible(state, model, path)
+        model.load_state_dict(state, strict=True)
+    return state
+
+
+def check_compatible(state: dict, model: torch.nn.Module, source) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise CheckpointError(f"{source}: weights do not fit this model ({what}; "
+                              f"{len(missing)} missing, {len(extra)} unexpected keys)")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{source}: {k} has shape {tuple(state[k].shape)}, "
+                                  f"this model needs {tuple(v.shape)}")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def read_state(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: unreadable state.json ({e})") from None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose state can be read (a damaged one is skipped)."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            read_state(ckpt)
+            return ckpt
+        except CheckpointError as e:
+            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+    return None
+
+
+class CheckpointWriter:
+    """Writes step_XXXXXXXX directories atomically and keeps the newest ``keep``."""
+
+    def __init__(self, run_dir: Path, keep: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def begin(self, step: int) -> Path:
+        """A fresh temporary directory for the checkpoint of ``step`` (rank 0 calls this)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-step_{step:08d}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        return tmp
+
+    def write_local(self, tmp: Path, model, optimizer, state: dict) -> None:
+        """Model, optimizer and state of a single-process or DDP run into ``tmp``."""
+        save_file(state_dict_of(model), str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        self.write_state(tmp, state)
+
+    @staticmethod
+    def write_state(tmp: Path, state: dict) -> None:
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+    def commit(self, tmp: Path, step: int) -> Path:
+        """Make ``tmp`` the checkpoint of ``step`` (atomic rename), then prune old ones."""
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync_file(f)
+        final = self.root / f"step_{step:08d}"
+        if final.exists():  # the same step saved again (e.g. after a resume)
+            old = self.root / f".old-{final.name}-{time.time_ns()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(self.root)
+        for stale in list_checkpoints(self.root.parent)[:-self.keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    def abort(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """``optimizer.pt`` with ``weights_only=True``: a pickle code payload is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
+        raise CheckpointError(f"{path}: refused to load ({first[:160]}); nothing in it was executed") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: unreadable optimizer state ({e})") from None

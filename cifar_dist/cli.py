@@ -1,0 +1,146 @@
+"""The `cifar-dist` command: train, eval, summary, prepare, report, bench, config."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cifar_dist.train import add_train_arguments, guarded
+
+
+def _train(args):
+    from cifar_dist.train import run
+    return run(args)
+
+
+def _summary(args):
+    from cifar_dist.config import load_config
+    from cifar_dist.models import build_model, count_parameters
+    from cifar_dist.summary import count_flops, format_table, layer_table
+
+    cfg = load_config(args.config, args.overrides)
+    model = build_model(cfg.model)
+    print(format_table(layer_table(model)))
+    total = count_parameters(model)
+    fwd = count_flops(model)
+    print("=" * 66)
+    print(f"Total params: {total:,}")
+    print(f"Trainable params: {total:,}")
+    print(f"Forward: {fwd / 2e9:.3f} GMAC ({fwd / 1e9:.3f} GFLOP) per 32x32 image")
+    return 0
+
+
+def _prepare(args):
+    from cifar_dist.config import Config, resolve_data_root
+    from cifar_dist.data.prepare import prepare
+
+    cfg = Config()
+    if args.root:
+        cfg.data.root = args.root
+    root = resolve_data_root(cfg)
+    print(prepare(root, download=not args.no_download))
+    if args.beton:
+        from cifar_dist.data.beton import write_betons
+        print(write_betons(root))
+    return 0
+
+
+def _report(args):
+    from cifar_dist.report import draw_run
+    for path in draw_run(Path(args.run_dir)):
+        print(path)
+    return 0
+
+
+def _eval(args):
+    import torch
+
+    from cifar_dist import load_model
+    from cifar_dist.config import load_config
+    from cifar_dist.data import build_datasets
+    from cifar_dist.engine import evaluate_model
+    from cifar_dist.errors import CheckpointError
+    from cifar_dist.report import plot_confusion
+
+    run_dir = Path(args.checkpoint)
+    if not (run_dir / "model.safetensors").is_file():
+        raise CheckpointError(f"{run_dir}: no model.safetensors (is it a finished run directory?)")
+    cfg = load_config(run_dir / "config.yaml", args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(run_dir, device)
+    _, eval_set, name = build_datasets(cfg)
+    result = evaluate_model(model, eval_set, cfg, device, tta=args.tta)
+    print(f"{name} accuracy {100 * result['acc']:.2f}% on {result['count']} images"
+          f"{' (flip TTA)' if args.tta else ''}, loss {result['loss']:.4f}")
+    from cifar_dist.data.cifar import CLASSES
+    for cls, acc in zip(CLASSES, result["per_class_acc"]):
+        print(f"  {cls:>10}: {100 * acc:.2f}%")
+    out = run_dir / ("eval_tta.json" if args.tta else "eval.json")
+    out.write_text(json.dumps(result, indent=1))
+    plot_confusion(result["confusion"], run_dir / "plots" / "confusion_matrix_eval.png")
+    print(f"written {out}")
+    return 0
+
+
+def _bench(args):
+    from cifar_dist.bench import run_bench
+    return run_bench(args)
+
+
+def _config(args):
+    import yaml
+
+    from cifar_dist.config import load_config
+    print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cifar-dist", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (same as cifar_dist/train.py)")
+    add_train_arguments(p)
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser("eval", help="evaluate a finished run's model.safetensors")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/data")
+    p.set_defaults(fn=_eval)
+
+    p = sub.add_parser("summary", help="per-layer table (the paper's Figure 1), parameters, FLOPs")
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(fn=_summary)
+
+    p = sub.add_parser("prepare", help="download or check CIFAR-10; --beton writes FFCV files")
+    p.add_argument("--root", help="data directory (default: $CIFAR_DIST_DATA, else ~/.cache/cifar_dist)")
+    p.add_argument("--beton", action="store_true", help="also write train/test .beton files for data.loader=ffcv")
+    p.add_argument("--no-download", action="store_true", help="only check what is there")
+    p.set_defaults(fn=_prepare)
+
+    p = sub.add_parser("report", help="(re)draw a run's plots")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=_report)
+
+    p = sub.add_parser("config", help="print the resolved config")
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(fn=_config)
+
+    from cifar_dist.bench_args import add_bench_arguments
+    p = sub.add_parser("bench", help="throughput benchmark: images/s per device, MFU, speed-up over plain PyTorch")
+    add_bench_arguments(p)
+    p.set_defaults(fn=_bench)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return guarded(args.fn, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Typed configuration: defaults < YAML file < ``key=value`` arguments.
+
+Every field carries one line of help (with its unit) and, where it matters,
+its allowed values. Unknown keys, wrong types and invalid values raise
+``ConfigError`` with one line naming the key and where it came from; the
+command line turns that into exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifar_dist.errors import ConfigError
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the paper's Normalize constants
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+def _f(default, help, *, choices=None, min=None, max=None, min_exclusive=False):
+    """A dataclass field with its help line and validation rules."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max,
+            "min_exclusive": min_exclusive}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    root: str = _f("", "directory holding cifar-10-batches-py/ ('' = $CIFAR_DIST_DATA, else ~/.cache/cifar_dist)")
+    loader: str = _f("torch", "input pipeline", choices=("torch", "ffcv", "gpu"))
+    workers: int = _f(2, "loader worker processes per training process (torch, ffcv)", min=0)
+    synthetic: bool = _f(False, "random CIFAR-shaped, class-dependent data; no files needed")
+    synthetic_train: int = _f(4096, "synthetic training images", min=1)
+    synthetic_test: int = _f(1024, "synthetic test images", min=1)
+    subset: int = _f(0, "use only the first N training images (0 = all)", min=0)
+    val_split: int = _f(0, "hold out the last N training images for validation (0 = evaluate the test set, as the paper did)", min=0)
+    crop_padding: int = _f(4, "random crop with this zero padding, in pixels (0 = off)", min=0)
+    flip: bool = _f(True, "random horizontal flip")
+    cutout: int = _f(0, "side of the random cutout square, in pixels (0 = off)", min=0)
+    color_jitter: float = _f(0.0, "brightness/contrast/saturation/hue jitter strength, as torchvision's ColorJitter(x, x, x, x) (0 = off)", min=0, max=0.5)
+    rotation: float = _f(0.0, "random rotation range, in degrees (0 = off)", min=0, max=180)
+    mean: list = _f(list(CIFAR_MEAN), "per-channel normalization mean, in [0, 1] units")
+    std: list = _f(list(CIFAR_STD), "per-channel normalization std, in [0, 1] units")
+    eval_batch_size: int = _f(500, "evaluation batch per process, in images", min=1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("seed_resnet", "architecture", choices=("seed_resnet", "resnet9", "resnet18"))
+    widths: list = _f([66, 132, 264], "seed_resnet: channels of each stage")
+    blocks: list = _f([3, 4, 3], "seed_resnet: BasicBlocks in each stage")
+    bn_group: int = _f(0, "BatchNorm normalizes over groups of this many samples (0 = the whole per-process micro-batch, classic BN; >0 makes results independent of the process count)", min=0)
+    bn_momentum: float = _f(0.1, "BatchNorm running-statistics momentum", min=0, max=1)
+    sync_bn: bool = _f(False, "SyncBatchNorm across processes (GPU only)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(60, "training epochs", min=1)
+    batch_size: int = _f(128, "GLOBAL batch in images, split evenly across processes", min=1)
+    accum_steps: int = _f(1, "micro-batches per optimizer step in each process", min=1)
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = no cap)", min=0)
+    optimizer: str = _f("adam", "optimizer", choices=("adam", "adamw", "sgd"))
+    lr: float = _f(1e-3, "peak learning rate", min=0, min_exclusive=True)
+    weight_decay: float = _f(1e-4, "weight decay (L2 in the gradient for adam/sgd, decoupled for adamw)", min=0)
+    momentum: float = _f(0.9, "sgd momentum", min=0, max=1)
+    nesterov: bool = _f(True, "sgd: Nesterov momentum")
+    betas: list = _f([0.9, 0.999], "adam/adamw betas")
+    schedule: str = _f("warmup_cosine", "learning-rate schedule",
+                       choices=("constant", "warmup_cosine", "onecycle", "step"))
+    schedule_unit: str = _f("step", "the LR changes every optimizer step, or once per epoch like the paper's LambdaLR",
+                            choices=("step", "epoch"))
+    warmup_epochs: float = _f(5.0, "warm-up (warmup_cosine) or rise (onecycle) length, in epochs", min=0)
+    milestones: list = _f([30, 45], "step schedule: epochs at which the LR is multiplied by gamma")
+    gamma: float = _f(0.1, "step schedule: LR factor at each milestone", min=0)
+    label_smoothing: float = _f(0.1, "label smoothing epsilon", min=0, max=1)
+    smoothing_form: str = _f("paper", "paper: eps/(K-1) on each wrong class; torch: eps/K on every class",
+                             choices=("paper", "torch"))
+    grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 = off)", min=0)
+    exact_reduce: bool = _f(False, "sum gradients of model.bn_group-sized chunks in a fixed tree: bitwise the same weights for any power-of-two process count (slower)")
+
+
+@dataclass
+class RunConfig:
+    seed: int = _f(42, "seed of weights, sample order and every augmentation decision", min=0)
+    out_dir: str = _f("", "run directory ('' = runs/<config name>-<time>)")
+    deterministic: bool = _f(False, "deterministic algorithms (bitwise-repeatable runs; slower on GPU)")
+    compile: bool = _f(False, "torch.compile the model")
+    channels_last: bool = _f(False, "channels_last memory format")
+    precision: str = _f("fp32", "compute precision", choices=("fp32", "bf16", "fp16"))
+    threads: int = _f(0, "CPU threads per process (0 = PyTorch's default)", min=0)
+    tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = _f(1, "write a resumable checkpoint every N epochs (0 = only at the end)", min=0)
+    every_steps: int = _f(0, "also write one every N optimizer steps (0 = off)", min=0)
+    keep: int = _f(2, "complete checkpoints to keep (older ones are deleted)", min=1)
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = _f(1, "evaluate every N epochs (the last epoch is always evaluated)", min=1)
+    tta: bool = _f(False, "flip test-time augmentation at the final evaluation")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = field(default="default", metadata={"help": "recipe name (used in the default run directory)"})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}
+_SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+                    "run": RunConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig}
+_LIST_ITEM = {("model", "widths"): int, ("model", "blocks"): int, ("data", "mean"): float,
+              ("data", "std"): float, ("train", "betas"): float, ("train", "milestones"): int}
+
+
+def iter_fields():
+    """Yield (section, dataclass field) for every leaf key, in declaration order."""
+    for section, cls in _SECTION_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            yield section, f
+
+
+def _coerce(value: Any, default: Any, key: str, where: str):
+    """Check ``value`` against the type of ``default``; ints are accepted as floats."""
+    def bad(expected):
+        return ConfigError(f"{where}: {key}: expected {expected}, got {value!r}")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise bad("a list")
+        section, name = key.split(".", 1)
+        item = _LIST_ITEM[(section, name)]
+        return [_coerce(v, item(0), key, where) for v in value]
+    raise AssertionError(f"unhandled default type for {key}")
+
+
+def _check_range(value, f, key, where):
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {key}: must be one of {', '.join(meta['choices'])}, got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and isinstance(value, (int, float)):
+        if value < lo or (meta.get("min_exclusive") and value == lo):
+            op = ">" if meta.get("min_exclusive") else ">="
+            raise ConfigError(f"{where}: {key}: must be {op} {lo}, got {value!r}")
+    if hi is not None and isinstance(value, (int, float)) and value > hi:
+        raise ConfigError(f"{where}: {key}: must be <= {hi}, got {value!r}")
+
+
+def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
+    if key == "name":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: name: expected a string, got {value!r}")
+        cfg.name = value
+        return
+    section, _, name = key.partition(".")
+    if section not in _SECTION_CLASSES or not name:
+        raise ConfigError(f"{where}: unknown key {key!r}")
+    fields = {f.name: f for f in dataclasses.fields(_SECTION_CLASSES[section])}
+    if name not in fields:
+        raise ConfigError(f"{where}: unknown key {key!r}")
+    sub = getattr(cfg, section)
+    value = _coerce(value, getattr(sub, name), key, where)
+    _check_range(value, fields[name], key, where)
+    setattr(sub, name, value)
+
+
+def _flatten(tree: dict, where: str, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{where}: key {k!r} is not a string")
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            if not prefix and k in _SECTION_CLASSES:
+                out.update(_flatten(v, where, key + "."))
+                continue
+            raise ConfigError(f"{where}: unknown key {key!r}")
+        out[key] = v
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Load a YAML mapping; a missing or malformed file is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        tree = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}: malformed YAML{at}: {problem}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """``train.lr=0.1`` -> ("train.lr", 0.1); the value is read as YAML."""
+    key, sep, raw = arg.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"command line: {arg!r} is not key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"command line: {key}: cannot read value {raw!r}") from None
+    return key.strip(), value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
+    cfg = Config()
+    if path:
+        cfg.name = Path(path).stem
+        where = str(path)
+        for key, value in _flatten(read_yaml(path), where).items():
+            _apply(cfg, key, value, where)
+    for arg in overrides:
+        key, value = parse_override(arg)
+        _apply(cfg, key, value, "command line")
+    validate(cfg, str(path) if path else "command line")
+    return cfg
+
+
+def validate(cfg: Config, where: str) -> None:
+    """Checks that involve more than one key."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if len(m.widths) != len(m.blocks) or not m.widths:
+        raise ConfigError(f"{where}: model.widths and model.blocks must be non-empty lists of equal length")
+    for key, values in (("model.widths", m.widths), ("model.blocks", m.blocks)):
+        if any(v < 1 for v in values):
+            raise ConfigError(f"{where}: {key}: every entry must be >= 1, got {values}")
+    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
+        if len(values) != 3:
+            raise ConfigError(f"{where}: {key}: expected 3 values (R, G, B), got {values}")
+    if any(s <= 0 for s in d.std):
+        raise ConfigError(f"{where}: data.std: every entry must be > 0, got {d.std}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"{where}: train.betas: expected two values in [0, 1), got {t.betas}")
+    if t.exact_reduce:
+        if not m.bn_group:
+            raise ConfigError(f"{where}: train.exact_reduce: needs model.bn_group > 0 (the chunk size)")
+        chunks = t.batch_size // m.bn_group
+        if t.batch_size % m.bn_group or chunks & (chunks - 1):
+            raise ConfigError(f"{where}: train.exact_reduce: train.batch_size / model.bn_group must be a "
+                              f"power of two, got {t.batch_size} / {m.bn_group}")
+        if cfg.run.precision == "fp16":
+            raise ConfigError(f"{where}: train.exact_reduce: not with run.precision=fp16 (loss scaling)")
+    if d.val_split and d.synthetic:
+        raise ConfigError(f"{where}: data.val_split: not available with data.synthetic")
+
+
+def resolve_data_root(cfg: Config) -> Path:
+    """``data.root``, else $CIFAR_DIST_DATA, else ~/.cache/cifar_dist."""
+    root = cfg.data.root or os.environ.get("CIFAR_DIST_DATA") or "~/.cache/cifar_dist"
+    return Path(root).expanduser()
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

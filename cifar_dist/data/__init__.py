@@ -1,0 +1,50 @@
+"""Data: CIFAR-10 files, the shared augmentation, sharding, and the three loaders."""
+from __future__ import annotations
+
+from cifar_dist.config import Config, resolve_data_root
+from cifar_dist.data.augment import AugmentSpec
+from cifar_dist.data.cifar import CLASSES, ImageSet, load_cifar10, synthetic_cifar
+from cifar_dist.data.loaders import GpuLoader, TorchLoader, eval_batches, normalize
+from cifar_dist.data.sharding import Shard
+from cifar_dist.errors import ConfigError
+
+__all__ = ["CLASSES", "ImageSet", "Shard", "build_datasets", "build_train_loader",
+           "eval_batches", "normalize"]
+
+
+def build_datasets(cfg: Config) -> tuple[ImageSet, ImageSet, str]:
+    """(training set, evaluation set, evaluation set's name: 'test' or 'val')."""
+    d = cfg.data
+    if d.synthetic:
+        train, test = synthetic_cifar(d.synthetic_train, 1), synthetic_cifar(d.synthetic_test, 2)
+    else:
+        root = resolve_data_root(cfg)
+        train, test = load_cifar10(root, train=True), load_cifar10(root, train=False)
+    if d.val_split:
+        if d.val_split >= len(train):
+            raise ConfigError(f"data.val_split: {d.val_split} leaves no training images of {len(train)}")
+        n = len(train) - d.val_split
+        train, test, name = train.slice(0, n), train.slice(n, len(train)), "val"
+    else:
+        name = "test"
+    if d.subset:
+        if d.subset > len(train):
+            raise ConfigError(f"data.subset: {d.subset} is more than the {len(train)} training images")
+        train = train.slice(0, d.subset)
+    if len(train) < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the "
+                          f"{len(train)} training images")
+    return train, test, name
+
+
+def build_train_loader(cfg: Config, train: ImageSet, shard: Shard, device):
+    spec = AugmentSpec.from_config(cfg.data)
+    kind = cfg.data.loader
+    if kind == "torch":
+        return TorchLoader(train, spec, cfg.run.seed, shard, device, cfg.data.workers)
+    if kind == "gpu":
+        return GpuLoader(train, spec, cfg.run.seed, shard, device)
+    if kind == "ffcv":
+        from cifar_dist.data.ffcv_loader import FfcvLoader
+        return FfcvLoader(cfg, train, spec, shard, device)
+    raise ConfigError(f"data.loader: unknown loader {kind!r}")

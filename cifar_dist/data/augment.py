@@ -1,0 +1,192 @@
+"""The one augmentation definition every loader shares.
+
+Every random decision is a pure function of (seed, epoch, global sample
+index, stream): a counter-based integer hash, computed the same way on any
+device, never a generator whose state depends on the rank, the worker or the
+order in which batches are drawn. Crop, flip and cutout are pure indexing, so
+the torch, ffcv and gpu loaders deliver identical uint8 pixels.
+
+Batches are uint8 [B, 3, 32, 32] in and out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_M32 = 0xFFFFFFFF
+_MUL = 0x45D9F3B  # < 2**27: products of 32-bit values stay inside int64
+
+# Independent random streams, one per decision.
+CROP_Y, CROP_X, FLIP, CUT_Y, CUT_X, BRIGHT, CONTRAST, SATUR, HUE, JITTER_ORDER, ROTATE, ORDER = range(12)
+
+
+def _mix32(x):
+    """A 32-bit integer finalizer on Python ints or int64 tensors holding values in [0, 2**32)."""
+    x = ((x >> 16) ^ x) * _MUL & _M32
+    x = ((x >> 16) ^ x) * _MUL & _M32
+    return (x >> 16) ^ x
+
+
+def hash_u32(seed: int, epoch: int, index: torch.Tensor, stream: int) -> torch.Tensor:
+    """Uniform 32-bit integers (as int64) keyed by (seed, epoch, index, stream)."""
+    key = _mix32((seed & _M32) ^ 0x9E3779B9)  # on Python ints, exactly as on tensors
+    key = _mix32(key ^ (epoch & _M32))
+    key = _mix32(key ^ (stream * 0x85EBCA6B & _M32))
+    return _mix32((index.to(torch.int64) & _M32) ^ key)
+
+
+def rand_int(seed, epoch, index, stream, n: int) -> torch.Tensor:
+    """Integers in [0, n), exact on every device: (h * n) >> 32."""
+    return (hash_u32(seed, epoch, index, stream) * n) >> 32
+
+
+def rand_uniform(seed, epoch, index, stream, lo: float, hi: float) -> torch.Tensor:
+    u = hash_u32(seed, epoch, index, stream).to(torch.float64) / 2.0**32
+    return (lo + (hi - lo) * u).to(torch.float32)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The global visiting order of ``n`` samples in ``epoch``: a seeded permutation."""
+    g = torch.Generator().manual_seed(int(hash_u32(seed, epoch, torch.tensor([0]), ORDER)[0]))
+    return torch.randperm(n, generator=g)
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What to apply, read from the data config; the same for every loader."""
+
+    crop_padding: int = 0
+    flip: bool = False
+    cutout: int = 0
+    color_jitter: float = 0.0
+    rotation: float = 0.0
+    fill: tuple = (125, 123, 114)  # cutout fill: the mean pixel, 0 after normalization
+
+    @classmethod
+    def from_config(cls, data_cfg) -> "AugmentSpec":
+        fill = tuple(int(round(m * 255)) for m in data_cfg.mean)
+        return cls(data_cfg.crop_padding, data_cfg.flip, data_cfg.cutout,
+                   data_cfg.color_jitter, data_cfg.rotation, fill)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.crop_padding or self.flip or self.cutout or self.color_jitter or self.rotation)
+
+
+def augment(x: torch.Tensor, index: torch.Tensor, epoch: int, seed: int, spec: AugmentSpec) -> torch.Tensor:
+    """Augment a uint8 batch; sample ``i`` is transformed by its global ``index[i]`` alone."""
+    if not spec.active:
+        return x
+    index = index.to(x.device)
+    if spec.crop_padding:
+        x = random_crop(x, index, epoch, seed, spec.crop_padding)
+    if spec.flip:
+        flip = rand_int(seed, epoch, index, FLIP, 2).bool()
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    if spec.color_jitter:
+        x = color_jitter(x, index, epoch, seed, spec.color_jitter)
+    if spec.rotation:
+        x = rotate(x, index, epoch, seed, spec.rotation)
+    if spec.cutout:
+        x = cutout(x, index, epoch, seed, spec.cutout, spec.fill)
+    return x
+
+
+def random_crop(x, index, epoch, seed, pad: int):
+    """torchvision's RandomCrop(32, padding=pad): zero padding, offsets uniform in [0, 2*pad]."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = rand_int(seed, epoch, index, CROP_Y, 2 * pad + 1)
+    dx = rand_int(seed, epoch, index, CROP_X, 2 * pad + 1)
+    rows = (dy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1)
+    cols = (dx.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w)
+    bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[bi, ci, rows, cols]
+
+
+def cutout(x, index, epoch, seed, size: int, fill):
+    """DeVries & Taylor's cutout: a size x size square centred anywhere, clipped at the border."""
+    b, c, h, w = x.shape
+    cy = rand_int(seed, epoch, index, CUT_Y, h).view(b, 1, 1)
+    cx = rand_int(seed, epoch, index, CUT_X, w).view(b, 1, 1)
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    lo = size // 2
+    inside = (ys >= cy - lo) & (ys < cy - lo + size) & (xs >= cx - lo) & (xs < cx - lo + size)
+    fill_t = torch.tensor(fill, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+    return torch.where(inside.unsqueeze(1), fill_t, x)
+
+
+def _gray(x):
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(a, b, ratio):
+    return (ratio * a + (1 - ratio) * b).clamp(0, 1)
+
+
+def _shift_hue(x, shift):
+    """Rotate the hue of RGB images in [0, 1] by ``shift`` turns (per sample)."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hr = ((g - b) / safe) % 6
+    hg = (b - r) / safe + 2
+    hb = (r - g) / safe + 4
+    hue = torch.where(maxc == r, hr, torch.where(maxc == g, hg, hb)) / 6
+    hue = torch.where(delta > 0, hue, torch.zeros_like(hue))
+    hue = (hue + shift.view(-1, 1, 1)) % 1.0
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    # HSV -> RGB with the standard piecewise-linear formula
+    k = torch.stack([(5 + hue * 6) % 6, (3 + hue * 6) % 6, (1 + hue * 6) % 6], 1)
+    f = torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+    return maxc.unsqueeze(1) - (maxc * sat).unsqueeze(1) * f
+
+
+def color_jitter(x, index, epoch, seed, s: float):
+    """torchvision's ColorJitter(s, s, s, s): four adjustments in a random order per sample."""
+    b = x.shape[0]
+    xf = x.float() / 255
+    factors = [rand_uniform(seed, epoch, index, st, 1 - s, 1 + s).to(x.device).view(b, 1, 1, 1)
+               for st in (BRIGHT, CONTRAST, SATUR)]
+    hue = rand_uniform(seed, epoch, index, HUE, -s, s).to(x.device)
+    ops = [
+        lambda t: _blend(t, torch.zeros_like(t), factors[0]),
+        lambda t: _blend(t, _gray(t).mean((1, 2, 3), keepdim=True), factors[1]),
+        lambda t: _blend(t, _gray(t), factors[2]),
+        lambda t: _shift_hue(t, hue),
+    ]
+    # Each sample's order is one of the 24 permutations of the four operations.
+    perm_id = rand_int(seed, epoch, index, JITTER_ORDER, 24)
+    order = _PERMS.to(x.device)[perm_id]  # [B, 4]
+    for step in range(4):
+        for op_id, op in enumerate(ops):
+            mask = (order[:, step] == op_id).view(b, 1, 1, 1)
+            xf = torch.where(mask, op(xf), xf)
+    return (xf * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def _all_perms(n):
+    import itertools
+    return torch.tensor(list(itertools.permutations(range(n))), dtype=torch.int64)
+
+
+_PERMS = _all_perms(4)
+
+
+def rotate(x, index, epoch, seed, degrees: float):
+    """torchvision's RandomRotation(degrees): about the centre, nearest neighbour, zero fill."""
+    b = x.shape[0]
+    angle = rand_uniform(seed, epoch, index, ROTATE, -degrees, degrees).to(x.device) * (math.pi / 180)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
+                         torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)

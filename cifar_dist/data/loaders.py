@@ -1,0 +1,129 @@
+"""Training loaders (torch DataLoader, device-resident) and the evaluation batches.
+
+A training loader yields, for each optimizer step, this process's list of
+micro-batches ``(images uint8 [b,3,32,32], labels, indices)`` on the training
+device. Which samples, and how each is augmented, follows from (seed, epoch,
+global index) alone (``sharding`` and ``augment``), so the loaders are
+interchangeable and a resumed epoch continues at the exact next sample.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cifar_dist.data.augment import AugmentSpec, augment, epoch_order
+from cifar_dist.data.cifar import ImageSet
+from cifar_dist.data.sharding import Shard, eval_range
+
+
+class _StepKeys(Sampler):
+    """Yields (epoch, indices) for each micro-batch of this rank, from ``start_step`` on."""
+
+    def __init__(self, n: int, seed: int, epoch: int, shard: Shard, start_step: int):
+        self.n, self.seed, self.epoch, self.shard, self.start = n, seed, epoch, shard, start_step
+
+    def __len__(self):
+        return (self.shard.steps_per_epoch(self.n) - self.start) * self.shard.accum
+
+    def __iter__(self):
+        order = epoch_order(self.seed, self.epoch, self.n)
+        for step in range(self.start, self.shard.steps_per_epoch(self.n)):
+            for pos in self.shard.step_positions(step):
+                yield self.epoch, order[pos]
+
+
+class _AugmentedBatches(Dataset):
+    """Builds a whole augmented micro-batch per fetch (in a worker when workers > 0)."""
+
+    def __init__(self, data: ImageSet, spec: AugmentSpec, seed: int):
+        self.data, self.spec, self.seed = data, spec, seed
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitems__(self, key):
+        epoch, idx = key
+        x = augment(self.data.images[idx], idx, epoch, self.seed, self.spec)
+        return x, self.data.labels[idx], idx
+
+
+def _whole_batch(batch):
+    return batch
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # workers share the cores with training
+
+
+class TorchLoader:
+    """torch DataLoader over host memory; augmentation runs in the workers."""
+
+    name = "torch"
+
+    def __init__(self, data: ImageSet, spec: AugmentSpec, seed: int, shard: Shard, device, workers: int = 2):
+        self.data, self.spec, self.seed, self.shard = data, spec, seed, shard
+        self.device, self.workers = torch.device(device), workers
+        self.steps_per_epoch = shard.steps_per_epoch(len(data))
+        self._set = _AugmentedBatches(data, spec, seed)
+
+    def iter_epoch(self, epoch: int, start_step: int = 0):
+        keys = _StepKeys(len(self.data), self.seed, epoch, self.shard, start_step)
+        loader = DataLoader(self._set, batch_sampler=keys, collate_fn=_whole_batch,
+                            num_workers=self.workers, worker_init_fn=_worker_init,
+                            pin_memory=self.device.type == "cuda",
+                            prefetch_factor=4 if self.workers else None)
+        micro = []
+        for x, y, idx in loader:
+            micro.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx))
+            if len(micro) == self.shard.accum:
+                yield micro
+                micro = []
+
+
+class GpuLoader:
+    """The whole training set resident on the device as uint8; gather and augment there."""
+
+    name = "gpu"
+
+    def __init__(self, data: ImageSet, spec: AugmentSpec, seed: int, shard: Shard, device, workers: int = 0):
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.n, self.spec, self.seed, self.shard = len(data), spec, seed, shard
+        self.steps_per_epoch = shard.steps_per_epoch(self.n)
+
+    def iter_epoch(self, epoch: int, start_step: int = 0):
+        order = epoch_order(self.seed, epoch, self.n).to(self.device)
+        for step in range(start_step, self.steps_per_epoch):
+            micro = []
+            for pos in self.shard.step_positions(step):
+                idx = order[pos]
+                x = augment(self.images[idx], idx, epoch, self.seed, self.spec)
+                micro.append((x, self.labels[idx], idx))
+            yield micro
+
+
+def eval_batches(data: ImageSet, rank: int, world: int, batch: int, device):
+    """This rank's share of ``data`` in fixed-size batches: (x uint8, y, valid).
+
+    The last batch is padded to ``batch`` (so a compiled model sees one shape);
+    ``valid`` says how many of its rows are real. Every sample is counted once.
+    """
+    start, stop = eval_range(len(data), rank, world)
+    for s in range(start, stop, batch):
+        e = min(s + batch, stop)
+        x, y = data.images[s:e], data.labels[s:e]
+        valid = e - s
+        if valid < batch:
+            pad = batch - valid
+            x = torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))])
+            y = torch.cat([y, y.new_zeros(pad)])
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), valid
+
+
+def normalize(x: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> float32 normalized, in the model's memory format."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    x = (x.float() - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,0 +1,139 @@
+"""Accelerator construction, the launcher's view of the world, and rank-0 helpers."""
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from cifar_dist.errors import ConfigError, EnvironmentFault, UserError
+
+_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def launcher_world_size() -> int:
+    """How many processes the launcher started, read from its environment (1 if none)."""
+    for var in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def env_rank() -> int:
+    """This process's rank as the launcher set it (0 if none), usable before any set-up."""
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def check_world(num_processes: int) -> None:
+    """Refuse the silent trap: N processes that each believe they are rank 0 of 1."""
+    launched = launcher_world_size()
+    if launched > 1 and num_processes == 1:
+        raise UserError(
+            f"the launcher started {launched} processes but each one sees a world of 1 "
+            "(they would train unsynchronized); on CPU use `accelerate launch --config_file "
+            "launch/cpu.yaml`, `torchrun`, or ACCELERATE_USE_CPU=1 with --multi_gpu")
+
+
+def using_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+
+
+def has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+def make_accelerator(cfg, timeout_s: int = 600):
+    """The Accelerator for this run: DDP (or DeepSpeed when launched with its config)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    if cfg.run.precision == "fp16" and not has_accelerator():
+        raise ConfigError("run.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if cfg.model.sync_bn and not has_accelerator():
+        raise ConfigError("model.sync_bn: SyncBatchNorm only runs on GPUs; on CPU use "
+                          "model.bn_group for results independent of the process count")
+    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False),
+                InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
+    kwargs = dict(mixed_precision=_PRECISION[cfg.run.precision], kwargs_handlers=handlers)
+    if using_deepspeed():
+        if not has_accelerator() and launcher_world_size() > 1:
+            # DeepSpeed checks the batch size against the world size when it is
+            # built, so the (gloo) process group must exist first.
+            from accelerate import PartialState
+            PartialState(backend="gloo")
+        os.environ.setdefault("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    else:
+        # Without cpu=True, CPU processes started by torchrun each become rank 0 of 1.
+        kwargs["cpu"] = not has_accelerator()
+    accelerator = Accelerator(**kwargs)
+    check_world(accelerator.num_processes)
+    return accelerator
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` in place over all processes (no-op for one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def world_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def print0(*args, **kwargs) -> None:
+    """Print on rank 0 only (every rank-0 side effect goes through a helper like this)."""
+    if world_info()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def share_from_main(fn):
+    """Run ``fn`` on rank 0 and give every rank its result; an error there is raised everywhere.
+
+    Keeps the ranks in step when rank 0 refuses something (a locked run
+    directory, say): nobody is left waiting at the next collective.
+    """
+    rank, world = world_info()
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except (UserError, EnvironmentFault) as e:
+            error = e
+    if world > 1:
+        box = [result, None if error is None else (type(error), str(error))]
+        dist.broadcast_object_list(box, src=0)
+        result, err = box
+        if err is not None and error is None:
+            error = err[0](err[1])
+    if error is not None:
+        raise error
+    return result
+
+
+def barrier() -> None:
+    if world_info()[1] > 1:
+        dist.barrier()
+
+
+def rank_prefix() -> str:
+    rank, world = world_info()
+    if world == 1:
+        rank, world = env_rank(), launcher_world_size()
+    return f"rank {rank}: " if world > 1 else ""
+
+
+def fail(message: str, code: int) -> None:
+    """One line on stderr, naming the rank when there are several, then exit."""
+    print(f"cifar-dist: {rank_prefix()}{message}", file=sys.stderr, flush=True)
+    sys.exit(code)

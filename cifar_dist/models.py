@@ -1,0 +1,212 @@
+"""The paper's modified ResNet ("seed_resnet"), ResNet-9 and ResNet-18; ``build_model(cfg)``.
+
+seed_resnet is exactly the paper's network (Figure 1, 4,916,284 parameters):
+3x3 stem 3->66 + BN + ReLU, BasicBlocks in stages of [3, 4, 3] at
+[66, 132, 264] channels with strides 1/2/2, adaptive average pooling, Linear
+264->10, convolutions without bias. ReLU and flatten are functional so the
+per-layer summary lists the same rows as the paper's torchsummary table.
+
+Every BatchNorm is a ``GroupBatchNorm2d``: it normalizes over fixed-size
+groups of samples and leaves the running-statistics update to
+``sync_bn_statistics`` after each optimizer step, so the same groups and the
+same running statistics exist whatever the number of processes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class GroupBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that normalizes over groups of ``group`` samples (0 = whole batch).
+
+    In training it records the batch statistics of each forward (the mean of
+    its groups' means and unbiased variances) in non-persistent buffers;
+    ``sync_bn_statistics`` averages them over forwards and processes and
+    applies the momentum update once per optimizer step. The state dict is a
+    plain BatchNorm2d's, so weights load into ``nn.BatchNorm2d`` too.
+    """
+
+    def __init__(self, num_features: int, group: int = 0, momentum: float = 0.1):
+        super().__init__(num_features, momentum=momentum)
+        self.group = group
+        self.register_buffer("stat_sum", torch.zeros(2, num_features), persistent=False)
+        self.register_buffer("stat_count", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                self.bias, False, 0.0, self.eps)
+        n = x.shape[0]
+        g = self.group or n
+        if g == n:
+            # Fresh buffers with momentum 1 come back holding the batch mean and
+            # unbiased variance: native speed, and nothing shared is mutated.
+            mean = torch.zeros(self.num_features, device=x.device, dtype=torch.float32)
+            var = torch.ones(self.num_features, device=x.device, dtype=torch.float32)
+            y = F.batch_norm(x, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+        else:
+            y, mean, var = self._group_forward(x, n // g)
+        with torch.no_grad():
+            self.stat_sum.add_(torch.stack([mean, var]).detach())
+            self.stat_count.add_(1)
+        return y
+
+    def _group_forward(self, x: torch.Tensor, groups: int):
+        """Normalize each of ``groups`` contiguous sample groups by its own statistics.
+
+        Statistics come from one contiguous reduction per layout and are folded
+        with the affine parameters into a per-group scale and shift (fp32).
+        Returns the output and the groups' mean of means and of unbiased variances.
+        """
+        n, c, h, w = x.shape
+        g = n // groups
+        xf = x.float()
+        if xf.is_contiguous(memory_format=torch.channels_last) and not xf.is_contiguous():
+            var, mean = torch.var_mean(xf.permute(0, 2, 3, 1).reshape(groups, g * h * w, c), dim=1, correction=0)
+        else:
+            var, mean = torch.var_mean(xf.reshape(groups, g, c, h * w), dim=(1, 3), correction=0)
+        scale = self.weight * torch.rsqrt(var + self.eps)  # [groups, C]
+        shift = self.bias - mean * scale
+        y = xf.view(groups, g, c, h, w) * scale.view(groups, 1, c, 1, 1) + shift.view(groups, 1, c, 1, 1)
+        m = g * h * w
+        return y.view(n, c, h, w).to(x.dtype), mean.detach().mean(0), (var.detach() * (m / max(m - 1, 1))).mean(0)
+
+
+@torch.no_grad()
+def sync_bn_statistics(model: nn.Module, all_reduce=None, extra: torch.Tensor | None = None):
+    """Apply the recorded batch statistics to the running statistics.
+
+    ``all_reduce`` sums a tensor in place across processes (None: one
+    process). Every process ends with the same running statistics: the
+    momentum update with the average over all forwards of all processes.
+    ``extra`` (a small float tensor) rides along in the same collective and
+    is returned summed, so per-step control flags cost no extra round trip.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GroupBatchNorm2d)]
+    pieces = [torch.cat([m.stat_sum.flatten(), m.stat_count.view(1)]) for m in layers]
+    if extra is not None:
+        pieces.append(extra.float().flatten())
+    if not pieces:
+        return extra
+    flat = torch.cat(pieces)
+    if all_reduce is not None:
+        all_reduce(flat)
+    offset = 0
+    for m in layers:
+        k = 2 * m.num_features
+        sums, count = flat[offset:offset + k].view(2, -1), flat[offset + k]
+        offset += k + 1
+        # count is 0 only for a layer that saw no forward this step; avoid a host sync
+        safe = count.clamp(min=1)
+        rate = m.momentum * (count > 0).float()
+        m.running_mean.lerp_(sums[0] / safe, rate)
+        m.running_var.lerp_(sums[1] / safe, rate)
+        m.num_batches_tracked.add_((count > 0).long())
+        m.stat_sum.zero_()
+        m.stat_count.zero_()
+    return flat[offset:] if extra is not None else None
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BN (ReLU between and after); 1x1 conv + BN shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int, bn):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = bn(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = bn(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), bn(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Stem + stages of BasicBlocks (first stage stride 1, then 2) + pool + linear."""
+
+    def __init__(self, widths, blocks, num_classes: int = 10, bn=nn.BatchNorm2d):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = bn(widths[0])
+        self.num_stages, cin = len(widths), widths[0]
+        for i, (width, depth) in enumerate(zip(widths, blocks)):
+            layers = []
+            for j in range(depth):
+                layers.append(BasicBlock(cin, width, 2 if (i > 0 and j == 0) else 1, bn))
+                cin = width
+            # layer1, layer2, ...: the paper's names, so its state dicts load as they are
+            self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        for i in range(self.num_stages):
+            out = getattr(self, f"layer{i + 1}")(out)
+        out = self.avgpool(out)
+        return self.linear(torch.flatten(out, 1))
+
+
+class ConvBN(nn.Module):
+    """3x3 conv + BN + ReLU, optionally followed by 2x2 max pooling (ResNet-9's unit)."""
+
+    def __init__(self, cin, cout, bn, pool=False):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
+        self.bn = bn(cout)
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+
+    def forward(self, x):
+        return self.pool(F.relu(self.bn(self.conv(x))))
+
+
+class Residual(nn.Module):
+    def __init__(self, *units):
+        super().__init__()
+        self.body = nn.Sequential(*units)
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    """ResNet-9 of DAWNBench (Page) and FFCV's CIFAR example: 64-128-256-512, two residuals."""
+
+    def __init__(self, num_classes: int = 10, bn=nn.BatchNorm2d):
+        super().__init__()
+        self.net = nn.Sequential(
+            ConvBN(3, 64, bn), ConvBN(64, 128, bn, pool=True),
+            Residual(ConvBN(128, 128, bn), ConvBN(128, 128, bn)),
+            ConvBN(128, 256, bn, pool=True), ConvBN(256, 512, bn, pool=True),
+            Residual(ConvBN(512, 512, bn), ConvBN(512, 512, bn)),
+            nn.AdaptiveMaxPool2d((1, 1)), nn.Flatten(),
+        )
+        self.linear = nn.Linear(512, num_classes, bias=False)
+        self.scale = 0.125  # Page's logit scaling
+
+    def forward(self, x):
+        return self.linear(self.net(x)) * self.scale
+
+
+def build_model(model_cfg, num_classes: int = 10) -> nn.Module:
+    """The model named by ``model.name``, with group BatchNorm of ``model.bn_group``."""
+    def bn(c):
+        return GroupBatchNorm2d(c, group=model_cfg.bn_group, momentum=model_cfg.bn_momentum)
+    if model_cfg.name == "seed_resnet":
+        return ResNet(model_cfg.widths, model_cfg.blocks, num_classes, bn)
+    if model_cfg.name == "resnet18":
+        return ResNet([64, 128, 256, 512], [2, 2, 2, 2], num_classes, bn)
+    if model_cfg.name == "resnet9":
+        return ResNet9(num_classes, bn)
+    raise ValueError(f"unknown model {model_cfg.name!r}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,106 @@
+"""The run directory: choose it, refuse to clobber it, lock it, and check a resume.
+
+Nothing of an earlier run is overwritten unless ``--overwrite`` says so; a
+second run on the same directory is refused while the first holds its lock.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from cifar_dist.checkpoint import latest_checkpoint
+from cifar_dist.errors import RunDirError
+
+# Keys that may change between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = {"data.root", "data.workers", "run.out_dir", "run.progress", "run.tensorboard",
+                     "run.threads", "checkpoint.every_epochs", "checkpoint.every_steps",
+                     "checkpoint.keep", "eval.tta", "train.max_steps", "data.loader", "name"}
+
+
+def default_run_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """Keys whose value differs and would change the result of a resumed run."""
+    a, b = _flat(saved), _flat(current)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+
+
+class RunDir:
+    """Decides how a run uses its directory (rank 0 only) and holds its lock."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock_fd = None
+
+    def has_content(self) -> bool:
+        return self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir())
+
+    def open(self, config: dict, resume: bool, overwrite: bool):
+        """Create or reuse the directory; return the checkpoint to resume from (or None)."""
+        if resume and overwrite:
+            raise RunDirError("--resume and --overwrite exclude each other")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        ckpt = None
+        if self.has_content():
+            if overwrite:
+                for p in self.path.iterdir():
+                    if p.name != ".lock":
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            elif resume:
+                ckpt = latest_checkpoint(self.path)
+                self._check_same_config(config)
+            else:
+                self._unlock()
+                raise RunDirError(f"{self.path}: run directory exists; pass --resume to continue it "
+                                  "or --overwrite to replace it")
+        return ckpt
+
+    def _check_same_config(self, config: dict) -> None:
+        saved_path = self.path / "config.yaml"
+        if not saved_path.is_file():
+            return
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        changed = config_changes(saved, config)
+        if changed:
+            self._unlock()
+            raise RunDirError(f"{saved_path}: cannot resume with a different config "
+                              f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''} changed)")
+
+    def _lock(self) -> None:
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirError(f"{self.path}: run directory is in use by pid {holder}; "
+                              "wait for it or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    close = _unlock

@@ -1,0 +1,72 @@
+"""The per-layer table of the paper's Figure 1, and FLOPs counted from the model."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _display_name(module: nn.Module) -> str:
+    """The torch.nn class a module is (GroupBatchNorm2d shows as BatchNorm2d)."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("torch.nn"):
+            if cls is nn.Module:
+                break
+            return cls.__name__
+    return type(module).__name__
+
+
+def layer_table(model: nn.Module, image_size: int = 32) -> list[tuple[str, list[int], int]]:
+    """(layer, output shape, own parameters) in forward-completion order, like torchsummary.
+
+    Containers (Sequential, ModuleList) and the model itself get no row;
+    a module's parameter count excludes its children's.
+    """
+    rows, hooks = [], []
+
+    def hook(module, inputs, output):
+        shape = [-1] + list(output.shape[1:])
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        rows.append((f"{_display_name(module)}-{len(rows) + 1}", shape, own))
+
+    for m in model.modules():
+        if m is model or isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            continue
+        hooks.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, 3, image_size, image_size, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return rows
+
+
+def count_flops(model: nn.Module, batch: int = 2, train: bool = False, image_size: int = 32) -> float:
+    """FLOPs per image (1 MAC = 2 FLOPs) of a forward pass, or of forward + backward."""
+    device = next(model.parameters()).device
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    was_training = model.training
+    model.train(train)
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            if train:
+                model(x).float().sum().backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return counter.get_total_flops() / batch
+
+
+def format_table(rows) -> str:
+    lines = [f"{'Layer (type)':>25}  {'Output Shape':>25}  {'Param #':>12}", "=" * 66]
+    for name, shape, params in rows:
+        lines.append(f"{name:>25}  {str(shape):>25}  {params:>12,}")
+    return "\n".join(lines)
