@@ -206,12 +206,14 @@ def _flatten(tree: dict, where: str, prefix: str = "") -> dict:
         if not isinstance(k, str):
             raise ConfigError(f"{where}: key {k!r} is not a string")
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            if not prefix and k in _SECTION_CLASSES:
-                out.update(_flatten(v, where, key + "."))
-                continue
+        if not prefix and k in _SECTION_CLASSES:
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}: {k}: expected a mapping of keys, got {v!r}")
+            out.update(_flatten(v, where, key + "."))
+        elif not prefix and k != "name":
             raise ConfigError(f"{where}: unknown key {key!r}")
-        out[key] = v
+        else:
+            out[key] = v
     return out
 
 

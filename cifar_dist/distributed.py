@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from datetime import timedelta
 
 import torch
@@ -124,16 +123,3 @@ def share_from_main(fn):
 def barrier() -> None:
     if world_info()[1] > 1:
         dist.barrier()
-
-
-def rank_prefix() -> str:
-    rank, world = world_info()
-    if world == 1:
-        rank, world = env_rank(), launcher_world_size()
-    return f"rank {rank}: " if world > 1 else ""
-
-
-def fail(message: str, code: int) -> None:
-    """One line on stderr, naming the rank when there are several, then exit."""
-    print(f"cifar-dist: {rank_prefix()}{message}", file=sys.stderr, flush=True)
-    sys.exit(code)

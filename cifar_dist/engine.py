@@ -16,7 +16,7 @@ import torch
 
 from cifar_dist.data import eval_batches, normalize
 from cifar_dist.distributed import all_reduce_sum, barrier, print0, share_from_main, world_info
-from cifar_dist.errors import EnvironmentFault
+from cifar_dist.errors import EnvironmentFault, TrainingFault
 from cifar_dist.exact import TreeSum, reduce_across_processes, take_grads, tree_all_reduce
 from cifar_dist.models import GroupBatchNorm2d, sync_bn_statistics
 from cifar_dist.optim import lr_at, set_lr, smoothed_cross_entropy
@@ -24,10 +24,8 @@ from cifar_dist.optim import lr_at, set_lr, smoothed_cross_entropy
 CONTROL_EVERY = 10  # steps between host reads of the stop / non-finite flags
 
 
-class NonFiniteError(Exception):
+class NonFiniteError(TrainingFault):
     """The loss or the gradients became NaN or Inf."""
-
-    exit_code = 1
 
 
 class Preempted(Exception):

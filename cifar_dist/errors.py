@@ -1,4 +1,11 @@
-"""Errors a user can cause. The command line prints their one-line message and exits 2."""
+"""Errors a user can cause (exit 2) and faults of the environment or of training (exit 1).
+
+The command line prints their one-line message, naming the rank when there
+are several processes. This module imports nothing heavy, so bad input is
+reported before torch is even loaded.
+"""
+import os
+import sys
 
 
 class UserError(Exception):
@@ -27,3 +34,26 @@ class EnvironmentFault(Exception):
     """A fault of the environment (disk full, dead peer): exit code 1, one line."""
 
     exit_code = 1
+
+
+class TrainingFault(Exception):
+    """Training went wrong (NaN/Inf loss or gradients): exit code 1, one line."""
+
+    exit_code = 1
+
+
+def rank_prefix() -> str:
+    """'rank N: ' when several processes run, from torch.distributed or the launcher's variables."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f"rank {dist.get_rank()}: "
+    for size, rank in (("WORLD_SIZE", "RANK"), ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID")):
+        if os.environ.get(size, "1").isdigit() and int(os.environ.get(size, "1")) > 1:
+            return f"rank {os.environ.get(rank, '?')}: "
+    return ""
+
+
+def fail(message: str, code: int) -> None:
+    """One line on stderr, naming the rank when there are several, then exit."""
+    print(f"cifar-dist: {rank_prefix()}{message}", file=sys.stderr, flush=True)
+    sys.exit(code)

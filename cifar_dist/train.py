@@ -24,9 +24,8 @@ import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from dataclasses import asdict  # noqa: E402
 
-from cifar_dist.errors import EnvironmentFault, UserError  # noqa: E402
+from cifar_dist.errors import EnvironmentFault, TrainingFault, UserError, fail, rank_prefix  # noqa: E402
 
 
 def add_train_arguments(ap: argparse.ArgumentParser) -> None:
@@ -63,12 +62,15 @@ def _progress_factory(enabled: bool):
 
 def run(args: argparse.Namespace) -> int:
     """Train as ``args`` say; returns the exit code. Raises UserError for bad input."""
+    from cifar_dist.config import load_config, save_config
+
+    cfg = load_config(args.config, args.overrides)  # before the heavy imports: bad input fails fast
+
     import torch
 
     from cifar_dist import engine, report
     from cifar_dist.checkpoint import (CheckpointWriter, load_optimizer_state, load_weights, read_state,
                                        save_weights)
-    from cifar_dist.config import load_config, save_config
     from cifar_dist.data import Shard, build_datasets, build_train_loader
     from cifar_dist.distributed import barrier, make_accelerator, print0, share_from_main, world_info
     from cifar_dist.metrics import MetricsLog
@@ -77,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
     from cifar_dist.repro import device_name, git_sha, seed_everything, set_determinism, versions
     from cifar_dist.rundir import RunDir, default_run_dir
 
-    cfg = load_config(args.config, args.overrides)
     if args.out:
         cfg.run.out_dir = args.out
     if cfg.run.threads:
@@ -194,20 +195,16 @@ def main(argv=None) -> int:
 
 def guarded(fn, args) -> int:
     """Run ``fn(args)``; user errors and environment faults become one line and an exit code."""
-    from cifar_dist.distributed import fail
-    from cifar_dist.engine import NonFiniteError
-
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     try:
         return fn(args)
     except UserError as e:
         fail(str(e), 2)
-    except (EnvironmentFault, NonFiniteError) as e:
+    except (EnvironmentFault, TrainingFault) as e:
         fail(str(e), 1)
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except Exception as e:  # a bug: name the rank, then show the traceback
-        from cifar_dist.distributed import rank_prefix
         print(f"cifar-dist: {rank_prefix()}crashed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
     return 1

@@ -182,7 +182,7 @@ _PERMS = _all_perms(4)
 
 def rotate(x, index, epoch, seed, degrees: float):
     """torchvision's RandomRotation(degrees): about the centre, nearest neighbour, zero fill."""
-    b = x.shape[0]
+    x.shape[0]
     angle = rand_uniform(seed, epoch, index, ROTATE, -degrees, degrees).to(x.device) * (math.pi / 180)
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),

@@ -55,11 +55,15 @@ class ImageSet:
         return ImageSet(self.images[start:stop], self.labels[start:stop])
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to load global {module}.{name}")
+        raise _Refused(f"refused to load global {module}.{name}")
 
 
 def safe_unpickle(path: Path) -> dict:
@@ -70,9 +74,9 @@ def safe_unpickle(path: Path) -> dict:
         raise DataError(f"{path}: cannot read: {e.strerror}") from None
     try:
         obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise DataError(f"{path}: not a CIFAR batch ({e}); nothing in it was executed") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             OverflowError, MemoryError) as e:
         raise DataError(f"{path}: truncated or corrupt CIFAR batch ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
@@ -146,5 +150,5 @@ def synthetic_cifar(n: int, split_seed: int, num_classes: int = 10) -> ImageSet:
     g = torch.Generator().manual_seed(split_seed)
     labels = torch.randint(0, num_classes, (n,), generator=g)
     noise = torch.rand(n, 3, 32, 32, generator=g)
-    images = (0.25 * templates[labels] + 0.75 * noise) * 255
+    images = (0.4 * templates[labels] + 0.6 * noise) * 255
     return ImageSet(images.round().clamp(0, 255).to(torch.uint8), labels)

@@ -1,0 +1,32 @@
+# Quick start:  make train   (set up, get CIFAR-10, train the paper's model)
+#               make test    (set up, run the whole test suite)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= $(or $(CIFAR_DIST_DATA),$(HOME)/.cache/cifar_dist)
+SHARED_DATA := ../shared/data/build_cifar10.py
+CONFIG ?= configs/seed.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup data train test bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+# CIFAR-10 into $(DATA): this workplace's offline copy when it is there, else a download.
+data: setup
+	@if [ ! -f "$(DATA)/cifar-10-batches-py/test_batch" ] && [ -f "$(SHARED_DATA)" ]; then \
+		$(PY) $(SHARED_DATA) "$(DATA)"; fi
+	@$(VENV)/bin/cifar-dist prepare --root "$(DATA)"
+
+train: data
+	CIFAR_DIST_DATA="$(DATA)" $(VENV)/bin/cifar-dist train --config $(CONFIG) $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/cifar-dist bench $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache .cache

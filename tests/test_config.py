@@ -1,0 +1,112 @@
+"""Config precedence and validation: defaults < YAML < key=value; bad input exits 2 in one line."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from cifar_dist.config import Config, iter_fields, load_config
+from cifar_dist.errors import ConfigError
+from conftest import REPO, cli
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_precedence_defaults_file_then_command_line(tmp_path):
+    default = Config()
+    path = write(tmp_path, "train:\n  lr: 0.5\n  epochs: 3\nmodel:\n  widths: [4, 8, 16]\n")
+    cfg = load_config(path, ["train.lr=0.25"])
+    assert cfg.train.lr == 0.25                  # command line beats the file
+    assert cfg.train.epochs == 3                 # file beats the default
+    assert cfg.model.widths == [4, 8, 16]
+    assert cfg.train.batch_size == default.train.batch_size  # untouched default
+    assert cfg.name == "c"
+
+
+def test_int_accepted_for_float_and_values_read_as_yaml():
+    cfg = load_config(None, ["train.lr=1", "model.blocks=[1,1,1]", "run.compile=true", "data.loader=gpu"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.model.blocks == [1, 1, 1] and cfg.run.compile is True and cfg.data.loader == "gpu"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.lrr=0.1", "unknown key 'train.lrr'"),
+    ("trian.lr=0.1", "unknown key 'trian.lr'"),
+    ("train.epochs=two", "train.epochs: expected an integer"),
+    ("train.epochs=2.5", "train.epochs: expected an integer"),
+    ("run.compile=1", "run.compile: expected true or false"),
+    ("train.lr=-0.1", "train.lr: must be > 0"),
+    ("train.lr=0", "train.lr: must be > 0"),
+    ("data.loader=dali", "data.loader: must be one of torch, ffcv, gpu"),
+    ("model.widths=[8,16]", "model.widths and model.blocks"),
+    ("train.exact_reduce=true", "train.exact_reduce: needs model.bn_group"),
+    ("novalue", "is not key=value"),
+])
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert fragment in str(e.value)
+    assert "command line" in str(e.value)
+
+
+def test_unknown_section_and_nested_unknown_key_in_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'optim'"):
+        load_config(write(tmp_path, "optim:\n  lr: 1\n"))
+    with pytest.raises(ConfigError, match=r"train.lr: expected a number, got {'peak': 1}"):
+        load_config(write(tmp_path, "train:\n  lr:\n    peak: 1\n"))
+
+
+def test_every_field_has_help_and_the_shipped_configs_load():
+    for section, f in iter_fields():
+        assert f.metadata.get("help"), f"{section}.{f.name} has no help line"
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_seed_yaml_is_the_papers_recipe():
+    cfg = load_config(REPO / "configs" / "seed.yaml")
+    t, d, m = cfg.train, cfg.data, cfg.model
+    assert (m.name, m.widths, m.blocks) == ("seed_resnet", [66, 132, 264], [3, 4, 3])
+    assert (t.optimizer, t.lr, t.weight_decay, t.batch_size, t.epochs) == ("adam", 1e-3, 1e-4, 128, 60)
+    assert (t.schedule, t.schedule_unit, t.warmup_epochs) == ("warmup_cosine", "epoch", 5)
+    assert (t.label_smoothing, t.smoothing_form) == (0.1, "paper")
+    assert (d.crop_padding, d.flip, d.color_jitter, d.rotation, d.cutout) == (4, True, 0.1, 10, 0)
+    assert d.mean == [0.4914, 0.4822, 0.4465] and d.std == [0.2023, 0.1994, 0.2010]
+    assert (cfg.run.seed, d.val_split, cfg.run.precision, m.bn_group) == (42, 0, "fp32", 0)
+
+
+BAD_FILES = {
+    "unknown_key": ("data:\n  bogus: 1\n", "unknown key 'data.bogus'"),
+    "wrong_type": ("train:\n  batch_size: big\n", "train.batch_size: expected an integer"),
+    "negative_lr": ("train:\n  lr: -0.001\n", "train.lr: must be > 0"),
+    "malformed": ("train:\n  lr: [0.1\n", "malformed YAML"),
+    "not_a_mapping": ("- 1\n- 2\n", "expected a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_config_file_exits_2_with_one_line(tmp_path, case):
+    text, fragment = BAD_FILES[case]
+    path = write(tmp_path, text, f"{case}.yaml")
+    out = tmp_path / "run"
+    res = cli("train", "--config", path, "--out", out, check=False, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert str(path) in lines[0] and fragment in lines[0]
+    assert not out.exists()  # nothing was created
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    res = cli("train", "--config", tmp_path / "nope.yaml", check=False, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"cifar-dist: {tmp_path / 'nope.yaml'}: config file not found"]
+
+
+def test_config_command_prints_the_resolved_config():
+    res = cli("config", "--config", REPO / "configs" / "smoke.yaml", "train.lr=0.3", timeout=120)
+    resolved = yaml.safe_load(res.stdout)
+    assert resolved["train"]["lr"] == 0.3 and resolved["model"]["widths"] == [8, 16, 32]

@@ -1,0 +1,108 @@
+"""The paper's model exactly (Figure 1), the other architectures, and group BatchNorm."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cifar_dist.config import load_config
+from cifar_dist.models import GroupBatchNorm2d, build_model, count_parameters, sync_bn_statistics
+from cifar_dist.summary import count_flops, layer_table
+from conftest import REPO, cli
+
+FIGURE1 = REPO / "tests" / "figure1.tsv"  # the paper's Figure 1, copied from ../shared/paper
+
+
+def paper_rows():
+    lines = FIGURE1.read_text().splitlines()[1:]
+    return [(name, shape.replace(" ", ""), int(params)) for name, shape, params in
+            (line.split("\t") for line in lines)]
+
+
+def model(*overrides):
+    return build_model(load_config(None, list(overrides)).model)
+
+
+def test_seed_resnet_has_the_papers_parameter_count():
+    assert count_parameters(model()) == 4_916_284
+
+
+def test_every_row_matches_figure1():
+    ours = [(name, str(shape).replace(" ", ""), params) for name, shape, params in layer_table(model())]
+    paper = paper_rows()
+    assert len(ours) == len(paper) == 58
+    for mine, theirs in zip(ours, paper):
+        assert mine == theirs
+
+
+def test_forward_and_training_flops():
+    m = model()
+    assert abs(count_flops(m) / 2e9 - 0.769) < 0.001          # GMAC per image
+    assert abs(count_flops(m, train=True) / 1e9 - 4.61) / 4.61 < 0.01
+
+
+def test_summary_command_prints_table_and_total():
+    out = cli("summary", timeout=300).stdout
+    assert "Total params: 4,916,284" in out
+    assert "0.769 GMAC" in out
+    assert "BasicBlock-56" in out and "Linear-58" in out
+
+
+def test_shape_overrides_and_other_architectures():
+    tiny = model("model.widths=[8,16,32]", "model.blocks=[1,1,1]")
+    assert count_parameters(tiny) < 30_000
+    for name in ("resnet9", "resnet18"):
+        m = model(f"model.name={name}")
+        assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert count_parameters(model("model.name=resnet18")) == 11_173_962
+
+
+def test_weights_load_into_plain_batchnorm_layers():
+    """The state dict is a plain BatchNorm2d's: no extra keys, loads into the paper's layers."""
+    m = model("model.bn_group=8")
+    state = m.state_dict()
+    assert not any("stat_" in k for k in state)
+    plain = model()
+    for name, mod in list(plain.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, GroupBatchNorm2d):
+                setattr(mod, child_name, torch.nn.BatchNorm2d(child.num_features))
+    plain.load_state_dict(state, strict=True)
+
+
+def test_group_batchnorm_equals_batchnorm_per_group():
+    torch.manual_seed(0)
+    for channels_last in (False, True):
+        x = torch.randn(32, 6, 5, 5)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        bn = GroupBatchNorm2d(6, group=8)
+        with torch.no_grad():
+            bn.weight.uniform_()
+            bn.bias.uniform_()
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1 = bn(x1)
+        (y1 ** 2).sum().backward()
+        y2 = torch.cat([F.batch_norm(x2[i:i + 8], None, None, bn.weight, bn.bias, True, 0.1, bn.eps)
+                        for i in range(0, 32, 8)])
+        w_grad = bn.weight.grad.clone()
+        bn.weight.grad = None
+        (y2 ** 2).sum().backward()
+        assert torch.allclose(y1, y2, atol=1e-5)
+        assert torch.allclose(x1.grad, x2.grad, atol=1e-4)
+        assert torch.allclose(w_grad, bn.weight.grad, atol=1e-4)
+
+
+def test_running_statistics_average_groups_and_forwards():
+    torch.manual_seed(0)
+    bn = GroupBatchNorm2d(3, group=4, momentum=0.5)
+    xs = [torch.randn(8, 3, 4, 4) + 2 for _ in range(2)]
+    for x in xs:
+        bn(x)
+    sync_bn_statistics(bn)
+    groups = torch.cat(xs).view(4, 4, 3, 4, 4)
+    mean = groups.mean(dim=(1, 3, 4)).mean(0)
+    var = groups.var(dim=(1, 3, 4), unbiased=True).mean(0)
+    assert torch.allclose(bn.running_mean, 0.5 * mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, 0.5 + 0.5 * var, atol=1e-5)
+    assert int(bn.num_batches_tracked) == 1
+    assert float(bn.stat_count) == 0 and float(bn.stat_sum.abs().sum()) == 0
