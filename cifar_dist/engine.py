@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,27 @@ from cifar_dist.models import GroupBatchNorm2d, sync_bn_statistics
 from cifar_dist.optim import lr_at, set_lr, smoothed_cross_entropy
 
 CONTROL_EVERY = 10  # steps between host reads of the stop / non-finite flags
+FAULT_VAR = "CIFAR_DIST_TEST_FAULT"  # tests inject faults: KIND@STEP[:RANK], KIND in raise|kill|nan
+
+
+def parse_fault(spec: str | None) -> tuple[str, int, int | None] | None:
+    """``kill@12:1`` -> ("kill", 12, 1): what the reliability tests inject, and where."""
+    if not spec:
+        return None
+    kind, _, where = spec.partition("@")
+    step, _, rank = where.partition(":")
+    if kind not in ("raise", "kill", "nan") or not step.isdigit() or (rank and not rank.isdigit()):
+        raise ValueError(f"{FAULT_VAR}={spec!r}: expected raise|kill|nan@STEP[:RANK]")
+    return kind, int(step), int(rank) if rank else None
+
+
+def graph_count() -> int:
+    """Graphs torch.compile has produced in this process (recompiles add to it)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
 
 
 class NonFiniteError(TrainingFault):
@@ -60,6 +82,8 @@ class Parts:
     metrics: object = None        # MetricsLog on rank 0
     stop_file: Path | None = None
     last_eval: dict | None = None  # the latest evaluate() result
+    fault: tuple | None = None     # an injected fault (tests only), see parse_fault
+    graphs_after_warmup: int | None = None  # compiled graphs after the first epoch
 
     @property
     def device(self) -> torch.device:
@@ -119,6 +143,8 @@ def train_step(p: Parts, micro_batches, step: int, totals: dict) -> torch.Tensor
     non-finite flag (a 0-dim tensor on the device, no host synchronization)."""
     cfg, acc = p.cfg, p.accelerator
     set_lr(p.optimizer, lr_at(step, cfg.train, p.loader.steps_per_epoch))
+    if p.fault is not None:
+        _inject_fault(p, step)
     if cfg.train.exact_reduce:
         bad = _backward_exact(p, micro_batches, totals)
     else:
@@ -133,7 +159,20 @@ def train_step(p: Parts, micro_batches, step: int, totals: dict) -> torch.Tensor
             bad = bad + (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).float()
     p.optimizer.step()
     p.optimizer.zero_grad(set_to_none=True)
+    if p.fault is not None and p.fault[0] == "poison":
+        p.fault = None
     return bad
+
+
+def _inject_fault(p: Parts, step: int) -> None:
+    kind, at, rank = p.fault
+    if step != at or (rank is not None and rank != world_info()[0]):
+        return
+    if kind == "raise":
+        raise RuntimeError(f"injected fault at step {step}")
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    p.fault = ("poison", step, rank)  # "nan": the loss of this step becomes NaN
 
 
 def _forward_loss(p: Parts, x, y, totals: dict):
@@ -142,6 +181,8 @@ def _forward_loss(p: Parts, x, y, totals: dict):
     with p.accelerator.autocast():
         logits = p.train_model(x)
     loss = smoothed_cross_entropy(logits, y, cfg.train.label_smoothing, cfg.train.smoothing_form)
+    if p.fault is not None and p.fault[0] == "poison":
+        loss = loss * float("nan")
     with torch.no_grad():
         totals["loss"] += loss.detach().float() * y.numel()
         totals["correct"] += (logits.detach().argmax(1) == y).sum()
@@ -348,6 +389,8 @@ def fit(p: Parts, state: TrainState, progress) -> TrainState:
             stopping = float(control[1]) > 0 and not last
             if last or stopping or (every and state.epoch % every == 0 and finished_epoch):
                 save_checkpoint(p, state)
+            if p.graphs_after_warmup is None:
+                p.graphs_after_warmup = graph_count()
             if stopping:
                 raise Preempted(stop.signalled or "STOP file")
             if last:

@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     writer = CheckpointWriter(run_dir, cfg.checkpoint.keep)
     parts = engine.Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=wrapped,
                          eval_model=compiled, optimizer=optimizer, loader=loader, eval_set=eval_set,
-                         shard=shard, run_dir=run_dir, checkpoints=writer, stop_file=run_dir / "STOP")
+                         shard=shard, run_dir=run_dir, checkpoints=writer, stop_file=run_dir / "STOP",
+                         fault=engine.parse_fault(os.environ.get(engine.FAULT_VAR)))
     state = engine.TrainState()
     if ckpt is not None:
         state = engine.TrainState(**read_state(ckpt))
@@ -157,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
             "wall_time_s": wall, "train_time_s": train_time,
             "images_per_s": ips, "images_per_s_per_device": ips / world,
             "skipped_steps": state.skipped_steps, "parameters": count_parameters(model),
+            "compiled_graphs": engine.graph_count() if cfg.run.compile else None,
+            "recompiles_after_warmup": (engine.graph_count() - parts.graphs_after_warmup
+                                        if cfg.run.compile and parts.graphs_after_warmup is not None else None),
             "seed": cfg.run.seed, "config": cfg.name, "git_sha": git_sha(), "versions": versions(),
             "device": device_name(accelerator.device),
         }

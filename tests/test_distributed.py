@@ -1,0 +1,134 @@
+"""One train.py under python, torchrun, accelerate launch and DeepSpeed: the same result
+for any number of processes (real launchers, several CPU processes over gloo)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, accelerate_launch, base_env, cli, load_weights, max_diff, summary, torchrun
+
+SMOKE = REPO / "configs" / "smoke.yaml"
+STEPS = ["train.max_steps=50", "run.progress=false"]
+TOL = 1e-4  # the acceptance bound; exact_reduce makes the measured difference 0
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """50 smoke steps with 1 process (python), 2 (torchrun) and 4 (accelerate launch)."""
+    base = tmp_path_factory.mktemp("invariance")
+    cli("train", "--config", SMOKE, "--out", base / "p1", *STEPS)
+    torchrun(2, "--config", SMOKE, "--out", base / "p2", *STEPS)
+    accelerate_launch("cpu.yaml", 4, "--config", SMOKE, "--out", base / "p4", *STEPS)
+    return base
+
+
+def test_weights_and_accuracy_do_not_depend_on_the_process_count(runs):
+    w1 = load_weights(runs / "p1")
+    for other in ("p2", "p4"):
+        diff = max_diff(w1, load_weights(runs / other))
+        print(f"1 vs {other[1:]} processes: max |dw| = {diff:.3g}")
+        assert diff <= TOL
+        assert summary(runs / other)["test_acc"] == summary(runs / "p1")["test_acc"]
+        assert summary(runs / other)["world_size"] == int(other[1:])
+        assert summary(runs / other)["steps"] == 50
+
+
+def test_gradient_accumulation_matches_more_processes(runs, tmp_path):
+    cli("train", "--config", SMOKE, "--out", tmp_path / "accum", *STEPS, "train.accum_steps=2")
+    diff = max_diff(load_weights(runs / "p2"), load_weights(tmp_path / "accum"))
+    print(f"accum_steps=2 on 1 process vs 2 processes: max |dw| = {diff:.3g}")
+    assert diff <= TOL
+
+
+def test_two_process_run_stopped_and_resumed_matches_uninterrupted(runs, tmp_path):
+    out = tmp_path / "resumed"
+    torchrun(2, "--config", SMOKE, "--out", out, "train.max_steps=25", "run.progress=false",
+             "checkpoint.every_steps=25")
+    assert summary(out)["steps"] == 25
+    res = torchrun(2, "--config", SMOKE, "--out", out, "--resume", *STEPS)
+    assert "resuming from" in res.stdout
+    assert (runs / "p2" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_without_exact_reduce_processes_differ_by_float_summation_order(tmp_path):
+    """DDP's own all-reduce: the same run up to float rounding (measured and printed)."""
+    args = ["--config", SMOKE, "train.exact_reduce=false", "train.max_steps=10", "run.progress=false"]
+    cli("train", "--out", tmp_path / "p1", *args)
+    torchrun(2, "--out", tmp_path / "p2", *args)
+    diff = max_diff(load_weights(tmp_path / "p1"), load_weights(tmp_path / "p2"))
+    print(f"exact_reduce=false, 10 steps, 1 vs 2 processes: max |dw| = {diff:.3g}")
+    assert diff <= 1e-5
+
+
+def test_deepspeed_zero2_matches_ddp(tmp_path):
+    pytest.importorskip("deepspeed")
+    args = ["--config", SMOKE, "train.exact_reduce=false", *STEPS]
+    torchrun(2, "--out", tmp_path / "ddp", *args)
+    res = accelerate_launch("deepspeed_zero2.yaml", 2, "--out", tmp_path / "ds", *args)
+    assert "[DEEPSPEED]" in res.stdout
+    diff = max_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / "ds"))
+    print(f"DeepSpeed ZeRO-2 vs DDP, 2 processes, 50 steps: max |dw| = {diff:.3g}")
+    assert diff <= TOL
+
+
+def test_deepspeed_checkpoint_and_resume(tmp_path):
+    pytest.importorskip("deepspeed")
+    args = ["--config", SMOKE, "train.exact_reduce=false", "run.progress=false"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    accelerate_launch("deepspeed_zero2.yaml", 2, "--out", full, *args, "train.max_steps=20")
+    accelerate_launch("deepspeed_zero2.yaml", 2, "--out", part, *args, "train.max_steps=10",
+                      "checkpoint.every_steps=10")
+    accelerate_launch("deepspeed_zero2.yaml", 2, "--out", part, "--resume", *args, "train.max_steps=20")
+    assert max_diff(load_weights(full), load_weights(part)) == 0
+
+
+def test_compile_on_cpu_with_no_recompiles_after_warmup(tmp_path):
+    out = tmp_path / "compiled"
+    cli("train", "--config", SMOKE, "--out", out, "data.synthetic_train=512", "run.compile=true",
+        "run.progress=false", "train.exact_reduce=false", "model.bn_group=0", timeout=1800)
+    s = summary(out)
+    assert s["epochs"] == 2 and s["compiled_graphs"] >= 2  # train and eval graphs
+    assert s["recompiles_after_warmup"] == 0
+
+
+def test_channels_last_bf16_on_cpu(tmp_path):
+    out = tmp_path / "bf16"
+    cli("train", "--config", SMOKE, "--out", out, "run.precision=bf16", "run.channels_last=true",
+        "train.max_steps=20", "run.progress=false")
+    s = summary(out)
+    assert s["steps"] == 20 and 0 <= s["test_loss"] < 10
+
+
+def test_processes_that_do_not_know_each_other_are_refused(tmp_path):
+    """The silent trap: N processes each believing they are rank 0 of 1 (here, what
+    `srun -n 2 python train.py` gives: Slurm's variables and no launcher)."""
+    procs = []
+    for rank in range(2):
+        env = base_env(SLURM_STEP_NUM_TASKS=2, SLURM_PROCID=rank, SLURM_NTASKS=2)
+        procs.append(subprocess.Popen(
+            [sys.executable, REPO / "cifar_dist" / "train.py", "--config", SMOKE,
+             "--out", tmp_path / f"r{rank}", "run.progress=false"],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for rank, p in enumerate(procs):
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 2
+        assert f"rank {rank}: the launcher started 2 processes but each one sees a world of 1" in err
+        assert not (tmp_path / f"r{rank}" / "model.safetensors").exists()
+
+
+def test_failure_on_one_rank_is_reported_with_its_rank(tmp_path):
+    res = torchrun(2, "--config", SMOKE, "--out", tmp_path / "f", *STEPS,
+                   env=base_env(CIFAR_DIST_TEST_FAULT="raise@3:1"), check=False)
+    assert res.returncode != 0
+    assert "cifar-dist: rank 1: crashed: RuntimeError: injected fault at step 3" in res.stderr
+
+
+def test_sync_bn_is_refused_on_cpu(tmp_path):
+    res = cli("train", "--config", SMOKE, "--out", tmp_path / "s", "model.sync_bn=true", check=False)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("cifar-dist: model.sync_bn: SyncBatchNorm only runs on GPUs")
