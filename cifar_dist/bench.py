@@ -1,6 +1,315 @@
-"""Throughput benchmark (filled in by the benchmarks issue)."""
+"""Throughput benchmark: images/s per device, MFU, and the speed-up over a plain PyTorch loop.
+
+    cifar-dist bench --out runs/bench --compile off,on --precision fp32,bf16 --channels-last off,on
+    cifar-dist bench --loader-only --loaders torch,gpu,ffcv --workers 0,2
+    accelerate launch --config_file launch/cpu.yaml --num_processes 2 cifar_dist/bench.py --out runs/bench2
+
+Each row runs the framework's own training step (``engine.train_step``) on
+the configured model. Warm-up steps (and compilation) are not timed, the
+device is synchronized before every clock read, and each figure is the
+median over ``--repeats`` timed repeats. With several processes each row is
+also run by rank 0 alone, which gives the scaling efficiency.
+"""
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # `accelerate launch cifar_dist/bench.py`
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Row:
+    compile: bool
+    precision: str
+    channels_last: bool
+    batch: int      # per device
+    loader: str     # synthetic | torch | gpu | ffcv
+    workers: int
+
+    @property
+    def label(self) -> str:
+        parts = ["compile" if self.compile else "eager", self.precision,
+                 "channels_last" if self.channels_last else "NCHW", f"b{self.batch}", self.loader]
+        if self.loader in ("torch", "ffcv"):
+            parts.append(f"w{self.workers}")
+        return " ".join(parts)
+
+
+class _SyntheticLoader:
+    """One fixed uint8 batch resident on the device: the training step alone."""
+
+    name = "synthetic"
+
+    def __init__(self, shard, device, steps_per_epoch=10**9):
+        import torch
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, 256, (shard.micro, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+        self.y = torch.randint(0, 10, (shard.micro,), generator=g).to(device)
+        self.idx = torch.arange(shard.micro)
+        self.accum, self.steps_per_epoch = shard.accum, steps_per_epoch
+
+    def iter_epoch(self, epoch, start_step=0):
+        while True:
+            yield [(self.x, self.y, self.idx)] * self.accum
+
+
+def _row_config(base, row: Row, world: int):
+    cfg = copy.deepcopy(base)
+    cfg.run.compile, cfg.run.precision, cfg.run.channels_last = row.compile, row.precision, row.channels_last
+    cfg.train.batch_size, cfg.train.accum_steps, cfg.train.exact_reduce = row.batch * world, 1, False
+    cfg.train.max_steps, cfg.data.workers = 0, row.workers
+    cfg.data.loader = row.loader if row.loader != "synthetic" else "gpu"
+    cfg.run.progress, cfg.run.tensorboard = False, False
+    return cfg
+
+
+def _percentile(values, q):
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def time_steps(step_fn, next_batch, clock, warmup: int, steps: int, repeats: int) -> dict:
+    """Run ``warmup`` untimed steps, then ``repeats`` x ``steps`` timed ones."""
+    for _ in range(warmup):
+        step_fn(next_batch())
+    clock.sync()
+    step_times, data_times, repeat_times = [], [], []
+    for _ in range(repeats):
+        start = clock.now()
+        for _ in range(steps):
+            t0 = clock.now()
+            batch = next_batch()
+            t1 = clock.now()
+            step_fn(batch)
+            t2 = clock.now()
+            data_times.append(t1 - t0)
+            step_times.append(t2 - t0)
+        repeat_times.append(clock.now() - start)
+    return {"repeat_times": repeat_times, "step_times": step_times, "data_times": data_times}
+
+
+def _peak_memory(device) -> float:
+    import resource
+
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
+
+
+def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) -> dict:
+    """Time the framework's training step for one row; ``distributed=False`` runs
+    rank 0's plain (unwrapped) model alone, the single-process reference."""
+    import torch
+
+    from cifar_dist import engine
+    from cifar_dist.data import Shard, build_train_loader
+    from cifar_dist.distributed import world_info
+    from cifar_dist.metrics import Clock
+    from cifar_dist.models import build_model, sync_bn_statistics
+    from cifar_dist.optim import build_optimizer
+    from cifar_dist.precision import Precision
+
+    rank, world = world_info() if distributed else (0, 1)
+    cfg = _row_config(base_cfg, row, world)
+    device = accelerator.device
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model)
+    if distributed:
+        model, compiled, wrapped, optimizer = engine.prepare_model(cfg, accelerator, model, build_optimizer)
+    else:
+        model = model.to(device)
+        if cfg.run.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        compiled = wrapped = torch.compile(model) if cfg.run.compile else model
+        optimizer = build_optimizer(model.parameters(), cfg.train)
+    shard = Shard(rank, world, cfg.train.batch_size)
+    loader = (_SyntheticLoader(shard, device) if row.loader == "synthetic"
+              else build_train_loader(cfg, data, shard, device))
+    parts = engine.Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=wrapped,
+                         eval_model=compiled, optimizer=optimizer, loader=loader, eval_set=None,
+                         shard=shard, run_dir=Path("."), precision=Precision(cfg.run.precision, device))
+    totals = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device,
+              dtype=torch.long), "count": 0}
+    state = {"step": 0}
+    stream = _forever(loader)
+
+    def step(micro):
+        engine.train_step(parts, micro, state["step"], totals)
+        sync_bn_statistics(model, None if not distributed else _sum)
+        state["step"] += 1
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timing = time_steps(step, lambda: next(stream), Clock(device), args.warmup, args.steps, args.repeats)
+    if distributed and world > 1:  # the slowest rank sets the pace
+        times = torch.tensor(timing["repeat_times"], dtype=torch.float64)
+        torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
+        timing["repeat_times"] = times.tolist()
+    return _figures(timing, args.steps, cfg.train.batch_size, world, _peak_memory(device))
+
+
+def _forever(loader):
+    """The loader's batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        yield from loader.iter_epoch(epoch)
+        epoch += 1
+
+
+def _sum(t):
+    from cifar_dist.distributed import all_reduce_sum
+    return all_reduce_sum(t)
+
+
+def _figures(timing: dict, steps: int, global_batch: int, world: int, peak_mib: float) -> dict:
+    per_repeat = [steps * global_batch / t for t in timing["repeat_times"]]
+    images_per_s = statistics.median(per_repeat)
+    return {"world_size": world, "global_batch": global_batch,
+            "images_per_s": images_per_s, "images_per_s_per_device": images_per_s / world,
+            "step_time_median_s": statistics.median(timing["step_times"]),
+            "step_time_p90_s": _percentile(timing["step_times"], 0.9),
+            "data_wait_share": sum(timing["data_times"]) / max(sum(timing["step_times"]), 1e-12),
+            "peak_memory_mib": peak_mib, "repeats_images_per_s": per_repeat}
 
 
 def run_bench(args) -> int:
-    raise NotImplementedError("cifar-dist bench is not implemented yet")
+    """`cifar-dist bench`: rows of the matrix, the baseline, and the outputs."""
+    from cifar_dist.config import load_config
+
+    base = load_config(args.config, args.overrides)
+    import torch
+
+    from cifar_dist import bench_baseline, report
+    from cifar_dist.distributed import barrier, make_accelerator, print0, share_from_main, world_info
+    from cifar_dist.errors import ConfigError
+    from cifar_dist.hardware import device_peak
+    from cifar_dist.models import build_model
+    from cifar_dist.repro import device_name, git_sha, versions
+    from cifar_dist.summary import count_flops
+
+    for loader in args.loaders:
+        if loader not in ("synthetic", "torch", "gpu", "ffcv"):
+            raise ConfigError(f"--loaders: unknown loader {loader!r} (synthetic, torch, gpu, ffcv)")
+    for p in args.precision:
+        if p not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"--precision: unknown precision {p!r} (fp32, bf16, fp16)")
+    if base.run.threads:
+        torch.set_num_threads(base.run.threads)
+    accelerator = make_accelerator(base)
+    rank, world = world_info()
+    device = accelerator.device
+    out = Path(args.out) if args.out else share_from_main(
+        lambda: Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    workers = args.workers or [base.data.workers]
+    data = None
+    if any(loader != "synthetic" for loader in args.loaders) or args.loader_only:
+        from cifar_dist.data import build_datasets
+        data = build_datasets(base)[0]
+    name = device_name(device)
+    hw = {"device": name, "device_type": device.type, "world_size": world,
+          "torch_threads": torch.get_num_threads(), "git_sha": git_sha(), "versions": versions()}
+    if args.loader_only:
+        rows = bench_loaders(base, data, args, workers, device)
+    else:
+        rows = []
+        flops = count_flops(build_model(base.model).to(device), train=True)
+        peaks = {p: device_peak(device, name, p) for p in args.precision}
+        matrix = [Row(c, p, cl, b, ld, w) for c in args.compile for p in args.precision
+                  for cl in args.channels_last for b in args.batch_sizes for ld in args.loaders
+                  for w in (workers if ld in ("torch", "ffcv") else [0])]
+        baseline = {}
+        if not args.no_baseline and rank == 0:
+            for b in args.batch_sizes:
+                print0(f"baseline b{b} ...")
+                baseline[b] = bench_baseline.measure(base, b, args, device, data if "torch" in args.loaders else None)
+                baseline[b].update(_mfu(baseline[b], flops, peaks.get("fp32") or device_peak(device, name, "fp32")))
+                rows.append({"label": f"baseline b{b} (plain PyTorch loop)", "baseline": True,
+                             "settings": {"batch": b, "precision": "fp32", "compile": False,
+                                          "channels_last": False, "loader": baseline[b]["loader"]},
+                             **baseline[b], "speedup_vs_baseline": 1.0})
+        for row in matrix:
+            print0(f"{row.label} ...")
+            fig = measure_row(base, row, accelerator, data, args, distributed=True)
+            fig.update(_mfu(fig, flops, peaks[row.precision]))
+            if world > 1:
+                single = share_from_main(lambda r=row: measure_row(base, r, accelerator, data, args, False))
+                fig["single_process_images_per_s"] = single["images_per_s"]
+                fig["scaling_efficiency"] = fig["images_per_s_per_device"] / single["images_per_s"]
+            ref = baseline.get(row.batch)
+            fig["speedup_vs_baseline"] = (fig["images_per_s_per_device"] / ref["images_per_s_per_device"]
+                                          if ref else None)
+            rows.append({"label": row.label, "baseline": False, "settings": asdict(row), **fig})
+        hw["flops_per_image_train"] = flops
+        hw["peak_flops"] = {p: {"flops": v, "source": s} for p, (v, s) in peaks.items()}
+    barrier()
+    if rank == 0:
+        result = {"hardware": hw, "model": base.model.name, "config": base.name,
+                  "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "rows": rows}
+        (out / "bench.json").write_text(json.dumps(result, indent=1))
+        table = report.bench_table(result)
+        (out / "bench.md").write_text(table + "\n")
+        report.plot_bench(result, out / "bench.png")
+        print(table)
+        print(f"written {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    accelerator.end_training()
+    return 0
+
+
+def _mfu(fig: dict, flops_per_image: float, peak) -> dict:
+    value, source = peak
+    achieved = fig["images_per_s_per_device"] * flops_per_image
+    return {"flops_per_image": flops_per_image, "achieved_flops_per_device": achieved,
+            "peak_flops": value, "peak_source": source, "mfu": achieved / value}
+
+
+def bench_loaders(base, data, args, workers, device) -> list[dict]:
+    """Images/s of each input pipeline alone (augmentation included, batches on the device)."""
+    from cifar_dist.data import Shard, build_train_loader
+    from cifar_dist.metrics import Clock
+
+    rows = []
+    for loader in args.loaders:
+        for w in (workers if loader in ("torch", "ffcv") else [0]):
+            if loader == "synthetic":
+                continue
+            cfg = _row_config(base, Row(False, "fp32", False, args.batch_sizes[0], loader, w), 1)
+            shard = Shard(0, 1, cfg.train.batch_size)
+            ld = build_train_loader(cfg, data, shard, device)
+            stream = _forever(ld)
+            timing = time_steps(lambda b: None, lambda: next(stream), Clock(device),
+                                args.warmup, args.steps, args.repeats)
+            fig = _figures(timing, args.steps, cfg.train.batch_size, 1, 0.0)
+            rows.append({"label": f"{loader} w{w}" if loader in ("torch", "ffcv") else loader,
+                         "baseline": False, "settings": {"loader": loader, "workers": w,
+                                                         "batch": args.batch_sizes[0]}, **fig})
+    torch_rows = [r for r in rows if r["settings"]["loader"] == "torch"]
+    if torch_rows:
+        ref = max(r["images_per_s"] for r in torch_rows)
+        for r in rows:
+            r["speedup_vs_torch"] = r["images_per_s"] / ref
+    return rows
+
+
+def main(argv=None) -> int:
+    from cifar_dist.bench_args import add_bench_arguments
+    from cifar_dist.train import guarded
+
+    ap = argparse.ArgumentParser(prog="cifar_dist/bench.py", description=__doc__.split("\n\n")[0])
+    add_bench_arguments(ap)
+    return guarded(run_bench, ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,6 +35,7 @@ class DataConfig:
     root: str = _f("", "directory holding cifar-10-batches-py/ ('' = $CIFAR_DIST_DATA, else ~/.cache/cifar_dist)")
     loader: str = _f("torch", "input pipeline", choices=("torch", "ffcv", "gpu"))
     workers: int = _f(2, "loader worker processes per training process (torch, ffcv)", min=0)
+    beton_dir: str = _f("", "where the ffcv loader keeps its .beton files ('' = <data root>/beton)")
     synthetic: bool = _f(False, "random CIFAR-shaped, class-dependent data; no files needed")
     synthetic_train: int = _f(4096, "synthetic training images", min=1)
     synthetic_test: int = _f(1024, "synthetic test images", min=1)

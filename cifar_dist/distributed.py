@@ -54,15 +54,15 @@ def make_accelerator(cfg, timeout_s: int = 600):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    if cfg.run.precision == "fp16" and not has_accelerator():
-        raise ConfigError("run.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
     if cfg.model.sync_bn and not has_accelerator():
         raise ConfigError("model.sync_bn: SyncBatchNorm only runs on GPUs; on CPU use "
                           "model.bn_group for results independent of the process count")
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False),
                 InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
-    kwargs = dict(mixed_precision=_PRECISION[cfg.run.precision], kwargs_handlers=handlers)
+    # cifar_dist.precision owns autocast and loss scaling, except under DeepSpeed.
+    kwargs = dict(mixed_precision="no", kwargs_handlers=handlers)
     if using_deepspeed():
+        kwargs["mixed_precision"] = _PRECISION[cfg.run.precision]
         if not has_accelerator() and launcher_world_size() > 1:
             # DeepSpeed checks the batch size against the world size when it is
             # built, so the (gloo) process group must exist first.
@@ -75,6 +75,19 @@ def make_accelerator(cfg, timeout_s: int = 600):
     accelerator = Accelerator(**kwargs)
     check_world(accelerator.num_processes)
     return accelerator
+
+
+def configure_deepspeed(accelerator, shard, cfg) -> None:
+    """Give DeepSpeed the batch geometry (our loaders do not go through prepare())."""
+    if cfg.train.exact_reduce:
+        raise ConfigError("train.exact_reduce: DeepSpeed reduces gradients itself; "
+                          "set train.exact_reduce=false to train with DeepSpeed")
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = shard.micro
+    ds["gradient_accumulation_steps"] = shard.accum
+    ds["train_batch_size"] = shard.global_batch
+    ds["gradient_clipping"] = cfg.train.grad_clip
+    accelerator.gradient_accumulation_steps = shard.accum
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

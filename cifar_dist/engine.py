@@ -64,6 +64,7 @@ class TrainState:
     skipped_steps: int = 0    # fp16 steps skipped by the loss scaler
     history: list = field(default_factory=list)  # one metrics row per finished epoch
     partial: dict = field(default_factory=dict)  # training-loss sums of an interrupted epoch
+    scaler: dict = field(default_factory=dict)   # fp16 loss-scaler state
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Parts:
     metrics: object = None        # MetricsLog on rank 0
     stop_file: Path | None = None
     last_eval: dict | None = None  # the latest evaluate() result
+    precision: object = None       # Precision: autocast, backward, scaler
     fault: tuple | None = None     # an injected fault (tests only), see parse_fault
     graphs_after_warmup: int | None = None  # compiled graphs after the first epoch
 
@@ -141,7 +143,7 @@ class StopRequest:
 def train_step(p: Parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
     """One optimizer step over this process's micro-batches; returns the local
     non-finite flag (a 0-dim tensor on the device, no host synchronization)."""
-    cfg, acc = p.cfg, p.accelerator
+    cfg = p.cfg
     set_lr(p.optimizer, lr_at(step, cfg.train, p.loader.steps_per_epoch))
     if p.fault is not None:
         _inject_fault(p, step)
@@ -149,15 +151,16 @@ def train_step(p: Parts, micro_batches, step: int, totals: dict) -> torch.Tensor
         bad = _backward_exact(p, micro_batches, totals)
     else:
         bad = _backward_ddp(p, micro_batches, totals)
-    if cfg.train.grad_clip > 0:
-        norm = acc.clip_grad_norm_(p.model.parameters(), cfg.train.grad_clip)
-        if norm is not None and cfg.run.precision != "fp16":
-            bad = bad + (~torch.isfinite(torch.as_tensor(norm, device=p.device))).float()
-    elif cfg.run.precision != "fp16" and not p.deepspeed:
+    if not p.deepspeed:  # DeepSpeed clips (its config) and keeps the gradients partitioned
+        p.precision.unscale(p.optimizer)
         grads = [q.grad for q in p.model.parameters() if q.grad is not None]
-        if grads:
-            bad = bad + (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).float()
-    p.optimizer.step()
+        if cfg.train.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.train.grad_clip)
+        else:
+            norm = torch.stack(torch._foreach_norm(grads)).norm() if grads else torch.zeros((), device=p.device)
+        if cfg.run.precision != "fp16":  # under fp16 the scaler skips such steps instead
+            bad = bad + (~torch.isfinite(norm)).float()
+    p.precision.step(p.optimizer)
     p.optimizer.zero_grad(set_to_none=True)
     if p.fault is not None and p.fault[0] == "poison":
         p.fault = None
@@ -178,7 +181,7 @@ def _inject_fault(p: Parts, step: int) -> None:
 def _forward_loss(p: Parts, x, y, totals: dict):
     cfg = p.cfg
     x = normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last)
-    with p.accelerator.autocast():
+    with p.precision.autocast():
         logits = p.train_model(x)
     loss = smoothed_cross_entropy(logits, y, cfg.train.label_smoothing, cfg.train.smoothing_form)
     if p.fault is not None and p.fault[0] == "poison":
@@ -201,7 +204,7 @@ def _backward_ddp(p: Parts, micro_batches, totals: dict) -> torch.Tensor:
         with sync:
             loss, nonfinite = _forward_loss(p, x, y, totals)
             # DeepSpeed divides by its accumulation steps itself.
-            acc.backward(loss if p.deepspeed else loss / accum)
+            p.precision.backward(loss if p.deepspeed else loss / accum)
         bad = bad + nonfinite
     return bad
 
@@ -217,7 +220,7 @@ def _backward_exact(p: Parts, micro_batches, totals: dict) -> torch.Tensor:
         for x, y, _idx in micro_batches:
             for s in range(0, len(y), chunk):
                 loss, nonfinite = _forward_loss(p, x[s:s + chunk], y[s:s + chunk], totals)
-                p.accelerator.backward(loss)
+                p.precision.backward(loss)
                 # BatchNorm statistics follow the same tree as the gradients
                 stats = [m.stat_sum.clone() for m in bns]
                 for m in bns:
@@ -234,7 +237,7 @@ def _backward_exact(p: Parts, micro_batches, totals: dict) -> torch.Tensor:
 
 
 def evaluate(p: Parts, tta: bool = False) -> dict:
-    result = evaluate_model(p.eval_model, p.eval_set, p.cfg, p.device, p.accelerator.autocast, tta)
+    result = evaluate_model(p.eval_model, p.eval_set, p.cfg, p.device, p.precision.autocast, tta)
     p.train_model.train()
     return result
 
@@ -274,6 +277,7 @@ def save_checkpoint(p: Parts, state: TrainState) -> Path | None:
     """Write a checkpoint of ``state`` atomically; every rank takes part."""
     if p.checkpoints is None:
         return None
+    state.scaler = p.precision.state_dict()
     rank, _ = world_info()
     tmp = share_from_main(lambda: p.checkpoints.begin(state.global_step))
     barrier()
@@ -347,7 +351,7 @@ def fit(p: Parts, state: TrainState, progress) -> TrainState:
                 state.global_step += 1
                 state.step_in_epoch += 1
                 steps_run += 1
-                if p.accelerator.optimizer_step_was_skipped:
+                if p.precision.skipped:
                     state.skipped_steps += 1
                 bar.update(1)
                 boundary = state.step_in_epoch >= spe or state.global_step >= max_steps

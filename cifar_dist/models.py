@@ -40,6 +40,8 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
                                 self.bias, False, 0.0, self.eps)
         n = x.shape[0]
         g = self.group or n
+        if n % g:
+            raise ValueError(f"GroupBatchNorm2d: a batch of {n} is not a whole number of groups of {g}")
         if g == n:
             # Fresh buffers with momentum 1 come back holding the batch mean and
             # unbiased variance: native speed, and nothing shared is mutated.

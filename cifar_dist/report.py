@@ -70,3 +70,50 @@ def draw_run(run_dir: Path) -> list[Path]:
         made.append(out / "confusion_matrix.png")
         plot_confusion(matrix, made[-1])
     return made
+
+
+def bench_table(result: dict) -> str:
+    """The benchmark as a markdown table (one row per configuration)."""
+    hw = result["hardware"]
+    head = (f"{result['model']} on {hw['world_size']} x {hw['device']}, {hw['torch_threads']} threads/process; "
+            f"medians of {result['repeats']} x {result['steps']} steps after {result['warmup']} warm-up")
+    rows = result["rows"]
+    if rows and "mfu" not in rows[0]:  # loader-only mode
+        lines = [head, "", "| loader | images/s | vs torch DataLoader |", "|---|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['label']} | {r['images_per_s']:,.0f} | {r.get('speedup_vs_torch', 1):.2f}x |")
+        return "\n".join(lines)
+    scaling = any("scaling_efficiency" in r for r in rows)
+    cols = ["configuration", "img/s", "img/s/device", "step ms (median / p90)", "data wait", "peak MiB",
+            "MFU", "vs baseline"] + (["scaling eff."] if scaling else [])
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" + "---:|" * (len(cols) - 1)]
+    for r in rows:
+        speed = r.get("speedup_vs_baseline")
+        cells = [r["label"], f"{r['images_per_s']:,.0f}", f"{r['images_per_s_per_device']:,.0f}",
+                 f"{1000 * r['step_time_median_s']:.1f} / {1000 * r['step_time_p90_s']:.1f}",
+                 f"{100 * r['data_wait_share']:.0f}%", f"{r['peak_memory_mib']:,.0f}",
+                 f"{100 * r['mfu']:.1f}%", f"{speed:.2f}x" if speed else "-"]
+        if scaling:
+            eff = r.get("scaling_efficiency")
+            cells.append(f"{100 * eff:.0f}%" if eff is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_bench(result: dict, path) -> None:
+    plt = _pyplot()
+    rows = result["rows"]
+    labels = [r["label"] for r in rows]
+    values = [r["images_per_s_per_device"] if "images_per_s_per_device" in r else r["images_per_s"]
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5), dpi=110)
+    colors = ["#999999" if r.get("baseline") else "#1f77b4" for r in rows]
+    ax.barh(range(len(rows)), values, color=colors)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("images/s per device")
+    ax.set_title(f"{result['model']} on {result['hardware']['device']}", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

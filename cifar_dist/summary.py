@@ -50,7 +50,7 @@ def count_flops(model: nn.Module, batch: int = 2, train: bool = False, image_siz
     device = next(model.parameters()).device
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     was_training = model.training
-    model.train(train)
+    model.eval()  # batch statistics cost no counted FLOPs; eval mode works for any batch size
     counter = FlopCounterMode(display=False)
     try:
         with counter:

@@ -72,10 +72,11 @@ def run(args: argparse.Namespace) -> int:
     from cifar_dist.checkpoint import (CheckpointWriter, load_optimizer_state, load_weights, read_state,
                                        save_weights)
     from cifar_dist.data import Shard, build_datasets, build_train_loader
-    from cifar_dist.distributed import barrier, make_accelerator, print0, share_from_main, world_info
+    from cifar_dist.distributed import barrier, configure_deepspeed, make_accelerator, print0, share_from_main, world_info
     from cifar_dist.metrics import MetricsLog
     from cifar_dist.models import build_model, count_parameters
     from cifar_dist.optim import build_optimizer
+    from cifar_dist.precision import Precision
     from cifar_dist.repro import device_name, git_sha, seed_everything, set_determinism, versions
     from cifar_dist.rundir import RunDir, default_run_dir
 
@@ -93,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"model.bn_group: {cfg.model.bn_group} does not divide the micro-batch of "
                         f"{shard.micro} images (train.batch_size {cfg.train.batch_size} / {world} "
                         f"processes / train.accum_steps {cfg.train.accum_steps})")
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        configure_deepspeed(accelerator, shard, cfg)
     train_set, eval_set, eval_name = build_datasets(cfg)
 
     run_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
@@ -112,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
                          eval_model=compiled, optimizer=optimizer, loader=loader, eval_set=eval_set,
                          shard=shard, run_dir=run_dir, checkpoints=writer, stop_file=run_dir / "STOP",
                          fault=engine.parse_fault(os.environ.get(engine.FAULT_VAR)))
+    parts.precision = Precision(cfg.run.precision, accelerator.device,
+                                accelerator if parts.deepspeed else None)
     state = engine.TrainState()
     if ckpt is not None:
         state = engine.TrainState(**read_state(ckpt))
@@ -120,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             load_weights(ckpt / "model.safetensors", model)
             optimizer.load_state_dict(load_optimizer_state(ckpt / "optimizer.pt"))
+        parts.precision.load_state_dict(state.scaler)
         print0(f"resuming from {ckpt} (epoch {state.epoch + 1}, step {state.global_step})")
     elif args.resume:
         print0(f"{run_dir}: no checkpoint yet, starting from the beginning")
@@ -178,10 +184,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _after_preemption(run_dir: Path, rank: int) -> None:
-    """Mark the run as preempted; under Slurm, rank 0 requeues the job."""
+    """Mark the run as preempted; under Slurm, rank 0 requeues the job.
+
+    No rank leaves before PREEMPTED exists: when the first process exits, a
+    launcher may tear the others down (srun --kill-on-bad-exit counts a task
+    Slurm sent TERM as failed), and a batch script that requeues on PREEMPTED
+    (slurm/train.sh, which sets CIFAR_DIST_REQUEUE=0) must then still find it.
+    The requeue comes after the barrier, as it ends every process of the job.
+    """
+    from cifar_dist.distributed import barrier
+
+    if rank == 0:
+        (run_dir / "PREEMPTED").write_text(str(time.time()))
+    barrier()
     if rank != 0:
         return
-    (run_dir / "PREEMPTED").write_text(str(time.time()))
     job = os.environ.get("SLURM_JOB_ID")
     if job and os.environ.get("CIFAR_DIST_REQUEUE", "1") == "1":
         import subprocess

@@ -2,7 +2,6 @@
 for any number of processes (real launchers, several CPU processes over gloo)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 

@@ -1,0 +1,79 @@
+"""The baseline every benchmark row is compared with: the obvious PyTorch loop.
+
+Like the paper's notebook: a torchvision-style DataLoader, fp32, eager,
+NCHW, nn.BatchNorm2d, the same model and batch size, and nothing of this
+framework in the step. With real data it uses the notebook's transforms
+(RandomCrop, RandomHorizontalFlip, ToTensor, Normalize) on PIL images with 2
+workers; with synthetic data a TensorDataset of normalized images.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+
+class _PilCifar(Dataset):
+    def __init__(self, data, transform):
+        self.images, self.labels, self.transform = data.images, data.labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        img = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
+        return self.transform(img), int(self.labels[i])
+
+
+def _plain_model(model_cfg):
+    from cifar_dist.models import ResNet, ResNet9
+    if model_cfg.name == "seed_resnet":
+        return ResNet(model_cfg.widths, model_cfg.blocks, 10, nn.BatchNorm2d)
+    if model_cfg.name == "resnet18":
+        return ResNet([64, 128, 256, 512], [2, 2, 2, 2], 10, nn.BatchNorm2d)
+    return ResNet9(10, nn.BatchNorm2d)
+
+
+def _loader(cfg, batch, data):
+    if data is None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(max(batch * 4, 512), 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (len(x),), generator=g)
+        return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True), "synthetic"
+    import torchvision.transforms as T
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(cfg.data.mean, cfg.data.std)])
+    return DataLoader(_PilCifar(data, tf), batch_size=batch, shuffle=True, num_workers=2,
+                      drop_last=True), "torchvision w2"
+
+
+def measure(cfg, batch: int, args, device, data=None) -> dict:
+    """Images/s of the plain loop at ``batch`` (one process), timed like every row."""
+    from cifar_dist.bench import _figures, _peak_memory, time_steps
+    from cifar_dist.metrics import Clock
+
+    torch.manual_seed(cfg.run.seed)
+    model = _plain_model(cfg.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    loader, kind = _loader(cfg, batch, data)
+
+    def batches():
+        while True:
+            yield from loader
+
+    stream = batches()
+
+    def step(batch_):
+        inputs, targets = batch_[0].to(device), batch_[1].to(device)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(inputs), targets, label_smoothing=cfg.train.label_smoothing)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    timing = time_steps(step, lambda: next(stream), Clock(device), args.warmup, args.steps, args.repeats)
+    fig = _figures(timing, args.steps, batch, 1, _peak_memory(device))
+    fig["loader"] = kind
+    return fig

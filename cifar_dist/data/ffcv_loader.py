@@ -1,0 +1,96 @@
+"""data.loader=ffcv: FFCV reads and decodes, our order and augmentation keep the run reproducible.
+
+FFCV's own random operations are not reproducible even with a seed, so none
+is used. FFCV visits the samples in our order (a TraversalOrder that returns
+this rank's slice of the epoch's global permutation, from the resume step
+on), its JIT-compiled pipeline decodes raw pixels, labels and each sample's
+stored index, and the shared augmentation runs on the training device keyed
+by (seed, epoch, index), exactly as in the torch and gpu loaders.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifar_dist.config import resolve_data_root
+from cifar_dist.data.augment import AugmentSpec, augment, epoch_order
+from cifar_dist.data.beton import ensure_beton, require_ffcv
+from cifar_dist.data.cifar import ImageSet
+from cifar_dist.data.sharding import Shard
+from cifar_dist.errors import DataError
+
+
+def _order_class():
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class GlobalOrder(TraversalOrder):
+        """This rank's samples of an epoch, in the framework's global order.
+
+        FFCV 1.0.2 accepts a custom order only as an instance that it calls
+        with the loader, so the instance binds itself when called.
+        """
+
+        def __init__(self, n: int, seed: int, shard: Shard):
+            self.n, self.order_seed, self.shard = n, seed, shard
+            self.start_step = 0
+
+        def __call__(self, loader):
+            TraversalOrder.__init__(self, loader)
+            return self
+
+        def sample_order(self, epoch: int):
+            order = self.shard.rank_order(epoch_order(self.order_seed, epoch, self.n))
+            return order[self.start_step * self.shard.per_process:].numpy().astype(np.uint64)
+
+    return GlobalOrder
+
+
+class FfcvLoader:
+    name = "ffcv"
+
+    def __init__(self, cfg, data: ImageSet, spec: AugmentSpec, shard: Shard, device):
+        require_ffcv()
+        from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+        from ffcv.loader import Loader
+        from ffcv.transforms import Squeeze, ToTensor
+
+        folder = Path(cfg.data.beton_dir) if cfg.data.beton_dir else resolve_data_root(cfg) / "beton"
+        name = "synthetic-train" if cfg.data.synthetic else "train"
+        if cfg.data.subset or cfg.data.val_split:
+            name += f"-{len(data)}"
+        path, _ = ensure_beton(data, folder, name, max(cfg.data.workers, 1))
+        self.device, self.spec, self.seed, self.shard = torch.device(device), spec, cfg.run.seed, shard
+        self.n = len(data)
+        self.steps_per_epoch = shard.steps_per_epoch(self.n)
+        self._order = _order_class()(self.n, self.seed, shard)
+        self._loader = Loader(
+            str(path), batch_size=shard.micro, num_workers=max(cfg.data.workers, 1),
+            order=self._order, drop_last=False, os_cache=True,
+            pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()],
+                       "label": [IntDecoder(), ToTensor(), Squeeze()],
+                       "index": [IntDecoder(), ToTensor(), Squeeze()]})
+        if self._loader.reader.num_samples != self.n:
+            raise DataError(f"{path}: holds {self._loader.reader.num_samples} samples, expected {self.n}")
+
+    def iter_epoch(self, epoch: int, start_step: int = 0):
+        self._order.start_step = start_step
+        self._loader.next_epoch = epoch
+        expected = self._order.sample_order(epoch)
+        micro, pos = [], 0
+        for images, labels, index in self._loader:
+            # FFCV recycles its output buffers: everything kept is copied.
+            b = len(labels)
+            want = torch.from_numpy(expected[pos:pos + b].astype(np.int64))
+            pos += b
+            index = index.to(torch.int64, copy=True)
+            if not torch.equal(index, want):  # the stored index proves the order
+                raise DataError("ffcv loader: samples arrived out of order")
+            x = images.permute(0, 3, 1, 2).contiguous().to(self.device, non_blocking=True)
+            x = augment(x, index, epoch, self.seed, self.spec)
+            y = labels.to(torch.int64, copy=True).to(self.device, non_blocking=True)
+            micro.append((x, y, index))
+            if len(micro) == self.shard.accum:
+                yield micro
+                micro = []

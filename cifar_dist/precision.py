@@ -1,0 +1,63 @@
+"""Mixed precision owned by the run, not by process-global state.
+
+fp32, bf16 (autocast) or fp16 (autocast + gradient scaler; steps with
+non-finite gradients are skipped and counted). BatchNorm stays in fp32: its
+statistics are computed in fp32 (``GroupBatchNorm2d``) and autocast keeps
+batch_norm in fp32. Owning it here lets one process run several precisions
+(the benchmark does). Under DeepSpeed, whose engine owns precision, the
+Accelerator's autocast and backward are used instead.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    def __init__(self, precision: str, device: torch.device, accelerator=None):
+        self.precision, self.device = precision, torch.device(device)
+        self.accelerator = accelerator  # set: DeepSpeed owns precision
+        self.scaler = None
+        if precision == "fp16" and accelerator is None:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        self.skipped = False
+
+    def autocast(self):
+        if self.accelerator is not None:
+            return self.accelerator.autocast()
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def unscale(self, optimizer) -> None:
+        """Gradients in true units (before clipping or checks)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            self.skipped = bool(self.accelerator is not None and self.accelerator.optimizer_step_was_skipped)
+            return
+        before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        self.skipped = self.scaler.get_scale() < before  # the scale drops exactly when a step is skipped
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
