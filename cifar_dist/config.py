@@ -98,6 +98,7 @@ class RunConfig:
     threads: int = _f(0, "CPU threads per process (0 = PyTorch's default)", min=0)
     tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed")
     progress: bool = _f(True, "show a progress bar")
+    plots: bool = _f(True, "draw plots/*.png at the end (cifar-dist report RUN_DIR draws them later)")
 
 
 @dataclass

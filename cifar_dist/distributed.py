@@ -69,12 +69,36 @@ def make_accelerator(cfg, timeout_s: int = 600):
             from accelerate import PartialState
             PartialState(backend="gloo")
         os.environ.setdefault("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        _skip_transformers_weakref()
     else:
         # Without cpu=True, CPU processes started by torchrun each become rank 0 of 1.
         kwargs["cpu"] = not has_accelerator()
     accelerator = Accelerator(**kwargs)
     check_world(accelerator.num_processes)
     return accelerator
+
+
+def _skip_transformers_weakref() -> None:
+    """Accelerate (1.15) registers the DeepSpeed config with Hugging Face
+    transformers whenever DeepSpeed is selected, and fails when transformers is
+    not installed. That registration only serves transformers' own ZeRO-3 model
+    construction, which cifar_dist does not use: without transformers, skip it."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is not None:
+        return
+    from accelerate.utils import DeepSpeedPlugin
+
+    if getattr(DeepSpeedPlugin.set_deepspeed_weakref, "_cifar_dist_skip", False):
+        return
+
+    def set_deepspeed_weakref(self):
+        if self.zero3_init_flag:
+            raise ConfigError("deepspeed_config.zero3_init_flag: needs Hugging Face transformers; "
+                              "set it to false in the launch config")
+
+    set_deepspeed_weakref._cifar_dist_skip = True
+    DeepSpeedPlugin.set_deepspeed_weakref = set_deepspeed_weakref
 
 
 def configure_deepspeed(accelerator, shard, cfg) -> None:
@@ -87,6 +111,13 @@ def configure_deepspeed(accelerator, shard, cfg) -> None:
     ds["gradient_accumulation_steps"] = shard.accum
     ds["train_batch_size"] = shard.global_batch
     ds["gradient_clipping"] = cfg.train.grad_clip
+    # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32) and ZeRO
+    # allocates one per micro-step: 10 s a step on a CPU. Our largest model has
+    # 11M parameters, so 2e7 elements is one or two buckets.
+    zero = ds.setdefault("zero_optimization", {})
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(key) in (None, "auto"):
+            zero[key] = int(2e7)
     accelerator.gradient_accumulation_steps = shard.accum
 
 

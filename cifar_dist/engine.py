@@ -105,7 +105,10 @@ def prepare_model(cfg, accelerator, model, build_optimizer):
     model = model.to(accelerator.device)
     if cfg.model.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.run.channels_last:  # before prepare(), or DDP warns about gradient strides
+    # Before prepare(), or DDP warns about gradient strides. DeepSpeed keeps its
+    # parameters in flat contiguous buffers (it cannot broadcast channels_last
+    # weights), so there only the activations are channels_last (the inputs are).
+    if cfg.run.channels_last and accelerator.distributed_type.value != "DEEPSPEED":
         model = model.to(memory_format=torch.channels_last)
     compiled = torch.compile(model) if cfg.run.compile else model
     optimizer = build_optimizer(model.parameters(), cfg.train)

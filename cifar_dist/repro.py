@@ -11,12 +11,20 @@ import numpy as np
 import torch
 
 
-def set_determinism(deterministic: bool) -> None:
-    """Deterministic algorithms when asked; otherwise let cudnn pick the fastest."""
+def set_determinism(deterministic: bool, compiling: bool = False) -> None:
+    """Deterministic algorithms when asked; otherwise let cudnn pick the fastest.
+
+    torch.use_deterministic_algorithms also sets inductor's flag, which imports
+    the compiler stack (16 s on a slow CPU); without torch.compile only the
+    eager flag matters, so it is set directly.
+    """
     if deterministic:
         # cuBLAS needs this before its first use to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=False)
+        if compiling:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+        else:
+            torch._C._set_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     else:

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.run.out_dir = args.out
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    set_determinism(cfg.run.deterministic)
+    set_determinism(cfg.run.deterministic, compiling=cfg.run.compile)
     started = time.time()
 
     accelerator = make_accelerator(cfg)
@@ -167,13 +167,14 @@ def run(args: argparse.Namespace) -> int:
             "compiled_graphs": engine.graph_count() if cfg.run.compile else None,
             "recompiles_after_warmup": (engine.graph_count() - parts.graphs_after_warmup
                                         if cfg.run.compile and parts.graphs_after_warmup is not None else None),
-            "seed": cfg.run.seed, "config": cfg.name, "git_sha": git_sha(), "versions": versions(),
+            "precision": cfg.run.precision, "seed": cfg.run.seed, "config": cfg.name, "git_sha": git_sha(), "versions": versions(),
             "device": device_name(accelerator.device),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         (run_dir / "confusion_matrix.json").write_text(json.dumps(
             {"classes": list(report.CLASSES), "rows_true_cols_pred": final["confusion"]}))
-        report.draw_run(run_dir)
+        if cfg.run.plots:
+            report.draw_run(run_dir)
         parts.metrics.close()
         print0(f"{eval_name} accuracy {100 * final['acc']:.2f}% ({final['count']} images"
                f"{', flip TTA' if cfg.eval.tta else ''}); {wall:.1f} s; results in {run_dir}")

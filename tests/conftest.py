@@ -87,3 +87,22 @@ def cifar_root() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     run([sys.executable, SHARED_DATA, root], timeout=900)
     return root
+
+
+def rewind(src, dst, step: int) -> Path:
+    """A copy of run ``src`` as it was when it stopped after its step-``step``
+    checkpoint: later checkpoints and the final outputs are gone. Resuming it must
+    give ``src``'s weights; this costs one run instead of a stopped run plus a resume."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    (dst / ".lock").unlink(missing_ok=True)
+    kept = dst / "checkpoints" / f"step_{step:08d}"
+    assert kept.is_dir(), f"{src} has no checkpoint at step {step}"
+    for ckpt in (dst / "checkpoints").iterdir():
+        if ckpt.name > kept.name:
+            shutil.rmtree(ckpt)
+    for name in ("model.safetensors", "summary.json", "confusion_matrix.json"):
+        (dst / name).unlink(missing_ok=True)
+    return dst
