@@ -91,7 +91,10 @@ def _bench(args):
 def _config(args):
     import yaml
 
-    from cifar_dist.config import load_config
+    from cifar_dist.config import load_config, reference_markdown
+    if args.reference:
+        print(reference_markdown(), end="")
+        return 0
     print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
     return 0
 
@@ -127,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("--config")
+    p.add_argument("--reference", action="store_true", help="print every key with its default and meaning (Markdown)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=_config)
 

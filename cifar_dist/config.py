@@ -142,6 +142,22 @@ def iter_fields():
             yield section, f
 
 
+def reference_markdown() -> str:
+    """The configuration reference (a Markdown table per section) the README carries."""
+    out = []
+    for section, cls in _SECTION_CLASSES.items():
+        out += [f"**{section}**", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            meaning = f.metadata["help"]
+            if f.metadata.get("choices"):
+                meaning += " (" + " / ".join(f.metadata["choices"]) + ")"
+            out.append(f"| `{section}.{f.name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | "
+                       f"{meaning.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
 def _coerce(value: Any, default: Any, key: str, where: str):
     """Check ``value`` against the type of ``default``; ints are accepted as floats."""
     def bad(expected):

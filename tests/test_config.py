@@ -110,3 +110,11 @@ def test_config_command_prints_the_resolved_config():
     res = cli("config", "--config", REPO / "configs" / "smoke.yaml", "train.lr=0.3", timeout=120)
     resolved = yaml.safe_load(res.stdout)
     assert resolved["train"]["lr"] == 0.3 and resolved["model"]["widths"] == [8, 16, 32]
+
+
+def test_readme_carries_the_current_config_reference():
+    from cifar_dist.config import reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- config-reference -->\n", 1)[1].split("<!-- /config-reference -->", 1)[0]
+    assert block == reference_markdown(), "README is stale: paste `cifar-dist config --reference` into it"
