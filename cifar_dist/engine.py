@@ -23,7 +23,7 @@ from cifar_dist.models import GroupBatchNorm2d, sync_bn_statistics
 from cifar_dist.optim import lr_at, set_lr, smoothed_cross_entropy
 
 CONTROL_EVERY = 10  # steps between host reads of the stop / non-finite flags
-FAULT_VAR = "CIFAR_DIST_TEST_FAULT"  # tests inject faults: KIND@STEP[:RANK], KIND in raise|kill|nan
+FAULT_VAR = "CIFAR_DIST_TEST_FAULT"  # tests inject faults: KIND@STEP[:RANK], KIND in raise|kill|nan|wait
 
 
 def parse_fault(spec: str | None) -> tuple[str, int, int | None] | None:
@@ -32,8 +32,8 @@ def parse_fault(spec: str | None) -> tuple[str, int, int | None] | None:
         return None
     kind, _, where = spec.partition("@")
     step, _, rank = where.partition(":")
-    if kind not in ("raise", "kill", "nan") or not step.isdigit() or (rank and not rank.isdigit()):
-        raise ValueError(f"{FAULT_VAR}={spec!r}: expected raise|kill|nan@STEP[:RANK]")
+    if kind not in ("raise", "kill", "nan", "wait") or not step.isdigit() or (rank and not rank.isdigit()):
+        raise ValueError(f"{FAULT_VAR}={spec!r}: expected raise|kill|nan|wait@STEP[:RANK]")
     return kind, int(step), int(rank) if rank else None
 
 
@@ -85,6 +85,7 @@ class Parts:
     last_eval: dict | None = None  # the latest evaluate() result
     precision: object = None       # Precision: autocast, backward, scaler
     fault: tuple | None = None     # an injected fault (tests only), see parse_fault
+    stop: object = None            # the StopRequest of the running fit()
     graphs_after_warmup: int | None = None  # compiled graphs after the first epoch
 
     @property
@@ -178,6 +179,13 @@ def _inject_fault(p: Parts, step: int) -> None:
         raise RuntimeError(f"injected fault at step {step}")
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "wait":  # hold here until a stop is requested: preemption tests signal at a known step
+        print(f"cifar-dist test: rank {world_info()[0]}: waiting for a stop request at step {step}", flush=True)
+        deadline = time.time() + 900
+        while not (p.stop is not None and p.stop.requested()) and time.time() < deadline:
+            time.sleep(0.1)
+        p.fault = None
+        return
     p.fault = ("poison", step, rank)  # "nan": the loss of this step becomes NaN
 
 
@@ -336,6 +344,7 @@ def fit(p: Parts, state: TrainState, progress) -> TrainState:
     max_steps = cfg.train.max_steps or cfg.train.epochs * spe
     first_bad = torch.full((), -1.0, device=p.device)
     with StopRequest(p.stop_file) as stop:
+        p.stop = stop
         while state.epoch < cfg.train.epochs and state.global_step < max_steps:
             epoch = state.epoch
             p.last_eval = None

@@ -72,6 +72,11 @@ def draw_run(run_dir: Path) -> list[Path]:
     return made
 
 
+def _rate(x: float) -> str:
+    """Images/s with three significant figures, thousands separated (0.49, 61.2, 12,345)."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def bench_table(result: dict) -> str:
     """The benchmark as a markdown table (one row per configuration)."""
     hw = result["hardware"]
@@ -81,7 +86,7 @@ def bench_table(result: dict) -> str:
     if rows and "mfu" not in rows[0]:  # loader-only mode
         lines = [head, "", "| loader | images/s | vs torch DataLoader |", "|---|---:|---:|"]
         for r in rows:
-            lines.append(f"| {r['label']} | {r['images_per_s']:,.0f} | {r.get('speedup_vs_torch', 1):.2f}x |")
+            lines.append(f"| {r['label']} | {_rate(r['images_per_s'])} | {r.get('speedup_vs_torch', 1):.2f}x |")
         return "\n".join(lines)
     scaling = any("scaling_efficiency" in r for r in rows)
     cols = ["configuration", "img/s", "img/s/device", "step ms (median / p90)", "data wait", "peak MiB",
@@ -89,7 +94,7 @@ def bench_table(result: dict) -> str:
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" + "---:|" * (len(cols) - 1)]
     for r in rows:
         speed = r.get("speedup_vs_baseline")
-        cells = [r["label"], f"{r['images_per_s']:,.0f}", f"{r['images_per_s_per_device']:,.0f}",
+        cells = [r["label"], _rate(r["images_per_s"]), _rate(r["images_per_s_per_device"]),
                  f"{1000 * r['step_time_median_s']:.1f} / {1000 * r['step_time_p90_s']:.1f}",
                  f"{100 * r['data_wait_share']:.0f}%", f"{r['peak_memory_mib']:,.0f}",
                  f"{100 * r['mfu']:.1f}%", f"{speed:.2f}x" if speed else "-"]

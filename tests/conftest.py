@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "build_cifar10.py"
 CACHE = REPO / ".cache"
 BIN = Path(sys.executable).parent
+os.environ.setdefault("MPLBACKEND", "Agg")  # before the warm forkserver (tests/warm.py) starts
 # Variables of an enclosing launcher that must not leak into the runs the tests start.
 _LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                   "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS",
@@ -39,8 +40,50 @@ def run(cmd, timeout=900, env=None, check=True, cwd=REPO):
     return res
 
 
-def cli(*args, **kw):
-    return run([BIN / "cifar-dist", *args], **kw)
+def cli(*args, timeout=900, env=None, check=True, cwd=REPO):
+    """`cifar-dist ARGS` in a process of its own, forked from a warm forkserver (tests/warm.py).
+    CIFAR_DIST_TEST_COLD=1 starts every command from scratch instead."""
+    if os.environ.get("CIFAR_DIST_TEST_COLD") == "1":
+        return run([BIN / "cifar-dist", *args], timeout=timeout, env=env, check=check, cwd=cwd)
+    import tempfile
+
+    argv = [str(a) for a in args]
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        proc = _warm().Process(target=_warm_run, args=(argv, env or base_env(), str(out), str(err), str(cwd)))
+        proc.start()
+        proc.join(timeout)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired(["cifar-dist", *argv], timeout)
+        res = subprocess.CompletedProcess(["cifar-dist", *argv], proc.exitcode,
+                                          out.read_text(errors="replace"), err.read_text(errors="replace"))
+    if check and res.returncode != 0:
+        raise AssertionError(f"cifar-dist {' '.join(argv)} exited {res.returncode}\n"
+                             f"--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-6000:]}")
+    return res
+
+
+_WARM = None
+
+
+def _warm():
+    global _WARM
+    if _WARM is None:
+        import multiprocessing
+
+        _WARM = multiprocessing.get_context("forkserver")
+        # Modules importable from the venv: the forkserver does not see tests/ on its path.
+        _WARM.set_forkserver_preload(["torch", "torch._dynamo", "matplotlib.pyplot", "accelerate",
+                                      "safetensors.torch", "cifar_dist.cli", "cifar_dist.train",
+                                      "cifar_dist.engine", "cifar_dist.report"])
+    return _WARM
+
+
+def _warm_run(*args):
+    import warm
+    warm.run_cli(*args)
 
 
 def free_port() -> int:

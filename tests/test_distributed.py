@@ -86,7 +86,7 @@ def test_deepspeed_checkpoint_and_resume(deepspeed_runs, tmp_path):
 
 def test_compile_on_cpu_with_no_recompiles_after_warmup(tmp_path):
     out = tmp_path / "compiled"
-    cli("train", "--config", SMOKE, "--out", out, "data.synthetic_train=512", "run.compile=true",
+    cli("train", "--config", SMOKE, "--out", out, "data.synthetic_train=256", "data.synthetic_test=256", "run.compile=true", "run.plots=false",
         "run.progress=false", "train.exact_reduce=false", "model.bn_group=0", timeout=1800)
     s = summary(out)
     assert s["epochs"] == 2 and s["compiled_graphs"] >= 2  # train and eval graphs

@@ -1,0 +1,84 @@
+"""slurm/train.sh on a real Slurm: two emulated nodes on this host (tests/slurm_cluster.py),
+one `accelerate launch` per node, gloo between them."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import REPO, base_env, cli, load_weights, max_diff, summary
+from slurm_cluster import SlurmCluster, SlurmError, unavailable
+
+pytestmark = pytest.mark.cluster
+SMOKE = REPO / "configs" / "smoke.yaml"
+ARGS = ["train.max_steps=50", "checkpoint.every_steps=25", "run.plots=false"]
+# The emulated nodes have no GPUs and share this host's cores.
+NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = unavailable()
+    if why:
+        pytest.skip(f"no local Slurm: {why}")
+    with SlurmCluster(base=str(tmp_path_factory.mktemp("cluster"))) as c:
+        yield c
+
+
+def _sbatch(cluster, out_dir, *args, **env):
+    return cluster.submit(*NODES, f"--output={out_dir}/job-%j.out", "slurm/train.sh", *args,
+                          env=cluster.client_env(**base_env(**env)), cwd=REPO)
+
+
+def test_two_node_job_matches_one_process(cluster, tmp_path):
+    cli("train", "--config", SMOKE, "--out", tmp_path / "p1", "run.progress=false", *ARGS)
+    job = _sbatch(cluster, tmp_path, SMOKE, "--out", tmp_path / "slurm", *ARGS)
+    info = cluster.wait(job, timeout=1200)
+    log = cluster.log(job)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log[-4000:]}\n{cluster.daemon_logs()}"
+    assert "on 2 node(s)" in log and "1 CPU process(es) per node, 2 in all" in log
+    assert summary(tmp_path / "slurm")["world_size"] == 2
+    diff = max_diff(load_weights(tmp_path / "p1"), load_weights(tmp_path / "slurm"))
+    print(f"sbatch --nodes=2 vs 1 process, 50 steps: max |dw| = {diff:.3g}")
+    assert diff <= 1e-4
+
+
+def test_a_failing_rank_ends_the_job_failed_within_a_minute(cluster, tmp_path):
+    job = _sbatch(cluster, tmp_path, SMOKE, "--out", tmp_path / "fail", *ARGS,
+                  CIFAR_DIST_TEST_FAULT="raise@3:1")
+    deadline = time.time() + 900
+    while "injected fault" not in cluster.log(job):
+        if time.time() > deadline or cluster.state(job) in ("COMPLETED", "FAILED", "CANCELLED"):
+            break
+        time.sleep(0.5)
+    crashed_at = time.time()
+    try:
+        info = cluster.wait(job, timeout=60, poll=0.5)
+    except SlurmError as e:
+        pytest.fail(f"the job did not end within 60 s of the crash: {e}")
+    log = cluster.log(job)
+    print(f"job ended {info['JobState']} {time.time() - crashed_at:.0f} s after the crash")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
+    assert "cifar-dist: rank 1: crashed: RuntimeError: injected fault at step 3" in log
+
+
+def test_preempted_job_checkpoints_requeues_and_ends_with_the_same_weights(cluster, tmp_path):
+    """USR1 to the job's steps mid-run (what --signal=USR1@120 sends before the time limit)."""
+    uninterrupted = tmp_path / "p1"
+    cli("train", "--config", SMOKE, "--out", uninterrupted, "run.progress=false", *ARGS)
+    out = tmp_path / "preempted"
+    # Both ranks hold at step 17 until the signal arrives (CIFAR_DIST_TEST_FAULT=wait@17).
+    job = _sbatch(cluster, tmp_path, SMOKE, "--out", out, *ARGS, CIFAR_DIST_TEST_FAULT="wait@17")
+    deadline = time.time() + 900
+    while cluster.log(job).count("waiting for a stop request at step 17") < 2:
+        assert time.time() < deadline, cluster.log(job)[-4000:]
+        assert cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), cluster.log(job)[-4000:]
+        time.sleep(0.5)
+    cluster.cmd("scancel", "--signal=USR1", job)
+    info = cluster.wait(job, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=1500)
+    log = cluster.log(job)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log[-6000:]}"
+    assert int(info.get("Restarts", 0)) >= 1, log[-4000:]
+    assert "requeueing job" in log and "resuming from" in log
+    assert summary(out)["steps"] == 50
+    assert (uninterrupted / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
