@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_dist.data.cifar import ImageSet, load_cifar10
+from cifar_dist.data.cifar import ImageSet, file_digest, load_cifar10
 from cifar_dist.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
@@ -36,14 +36,6 @@ def fingerprint(data: ImageSet) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(data.images.numpy()).tobytes())
     h.update(data.labels.numpy().astype(np.int64).tobytes())
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -105,7 +97,7 @@ def ensure_beton(data: ImageSet, folder: Path, name: str, workers: int = 2) -> t
         raise DataError(f"{path}: not listed in {folder / MANIFEST}; delete it to have it rewritten")
     _write(data, path, workers)
     manifest[name] = {"count": len(data), "fingerprint": fp, "bytes": path.stat().st_size,
-                      "sha256": _sha256(path)}
+                      "sha256": file_digest(path, "sha256")}
     _write_manifest(folder, manifest)
     return path, True
 
@@ -116,7 +108,7 @@ def verify(path: Path, entry: dict) -> None:
     if size != entry.get("bytes"):
         raise DataError(f"{path}: truncated or damaged .beton ({size} bytes, the manifest says "
                         f"{entry.get('bytes')}); delete it and rerun `cifar-dist prepare --beton`")
-    if _sha256(path) != entry.get("sha256"):
+    if file_digest(path, "sha256") != entry.get("sha256"):
         raise DataError(f"{path}: corrupt .beton (sha256 differs from the manifest); delete it "
                         "and rerun `cifar-dist prepare --beton`")
 

@@ -100,8 +100,9 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file, read in 4 MiB chunks (md5 of CIFAR batches, sha256 of .beton files)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
@@ -110,7 +111,7 @@ def _md5(path: Path) -> str:
 
 def check_md5(folder: Path, names) -> list[str]:
     """Names whose md5 differs from the official download's; warns once about them."""
-    differ = [n for n in names if n in MD5 and _md5(folder / n) != MD5[n]]
+    differ = [n for n in names if n in MD5 and file_digest(folder / n, "md5") != MD5[n]]
     if differ:
         warnings.warn(f"{folder}: {', '.join(differ)} differ from the official CIFAR-10 "
                       "checksums (a rebuilt or modified copy); training goes on", stacklevel=2)
