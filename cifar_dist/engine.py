@@ -23,17 +23,24 @@ from cifar_dist.models import GroupBatchNorm2d, sync_bn_statistics
 from cifar_dist.optim import lr_at, set_lr, smoothed_cross_entropy
 
 CONTROL_EVERY = 10  # steps between host reads of the stop / non-finite flags
-FAULT_VAR = "CIFAR_DIST_TEST_FAULT"  # tests inject faults: KIND@STEP[:RANK], KIND in raise|kill|nan|wait
+FAULT_VAR = "CIFAR_DIST_TEST_FAULT"  # tests inject faults: KIND@STEP[:RANK] (see parse_fault)
+FAULT_KINDS = ("raise", "kill", "killsave", "nan", "wait")
 
 
 def parse_fault(spec: str | None) -> tuple[str, int, int | None] | None:
-    """``kill@12:1`` -> ("kill", 12, 1): what the reliability tests inject, and where."""
-    if not spec:
+    """``kill@12:1`` -> ("kill", 12, 1): what the reliability tests inject, and where.
+
+    raise: an exception at step STEP; kill: SIGKILL before step STEP; killsave: SIGKILL
+    half-way through writing the checkpoint of step STEP; nan: a NaN loss at step STEP;
+    wait: hold at step STEP until a stop is requested. A fault fires in the first
+    attempt only: a process restarted by torchrun (--max-restarts) runs clean.
+    """
+    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         return None
     kind, _, where = spec.partition("@")
     step, _, rank = where.partition(":")
-    if kind not in ("raise", "kill", "nan", "wait") or not step.isdigit() or (rank and not rank.isdigit()):
-        raise ValueError(f"{FAULT_VAR}={spec!r}: expected raise|kill|nan|wait@STEP[:RANK]")
+    if kind not in FAULT_KINDS or not step.isdigit() or (rank and not rank.isdigit()):
+        raise ValueError(f"{FAULT_VAR}={spec!r}: expected {'|'.join(FAULT_KINDS)}@STEP[:RANK]")
     return kind, int(step), int(rank) if rank else None
 
 
@@ -171,10 +178,17 @@ def train_step(p: Parts, micro_batches, step: int, totals: dict) -> torch.Tensor
     return bad
 
 
-def _inject_fault(p: Parts, step: int) -> None:
+def _fault_here(p: Parts, step: int, kinds) -> bool:
+    if p.fault is None:
+        return False
     kind, at, rank = p.fault
-    if step != at or (rank is not None and rank != world_info()[0]):
+    return kind in kinds and step == at and (rank is None or rank == world_info()[0])
+
+
+def _inject_fault(p: Parts, step: int) -> None:
+    if not _fault_here(p, step, ("raise", "kill", "nan", "wait")):
         return
+    kind = p.fault[0]
     if kind == "raise":
         raise RuntimeError(f"injected fault at step {step}")
     if kind == "kill":
@@ -186,7 +200,7 @@ def _inject_fault(p: Parts, step: int) -> None:
             time.sleep(0.1)
         p.fault = None
         return
-    p.fault = ("poison", step, rank)  # "nan": the loss of this step becomes NaN
+    p.fault = ("poison", step, p.fault[2])  # "nan": the loss of this step becomes NaN
 
 
 def _forward_loss(p: Parts, x, y, totals: dict):
@@ -309,6 +323,11 @@ def save_checkpoint(p: Parts, state: TrainState) -> Path | None:
         share_from_main(lambda: p.checkpoints.write_state(tmp, asdict(state)))
     else:
         share_from_main(write)
+    if _fault_here(p, state.global_step, ("killsave",)):  # a crash half-way through the write
+        weights = tmp / "model.safetensors"
+        if weights.exists():
+            os.truncate(weights, weights.stat().st_size // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
     final = share_from_main(lambda: p.checkpoints.commit(tmp, state.global_step))
     barrier()
     return final
@@ -367,7 +386,10 @@ def fit(p: Parts, state: TrainState, progress) -> TrainState:
                     state.skipped_steps += 1
                 bar.update(1)
                 boundary = state.step_in_epoch >= spe or state.global_step >= max_steps
-                if state.global_step % CONTROL_EVERY == 0 or boundary:
+                every = cfg.checkpoint.every_steps
+                checkpoint_due = bool(every) and state.global_step % every == 0 and not boundary
+                # the flags are read before anything is saved: a checkpoint never holds NaN weights
+                if state.global_step % CONTROL_EVERY == 0 or boundary or checkpoint_due:
                     if float(first_bad) >= 0:
                         bar.close()
                         raise NonFiniteError(f"loss or gradients became NaN/Inf at step {int(first_bad)} "
@@ -377,8 +399,7 @@ def fit(p: Parts, state: TrainState, progress) -> TrainState:
                         bar.close()
                         _checkpoint_mid_epoch(p, state, totals)
                         raise Preempted(stop.signalled or "STOP file")
-                every = cfg.checkpoint.every_steps
-                if every and state.global_step % every == 0 and not boundary:
+                if checkpoint_due:
                     _checkpoint_mid_epoch(p, state, totals)
                 if state.global_step >= max_steps:
                     break

@@ -33,12 +33,16 @@ def test_three_loaders_deliver_identical_pixels_on_real_cifar10(cifar_root, tmp_
                               f"data.beton_dir={tmp_path / 'beton'}", "data.workers=1"])
     train, _, _ = build_datasets(cfg)
     spec = AugmentSpec.from_config(cfg.data)
+    # FFCV sets torch's threads to its worker count (at import, in Loader() and in every
+    # iter()); FfcvLoader must put them back, or training runs on one core.
+    torch.set_num_threads(2)
     for rank in range(world):
         shard = Shard(rank, world, 128)
         loaders = {"torch": TorchLoader(train, spec, cfg.run.seed, shard, "cpu", workers=1),
                    "gpu": GpuLoader(train, spec, cfg.run.seed, shard, "cpu"),
                    "ffcv": FfcvLoader(cfg, train, spec, shard, "cpu")}
         batches = {name: _micro_batches(ld, epoch=2, start_step=1)[:4] for name, ld in loaders.items()}
+        assert torch.get_num_threads() == 2
         assert len(batches["torch"]) == 4
         for name in ("gpu", "ffcv"):
             assert len(batches[name]) == 4
@@ -79,3 +83,4 @@ def test_twenty_steps_with_each_loader_give_the_same_weights(tmp_path):
         assert diff <= 1e-6
     assert (tmp_path / "ffcv" / "model.safetensors").read_bytes() == \
         (tmp_path / "ffcv-again" / "model.safetensors").read_bytes()
+

@@ -2,6 +2,7 @@
 one `accelerate launch` per node, gloo between them."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -82,3 +83,22 @@ def test_preempted_job_checkpoints_requeues_and_ends_with_the_same_weights(clust
     assert "requeueing job" in log and "resuming from" in log
     assert summary(out)["steps"] == 50
     assert (uninterrupted / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_bench_job_on_two_nodes_leaves_its_table(cluster, tmp_path):
+    """slurm/bench.sh: the smoke model for a few steps on 2 processes (one per node)."""
+    out = tmp_path / "bench"
+    job = cluster.submit(*NODES, f"--output={tmp_path}/job-%j.out", "slurm/bench.sh",
+                         "--config", SMOKE, "--out", out, "--batch-sizes", "16",
+                         "--warmup", "1", "--steps", "2", "--repeats", "1",
+                         env=cluster.client_env(**base_env()), cwd=REPO)
+    info = cluster.wait(job, timeout=1200)
+    log = cluster.log(job)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log[-4000:]}"
+    table = (out / "bench.md").read_text()
+    assert "baseline b16" in table and table in log  # the table is printed into the job's log too
+    result = json.loads((out / "bench.json").read_text())
+    assert result["hardware"]["world_size"] == 2
+    row = next(r for r in result["rows"] if not r["baseline"])
+    assert row["images_per_s_per_device"] > 0 and 0 < row["scaling_efficiency"] < 10
+    assert (out / "bench.png").stat().st_size > 1000

@@ -28,6 +28,10 @@ def run_cli(argv: list[str], env: dict, out_path: str, err_path: str, cwd: str) 
             f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(f, fd)
             os.close(f)
+        limit = env.get("CIFAR_DIST_TEST_FSIZE")  # simulate a full disk: files cannot grow past this
+        if limit:
+            import resource
+            resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
         sys.argv = ["cifar-dist", *argv]
         try:
             code = cifar_dist.cli.main(argv)

@@ -25,10 +25,19 @@ FFCV_HELP = ("pip install 'cifar_dist[ffcv]' (FFCV builds from source and needs 
 
 
 def require_ffcv():
+    """Import FFCV, or say how to install it. Importing FFCV sets the calling thread's
+    torch threads to 1 (ffcv.pipeline.compiler, at import); the count is put back, or
+    training would run on one core and round differently from the other loaders
+    (FfcvLoader does the same after FFCV's Loader sets it again)."""
+    import torch
+
+    threads = torch.get_num_threads()
     try:
-        import ffcv  # noqa: F401
+        import ffcv.loader  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"data.loader: ffcv is not installed ({e.name or e}); {FFCV_HELP}") from None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fingerprint(data: ImageSet) -> str:

@@ -51,6 +51,7 @@ class FfcvLoader:
     name = "ffcv"
 
     def __init__(self, cfg, data: ImageSet, spec: AugmentSpec, shard: Shard, device):
+        threads = torch.get_num_threads()
         require_ffcv()
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader
@@ -71,6 +72,10 @@ class FfcvLoader:
             pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()],
                        "label": [IntDecoder(), ToTensor(), Squeeze()],
                        "index": [IntDecoder(), ToTensor(), Squeeze()]})
+        # FFCV's Loader sets torch's threads to its worker count, in __init__ and in
+        # every __iter__: training would run on that many cores (and round differently).
+        self._threads = threads
+        torch.set_num_threads(threads)
         if self._loader.reader.num_samples != self.n:
             raise DataError(f"{path}: holds {self._loader.reader.num_samples} samples, expected {self.n}")
 
@@ -79,7 +84,9 @@ class FfcvLoader:
         self._loader.next_epoch = epoch
         expected = self._order.sample_order(epoch)
         micro, pos = [], 0
-        for images, labels, index in self._loader:
+        batches = iter(self._loader)
+        torch.set_num_threads(self._threads)
+        for images, labels, index in batches:
             # FFCV recycles its output buffers: everything kept is copied.
             b = len(labels)
             want = torch.from_numpy(expected[pos:pos + b].astype(np.int64))

@@ -1,0 +1,144 @@
+"""Bad and hostile input through the real command line: one line naming the culprit,
+exit code 2, nothing of an earlier run lost, no payload ever run.
+
+Config files (malformed YAML, unknown keys, wrong types, invalid values) are in
+test_config.py, an existing run directory in test_train.py, a full disk in
+test_reliability.py.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from conftest import REPO, cli, rewind, torchrun
+from test_data import _Payload, fake_cifar
+
+SMOKE = REPO / "configs" / "smoke.yaml"
+STEPS = ["train.max_steps=30", "checkpoint.every_steps=15", "run.progress=false", "run.plots=false"]
+
+
+def _one_line(res) -> str:
+    assert res.returncode == 2, f"exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("cifar-dist: ")
+    return lines[0]
+
+
+def _snapshot(run_dir) -> dict:
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped after its step-15 checkpoint (resuming it is what the tests attack)."""
+    base = tmp_path_factory.mktemp("inputs")
+    cli("train", "--config", SMOKE, "--out", base / "full", *STEPS)
+    return rewind(base / "full", base / "stopped", step=15)
+
+
+@pytest.fixture
+def victim(stopped_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    return out
+
+
+def test_global_batch_not_divisible_by_the_world_size(tmp_path):
+    out = tmp_path / "run"
+    res = torchrun(2, "--config", SMOKE, "--out", out, "train.batch_size=65", "run.progress=false",
+                   check=False, timeout=600)
+    assert res.returncode != 0
+    for rank in (0, 1):
+        assert (f"cifar-dist: rank {rank}: train.batch_size: 65 is not divisible by 2 processes "
+                "x train.accum_steps 1") in res.stderr.splitlines(), res.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_missing_data_directory(tmp_path):
+    root = tmp_path / "nowhere"
+    line = _one_line(cli("train", "--config", SMOKE, "--out", tmp_path / "run", "data.synthetic=false",
+                         f"data.root={root}", check=False))
+    assert f"{root / 'cifar-10-batches-py'}: CIFAR-10 not found" in line
+    assert "cifar-dist prepare" in line
+
+
+def test_truncated_cifar_batch_file(tmp_path):
+    fake_cifar(tmp_path / "data")
+    batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:3000])
+    line = _one_line(cli("train", "--config", SMOKE, "--out", tmp_path / "run", "data.synthetic=false",
+                         f"data.root={tmp_path / 'data'}", check=False))
+    assert f"{batch}: truncated or corrupt CIFAR batch" in line
+
+
+def test_cifar_batch_file_with_a_pickle_code_payload(tmp_path):
+    marker = tmp_path / "pwned"
+    fake_cifar(tmp_path / "data")
+    batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_4"
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": _Payload(marker), b"labels": [1]}, f, protocol=2)
+    line = _one_line(cli("train", "--config", SMOKE, "--out", tmp_path / "run", "data.synthetic=false",
+                         f"data.root={tmp_path / 'data'}", check=False))
+    assert f"{batch}: not a CIFAR batch (refused to load global posix.system" in line
+    assert not marker.exists()
+
+
+def test_corrupt_beton(tmp_path):
+    pytest.importorskip("ffcv", reason="FFCV is not installed (pip install -e '.[ffcv]')")
+    fake_cifar(tmp_path / "data", n=64)
+    cli("prepare", "--root", tmp_path / "data", "--no-download", "--beton")
+    beton = tmp_path / "data" / "beton" / "train.beton"
+    raw = bytearray(beton.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    beton.write_bytes(bytes(raw))
+    line = _one_line(cli("train", "--config", SMOKE, "--out", tmp_path / "run", "data.loader=ffcv",
+                         "data.synthetic=false", f"data.root={tmp_path / 'data'}", check=False))
+    assert f"{beton}: corrupt .beton (sha256 differs from the manifest)" in line
+
+
+def test_checkpoint_of_another_model_shape(victim):
+    before = _snapshot(victim)
+    ckpt = victim / "checkpoints" / "step_00000015"
+    from safetensors.torch import save_file
+
+    from cifar_dist.config import load_config
+    from cifar_dist.models import build_model
+    other = build_model(load_config(SMOKE, ["model.widths=[8,16,48]"]).model)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(ckpt / "model.safetensors"))
+    before[ckpt.relative_to(victim) / "model.safetensors"] = (ckpt / "model.safetensors").read_bytes()
+    line = _one_line(cli("train", "--config", SMOKE, "--out", victim, "--resume", *STEPS, check=False))
+    assert f"{ckpt / 'model.safetensors'}: " in line and "has shape" in line and "this model needs" in line
+    assert _snapshot(victim) == before
+
+
+def test_checkpoint_with_a_pickle_code_payload(victim, tmp_path):
+    marker = tmp_path / "pwned"
+    optimizer_pt = victim / "checkpoints" / "step_00000015" / "optimizer.pt"
+    torch.save({"state": {}, "param_groups": [], "x": _Payload(marker)}, optimizer_pt)
+    before = _snapshot(victim)
+    line = _one_line(cli("train", "--config", SMOKE, "--out", victim, "--resume", *STEPS, check=False))
+    assert f"{optimizer_pt}: refused to load" in line and "nothing in it was executed" in line
+    assert not marker.exists()
+    assert _snapshot(victim) == before
+
+
+def test_two_runs_on_one_run_directory(victim):
+    before = _snapshot(victim)
+    fd = os.open(victim / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the first run holds while it trains
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        line = _one_line(cli("train", "--config", SMOKE, "--out", victim, "--resume", *STEPS, check=False))
+    finally:
+        os.close(fd)
+    assert line == f"cifar-dist: {victim}: run directory is in use by pid {os.getpid()}; wait for it or choose another --out"
+    assert _snapshot(victim) == before
+
