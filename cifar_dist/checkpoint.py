@@ -45,12 +45,20 @@ def state_dict_of(model: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
+def _save_safetensors(state: dict, path: Path) -> None:
+    """safetensors' save_file, with its I/O failures (disk full, file too large) as OSError."""
+    try:
+        save_file(state, str(path))
+    except SafetensorError as e:
+        raise OSError(str(e).replace("Error while serializing: ", "")) from None
+
+
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Write ``model.safetensors`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
-        save_file(state_dict_of(model), str(tmp))
+        _save_safetensors(state_dict_of(model), tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except OSError as e:
@@ -132,8 +140,11 @@ class CheckpointWriter:
 
     def write_local(self, tmp: Path, model, optimizer, state: dict) -> None:
         """Model, optimizer and state of a single-process or DDP run into ``tmp``."""
-        save_file(state_dict_of(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _save_safetensors(state_dict_of(model), tmp / "model.safetensors")
+        try:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        except RuntimeError as e:  # torch's zip writer reports a failed write this way
+            raise OSError(f"optimizer.pt: {str(e).strip().splitlines()[0][:200]}") from None
         self.write_state(tmp, state)
 
     @staticmethod

@@ -24,7 +24,7 @@ from cifar_dist.optim import lr_at, set_lr, smoothed_cross_entropy
 
 CONTROL_EVERY = 10  # steps between host reads of the stop / non-finite flags
 FAULT_VAR = "CIFAR_DIST_TEST_FAULT"  # tests inject faults: KIND@STEP[:RANK] (see parse_fault)
-FAULT_KINDS = ("raise", "kill", "killsave", "nan", "wait")
+FAULT_KINDS = ("raise", "kill", "killsave", "nan", "overflow", "wait")
 
 
 def parse_fault(spec: str | None) -> tuple[str, int, int | None] | None:
@@ -32,6 +32,7 @@ def parse_fault(spec: str | None) -> tuple[str, int, int | None] | None:
 
     raise: an exception at step STEP; kill: SIGKILL before step STEP; killsave: SIGKILL
     half-way through writing the checkpoint of step STEP; nan: a NaN loss at step STEP;
+    overflow: a finite loss whose gradients overflow (what fp16 loss scaling absorbs);
     wait: hold at step STEP until a stop is requested. A fault fires in the first
     attempt only: a process restarted by torchrun (--max-restarts) runs clean.
     """
@@ -173,7 +174,7 @@ def train_step(p: Parts, micro_batches, step: int, totals: dict) -> torch.Tensor
             bad = bad + (~torch.isfinite(norm)).float()
     p.precision.step(p.optimizer)
     p.optimizer.zero_grad(set_to_none=True)
-    if p.fault is not None and p.fault[0] == "poison":
+    if p.fault is not None and p.fault[0].startswith("active-"):
         p.fault = None
     return bad
 
@@ -186,7 +187,7 @@ def _fault_here(p: Parts, step: int, kinds) -> bool:
 
 
 def _inject_fault(p: Parts, step: int) -> None:
-    if not _fault_here(p, step, ("raise", "kill", "nan", "wait")):
+    if not _fault_here(p, step, ("raise", "kill", "nan", "overflow", "wait")):
         return
     kind = p.fault[0]
     if kind == "raise":
@@ -200,7 +201,7 @@ def _inject_fault(p: Parts, step: int) -> None:
             time.sleep(0.1)
         p.fault = None
         return
-    p.fault = ("poison", step, p.fault[2])  # "nan": the loss of this step becomes NaN
+    p.fault = ("active-" + kind, step, p.fault[2])  # nan, overflow: this step's loss is altered
 
 
 def _forward_loss(p: Parts, x, y, totals: dict):
@@ -209,13 +210,17 @@ def _forward_loss(p: Parts, x, y, totals: dict):
     with p.precision.autocast():
         logits = p.train_model(x)
     loss = smoothed_cross_entropy(logits, y, cfg.train.label_smoothing, cfg.train.smoothing_form)
-    if p.fault is not None and p.fault[0] == "poison":
+    fault = p.fault[0] if p.fault is not None else None
+    if fault == "active-nan":
         loss = loss * float("nan")
     with torch.no_grad():
         totals["loss"] += loss.detach().float() * y.numel()
         totals["correct"] += (logits.detach().argmax(1) == y).sum()
         totals["count"] += y.numel()
-    return loss, (~torch.isfinite(loss.detach())).float()
+    nonfinite = (~torch.isfinite(loss.detach())).float()
+    if fault == "active-overflow":  # after the loss was counted: only the gradients overflow
+        loss = loss * 1e30
+    return loss, nonfinite
 
 
 def _backward_ddp(p: Parts, micro_batches, totals: dict) -> torch.Tensor:

@@ -52,7 +52,8 @@ def victim(stopped_run, tmp_path):
 
 def test_global_batch_not_divisible_by_the_world_size(tmp_path):
     out = tmp_path / "run"
-    res = torchrun(2, "--config", SMOKE, "--out", out, "train.batch_size=65", "run.progress=false",
+    res = torchrun(2, "--config", SMOKE, "--out", out, "train.batch_size=65",
+                   "train.exact_reduce=false", "run.progress=false",
                    check=False, timeout=600)
     assert res.returncode != 0
     for rank in (0, 1):
@@ -92,14 +93,17 @@ def test_cifar_batch_file_with_a_pickle_code_payload(tmp_path):
 
 def test_corrupt_beton(tmp_path):
     pytest.importorskip("ffcv", reason="FFCV is not installed (pip install -e '.[ffcv]')")
+    from cifar_dist.config import load_config
+    from cifar_dist.data import build_datasets
+    from cifar_dist.data.beton import ensure_beton
+
+    args = [f"data.root={tmp_path / 'data'}", "data.synthetic=false", "data.loader=ffcv"]
     fake_cifar(tmp_path / "data", n=64)
-    cli("prepare", "--root", tmp_path / "data", "--no-download", "--beton")
-    beton = tmp_path / "data" / "beton" / "train.beton"
+    beton, _ = ensure_beton(build_datasets(load_config(SMOKE, args))[0], tmp_path / "data" / "beton", "train", 1)
     raw = bytearray(beton.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     beton.write_bytes(bytes(raw))
-    line = _one_line(cli("train", "--config", SMOKE, "--out", tmp_path / "run", "data.loader=ffcv",
-                         "data.synthetic=false", f"data.root={tmp_path / 'data'}", check=False))
+    line = _one_line(cli("train", "--config", SMOKE, "--out", tmp_path / "run", *args, check=False))
     assert f"{beton}: corrupt .beton (sha256 differs from the manifest)" in line
 
 

@@ -28,6 +28,9 @@ def run_cli(argv: list[str], env: dict, out_path: str, err_path: str, cwd: str) 
             f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(f, fd)
             os.close(f)
+        if env.get("PYTHONWARNINGS") == "ignore":  # what a fresh interpreter does with that variable
+            import warnings
+            warnings.simplefilter("ignore")
         limit = env.get("CIFAR_DIST_TEST_FSIZE")  # simulate a full disk: files cannot grow past this
         if limit:
             import resource
