@@ -63,6 +63,8 @@ def make_accelerator(cfg, timeout_s: int = 600):
     kwargs = dict(mixed_precision="no", kwargs_handlers=handlers)
     if using_deepspeed():
         kwargs["mixed_precision"] = _PRECISION[cfg.run.precision]
+        if not has_accelerator():
+            _skip_shm_comm_build()  # before anything starts DeepSpeed's communication backend
         if not has_accelerator() and launcher_world_size() > 1:
             # DeepSpeed checks the batch size against the world size when it is
             # built, so the (gloo) process group must exist first.
@@ -99,6 +101,16 @@ def _skip_transformers_weakref() -> None:
 
     set_deepspeed_weakref._cifar_dist_skip = True
     DeepSpeedPlugin.set_deepspeed_weakref = set_deepspeed_weakref
+
+
+def _skip_shm_comm_build() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles a C++ shared-memory
+    all-reduce (deepspeed_shm_comm) in every fresh environment: minutes on a small
+    machine (it pushed a test past 15 minutes on 2 busy cores), and a compiler
+    requirement. gloo does the same reductions, so the op is declared unavailable."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def configure_deepspeed(accelerator, shard, cfg) -> None:
