@@ -75,9 +75,37 @@ def make_accelerator(cfg, timeout_s: int = 600):
     else:
         # Without cpu=True, CPU processes started by torchrun each become rank 0 of 1.
         kwargs["cpu"] = not has_accelerator()
+    init_restarted_process_group(timedelta(seconds=timeout_s))
     accelerator = Accelerator(**kwargs)
     check_world(accelerator.num_processes)
     return accelerator
+
+
+def init_restarted_process_group(timeout: timedelta) -> bool:
+    """Form the process group of a torchrun restart in a key space of its own.
+
+    torchrun's default (static) rendezvous keeps one TCPStore for the whole job,
+    and since PyTorch 2.4 the workers no longer prefix their keys with the
+    attempt (torch/distributed/rendezvous.py assumes a new store per retry). A
+    restarted rank can then read the address that a dead rank of the previous
+    attempt published and try to connect to it: gloo fails after its retries or
+    waits, depending on who comes first (NCCL's unique id is exchanged the same
+    way). Under ``--max-restarts`` the restarted ranks build the group here, on
+    the same store, with the attempt as a prefix; Accelerate then uses that group.
+    Returns whether it did.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not attempt.isdigit()
+            or int(attempt) == 0 or launcher_world_size() < 2 or dist.is_initialized()):
+        return False
+    world = launcher_world_size()
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)
+    backend = "gloo" if not has_accelerator() else dist.get_default_backend_for_device(
+        torch.accelerator.current_accelerator())
+    dist.init_process_group(backend, store=dist.PrefixStore(f"cifar_dist/attempt_{attempt}/", store),
+                            rank=env_rank(), world_size=world, timeout=timeout)
+    return True
 
 
 def _skip_transformers_weakref() -> None:

@@ -103,6 +103,23 @@ def test_torchrun_max_restarts_resumes_and_finishes_with_the_same_weights(refere
     assert max_diff(load_weights(reference), load_weights(out)) == 0
 
 
+def test_a_torchrun_restart_never_reads_the_previous_attempts_addresses(tmp_path):
+    """The race behind a restarted job that hung in gloo's set-up, made certain: in the
+    restarted attempt rank 1 comes 3 s late (tests/restart_probe.py), so rank 0 looks up its
+    peer's address first. Without cifar_dist's per-attempt key space it finds the dead
+    rank's and never connects (the probe then runs into this test's timeout)."""
+    cmd = [BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), "--max-restarts", 1,
+           "--monitor-interval", "0.5", REPO / "tests" / "restart_probe.py"]
+    try:
+        res = subprocess.run([str(c) for c in cmd], cwd=tmp_path, env=base_env(), text=True,
+                             capture_output=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the restarted ranks never formed their group: {e.stdout}\n{e.stderr}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"attempt 1 rank {rank}: group of 2 formed" in res.stdout, res.stdout
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     res = cli("train", "--config", SMOKE, "--out", out, *STEPS, env=base_env(CIFAR_DIST_TEST_FAULT="nan@21"),
