@@ -1,5 +1,6 @@
 # Quick start:  make train   (set up, get CIFAR-10, train the paper's model)
-#               make test    (set up, run the whole test suite)
+#               make test    (set up, lint, run the whole test suite: what CI runs)
+#               make check   (lint and the fast tier, in-process only: after every edit)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= $(or $(CIFAR_DIST_DATA),$(HOME)/.cache/cifar_dist)
@@ -8,7 +9,7 @@ CONFIG ?= configs/seed.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup data train test bench clean
+.PHONY: setup data train lint check test bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -22,7 +23,14 @@ data: setup
 train: data
 	CIFAR_DIST_DATA="$(DATA)" $(VENV)/bin/cifar-dist train --config $(CONFIG) $(ARGS)
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# The fast tier: no test marked slow, and nothing that starts a process (conftest refuses).
+check: lint
+	CIFAR_DIST_TIER=check $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup

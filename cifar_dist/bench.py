@@ -18,12 +18,12 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # `accelerate launch cifar_dist/bench.py`
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+import argparse
+import copy
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -287,8 +287,7 @@ def bench_loaders(base, data, args, workers, device) -> list[dict]:
             cfg = _row_config(base, Row(False, "fp32", False, args.batch_sizes[0], loader, w), 1)
             shard = Shard(0, 1, cfg.train.batch_size)
             ld = build_train_loader(cfg, data, shard, device)
-            stream = _forever(ld)
-            timing = time_steps(lambda b: None, lambda: next(stream), Clock(device),
+            timing = time_steps(lambda b: None, _forever(ld).__next__, Clock(device),
                                 args.warmup, args.steps, args.repeats)
             fig = _figures(timing, args.steps, cfg.train.batch_size, 1, 0.0)
             rows.append({"label": f"{loader} w{w}" if loader in ("torch", "ffcv") else loader,

@@ -40,11 +40,13 @@ class DataConfig:
     synthetic_train: int = _f(4096, "synthetic training images", min=1)
     synthetic_test: int = _f(1024, "synthetic test images", min=1)
     subset: int = _f(0, "use only the first N training images (0 = all)", min=0)
-    val_split: int = _f(0, "hold out the last N training images for validation (0 = evaluate the test set, as the paper did)", min=0)
+    val_split: int = _f(0, "hold out the last N training images for validation "
+                           "(0 = evaluate the test set, as the paper did)", min=0)
     crop_padding: int = _f(4, "random crop with this zero padding, in pixels (0 = off)", min=0)
     flip: bool = _f(True, "random horizontal flip")
     cutout: int = _f(0, "side of the random cutout square, in pixels (0 = off)", min=0)
-    color_jitter: float = _f(0.0, "brightness/contrast/saturation/hue jitter strength, as torchvision's ColorJitter(x, x, x, x) (0 = off)", min=0, max=0.5)
+    color_jitter: float = _f(0.0, "brightness/contrast/saturation/hue jitter strength, "
+                                  "as torchvision's ColorJitter(x, x, x, x) (0 = off)", min=0, max=0.5)
     rotation: float = _f(0.0, "random rotation range, in degrees (0 = off)", min=0, max=180)
     mean: list = _f(list(CIFAR_MEAN), "per-channel normalization mean, in [0, 1] units")
     std: list = _f(list(CIFAR_STD), "per-channel normalization std, in [0, 1] units")
@@ -56,7 +58,8 @@ class ModelConfig:
     name: str = _f("seed_resnet", "architecture", choices=("seed_resnet", "resnet9", "resnet18"))
     widths: list = _f([66, 132, 264], "seed_resnet: channels of each stage")
     blocks: list = _f([3, 4, 3], "seed_resnet: BasicBlocks in each stage")
-    bn_group: int = _f(0, "BatchNorm normalizes over groups of this many samples (0 = the whole per-process micro-batch, classic BN; >0 makes results independent of the process count)", min=0)
+    bn_group: int = _f(0, "BatchNorm normalizes over groups of this many samples (0 = the whole per-process "
+                          "micro-batch, classic BN; >0 makes results independent of the process count)", min=0)
     bn_momentum: float = _f(0.1, "BatchNorm running-statistics momentum", min=0, max=1)
     sync_bn: bool = _f(False, "SyncBatchNorm across processes (GPU only)")
 
@@ -84,7 +87,8 @@ class TrainConfig:
     smoothing_form: str = _f("paper", "paper: eps/(K-1) on each wrong class; torch: eps/K on every class",
                              choices=("paper", "torch"))
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 = off)", min=0)
-    exact_reduce: bool = _f(False, "sum gradients of model.bn_group-sized chunks in a fixed tree: bitwise the same weights for any power-of-two process count (slower)")
+    exact_reduce: bool = _f(False, "sum gradients of model.bn_group-sized chunks in a fixed tree: bitwise the "
+                                   "same weights for any power-of-two process count (slower)")
 
 
 @dataclass
@@ -152,8 +156,8 @@ def reference_markdown() -> str:
             meaning = f.metadata["help"]
             if f.metadata.get("choices"):
                 meaning += " (" + " / ".join(f.metadata["choices"]) + ")"
-            out.append(f"| `{section}.{f.name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | "
-                       f"{meaning.replace('|', '/')} |")
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            out.append(f"| `{section}.{f.name}` | `{shown}` | {meaning.replace('|', '/')} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -19,13 +19,13 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # `python cifar_dist/train.py`
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
+import argparse
+import json
+import os
+import time
+import warnings
 
-from cifar_dist.errors import EnvironmentFault, TrainingFault, UserError, fail, rank_prefix  # noqa: E402
+from cifar_dist.errors import EnvironmentFault, TrainingFault, UserError, fail, rank_prefix
 
 
 def add_train_arguments(ap: argparse.ArgumentParser) -> None:
@@ -69,15 +69,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from cifar_dist import engine, report
-    from cifar_dist.checkpoint import (CheckpointWriter, load_optimizer_state, load_weights, read_state,
-                                       save_weights)
-    from cifar_dist.data import Shard, build_datasets, build_train_loader
-    from cifar_dist.distributed import barrier, configure_deepspeed, make_accelerator, print0, share_from_main, world_info
+    from cifar_dist.checkpoint import save_weights
+    from cifar_dist.distributed import barrier, make_accelerator, print0, share_from_main, world_info
     from cifar_dist.metrics import MetricsLog
-    from cifar_dist.models import build_model, count_parameters
-    from cifar_dist.optim import build_optimizer
-    from cifar_dist.precision import Precision
-    from cifar_dist.repro import device_name, git_sha, seed_everything, set_determinism, versions
+    from cifar_dist.models import count_parameters
+    from cifar_dist.repro import device_name, git_sha, set_determinism, versions
     from cifar_dist.rundir import RunDir, default_run_dir
 
     if args.out:
@@ -89,14 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     accelerator = make_accelerator(cfg)
     rank, world = world_info()
-    shard = Shard(rank, world, cfg.train.batch_size, cfg.train.accum_steps)
-    if cfg.model.bn_group and shard.micro % cfg.model.bn_group:
-        raise UserError(f"model.bn_group: {cfg.model.bn_group} does not divide the micro-batch of "
-                        f"{shard.micro} images (train.batch_size {cfg.train.batch_size} / {world} "
-                        f"processes / train.accum_steps {cfg.train.accum_steps})")
-    if accelerator.distributed_type.value == "DEEPSPEED":
-        configure_deepspeed(accelerator, shard, cfg)
-    train_set, eval_set, eval_name = build_datasets(cfg)
+    shard, train_set, eval_set, eval_name = build_data(cfg, accelerator)
 
     run_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
     if run_dir is None:  # every rank must agree on the generated name
@@ -106,26 +95,12 @@ def run(args: argparse.Namespace) -> int:
     ckpt = share_from_main(lambda: rundir.open(cfg.to_dict(), args.resume, args.overwrite))
     barrier()
 
-    seed_everything(cfg.run.seed)
-    model = build_model(cfg.model)
-    model, compiled, wrapped, optimizer = engine.prepare_model(cfg, accelerator, model, build_optimizer)
-    loader = build_train_loader(cfg, train_set, shard, accelerator.device)
-    writer = CheckpointWriter(run_dir, cfg.checkpoint.keep)
-    parts = engine.Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=wrapped,
-                         eval_model=compiled, optimizer=optimizer, loader=loader, eval_set=eval_set,
-                         shard=shard, run_dir=run_dir, checkpoints=writer, stop_file=run_dir / "STOP",
-                         fault=engine.parse_fault(os.environ.get(engine.FAULT_VAR)))
-    parts.precision = Precision(cfg.run.precision, accelerator.device,
-                                accelerator if parts.deepspeed else None)
+    parts = build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir,
+                        fault=engine.parse_fault(os.environ.get(engine.FAULT_VAR)))
+    model = parts.model
     state = engine.TrainState()
     if ckpt is not None:
-        state = engine.TrainState(**read_state(ckpt))
-        if parts.deepspeed:
-            accelerator.load_state(str(ckpt))
-        else:
-            load_weights(ckpt / "model.safetensors", model)
-            optimizer.load_state_dict(load_optimizer_state(ckpt / "optimizer.pt"))
-        parts.precision.load_state_dict(state.scaler)
+        state = restore(parts, ckpt)
         print0(f"resuming from {ckpt} (epoch {state.epoch + 1}, step {state.global_step})")
     elif args.resume:
         print0(f"{run_dir}: no checkpoint yet, starting from the beginning")
@@ -134,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         save_config(cfg, run_dir / "config.yaml")
         parts.metrics = MetricsLog(run_dir, cfg.run.tensorboard, state.history)
         (run_dir / "STOP").unlink(missing_ok=True)
-    spe = loader.steps_per_epoch
+    spe = parts.loader.steps_per_epoch
     print0(f"{cfg.name}: {cfg.model.name} ({count_parameters(model):,} parameters) on {world} x "
            f"{accelerator.device.type} [{accelerator.distributed_type.value}], {cfg.run.precision}"
            f"{', compiled' if cfg.run.compile else ''}{', channels_last' if cfg.run.channels_last else ''}")
@@ -167,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
             "compiled_graphs": engine.graph_count() if cfg.run.compile else None,
             "recompiles_after_warmup": (engine.graph_count() - parts.graphs_after_warmup
                                         if cfg.run.compile and parts.graphs_after_warmup is not None else None),
-            "precision": cfg.run.precision, "seed": cfg.run.seed, "config": cfg.name, "git_sha": git_sha(), "versions": versions(),
+            "precision": cfg.run.precision, "seed": cfg.run.seed, "config": cfg.name, "git_sha": git_sha(),
+            "versions": versions(),
             "device": device_name(accelerator.device),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -182,6 +158,63 @@ def run(args: argparse.Namespace) -> int:
     rundir.close()
     accelerator.end_training()
     return 0
+
+
+def build_data(cfg, accelerator):
+    """This process's share of the global batch and the datasets: (shard, train, eval, eval name)."""
+    from cifar_dist.data import Shard, build_datasets
+    from cifar_dist.distributed import configure_deepspeed, world_info
+
+    rank, world = world_info()
+    shard = Shard(rank, world, cfg.train.batch_size, cfg.train.accum_steps)
+    if cfg.model.bn_group and shard.micro % cfg.model.bn_group:
+        raise UserError(f"model.bn_group: {cfg.model.bn_group} does not divide the micro-batch of "
+                        f"{shard.micro} images (train.batch_size {cfg.train.batch_size} / {world} "
+                        f"processes / train.accum_steps {cfg.train.accum_steps})")
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        configure_deepspeed(accelerator, shard, cfg)
+    train_set, eval_set, eval_name = build_datasets(cfg)
+    return shard, train_set, eval_set, eval_name
+
+
+def build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir: Path, fault=None):
+    """Everything ``engine.fit`` needs: the seeded model, prepared for training, its
+    optimizer, the loader, the checkpoint writer and the precision policy."""
+    from cifar_dist import engine
+    from cifar_dist.checkpoint import CheckpointWriter
+    from cifar_dist.data import build_train_loader
+    from cifar_dist.models import build_model
+    from cifar_dist.optim import build_optimizer
+    from cifar_dist.precision import Precision
+    from cifar_dist.repro import seed_everything
+
+    seed_everything(cfg.run.seed)
+    model = build_model(cfg.model)
+    model, compiled, wrapped, optimizer = engine.prepare_model(cfg, accelerator, model, build_optimizer)
+    loader = build_train_loader(cfg, train_set, shard, accelerator.device)
+    parts = engine.Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=wrapped,
+                         eval_model=compiled, optimizer=optimizer, loader=loader, eval_set=eval_set,
+                         shard=shard, run_dir=run_dir,
+                         checkpoints=CheckpointWriter(run_dir, cfg.checkpoint.keep),
+                         stop_file=run_dir / "STOP", fault=fault)
+    parts.precision = Precision(cfg.run.precision, accelerator.device,
+                                accelerator if parts.deepspeed else None)
+    return parts
+
+
+def restore(parts, ckpt: Path):
+    """Load checkpoint ``ckpt`` into ``parts``; returns the TrainState it holds."""
+    from cifar_dist import engine
+    from cifar_dist.checkpoint import load_optimizer_state, load_weights, read_state
+
+    state = engine.TrainState(**read_state(ckpt))
+    if parts.deepspeed:
+        parts.accelerator.load_state(str(ckpt))
+    else:
+        load_weights(ckpt / "model.safetensors", parts.model)
+        parts.optimizer.load_state_dict(load_optimizer_state(ckpt / "optimizer.pt"))
+    parts.precision.load_state_dict(state.scaler)
+    return state
 
 
 def _after_preemption(run_dir: Path, rank: int) -> None:

@@ -1,11 +1,21 @@
-"""Shared fixtures: the real CIFAR-10 copy, subprocess runners, free ports."""
+"""Shared fixtures: the real CIFAR-10 copy, subprocess runners, shared reference runs,
+free ports, and the suite's time budget.
+
+Two tiers (see the Makefile): `make check` runs the tests not marked ``slow``, in this
+process (CIFAR_DIST_TIER=check makes every helper that starts a process refuse);
+`make test` runs everything.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,19 +40,45 @@ def base_env(**extra) -> dict:
     return env
 
 
-def run(cmd, timeout=900, env=None, check=True, cwd=REPO):
-    """Run a command; on failure show its output."""
-    res = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or base_env(), timeout=timeout,
-                         capture_output=True, text=True)
+CHECK_TIER = os.environ.get("CIFAR_DIST_TIER") == "check"
+
+
+def _refuse_in_check_tier(what: str) -> None:
+    if CHECK_TIER:
+        raise RuntimeError(f"the check tier (make check) starts no process, but this test runs {what}: "
+                           "mark it @pytest.mark.slow or drive the code in this process")
+
+
+def run(cmd, timeout=600, env=None, check=True, cwd=REPO):
+    """Run a command; on failure show its output. It runs in a process group of its own,
+    killed whole on a timeout or an interrupt (a launcher's workers are not left behind)."""
+    cmd = [str(c) for c in cmd]
+    _refuse_in_check_tier(" ".join(cmd[:3]))
+    with subprocess.Popen(cmd, cwd=cwd, env=env or base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException:
+            kill_group(proc)
+            raise
+    res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {res.returncode}\n"
                              f"--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-6000:]}")
     return res
 
 
-def cli(*args, timeout=900, env=None, check=True, cwd=REPO):
+def kill_group(proc) -> None:
+    """SIGKILL ``proc`` and every process of its group (started with start_new_session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def cli(*args, timeout=600, env=None, check=True, cwd=REPO):
     """`cifar-dist ARGS` in a process of its own, forked from a warm forkserver (tests/warm.py).
     CIFAR_DIST_TEST_COLD=1 starts every command from scratch instead."""
+    _refuse_in_check_tier(f"cifar-dist {args[0] if args else ''}")
     if os.environ.get("CIFAR_DIST_TEST_COLD") == "1":
         return run([BIN / "cifar-dist", *args], timeout=timeout, env=env, check=check, cwd=cwd)
     import tempfile
@@ -52,10 +88,15 @@ def cli(*args, timeout=900, env=None, check=True, cwd=REPO):
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         proc = _warm().Process(target=_warm_run, args=(argv, env or base_env(), str(out), str(err), str(cwd)))
         proc.start()
-        proc.join(timeout)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
+        finished = False
+        try:
+            proc.join(timeout)
+            finished = proc.exitcode is not None
+        finally:
+            if not finished:  # a timeout, or the test's own time limit interrupted the wait
+                proc.kill()
+                proc.join()
+        if not finished:
             raise subprocess.TimeoutExpired(["cifar-dist", *argv], timeout)
         res = subprocess.CompletedProcess(["cifar-dist", *argv], proc.exitcode,
                                           out.read_text(errors="replace"), err.read_text(errors="replace"))
@@ -63,6 +104,21 @@ def cli(*args, timeout=900, env=None, check=True, cwd=REPO):
         raise AssertionError(f"cifar-dist {' '.join(argv)} exited {res.returncode}\n"
                              f"--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-6000:]}")
     return res
+
+
+def cli_here(*args) -> subprocess.CompletedProcess:
+    """`cifar-dist ARGS` in this process, for commands that end before any training (bad
+    input, `config`, `summary`): the same ``main``, its exit code, stdout and stderr."""
+    from cifar_dist.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(["cifar-dist", *argv], code or 0, out.getvalue(), err.getvalue())
 
 
 _WARM = None
@@ -117,6 +173,22 @@ def summary(run_dir) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
+SMOKE = REPO / "configs" / "smoke.yaml"
+# The reference run of the end-to-end tests: 48 smoke steps on 2,048 synthetic images
+# (32 steps per epoch, so it crosses into epoch 2), checkpoints at 12, 24, 32, 36 and 48.
+# Multi-process, Slurm, resumed and killed runs all compare their weights with it.
+REF_ARGS = ["--config", SMOKE, "data.synthetic_train=2048", "train.max_steps=48", "checkpoint.every_steps=12",
+            "checkpoint.keep=10", "run.progress=false", "run.plots=false"]
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Path:
+    """The run directory of REF_ARGS with one process, trained once per session."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    cli("train", "--out", out, *REF_ARGS)
+    return out
+
+
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
     """The real CIFAR-10 (this workplace's JPEG-rebuilt copy), built once into .cache/."""
@@ -149,3 +221,24 @@ def rewind(src, dst, step: int) -> Path:
     for name in ("model.safetensors", "summary.json", "confusion_matrix.json"):
         (dst / name).unlink(missing_ok=True)
     return dst
+
+
+# The time budgets, printed after every run: CI stops a run at 90 minutes and lands nothing,
+# so the full suite stays under 30 minutes on a slow 2-core day; the check tier under 3.
+BUDGET_S, TIER = (3 * 60, "check tier") if CHECK_TIER else (30 * 60, "full suite")
+_STARTED = time.time()
+
+
+def pytest_terminal_summary(terminalreporter):
+    per_test: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if getattr(rep, "when", None) in ("setup", "call", "teardown"):
+                per_test[rep.nodeid] = per_test.get(rep.nodeid, 0.0) + rep.duration
+    wall = time.time() - _STARTED
+    tr = terminalreporter
+    tr.section("time budget")
+    tr.write_line(f"{len(per_test)} tests in {wall / 60:.1f} min wall "
+                  f"({100 * wall / BUDGET_S:.0f}% of the {BUDGET_S // 60}-minute budget of the {TIER})")
+    for nodeid, seconds in sorted(per_test.items(), key=lambda kv: -kv[1])[:10]:
+        tr.write_line(f"{seconds:8.1f} s  {nodeid}")

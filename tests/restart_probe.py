@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cifar_dist.config import load_config  # noqa: E402
-from cifar_dist.distributed import all_reduce_sum, make_accelerator, world_info  # noqa: E402
+from cifar_dist.config import load_config
+from cifar_dist.distributed import all_reduce_sum, make_accelerator, world_info
 
 attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
 rank = int(os.environ["RANK"])

@@ -108,7 +108,7 @@ class SlurmCluster:
         self._logs = []
 
     # -- life cycle -------------------------------------------------------------------------
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         self.start()
         return self
 
@@ -140,11 +140,11 @@ class SlurmCluster:
 
     def stop(self) -> None:
         """Stop this cluster's daemons (and only them), newest first, by pid."""
-        for name, proc in reversed(self._procs):
+        for _name, proc in reversed(self._procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.time() + 15
-        for name, proc in reversed(self._procs):
+        for _name, proc in reversed(self._procs):
             try:
                 proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:

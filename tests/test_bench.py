@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from conftest import REPO, cli
+
+pytestmark = pytest.mark.slow
 
 FIELDS = ("images_per_s", "images_per_s_per_device", "step_time_median_s", "step_time_p90_s",
           "flops_per_image", "achieved_flops_per_device", "peak_flops", "mfu", "speedup_vs_baseline",

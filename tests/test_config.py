@@ -6,7 +6,8 @@ import yaml
 
 from cifar_dist.config import Config, iter_fields, load_config
 from cifar_dist.errors import ConfigError
-from conftest import REPO, cli
+
+from conftest import REPO, cli_here
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -92,7 +93,7 @@ def test_bad_config_file_exits_2_with_one_line(tmp_path, case):
     text, fragment = BAD_FILES[case]
     path = write(tmp_path, text, f"{case}.yaml")
     out = tmp_path / "run"
-    res = cli("train", "--config", path, "--out", out, check=False, timeout=120)
+    res = cli_here("train", "--config", path, "--out", out)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
@@ -101,13 +102,14 @@ def test_bad_config_file_exits_2_with_one_line(tmp_path, case):
 
 
 def test_missing_config_file_exits_2(tmp_path):
-    res = cli("train", "--config", tmp_path / "nope.yaml", check=False, timeout=120)
+    res = cli_here("train", "--config", tmp_path / "nope.yaml")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"cifar-dist: {tmp_path / 'nope.yaml'}: config file not found"]
 
 
 def test_config_command_prints_the_resolved_config():
-    res = cli("config", "--config", REPO / "configs" / "smoke.yaml", "train.lr=0.3", timeout=120)
+    res = cli_here("config", "--config", REPO / "configs" / "smoke.yaml", "train.lr=0.3")
+    assert res.returncode == 0, res.stderr
     resolved = yaml.safe_load(res.stdout)
     assert resolved["train"]["lr"] == 0.3 and resolved["model"]["widths"] == [8, 16, 32]
 

@@ -9,21 +9,33 @@ import sys
 
 import pytest
 
-from conftest import REPO, accelerate_launch, base_env, cli, load_weights, max_diff, rewind, summary, torchrun
+from conftest import (
+    REF_ARGS,
+    REPO,
+    SMOKE,
+    accelerate_launch,
+    base_env,
+    cli,
+    load_weights,
+    max_diff,
+    rewind,
+    summary,
+    torchrun,
+)
 
-SMOKE = REPO / "configs" / "smoke.yaml"
-# A checkpoint at step 25 lets the resume tests restart from it (see conftest.rewind).
-STEPS = ["train.max_steps=50", "checkpoint.every_steps=25", "run.progress=false", "run.plots=false"]
+# The shared reference run's settings (conftest.REF_ARGS): 48 steps, checkpoints at 12, 24,
+# 32, 36 and 48; the resume tests restart from 36, in epoch 2 (see conftest.rewind).
+STEPS = REF_ARGS[2:]
 TOL = 1e-4  # the acceptance bound; exact_reduce makes the measured difference 0
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """50 smoke steps with 1 process (python), 2 (torchrun) and 4 (accelerate launch)."""
+def runs(tmp_path_factory, reference):
+    """The reference run with 1 process (python), 2 (torchrun) and 4 (accelerate launch)."""
     base = tmp_path_factory.mktemp("invariance")
-    cli("train", "--config", SMOKE, "--out", base / "p1", *STEPS)
+    (base / "p1").symlink_to(reference)
     torchrun(2, "--config", SMOKE, "--out", base / "p2", *STEPS)
     accelerate_launch("cpu.yaml", 4, "--config", SMOKE, "--out", base / "p4", *STEPS)
     return base
@@ -37,7 +49,7 @@ def test_weights_and_accuracy_do_not_depend_on_the_process_count(runs):
         assert diff <= TOL
         assert summary(runs / other)["test_acc"] == summary(runs / "p1")["test_acc"]
         assert summary(runs / other)["world_size"] == int(other[1:])
-        assert summary(runs / other)["steps"] == 50
+        assert summary(runs / other)["steps"] == 48
 
 
 def test_gradient_accumulation_matches_more_processes(runs, tmp_path):
@@ -48,16 +60,16 @@ def test_gradient_accumulation_matches_more_processes(runs, tmp_path):
 
 
 def test_two_process_run_stopped_and_resumed_matches_uninterrupted(runs, tmp_path):
-    out = rewind(runs / "p2", tmp_path / "resumed", step=25)
+    out = rewind(runs / "p2", tmp_path / "resumed", step=36)
     res = torchrun(2, "--config", SMOKE, "--out", out, "--resume", *STEPS)
-    assert "resuming from" in res.stdout and "step 25" in res.stdout
-    assert summary(out)["steps"] == 50
+    assert "resuming from" in res.stdout and "step 36" in res.stdout
+    assert summary(out)["steps"] == 48
     assert (runs / "p2" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 @pytest.fixture(scope="module")
 def deepspeed_runs(tmp_path_factory):
-    """The same 50 steps with DDP's own all-reduce and with DeepSpeed ZeRO-2, 2 processes each."""
+    """The same 48 steps with DDP's own all-reduce and with DeepSpeed ZeRO-2, 2 processes each."""
     pytest.importorskip("deepspeed")
     base = tmp_path_factory.mktemp("deepspeed")
     args = ["--config", SMOKE, "train.exact_reduce=false", *STEPS]
@@ -70,23 +82,24 @@ def test_deepspeed_zero2_matches_ddp(deepspeed_runs):
     base, res = deepspeed_runs
     assert "[DEEPSPEED]" in res.stdout
     diff = max_diff(load_weights(base / "ddp"), load_weights(base / "ds"))
-    print(f"DeepSpeed ZeRO-2 vs DDP, 2 processes, 50 steps: max |dw| = {diff:.3g}")
+    print(f"DeepSpeed ZeRO-2 vs DDP, 2 processes, 48 steps: max |dw| = {diff:.3g}")
     assert diff <= TOL
     assert summary(base / "ds")["test_acc"] == summary(base / "ddp")["test_acc"]
 
 
 def test_deepspeed_checkpoint_and_resume(deepspeed_runs, tmp_path):
     base, _ = deepspeed_runs
-    out = rewind(base / "ds", tmp_path / "ds", step=25)
+    out = rewind(base / "ds", tmp_path / "ds", step=36)
     res = accelerate_launch("deepspeed_zero2.yaml", 2, "--out", out, "--resume", "--config", SMOKE,
                             "train.exact_reduce=false", *STEPS)
-    assert "resuming from" in res.stdout and "step 25" in res.stdout
+    assert "resuming from" in res.stdout and "step 36" in res.stdout
     assert max_diff(load_weights(base / "ds"), load_weights(out)) == 0
 
 
 def test_compile_on_cpu_with_no_recompiles_after_warmup(tmp_path):
     out = tmp_path / "compiled"
-    cli("train", "--config", SMOKE, "--out", out, "data.synthetic_train=256", "data.synthetic_test=256", "run.compile=true", "run.plots=false",
+    cli("train", "--config", SMOKE, "--out", out, "data.synthetic_train=256", "data.synthetic_test=256",
+        "run.compile=true", "run.plots=false",
         "run.progress=false", "train.exact_reduce=false", "model.bn_group=0", timeout=1800)
     s = summary(out)
     assert s["epochs"] == 2 and s["compiled_graphs"] >= 2  # train and eval graphs

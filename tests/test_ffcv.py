@@ -17,7 +17,7 @@ from cifar_dist.data.ffcv_loader import FfcvLoader  # noqa: E402
 from cifar_dist.data.loaders import GpuLoader, TorchLoader  # noqa: E402
 from cifar_dist.errors import DataError  # noqa: E402
 
-pytestmark = pytest.mark.ffcv
+pytestmark = [pytest.mark.ffcv, pytest.mark.slow]
 SMOKE = REPO / "configs" / "smoke.yaml"
 
 

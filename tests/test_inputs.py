@@ -15,11 +15,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO, cli, rewind, torchrun
+from conftest import REF_ARGS, SMOKE, cli, rewind, torchrun
 from test_data import _Payload, fake_cifar
 
-SMOKE = REPO / "configs" / "smoke.yaml"
-STEPS = ["train.max_steps=30", "checkpoint.every_steps=15", "run.progress=false", "run.plots=false"]
+pytestmark = pytest.mark.slow
+STEPS = REF_ARGS[2:]  # the shared reference run's settings (conftest.REF_ARGS)
 
 
 def _one_line(res) -> str:
@@ -36,11 +36,10 @@ def _snapshot(run_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def stopped_run(tmp_path_factory):
-    """A run stopped after its step-15 checkpoint (resuming it is what the tests attack)."""
-    base = tmp_path_factory.mktemp("inputs")
-    cli("train", "--config", SMOKE, "--out", base / "full", *STEPS)
-    return rewind(base / "full", base / "stopped", step=15)
+def stopped_run(tmp_path_factory, reference):
+    """The reference run as if stopped after its step-12 checkpoint (resuming it is what the
+    tests attack)."""
+    return rewind(reference, tmp_path_factory.mktemp("inputs") / "stopped", step=12)
 
 
 @pytest.fixture
@@ -109,7 +108,7 @@ def test_corrupt_beton(tmp_path):
 
 def test_checkpoint_of_another_model_shape(victim):
     before = _snapshot(victim)
-    ckpt = victim / "checkpoints" / "step_00000015"
+    ckpt = victim / "checkpoints" / "step_00000012"
     from safetensors.torch import save_file
 
     from cifar_dist.config import load_config
@@ -124,7 +123,7 @@ def test_checkpoint_of_another_model_shape(victim):
 
 def test_checkpoint_with_a_pickle_code_payload(victim, tmp_path):
     marker = tmp_path / "pwned"
-    optimizer_pt = victim / "checkpoints" / "step_00000015" / "optimizer.pt"
+    optimizer_pt = victim / "checkpoints" / "step_00000012" / "optimizer.pt"
     torch.save({"state": {}, "param_groups": [], "x": _Payload(marker)}, optimizer_pt)
     before = _snapshot(victim)
     line = _one_line(cli("train", "--config", SMOKE, "--out", victim, "--resume", *STEPS, check=False))
@@ -143,6 +142,7 @@ def test_two_runs_on_one_run_directory(victim):
         line = _one_line(cli("train", "--config", SMOKE, "--out", victim, "--resume", *STEPS, check=False))
     finally:
         os.close(fd)
-    assert line == f"cifar-dist: {victim}: run directory is in use by pid {os.getpid()}; wait for it or choose another --out"
+    assert line == (f"cifar-dist: {victim}: run directory is in use by pid {os.getpid()}; "
+                    "wait for it or choose another --out")
     assert _snapshot(victim) == before
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from cifar_dist.config import load_config
 from cifar_dist.models import GroupBatchNorm2d, build_model, count_parameters, sync_bn_statistics
 from cifar_dist.summary import count_flops, layer_table
-from conftest import REPO, cli
+
+from conftest import REPO, cli_here
 
 FIGURE1 = REPO / "tests" / "figure1.tsv"  # the paper's Figure 1, copied from ../shared/paper
 
@@ -41,7 +42,9 @@ def test_forward_and_training_flops():
 
 
 def test_summary_command_prints_table_and_total():
-    out = cli("summary", timeout=300).stdout
+    res = cli_here("summary")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
     assert "Total params: 4,916,284" in out
     assert "0.769 GMAC" in out
     assert "BasicBlock-56" in out and "Linear-58" in out
@@ -62,7 +65,7 @@ def test_weights_load_into_plain_batchnorm_layers():
     state = m.state_dict()
     assert not any("stat_" in k for k in state)
     plain = model()
-    for name, mod in list(plain.named_modules()):
+    for _name, mod in list(plain.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, GroupBatchNorm2d):
                 setattr(mod, child_name, torch.nn.BatchNorm2d(child.num_features))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from cifar_dist.config import load_config
 from cifar_dist.optim import build_optimizer, lr_at, smoothed_cross_entropy
+
 from conftest import REPO
 
 

@@ -16,21 +16,11 @@ import time
 
 import pytest
 
-from conftest import BIN, REPO, base_env, cli, free_port, load_weights, max_diff, rewind, summary
+from conftest import BIN, REF_ARGS, REPO, SMOKE, base_env, cli, free_port, load_weights, max_diff, rewind, summary
 
 pytestmark = pytest.mark.slow
-SMOKE = REPO / "configs" / "smoke.yaml"
-EVERY = 12  # 32 steps per epoch: checkpoints at 12, 24, 32 (epoch end), 36 and 48 (the end)
-STEPS = ["data.synthetic_train=2048", "train.max_steps=48", f"checkpoint.every_steps={EVERY}",
-         "checkpoint.keep=10", "run.progress=false", "run.plots=false"]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """48 steps (one epoch and a half) without any fault."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    cli("train", "--config", SMOKE, "--out", out, *STEPS)
-    return out
+EVERY = 12  # the shared reference run (conftest.REF_ARGS): checkpoints at 12, 24, 32 (epoch end), 36, 48
+STEPS = REF_ARGS[2:]  # its settings, after "--config SMOKE"
 
 
 def _checkpoint_steps(run_dir) -> list[int]:

@@ -7,17 +7,16 @@ import time
 
 import pytest
 
-from conftest import REPO, base_env, cli, load_weights, max_diff, summary
+from conftest import REF_ARGS, REPO, SMOKE, base_env, load_weights, max_diff, summary
 from slurm_cluster import SlurmCluster, SlurmError, unavailable
 
-pytestmark = pytest.mark.cluster
-SMOKE = REPO / "configs" / "smoke.yaml"
-ARGS = ["train.max_steps=50", "checkpoint.every_steps=25", "run.plots=false"]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+ARGS = REF_ARGS[2:]  # the shared reference run's settings (conftest.REF_ARGS), 48 steps
 # The emulated nodes have no GPUs and share this host's cores.
 NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     why = unavailable()
     if why:
@@ -31,16 +30,15 @@ def _sbatch(cluster, out_dir, *args, **env):
                           env=cluster.client_env(**base_env(**env)), cwd=REPO)
 
 
-def test_two_node_job_matches_one_process(cluster, tmp_path):
-    cli("train", "--config", SMOKE, "--out", tmp_path / "p1", "run.progress=false", *ARGS)
+def test_two_node_job_matches_one_process(cluster, reference, tmp_path):
     job = _sbatch(cluster, tmp_path, SMOKE, "--out", tmp_path / "slurm", *ARGS)
     info = cluster.wait(job, timeout=1200)
     log = cluster.log(job)
     assert info["JobState"] == "COMPLETED", f"{info}\n{log[-4000:]}\n{cluster.daemon_logs()}"
     assert "on 2 node(s)" in log and "1 CPU process(es) per node, 2 in all" in log
     assert summary(tmp_path / "slurm")["world_size"] == 2
-    diff = max_diff(load_weights(tmp_path / "p1"), load_weights(tmp_path / "slurm"))
-    print(f"sbatch --nodes=2 vs 1 process, 50 steps: max |dw| = {diff:.3g}")
+    diff = max_diff(load_weights(reference), load_weights(tmp_path / "slurm"))
+    print(f"sbatch --nodes=2 vs 1 process, 48 steps: max |dw| = {diff:.3g}")
     assert diff <= 1e-4
 
 
@@ -63,10 +61,8 @@ def test_a_failing_rank_ends_the_job_failed_within_a_minute(cluster, tmp_path):
     assert "cifar-dist: rank 1: crashed: RuntimeError: injected fault at step 3" in log
 
 
-def test_preempted_job_checkpoints_requeues_and_ends_with_the_same_weights(cluster, tmp_path):
+def test_preempted_job_checkpoints_requeues_and_ends_with_the_same_weights(cluster, reference, tmp_path):
     """USR1 to the job's steps mid-run (what --signal=USR1@120 sends before the time limit)."""
-    uninterrupted = tmp_path / "p1"
-    cli("train", "--config", SMOKE, "--out", uninterrupted, "run.progress=false", *ARGS)
     out = tmp_path / "preempted"
     # Both ranks hold at step 17 until the signal arrives (CIFAR_DIST_TEST_FAULT=wait@17).
     job = _sbatch(cluster, tmp_path, SMOKE, "--out", out, *ARGS, CIFAR_DIST_TEST_FAULT="wait@17")
@@ -81,8 +77,8 @@ def test_preempted_job_checkpoints_requeues_and_ends_with_the_same_weights(clust
     assert info["JobState"] == "COMPLETED", f"{info}\n{log[-6000:]}"
     assert int(info.get("Restarts", 0)) >= 1, log[-4000:]
     assert "requeueing job" in log and "resuming from" in log
-    assert summary(out)["steps"] == 50
-    assert (uninterrupted / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert summary(out)["steps"] == 48
+    assert (reference / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 def test_bench_job_on_two_nodes_leaves_its_table(cluster, tmp_path):

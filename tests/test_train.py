@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import BIN, REPO, base_env, cli, load_weights, max_diff, rewind, run, summary
+from conftest import BIN, REPO, base_env, cli, load_weights, max_diff, run, summary
 
+pytestmark = pytest.mark.slow
 SMOKE = REPO / "configs" / "smoke.yaml"
 SHORT = ["data.synthetic_train=1024", "run.progress=false"]  # 16 steps per epoch, 2 epochs
 
@@ -57,16 +58,6 @@ def test_same_seed_gives_identical_weights(smoke_run, tmp_path):
     assert max_diff(load_weights(first), load_weights(other)) > 0
 
 
-def test_stop_after_epoch_one_and_resume_gives_identical_weights(smoke_run, tmp_path):
-    first, _ = smoke_run
-    out = rewind(first, tmp_path / "resumed", step=16)  # as if it had stopped after epoch 1
-    res = cli("train", "--config", SMOKE, "--out", out, "--resume", *SHORT, "eval.tta=true")
-    assert "resuming from" in res.stdout and "step 16" in res.stdout
-    assert (first / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
-
-
 def test_existing_run_directory_is_not_overwritten(smoke_run):
     out, _ = smoke_run
     before = (out / "model.safetensors").read_bytes()
@@ -97,7 +88,6 @@ def test_eval_report_and_load_model(smoke_run):
 LONG = os.environ.get("CIFAR_DIST_LONG") == "1"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loader", [
     "torch",
     pytest.param("gpu", marks=[pytest.mark.long, pytest.mark.skipif(
@@ -125,7 +115,6 @@ def test_cpu_quick_reaches_60_percent_on_real_cifar10(cifar_root, tmp_path, load
     assert s["test_acc"] >= 0.60
 
 
-@pytest.mark.slow
 def test_make_train_starts_training_the_papers_model(cifar_root, tmp_path):
     out = tmp_path / "paper"
     # Two steps of 16 images and an evaluation of 64 held-out images: the real recipe starts.

@@ -66,7 +66,7 @@ class AugmentSpec:
     fill: tuple = (125, 123, 114)  # cutout fill: the mean pixel, 0 after normalization
 
     @classmethod
-    def from_config(cls, data_cfg) -> "AugmentSpec":
+    def from_config(cls, data_cfg) -> AugmentSpec:
         fill = tuple(int(round(m * 255)) for m in data_cfg.mean)
         return cls(data_cfg.crop_padding, data_cfg.flip, data_cfg.cutout,
                    data_cfg.color_jitter, data_cfg.rotation, fill)

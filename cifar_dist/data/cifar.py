@@ -51,7 +51,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def slice(self, start: int, stop: int) -> "ImageSet":
+    def slice(self, start: int, stop: int) -> ImageSet:
         return ImageSet(self.images[start:stop], self.labels[start:stop])
 
 

@@ -1,0 +1,213 @@
+"""The training loop in this process: engine.train_step and engine.fit on the smoke model,
+no subprocess. The learning rate at every step, the non-finite check, the checkpoint
+schedule, stop requests, resume and evaluation counting, each in a second or two; the
+end-to-end tests keep only what a real process (or several) can show."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from cifar_dist import engine
+from cifar_dist.config import load_config
+from cifar_dist.distributed import make_accelerator
+from cifar_dist.train import _progress_factory, build_data, build_parts, restore
+
+from conftest import REPO
+
+SMOKE = REPO / "configs" / "smoke.yaml"
+# 512 images in batches of 64: 8 steps per epoch, 16 in the 2 epochs of the smoke recipe.
+SMALL = ["data.synthetic_train=512", "data.synthetic_test=256", "run.progress=false", "run.plots=false"]
+SPE = 8
+
+
+def build(run_dir, *overrides):
+    """The Parts of `cifar-dist train` for the smoke recipe, built in this process."""
+    cfg = load_config(SMOKE, [*SMALL, *overrides])
+    cfg.run.out_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(cfg)
+    shard, train_set, eval_set, _ = build_data(cfg, accelerator)
+    return build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir)
+
+
+def fit(parts, state=None):
+    return engine.fit(parts, state or engine.TrainState(), _progress_factory(False))
+
+
+def weights(parts) -> dict:
+    return {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
+
+
+def poison(model) -> None:
+    """One NaN in the first weight: the next step's loss and gradients are NaN."""
+    first = next(model.parameters())
+    with torch.no_grad():
+        first[(0,) * first.dim()] = float("nan")
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    return sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+@pytest.fixture
+def lr_log(monkeypatch):
+    """(step, learning rate the optimizer stepped with) for every train_step that fit runs."""
+    seen = []
+    real = engine.train_step
+
+    def spy(p, micro, step, totals):
+        bad = real(p, micro, step, totals)
+        seen.append((step, p.optimizer.param_groups[0]["lr"]))
+        return bad
+
+    monkeypatch.setattr(engine, "train_step", spy)
+    return seen
+
+
+@pytest.fixture
+def commits(monkeypatch):
+    """The global step of every checkpoint fit commits, in order."""
+    from cifar_dist.checkpoint import CheckpointWriter
+
+    seen = []
+    real = CheckpointWriter.commit
+
+    def spy(self, tmp, step):
+        seen.append(step)
+        return real(self, tmp, step)
+
+    monkeypatch.setattr(CheckpointWriter, "commit", spy)
+    return seen
+
+
+def test_train_step_returns_a_device_flag_updates_the_weights_and_clears_gradients(tmp_path):
+    parts = build(tmp_path / "run")
+    before = weights(parts)
+    totals = engine._new_totals(parts.device, None)
+    micro = next(iter(parts.loader.iter_epoch(0)))
+    bad = engine.train_step(parts, micro, 0, totals)
+    assert isinstance(bad, torch.Tensor) and bad.dim() == 0 and bad.device == parts.device
+    assert float(bad) == 0.0 and totals["count"] == 64
+    assert all(q.grad is None for q in parts.model.parameters())
+    # step 0 of the one-cycle schedule runs at lr 0: nothing may move yet
+    assert all(torch.equal(before[k], v) for k, v in weights(parts).items() if "weight" in k)
+    bad = engine.train_step(parts, micro, 1, totals)
+    assert any(not torch.equal(before[k], v) for k, v in weights(parts).items() if "weight" in k)
+    poison(parts.model)
+    assert float(engine.train_step(parts, micro, 2, totals)) > 0
+
+
+def test_fit_steps_the_one_cycle_schedule_at_every_step_and_after_a_resume(tmp_path, lr_log):
+    parts = build(tmp_path / "run", "checkpoint.every_steps=5", "checkpoint.keep=10")
+    state = fit(parts)
+    # smoke: lr 0.2, linear warm-up over half an epoch (4 steps), then linear to 0 at step 16
+    expected = [0.2 * s / 4 if s < 4 else 0.2 * (16 - s) / 12 for s in range(16)]
+    assert [s for s, _ in lr_log] == list(range(16))
+    assert [lr for _, lr in lr_log] == pytest.approx(expected, abs=1e-12)
+    assert [r["lr"] for r in state.history] == pytest.approx([expected[7], expected[15]])
+    lr_log.clear()
+    again = build(tmp_path / "again")
+    fit(again, restore(again, parts.run_dir / "checkpoints" / "step_00000005"))
+    assert lr_log == [(s, pytest.approx(expected[s], abs=1e-12)) for s in range(5, 16)]
+
+
+def test_the_papers_epoch_schedule_is_constant_within_an_epoch(tmp_path, lr_log):
+    """schedule_unit=epoch: like the paper's LambdaLR stepped once per epoch, the first
+    epoch of warm-up runs at lr 0, and cosine then takes over from the second."""
+    parts = build(tmp_path / "run", "train.schedule=warmup_cosine", "train.schedule_unit=epoch",
+                  "train.warmup_epochs=1", "train.epochs=3", "train.lr=0.1")
+    fit(parts)
+    per_epoch = [0.0, 0.1, 0.1 * 0.5 * (1 + math.cos(math.pi / 2))]
+    assert [lr for _, lr in lr_log] == pytest.approx([lr for lr in per_epoch for _ in range(SPE)], abs=1e-12)
+
+
+def test_checkpoint_schedule_every_steps_and_every_epoch_and_keep(tmp_path, commits):
+    parts = build(tmp_path / "run", "checkpoint.every_steps=3", "checkpoint.every_epochs=1", "checkpoint.keep=2")
+    fit(parts)
+    # every 3 steps inside an epoch, each epoch end (8), and the end of training (16)
+    assert commits == [3, 6, 8, 9, 12, 15, 16]
+    assert checkpoint_steps(parts.run_dir) == [15, 16]  # keep=2
+    assert not list((parts.run_dir / "checkpoints").glob(".tmp-*"))
+    state = json.loads((parts.run_dir / "checkpoints" / "step_00000015" / "state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 7, 15)
+    assert state["partial"]["count"] == 7 * 64  # the epoch's running loss survives a resume
+
+
+def test_epoch_checkpoints_follow_every_epochs(tmp_path, commits):
+    fit(build(tmp_path / "run", "checkpoint.every_epochs=2", "train.epochs=3"))
+    assert commits == [16, 24]  # epoch 2, then the end of training
+
+
+def test_a_nan_stops_fit_naming_its_step_before_any_checkpoint_holds_it(tmp_path, commits, monkeypatch):
+    """A NaN weight before step 4 (the 5th step): the check due with checkpoint 6 reads the
+    flag first, so only checkpoint 3 exists, and it is finite."""
+    parts = build(tmp_path / "run", "checkpoint.every_steps=3")
+    real = engine.train_step
+
+    def poisoned(p, micro, step, totals):
+        if step == 4:
+            poison(p.model)
+        return real(p, micro, step, totals)
+
+    monkeypatch.setattr(engine, "train_step", poisoned)
+    with pytest.raises(engine.NonFiniteError, match=r"became NaN/Inf at step 4 \(epoch 1\)"):
+        fit(parts)
+    assert commits == [3] and checkpoint_steps(parts.run_dir) == [3]
+    from safetensors.torch import load_file
+    saved = load_file(str(parts.run_dir / "checkpoints" / "step_00000003" / "model.safetensors"))
+    assert all(bool(v.float().isfinite().all()) for v in saved.values())
+
+
+def test_a_stop_request_checkpoints_at_the_next_control_read_and_resuming_gives_the_same_run(
+        tmp_path, monkeypatch):
+    """A STOP file appears during step 8 (the first of epoch 2); the flags are read every
+    CONTROL_EVERY steps, so the run stops after step 10 with a mid-epoch checkpoint."""
+    reference = build(tmp_path / "reference")
+    fit(reference)
+    parts = build(tmp_path / "run")
+    real = engine.train_step
+
+    def stop_at_8(p, micro, step, totals):
+        if step == 8:
+            p.stop_file.write_text("")
+        return real(p, micro, step, totals)
+
+    monkeypatch.setattr(engine, "train_step", stop_at_8)
+    state = engine.TrainState()
+    with pytest.raises(engine.Preempted, match="STOP file"):
+        fit(parts, state)
+    assert engine.CONTROL_EVERY == 10 and state.global_step == 10
+    assert checkpoint_steps(parts.run_dir) == [8, 10]
+    monkeypatch.setattr(engine, "train_step", real)
+    resumed = build(tmp_path / "resumed")
+    fit(resumed, restore(resumed, parts.run_dir / "checkpoints" / "step_00000010"))
+    assert all(torch.equal(v, weights(resumed)[k]) for k, v in weights(reference).items())
+
+
+def test_resume_from_a_mid_epoch_checkpoint_gives_the_same_weights_and_history(tmp_path):
+    full = build(tmp_path / "full", "checkpoint.every_steps=5", "checkpoint.keep=10")
+    history = fit(full).history
+    copy = tmp_path / "copy"
+    shutil.copytree(full.run_dir / "checkpoints", copy / "checkpoints")
+    resumed = build(copy)
+    state = restore(resumed, copy / "checkpoints" / "step_00000005")
+    assert (state.epoch, state.step_in_epoch, state.global_step) == (0, 5, 5)
+    state = fit(resumed, state)
+    assert all(torch.equal(v, weights(resumed)[k]) for k, v in weights(full).items())
+    timing = ("epoch_time_s", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in state.history] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in history]
+
+
+def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
+    parts = build(tmp_path / "run", "eval.every_epochs=2", "train.epochs=3", "data.eval_batch_size=100")
+    state = fit(parts)
+    assert ["test_acc" in r for r in state.history] == [False, True, True]
+    ev = parts.last_eval
+    assert ev["count"] == 256 and sum(map(sum, ev["confusion"])) == 256  # 100 + 100 + 56
+    assert ev["acc"] == pytest.approx(sum(ev["confusion"][i][i] for i in range(10)) / 256)
+    assert 0 < ev["loss"] < 10
