@@ -68,10 +68,40 @@ def run(cmd, timeout=600, env=None, check=True, cwd=REPO):
     return res
 
 
+@pytest.fixture
+def spawn():
+    """``spawn(cmd, **popen_kwargs)``: a Popen with text pipes, in a process group of its own;
+    at the end of the test whatever is left of the group is killed (a launcher's workers too)."""
+    procs = []
+
+    def start(cmd, **kw):
+        cmd = [str(c) for c in cmd]
+        _refuse_in_check_tier(" ".join(cmd[:3]))
+        kw.setdefault("cwd", REPO)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, **kw)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        kill_group(proc)
+
+
 def kill_group(proc) -> None:
-    """SIGKILL ``proc`` and every process of its group (started with start_new_session)."""
+    """SIGKILL ``proc``, its process group and every descendant (torchrun starts each
+    worker in a session of its own, out of reach of the group)."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+    except psutil.NoSuchProcess:
+        family = []
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     proc.wait()
 
 

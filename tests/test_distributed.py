@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
 import pytest
@@ -41,6 +40,7 @@ def runs(tmp_path_factory, reference):
     return base
 
 
+@pytest.mark.timeout(600)  # pays for the runs fixture: a 2- and a 4-process launch
 def test_weights_and_accuracy_do_not_depend_on_the_process_count(runs):
     w1 = load_weights(runs / "p1")
     for other in ("p2", "p4"):
@@ -78,6 +78,7 @@ def deepspeed_runs(tmp_path_factory):
     return base, res
 
 
+@pytest.mark.timeout(600)  # pays for the deepspeed_runs fixture
 def test_deepspeed_zero2_matches_ddp(deepspeed_runs):
     base, res = deepspeed_runs
     assert "[DEEPSPEED]" in res.stdout
@@ -96,6 +97,7 @@ def test_deepspeed_checkpoint_and_resume(deepspeed_runs, tmp_path):
     assert max_diff(load_weights(base / "ds"), load_weights(out)) == 0
 
 
+@pytest.mark.timeout(900)  # a cold compile took 504 s on a slow day
 def test_compile_on_cpu_with_no_recompiles_after_warmup(tmp_path):
     out = tmp_path / "compiled"
     cli("train", "--config", SMOKE, "--out", out, "data.synthetic_train=256", "data.synthetic_test=256",
@@ -116,18 +118,16 @@ def test_channels_last_bf16_on_cpu(tmp_path):
     assert math.isfinite(s["test_loss"]) and row["train_loss"] < math.log(10)  # below chance level
 
 
-def test_processes_that_do_not_know_each_other_are_refused(tmp_path):
+def test_processes_that_do_not_know_each_other_are_refused(spawn, tmp_path):
     """The silent trap: N processes each believing they are rank 0 of 1 (here, what
     `srun -n 2 python train.py` gives: Slurm's variables and no launcher)."""
     procs = []
     for rank in range(2):
         env = base_env(SLURM_STEP_NUM_TASKS=2, SLURM_PROCID=rank, SLURM_NTASKS=2)
-        procs.append(subprocess.Popen(
-            [sys.executable, REPO / "cifar_dist" / "train.py", "--config", SMOKE,
-             "--out", tmp_path / f"r{rank}", "run.progress=false"],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(spawn([sys.executable, REPO / "cifar_dist" / "train.py", "--config", SMOKE,
+                            "--out", tmp_path / f"r{rank}", "run.progress=false"], env=env))
     for rank, p in enumerate(procs):
-        _, err = p.communicate(timeout=600)
+        _, err = p.communicate(timeout=280)
         assert p.returncode == 2
         assert f"rank {rank}: the launcher started 2 processes but each one sees a world of 1" in err
         assert not (tmp_path / f"r{rank}" / "model.safetensors").exists()

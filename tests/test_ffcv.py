@@ -69,6 +69,7 @@ def test_beton_is_written_once_and_damage_is_refused(tmp_path):
         ensure_beton(train, tmp_path, "train")
 
 
+@pytest.mark.timeout(600)  # four runs
 def test_twenty_steps_with_each_loader_give_the_same_weights(tmp_path):
     """The black-box check: the same 20 training steps fed by torch, gpu and ffcv, and
     a second ffcv run with the same seed."""

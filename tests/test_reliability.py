@@ -16,7 +16,20 @@ import time
 
 import pytest
 
-from conftest import BIN, REF_ARGS, REPO, SMOKE, base_env, cli, free_port, load_weights, max_diff, rewind, summary
+from conftest import (
+    BIN,
+    REF_ARGS,
+    REPO,
+    SMOKE,
+    base_env,
+    cli,
+    free_port,
+    kill_group,
+    load_weights,
+    max_diff,
+    rewind,
+    summary,
+)
 
 pytestmark = pytest.mark.slow
 EVERY = 12  # the shared reference run (conftest.REF_ARGS): checkpoints at 12, 24, 32 (epoch end), 36, 48
@@ -50,18 +63,16 @@ def test_kill_9_then_resume_gives_identical_weights(reference, tmp_path, fault, 
     assert not list((out / "checkpoints").glob(".tmp-*"))  # the torn write was replaced
 
 
-def _torchrun(out, *extra, fault=None, restarts=0):
+def _torchrun(spawn, out, *extra, fault=None, restarts=0):
     env = base_env(**({"CIFAR_DIST_TEST_FAULT": fault} if fault else {}))
-    cmd = [BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), "--max-restarts", restarts,
-           "--monitor-interval", "0.5", REPO / "cifar_dist" / "train.py", "--config", SMOKE, "--out", out,
-           "--resume", *STEPS, *extra]
-    return subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return spawn([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), "--max-restarts", restarts,
+                  "--monitor-interval", "0.5", REPO / "cifar_dist" / "train.py", "--config", SMOKE, "--out", out,
+                  "--resume", *STEPS, *extra], env=env)
 
 
-def test_a_killed_rank_ends_the_job_within_60_s_naming_it(tmp_path):
+def test_a_killed_rank_ends_the_job_within_60_s_naming_it(spawn, tmp_path):
     out = tmp_path / "run"
-    proc = _torchrun(out, fault="kill@14:1")  # rank 1 dies two steps after checkpoint 12
+    proc = _torchrun(spawn, out, fault="kill@14:1")  # rank 1 dies two steps after checkpoint 12
     deadline = time.time() + 900
     while not (out / "checkpoints" / "step_00000012").is_dir():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -80,34 +91,34 @@ def test_a_killed_rank_ends_the_job_within_60_s_naming_it(tmp_path):
     assert json.loads((out / "checkpoints" / "step_00000012" / "state.json").read_text())["global_step"] == 12
 
 
-def test_torchrun_max_restarts_resumes_and_finishes_with_the_same_weights(reference, tmp_path):
+def test_torchrun_max_restarts_resumes_and_finishes_with_the_same_weights(spawn, reference, tmp_path):
     """The same fault under --max-restarts=1: torchrun restarts both ranks, which resume from
     checkpoint 12 (faults fire in the first attempt only). exact_reduce makes 2 processes
     give the weights of 1, so the single-process reference applies."""
     out = tmp_path / "run"
-    proc = _torchrun(out, fault="kill@14:1", restarts=1)
-    stdout, stderr = proc.communicate(timeout=1200)
+    proc = _torchrun(spawn, out, fault="kill@14:1", restarts=1)
+    stdout, stderr = proc.communicate(timeout=280)
     assert proc.returncode == 0, stderr[-4000:]
     assert "resuming from" in stdout and "step 12)" in stdout
     assert summary(out)["steps"] == 48 and summary(out)["world_size"] == 2
     assert max_diff(load_weights(reference), load_weights(out)) == 0
 
 
-def test_a_torchrun_restart_never_reads_the_previous_attempts_addresses(tmp_path):
+def test_a_torchrun_restart_never_reads_the_previous_attempts_addresses(spawn, tmp_path):
     """The race behind a restarted job that hung in gloo's set-up, made certain: in the
     restarted attempt rank 1 comes 3 s late (tests/restart_probe.py), so rank 0 looks up its
     peer's address first. Without cifar_dist's per-attempt key space it finds the dead
     rank's and never connects (the probe then runs into this test's timeout)."""
-    cmd = [BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), "--max-restarts", 1,
-           "--monitor-interval", "0.5", REPO / "tests" / "restart_probe.py"]
+    proc = spawn([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), "--max-restarts", 1,
+                  "--monitor-interval", "0.5", REPO / "tests" / "restart_probe.py"], cwd=tmp_path, env=base_env())
     try:
-        res = subprocess.run([str(c) for c in cmd], cwd=tmp_path, env=base_env(), text=True,
-                             capture_output=True, timeout=240)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the restarted ranks never formed their group: {e.stdout}\n{e.stderr}")
-    assert res.returncode == 0, res.stderr[-3000:]
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        pytest.fail(f"the restarted ranks never formed their group: {proc.communicate()}")
+    assert proc.returncode == 0, stderr[-3000:]
     for rank in (0, 1):
-        assert f"attempt 1 rank {rank}: group of 2 formed" in res.stdout, res.stdout
+        assert f"attempt 1 rank {rank}: group of 2 formed" in stdout, stdout
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -30,6 +30,7 @@ def _sbatch(cluster, out_dir, *args, **env):
                           env=cluster.client_env(**base_env(**env)), cwd=REPO)
 
 
+@pytest.mark.timeout(600)
 def test_two_node_job_matches_one_process(cluster, reference, tmp_path):
     job = _sbatch(cluster, tmp_path, SMOKE, "--out", tmp_path / "slurm", *ARGS)
     info = cluster.wait(job, timeout=1200)
@@ -61,6 +62,7 @@ def test_a_failing_rank_ends_the_job_failed_within_a_minute(cluster, tmp_path):
     assert "cifar-dist: rank 1: crashed: RuntimeError: injected fault at step 3" in log
 
 
+@pytest.mark.timeout(600)
 def test_preempted_job_checkpoints_requeues_and_ends_with_the_same_weights(cluster, reference, tmp_path):
     """USR1 to the job's steps mid-run (what --signal=USR1@120 sends before the time limit)."""
     out = tmp_path / "preempted"

@@ -88,6 +88,7 @@ def test_eval_report_and_load_model(smoke_run):
 LONG = os.environ.get("CIFAR_DIST_LONG") == "1"
 
 
+@pytest.mark.timeout(900)  # 4-8 minutes on a slow day
 @pytest.mark.parametrize("loader", [
     "torch",
     pytest.param("gpu", marks=[pytest.mark.long, pytest.mark.skipif(
@@ -115,6 +116,7 @@ def test_cpu_quick_reaches_60_percent_on_real_cifar10(cifar_root, tmp_path, load
     assert s["test_acc"] >= 0.60
 
 
+@pytest.mark.timeout(600)
 def test_make_train_starts_training_the_papers_model(cifar_root, tmp_path):
     out = tmp_path / "paper"
     # Two steps of 16 images and an evaluation of 64 held-out images: the real recipe starts.
