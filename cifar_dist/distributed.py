@@ -84,8 +84,8 @@ def make_accelerator(cfg, timeout_s: int = 600):
 def init_restarted_process_group(timeout: timedelta) -> bool:
     """Form the process group of a torchrun restart in a key space of its own.
 
-    torchrun's default (static) rendezvous keeps one TCPStore for the whole job,
-    and since PyTorch 2.4 the workers no longer prefix their keys with the
+    torchrun keeps one TCPStore for the whole job (static and c10d rendezvous
+    alike), and the workers of PyTorch 2.14 do not prefix their keys with the
     attempt (torch/distributed/rendezvous.py assumes a new store per retry). A
     restarted rank can then read the address that a dead rank of the previous
     attempt published and try to connect to it: gloo fails after its retries or

@@ -104,12 +104,16 @@ def test_torchrun_max_restarts_resumes_and_finishes_with_the_same_weights(spawn,
     assert max_diff(load_weights(reference), load_weights(out)) == 0
 
 
-def test_a_torchrun_restart_never_reads_the_previous_attempts_addresses(spawn, tmp_path):
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_a_torchrun_restart_never_reads_the_previous_attempts_addresses(spawn, tmp_path, rendezvous):
     """The race behind a restarted job that hung in gloo's set-up, made certain: in the
     restarted attempt rank 1 comes 3 s late (tests/restart_probe.py), so rank 0 looks up its
     peer's address first. Without cifar_dist's per-attempt key space it finds the dead
-    rank's and never connects (the probe then runs into this test's timeout)."""
-    proc = spawn([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), "--max-restarts", 1,
+    rank's and never connects (the probe then runs into this test's timeout). torchrun's
+    static and c10d rendezvous both keep one store across attempts."""
+    where = (["--master_port", free_port()] if rendezvous == "static"
+             else ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"])
+    proc = spawn([BIN / "torchrun", "--nproc_per_node", 2, *where, "--max-restarts", 1,
                   "--monitor-interval", "0.5", REPO / "tests" / "restart_probe.py"], cwd=tmp_path, env=base_env())
     try:
         stdout, stderr = proc.communicate(timeout=240)
