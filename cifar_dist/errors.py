@@ -53,7 +53,14 @@ def rank_prefix() -> str:
     return ""
 
 
+def say(line: str) -> None:
+    """``line`` and its newline on stderr in one write: the lines of several ranks that
+    share a pipe never run into each other (print writes the text and the newline apart)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def fail(message: str, code: int) -> None:
     """One line on stderr, naming the rank when there are several, then exit."""
-    print(f"cifar-dist: {rank_prefix()}{message}", file=sys.stderr, flush=True)
+    say(f"cifar-dist: {rank_prefix()}{message}")
     sys.exit(code)

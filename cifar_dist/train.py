@@ -25,7 +25,7 @@ import os
 import time
 import warnings
 
-from cifar_dist.errors import EnvironmentFault, TrainingFault, UserError, fail, rank_prefix
+from cifar_dist.errors import EnvironmentFault, TrainingFault, UserError, fail, rank_prefix, say
 
 
 def add_train_arguments(ap: argparse.ArgumentParser) -> None:
@@ -260,7 +260,7 @@ def guarded(fn, args) -> int:
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except Exception as e:  # a bug: name the rank, then show the traceback
-        print(f"cifar-dist: {rank_prefix()}crashed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        say(f"cifar-dist: {rank_prefix()}crashed: {type(e).__name__}: {e}")
         raise
     return 1
 

@@ -120,3 +120,26 @@ def test_readme_carries_the_current_config_reference():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- config-reference -->\n", 1)[1].split("<!-- /config-reference -->", 1)[0]
     assert block == reference_markdown(), "README is stale: paste `cifar-dist config --reference` into it"
+
+
+def test_an_error_line_is_written_in_one_piece(monkeypatch):
+    """Ranks that fail together share one stderr pipe: each line must go out in a single
+    write, or two ranks' messages run into one line."""
+    from cifar_dist.errors import fail
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr("sys.stderr", Recorder())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        fail("train.batch_size: 65 is not divisible by 2 processes", 2)
+    assert e.value.code == 2
+    assert writes == ["cifar-dist: rank 1: train.batch_size: 65 is not divisible by 2 processes\n"]
