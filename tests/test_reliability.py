@@ -1,5 +1,5 @@
 """Kills, dead ranks, NaNs and a full disk never cost more than one checkpoint interval,
-and never give a silently wrong answer (the hardening issue).
+and never give a silently wrong answer.
 
 Faults are injected with CIFAR_DIST_TEST_FAULT=KIND@STEP[:RANK] (cifar_dist/engine.py):
 kill (SIGKILL before a step), killsave (SIGKILL half-way through writing a checkpoint),
