@@ -178,6 +178,17 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
+class GlobalMaxPool(nn.Module):
+    """The maximum over height and width, (N, C, H, W) -> (N, C, 1, 1).
+
+    The same values as ``nn.AdaptiveMaxPool2d(1)``, whose CUDA backward has no
+    deterministic implementation (``run.deterministic`` would raise on a GPU);
+    ``amax``'s backward is deterministic (ties share the gradient)."""
+
+    def forward(self, x):
+        return x.amax(dim=(2, 3), keepdim=True)
+
+
 class ResNet9(nn.Module):
     """ResNet-9 of DAWNBench (Page) and FFCV's CIFAR example: 64-128-256-512, two residuals."""
 
@@ -188,7 +199,7 @@ class ResNet9(nn.Module):
             Residual(ConvBN(128, 128, bn), ConvBN(128, 128, bn)),
             ConvBN(128, 256, bn, pool=True), ConvBN(256, 512, bn, pool=True),
             Residual(ConvBN(512, 512, bn), ConvBN(512, 512, bn)),
-            nn.AdaptiveMaxPool2d((1, 1)), nn.Flatten(),
+            GlobalMaxPool(), nn.Flatten(),
         )
         self.linear = nn.Linear(512, num_classes, bias=False)
         self.scale = 0.125  # Page's logit scaling

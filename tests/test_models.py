@@ -109,3 +109,22 @@ def test_running_statistics_average_groups_and_forwards():
     assert torch.allclose(bn.running_var, 0.5 + 0.5 * var, atol=1e-5)
     assert int(bn.num_batches_tracked) == 1
     assert float(bn.stat_count) == 0 and float(bn.stat_sum.abs().sum()) == 0
+
+
+def test_resnet9_pools_with_a_deterministic_global_max():
+    """AdaptiveMaxPool2d has no deterministic CUDA backward; GlobalMaxPool gives the same
+    values and gradients (no ties in random data), and the weights keep their names."""
+    from cifar_dist.models import GlobalMaxPool
+
+    model = build_model(load_config(None, ["model.name=resnet9"]).model)
+    assert not any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in model.modules())
+    keys = list(model.state_dict())  # the layout of earlier ResNet-9 checkpoints
+    assert (count_parameters(model), len(keys), keys[-3:]) == (
+        6_573_120, 49, ["net.5.body.1.bn.running_var", "net.5.body.1.bn.num_batches_tracked", "linear.weight"])
+    x = torch.randn(4, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    y = x.detach().clone().requires_grad_(True)
+    ours, theirs = GlobalMaxPool()(x), F.adaptive_max_pool2d(y, 1)
+    assert torch.equal(ours, theirs)
+    (ours * torch.arange(32.0, dtype=torch.float64).view(4, 8, 1, 1)).sum().backward()
+    (theirs * torch.arange(32.0, dtype=torch.float64).view(4, 8, 1, 1)).sum().backward()
+    assert torch.equal(x.grad, y.grad)
