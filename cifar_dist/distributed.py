@@ -38,6 +38,16 @@ def check_world(num_processes: int) -> None:
             "launch/cpu.yaml`, `torchrun`, or ACCELERATE_USE_CPU=1 with --multi_gpu")
 
 
+def check_gpu_count(local_processes: int, visible_gpus: int) -> None:
+    """Refuse more processes on a node than it has visible GPUs: two ranks would share a
+    GPU, and NCCL fails (a launch config must not assume the node's GPU count)."""
+    if visible_gpus and local_processes > visible_gpus:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UserError(f"{local_processes} processes on this node but {visible_gpus} visible GPU(s)"
+                        f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; start at most "
+                        f"{visible_gpus} (accelerate launch --num_processes, torchrun --nproc_per_node)")
+
+
 def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
 
@@ -57,6 +67,9 @@ def make_accelerator(cfg, timeout_s: int = 600):
     if cfg.model.sync_bn and not has_accelerator():
         raise ConfigError("model.sync_bn: SyncBatchNorm only runs on GPUs; on CPU use "
                           "model.bn_group for results independent of the process count")
+    if torch.cuda.is_available():
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        check_gpu_count(int(local) if local.isdigit() else 1, torch.cuda.device_count())
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False),
                 InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
     # cifar_dist.precision owns autocast and loss scaling, except under DeepSpeed.

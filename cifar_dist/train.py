@@ -2,7 +2,8 @@
 
     cifar-dist train --config configs/seed.yaml                      # one process (CPU or one GPU)
     python cifar_dist/train.py --config configs/seed.yaml            # the same
-    accelerate launch --config_file launch/multi_gpu.yaml cifar_dist/train.py --config configs/seed.yaml
+    accelerate launch --config_file launch/multi_gpu.yaml --num_processes 8 \\
+        cifar_dist/train.py --config configs/seed.yaml               # 8 GPUs
     accelerate launch --config_file launch/cpu.yaml --num_processes 2 cifar_dist/train.py --config configs/smoke.yaml
     torchrun --nproc_per_node 4 cifar_dist/train.py --config configs/fast.yaml
     sbatch --nodes 2 slurm/train.sh configs/fast.yaml

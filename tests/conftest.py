@@ -139,15 +139,22 @@ def cli(*args, timeout=600, env=None, check=True, cwd=REPO):
 def cli_here(*args) -> subprocess.CompletedProcess:
     """`cifar-dist ARGS` in this process, for commands that end before any training (bad
     input, `config`, `summary`): the same ``main``, its exit code, stdout and stderr."""
+    import torch
+
     from cifar_dist.cli import main
 
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
+    # `train` sets process-wide torch state before it fails; the next tests must not inherit it
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(argv)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic)
     return subprocess.CompletedProcess(["cifar-dist", *argv], code or 0, out.getvalue(), err.getvalue())
 
 

@@ -143,3 +143,26 @@ def test_an_error_line_is_written_in_one_piece(monkeypatch):
         fail("train.batch_size: 65 is not divisible by 2 processes", 2)
     assert e.value.code == 2
     assert writes == ["cifar-dist: rank 1: train.batch_size: 65 is not divisible by 2 processes\n"]
+
+
+def test_more_processes_than_visible_gpus_are_refused(tmp_path, monkeypatch):
+    """8 processes on a node that shows 4 GPUs (simulated): exit 2, one line, no run directory."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    out = tmp_path / "run"
+    res = cli_here("train", "--config", REPO / "configs" / "smoke.yaml", "--out", out)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "cifar-dist: 8 processes on this node but 4 visible GPU(s) (CUDA_VISIBLE_DEVICES=0,1,2,3); start at most 4 "
+        "(accelerate launch --num_processes, torchrun --nproc_per_node)"]
+    assert not out.exists()
+
+
+def test_launch_configs_assume_no_gpu_count():
+    for name in ("multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml"):
+        launch = yaml.safe_load((REPO / "launch" / name).read_text())
+        assert "num_processes" not in launch, name
