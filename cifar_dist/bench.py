@@ -131,7 +131,7 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
         if cfg.run.channels_last:
             model = model.to(memory_format=torch.channels_last)
         compiled = wrapped = torch.compile(model) if cfg.run.compile else model
-        optimizer = build_optimizer(model.parameters(), cfg.train)
+        optimizer = build_optimizer(model.parameters(), cfg.train, device)
     shard = Shard(rank, world, cfg.train.batch_size)
     loader = (_SyntheticLoader(shard, device) if row.loader == "synthetic"
               else build_train_loader(cfg, data, shard, device))

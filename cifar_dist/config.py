@@ -76,6 +76,9 @@ class TrainConfig:
     momentum: float = _f(0.9, "sgd momentum", min=0, max=1)
     nesterov: bool = _f(True, "sgd: Nesterov momentum")
     betas: list = _f([0.9, 0.999], "adam/adamw betas")
+    optimizer_impl: str = _f("auto", "optimizer kernels: fused (one kernel per step; fp16 loss scaling then "
+                                     "needs no host read), foreach, or auto: fused on GPUs, foreach elsewhere",
+                             choices=("auto", "fused", "foreach"))
     schedule: str = _f("warmup_cosine", "learning-rate schedule",
                        choices=("constant", "warmup_cosine", "onecycle", "step"))
     schedule_unit: str = _f("step", "the LR changes every optimizer step, or once per epoch like the paper's LambdaLR",

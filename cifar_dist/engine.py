@@ -120,7 +120,7 @@ def prepare_model(cfg, accelerator, model, build_optimizer):
     if cfg.run.channels_last and accelerator.distributed_type.value != "DEEPSPEED":
         model = model.to(memory_format=torch.channels_last)
     compiled = torch.compile(model) if cfg.run.compile else model
-    optimizer = build_optimizer(model.parameters(), cfg.train)
+    optimizer = build_optimizer(model.parameters(), cfg.train, accelerator.device)
     wrapped, optimizer = accelerator.prepare(compiled, optimizer)
     return model, compiled, wrapped, optimizer
 
@@ -148,8 +148,9 @@ class StopRequest:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def requested(self) -> bool:
-        return self.signalled is not None or bool(self.stop_file and self.stop_file.exists())
+    def requested(self, poll_file: bool = True) -> bool:
+        """A signal arrived, or (``poll_file``) the STOP file exists."""
+        return self.signalled is not None or bool(poll_file and self.stop_file and self.stop_file.exists())
 
 
 def train_step(p: Parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
@@ -366,7 +367,14 @@ def fit(p: Parts, state: TrainState, progress) -> TrainState:
     cfg = p.cfg
     spe = p.loader.steps_per_epoch
     max_steps = cfg.train.max_steps or cfg.train.epochs * spe
+    every_steps = cfg.checkpoint.every_steps
+    reduce = tree_all_reduce if cfg.train.exact_reduce else all_reduce_sum
+    # Per-step state lives on the device; the host reads it once per CONTROL_EVERY steps
+    # (and before any checkpoint or epoch end), in one transfer.
     first_bad = torch.full((), -1.0, device=p.device)
+    step_t = torch.full((), float(state.global_step), device=p.device)
+    no, yes = torch.zeros((), device=p.device), torch.ones((), device=p.device)
+    skipped_before = state.skipped_steps - int(p.precision.skipped_count())
     with StopRequest(p.stop_file) as stop:
         p.stop = stop
         while state.epoch < cfg.train.epochs and state.global_step < max_steps:
@@ -374,33 +382,37 @@ def fit(p: Parts, state: TrainState, progress) -> TrainState:
             p.last_eval = None
             totals = _new_totals(p.device, state.partial)
             state.partial = {}
-            control = torch.zeros(2, device=p.device)
+            stop_votes = 0.0  # ranks asking to stop, as of the latest read
             t0, steps_run = time.perf_counter(), 0
             bar = progress(total=spe, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
             for micro in p.loader.iter_epoch(epoch, state.step_in_epoch):
                 bad = train_step(p, micro, state.global_step, totals)
-                control = torch.stack([bad, torch.tensor(float(stop.requested()), device=p.device)])
-                reduce = tree_all_reduce if cfg.train.exact_reduce else all_reduce_sum
-                control = sync_bn_statistics(p.model, reduce, extra=control)
-                step_t = torch.tensor(float(state.global_step), device=p.device)
+                done = state.global_step + 1  # optimizer steps done after this one
+                boundary = state.step_in_epoch + 1 >= spe or done >= max_steps
+                checkpoint_due = bool(every_steps) and done % every_steps == 0 and not boundary
+                # the flags are read before anything is saved: a checkpoint never holds NaN weights
+                reading = done % CONTROL_EVERY == 0 or boundary or checkpoint_due
+                # a stop is looked for only when it will be read: SIGUSR1/SIGTERM on any rank,
+                # the STOP file on rank 0 (no file-system call on every rank at every step)
+                asked = reading and stop.requested(poll_file=world_info()[0] == 0)
+                control = sync_bn_statistics(p.model, reduce, extra=torch.stack([bad, yes if asked else no]))
                 first_bad = torch.where((control[0] > 0) & (first_bad < 0), step_t, first_bad)
+                step_t += 1
                 state.global_step += 1
                 state.step_in_epoch += 1
                 steps_run += 1
-                if p.precision.skipped:
-                    state.skipped_steps += 1
                 bar.update(1)
-                boundary = state.step_in_epoch >= spe or state.global_step >= max_steps
-                every = cfg.checkpoint.every_steps
-                checkpoint_due = bool(every) and state.global_step % every == 0 and not boundary
-                # the flags are read before anything is saved: a checkpoint never holds NaN weights
-                if state.global_step % CONTROL_EVERY == 0 or boundary or checkpoint_due:
-                    if float(first_bad) >= 0:
+                if reading:
+                    flags = torch.stack([first_bad, totals["loss"].float(), control[1].float(),
+                                         p.precision.skipped_count().float()]).tolist()
+                    bad_at, loss_sum, stop_votes, skipped = flags
+                    state.skipped_steps = skipped_before + int(skipped)
+                    if bad_at >= 0:
                         bar.close()
-                        raise NonFiniteError(f"loss or gradients became NaN/Inf at step {int(first_bad)} "
+                        raise NonFiniteError(f"loss or gradients became NaN/Inf at step {int(bad_at)} "
                                              f"(epoch {epoch + 1}); the last good checkpoint is kept")
-                    bar.set_postfix(loss=f"{float(totals['loss']) / max(totals['count'], 1):.3f}")
-                    if float(control[1]) > 0 and not boundary:
+                    bar.set_postfix(loss=f"{loss_sum / max(totals['count'], 1):.3f}")
+                    if stop_votes > 0 and not boundary:
                         bar.close()
                         _checkpoint_mid_epoch(p, state, totals)
                         raise Preempted(stop.signalled or "STOP file")
@@ -428,7 +440,7 @@ def fit(p: Parts, state: TrainState, progress) -> TrainState:
                 p.metrics.log(row)
             print0(_epoch_line(row))
             every = cfg.checkpoint.every_epochs
-            stopping = float(control[1]) > 0 and not last
+            stopping = stop_votes > 0 and not last  # read at this epoch's last step
             if last or stopping or (every and state.epoch % every == 0 and finished_epoch):
                 save_checkpoint(p, state)
             if p.graphs_after_warmup is None:

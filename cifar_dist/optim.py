@@ -8,16 +8,25 @@ import torch
 import torch.nn.functional as F
 
 
-def build_optimizer(params, train_cfg) -> torch.optim.Optimizer:
+def use_fused(train_cfg, device) -> bool:
+    """``train.optimizer_impl``: auto fuses on GPUs, where one kernel per step replaces many
+    and GradScaler hands the skip decision to the kernel instead of reading it on the host."""
+    if train_cfg.optimizer_impl == "auto":
+        return torch.device(device).type == "cuda"
+    return train_cfg.optimizer_impl == "fused"
+
+
+def build_optimizer(params, train_cfg, device="cpu") -> torch.optim.Optimizer:
     """Adam (L2 in the gradient, as the paper), AdamW, or SGD with (Nesterov) momentum."""
     t = train_cfg
+    kernels = {"fused": True} if use_fused(t, device) else {}
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, **kernels)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, **kernels)
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum,
-                               nesterov=t.nesterov and t.momentum > 0, weight_decay=t.weight_decay)
+                               nesterov=t.nesterov and t.momentum > 0, weight_decay=t.weight_decay, **kernels)
     raise ValueError(f"unknown optimizer {t.optimizer!r}")
 
 

@@ -23,7 +23,10 @@ class Precision:
         self.scaler = None
         if precision == "fp16" and accelerator is None:
             self.scaler = torch.amp.GradScaler(self.device.type)
-        self.skipped = False
+        # Steps skipped for overflowing gradients, counted on the device: reading the
+        # scaler's scale on the host every step would synchronize with the GPU.
+        self._skipped = torch.zeros((), device=self.device)
+        self._skipped_host = 0  # DeepSpeed reports its skips as a Python bool
 
     def autocast(self):
         if self.accelerator is not None:
@@ -43,17 +46,24 @@ class Precision:
     def unscale(self, optimizer) -> None:
         """Gradients in true units (before clipping or checks)."""
         if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
+            self.scaler.unscale_(_plain(optimizer))
 
     def step(self, optimizer) -> None:
         if self.scaler is None:
             optimizer.step()
-            self.skipped = bool(self.accelerator is not None and self.accelerator.optimizer_step_was_skipped)
+            if self.accelerator is not None and self.accelerator.optimizer_step_was_skipped:
+                self._skipped_host += 1
             return
-        before = self.scaler.get_scale()
-        self.scaler.step(optimizer)
+        scale = self.scaler._scale  # the scale as a device tensor (get_scale() reads it on the host)
+        before = scale.clone() if scale is not None else None
+        self.scaler.step(_plain(optimizer))
         self.scaler.update()
-        self.skipped = self.scaler.get_scale() < before  # the scale drops exactly when a step is skipped
+        if before is not None:  # the scale drops exactly when a step is skipped
+            self._skipped += (self.scaler._scale < before).float()
+
+    def skipped_count(self) -> torch.Tensor:
+        """Steps skipped so far, a 0-dim device tensor (read it with the other control flags)."""
+        return self._skipped + self._skipped_host
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict() if self.scaler is not None else {}
@@ -61,3 +71,10 @@ class Precision:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def _plain(optimizer):
+    """The optimizer inside Accelerate's wrapper. GradScaler lets a fused optimizer skip an
+    overflowing step by itself, without reading found_inf on the host, but it cannot see
+    through the wrapper; unscale_ and step must also name the same object."""
+    return getattr(optimizer, "optimizer", optimizer)

@@ -211,3 +211,34 @@ def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
     assert ev["count"] == 256 and sum(map(sum, ev["confusion"])) == 256  # 100 + 100 + 56
     assert ev["acc"] == pytest.approx(sum(ev["confusion"][i][i] for i in range(10)) / 256)
     assert 0 < ev["loss"] < 10
+
+
+@pytest.mark.parametrize("overrides, steps", [
+    (["run.precision=fp32"], 22),
+    (["data.loader=gpu", "run.precision=bf16", "data.color_jitter=0.1", "data.rotation=10"], 22),
+    # fused kernels, as optimizer_impl=auto picks on GPUs: GradScaler then skips without a host read
+    (["run.precision=fp16", "train.optimizer_impl=fused", "train.exact_reduce=false", "model.bn_group=0",
+      "train.batch_size=16"], 12),
+], ids=["torch-fp32", "gpu-bf16-jitter-rotation", "torch-fp16-fused"])
+def test_the_step_reads_the_device_once_per_control_interval(tmp_path, monkeypatch, overrides, steps):
+    """On a GPU each host read of a device value stalls the step; cifar_dist reads the
+    flags, the loss and the skip count once every CONTROL_EVERY steps, in one transfer.
+    Counted here (tests/sync_count.py) over the steady steps 1 to steps-2: the first
+    step copies constants to the device once, the last one ends the run."""
+    from sync_count import SyncCounter
+
+    parts = build(tmp_path / "run", "data.synthetic_train=2048", f"train.max_steps={steps}", *overrides)
+    counter = SyncCounter()
+    real = engine.train_step
+
+    def tagged(p, micro, step, totals):
+        counter.context = step
+        return real(p, micro, step, totals)
+
+    monkeypatch.setattr(engine, "train_step", tagged)
+    with counter:
+        fit(parts)
+    steady = [(step, what, where) for step, what, where in counter.calls if step is not None and 1 <= step <= steps - 2]
+    control_steps = {s for s in range(1, steps - 1) if (s + 1) % engine.CONTROL_EVERY == 0}
+    assert {step for step, _, _ in steady} <= control_steps, steady
+    assert len(steady) <= len(control_steps), steady

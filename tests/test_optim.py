@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -64,3 +65,28 @@ def test_optimizers():
     assert sgd.param_groups[0]["nesterov"] is True and sgd.param_groups[0]["momentum"] == 0.9
     adam = build_optimizer(p, load_config(None).train)
     assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["weight_decay"] == 1e-4
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_fused_and_foreach_optimizers_agree(name):
+    """train.optimizer_impl picks the fused kernels (auto: on GPUs only); same update as foreach."""
+    from cifar_dist.optim import use_fused
+
+    cfg = load_config(None, [f"train.optimizer={name}", "train.weight_decay=0.01"]).train
+    assert not use_fused(cfg, "cpu") and use_fused(cfg, "cuda")
+    torch.manual_seed(0)
+    start = [torch.randn(5, 7), torch.randn(7)]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(5)]
+    results = []
+    for impl in ("foreach", "fused"):
+        cfg.optimizer_impl = impl
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = build_optimizer(params, cfg, "cpu")
+        assert bool(opt.defaults.get("fused")) == (impl == "fused")
+        for step in grads:
+            for q, g in zip(params, step):
+                q.grad = g.clone()
+            opt.step()
+        results.append([q.detach() for q in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

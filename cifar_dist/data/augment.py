@@ -10,6 +10,8 @@ Batches are uint8 [B, 3, 32, 32] in and out.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -80,7 +82,8 @@ def augment(x: torch.Tensor, index: torch.Tensor, epoch: int, seed: int, spec: A
     """Augment a uint8 batch; sample ``i`` is transformed by its global ``index[i]`` alone."""
     if not spec.active:
         return x
-    index = index.to(x.device)
+    if index.device != x.device:  # the torch loader's indices; the gpu loader's are there already
+        index = index.to(x.device)
     if spec.crop_padding:
         x = random_crop(x, index, epoch, seed, spec.crop_padding)
     if spec.flip:
@@ -117,8 +120,13 @@ def cutout(x, index, epoch, seed, size: int, fill):
     xs = torch.arange(w, device=x.device).view(1, 1, w)
     lo = size // 2
     inside = (ys >= cy - lo) & (ys < cy - lo + size) & (xs >= cx - lo) & (xs < cx - lo + size)
-    fill_t = torch.tensor(fill, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
-    return torch.where(inside.unsqueeze(1), fill_t, x)
+    return torch.where(inside.unsqueeze(1), _on_device(fill, x.dtype, x.device).view(1, c, 1, 1), x)
+
+
+@functools.lru_cache(maxsize=16)
+def _on_device(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A constant copied to ``device`` once, not at every step."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _gray(x):
@@ -153,9 +161,10 @@ def color_jitter(x, index, epoch, seed, s: float):
     """torchvision's ColorJitter(s, s, s, s): four adjustments in a random order per sample."""
     b = x.shape[0]
     xf = x.float() / 255
-    factors = [rand_uniform(seed, epoch, index, st, 1 - s, 1 + s).to(x.device).view(b, 1, 1, 1)
+    # ``index`` is on x's device (augment puts it there), and so is every draw from it
+    factors = [rand_uniform(seed, epoch, index, st, 1 - s, 1 + s).view(b, 1, 1, 1)
                for st in (BRIGHT, CONTRAST, SATUR)]
-    hue = rand_uniform(seed, epoch, index, HUE, -s, s).to(x.device)
+    hue = rand_uniform(seed, epoch, index, HUE, -s, s)
     ops = [
         lambda t: _blend(t, torch.zeros_like(t), factors[0]),
         lambda t: _blend(t, _gray(t).mean((1, 2, 3), keepdim=True), factors[1]),
@@ -164,7 +173,7 @@ def color_jitter(x, index, epoch, seed, s: float):
     ]
     # Each sample's order is one of the 24 permutations of the four operations.
     perm_id = rand_int(seed, epoch, index, JITTER_ORDER, 24)
-    order = _PERMS.to(x.device)[perm_id]  # [B, 4]
+    order = _on_device(_PERMS, torch.int64, x.device)[perm_id]  # [B, 4]
     for step in range(4):
         for op_id, op in enumerate(ops):
             mask = (order[:, step] == op_id).view(b, 1, 1, 1)
@@ -172,18 +181,12 @@ def color_jitter(x, index, epoch, seed, s: float):
     return (xf * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def _all_perms(n):
-    import itertools
-    return torch.tensor(list(itertools.permutations(range(n))), dtype=torch.int64)
-
-
-_PERMS = _all_perms(4)
+_PERMS = tuple(itertools.permutations(range(4)))  # the 24 orders of the four jitter operations
 
 
 def rotate(x, index, epoch, seed, degrees: float):
     """torchvision's RandomRotation(degrees): about the centre, nearest neighbour, zero fill."""
-    x.shape[0]
-    angle = rand_uniform(seed, epoch, index, ROTATE, -degrees, degrees).to(x.device) * (math.pi / 180)
+    angle = rand_uniform(seed, epoch, index, ROTATE, -degrees, degrees) * (math.pi / 180)
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
                          torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)

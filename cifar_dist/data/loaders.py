@@ -8,6 +8,8 @@ interchangeable and a resumed epoch continues at the exact next sample.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -121,9 +123,16 @@ def eval_batches(data: ImageSet, rank: int, world: int, batch: int, device):
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), valid
 
 
+@functools.lru_cache(maxsize=16)
+def _pixel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std in pixel units, [1,3,1,1] on ``device``: copied there once, not every step."""
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+    return m, s
+
+
 def normalize(x: torch.Tensor, mean, std, channels_last: bool) -> torch.Tensor:
     """uint8 [B,3,H,W] -> float32 normalized, in the model's memory format."""
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    m, s = _pixel_stats(tuple(mean), tuple(std), x.device)
     x = (x.float() - m) / s
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
