@@ -207,7 +207,7 @@ def _inject_fault(p: Parts, step: int) -> None:
 
 def _forward_loss(p: Parts, x, y, totals: dict):
     cfg = p.cfg
-    x = normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last)
+    x = p.precision.inputs(normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last))
     with p.precision.autocast():
         logits = p.train_model(x)
     loss = smoothed_cross_entropy(logits, y, cfg.train.label_smoothing, cfg.train.smoothing_form)
@@ -268,13 +268,15 @@ def _backward_exact(p: Parts, micro_batches, totals: dict) -> torch.Tensor:
 
 
 def evaluate(p: Parts, tta: bool = False) -> dict:
-    result = evaluate_model(p.eval_model, p.eval_set, p.cfg, p.device, p.precision.autocast, tta)
+    result = evaluate_model(p.eval_model, p.eval_set, p.cfg, p.device, p.precision.autocast, tta,
+                            inputs=p.precision.inputs)
     p.train_model.train()
     return result
 
 
 @torch.no_grad()
-def evaluate_model(model, eval_set, cfg, device, autocast=contextlib.nullcontext, tta: bool = False) -> dict:
+def evaluate_model(model, eval_set, cfg, device, autocast=contextlib.nullcontext, tta: bool = False,
+                   inputs=lambda x: x) -> dict:
     """Loss, accuracy and confusion matrix over the whole evaluation set, each
     sample counted exactly once whatever the number of processes."""
     rank, world = world_info()
@@ -284,7 +286,7 @@ def evaluate_model(model, eval_set, cfg, device, autocast=contextlib.nullcontext
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     batch = min(cfg.data.eval_batch_size, math.ceil(len(eval_set) / world))
     for x, y, valid in eval_batches(eval_set, rank, world, batch, device):
-        x = normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last)
+        x = inputs(normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last))
         with autocast():
             logits = model(x).float()
             if tta:

@@ -34,10 +34,17 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         self.register_buffer("stat_sum", torch.zeros(2, num_features), persistent=False)
         self.register_buffer("stat_count", torch.zeros(()), persistent=False)
 
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """weight and bias in fp32: DeepSpeed's bf16/fp16 engines cast the parameters but not
+        the running statistics, and BatchNorm runs in fp32 whatever the activations' dtype."""
+        if self.weight.dtype == torch.float32:
+            return self.weight, self.bias
+        return self.weight.float(), self.bias.float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._affine()
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
-                                self.bias, False, 0.0, self.eps)
+            return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
         n = x.shape[0]
         g = self.group or n
         if n % g:
@@ -47,15 +54,15 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             # unbiased variance: native speed, and nothing shared is mutated.
             mean = torch.zeros(self.num_features, device=x.device, dtype=torch.float32)
             var = torch.ones(self.num_features, device=x.device, dtype=torch.float32)
-            y = F.batch_norm(x, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+            y = F.batch_norm(x, mean, var, weight, bias, True, 1.0, self.eps)
         else:
-            y, mean, var = self._group_forward(x, n // g)
+            y, mean, var = self._group_forward(x, n // g, weight, bias)
         with torch.no_grad():
             self.stat_sum.add_(torch.stack([mean, var]).detach())
             self.stat_count.add_(1)
         return y
 
-    def _group_forward(self, x: torch.Tensor, groups: int):
+    def _group_forward(self, x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor):
         """Normalize each of ``groups`` contiguous sample groups by its own statistics.
 
         Statistics come from one contiguous reduction per layout and are folded
@@ -69,8 +76,8 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             var, mean = torch.var_mean(xf.permute(0, 2, 3, 1).reshape(groups, g * h * w, c), dim=1, correction=0)
         else:
             var, mean = torch.var_mean(xf.reshape(groups, g, c, h * w), dim=(1, 3), correction=0)
-        scale = self.weight * torch.rsqrt(var + self.eps)  # [groups, C]
-        shift = self.bias - mean * scale
+        scale = weight * torch.rsqrt(var + self.eps)  # [groups, C]
+        shift = bias - mean * scale
         y = xf.view(groups, g, c, h, w) * scale.view(groups, 1, c, 1, 1) + shift.view(groups, 1, c, 1, 1)
         m = g * h * w
         return y.view(n, c, h, w).to(x.dtype), mean.detach().mean(0), (var.detach() * (m / max(m - 1, 1))).mean(0)

@@ -28,6 +28,13 @@ class Precision:
         self._skipped = torch.zeros((), device=self.device)
         self._skipped_host = 0  # DeepSpeed reports its skips as a Python bool
 
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's input: under DeepSpeed, whose engine holds bf16/fp16 weights and runs
+        no autocast, in that dtype (fp32 inputs would meet bf16 weights at the first conv)."""
+        if self.accelerator is not None and self.precision in DTYPES:
+            return x.to(DTYPES[self.precision])
+        return x
+
     def autocast(self):
         if self.accelerator is not None:
             return self.accelerator.autocast()
