@@ -101,7 +101,11 @@ class RunConfig:
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-repeatable runs; slower on GPU)")
     compile: bool = _f(False, "torch.compile the model")
     channels_last: bool = _f(False, "channels_last memory format")
-    precision: str = _f("fp32", "compute precision", choices=("fp32", "bf16", "fp16"))
+    precision: str = _f("auto", "compute precision; auto: bf16 on GPUs with bf16 tensor cores (compute "
+                                "capability >= 8.0), fp16 with loss scaling on older GPUs, fp32 on CPUs",
+                        choices=("auto", "fp32", "bf16", "fp16"))
+    tf32: bool = _f(True, "TF32 tensor cores for fp32 matrix products and convolutions on GPUs "
+                          "(off under run.deterministic)")
     threads: int = _f(0, "CPU threads per process (0 = PyTorch's default)", min=0)
     tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed")
     progress: bool = _f(True, "show a progress bar")

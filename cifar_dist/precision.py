@@ -16,6 +16,32 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_precision(requested: str, capability: tuple[int, int] | None) -> tuple[str, str | None]:
+    """(precision to run, a warning or None) on a GPU of CUDA compute ``capability``
+    (None: no GPU). auto: bf16 from Ampere (8.0) on, fp16 with loss scaling before
+    (the paper's V100 is 7.0), fp32 on CPUs."""
+    if requested == "auto":
+        if capability is None:
+            return "fp32", None
+        return ("bf16" if tuple(capability) >= (8, 0) else "fp16"), None
+    if requested == "bf16" and capability is not None and tuple(capability) < (8, 0):
+        major, minor = capability
+        return "bf16", (f"run.precision=bf16 on a GPU of compute capability {major}.{minor}: it has no bf16 "
+                        "tensor cores (they came with 8.0); fp16 or auto is much faster there")
+    return requested, None
+
+
+def gpu_capability() -> tuple[int, int] | None:
+    """Compute capability of this process's GPU (the launcher's LOCAL_RANK), None without one."""
+    import os
+
+    if not torch.cuda.is_available():
+        return None
+    local = os.environ.get("LOCAL_RANK", "0")
+    return tuple(torch.cuda.get_device_capability(min(int(local) if local.isdigit() else 0,
+                                                      torch.cuda.device_count() - 1)))
+
+
 class Precision:
     def __init__(self, precision: str, device: torch.device, accelerator=None):
         self.precision, self.device = precision, torch.device(device)

@@ -31,6 +31,17 @@ def set_determinism(deterministic: bool, compiling: bool = False) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def set_tf32(allowed: bool) -> None:
+    """TF32 tensor cores for fp32 matrix products and convolutions on GPUs (or IEEE fp32)."""
+    mode = "tf32" if allowed else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:  # PyTorch before 2.9
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+        torch.backends.cudnn.allow_tf32 = allowed
+
+
 def seed_everything(seed: int) -> None:
     """Seeds the global generators (used for weight initialization only: data
     order and augmentation are keyed on the seed directly)."""

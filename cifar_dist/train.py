@@ -74,14 +74,17 @@ def run(args: argparse.Namespace) -> int:
     from cifar_dist.distributed import barrier, make_accelerator, print0, share_from_main, world_info
     from cifar_dist.metrics import MetricsLog
     from cifar_dist.models import count_parameters
-    from cifar_dist.repro import device_name, git_sha, set_determinism, versions
+    from cifar_dist.repro import device_name, git_sha, set_determinism, set_tf32, versions
     from cifar_dist.rundir import RunDir, default_run_dir
 
     if args.out:
         cfg.run.out_dir = args.out
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    resolve_run_precision(cfg)
     set_determinism(cfg.run.deterministic, compiling=cfg.run.compile)
+    if torch.cuda.is_available():
+        set_tf32(cfg.run.tf32 and not cfg.run.deterministic)
     started = time.time()
 
     accelerator = make_accelerator(cfg)
@@ -159,6 +162,22 @@ def run(args: argparse.Namespace) -> int:
     rundir.close()
     accelerator.end_training()
     return 0
+
+
+def resolve_run_precision(cfg) -> None:
+    """Replace ``run.precision: auto`` by what this process's device runs best (config.yaml
+    then records it); warn once about bf16 on a GPU without bf16 tensor cores."""
+    from cifar_dist.distributed import env_rank
+    from cifar_dist.errors import ConfigError
+    from cifar_dist.precision import gpu_capability, resolve_precision
+
+    requested = cfg.run.precision
+    cfg.run.precision, warning = resolve_precision(requested, gpu_capability())
+    if warning and env_rank() == 0:
+        say(f"cifar-dist: warning: {warning}")
+    if cfg.run.precision == "fp16" and cfg.train.exact_reduce:
+        raise ConfigError(f"train.exact_reduce: not with run.precision=fp16 (loss scaling; run.precision="
+                          f"{requested} chose fp16 on this GPU); set run.precision=fp32 or bf16")
 
 
 def build_data(cfg, accelerator):

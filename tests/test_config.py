@@ -149,8 +149,11 @@ def test_more_processes_than_visible_gpus_are_refused(tmp_path, monkeypatch):
     """8 processes on a node that shows 4 GPUs (simulated): exit 2, one line, no run directory."""
     import torch
 
+    from cifar_dist import precision
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(precision, "gpu_capability", lambda: (9, 0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     out = tmp_path / "run"
@@ -166,3 +169,44 @@ def test_launch_configs_assume_no_gpu_count():
     for name in ("multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml"):
         launch = yaml.safe_load((REPO / "launch" / name).read_text())
         assert "num_processes" not in launch, name
+
+
+@pytest.mark.parametrize("capability, expected", [(None, "fp32"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_precision_auto_follows_the_gpu_generation(capability, expected):
+    """auto: fp32 on CPUs, fp16 with loss scaling before bf16 tensor cores (V100: 7.0), bf16 from 8.0."""
+    from cifar_dist.precision import resolve_precision
+
+    assert resolve_precision("auto", capability) == (expected, None)
+    assert resolve_precision("fp32", capability) == ("fp32", None)
+
+
+def test_bf16_on_a_gpu_without_bf16_tensor_cores_warns_in_one_line(monkeypatch, capsys):
+    from cifar_dist import precision
+    from cifar_dist.config import load_config
+    from cifar_dist.train import resolve_run_precision
+
+    monkeypatch.setattr(precision, "gpu_capability", lambda: (7, 0))
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["run.precision=bf16", "train.exact_reduce=false"])
+    resolve_run_precision(cfg)
+    assert cfg.run.precision == "bf16"
+    assert capsys.readouterr().err.splitlines() == [
+        "cifar-dist: warning: run.precision=bf16 on a GPU of compute capability 7.0: it has no bf16 tensor cores "
+        "(they came with 8.0); fp16 or auto is much faster there"]
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["run.precision=auto"])  # exact_reduce: true
+    with pytest.raises(ConfigError, match=r"run.precision=auto chose fp16 on this GPU"):
+        resolve_run_precision(cfg)
+
+
+def test_tf32_switches_gpu_matmuls_and_convolutions():
+    import torch
+
+    from cifar_dist.repro import set_tf32
+
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        set_tf32(True)
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32",) * 2
+        set_tf32(False)
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee",) * 2
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before

@@ -14,7 +14,7 @@ import torch
 from cifar_dist import engine
 from cifar_dist.config import load_config
 from cifar_dist.distributed import make_accelerator
-from cifar_dist.train import _progress_factory, build_data, build_parts, restore
+from cifar_dist.train import _progress_factory, build_data, build_parts, resolve_run_precision, restore
 
 from conftest import REPO
 
@@ -27,6 +27,7 @@ SPE = 8
 def build(run_dir, *overrides):
     """The Parts of `cifar-dist train` for the smoke recipe, built in this process."""
     cfg = load_config(SMOKE, [*SMALL, *overrides])
+    resolve_run_precision(cfg)
     cfg.run.out_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
