@@ -202,3 +202,21 @@ def test_torch_and_device_loaders_deliver_identical_batches():
             assert len(a) == len(b) == 3
             for (xa, ya, ia), (xb, yb, ib) in zip((m for s in a for m in s), (m for s in b for m in s)):
                 assert torch.equal(ia, ib) and torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_torch_loader_keeps_its_workers_across_epochs():
+    """One DataLoader with persistent workers serves every epoch (and a pass cut short, as
+    at train.max_steps); its batches equal the in-process loader's."""
+    data = synthetic_cifar(256, 0)
+    spec = AugmentSpec(crop_padding=4, flip=True, cutout=8)
+    shard = Shard(0, 1, 64)
+    pooled, inline = TorchLoader(data, spec, 3, shard, "cpu", workers=1), TorchLoader(data, spec, 3, shard, "cpu", 0)
+    workers = set()
+    for epoch, start, steps in ((0, 0, 4), (1, 2, 1), (2, 0, 4)):
+        got = [m for _, s in zip(range(steps), pooled.iter_epoch(epoch, start)) for m in s]
+        want = [m for _, s in zip(range(steps), inline.iter_epoch(epoch, start)) for m in s]
+        assert len(got) == len(want) == min(steps, 4 - start)
+        for (xa, ya, ia), (xb, yb, ib) in zip(got, want):
+            assert torch.equal(ia, ib) and torch.equal(xa, xb) and torch.equal(ya, yb)
+        workers.add(tuple(w.pid for w in pooled._loader._iterator._workers))
+    assert len(workers) == 1

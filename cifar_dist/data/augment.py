@@ -82,8 +82,8 @@ def augment(x: torch.Tensor, index: torch.Tensor, epoch: int, seed: int, spec: A
     """Augment a uint8 batch; sample ``i`` is transformed by its global ``index[i]`` alone."""
     if not spec.active:
         return x
-    if index.device != x.device:  # the torch loader's indices; the gpu loader's are there already
-        index = index.to(x.device)
+    if index.device != x.device:  # ffcv's host indices on a GPU batch; the gpu loader's are there already
+        index = index.to(x.device, non_blocking=True)
     if spec.crop_padding:
         x = random_crop(x, index, epoch, seed, spec.crop_padding)
     if spec.flip:

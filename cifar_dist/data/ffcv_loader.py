@@ -55,7 +55,7 @@ class FfcvLoader:
         require_ffcv()
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader
-        from ffcv.transforms import Squeeze, ToTensor
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
         folder = Path(cfg.data.beton_dir) if cfg.data.beton_dir else resolve_data_root(cfg) / "beton"
         name = "synthetic-train" if cfg.data.synthetic else "train"
@@ -66,11 +66,14 @@ class FfcvLoader:
         self.n = len(data)
         self.steps_per_epoch = shard.steps_per_epoch(self.n)
         self._order = _order_class()(self.n, self.seed, shard)
+        # On a GPU, FFCV copies images and labels to it from its own pinned buffers, on its
+        # own thread; the indices stay on the host, where they prove the order.
+        to_gpu = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         self._loader = Loader(
             str(path), batch_size=shard.micro, num_workers=max(cfg.data.workers, 1),
             order=self._order, drop_last=False, os_cache=True,
-            pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()],
-                       "label": [IntDecoder(), ToTensor(), Squeeze()],
+            pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), *to_gpu],
+                       "label": [IntDecoder(), ToTensor(), Squeeze(), *to_gpu],
                        "index": [IntDecoder(), ToTensor(), Squeeze()]})
         # FFCV's Loader sets torch's threads to its worker count, in __init__ and in
         # every __iter__: training would run on that many cores (and round differently).

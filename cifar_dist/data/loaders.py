@@ -58,7 +58,11 @@ def _worker_init(_):
 
 
 class TorchLoader:
-    """torch DataLoader over host memory; augmentation runs in the workers."""
+    """torch DataLoader over host memory; augmentation runs in the workers.
+
+    One DataLoader serves every epoch, so its workers persist (no new processes each
+    epoch); its sampler is told the epoch and the first step before each pass. On a GPU
+    the batches come in pinned memory and are copied without blocking the host."""
 
     name = "torch"
 
@@ -66,16 +70,16 @@ class TorchLoader:
         self.data, self.spec, self.seed, self.shard = data, spec, seed, shard
         self.device, self.workers = torch.device(device), workers
         self.steps_per_epoch = shard.steps_per_epoch(len(data))
-        self._set = _AugmentedBatches(data, spec, seed)
+        self._keys = _StepKeys(len(data), seed, 0, shard, 0)
+        self._loader = DataLoader(_AugmentedBatches(data, spec, seed), batch_sampler=self._keys,
+                                  collate_fn=_whole_batch, num_workers=workers, worker_init_fn=_worker_init,
+                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                                  prefetch_factor=4 if workers else None)
 
     def iter_epoch(self, epoch: int, start_step: int = 0):
-        keys = _StepKeys(len(self.data), self.seed, epoch, self.shard, start_step)
-        loader = DataLoader(self._set, batch_sampler=keys, collate_fn=_whole_batch,
-                            num_workers=self.workers, worker_init_fn=_worker_init,
-                            pin_memory=self.device.type == "cuda",
-                            prefetch_factor=4 if self.workers else None)
+        self._keys.epoch, self._keys.start = epoch, start_step  # read in this process by the iterator
         micro = []
-        for x, y, idx in loader:
+        for x, y, idx in self._loader:
             micro.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx))
             if len(micro) == self.shard.accum:
                 yield micro
