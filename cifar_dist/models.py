@@ -13,6 +13,8 @@ same running statistics exist whatever the number of processes.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -83,6 +85,39 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         return y.view(n, c, h, w).to(x.dtype), mean.detach().mean(0), (var.detach() * (m / max(m - 1, 1))).mean(0)
 
 
+class _BNLayout:
+    """Where each GroupBatchNorm2d's numbers sit in the flat tensor of one step's
+    statistics, built once per model and device: the per-step update is then a fixed
+    handful of operations, however many BatchNorm layers the model has."""
+
+    def __init__(self, layers: list[GroupBatchNorm2d], device: torch.device):
+        self.layers, self.device = layers, device
+        self.sizes = [2 * m.num_features for m in layers]
+        self.total = sum(self.sizes)
+        # the layer of every statistic, to spread the layers' counts over their statistics
+        self.owner = torch.repeat_interleave(torch.arange(len(layers)), torch.tensor(self.sizes)).to(device)
+        moms = [m.momentum for m in layers]
+        self.momentum = moms[0] if len(set(moms)) == 1 else torch.tensor(moms).to(device)
+        self.running = [m.running_mean for m in layers] + [m.running_var for m in layers]
+
+
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layout(model: nn.Module) -> _BNLayout | None:
+    layers = [m for m in model.modules() if isinstance(m, GroupBatchNorm2d)]
+    if not layers:
+        return None
+    cached = _LAYOUTS.get(model)
+    device = layers[0].stat_sum.device
+    if (cached is None or cached.device != device or len(cached.layers) != len(layers)
+            or any(a is not b for a, b in zip(cached.layers, layers))
+            or any(r is not q for r, q in zip(cached.running, [m.running_mean for m in layers]
+                                              + [m.running_var for m in layers]))):
+        cached = _LAYOUTS[model] = _BNLayout(layers, device)
+    return cached
+
+
 @torch.no_grad()
 def sync_bn_statistics(model: nn.Module, all_reduce=None, extra: torch.Tensor | None = None):
     """Apply the recorded batch statistics to the running statistics.
@@ -93,8 +128,9 @@ def sync_bn_statistics(model: nn.Module, all_reduce=None, extra: torch.Tensor | 
     ``extra`` (a small float tensor) rides along in the same collective and
     is returned summed, so per-step control flags cost no extra round trip.
     """
-    layers = [m for m in model.modules() if isinstance(m, GroupBatchNorm2d)]
-    pieces = [torch.cat([m.stat_sum.flatten(), m.stat_count.view(1)]) for m in layers]
+    layout = _layout(model)
+    layers = layout.layers if layout is not None else []
+    pieces = [m.stat_sum.view(-1) for m in layers] + [m.stat_count.view(1) for m in layers]
     if extra is not None:
         pieces.append(extra.float().flatten())
     if not pieces:
@@ -102,20 +138,18 @@ def sync_bn_statistics(model: nn.Module, all_reduce=None, extra: torch.Tensor | 
     flat = torch.cat(pieces)
     if all_reduce is not None:
         all_reduce(flat)
-    offset = 0
-    for m in layers:
-        k = 2 * m.num_features
-        sums, count = flat[offset:offset + k].view(2, -1), flat[offset + k]
-        offset += k + 1
+    if layout is not None:
+        n = len(layers)
+        count = flat[layout.total:layout.total + n]
         # count is 0 only for a layer that saw no forward this step; avoid a host sync
-        safe = count.clamp(min=1)
-        rate = m.momentum * (count > 0).float()
-        m.running_mean.lerp_(sums[0] / safe, rate)
-        m.running_var.lerp_(sums[1] / safe, rate)
-        m.num_batches_tracked.add_((count > 0).long())
-        m.stat_sum.zero_()
-        m.stat_count.zero_()
-    return flat[offset:] if extra is not None else None
+        averages = flat[:layout.total] / count.clamp(min=1)[layout.owner]
+        rate = ((count > 0).float() * layout.momentum).unbind()
+        stats = [a.view(2, -1) for a in averages.split(layout.sizes)]
+        torch._foreach_lerp_(layout.running, [s[0] for s in stats] + [s[1] for s in stats], list(rate) * 2)
+        torch._foreach_add_([m.num_batches_tracked for m in layers], list((count > 0).long().unbind()))
+        torch._foreach_zero_([m.stat_sum for m in layers] + [m.stat_count for m in layers])
+    return flat[layout.total + len(layers):] if extra is not None and layout is not None else (
+        flat if extra is not None else None)
 
 
 class BasicBlock(nn.Module):

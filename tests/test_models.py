@@ -128,3 +128,71 @@ def test_resnet9_pools_with_a_deterministic_global_max():
     (ours * torch.arange(32.0, dtype=torch.float64).view(4, 8, 1, 1)).sum().backward()
     (theirs * torch.arange(32.0, dtype=torch.float64).view(4, 8, 1, 1)).sum().backward()
     assert torch.equal(x.grad, y.grad)
+
+
+def _per_layer_update(model, extra):
+    """The per-layer form of sync_bn_statistics (13 small operations per layer), the reference."""
+    layers = [m for m in model.modules() if isinstance(m, GroupBatchNorm2d)]
+    flat = torch.cat([torch.cat([m.stat_sum.flatten(), m.stat_count.view(1)]) for m in layers] + [extra])
+    offset = 0
+    for m in layers:
+        k = 2 * m.num_features
+        sums, count = flat[offset:offset + k].view(2, -1), flat[offset + k]
+        offset += k + 1
+        rate = m.momentum * (count > 0).float()
+        m.running_mean.lerp_(sums[0] / count.clamp(min=1), rate)
+        m.running_var.lerp_(sums[1] / count.clamp(min=1), rate)
+        m.num_batches_tracked.add_((count > 0).long())
+        m.stat_sum.zero_()
+        m.stat_count.zero_()
+    return flat[offset:]
+
+
+def _bn_step(blocks):
+    """A model with ``blocks`` BasicBlocks per stage after two forwards of 32 images."""
+    torch.manual_seed(0)
+    model = build_model(load_config(None, [f"model.blocks={blocks}", "model.widths=[4,8,8]", "model.bn_group=8"]).model)
+    for _ in range(2):
+        model(torch.randn(32, 3, 32, 32))
+    return model
+
+
+def test_bn_update_is_a_few_operations_whatever_the_depth():
+    """The per-step update launches the same few kernels for 7 or 23 BatchNorm layers (the
+    per-layer form launched 13 per layer); only views of the flat tensor grow with depth."""
+    from torch.overrides import TorchFunctionMode
+
+    views = {torch.Tensor.view, torch.Tensor.__getitem__, torch.Tensor.split, torch.Tensor.unbind,
+             torch.Tensor.flatten}
+
+    class Kernels(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func not in views and not getattr(func, "__name__", "").startswith("__get"):
+                self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    launched = {}
+    for blocks in ([1, 1, 1], [3, 4, 3]):
+        model = _bn_step(blocks)
+        sync_bn_statistics(model, extra=torch.zeros(2))  # builds the layout once
+        model(torch.randn(32, 3, 32, 32))
+        with Kernels() as k:
+            sync_bn_statistics(model, extra=torch.zeros(2))
+        launched[sum(isinstance(m, GroupBatchNorm2d) for m in model.modules())] = k.names
+    print(f"kernels per BatchNorm update, by layer count: { {n: len(v) for n, v in launched.items()} }")
+    (few, shallow), (many, deep) = sorted(launched.items())
+    assert many > 2 * few and deep == shallow and len(deep) <= 20, launched
+
+
+def test_bn_update_equals_the_per_layer_form_bitwise():
+    ours, reference = _bn_step([2, 2, 2]), _bn_step([2, 2, 2])
+    extra = torch.tensor([1.0, 2.0])
+    got = sync_bn_statistics(ours, extra=extra.clone())
+    want = _per_layer_update(reference, extra.clone())
+    assert torch.equal(got, want)
+    for (name, a), (_, b) in zip(ours.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
