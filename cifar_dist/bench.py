@@ -152,7 +152,7 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
         torch.cuda.reset_peak_memory_stats(device)
     timing = time_steps(step, lambda: next(stream), Clock(device), args.warmup, args.steps, args.repeats)
     if distributed and world > 1:  # the slowest rank sets the pace
-        times = torch.tensor(timing["repeat_times"], dtype=torch.float64)
+        times = torch.tensor(timing["repeat_times"], dtype=torch.float64, device=device)  # NCCL: device tensors only
         torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
         timing["repeat_times"] = times.tolist()
     return _figures(timing, args.steps, cfg.train.batch_size, world, _peak_memory(device))
