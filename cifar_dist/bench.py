@@ -125,18 +125,18 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model)
     if distributed:
-        model, compiled, wrapped, optimizer = engine.prepare_model(cfg, accelerator, model, build_optimizer)
+        model, eval_model, train_model, optimizer = engine.prepare_model(cfg, accelerator, model, build_optimizer)
     else:
         model = model.to(device)
         if cfg.run.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        compiled = wrapped = torch.compile(model) if cfg.run.compile else model
+        eval_model = train_model = torch.compile(model) if cfg.run.compile else model
         optimizer = build_optimizer(model.parameters(), cfg.train, device)
     shard = Shard(rank, world, cfg.train.batch_size)
     loader = (_SyntheticLoader(shard, device) if row.loader == "synthetic"
               else build_train_loader(cfg, data, shard, device))
-    parts = engine.Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=wrapped,
-                         eval_model=compiled, optimizer=optimizer, loader=loader, eval_set=None,
+    parts = engine.Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=train_model,
+                         eval_model=eval_model, optimizer=optimizer, loader=loader, eval_set=None,
                          shard=shard, run_dir=Path("."), precision=Precision(cfg.run.precision, device))
     totals = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device,
               dtype=torch.long), "count": 0}

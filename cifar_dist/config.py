@@ -100,6 +100,9 @@ class RunConfig:
     out_dir: str = _f("", "run directory ('' = runs/<config name>-<time>)")
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-repeatable runs; slower on GPU)")
     compile: bool = _f(False, "torch.compile the model")
+    compile_mode: str = _f("default", "torch.compile mode: default; reduce-overhead (CUDA graphs: fewer launches "
+                                      "per step); max-autotune (searches kernels: long first compile)",
+                           choices=("default", "reduce-overhead", "max-autotune"))
     channels_last: bool = _f(False, "channels_last memory format")
     precision: str = _f("auto", "compute precision; auto: bf16 on GPUs with bf16 tensor cores (compute "
                                 "capability >= 8.0), fp16 with loss scaling on older GPUs, fp32 on CPUs",

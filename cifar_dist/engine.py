@@ -106,10 +106,16 @@ class Parts:
 
 
 def prepare_model(cfg, accelerator, model, build_optimizer):
-    """The one place that orders build -> device -> channels_last -> compile -> prepare.
+    """The one place that orders build -> device -> channels_last -> wrap (DDP) -> compile.
 
-    Returns (plain model, compiled model, wrapped model, optimizer). The plain
+    Returns (plain model, evaluation model, training model, optimizer). The plain
     model shares its parameters with the others, so it always holds the weights.
+    The wrapped DDP module is compiled (PyTorch's advice): Dynamo then splits the
+    graph at DDP's bucket boundaries and the gradient all-reduce overlaps the
+    backward pass. Evaluation gets a compiled module of its own, unwrapped (no
+    gradient sync) and with static shapes (eval_batches pads the last batch), so
+    switching between training and evaluation never recompiles. DeepSpeed runs its
+    own engine around the module, so there the module is compiled inside it.
     """
     model = model.to(accelerator.device)
     if cfg.model.sync_bn:
@@ -119,10 +125,18 @@ def prepare_model(cfg, accelerator, model, build_optimizer):
     # weights), so there only the activations are channels_last (the inputs are).
     if cfg.run.channels_last and accelerator.distributed_type.value != "DEEPSPEED":
         model = model.to(memory_format=torch.channels_last)
-    compiled = torch.compile(model) if cfg.run.compile else model
+    mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
+
+    def compiled(module):
+        return torch.compile(module, mode=mode) if cfg.run.compile else module
+
     optimizer = build_optimizer(model.parameters(), cfg.train, accelerator.device)
-    wrapped, optimizer = accelerator.prepare(compiled, optimizer)
-    return model, compiled, wrapped, optimizer
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        inner = compiled(model)
+        engine_, optimizer = accelerator.prepare(inner, optimizer)
+        return model, inner, engine_, optimizer
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    return model, compiled(model), compiled(wrapped), optimizer
 
 
 class StopRequest:

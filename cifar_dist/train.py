@@ -210,10 +210,10 @@ def build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir: Path, fau
 
     seed_everything(cfg.run.seed)
     model = build_model(cfg.model)
-    model, compiled, wrapped, optimizer = engine.prepare_model(cfg, accelerator, model, build_optimizer)
+    model, eval_model, train_model, optimizer = engine.prepare_model(cfg, accelerator, model, build_optimizer)
     loader = build_train_loader(cfg, train_set, shard, accelerator.device)
-    parts = engine.Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=wrapped,
-                         eval_model=compiled, optimizer=optimizer, loader=loader, eval_set=eval_set,
+    parts = engine.Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=train_model,
+                         eval_model=eval_model, optimizer=optimizer, loader=loader, eval_set=eval_set,
                          shard=shard, run_dir=run_dir,
                          checkpoints=CheckpointWriter(run_dir, cfg.checkpoint.keep),
                          stop_file=run_dir / "STOP", fault=fault)
