@@ -216,11 +216,13 @@ def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
 
 @pytest.mark.parametrize("overrides, steps", [
     (["run.precision=fp32"], 22),
+    (["run.precision=bf16"], 22),
+    (["data.loader=gpu", "run.precision=fp32", "data.color_jitter=0.1", "data.rotation=10"], 22),
     (["data.loader=gpu", "run.precision=bf16", "data.color_jitter=0.1", "data.rotation=10"], 22),
     # fused kernels, as optimizer_impl=auto picks on GPUs: GradScaler then skips without a host read
     (["run.precision=fp16", "train.optimizer_impl=fused", "train.exact_reduce=false", "model.bn_group=0",
       "train.batch_size=16"], 12),
-], ids=["torch-fp32", "gpu-bf16-jitter-rotation", "torch-fp16-fused"])
+], ids=["torch-fp32", "torch-bf16", "gpu-fp32-jitter-rotation", "gpu-bf16-jitter-rotation", "torch-fp16-fused"])
 def test_the_step_reads_the_device_once_per_control_interval(tmp_path, monkeypatch, overrides, steps):
     """On a GPU each host read of a device value stalls the step; cifar_dist reads the
     flags, the loss and the skip count once every CONTROL_EVERY steps, in one transfer.
