@@ -115,8 +115,7 @@ def init_restarted_process_group(timeout: timedelta) -> bool:
     world = launcher_world_size()
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=False, timeout=timeout)
-    backend = "gloo" if not has_accelerator() else dist.get_default_backend_for_device(
-        torch.accelerator.current_accelerator())
+    backend = "nccl" if torch.cuda.is_available() else "xccl" if has_accelerator() else "gloo"
     dist.init_process_group(backend, store=dist.PrefixStore(f"cifar_dist/attempt_{attempt}/", store),
                             rank=env_rank(), world_size=world, timeout=timeout)
     return True
