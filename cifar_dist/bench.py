@@ -194,7 +194,7 @@ def run_bench(args) -> int:
     from cifar_dist.errors import ConfigError
     from cifar_dist.hardware import device_peak
     from cifar_dist.models import build_model
-    from cifar_dist.repro import device_name, git_sha, versions
+    from cifar_dist.repro import device_name, git_sha, set_tf32, versions
     from cifar_dist.summary import count_flops
 
     for loader in args.loaders:
@@ -208,6 +208,10 @@ def run_bench(args) -> int:
     accelerator = make_accelerator(base)
     rank, world = world_info()
     device = accelerator.device
+    # fp32 rows (and the plain loop) run on TF32 tensor cores when the run's settings say so
+    tf32 = device.type == "cuda" and base.run.tf32 and not base.run.deterministic
+    if device.type == "cuda":
+        set_tf32(tf32)
     out = Path(args.out) if args.out else share_from_main(
         lambda: Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
     if rank == 0:
@@ -218,14 +222,14 @@ def run_bench(args) -> int:
         from cifar_dist.data import build_datasets
         data = build_datasets(base)[0]
     name = device_name(device)
-    hw = {"device": name, "device_type": device.type, "world_size": world,
+    hw = {"device": name, "device_type": device.type, "world_size": world, "tf32": tf32,
           "torch_threads": torch.get_num_threads(), "git_sha": git_sha(), "versions": versions()}
     if args.loader_only:
         rows = bench_loaders(base, data, args, workers, device)
     else:
         rows = []
         flops = count_flops(build_model(base.model).to(device), train=True)
-        peaks = {p: device_peak(device, name, p) for p in args.precision}
+        peaks = {p: device_peak(device, name, p, tf32) for p in args.precision}
         matrix = [Row(c, p, cl, b, ld, w) for c in args.compile for p in args.precision
                   for cl in args.channels_last for b in args.batch_sizes for ld in args.loaders
                   for w in (workers if ld in ("torch", "ffcv") else [0])]
@@ -234,7 +238,8 @@ def run_bench(args) -> int:
             for b in args.batch_sizes:
                 print0(f"baseline b{b} ...")
                 baseline[b] = bench_baseline.measure(base, b, args, device, data if "torch" in args.loaders else None)
-                baseline[b].update(_mfu(baseline[b], flops, peaks.get("fp32") or device_peak(device, name, "fp32")))
+                baseline[b].update(_mfu(baseline[b], flops,
+                                        peaks.get("fp32") or device_peak(device, name, "fp32", tf32)))
                 rows.append({"label": f"baseline b{b} (plain PyTorch loop)", "baseline": True,
                              "settings": {"batch": b, "precision": "fp32", "compile": False,
                                           "channels_last": False, "loader": baseline[b]["loader"]},

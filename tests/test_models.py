@@ -196,3 +196,20 @@ def test_bn_update_equals_the_per_layer_form_bitwise():
     assert torch.equal(got, want)
     for (name, a), (_, b) in zip(ours.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_peak_table_tells_similar_gpus_apart_and_uses_tf32_for_fp32_work():
+    """MFU divides by these peaks: an NVL part is not an SXM one, an L40 not an L4, an A100
+    not an A10, and fp32 work on TF32 tensor cores is measured against the TF32 peak."""
+    from cifar_dist.hardware import device_peak, table_peak
+
+    names = ["NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", "NVIDIA H100 PCIe",
+             "NVIDIA L40S", "NVIDIA L40", "NVIDIA L4", "NVIDIA A100-SXM4-80GB", "NVIDIA A10"]
+    peaks = {n: table_peak(n, "bf16") for n in names}
+    assert peaks["NVIDIA H200 NVL"] != peaks["NVIDIA H200"] and peaks["NVIDIA H100 NVL"] != peaks["NVIDIA H100 PCIe"]
+    assert len({peaks[n] for n in ("NVIDIA L40S", "NVIDIA L40", "NVIDIA L4")}) == 3
+    assert peaks["NVIDIA A100-SXM4-80GB"] == 312e12 and peaks["NVIDIA A10"] == 125e12
+    gpu = torch.device("cuda")  # only its type is read: the table needs no GPU
+    assert device_peak(gpu, "NVIDIA H200", "fp32", tf32=True) == (494e12, "table (TF32)")
+    assert device_peak(gpu, "NVIDIA H200", "fp32", tf32=False) == (67e12, "table")
+    assert device_peak(gpu, "NVIDIA H200", "bf16", tf32=True) == (989e12, "table")
