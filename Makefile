@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 setup:
 	@bash scripts/setup.sh
 
-# CIFAR-10 into $(DATA): this workplace's offline copy when it is there, else a download.
+# CIFAR-10 into $(DATA): built from ../shared/data/cifar10-jpeg.tar.gz when that copy exists, else a download.
 data: setup
 	@if [ ! -f "$(DATA)/cifar-10-batches-py/test_batch" ] && [ -f "$(SHARED_DATA)" ]; then \
 		$(PY) $(SHARED_DATA) "$(DATA)"; fi

@@ -201,7 +201,7 @@ def run_bench(args) -> int:
     from cifar_dist.errors import ConfigError
     from cifar_dist.hardware import device_peak
     from cifar_dist.models import build_model
-    from cifar_dist.repro import device_name, git_sha, set_tf32, versions
+    from cifar_dist.repro import apply_tf32, device_name, git_sha, versions
     from cifar_dist.summary import count_flops
 
     for loader in args.loaders:
@@ -216,9 +216,7 @@ def run_bench(args) -> int:
     rank, world = world_info()
     device = accelerator.device
     # fp32 rows (and the plain loop) run on TF32 tensor cores when the run's settings say so
-    tf32 = device.type == "cuda" and base.run.tf32 and not base.run.deterministic
-    if device.type == "cuda":
-        set_tf32(tf32)
+    tf32 = apply_tf32(base.run) and device.type == "cuda"
     out = Path(args.out) if args.out else share_from_main(
         lambda: Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
     if rank == 0:

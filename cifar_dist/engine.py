@@ -390,6 +390,7 @@ def fit(p: Parts, state: TrainState, progress) -> TrainState:
     first_bad = torch.full((), -1.0, device=p.device)
     step_t = torch.full((), float(state.global_step), device=p.device)
     no, yes = torch.zeros((), device=p.device), torch.ones((), device=p.device)
+    polls_stop_file = world_info()[0] == 0
     skipped_before = state.skipped_steps - int(p.precision.skipped_count())
     with StopRequest(p.stop_file) as stop:
         p.stop = stop
@@ -410,7 +411,7 @@ def fit(p: Parts, state: TrainState, progress) -> TrainState:
                 reading = done % CONTROL_EVERY == 0 or boundary or checkpoint_due
                 # a stop is looked for only when it will be read: SIGUSR1/SIGTERM on any rank,
                 # the STOP file on rank 0 (no file-system call on every rank at every step)
-                asked = reading and stop.requested(poll_file=world_info()[0] == 0)
+                asked = reading and stop.requested(poll_file=polls_stop_file)
                 control = sync_bn_statistics(p.model, reduce, extra=torch.stack([bad, yes if asked else no]))
                 first_bad = torch.where((control[0] > 0) & (first_bad < 0), step_t, first_bad)
                 step_t += 1

@@ -148,8 +148,8 @@ def sync_bn_statistics(model: nn.Module, all_reduce=None, extra: torch.Tensor | 
         torch._foreach_lerp_(layout.running, [s[0] for s in stats] + [s[1] for s in stats], list(rate) * 2)
         torch._foreach_add_([m.num_batches_tracked for m in layers], list((count > 0).long().unbind()))
         torch._foreach_zero_([m.stat_sum for m in layers] + [m.stat_count for m in layers])
-    return flat[layout.total + len(layers):] if extra is not None and layout is not None else (
-        flat if extra is not None else None)
+    offset = layout.total + len(layers) if layout is not None else 0
+    return flat[offset:] if extra is not None else None
 
 
 class BasicBlock(nn.Module):

@@ -42,6 +42,16 @@ def set_tf32(allowed: bool) -> None:
         torch.backends.cudnn.allow_tf32 = allowed
 
 
+def apply_tf32(run_cfg) -> bool:
+    """``run.tf32`` on a GPU (off under ``run.deterministic``); returns whether fp32 work
+    now runs on TF32 tensor cores. Without a GPU nothing is changed."""
+    if not torch.cuda.is_available():
+        return False
+    allowed = run_cfg.tf32 and not run_cfg.deterministic
+    set_tf32(allowed)
+    return allowed
+
+
 def seed_everything(seed: int) -> None:
     """Seeds the global generators (used for weight initialization only: data
     order and augmentation are keyed on the seed directly)."""

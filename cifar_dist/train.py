@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from cifar_dist.distributed import barrier, make_accelerator, print0, share_from_main, world_info
     from cifar_dist.metrics import MetricsLog
     from cifar_dist.models import count_parameters
-    from cifar_dist.repro import device_name, git_sha, set_determinism, set_tf32, versions
+    from cifar_dist.repro import apply_tf32, device_name, git_sha, set_determinism, versions
     from cifar_dist.rundir import RunDir, default_run_dir
 
     if args.out:
@@ -83,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.run.threads)
     resolve_run_precision(cfg)
     set_determinism(cfg.run.deterministic, compiling=cfg.run.compile)
-    if torch.cuda.is_available():
-        set_tf32(cfg.run.tf32 and not cfg.run.deterministic)
+    apply_tf32(cfg.run)
     started = time.time()
 
     accelerator = make_accelerator(cfg)

@@ -228,14 +228,14 @@ def reference(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
-    """The real CIFAR-10 (this workplace's JPEG-rebuilt copy), built once into .cache/."""
+    """The real CIFAR-10, rebuilt from the JPEG copy in ../shared/data, built once into .cache/."""
     root = CACHE / "cifar10"
     if (root / "cifar-10-batches-py" / "test_batch").is_file() and \
             (root / "cifar-10-batches-py" / "data_batch_5").is_file():
         return root
     if not SHARED_DATA.is_file():
         pytest.skip(f"real CIFAR-10 not available: {SHARED_DATA} is missing "
-                    "(tests that need real images skip outside this workplace)")
+                    "(tests that need real images skip without it)")
     root.mkdir(parents=True, exist_ok=True)
     run([sys.executable, SHARED_DATA, root], timeout=900)
     return root

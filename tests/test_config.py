@@ -197,10 +197,10 @@ def test_bf16_on_a_gpu_without_bf16_tensor_cores_warns_in_one_line(monkeypatch, 
         resolve_run_precision(cfg)
 
 
-def test_tf32_switches_gpu_matmuls_and_convolutions():
+def test_tf32_switches_gpu_matmuls_and_convolutions(monkeypatch):
     import torch
 
-    from cifar_dist.repro import set_tf32
+    from cifar_dist.repro import apply_tf32, set_tf32
 
     before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     try:
@@ -208,5 +208,12 @@ def test_tf32_switches_gpu_matmuls_and_convolutions():
         assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32",) * 2
         set_tf32(False)
         assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee",) * 2
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert apply_tf32(load_config(None).run) is False  # no GPU: nothing to switch
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert apply_tf32(load_config(None).run) is True  # on by default on a GPU
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert apply_tf32(load_config(None, ["run.deterministic=true"]).run) is False
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before

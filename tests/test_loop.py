@@ -54,18 +54,26 @@ def checkpoint_steps(run_dir) -> list[int]:
     return sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))
 
 
+def around_steps(monkeypatch, before=None, after=None):
+    """Call ``before(parts, step)`` and ``after(parts, step)`` around every train_step fit runs."""
+    real = engine.train_step
+
+    def wrapped(p, micro, step, totals):
+        if before is not None:
+            before(p, step)
+        bad = real(p, micro, step, totals)
+        if after is not None:
+            after(p, step)
+        return bad
+
+    monkeypatch.setattr(engine, "train_step", wrapped)
+
+
 @pytest.fixture
 def lr_log(monkeypatch):
     """(step, learning rate the optimizer stepped with) for every train_step that fit runs."""
     seen = []
-    real = engine.train_step
-
-    def spy(p, micro, step, totals):
-        bad = real(p, micro, step, totals)
-        seen.append((step, p.optimizer.param_groups[0]["lr"]))
-        return bad
-
-    monkeypatch.setattr(engine, "train_step", spy)
+    around_steps(monkeypatch, after=lambda p, step: seen.append((step, p.optimizer.param_groups[0]["lr"])))
     return seen
 
 
@@ -147,14 +155,7 @@ def test_a_nan_stops_fit_naming_its_step_before_any_checkpoint_holds_it(tmp_path
     """A NaN weight before step 4 (the 5th step): the check due with checkpoint 6 reads the
     flag first, so only checkpoint 3 exists, and it is finite."""
     parts = build(tmp_path / "run", "checkpoint.every_steps=3")
-    real = engine.train_step
-
-    def poisoned(p, micro, step, totals):
-        if step == 4:
-            poison(p.model)
-        return real(p, micro, step, totals)
-
-    monkeypatch.setattr(engine, "train_step", poisoned)
+    around_steps(monkeypatch, before=lambda p, step: poison(p.model) if step == 4 else None)
     with pytest.raises(engine.NonFiniteError, match=r"became NaN/Inf at step 4 \(epoch 1\)"):
         fit(parts)
     assert commits == [3] and checkpoint_steps(parts.run_dir) == [3]
@@ -170,20 +171,13 @@ def test_a_stop_request_checkpoints_at_the_next_control_read_and_resuming_gives_
     reference = build(tmp_path / "reference")
     fit(reference)
     parts = build(tmp_path / "run")
-    real = engine.train_step
-
-    def stop_at_8(p, micro, step, totals):
-        if step == 8:
-            p.stop_file.write_text("")
-        return real(p, micro, step, totals)
-
-    monkeypatch.setattr(engine, "train_step", stop_at_8)
+    around_steps(monkeypatch, before=lambda p, step: p.stop_file.write_text("") if step == 8 else None)
     state = engine.TrainState()
     with pytest.raises(engine.Preempted, match="STOP file"):
         fit(parts, state)
     assert engine.CONTROL_EVERY == 10 and state.global_step == 10
     assert checkpoint_steps(parts.run_dir) == [8, 10]
-    monkeypatch.setattr(engine, "train_step", real)
+    monkeypatch.undo()  # the resumed run is not stopped
     resumed = build(tmp_path / "resumed")
     fit(resumed, restore(resumed, parts.run_dir / "checkpoints" / "step_00000010"))
     assert all(torch.equal(v, weights(resumed)[k]) for k, v in weights(reference).items())
@@ -232,13 +226,7 @@ def test_the_step_reads_the_device_once_per_control_interval(tmp_path, monkeypat
 
     parts = build(tmp_path / "run", "data.synthetic_train=2048", f"train.max_steps={steps}", *overrides)
     counter = SyncCounter()
-    real = engine.train_step
-
-    def tagged(p, micro, step, totals):
-        counter.context = step
-        return real(p, micro, step, totals)
-
-    monkeypatch.setattr(engine, "train_step", tagged)
+    around_steps(monkeypatch, before=lambda p, step: setattr(counter, "context", step))
     with counter:
         fit(parts)
     steady = [(step, what, where) for step, what, where in counter.calls if step is not None and 1 <= step <= steps - 2]

@@ -120,11 +120,11 @@ def cutout(x, index, epoch, seed, size: int, fill):
     xs = torch.arange(w, device=x.device).view(1, 1, w)
     lo = size // 2
     inside = (ys >= cy - lo) & (ys < cy - lo + size) & (xs >= cx - lo) & (xs < cx - lo + size)
-    return torch.where(inside.unsqueeze(1), _on_device(fill, x.dtype, x.device).view(1, c, 1, 1), x)
+    return torch.where(inside.unsqueeze(1), device_constant(fill, x.dtype, x.device).view(1, c, 1, 1), x)
 
 
 @functools.lru_cache(maxsize=16)
-def _on_device(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A constant copied to ``device`` once, not at every step."""
     return torch.tensor(values, dtype=dtype, device=device)
 
@@ -173,7 +173,7 @@ def color_jitter(x, index, epoch, seed, s: float):
     ]
     # Each sample's order is one of the 24 permutations of the four operations.
     perm_id = rand_int(seed, epoch, index, JITTER_ORDER, 24)
-    order = _on_device(_PERMS, torch.int64, x.device)[perm_id]  # [B, 4]
+    order = device_constant(_PERMS, torch.int64, x.device)[perm_id]  # [B, 4]
     for step in range(4):
         for op_id, op in enumerate(ops):
             mask = (order[:, step] == op_id).view(b, 1, 1, 1)

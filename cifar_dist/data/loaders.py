@@ -13,7 +13,7 @@ import functools
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cifar_dist.data.augment import AugmentSpec, augment, epoch_order
+from cifar_dist.data.augment import AugmentSpec, augment, device_constant, epoch_order
 from cifar_dist.data.cifar import ImageSet
 from cifar_dist.data.sharding import Shard, eval_range
 
@@ -67,8 +67,7 @@ class TorchLoader:
     name = "torch"
 
     def __init__(self, data: ImageSet, spec: AugmentSpec, seed: int, shard: Shard, device, workers: int = 2):
-        self.data, self.spec, self.seed, self.shard = data, spec, seed, shard
-        self.device, self.workers = torch.device(device), workers
+        self.shard, self.device = shard, torch.device(device)
         self.steps_per_epoch = shard.steps_per_epoch(len(data))
         self._keys = _StepKeys(len(data), seed, 0, shard, 0)
         self._loader = DataLoader(_AugmentedBatches(data, spec, seed), batch_sampler=self._keys,
@@ -130,8 +129,8 @@ def eval_batches(data: ImageSet, rank: int, world: int, batch: int, device):
 @functools.lru_cache(maxsize=16)
 def _pixel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """mean and std in pixel units, [1,3,1,1] on ``device``: copied there once, not every step."""
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+    m = device_constant(mean, torch.float32, device).view(1, 3, 1, 1) * 255
+    s = device_constant(std, torch.float32, device).view(1, 3, 1, 1) * 255
     return m, s
 
 
