@@ -4,21 +4,21 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= $(or $(CIFAR_DIST_DATA),$(HOME)/.cache/cifar_dist)
-SHARED_DATA := ../shared/data/build_cifar10.py
+CIFAR_ARCHIVE ?= ../shared/data/cifar10-jpeg.tar.gz
 CONFIG ?= configs/seed.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup data train lint check test bench clean
+.PHONY: setup data train lint check test bench gpu-check clean
 
 setup:
 	@bash scripts/setup.sh
 
-# CIFAR-10 into $(DATA): built from ../shared/data/cifar10-jpeg.tar.gz when that copy exists, else a download.
+# CIFAR-10 into $(DATA): built from the JPEG archive $(CIFAR_ARCHIVE) when it exists, else downloaded.
 data: setup
-	@if [ ! -f "$(DATA)/cifar-10-batches-py/test_batch" ] && [ -f "$(SHARED_DATA)" ]; then \
-		$(PY) $(SHARED_DATA) "$(DATA)"; fi
-	@$(VENV)/bin/cifar-dist prepare --root "$(DATA)"
+	@if [ -f "$(CIFAR_ARCHIVE)" ]; then \
+		$(VENV)/bin/cifar-dist prepare --root "$(DATA)" --from-archive "$(CIFAR_ARCHIVE)"; \
+	else $(VENV)/bin/cifar-dist prepare --root "$(DATA)"; fi
 
 train: data
 	CIFAR_DIST_DATA="$(DATA)" $(VENV)/bin/cifar-dist train --config $(CONFIG) $(ARGS)
@@ -35,6 +35,11 @@ test: lint
 
 bench: setup
 	$(VENV)/bin/cifar-dist bench $(ARGS)
+
+# On a machine with one NVIDIA GPU and its own PyTorch (no setup, no network): environment,
+# sync check, bench table, one timed epoch; FULL=1 adds the full recipes. See docs/benchmarks.md.
+gpu-check:
+	@bash scripts/gpu_check.sh $(if $(FULL),--full) $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .cache

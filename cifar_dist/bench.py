@@ -5,10 +5,14 @@
     accelerate launch --config_file launch/cpu.yaml --num_processes 2 cifar_dist/bench.py --out runs/bench2
 
 Each row runs the framework's own training step (``engine.train_step``) on
-the configured model. Warm-up steps (and compilation) are not timed, the
-device is synchronized before every clock read, and each figure is the
-median over ``--repeats`` timed repeats. With several processes each row is
-also run by rank 0 alone, which gives the scaling efficiency.
+the configured model, followed by the same control work as ``fit`` (the
+BatchNorm/flag collective, a host read every ``CONTROL_EVERY`` steps). Warm-up
+steps (and compilation) are not timed; each repeat times ``--steps`` steps
+between two device synchronizations (throughput, as in training), and each
+figure is the median over ``--repeats`` repeats. Every compiled row starts
+from a fresh compile state and reports the graphs it compiled; every row
+reports the precision it ran in. With several processes each row is also run
+by rank 0 alone, which gives the scaling efficiency.
 """
 from __future__ import annotations
 
@@ -115,45 +119,53 @@ def _peak_memory(device) -> float:
 
 def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) -> dict:
     """Time the framework's training step for one row; ``distributed=False`` runs
-    rank 0's plain (unwrapped) model alone, the single-process reference."""
+    rank 0's model alone, unwrapped: the single-process reference.
+
+    Each step is what ``fit`` runs: ``train_step`` and the control collective
+    after it (BatchNorm statistics and flags), with the flags read on the host
+    every ``CONTROL_EVERY`` steps. A compiled row starts from a fresh compile
+    state, so its figure does not depend on the rows before it.
+    """
     import torch
 
     from cifar_dist import engine
+    from cifar_dist.control import Control
     from cifar_dist.data import Shard, build_train_loader
     from cifar_dist.distributed import world_info
     from cifar_dist.metrics import Clock
-    from cifar_dist.models import build_model, sync_bn_statistics
+    from cifar_dist.models import build_model
     from cifar_dist.optim import build_optimizer
-    from cifar_dist.precision import Precision
+    from cifar_dist.precision import Precision, gpu_capability, resolve_precision
 
     rank, world = world_info() if distributed else (0, 1)
     cfg = _row_config(base_cfg, row, world)
+    cfg.run.precision = resolve_precision(cfg.run.precision, gpu_capability())[0]
     device = accelerator.device
+    if cfg.run.compile:
+        torch._dynamo.reset()  # no code, guards or recompile budget shared with earlier rows
+    graphs_before = engine.graph_count()
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.model)
-    if distributed:
-        model, eval_model, train_model, optimizer = engine.prepare_model(cfg, accelerator, model, build_optimizer)
-    else:
-        model = model.to(device)
-        if cfg.run.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        eval_model = train_model = torch.compile(model) if cfg.run.compile else model
-        optimizer = build_optimizer(model.parameters(), cfg.train, device)
+    model, eval_model, train_model, optimizer = engine.prepare_model(
+        cfg, accelerator, build_model(cfg.model), build_optimizer, wrap=distributed)
     shard = Shard(rank, world, cfg.train.batch_size)
     loader = (_SyntheticLoader(shard, device) if row.loader == "synthetic"
               else build_train_loader(cfg, data, shard, device))
+    precision = Precision(cfg.run.precision, device, accelerator if distributed and _deepspeed(accelerator) else None)
     parts = engine.Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=train_model,
                          eval_model=eval_model, optimizer=optimizer, loader=loader, eval_set=None,
-                         shard=shard, run_dir=Path("."), precision=Precision(cfg.run.precision, device))
+                         shard=shard, run_dir=Path("."), precision=precision)
     totals = {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device,
               dtype=torch.long), "count": 0}
+    control = Control(model, precision, device, collective=distributed)
     state = {"step": 0}
     stream = _forever(loader)
 
     def step(micro):
-        engine.train_step(parts, micro, state["step"], totals)
-        sync_bn_statistics(model, None if not distributed else _sum)
+        bad = engine.train_step(parts, micro, state["step"], totals)
         state["step"] += 1
+        control.after_step(bad)
+        if control.due(state["step"]):
+            control.read(totals["loss"])
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -162,7 +174,14 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
         times = torch.tensor(timing["repeat_times"], dtype=torch.float64, device=device)  # NCCL: device tensors only
         torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
         timing["repeat_times"] = times.tolist()
-    return _figures(timing, args.steps, cfg.train.batch_size, world, _peak_memory(device))
+    fig = _figures(timing, args.steps, cfg.train.batch_size, world, _peak_memory(device))
+    fig["precision_used"] = cfg.run.precision
+    fig["compiled_graphs"] = engine.graph_count() - graphs_before if cfg.run.compile else 0
+    return fig
+
+
+def _deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type.value == "DEEPSPEED"
 
 
 def _forever(loader):
@@ -171,11 +190,6 @@ def _forever(loader):
     while True:
         yield from loader.iter_epoch(epoch)
         epoch += 1
-
-
-def _sum(t):
-    from cifar_dist.distributed import all_reduce_sum
-    return all_reduce_sum(t)
 
 
 def _figures(timing: dict, steps: int, global_batch: int, world: int, peak_mib: float) -> dict:
@@ -210,6 +224,9 @@ def run_bench(args) -> int:
     for p in args.precision:
         if p not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision: unknown precision {p!r} (fp32, bf16, fp16)")
+    for b in args.batch_sizes:
+        if base.model.bn_group and b % base.model.bn_group:
+            raise ConfigError(f"--batch-sizes: {b} is not a multiple of model.bn_group={base.model.bn_group}")
     if base.run.threads:
         torch.set_num_threads(base.run.threads)
     accelerator = make_accelerator(base)
@@ -245,6 +262,7 @@ def run_bench(args) -> int:
                 baseline[b] = bench_baseline.measure(base, b, args, device, data if "torch" in args.loaders else None)
                 baseline[b].update(_mfu(baseline[b], flops,
                                         peaks.get("fp32") or device_peak(device, name, "fp32", tf32)))
+                baseline[b].update(precision_used="fp32", compiled_graphs=0)
                 rows.append({"label": f"baseline b{b} (plain PyTorch loop)", "baseline": True,
                              "settings": {"batch": b, "precision": "fp32", "compile": False,
                                           "channels_last": False, "loader": baseline[b]["loader"]},

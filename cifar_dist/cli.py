@@ -39,7 +39,10 @@ def _prepare(args):
     if args.root:
         cfg.data.root = args.root
     root = resolve_data_root(cfg)
-    print(prepare(root, download=not args.no_download))
+    if args.from_archive:
+        from cifar_dist.data.jpeg_archive import unpack_jpeg_archive
+        unpack_jpeg_archive(args.from_archive, root)
+    print(prepare(root, download=not (args.no_download or args.from_archive)))
     if args.beton:
         from cifar_dist.data.beton import write_betons
         print(write_betons(root))
@@ -122,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="data directory (default: $CIFAR_DIST_DATA, else ~/.cache/cifar_dist)")
     p.add_argument("--beton", action="store_true", help="also write train/test .beton files for data.loader=ffcv")
     p.add_argument("--no-download", action="store_true", help="only check what is there")
+    p.add_argument("--from-archive", metavar="TAR_GZ",
+                   help="build it from a CIFAR-10 JPEG archive (cifar10-jpeg.tar.gz: lossy, exact labels)")
     p.set_defaults(fn=_prepare)
 
     p = sub.add_parser("report", help="(re)draw a run's plots")

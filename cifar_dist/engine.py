@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
+from cifar_dist.control import CONTROL_EVERY, Control, NonFiniteError  # noqa: F401 (re-exported)
 from cifar_dist.data import eval_batches, normalize
 from cifar_dist.distributed import all_reduce_sum, barrier, print0, share_from_main, world_info
-from cifar_dist.errors import EnvironmentFault, TrainingFault
-from cifar_dist.exact import TreeSum, reduce_across_processes, take_grads, tree_all_reduce
-from cifar_dist.models import GroupBatchNorm2d, sync_bn_statistics
+from cifar_dist.errors import EnvironmentFault
+from cifar_dist.exact import TreeSum, reduce_across_processes, take_grads
+from cifar_dist.models import GroupBatchNorm2d
 from cifar_dist.optim import lr_at, set_lr, smoothed_cross_entropy
 
-CONTROL_EVERY = 10  # steps between host reads of the stop / non-finite flags
 FAULT_VAR = "CIFAR_DIST_TEST_FAULT"  # tests inject faults: KIND@STEP[:RANK] (see parse_fault)
 FAULT_KINDS = ("raise", "kill", "killsave", "nan", "overflow", "wait")
 
@@ -52,10 +52,6 @@ def graph_count() -> int:
     except ImportError:
         return 0
     return int(counters["stats"]["unique_graphs"])
-
-
-class NonFiniteError(TrainingFault):
-    """The loss or the gradients became NaN or Inf."""
 
 
 class Preempted(Exception):
@@ -105,7 +101,7 @@ class Parts:
         return self.accelerator.distributed_type.value == "DEEPSPEED"
 
 
-def prepare_model(cfg, accelerator, model, build_optimizer):
+def prepare_model(cfg, accelerator, model, build_optimizer, wrap: bool = True):
     """The one place that orders build -> device -> channels_last -> wrap (DDP) -> compile.
 
     Returns (plain model, evaluation model, training model, optimizer). The plain
@@ -116,6 +112,7 @@ def prepare_model(cfg, accelerator, model, build_optimizer):
     gradient sync) and with static shapes (eval_batches pads the last batch), so
     switching between training and evaluation never recompiles. DeepSpeed runs its
     own engine around the module, so there the module is compiled inside it.
+    ``wrap=False`` leaves the launcher's wrapper out: this process's model alone.
     """
     model = model.to(accelerator.device)
     if cfg.model.sync_bn:
@@ -123,7 +120,7 @@ def prepare_model(cfg, accelerator, model, build_optimizer):
     # Before prepare(), or DDP warns about gradient strides. DeepSpeed keeps its
     # parameters in flat contiguous buffers (it cannot broadcast channels_last
     # weights), so there only the activations are channels_last (the inputs are).
-    if cfg.run.channels_last and accelerator.distributed_type.value != "DEEPSPEED":
+    if cfg.run.channels_last and not (wrap and accelerator.distributed_type.value == "DEEPSPEED"):
         model = model.to(memory_format=torch.channels_last)
     mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
 
@@ -131,6 +128,8 @@ def prepare_model(cfg, accelerator, model, build_optimizer):
         return torch.compile(module, mode=mode) if cfg.run.compile else module
 
     optimizer = build_optimizer(model.parameters(), cfg.train, accelerator.device)
+    if not wrap:
+        return model, compiled(model), compiled(model), optimizer
     if accelerator.distributed_type.value == "DEEPSPEED":
         inner = compiled(model)
         engine_, optimizer = accelerator.prepare(inner, optimizer)
@@ -384,12 +383,7 @@ def fit(p: Parts, state: TrainState, progress) -> TrainState:
     spe = p.loader.steps_per_epoch
     max_steps = cfg.train.max_steps or cfg.train.epochs * spe
     every_steps = cfg.checkpoint.every_steps
-    reduce = tree_all_reduce if cfg.train.exact_reduce else all_reduce_sum
-    # Per-step state lives on the device; the host reads it once per CONTROL_EVERY steps
-    # (and before any checkpoint or epoch end), in one transfer.
-    first_bad = torch.full((), -1.0, device=p.device)
-    step_t = torch.full((), float(state.global_step), device=p.device)
-    no, yes = torch.zeros((), device=p.device), torch.ones((), device=p.device)
+    control = Control(p.model, p.precision, p.device, state.global_step, cfg.train.exact_reduce)
     polls_stop_file = world_info()[0] == 0
     skipped_before = state.skipped_steps - int(p.precision.skipped_count())
     with StopRequest(p.stop_file) as stop:
@@ -408,27 +402,23 @@ def fit(p: Parts, state: TrainState, progress) -> TrainState:
                 boundary = state.step_in_epoch + 1 >= spe or done >= max_steps
                 checkpoint_due = bool(every_steps) and done % every_steps == 0 and not boundary
                 # the flags are read before anything is saved: a checkpoint never holds NaN weights
-                reading = done % CONTROL_EVERY == 0 or boundary or checkpoint_due
+                reading = control.due(done, boundary or checkpoint_due)
                 # a stop is looked for only when it will be read: SIGUSR1/SIGTERM on any rank,
                 # the STOP file on rank 0 (no file-system call on every rank at every step)
-                asked = reading and stop.requested(poll_file=polls_stop_file)
-                control = sync_bn_statistics(p.model, reduce, extra=torch.stack([bad, yes if asked else no]))
-                first_bad = torch.where((control[0] > 0) & (first_bad < 0), step_t, first_bad)
-                step_t += 1
+                control.after_step(bad, reading and stop.requested(poll_file=polls_stop_file))
                 state.global_step += 1
                 state.step_in_epoch += 1
                 steps_run += 1
                 bar.update(1)
                 if reading:
-                    flags = torch.stack([first_bad, totals["loss"].float(), control[1].float(),
-                                         p.precision.skipped_count().float()]).tolist()
-                    bad_at, loss_sum, stop_votes, skipped = flags
-                    state.skipped_steps = skipped_before + int(skipped)
-                    if bad_at >= 0:
+                    try:
+                        read = control.read(totals["loss"], f" (epoch {epoch + 1})")
+                    except NonFiniteError:
                         bar.close()
-                        raise NonFiniteError(f"loss or gradients became NaN/Inf at step {int(bad_at)} "
-                                             f"(epoch {epoch + 1}); the last good checkpoint is kept")
-                    bar.set_postfix(loss=f"{loss_sum / max(totals['count'], 1):.3f}")
+                        raise
+                    state.skipped_steps = skipped_before + read.skipped
+                    stop_votes = read.stop_votes
+                    bar.set_postfix(loss=f"{read.loss_sum / max(totals['count'], 1):.3f}")
                     if stop_votes > 0 and not boundary:
                         bar.close()
                         _checkpoint_mid_epoch(p, state, totals)

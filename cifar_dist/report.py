@@ -89,12 +89,13 @@ def bench_table(result: dict) -> str:
             lines.append(f"| {r['label']} | {_rate(r['images_per_s'])} | {r.get('speedup_vs_torch', 1):.2f}x |")
         return "\n".join(lines)
     scaling = any("scaling_efficiency" in r for r in rows)
-    cols = ["configuration", "img/s", "img/s/device", "step ms (median / p90)", "data wait", "peak MiB",
-            "MFU", "vs baseline"] + (["scaling eff."] if scaling else [])
+    cols = ["configuration", "ran as", "graphs", "img/s", "img/s/device", "step ms (median / p90)",
+            "data wait", "peak MiB", "MFU", "vs baseline"] + (["scaling eff."] if scaling else [])
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" + "---:|" * (len(cols) - 1)]
     for r in rows:
         speed = r.get("speedup_vs_baseline")
-        cells = [r["label"], _rate(r["images_per_s"]), _rate(r["images_per_s_per_device"]),
+        cells = [r["label"], r.get("precision_used", "-"), str(r.get("compiled_graphs", "-")),
+                 _rate(r["images_per_s"]), _rate(r["images_per_s_per_device"]),
                  f"{1000 * r['step_time_median_s']:.1f} / {1000 * r['step_time_p90_s']:.1f}",
                  f"{100 * r['data_wait_share']:.0f}%", f"{r['peak_memory_mib']:,.0f}",
                  f"{100 * r['mfu']:.1f}%", f"{speed:.2f}x" if speed else "-"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data" / "build_cifar10.py"
+SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CACHE = REPO / ".cache"
 BIN = Path(sys.executable).parent
 os.environ.setdefault("MPLBACKEND", "Agg")  # before the warm forkserver (tests/warm.py) starts
@@ -228,16 +228,17 @@ def reference(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
-    """The real CIFAR-10, rebuilt from the JPEG copy in ../shared/data, built once into .cache/."""
+    """CIFAR-10 rebuilt from the JPEG copy in ../shared/data (exact labels, lossy pixels),
+    built once into .cache/ by `cifar-dist prepare --from-archive`."""
     root = CACHE / "cifar10"
     if (root / "cifar-10-batches-py" / "test_batch").is_file() and \
             (root / "cifar-10-batches-py" / "data_batch_5").is_file():
         return root
-    if not SHARED_DATA.is_file():
-        pytest.skip(f"real CIFAR-10 not available: {SHARED_DATA} is missing "
+    if not SHARED_ARCHIVE.is_file():
+        pytest.skip(f"real CIFAR-10 not available: {SHARED_ARCHIVE} is missing "
                     "(tests that need real images skip without it)")
-    root.mkdir(parents=True, exist_ok=True)
-    run([sys.executable, SHARED_DATA, root], timeout=900)
+    from cifar_dist.data.jpeg_archive import unpack_jpeg_archive
+    unpack_jpeg_archive(SHARED_ARCHIVE, root)
     return root
 
 

@@ -33,3 +33,27 @@ def test_bench_writes_every_figure_and_counts_the_papers_flops(tmp_path):
         # The counted training FLOPs per image: 3 x the 0.769 GMAC forward pass = 4.61 GFLOP.
         assert abs(r["flops_per_image"] - 4.61e9) <= 0.01 * 4.61e9
     assert "| baseline b4 (plain PyTorch loop) |" in res.stdout and "img/s/device" in res.stdout
+
+
+def _bench(out, *args):
+    cli("bench", "--config", REPO / "configs" / "smoke.yaml", "--out", out, "--no-baseline",
+        "--warmup", "1", "--steps", "2", "--repeats", "1", *args, "model.widths=[8]", "model.blocks=[1]")
+    return json.loads((out / "bench.json").read_text())["rows"]
+
+
+@pytest.mark.timeout(900)
+def test_a_compiled_row_starts_from_a_fresh_compile_state(tmp_path):
+    """The twelfth compiled row of a matrix compiles the same graphs as the same row run
+    alone: no code, guards or recompile budget is shared with the rows before it (which
+    could turn a 'compile' row eager once the recompile limit is hit). Every row reports
+    the precision it ran in."""
+    matrix = _bench(tmp_path / "matrix", "--compile", "on", "--precision", "fp32,bf16",
+                    "--channels-last", "off,on", "--batch-sizes", "16,32,48")
+    alone = _bench(tmp_path / "alone", "--compile", "on", "--precision", "bf16", "--channels-last", "on",
+                   "--batch-sizes", "48")
+    assert len(matrix) == 12 and matrix[-1]["label"] == alone[0]["label"]
+    assert [r["precision_used"] for r in matrix] == [r["settings"]["precision"] for r in matrix]
+    assert all(r["compiled_graphs"] > 0 for r in matrix)
+    assert matrix[-1]["compiled_graphs"] == alone[0]["compiled_graphs"]
+    print(f"{alone[0]['label']}: {matrix[-1]['images_per_s']:.0f} img/s as row 12, "
+          f"{alone[0]['images_per_s']:.0f} img/s alone")
