@@ -3,10 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cifar_dist._malloc import tune_malloc
-
 __version__ = "0.1.0"
-tune_malloc()
 
 
 def load_model(path, device="cpu"):

@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from cifar_dist.train import add_train_arguments, guarded
+from cifar_dist.errors import guarded
+from cifar_dist.train import add_train_arguments
 
 
 def _train(args):
@@ -16,8 +17,8 @@ def _train(args):
 
 def _summary(args):
     from cifar_dist.config import load_config
+    from cifar_dist.layer_table import count_flops, format_table, layer_table
     from cifar_dist.models import build_model, count_parameters
-    from cifar_dist.summary import count_flops, format_table, layer_table
 
     cfg = load_config(args.config, args.overrides)
     model = build_model(cfg.model)
@@ -50,7 +51,7 @@ def _prepare(args):
 
 
 def _report(args):
-    from cifar_dist.report import draw_run
+    from cifar_dist.plots import draw_run
     for path in draw_run(Path(args.run_dir)):
         print(path)
     return 0
@@ -62,9 +63,9 @@ def _eval(args):
     from cifar_dist import load_model
     from cifar_dist.config import load_config
     from cifar_dist.data import build_datasets
-    from cifar_dist.engine import evaluate_model
     from cifar_dist.errors import CheckpointError
-    from cifar_dist.report import plot_confusion
+    from cifar_dist.evaluation import evaluate_model
+    from cifar_dist.plots import plot_confusion
 
     run_dir = Path(args.checkpoint)
     if not (run_dir / "model.safetensors").is_file():
@@ -87,7 +88,7 @@ def _eval(args):
 
 
 def _bench(args):
-    from cifar_dist.bench import run_bench
+    from cifar_dist.bench.run import run_bench
     return run_bench(args)
 
 
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=_config)
 
-    from cifar_dist.bench_args import add_bench_arguments
+    from cifar_dist.bench.args import add_bench_arguments
     p = sub.add_parser("bench", help="throughput benchmark: images/s per device, MFU, speed-up over plain PyTorch")
     add_bench_arguments(p)
     p.set_defaults(fn=_bench)
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from cifar_dist.memory import tune_malloc
+
+    tune_malloc()
     args = build_parser().parse_args(argv)
     return guarded(args.fn, args)
 

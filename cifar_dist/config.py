@@ -16,6 +16,9 @@ from typing import Any
 import yaml
 
 from cifar_dist.errors import ConfigError
+from cifar_dist.plugins import is_spec
+
+MODELS = ("seed_resnet", "resnet9", "resnet18")  # built in; model.name may also be package.module:factory
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the paper's Normalize constants
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -55,7 +58,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("seed_resnet", "architecture", choices=("seed_resnet", "resnet9", "resnet18"))
+    name: str = _f("seed_resnet", "architecture: seed_resnet, resnet9, resnet18, or your own as "
+                                  "package.module:factory (called with the model config and the class count)")
     widths: list = _f([66, 132, 264], "seed_resnet: channels of each stage")
     blocks: list = _f([3, 4, 3], "seed_resnet: BasicBlocks in each stage")
     bn_group: int = _f(0, "BatchNorm normalizes over groups of this many samples (0 = the whole per-process "
@@ -113,6 +117,8 @@ class RunConfig:
     tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed")
     progress: bool = _f(True, "show a progress bar")
     plots: bool = _f(True, "draw plots/*.png at the end (cifar-dist report RUN_DIR draws them later)")
+    callbacks: list = _f([], "callbacks, each package.module:Class, built with no arguments "
+                             "(see cifar_dist/callbacks.py)")
 
 
 @dataclass
@@ -146,7 +152,8 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "nam
 _SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
                     "run": RunConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig}
 _LIST_ITEM = {("model", "widths"): int, ("model", "blocks"): int, ("data", "mean"): float,
-              ("data", "std"): float, ("train", "betas"): float, ("train", "milestones"): int}
+              ("data", "std"): float, ("train", "betas"): float, ("train", "milestones"): int,
+              ("run", "callbacks"): str}
 
 
 def iter_fields():
@@ -298,6 +305,12 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> C
 def validate(cfg: Config, where: str) -> None:
     """Checks that involve more than one key."""
     m, d, t = cfg.model, cfg.data, cfg.train
+    if m.name not in MODELS and not is_spec(m.name):
+        raise ConfigError(f"{where}: model.name: must be one of {', '.join(MODELS)} or package.module:factory, "
+                          f"got {m.name!r}")
+    for spec in cfg.run.callbacks:
+        if not is_spec(spec):
+            raise ConfigError(f"{where}: run.callbacks: {spec!r} is not of the form package.module:Class")
     if len(m.widths) != len(m.blocks) or not m.widths:
         raise ConfigError(f"{where}: model.widths and model.blocks must be non-empty lists of equal length")
     for key, values in (("model.widths", m.widths), ("model.blocks", m.blocks)):

@@ -30,15 +30,17 @@ class Reading:
 
     loss_sum: float    # the epoch's summed training loss so far (this rank)
     stop_votes: float  # ranks that asked to stop
-    skipped: int       # fp16 steps skipped by the loss scaler so far
+    skipped: int       # fp16 steps skipped by the loss scaler in the whole run so far
 
 
 class Control:
     """Device-side flags of the running loop and their amortized host read."""
 
     def __init__(self, model, precision, device, global_step: int = 0, exact_reduce: bool = False,
-                 collective: bool = True):
+                 collective: bool = True, skipped_steps: int = 0):
         self.model, self.precision = model, precision
+        # the precision counts skips since it was built; a resumed run adds the earlier ones
+        self.skipped_before = skipped_steps - int(precision.skipped_count())
         # ``collective=False``: this process alone (the benchmark's single-process reference)
         self.reduce = None if not collective else tree_all_reduce if exact_reduce else all_reduce_sum
         self.first_bad = torch.full((), -1.0, device=device)  # the first non-finite step, -1: none
@@ -67,4 +69,4 @@ class Control:
         if bad_at >= 0:
             raise NonFiniteError(f"loss or gradients became NaN/Inf at step {int(bad_at)}{where}; "
                                  "the last good checkpoint is kept")
-        return Reading(loss, votes, int(skipped))
+        return Reading(loss, votes, self.skipped_before + int(skipped))

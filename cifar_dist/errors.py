@@ -64,3 +64,23 @@ def fail(message: str, code: int) -> None:
     """One line on stderr, naming the rank when there are several, then exit."""
     say(f"cifar-dist: {rank_prefix()}{message}")
     sys.exit(code)
+
+
+def guarded(fn, args) -> int:
+    """Run the command ``fn(args)``: user errors and environment faults become one line
+    and an exit code (2 and 1); a bug names the rank and shows its traceback."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    try:
+        return fn(args)
+    except UserError as e:
+        fail(str(e), 2)
+    except (EnvironmentFault, TrainingFault) as e:
+        fail(str(e), 1)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as e:
+        say(f"cifar-dist: {rank_prefix()}crashed: {type(e).__name__}: {e}")
+        raise
+    return 1

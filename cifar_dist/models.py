@@ -249,17 +249,40 @@ class ResNet9(nn.Module):
         return self.linear(self.net(x)) * self.scale
 
 
-def build_model(model_cfg, num_classes: int = 10) -> nn.Module:
-    """The model named by ``model.name``, with group BatchNorm of ``model.bn_group``."""
+def build_model(model_cfg, num_classes: int = 10, norm=None) -> nn.Module:
+    """The model named by ``model.name``, with group BatchNorm of ``model.bn_group``
+    (``norm``: another normalization layer, given the channel count, e.g. nn.BatchNorm2d).
+
+    ``model.name`` may also name a factory, ``"package.module:function"``, called
+    as ``function(model_cfg, num_classes)``; it must return an ``nn.Module``.
+    """
+    from cifar_dist.config import MODELS
+    from cifar_dist.errors import ConfigError
+    from cifar_dist.plugins import import_object, is_spec
+
     def bn(c):
         return GroupBatchNorm2d(c, group=model_cfg.bn_group, momentum=model_cfg.bn_momentum)
+    norm = norm or bn
     if model_cfg.name == "seed_resnet":
-        return ResNet(model_cfg.widths, model_cfg.blocks, num_classes, bn)
+        return ResNet(model_cfg.widths, model_cfg.blocks, num_classes, norm)
     if model_cfg.name == "resnet18":
-        return ResNet([64, 128, 256, 512], [2, 2, 2, 2], num_classes, bn)
+        return ResNet([64, 128, 256, 512], [2, 2, 2, 2], num_classes, norm)
     if model_cfg.name == "resnet9":
-        return ResNet9(num_classes, bn)
-    raise ValueError(f"unknown model {model_cfg.name!r}")
+        return ResNet9(num_classes, norm)
+    if not is_spec(model_cfg.name):
+        raise ConfigError(f"model.name: must be one of {', '.join(MODELS)} or package.module:factory, "
+                          f"got {model_cfg.name!r}")
+    factory = import_object(model_cfg.name, "model.name")
+    if not callable(factory):
+        raise ConfigError(f"model.name: {model_cfg.name!r} is not callable")
+    try:
+        model = factory(model_cfg, num_classes)
+    except Exception as e:
+        raise ConfigError(f"model.name: {model_cfg.name}(model_cfg, {num_classes}) failed: "
+                          f"{type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name: {model_cfg.name} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -100,7 +100,8 @@ def sync_check(out: Path, data_root: str | None, dry: bool, steps: int = 50) -> 
     from cifar_dist.config import load_config
     from cifar_dist.control import Control
     from cifar_dist.distributed import make_accelerator
-    from cifar_dist.train import build_data, build_parts, resolve_run_precision
+    from cifar_dist.parts import build_data, build_parts, resolve_run_precision
+    from cifar_dist.step import new_totals, train_step
 
     overrides = ["train.epochs=100", "run.progress=false", "run.tensorboard=false"]
     overrides += ["data.synthetic=true"] if data_root is None else [f"data.root={data_root}"]
@@ -110,11 +111,8 @@ def sync_check(out: Path, data_root: str | None, dry: bool, steps: int = 50) -> 
     accelerator = make_accelerator(cfg)
     shard, train_set, eval_set, _ = build_data(cfg, accelerator)
     parts = build_parts(cfg, accelerator, shard, train_set, eval_set, out / "sync-run")
-    parts.checkpoints = None
-    totals = {"loss": torch.zeros((), device=parts.device), "correct": torch.zeros(
-        (), device=parts.device, dtype=torch.long), "count": 0}
+    totals = new_totals(parts.device)
     control = Control(parts.model, parts.precision, parts.device, 0, cfg.train.exact_reduce)
-    from cifar_dist import engine
     stream, warmup, done, reads = parts.loader.iter_epoch(0), 3 * 10, 0, 0
     cuda = parts.device.type == "cuda"
     with warnings.catch_warnings(record=True) as caught:
@@ -124,7 +122,7 @@ def sync_check(out: Path, data_root: str | None, dry: bool, steps: int = 50) -> 
                 torch.cuda.synchronize(parts.device)
                 caught.clear()
                 torch.cuda.set_sync_debug_mode("warn")
-            bad = engine.train_step(parts, next(stream), done, totals)
+            bad = train_step(parts, next(stream), done, totals)
             control.after_step(bad)
             done += 1
             if control.due(done):

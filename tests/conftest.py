@@ -40,6 +40,16 @@ def base_env(**extra) -> dict:
     return env
 
 
+# Faults (tests/faults.py) enter a run as a callback, like any user's code.
+FAULT_ARG = "run.callbacks=[faults:Inject]"
+
+
+def fault_env(spec: str, **extra) -> dict:
+    """base_env for a run with FAULT_ARG: the fault ``spec`` and tests/ on PYTHONPATH."""
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    return base_env(FAULT_INJECT=spec, PYTHONPATH=path, **extra)
+
+
 CHECK_TIER = os.environ.get("CIFAR_DIST_TIER") == "check"
 
 
@@ -170,7 +180,7 @@ def _warm():
         # Modules importable from the venv: the forkserver does not see tests/ on its path.
         _WARM.set_forkserver_preload(["torch", "torch._dynamo", "matplotlib.pyplot", "accelerate",
                                       "safetensors.torch", "cifar_dist.cli", "cifar_dist.train",
-                                      "cifar_dist.engine", "cifar_dist.report"])
+                                      "cifar_dist.loop", "cifar_dist.plots"])
     return _WARM
 
 
@@ -186,14 +196,16 @@ def free_port() -> int:
 
 
 def torchrun(nproc: int, *args, **kw):
+    """`torchrun -m cifar_dist.train ARGS` with ``nproc`` processes."""
     return run([BIN / "torchrun", "--nproc_per_node", nproc, "--master_port", free_port(),
-                REPO / "cifar_dist" / "train.py", *args], **kw)
+                "-m", "cifar_dist.train", *args], **kw)
 
 
-def accelerate_launch(config_file, nproc, *args, env=None, **kw):
+def accelerate_launch(config_file, nproc, *args, env=None, module=False, **kw):
+    """`accelerate launch cifar_dist/train.py ARGS` (``module``: `-m cifar_dist.train`)."""
+    entry = ["-m", "cifar_dist.train"] if module else [REPO / "cifar_dist" / "train.py"]
     return run([BIN / "accelerate", "launch", "--config_file", REPO / "launch" / config_file,
-                "--num_processes", nproc, "--main_process_port", free_port(),
-                REPO / "cifar_dist" / "train.py", *args], env=env, **kw)
+                "--num_processes", nproc, "--main_process_port", free_port(), *entry, *args], env=env, **kw)
 
 
 def load_weights(run_dir) -> dict:

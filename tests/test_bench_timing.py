@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cifar_dist.bench import _figures, time_steps
+from cifar_dist.bench.timing import figures, time_steps
 
 
 class CountingClock:
@@ -27,6 +27,6 @@ def test_the_bench_synchronizes_once_per_repeat_not_per_step():
     assert len(steps_run) == 3 + 4 * 20
     assert clock.syncs == 1 + 4  # after the warm-up, then at the end of each repeat
     assert timing["repeat_times"] == [1.0] * 4 and timing["step_times"] == pytest.approx([0.05] * 4)
-    fig = _figures(timing, steps=20, global_batch=64, world=2, peak_mib=1.0)
+    fig = figures(timing, steps=20, global_batch=64, world=2, peak_mib=1.0)
     assert fig["images_per_s"] == pytest.approx(20 * 64) and fig["images_per_s_per_device"] == pytest.approx(640)
     assert 0 <= fig["data_wait_share"] < 0.01

@@ -183,7 +183,7 @@ def test_precision_auto_follows_the_gpu_generation(capability, expected):
 def test_bf16_on_a_gpu_without_bf16_tensor_cores_warns_in_one_line(monkeypatch, capsys):
     from cifar_dist import precision
     from cifar_dist.config import load_config
-    from cifar_dist.train import resolve_run_precision
+    from cifar_dist.parts import resolve_run_precision
 
     monkeypatch.setattr(precision, "gpu_capability", lambda: (7, 0))
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["run.precision=bf16", "train.exact_reduce=false"])

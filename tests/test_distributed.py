@@ -9,12 +9,14 @@ import sys
 import pytest
 
 from conftest import (
+    FAULT_ARG,
     REF_ARGS,
     REPO,
     SMOKE,
     accelerate_launch,
     base_env,
     cli,
+    fault_env,
     load_weights,
     max_diff,
     rewind,
@@ -74,7 +76,7 @@ def deepspeed_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("deepspeed")
     args = ["--config", SMOKE, "train.exact_reduce=false", *STEPS]
     torchrun(2, "--out", base / "ddp", *args)
-    res = accelerate_launch("deepspeed_zero2.yaml", 2, "--out", base / "ds", *args)
+    res = accelerate_launch("deepspeed_zero2.yaml", 2, "--out", base / "ds", *args, module=True)
     return base, res
 
 
@@ -163,7 +165,8 @@ def test_processes_that_do_not_know_each_other_are_refused(spawn, tmp_path):
     procs = []
     for rank in range(2):
         env = base_env(SLURM_STEP_NUM_TASKS=2, SLURM_PROCID=rank, SLURM_NTASKS=2)
-        procs.append(spawn([sys.executable, REPO / "cifar_dist" / "train.py", "--config", SMOKE,
+        entry = [REPO / "cifar_dist" / "train.py"] if rank == 0 else ["-m", "cifar_dist.train"]  # both forms
+        procs.append(spawn([sys.executable, *entry, "--config", SMOKE,
                             "--out", tmp_path / f"r{rank}", "run.progress=false"], env=env))
     for rank, p in enumerate(procs):
         _, err = p.communicate(timeout=280)
@@ -173,8 +176,8 @@ def test_processes_that_do_not_know_each_other_are_refused(spawn, tmp_path):
 
 
 def test_failure_on_one_rank_is_reported_with_its_rank(tmp_path):
-    res = torchrun(2, "--config", SMOKE, "--out", tmp_path / "f", *STEPS,
-                   env=base_env(CIFAR_DIST_TEST_FAULT="raise@3:1"), check=False)
+    res = torchrun(2, "--config", SMOKE, "--out", tmp_path / "f", *STEPS, FAULT_ARG,
+                   env=fault_env("raise@3:1"), check=False)
     assert res.returncode != 0
     assert "cifar-dist: rank 1: crashed: RuntimeError: injected fault at step 3" in res.stderr
 

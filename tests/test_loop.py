@@ -1,4 +1,4 @@
-"""The training loop in this process: engine.train_step and engine.fit on the smoke model,
+"""The training loop in this process: step.train_step and loop.fit on the smoke model,
 no subprocess. The learning rate at every step, the non-finite check, the checkpoint
 schedule, stop requests, resume and evaluation counting, each in a second or two; the
 end-to-end tests keep only what a real process (or several) can show."""
@@ -11,10 +11,16 @@ import shutil
 import pytest
 import torch
 
-from cifar_dist import engine
+from cifar_dist import loop
+from cifar_dist.callbacks import Callbacks
 from cifar_dist.config import load_config
+from cifar_dist.control import CONTROL_EVERY, NonFiniteError
 from cifar_dist.distributed import make_accelerator
-from cifar_dist.train import _progress_factory, build_data, build_parts, resolve_run_precision, restore
+from cifar_dist.parts import build_data, build_parts, resolve_run_precision, restore
+from cifar_dist.state import TrainState
+from cifar_dist.step import new_totals, train_step
+from cifar_dist.stopping import Preempted
+from cifar_dist.train import progress_bars
 
 from conftest import REPO
 
@@ -24,7 +30,7 @@ SMALL = ["data.synthetic_train=512", "data.synthetic_test=256", "run.progress=fa
 SPE = 8
 
 
-def build(run_dir, *overrides):
+def build(run_dir, *overrides, callbacks=()):
     """The Parts of `cifar-dist train` for the smoke recipe, built in this process."""
     cfg = load_config(SMOKE, [*SMALL, *overrides])
     resolve_run_precision(cfg)
@@ -32,11 +38,11 @@ def build(run_dir, *overrides):
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
     shard, train_set, eval_set, _ = build_data(cfg, accelerator)
-    return build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir)
+    return build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, callbacks=Callbacks(callbacks))
 
 
 def fit(parts, state=None):
-    return engine.fit(parts, state or engine.TrainState(), _progress_factory(False))
+    return loop.fit(parts, state or TrainState(), progress_bars(False))
 
 
 def weights(parts) -> dict:
@@ -54,27 +60,34 @@ def checkpoint_steps(run_dir) -> list[int]:
     return sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))
 
 
-def around_steps(monkeypatch, before=None, after=None):
-    """Call ``before(parts, step)`` and ``after(parts, step)`` around every train_step fit runs."""
-    real = engine.train_step
+class AroundSteps:
+    """A callback: ``before(parts, step)`` and ``after(parts, step)`` around every step fit runs."""
 
-    def wrapped(p, micro, step, totals):
-        if before is not None:
-            before(p, step)
-        bad = real(p, micro, step, totals)
-        if after is not None:
-            after(p, step)
-        return bad
+    def __init__(self, before=None, after=None):
+        self.before, self.after, self.parts = before, after, None
 
-    monkeypatch.setattr(engine, "train_step", wrapped)
+    def on_train_start(self, run):
+        self.parts = run.parts
+
+    def on_step_start(self, step):
+        if self.before is not None:
+            self.before(self.parts, step)
+
+    def on_step_end(self, step, metrics):
+        if self.after is not None:
+            self.after(self.parts, step)
+
+
+class LrLog(list):
+    """A callback: (step, learning rate the optimizer stepped with) for every step fit runs."""
+
+    def on_step_end(self, step, metrics):
+        self.append((step, metrics["lr"]))
 
 
 @pytest.fixture
-def lr_log(monkeypatch):
-    """(step, learning rate the optimizer stepped with) for every train_step that fit runs."""
-    seen = []
-    around_steps(monkeypatch, after=lambda p, step: seen.append((step, p.optimizer.param_groups[0]["lr"])))
-    return seen
+def lr_log():
+    return LrLog()
 
 
 @pytest.fixture
@@ -96,22 +109,22 @@ def commits(monkeypatch):
 def test_train_step_returns_a_device_flag_updates_the_weights_and_clears_gradients(tmp_path):
     parts = build(tmp_path / "run")
     before = weights(parts)
-    totals = engine._new_totals(parts.device, None)
+    totals = new_totals(parts.device)
     micro = next(iter(parts.loader.iter_epoch(0)))
-    bad = engine.train_step(parts, micro, 0, totals)
+    bad = train_step(parts, micro, 0, totals)
     assert isinstance(bad, torch.Tensor) and bad.dim() == 0 and bad.device == parts.device
     assert float(bad) == 0.0 and totals["count"] == 64
     assert all(q.grad is None for q in parts.model.parameters())
     # step 0 of the one-cycle schedule runs at lr 0: nothing may move yet
     assert all(torch.equal(before[k], v) for k, v in weights(parts).items() if "weight" in k)
-    bad = engine.train_step(parts, micro, 1, totals)
+    bad = train_step(parts, micro, 1, totals)
     assert any(not torch.equal(before[k], v) for k, v in weights(parts).items() if "weight" in k)
     poison(parts.model)
-    assert float(engine.train_step(parts, micro, 2, totals)) > 0
+    assert float(train_step(parts, micro, 2, totals)) > 0
 
 
 def test_fit_steps_the_one_cycle_schedule_at_every_step_and_after_a_resume(tmp_path, lr_log):
-    parts = build(tmp_path / "run", "checkpoint.every_steps=5", "checkpoint.keep=10")
+    parts = build(tmp_path / "run", "checkpoint.every_steps=5", "checkpoint.keep=10", callbacks=[lr_log])
     state = fit(parts)
     # smoke: lr 0.2, linear warm-up over half an epoch (4 steps), then linear to 0 at step 16
     expected = [0.2 * s / 4 if s < 4 else 0.2 * (16 - s) / 12 for s in range(16)]
@@ -119,7 +132,7 @@ def test_fit_steps_the_one_cycle_schedule_at_every_step_and_after_a_resume(tmp_p
     assert [lr for _, lr in lr_log] == pytest.approx(expected, abs=1e-12)
     assert [r["lr"] for r in state.history] == pytest.approx([expected[7], expected[15]])
     lr_log.clear()
-    again = build(tmp_path / "again")
+    again = build(tmp_path / "again", callbacks=[lr_log])
     fit(again, restore(again, parts.run_dir / "checkpoints" / "step_00000005"))
     assert lr_log == [(s, pytest.approx(expected[s], abs=1e-12)) for s in range(5, 16)]
 
@@ -128,7 +141,7 @@ def test_the_papers_epoch_schedule_is_constant_within_an_epoch(tmp_path, lr_log)
     """schedule_unit=epoch: like the paper's LambdaLR stepped once per epoch, the first
     epoch of warm-up runs at lr 0, and cosine then takes over from the second."""
     parts = build(tmp_path / "run", "train.schedule=warmup_cosine", "train.schedule_unit=epoch",
-                  "train.warmup_epochs=1", "train.epochs=3", "train.lr=0.1")
+                  "train.warmup_epochs=1", "train.epochs=3", "train.lr=0.1", callbacks=[lr_log])
     fit(parts)
     per_epoch = [0.0, 0.1, 0.1 * 0.5 * (1 + math.cos(math.pi / 2))]
     assert [lr for _, lr in lr_log] == pytest.approx([lr for lr in per_epoch for _ in range(SPE)], abs=1e-12)
@@ -151,12 +164,12 @@ def test_epoch_checkpoints_follow_every_epochs(tmp_path, commits):
     assert commits == [16, 24]  # epoch 2, then the end of training
 
 
-def test_a_nan_stops_fit_naming_its_step_before_any_checkpoint_holds_it(tmp_path, commits, monkeypatch):
+def test_a_nan_stops_fit_naming_its_step_before_any_checkpoint_holds_it(tmp_path, commits):
     """A NaN weight before step 4 (the 5th step): the check due with checkpoint 6 reads the
     flag first, so only checkpoint 3 exists, and it is finite."""
-    parts = build(tmp_path / "run", "checkpoint.every_steps=3")
-    around_steps(monkeypatch, before=lambda p, step: poison(p.model) if step == 4 else None)
-    with pytest.raises(engine.NonFiniteError, match=r"became NaN/Inf at step 4 \(epoch 1\)"):
+    parts = build(tmp_path / "run", "checkpoint.every_steps=3",
+                  callbacks=[AroundSteps(before=lambda p, step: poison(p.model) if step == 4 else None)])
+    with pytest.raises(NonFiniteError, match=r"became NaN/Inf at step 4 \(epoch 1\)"):
         fit(parts)
     assert commits == [3] and checkpoint_steps(parts.run_dir) == [3]
     from safetensors.torch import load_file
@@ -164,20 +177,18 @@ def test_a_nan_stops_fit_naming_its_step_before_any_checkpoint_holds_it(tmp_path
     assert all(bool(v.float().isfinite().all()) for v in saved.values())
 
 
-def test_a_stop_request_checkpoints_at_the_next_control_read_and_resuming_gives_the_same_run(
-        tmp_path, monkeypatch):
+def test_a_stop_request_checkpoints_at_the_next_control_read_and_resuming_gives_the_same_run(tmp_path):
     """A STOP file appears during step 8 (the first of epoch 2); the flags are read every
     CONTROL_EVERY steps, so the run stops after step 10 with a mid-epoch checkpoint."""
     reference = build(tmp_path / "reference")
     fit(reference)
-    parts = build(tmp_path / "run")
-    around_steps(monkeypatch, before=lambda p, step: p.stop_file.write_text("") if step == 8 else None)
-    state = engine.TrainState()
-    with pytest.raises(engine.Preempted, match="STOP file"):
+    parts = build(tmp_path / "run",
+                  callbacks=[AroundSteps(before=lambda p, step: p.stop_file.write_text("") if step == 8 else None)])
+    state = TrainState()
+    with pytest.raises(Preempted, match="STOP file"):
         fit(parts, state)
-    assert engine.CONTROL_EVERY == 10 and state.global_step == 10
+    assert CONTROL_EVERY == 10 and state.global_step == 10
     assert checkpoint_steps(parts.run_dir) == [8, 10]
-    monkeypatch.undo()  # the resumed run is not stopped
     resumed = build(tmp_path / "resumed")
     fit(resumed, restore(resumed, parts.run_dir / "checkpoints" / "step_00000010"))
     assert all(torch.equal(v, weights(resumed)[k]) for k, v in weights(reference).items())
@@ -202,7 +213,7 @@ def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
     parts = build(tmp_path / "run", "eval.every_epochs=2", "train.epochs=3", "data.eval_batch_size=100")
     state = fit(parts)
     assert ["test_acc" in r for r in state.history] == [False, True, True]
-    ev = parts.last_eval
+    ev = parts.evaluator.last
     assert ev["count"] == 256 and sum(map(sum, ev["confusion"])) == 256  # 100 + 100 + 56
     assert ev["acc"] == pytest.approx(sum(ev["confusion"][i][i] for i in range(10)) / 256)
     assert 0 < ev["loss"] < 10
@@ -217,19 +228,19 @@ def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
     (["run.precision=fp16", "train.optimizer_impl=fused", "train.exact_reduce=false", "model.bn_group=0",
       "train.batch_size=16"], 12),
 ], ids=["torch-fp32", "torch-bf16", "gpu-fp32-jitter-rotation", "gpu-bf16-jitter-rotation", "torch-fp16-fused"])
-def test_the_step_reads_the_device_once_per_control_interval(tmp_path, monkeypatch, overrides, steps):
+def test_the_step_reads_the_device_once_per_control_interval(tmp_path, overrides, steps):
     """On a GPU each host read of a device value stalls the step; cifar_dist reads the
     flags, the loss and the skip count once every CONTROL_EVERY steps, in one transfer.
     Counted here (tests/sync_count.py) over the steady steps 1 to steps-2: the first
     step copies constants to the device once, the last one ends the run."""
     from sync_count import SyncCounter
 
-    parts = build(tmp_path / "run", "data.synthetic_train=2048", f"train.max_steps={steps}", *overrides)
     counter = SyncCounter()
-    around_steps(monkeypatch, before=lambda p, step: setattr(counter, "context", step))
+    parts = build(tmp_path / "run", "data.synthetic_train=2048", f"train.max_steps={steps}", *overrides,
+                  callbacks=[AroundSteps(before=lambda p, step: setattr(counter, "context", step))])
     with counter:
         fit(parts)
     steady = [(step, what, where) for step, what, where in counter.calls if step is not None and 1 <= step <= steps - 2]
-    control_steps = {s for s in range(1, steps - 1) if (s + 1) % engine.CONTROL_EVERY == 0}
+    control_steps = {s for s in range(1, steps - 1) if (s + 1) % CONTROL_EVERY == 0}
     assert {step for step, _, _ in steady} <= control_steps, steady
     assert len(steady) <= len(control_steps), steady

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from cifar_dist.config import load_config
+from cifar_dist.layer_table import count_flops, layer_table
 from cifar_dist.models import GroupBatchNorm2d, build_model, count_parameters, sync_bn_statistics
-from cifar_dist.summary import count_flops, layer_table
 
 from conftest import REPO, cli_here
 

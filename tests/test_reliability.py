@@ -1,7 +1,7 @@
 """Kills, dead ranks, NaNs and a full disk never cost more than one checkpoint interval,
 and never give a silently wrong answer.
 
-Faults are injected with CIFAR_DIST_TEST_FAULT=KIND@STEP[:RANK] (cifar_dist/engine.py):
+Faults are injected by a callback (tests/faults.py, FAULT_INJECT=KIND@STEP[:RANK]):
 kill (SIGKILL before a step), killsave (SIGKILL half-way through writing a checkpoint),
 nan (a NaN loss), overflow (gradients that overflow fp16). Hostile and malformed input is in test_inputs.py.
 """
@@ -18,11 +18,13 @@ import pytest
 
 from conftest import (
     BIN,
+    FAULT_ARG,
     REF_ARGS,
     REPO,
     SMOKE,
     base_env,
     cli,
+    fault_env,
     free_port,
     kill_group,
     load_weights,
@@ -47,8 +49,7 @@ def _checkpoint_steps(run_dir) -> list[int]:
 ])
 def test_kill_9_then_resume_gives_identical_weights(reference, tmp_path, fault, killed_at, resumes_from):
     out = tmp_path / "run"
-    res = cli("train", "--config", SMOKE, "--out", out, *STEPS, env=base_env(CIFAR_DIST_TEST_FAULT=fault),
-              check=False)
+    res = cli("train", "--config", SMOKE, "--out", out, *STEPS, FAULT_ARG, env=fault_env(fault), check=False)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert not (out / "model.safetensors").exists()
     latest = _checkpoint_steps(out)[-1]
@@ -64,7 +65,7 @@ def test_kill_9_then_resume_gives_identical_weights(reference, tmp_path, fault, 
 
 
 def _torchrun(spawn, out, *extra, fault=None, restarts=0):
-    env = base_env(**({"CIFAR_DIST_TEST_FAULT": fault} if fault else {}))
+    env, extra = (fault_env(fault), (*extra, FAULT_ARG)) if fault else (base_env(), extra)
     return spawn([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), "--max-restarts", restarts,
                   "--monitor-interval", "0.5", REPO / "cifar_dist" / "train.py", "--config", SMOKE, "--out", out,
                   "--resume", *STEPS, *extra], env=env)
@@ -127,8 +128,7 @@ def test_a_torchrun_restart_never_reads_the_previous_attempts_addresses(spawn, t
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    res = cli("train", "--config", SMOKE, "--out", out, *STEPS, env=base_env(CIFAR_DIST_TEST_FAULT="nan@21"),
-              check=False)
+    res = cli("train", "--config", SMOKE, "--out", out, *STEPS, FAULT_ARG, env=fault_env("nan@21"), check=False)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1] == (
         "cifar-dist: loss or gradients became NaN/Inf at step 21 (epoch 1); the last good checkpoint is kept")
@@ -147,7 +147,7 @@ def test_fp16_loss_scaling_counts_skipped_steps_instead_of_stopping(tmp_path):
             "train.batch_size=16", "train.max_steps=12", "data.synthetic_test=256",
             "run.progress=false", "run.plots=false"]
     cli("train", "--out", tmp_path / "clean", *args)
-    cli("train", "--out", tmp_path / "overflow", *args, env=base_env(CIFAR_DIST_TEST_FAULT="overflow@6"))
+    cli("train", "--out", tmp_path / "overflow", *args, FAULT_ARG, env=fault_env("overflow@6"))
     clean, s = summary(tmp_path / "clean"), summary(tmp_path / "overflow")
     row = json.loads((tmp_path / "overflow" / "metrics.jsonl").read_text().splitlines()[-1])
     print(f"fp16, 12 steps: {clean['skipped_steps']} skipped without the fault, {s['skipped_steps']} with it")

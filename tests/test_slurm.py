@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import REF_ARGS, REPO, SMOKE, base_env, load_weights, max_diff, summary
+from conftest import FAULT_ARG, REF_ARGS, REPO, SMOKE, base_env, fault_env, load_weights, max_diff, summary
 from slurm_cluster import SlurmCluster, SlurmError, unavailable
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -25,9 +25,10 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def _sbatch(cluster, out_dir, *args, **env):
+def _sbatch(cluster, out_dir, *args, fault=None):
+    env, args = (fault_env(fault), (*args, FAULT_ARG)) if fault else (base_env(), args)
     return cluster.submit(*NODES, f"--output={out_dir}/job-%j.out", "slurm/train.sh", *args,
-                          env=cluster.client_env(**base_env(**env)), cwd=REPO)
+                          env=cluster.client_env(**env), cwd=REPO)
 
 
 @pytest.mark.timeout(600)
@@ -44,8 +45,7 @@ def test_two_node_job_matches_one_process(cluster, reference, tmp_path):
 
 
 def test_a_failing_rank_ends_the_job_failed_within_a_minute(cluster, tmp_path):
-    job = _sbatch(cluster, tmp_path, SMOKE, "--out", tmp_path / "fail", *ARGS,
-                  CIFAR_DIST_TEST_FAULT="raise@3:1")
+    job = _sbatch(cluster, tmp_path, SMOKE, "--out", tmp_path / "fail", *ARGS, fault="raise@3:1")
     deadline = time.time() + 900
     while "injected fault" not in cluster.log(job):
         if time.time() > deadline or cluster.state(job) in ("COMPLETED", "FAILED", "CANCELLED"):
@@ -66,8 +66,8 @@ def test_a_failing_rank_ends_the_job_failed_within_a_minute(cluster, tmp_path):
 def test_preempted_job_checkpoints_requeues_and_ends_with_the_same_weights(cluster, reference, tmp_path):
     """USR1 to the job's steps mid-run (what --signal=USR1@120 sends before the time limit)."""
     out = tmp_path / "preempted"
-    # Both ranks hold at step 17 until the signal arrives (CIFAR_DIST_TEST_FAULT=wait@17).
-    job = _sbatch(cluster, tmp_path, SMOKE, "--out", out, *ARGS, CIFAR_DIST_TEST_FAULT="wait@17")
+    # Both ranks hold at step 17 until the signal arrives (tests/faults.py: wait@17).
+    job = _sbatch(cluster, tmp_path, SMOKE, "--out", out, *ARGS, fault="wait@17")
     deadline = time.time() + 900
     while cluster.log(job).count("waiting for a stop request at step 17") < 2:
         assert time.time() < deadline, cluster.log(job)[-4000:]

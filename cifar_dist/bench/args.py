@@ -1,4 +1,4 @@
-"""Command-line arguments of the benchmark (shared by `cifar-dist bench` and bench.py)."""
+"""Command-line arguments of the benchmark (`cifar-dist bench` and `python -m cifar_dist.bench`)."""
 from __future__ import annotations
 
 import argparse

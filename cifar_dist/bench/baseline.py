@@ -2,7 +2,8 @@
 
 Like the paper's notebook: a torchvision-style DataLoader, fp32, eager,
 NCHW, nn.BatchNorm2d, the same model and batch size, and nothing of this
-framework in the step. With real data it uses the notebook's transforms
+framework in the step (the model comes from ``build_model`` with plain
+``nn.BatchNorm2d`` layers). With real data it uses the notebook's transforms
 (RandomCrop, RandomHorizontalFlip, ToTensor, Normalize) on PIL images with 2
 workers; with synthetic data a TensorDataset of normalized images.
 """
@@ -12,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from cifar_dist.bench.timing import figures, peak_memory, time_steps
 
 
 class _PilCifar(Dataset):
@@ -27,15 +30,6 @@ class _PilCifar(Dataset):
         return self.transform(img), int(self.labels[i])
 
 
-def _plain_model(model_cfg):
-    from cifar_dist.models import ResNet, ResNet9
-    if model_cfg.name == "seed_resnet":
-        return ResNet(model_cfg.widths, model_cfg.blocks, 10, nn.BatchNorm2d)
-    if model_cfg.name == "resnet18":
-        return ResNet([64, 128, 256, 512], [2, 2, 2, 2], 10, nn.BatchNorm2d)
-    return ResNet9(10, nn.BatchNorm2d)
-
-
 def _loader(cfg, batch, data):
     if data is None:
         g = torch.Generator().manual_seed(0)
@@ -49,21 +43,22 @@ def _loader(cfg, batch, data):
                       drop_last=True), "torchvision w2"
 
 
+def _repeat(loader):
+    while True:
+        yield from loader
+
+
 def measure(cfg, batch: int, args, device, data=None) -> dict:
     """Images/s of the plain loop at ``batch`` (one process), timed like every row."""
-    from cifar_dist.bench import _figures, _peak_memory, time_steps
     from cifar_dist.metrics import Clock
+    from cifar_dist.models import build_model
 
     torch.manual_seed(cfg.run.seed)
-    model = _plain_model(cfg.model).to(device)
+    model = build_model(cfg.model, norm=nn.BatchNorm2d).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     loader, kind = _loader(cfg, batch, data)
 
-    def batches():
-        while True:
-            yield from loader
-
-    stream = batches()
+    stream = _repeat(loader)
 
     def step(batch_):
         inputs, targets = batch_[0].to(device), batch_[1].to(device)
@@ -74,6 +69,6 @@ def measure(cfg, batch: int, args, device, data=None) -> dict:
 
     model.train()
     timing = time_steps(step, lambda: next(stream), Clock(device), args.warmup, args.steps, args.repeats)
-    fig = _figures(timing, args.steps, batch, 1, _peak_memory(device))
+    fig = figures(timing, args.steps, batch, 1, peak_memory(device))
     fig["loader"] = kind
     return fig

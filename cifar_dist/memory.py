@@ -5,7 +5,8 @@ allocation, so each training step pays for fresh page faults. On virtual
 machines page faults can cost 100x more than usual (measured here: an 16 MB
 multiply took 6-320 ms instead of 1.3 ms). Raising glibc's mmap and trim
 thresholds makes freed blocks reusable: the effect of the MALLOC_MMAP_THRESHOLD_
-and MALLOC_TRIM_THRESHOLD_ environment variables, applied at import time.
+and MALLOC_TRIM_THRESHOLD_ environment variables, applied by the training and
+benchmark entry points (importing cifar_dist changes nothing process-wide).
 Set CIFAR_DIST_MALLOC_TUNING=0 to leave malloc alone.
 """
 from __future__ import annotations

@@ -1,0 +1,118 @@
+"""One row of the benchmark matrix: the framework's own step, prepared as training prepares it."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from cifar_dist.bench.timing import figures, forever, peak_memory, time_steps
+
+
+@dataclass(frozen=True)
+class Row:
+    compile: bool
+    precision: str
+    channels_last: bool
+    batch: int      # per device
+    loader: str     # synthetic | torch | gpu | ffcv
+    workers: int
+
+    @property
+    def label(self) -> str:
+        parts = ["compile" if self.compile else "eager", self.precision,
+                 "channels_last" if self.channels_last else "NCHW", f"b{self.batch}", self.loader]
+        if self.loader in ("torch", "ffcv"):
+            parts.append(f"w{self.workers}")
+        return " ".join(parts)
+
+
+class SyntheticLoader:
+    """One fixed uint8 batch resident on the device: the training step alone."""
+
+    name = "synthetic"
+
+    def __init__(self, shard, device, steps_per_epoch=10**9):
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, 256, (shard.micro, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+        self.y = torch.randint(0, 10, (shard.micro,), generator=g).to(device)
+        self.idx = torch.arange(shard.micro)
+        self.accum, self.steps_per_epoch = shard.accum, steps_per_epoch
+
+    def iter_epoch(self, epoch, start_step=0):
+        while True:
+            yield [(self.x, self.y, self.idx)] * self.accum
+
+
+def row_config(base, row: Row, world: int):
+    cfg = copy.deepcopy(base)
+    cfg.run.compile, cfg.run.precision, cfg.run.channels_last = row.compile, row.precision, row.channels_last
+    cfg.train.batch_size, cfg.train.accum_steps, cfg.train.exact_reduce = row.batch * world, 1, False
+    cfg.train.max_steps, cfg.data.workers = 0, row.workers
+    cfg.data.loader = row.loader if row.loader != "synthetic" else "gpu"
+    cfg.run.progress, cfg.run.tensorboard = False, False
+    return cfg
+
+
+def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) -> dict:
+    """Time the framework's training step for one row; ``distributed=False`` runs
+    rank 0's model alone, unwrapped: the single-process reference.
+
+    Each step is what the training loop runs: ``train_step`` and the control
+    collective after it (BatchNorm statistics and flags), with the flags read on
+    the host every ``CONTROL_EVERY`` steps. A compiled row starts from a fresh
+    compile state, so its figure does not depend on the rows before it.
+    """
+    import torch
+
+    from cifar_dist.control import Control
+    from cifar_dist.data import Shard, build_train_loader
+    from cifar_dist.distributed import world_info
+    from cifar_dist.metrics import Clock
+    from cifar_dist.models import build_model
+    from cifar_dist.optim import build_optimizer
+    from cifar_dist.parts import Parts, graph_count, prepare_model
+    from cifar_dist.precision import Precision, gpu_capability, resolve_precision
+    from cifar_dist.step import new_totals, train_step
+
+    rank, world = world_info() if distributed else (0, 1)
+    cfg = row_config(base_cfg, row, world)
+    cfg.run.precision = resolve_precision(cfg.run.precision, gpu_capability())[0]
+    device = accelerator.device
+    if cfg.run.compile:
+        torch._dynamo.reset()  # no code, guards or recompile budget shared with earlier rows
+    graphs_before = graph_count()
+    torch.manual_seed(cfg.run.seed)
+    model, eval_model, train_model, optimizer = prepare_model(
+        cfg, accelerator, build_model(cfg.model), build_optimizer, wrap=distributed)
+    shard = Shard(rank, world, cfg.train.batch_size)
+    loader = (SyntheticLoader(shard, device) if row.loader == "synthetic"
+              else build_train_loader(cfg, data, shard, device))
+    deepspeed = distributed and accelerator.distributed_type.value == "DEEPSPEED"
+    precision = Precision(cfg.run.precision, device, accelerator if deepspeed else None)
+    parts = Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=train_model, eval_model=eval_model,
+                  optimizer=optimizer, loader=loader, shard=shard, precision=precision, run_dir=Path("."))
+    totals = new_totals(device)
+    control = Control(model, precision, device, collective=distributed)
+    done = [0]
+    stream = forever(loader)
+
+    def step(micro):
+        bad = train_step(parts, micro, done[0], totals)
+        done[0] += 1
+        control.after_step(bad)
+        if control.due(done[0]):
+            control.read(totals["loss"])
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timing = time_steps(step, lambda: next(stream), Clock(device), args.warmup, args.steps, args.repeats)
+    if distributed and world > 1:  # the slowest rank sets the pace
+        times = torch.tensor(timing["repeat_times"], dtype=torch.float64, device=device)  # NCCL: device tensors only
+        torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
+        timing["repeat_times"] = times.tolist()
+    fig = figures(timing, args.steps, cfg.train.batch_size, world, peak_memory(device))
+    fig["precision_used"] = cfg.run.precision
+    fig["compiled_graphs"] = graph_count() - graphs_before if cfg.run.compile else 0
+    return fig

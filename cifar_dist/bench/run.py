@@ -1,0 +1,137 @@
+"""`cifar-dist bench`: the rows of the matrix, the baseline, and the outputs."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from cifar_dist.bench.rows import Row, measure_row, row_config
+from cifar_dist.bench.timing import figures, forever, time_steps
+
+
+def run_bench(args) -> int:
+    """`cifar-dist bench`: rows of the matrix, the baseline, and the outputs."""
+    from cifar_dist.config import load_config
+
+    base = load_config(args.config, args.overrides)
+    import torch
+
+    from cifar_dist.bench import baseline as plain_loop
+    from cifar_dist.bench.table import bench_table, plot_bench
+    from cifar_dist.distributed import barrier, make_accelerator, print0, share_from_main, world_info
+    from cifar_dist.errors import ConfigError
+    from cifar_dist.hardware import device_peak
+    from cifar_dist.layer_table import count_flops
+    from cifar_dist.models import build_model
+    from cifar_dist.repro import apply_tf32, device_name, git_sha, versions
+
+    for loader in args.loaders:
+        if loader not in ("synthetic", "torch", "gpu", "ffcv"):
+            raise ConfigError(f"--loaders: unknown loader {loader!r} (synthetic, torch, gpu, ffcv)")
+    for p in args.precision:
+        if p not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"--precision: unknown precision {p!r} (fp32, bf16, fp16)")
+    for b in args.batch_sizes:
+        if base.model.bn_group and b % base.model.bn_group:
+            raise ConfigError(f"--batch-sizes: {b} is not a multiple of model.bn_group={base.model.bn_group}")
+    if base.run.threads:
+        torch.set_num_threads(base.run.threads)
+    accelerator = make_accelerator(base)
+    rank, world = world_info()
+    device = accelerator.device
+    # fp32 rows (and the plain loop) run on TF32 tensor cores when the run's settings say so
+    tf32 = apply_tf32(base.run) and device.type == "cuda"
+    out = Path(args.out) if args.out else share_from_main(
+        lambda: Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    workers = args.workers or [base.data.workers]
+    data = None
+    if any(loader != "synthetic" for loader in args.loaders) or args.loader_only:
+        from cifar_dist.data import build_datasets
+        data = build_datasets(base)[0]
+    name = device_name(device)
+    hw = {"device": name, "device_type": device.type, "world_size": world, "tf32": tf32,
+          "torch_threads": torch.get_num_threads(), "git_sha": git_sha(), "versions": versions()}
+    if args.loader_only:
+        rows = bench_loaders(base, data, args, workers, device)
+    else:
+        rows = []
+        flops = count_flops(build_model(base.model).to(device), train=True)
+        peaks = {p: device_peak(device, name, p, tf32) for p in args.precision}
+        matrix = [Row(c, p, cl, b, ld, w) for c in args.compile for p in args.precision
+                  for cl in args.channels_last for b in args.batch_sizes for ld in args.loaders
+                  for w in (workers if ld in ("torch", "ffcv") else [0])]
+        baseline = {}
+        if not args.no_baseline and rank == 0:
+            for b in args.batch_sizes:
+                print0(f"baseline b{b} ...")
+                baseline[b] = plain_loop.measure(base, b, args, device, data if "torch" in args.loaders else None)
+                baseline[b].update(_mfu(baseline[b], flops,
+                                        peaks.get("fp32") or device_peak(device, name, "fp32", tf32)))
+                baseline[b].update(precision_used="fp32", compiled_graphs=0)
+                rows.append({"label": f"baseline b{b} (plain PyTorch loop)", "baseline": True,
+                             "settings": {"batch": b, "precision": "fp32", "compile": False,
+                                          "channels_last": False, "loader": baseline[b]["loader"]},
+                             **baseline[b], "speedup_vs_baseline": 1.0})
+        for row in matrix:
+            print0(f"{row.label} ...")
+            fig = measure_row(base, row, accelerator, data, args, distributed=True)
+            fig.update(_mfu(fig, flops, peaks[row.precision]))
+            if world > 1:
+                single = share_from_main(lambda r=row: measure_row(base, r, accelerator, data, args, False))
+                fig["single_process_images_per_s"] = single["images_per_s"]
+                fig["scaling_efficiency"] = fig["images_per_s_per_device"] / single["images_per_s"]
+            ref = baseline.get(row.batch)
+            fig["speedup_vs_baseline"] = (fig["images_per_s_per_device"] / ref["images_per_s_per_device"]
+                                          if ref else None)
+            rows.append({"label": row.label, "baseline": False, "settings": asdict(row), **fig})
+        hw["flops_per_image_train"] = flops
+        hw["peak_flops"] = {p: {"flops": v, "source": s} for p, (v, s) in peaks.items()}
+    barrier()
+    if rank == 0:
+        result = {"hardware": hw, "model": base.model.name, "config": base.name,
+                  "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "rows": rows}
+        (out / "bench.json").write_text(json.dumps(result, indent=1))
+        table = bench_table(result)
+        (out / "bench.md").write_text(table + "\n")
+        plot_bench(result, out / "bench.png")
+        print(table)
+        print(f"written {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    accelerator.end_training()
+    return 0
+
+
+def _mfu(fig: dict, flops_per_image: float, peak) -> dict:
+    value, source = peak
+    achieved = fig["images_per_s_per_device"] * flops_per_image
+    return {"flops_per_image": flops_per_image, "achieved_flops_per_device": achieved,
+            "peak_flops": value, "peak_source": source, "mfu": achieved / value}
+
+
+def bench_loaders(base, data, args, workers, device) -> list[dict]:
+    """Images/s of each input pipeline alone (augmentation included, batches on the device)."""
+    from cifar_dist.data import Shard, build_train_loader
+    from cifar_dist.metrics import Clock
+
+    rows = []
+    for loader in args.loaders:
+        for w in (workers if loader in ("torch", "ffcv") else [0]):
+            if loader == "synthetic":
+                continue
+            cfg = row_config(base, Row(False, "fp32", False, args.batch_sizes[0], loader, w), 1)
+            shard = Shard(0, 1, cfg.train.batch_size)
+            ld = build_train_loader(cfg, data, shard, device)
+            timing = time_steps(lambda b: None, forever(ld).__next__, Clock(device),
+                                args.warmup, args.steps, args.repeats)
+            fig = figures(timing, args.steps, cfg.train.batch_size, 1, 0.0)
+            rows.append({"label": f"{loader} w{w}" if loader in ("torch", "ffcv") else loader,
+                         "baseline": False, "settings": {"loader": loader, "workers": w,
+                                                         "batch": args.batch_sizes[0]}, **fig})
+    torch_rows = [r for r in rows if r["settings"]["loader"] == "torch"]
+    if torch_rows:
+        ref = max(r["images_per_s"] for r in torch_rows)
+        for r in rows:
+            r["speedup_vs_torch"] = r["images_per_s"] / ref
+    return rows

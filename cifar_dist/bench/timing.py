@@ -1,0 +1,65 @@
+"""The benchmark's clock: many steps between two device synchronizations, medians over repeats."""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def percentile(values, q):
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def time_steps(step_fn, next_batch, clock, warmup: int, steps: int, repeats: int) -> dict:
+    """Run ``warmup`` untimed steps, then ``repeats`` x ``steps`` timed ones.
+
+    The device is synchronized once before the first repeat and once at the end of
+    each: no step is waited for on its own, so the figure is throughput, as in
+    training (a sync around every step would measure latency). Per repeat: its wall
+    time, its mean step time, and the host time spent waiting in ``next_batch``.
+    """
+    for _ in range(warmup):
+        step_fn(next_batch())
+    last = clock.now()
+    step_times, data_times, repeat_times = [], [], []
+    for _ in range(repeats):
+        waited = 0.0
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            batch = next_batch()
+            waited += time.perf_counter() - t0
+            step_fn(batch)
+        end = clock.now()
+        repeat_times.append(end - last)
+        step_times.append((end - last) / steps)
+        data_times.append(waited)
+        last = end
+    return {"repeat_times": repeat_times, "step_times": step_times, "data_times": data_times}
+
+
+def peak_memory(device) -> float:
+    import resource
+
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
+
+
+def forever(loader):
+    """The loader's batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        yield from loader.iter_epoch(epoch)
+        epoch += 1
+
+
+def figures(timing: dict, steps: int, global_batch: int, world: int, peak_mib: float) -> dict:
+    per_repeat = [steps * global_batch / t for t in timing["repeat_times"]]
+    images_per_s = statistics.median(per_repeat)
+    return {"world_size": world, "global_batch": global_batch,
+            "images_per_s": images_per_s, "images_per_s_per_device": images_per_s / world,
+            "step_time_median_s": statistics.median(timing["step_times"]),
+            "step_time_p90_s": percentile(timing["step_times"], 0.9),
+            "data_wait_share": sum(timing["data_times"]) / max(sum(timing["repeat_times"]), 1e-12),
+            "peak_memory_mib": peak_mib, "repeats_images_per_s": per_repeat}

@@ -1,0 +1,69 @@
+"""When the loop saves, and how every rank takes part in one atomic checkpoint.
+
+The file format (weights, optimizer, state.json, atomic commit, retention) is
+``checkpoint.CheckpointWriter``'s; this decides when a checkpoint is due and
+runs the save across ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from cifar_dist.distributed import barrier, share_from_main, world_info
+from cifar_dist.errors import EnvironmentFault
+
+
+class Checkpointer:
+    """``writer`` None: this run never saves (a benchmark, a test)."""
+
+    def __init__(self, writer, every_steps: int = 0, every_epochs: int = 0):
+        self.writer, self.every_steps, self.every_epochs = writer, every_steps, every_epochs
+
+    def due_mid_epoch(self, steps_done: int, boundary: bool) -> bool:
+        """After ``steps_done`` steps, not at an epoch's end (that one is ``due_at_epoch_end``'s)."""
+        return bool(self.every_steps) and steps_done % self.every_steps == 0 and not boundary
+
+    def due_at_epoch_end(self, epochs_done: int, finished_epoch: bool, ending: bool) -> bool:
+        """At the end of the run (or a stop), and after every ``every_epochs``-th full epoch."""
+        return ending or bool(self.every_epochs and finished_epoch and epochs_done % self.every_epochs == 0)
+
+    def save(self, p, state, totals: dict | None = None) -> Path | None:
+        """Checkpoint ``state``; mid-epoch, ``totals`` (the epoch's running sums) go with it."""
+        if totals is None:
+            return self._save(p, state)
+        state.partial = {"loss": float(totals["loss"]), "correct": int(totals["correct"]),
+                         "count": totals["count"]}
+        try:
+            return self._save(p, state)
+        finally:
+            state.partial = {}
+
+    def _save(self, p, state) -> Path | None:
+        if self.writer is None:
+            return None
+        writer = self.writer
+        state.scaler = p.precision.state_dict()
+        rank, _ = world_info()
+        tmp = share_from_main(lambda: writer.begin(state.global_step))
+        barrier()
+
+        def write():
+            try:
+                if rank == 0:
+                    writer.write_local(tmp, p.model, p.optimizer, asdict(state))
+            except OSError as e:
+                writer.abort(tmp)
+                raise EnvironmentFault(f"{tmp.parent}: cannot write checkpoint of step "
+                                       f"{state.global_step}: {e.strerror or e}; the previous "
+                                       "checkpoint is intact") from None
+
+        if p.deepspeed:
+            p.accelerator.save_state(str(tmp), safe_serialization=True)
+            barrier()
+            share_from_main(lambda: writer.write_state(tmp, asdict(state)))
+        else:
+            share_from_main(write)
+        p.callbacks.on_checkpoint_staged(tmp, state.global_step)
+        final = share_from_main(lambda: writer.commit(tmp, state.global_step))
+        barrier()
+        return final

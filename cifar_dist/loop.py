@@ -1,0 +1,162 @@
+"""The training loop: the same for every launcher.
+
+``Trainer.fit`` orders the work of an epoch; each component decides when it
+is due: the control read (``control``), the checkpointer, the evaluator and
+the stop request (``stopping``). Callbacks (``callbacks``) see every step.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cifar_dist.control import Control
+from cifar_dist.distributed import all_reduce_sum, print0
+from cifar_dist.optim import lr_at
+from cifar_dist.parts import Parts, graph_count
+from cifar_dist.state import TrainState
+from cifar_dist.step import new_totals, train_step
+from cifar_dist.stopping import Preempted, StopRequest
+
+
+class Epoch:
+    """One epoch's running sums, clock and progress bar (closed however the epoch ends)."""
+
+    def __init__(self, p: Parts, state: TrainState, progress, epochs: int):
+        self.number, self.steps_per_epoch = state.epoch + 1, p.loader.steps_per_epoch
+        self.totals = new_totals(p.device, state.partial)
+        state.partial = {}
+        self.stop_votes = 0.0  # ranks asking to stop, as of the latest control read
+        self.start, self.steps_run = time.perf_counter(), 0
+        self.bar = progress(total=self.steps_per_epoch, initial=state.step_in_epoch,
+                            desc=f"epoch {self.number}/{epochs}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def metrics(self, p: Parts, state: TrainState) -> dict:
+        """The epoch's row: training loss and accuracy over all ranks, speed, learning rate."""
+        elapsed = time.perf_counter() - self.start
+        t = all_reduce_sum(_stacked(self.totals))
+        count = max(float(t[2]), 1.0)
+        return {"epoch": self.number, "step": state.global_step, "train_loss": float(t[0]) / count,
+                "train_acc": float(t[1]) / count,
+                "lr": lr_at(max(state.global_step - 1, 0), p.cfg.train, self.steps_per_epoch),
+                "epoch_time_s": elapsed, "images_per_s": self.steps_run * p.shard.global_batch / max(elapsed, 1e-9),
+                "skipped_steps": state.skipped_steps}
+
+
+def _stacked(totals: dict) -> torch.Tensor:
+    return torch.stack([totals["loss"].double(), totals["correct"].double(),
+                        torch.tensor(float(totals["count"]), dtype=torch.float64, device=totals["loss"].device)])
+
+
+class Trainer:
+    """Trains ``parts`` from ``state``; what callbacks receive as ``run``."""
+
+    def __init__(self, parts: Parts, state: TrainState, progress):
+        self.parts, self.state, self.progress = parts, state, progress
+        self.cfg, self.model, self.optimizer = parts.cfg, parts.model, parts.optimizer
+        self.rank, self.world, self.run_dir = parts.shard.rank, parts.shard.world, parts.run_dir
+        train = parts.cfg.train
+        self.max_steps = train.max_steps or train.epochs * parts.loader.steps_per_epoch
+        self.stop = StopRequest(parts.stop_file, poll_file=self.rank == 0)
+        self.stop_requested = False          # by a callback: end after the current step
+        self.graphs_after_warmup: int | None = None  # compiled graphs after the first epoch
+
+    def request_stop(self) -> None:
+        """End the run after the current step, as if it were the last (same on every rank)."""
+        self.stop_requested = True
+
+    def finished(self) -> bool:
+        s = self.state
+        return s.epoch >= self.cfg.train.epochs or s.global_step >= self.max_steps or self.stop_requested
+
+    def fit(self) -> TrainState:
+        """Train to the end (epochs or max_steps, or a stop); evaluate, log, checkpoint."""
+        p, state = self.parts, self.state
+        with self.stop:
+            control = Control(p.model, p.precision, p.device, state.global_step, self.cfg.train.exact_reduce,
+                              skipped_steps=state.skipped_steps)
+            p.callbacks.on_train_start(self)
+            while not self.finished():
+                with Epoch(p, state, self.progress, self.cfg.train.epochs) as epoch:
+                    for micro in p.loader.iter_epoch(state.epoch, state.step_in_epoch):
+                        if self._step(micro, epoch, control):
+                            break
+                last = self._end_epoch(epoch)
+                stopping = epoch.stop_votes > 0 and not last  # read at the epoch's last step
+                if p.checkpointer.due_at_epoch_end(state.epoch, state.step_in_epoch == 0, last or stopping):
+                    p.checkpointer.save(p, state)
+                if self.graphs_after_warmup is None:
+                    self.graphs_after_warmup = graph_count()
+                if stopping:
+                    raise Preempted(self.stop.reason)
+                if last:
+                    break
+        return state
+
+    def _step(self, micro, epoch: Epoch, control: Control) -> bool:
+        """One step and what is due after it; True when the epoch ends here."""
+        p, state = self.parts, self.state
+        p.callbacks.on_step_start(state.global_step)
+        bad = train_step(p, micro, state.global_step, epoch.totals)
+        done = state.global_step + 1  # optimizer steps done after this one
+        boundary = state.step_in_epoch + 1 >= epoch.steps_per_epoch or done >= self.max_steps
+        checkpoint_due = p.checkpointer.due_mid_epoch(done, boundary)
+        # the flags are read before anything is saved: a checkpoint never holds NaN weights;
+        # a stop is looked for only when it will be read
+        reading = control.due(done, boundary or checkpoint_due)
+        control.after_step(bad, reading and self.stop.requested())
+        metrics = {"lr": p.optimizer.param_groups[0]["lr"]}
+        state.global_step, state.step_in_epoch, epoch.steps_run = done, state.step_in_epoch + 1, epoch.steps_run + 1
+        epoch.bar.update(1)
+        if reading:
+            read = control.read(epoch.totals["loss"], f" (epoch {epoch.number})")
+            state.skipped_steps, epoch.stop_votes = read.skipped, read.stop_votes
+            metrics["train_loss"] = read.loss_sum / max(epoch.totals["count"], 1)
+            epoch.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
+            if read.stop_votes > 0 and not boundary:
+                p.checkpointer.save(p, state, epoch.totals)
+                raise Preempted(self.stop.reason)
+        if checkpoint_due:
+            p.checkpointer.save(p, state, epoch.totals)
+        p.callbacks.on_step_end(done - 1, metrics)
+        return done >= self.max_steps or self.stop_requested
+
+    def _end_epoch(self, epoch: Epoch) -> bool:
+        """Metrics, evaluation and logging of the epoch just run; True if it ends the run."""
+        p, state = self.parts, self.state
+        row = epoch.metrics(p, state)
+        finished_epoch = state.step_in_epoch >= epoch.steps_per_epoch
+        last = (state.global_step >= self.max_steps or self.stop_requested
+                or (finished_epoch and epoch.number >= self.cfg.train.epochs))
+        p.evaluator.last = None
+        if p.evaluator.due(epoch.number, last):
+            result = p.evaluator.run()
+            row.update(test_loss=result["loss"], test_acc=result["acc"])
+        if finished_epoch:
+            state.epoch, state.step_in_epoch = epoch.number, 0
+        state.history.append(row)
+        if p.metrics is not None:
+            p.metrics.log(row)
+        print0(epoch_line(row))
+        p.callbacks.on_epoch_end(row)
+        return last or self.stop_requested
+
+
+def fit(p: Parts, state: TrainState, progress) -> TrainState:
+    """Train ``p`` from ``state`` to the end (see ``Trainer``)."""
+    return Trainer(p, state, progress).fit()
+
+
+def epoch_line(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}", f"step {row['step']}", f"train loss {row['train_loss']:.4f}",
+             f"train acc {100 * row['train_acc']:.2f}%"]
+    if "test_acc" in row:
+        parts += [f"test loss {row['test_loss']:.4f}", f"test acc {100 * row['test_acc']:.2f}%"]
+    parts += [f"lr {row['lr']:.3g}", f"{row['epoch_time_s']:.1f} s", f"{row['images_per_s']:.0f} img/s"]
+    return " | ".join(parts)

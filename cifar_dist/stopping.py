@@ -1,0 +1,45 @@
+"""Stop requests: SIGUSR1 / SIGTERM (Slurm preemption) or a STOP file in the run directory."""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+
+class Preempted(Exception):
+    """A stop was requested (signal or STOP file); a checkpoint has been written."""
+
+
+class StopRequest:
+    """Installs the signal handlers while training; ``requested()`` says whether to stop.
+
+    Only ``poll_file`` ranks look for the STOP file (rank 0: no file-system call on
+    every rank), and only when the loop is about to read its flags.
+    """
+
+    def __init__(self, stop_file: Path | None, poll_file: bool = True):
+        self.stop_file = stop_file if poll_file else None
+        self.signalled = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signalled = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def requested(self) -> bool:
+        """A signal arrived, or the STOP file exists."""
+        return self.signalled is not None or bool(self.stop_file and self.stop_file.exists())
+
+    @property
+    def reason(self) -> str:
+        return self.signalled or "STOP file"
