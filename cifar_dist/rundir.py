@@ -19,7 +19,8 @@ from cifar_dist.errors import RunDirError
 # Keys that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"data.root", "data.workers", "run.out_dir", "run.progress", "run.tensorboard",
                      "run.threads", "checkpoint.every_epochs", "checkpoint.every_steps",
-                     "checkpoint.keep", "eval.tta", "train.max_steps", "data.loader", "name"}
+                     "checkpoint.keep", "eval.tta", "train.max_steps", "data.loader", "name",
+                     "run.callbacks"}  # a callback may be added or dropped: its effect is its own
 
 
 def default_run_dir(name: str) -> Path:

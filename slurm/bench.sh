@@ -1,5 +1,5 @@
 #!/bin/bash
-# The throughput benchmark (cifar_dist/bench.py) as a Slurm job on 1 or N nodes.
+# The throughput benchmark (python -m cifar_dist.bench) as a Slurm job on 1 or N nodes.
 #
 #   mkdir -p logs
 #   sbatch [sbatch options] slurm/bench.sh [bench options] [key=value ...]
@@ -48,7 +48,7 @@ cifar_dist_run_dir "runs/${SLURM_JOB_NAME:-cifar-dist-bench}-${SLURM_JOB_ID:-loc
 cifar_dist_setup
 cifar_dist_describe
 
-cifar_dist_launch "$REPO/cifar_dist/bench.py" --out "$RUN_DIR" "${ARGS[@]}"
+cifar_dist_launch -m cifar_dist.bench --out "$RUN_DIR" "${ARGS[@]}"
 
 if [ "$RC" -ne 0 ]; then
     cifar_dist_say "benchmark failed (srun status $RC); see the errors above"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 from conftest import REPO
 
@@ -50,3 +51,95 @@ def test_the_collective_check_sees_a_host_tensor():
         "def f(t):\n    times = torch.tensor(t, dtype=torch.float64)\n    dist.all_reduce(times)\n") == [3]
     assert host_tensors_in_collectives(
         "def f(t, d):\n    times = torch.tensor(t, device=d)\n    dist.all_reduce(times)\n") == []
+
+
+def _package_modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted((REPO / "cifar_dist").rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def import_graph(modules: dict) -> dict[str, set[str]]:
+    """Module -> the cifar_dist modules it imports anywhere in its source (top level or inside functions)."""
+    def owner(name):
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {m: set() for m in modules}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            graph[module] |= {owner(n) for n in names if n.startswith("cifar_dist") and owner(n)} - {module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (as a path that returns to its start), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [n]
+            if n not in state and (cycle := visit(n)):
+                return cycle
+        state[m] = 2
+        path.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_inside_the_package():
+    assert find_cycle(import_graph(_package_modules())) is None
+
+
+def test_the_cycle_check_sees_a_cycle_made_of_function_level_imports():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_modules_stay_small_and_the_loop_fits_on_a_screen():
+    sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in _package_modules().values()}
+    assert {k: v for k, v in sizes.items() if v > 350} == {}
+    loop = ast.parse((REPO / "cifar_dist" / "loop.py").read_text())
+    fit = next(n for n in ast.walk(loop) if isinstance(n, ast.FunctionDef) and n.name == "fit"
+               and any(isinstance(c, ast.ClassDef) and n in c.body for c in ast.walk(loop)))
+    assert fit.end_lineno - fit.lineno + 1 < 45
+
+
+def test_no_test_hooks_or_path_edits_in_the_package():
+    """Faults enter runs as a test callback; the package never rewrites sys.path."""
+    for path in _package_modules().values():
+        text = path.read_text()
+        assert "TEST_FAULT" not in text and "active-" not in text, path
+        assert "sys.path" not in text, path
+
+
+def test_importing_the_package_changes_nothing_process_wide():
+    """cifar_dist/__init__.py only defines things: no call runs at import (the malloc tuning
+    belongs to the entry points)."""
+    tree = ast.parse((REPO / "cifar_dist" / "__init__.py").read_text())
+    for node in tree.body:
+        assert isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.Assign, ast.Expr)), node
+        if isinstance(node, (ast.Assign, ast.Expr)):
+            assert isinstance(node.value, ast.Constant), ast.dump(node)

@@ -114,12 +114,13 @@ def test_config_command_prints_the_resolved_config():
     assert resolved["train"]["lr"] == 0.3 and resolved["model"]["widths"] == [8, 16, 32]
 
 
-def test_readme_carries_the_current_config_reference():
+def test_docs_carry_the_current_config_reference():
     from cifar_dist.config import reference_markdown
 
-    readme = (REPO / "README.md").read_text()
-    block = readme.split("<!-- config-reference -->\n", 1)[1].split("<!-- /config-reference -->", 1)[0]
-    assert block == reference_markdown(), "README is stale: paste `cifar-dist config --reference` into it"
+    page = (REPO / "docs" / "configuration.md").read_text()
+    block = page.split("<!-- config-reference -->\n", 1)[1].split("<!-- /config-reference -->", 1)[0]
+    assert block == reference_markdown(), \
+        "docs/configuration.md is stale: paste `cifar-dist config --reference` into it"
 
 
 def test_an_error_line_is_written_in_one_piece(monkeypatch):

@@ -1,0 +1,149 @@
+"""`cifar-dist plan`: the scaling formula by hand, its inverse, bench.json input and the printed table."""
+import argparse
+import json
+import math
+
+import pytest
+
+from cifar_dist.errors import UserError
+from cifar_dist.scaling import (
+    PRESETS,
+    add_plan_arguments,
+    allreduce_time,
+    check_against_measurement,
+    compute_time,
+    efficiency,
+    largest_efficient,
+    plan_point,
+    read_bench,
+    run_plan,
+    solve_bandwidth,
+    step_time,
+)
+
+# The hand case: 1,000,000 parameters x 4 bytes = 4e6 bytes, N = 4 GPUs, 10 GB/s, 10 µs, batch 100 at 1000 img/s.
+#   t_c  = 100 / 1000                                   = 0.1 s
+#   t_ar = 2 * 3/4 * 4e6 / 1e10 + 2 * 3 * 1e-5 = 6e-4 + 6e-5 = 6.6e-4 s
+#   step = 0.1 + 6.6e-4 = 0.10066 s, efficiency = 0.1 / 0.10066 = 0.993443...
+NBYTES, N, BW, LAT, BATCH, RATE = 4e6, 4, 10e9, 10e-6, 100, 1000.0
+
+
+def _parse(*argv):
+    ap = argparse.ArgumentParser()
+    add_plan_arguments(ap)
+    return ap.parse_args(list(argv))
+
+
+def test_formula_by_hand():
+    assert compute_time(BATCH, RATE) == pytest.approx(0.1)
+    assert allreduce_time(N, NBYTES, BW, LAT) == pytest.approx(6.6e-4)
+    assert step_time(0.1, 6.6e-4) == pytest.approx(0.10066)
+    assert efficiency(0.1, 6.6e-4) == pytest.approx(0.1 / 0.10066)
+    assert efficiency(0.1, 6.6e-4) == pytest.approx(0.993443, abs=1e-6)
+
+
+def test_overlap():
+    # Hidden entirely: 2/3 x 0.1 s = 0.0667 s of backward covers the 6.6e-4 s all-reduce.
+    assert efficiency(0.1, 6.6e-4, 2 / 3) == 1.0
+    # Partly: at 10 MB/s, t_ar = 2 * 3/4 * 4e6 / 1e7 + 6e-5 = 0.6 + 6e-5 = 0.60006 s; overlap 0.5 hides
+    # 0.5 x 0.1 = 0.05 s, so the step is 0.1 + (0.60006 - 0.05) = 0.65006 s and the efficiency 0.1 / 0.65006.
+    t_ar = allreduce_time(N, NBYTES, 1e7, LAT)
+    assert t_ar == pytest.approx(0.60006)
+    assert step_time(0.1, t_ar, 0.5) == pytest.approx(0.65006)
+    assert efficiency(0.1, t_ar, 0.5) == pytest.approx(0.1 / 0.65006)
+    assert efficiency(0.1, t_ar, 0.5) > efficiency(0.1, t_ar, 0.0)
+
+
+def test_one_gpu_has_no_communication():
+    assert allreduce_time(1, NBYTES, BW, LAT) == 0.0
+    for link in PRESETS.values():
+        row = plan_point(link, 1, RATE, BATCH, NBYTES, 2 / 3)
+        assert row["allreduce_ms"] == 0.0
+        assert row["efficiency_no_overlap"] == row["efficiency_overlap"] == 1.0
+        assert row["job_images_per_s_no_overlap"] == RATE
+    assert solve_bandwidth(0.9, 0.1, 1, NBYTES, LAT) == math.inf
+
+
+def test_bandwidth_solved_back_from_efficiency():
+    eff = efficiency(0.1, allreduce_time(N, NBYTES, BW, LAT))
+    assert solve_bandwidth(eff, 0.1, N, NBYTES, LAT) == pytest.approx(BW)
+    eff = efficiency(0.1, allreduce_time(N, NBYTES, 1e7, LAT), 0.5)     # the partly hidden case above
+    assert solve_bandwidth(eff, 0.1, N, NBYTES, LAT, overlap=0.5) == pytest.approx(1e7)
+    # The latency alone (2 * 3 * 1 s) costs more than a 99% efficiency allows: no bandwidth explains it.
+    assert solve_bandwidth(0.99, 0.1, N, NBYTES, 1.0) == math.inf
+
+
+def test_check_against_measurement_round_trips():
+    # 1000 img/s alone, 900 img/s per process with 2: measured 90%; the explaining bandwidth predicts it.
+    r = check_against_measurement(1000.0, 900.0, 2, 1_000_000, 4, BW, LAT, batch=BATCH)
+    assert r["measured_efficiency"] == pytest.approx(0.9)
+    assert r["compute_s"] == pytest.approx(0.1)
+    assert r["measured_loss_s"] == pytest.approx(100 / 900 - 0.1)
+    # 2 processes: t_ar = 1 * 4e6 / 1e10 + 2 * 1e-5 = 4.2e-4 s, efficiency 0.1 / 0.10042
+    assert r["predicted_efficiency"] == pytest.approx(0.1 / 0.10042)
+    again = check_against_measurement(1000.0, 900.0, 2, 1_000_000, 4, r["explaining_bandwidth"], LAT, batch=BATCH)
+    assert again["predicted_efficiency"] == pytest.approx(0.9)
+
+
+def test_largest_efficient_gpu_count():
+    t_c = compute_time(BATCH, RATE)
+    for link in PRESETS.values():
+        n = largest_efficient(link, RATE, BATCH, NBYTES, 0.0)
+        assert efficiency(t_c, allreduce_time(n, NBYTES, link.bandwidth, link.latency)) >= 0.8
+        if n < (link.max_gpus or 4096):
+            assert efficiency(t_c, allreduce_time(n + 1, NBYTES, link.bandwidth, link.latency)) < 0.8
+    assert largest_efficient(PRESETS["nvlink"], RATE, BATCH, NBYTES, 0.0) == 8      # one node, however fast
+
+
+def _fake_bench(tmp_path):
+    rows = [
+        {"label": "baseline b256 (plain PyTorch loop)", "baseline": True, "images_per_s_per_device": 9000.0,
+         "settings": {"batch": 256, "precision": "fp32"}},
+        {"label": "eager bf16 NCHW b256 synthetic", "baseline": False, "images_per_s_per_device": 1500.0,
+         "settings": {"batch": 256, "precision": "bf16"}},
+        {"label": "compile bf16 channels_last b384 synthetic", "baseline": False, "images_per_s_per_device": 2500.0,
+         "single_process_images_per_s": 2600.0, "settings": {"batch": 384, "precision": "bf16"}},
+        {"label": "torch w2", "baseline": False, "images_per_s_per_device": 99000.0,     # a loader-only row
+         "settings": {"loader": "torch", "workers": 2, "batch": 256}},
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"rows": rows}))
+    return path
+
+
+def test_bench_json_gives_the_fastest_training_row(tmp_path, capsys):
+    path = _fake_bench(tmp_path)
+    assert read_bench(path) == (2600.0, 384, "compile bf16 channels_last b384 synthetic")
+    assert run_plan(_parse("--bench", str(path), "--gpus", "2")) == 0
+    out = capsys.readouterr().out
+    assert "2,600 img/s at batch 384" in out and "measured" in out and "ASSUMPTION" not in out
+    baseline_only = {"label": "baseline", "baseline": True, "images_per_s_per_device": 1.0,
+                     "settings": {"batch": 8, "precision": "fp32"}}
+    (tmp_path / "empty.json").write_text(json.dumps({"rows": [baseline_only]}))
+    with pytest.raises(UserError):
+        read_bench(tmp_path / "empty.json")
+    with pytest.raises(UserError):
+        read_bench(tmp_path / "missing.json")
+
+
+def test_plan_defaults_print_every_preset_and_gpu_count(tmp_path, capsys):
+    out_json = tmp_path / "plan.json"
+    assert run_plan(_parse("--json", str(out_json))) == 0
+    out = capsys.readouterr().out
+    assert "ASSUMPTION" in out
+    table = [line for line in out.splitlines() if line.startswith("| ") and "interconnect" not in line]
+    for link in PRESETS.values():
+        assert link.label in out
+        assert sorted(int(line.split("|")[2]) for line in table if line.startswith(f"| {link.label} |")) == [
+            8, 16, 64, 256]
+    assert "n/a" in out                             # NVLink beyond one node
+    assert "Rule:" in out and "Large global batches" in out
+    plan = json.loads(out_json.read_text())
+    assert len(plan["rows"]) == 12 and plan["batch"] == 512 and set(plan["largest_efficient"]) == set(PRESETS)
+
+
+def test_plan_refuses_bad_input():
+    with pytest.raises(UserError):
+        run_plan(_parse("--gpus", "8,x"))
+    with pytest.raises(UserError):
+        run_plan(_parse("--overlap", "1.5"))
