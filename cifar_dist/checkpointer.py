@@ -27,22 +27,22 @@ class Checkpointer:
         """At the end of the run (or a stop), and after every ``every_epochs``-th full epoch."""
         return ending or bool(self.every_epochs and finished_epoch and epochs_done % self.every_epochs == 0)
 
-    def save(self, p, state, totals: dict | None = None) -> Path | None:
+    def save(self, parts, state, totals: dict | None = None) -> Path | None:
         """Checkpoint ``state``; mid-epoch, ``totals`` (the epoch's running sums) go with it."""
         if totals is None:
-            return self._save(p, state)
+            return self._save(parts, state)
         state.partial = {"loss": float(totals["loss"]), "correct": int(totals["correct"]),
                          "count": totals["count"]}
         try:
-            return self._save(p, state)
+            return self._save(parts, state)
         finally:
             state.partial = {}
 
-    def _save(self, p, state) -> Path | None:
+    def _save(self, parts, state) -> Path | None:
         if self.writer is None:
             return None
         writer = self.writer
-        state.scaler = p.precision.state_dict()
+        state.scaler = parts.precision.state_dict()
         rank, _ = world_info()
         tmp = share_from_main(lambda: writer.begin(state.global_step))
         barrier()
@@ -50,20 +50,20 @@ class Checkpointer:
         def write():
             try:
                 if rank == 0:
-                    writer.write_local(tmp, p.model, p.optimizer, asdict(state))
+                    writer.write_local(tmp, parts.model, parts.optimizer, asdict(state))
             except OSError as e:
                 writer.abort(tmp)
                 raise EnvironmentFault(f"{tmp.parent}: cannot write checkpoint of step "
                                        f"{state.global_step}: {e.strerror or e}; the previous "
                                        "checkpoint is intact") from None
 
-        if p.deepspeed:
-            p.accelerator.save_state(str(tmp), safe_serialization=True)
+        if parts.deepspeed:
+            parts.accelerator.save_state(str(tmp), safe_serialization=True)
             barrier()
             share_from_main(lambda: writer.write_state(tmp, asdict(state)))
         else:
             share_from_main(write)
-        p.callbacks.on_checkpoint_staged(tmp, state.global_step)
+        parts.callbacks.on_checkpoint_staged(tmp, state.global_step)
         final = share_from_main(lambda: writer.commit(tmp, state.global_step))
         barrier()
         return final

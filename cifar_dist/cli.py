@@ -95,7 +95,8 @@ def _bench(args):
 def _config(args):
     import yaml
 
-    from cifar_dist.config import load_config, reference_markdown
+    from cifar_dist.config import load_config
+    from cifar_dist.config_reference import reference_markdown
     if args.reference:
         print(reference_markdown(), end="")
         return 0

@@ -8,6 +8,7 @@ command line turns that into exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +150,7 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}
-_SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
                     "run": RunConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig}
 _LIST_ITEM = {("model", "widths"): int, ("model", "blocks"): int, ("data", "mean"): float,
               ("data", "std"): float, ("train", "betas"): float, ("train", "milestones"): int,
@@ -158,25 +159,9 @@ _LIST_ITEM = {("model", "widths"): int, ("model", "blocks"): int, ("data", "mean
 
 def iter_fields():
     """Yield (section, dataclass field) for every leaf key, in declaration order."""
-    for section, cls in _SECTION_CLASSES.items():
+    for section, cls in SECTION_CLASSES.items():
         for f in dataclasses.fields(cls):
             yield section, f
-
-
-def reference_markdown() -> str:
-    """The configuration reference (a Markdown table per section) the README carries."""
-    out = []
-    for section, cls in _SECTION_CLASSES.items():
-        out += [f"**{section}**", "", "| key | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            meaning = f.metadata["help"]
-            if f.metadata.get("choices"):
-                meaning += " (" + " / ".join(f.metadata["choices"]) + ")"
-            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-            out.append(f"| `{section}.{f.name}` | `{shown}` | {meaning.replace('|', '/')} |")
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
 
 
 def _coerce(value: Any, default: Any, key: str, where: str):
@@ -194,6 +179,8 @@ def _coerce(value: Any, default: Any, key: str, where: str):
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
         return float(value)
     if isinstance(default, str):
         if not isinstance(value, str):
@@ -228,9 +215,9 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
         cfg.name = value
         return
     section, _, name = key.partition(".")
-    if section not in _SECTION_CLASSES or not name:
+    if section not in SECTION_CLASSES or not name:
         raise ConfigError(f"{where}: unknown key {key!r}")
-    fields = {f.name: f for f in dataclasses.fields(_SECTION_CLASSES[section])}
+    fields = {f.name: f for f in dataclasses.fields(SECTION_CLASSES[section])}
     if name not in fields:
         raise ConfigError(f"{where}: unknown key {key!r}")
     sub = getattr(cfg, section)
@@ -245,7 +232,7 @@ def _flatten(tree: dict, where: str, prefix: str = "") -> dict:
         if not isinstance(k, str):
             raise ConfigError(f"{where}: key {k!r} is not a string")
         key = f"{prefix}{k}"
-        if not prefix and k in _SECTION_CLASSES:
+        if not prefix and k in SECTION_CLASSES:
             if not isinstance(v, dict):
                 raise ConfigError(f"{where}: {k}: expected a mapping of keys, got {v!r}")
             out.update(_flatten(v, where, key + "."))
@@ -289,51 +276,56 @@ def parse_override(arg: str) -> tuple[str, Any]:
 
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
-    cfg = Config()
+    cfg, origin = Config(), {}  # key -> where its value came from
     if path:
         cfg.name = Path(path).stem
-        where = str(path)
-        for key, value in _flatten(read_yaml(path), where).items():
-            _apply(cfg, key, value, where)
+        for key, value in _flatten(read_yaml(path), str(path)).items():
+            _apply(cfg, key, value, str(path))
+            origin[key] = str(path)
     for arg in overrides:
         key, value = parse_override(arg)
         _apply(cfg, key, value, "command line")
-    validate(cfg, str(path) if path else "command line")
+        origin[key] = "command line"
+    validate(cfg, origin)
     return cfg
 
 
-def validate(cfg: Config, where: str) -> None:
-    """Checks that involve more than one key."""
+def validate(cfg: Config, origin: dict | None = None) -> None:
+    """Checks that involve more than one key; an error names where the keys' values came from."""
+    origin = origin or {}
+
+    def check(ok: bool, keys: tuple, message: str) -> None:
+        if not ok:
+            places = [origin[k] for k in keys if k in origin]
+            where = "command line" if "command line" in places else places[0] if places else "defaults"
+            raise ConfigError(f"{where}: {message}")
+
     m, d, t = cfg.model, cfg.data, cfg.train
-    if m.name not in MODELS and not is_spec(m.name):
-        raise ConfigError(f"{where}: model.name: must be one of {', '.join(MODELS)} or package.module:factory, "
-                          f"got {m.name!r}")
+    check(m.name in MODELS or is_spec(m.name), ("model.name",),
+          f"model.name: must be one of {', '.join(MODELS)} or package.module:factory, got {m.name!r}")
     for spec in cfg.run.callbacks:
-        if not is_spec(spec):
-            raise ConfigError(f"{where}: run.callbacks: {spec!r} is not of the form package.module:Class")
-    if len(m.widths) != len(m.blocks) or not m.widths:
-        raise ConfigError(f"{where}: model.widths and model.blocks must be non-empty lists of equal length")
+        check(is_spec(spec), ("run.callbacks",), f"run.callbacks: {spec!r} is not of the form package.module:Class")
+    check(len(m.widths) == len(m.blocks) and bool(m.widths), ("model.widths", "model.blocks"),
+          f"model.widths and model.blocks must be non-empty lists of equal length, got {m.widths} and {m.blocks}")
     for key, values in (("model.widths", m.widths), ("model.blocks", m.blocks)):
-        if any(v < 1 for v in values):
-            raise ConfigError(f"{where}: {key}: every entry must be >= 1, got {values}")
+        check(all(v >= 1 for v in values), (key,), f"{key}: every entry must be >= 1, got {values}")
     for key, values in (("data.mean", d.mean), ("data.std", d.std)):
-        if len(values) != 3:
-            raise ConfigError(f"{where}: {key}: expected 3 values (R, G, B), got {values}")
-    if any(s <= 0 for s in d.std):
-        raise ConfigError(f"{where}: data.std: every entry must be > 0, got {d.std}")
-    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-        raise ConfigError(f"{where}: train.betas: expected two values in [0, 1), got {t.betas}")
+        check(len(values) == 3, (key,), f"{key}: expected 3 values (R, G, B), got {values}")
+    check(all(v > 0 for v in d.std), ("data.std",), f"data.std: every entry must be > 0, got {d.std}")
+    check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), ("train.betas",),
+          f"train.betas: expected two values in [0, 1), got {t.betas}")
     if t.exact_reduce:
-        if not m.bn_group:
-            raise ConfigError(f"{where}: train.exact_reduce: needs model.bn_group > 0 (the chunk size)")
+        check(m.bn_group > 0, ("train.exact_reduce", "model.bn_group"),
+              "train.exact_reduce: needs model.bn_group > 0 (the chunk size)")
         chunks = t.batch_size // m.bn_group
-        if t.batch_size % m.bn_group or chunks & (chunks - 1):
-            raise ConfigError(f"{where}: train.exact_reduce: train.batch_size / model.bn_group must be a "
-                              f"power of two, got {t.batch_size} / {m.bn_group}")
-        if cfg.run.precision == "fp16":
-            raise ConfigError(f"{where}: train.exact_reduce: not with run.precision=fp16 (loss scaling)")
-    if d.val_split and d.synthetic:
-        raise ConfigError(f"{where}: data.val_split: not available with data.synthetic")
+        check(t.batch_size % m.bn_group == 0 and not chunks & (chunks - 1),
+              ("train.exact_reduce", "train.batch_size", "model.bn_group"),
+              f"train.exact_reduce: train.batch_size / model.bn_group must be a power of two, "
+              f"got {t.batch_size} / {m.bn_group}")
+        check(cfg.run.precision != "fp16", ("train.exact_reduce", "run.precision"),
+              "train.exact_reduce: not with run.precision=fp16 (loss scaling)")
+    check(not (d.val_split and d.synthetic), ("data.val_split", "data.synthetic"),
+          "data.val_split: not available with data.synthetic")
 
 
 def resolve_data_root(cfg: Config) -> Path:

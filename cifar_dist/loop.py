@@ -22,13 +22,14 @@ from cifar_dist.stopping import Preempted, StopRequest
 class Epoch:
     """One epoch's running sums, clock and progress bar (closed however the epoch ends)."""
 
-    def __init__(self, p: Parts, state: TrainState, progress, epochs: int):
-        self.number, self.steps_per_epoch = state.epoch + 1, p.loader.steps_per_epoch
-        self.totals = new_totals(p.device, state.partial)
+    def __init__(self, parts: Parts, state: TrainState, progress, epochs: int):
+        self.number, self.steps_per_epoch = state.epoch + 1, parts.loader.steps_per_epoch
+        self.totals = new_totals(parts.device, state.partial)
         state.partial = {}
         self.stop_votes = 0.0  # ranks asking to stop, as of the latest control read
         self.start, self.steps_run = time.perf_counter(), 0
-        self.bar = progress(total=self.steps_per_epoch, initial=state.step_in_epoch,
+        self.batch = parts.shard.global_batch  # the bar counts images: it shows images/s
+        self.bar = progress(total=self.steps_per_epoch * self.batch, initial=state.step_in_epoch * self.batch,
                             desc=f"epoch {self.number}/{epochs}")
 
     def __enter__(self):
@@ -37,15 +38,15 @@ class Epoch:
     def __exit__(self, *exc):
         self.bar.close()
 
-    def metrics(self, p: Parts, state: TrainState) -> dict:
+    def metrics(self, parts: Parts, state: TrainState) -> dict:
         """The epoch's row: training loss and accuracy over all ranks, speed, learning rate."""
         elapsed = time.perf_counter() - self.start
         t = all_reduce_sum(_stacked(self.totals))
         count = max(float(t[2]), 1.0)
         return {"epoch": self.number, "step": state.global_step, "train_loss": float(t[0]) / count,
                 "train_acc": float(t[1]) / count,
-                "lr": lr_at(max(state.global_step - 1, 0), p.cfg.train, self.steps_per_epoch),
-                "epoch_time_s": elapsed, "images_per_s": self.steps_run * p.shard.global_batch / max(elapsed, 1e-9),
+                "lr": lr_at(max(state.global_step - 1, 0), parts.cfg.train, self.steps_per_epoch),
+                "epoch_time_s": elapsed, "images_per_s": self.steps_run * parts.shard.global_batch / max(elapsed, 1e-9),
                 "skipped_steps": state.skipped_steps}
 
 
@@ -77,20 +78,20 @@ class Trainer:
 
     def fit(self) -> TrainState:
         """Train to the end (epochs or max_steps, or a stop); evaluate, log, checkpoint."""
-        p, state = self.parts, self.state
+        parts, state = self.parts, self.state
         with self.stop:
-            control = Control(p.model, p.precision, p.device, state.global_step, self.cfg.train.exact_reduce,
-                              skipped_steps=state.skipped_steps)
-            p.callbacks.on_train_start(self)
+            control = Control(parts.model, parts.precision, parts.device, state.global_step,
+                              self.cfg.train.exact_reduce, skipped_steps=state.skipped_steps)
+            parts.callbacks.on_train_start(self)
             while not self.finished():
-                with Epoch(p, state, self.progress, self.cfg.train.epochs) as epoch:
-                    for micro in p.loader.iter_epoch(state.epoch, state.step_in_epoch):
+                with Epoch(parts, state, self.progress, self.cfg.train.epochs) as epoch:
+                    for micro in parts.loader.iter_epoch(state.epoch, state.step_in_epoch):
                         if self._step(micro, epoch, control):
                             break
                 last = self._end_epoch(epoch)
                 stopping = epoch.stop_votes > 0 and not last  # read at the epoch's last step
-                if p.checkpointer.due_at_epoch_end(state.epoch, state.step_in_epoch == 0, last or stopping):
-                    p.checkpointer.save(p, state)
+                if parts.checkpointer.due_at_epoch_end(state.epoch, state.step_in_epoch == 0, last or stopping):
+                    parts.checkpointer.save(parts, state)
                 if self.graphs_after_warmup is None:
                     self.graphs_after_warmup = graph_count()
                 if stopping:
@@ -101,56 +102,56 @@ class Trainer:
 
     def _step(self, micro, epoch: Epoch, control: Control) -> bool:
         """One step and what is due after it; True when the epoch ends here."""
-        p, state = self.parts, self.state
-        p.callbacks.on_step_start(state.global_step)
-        bad = train_step(p, micro, state.global_step, epoch.totals)
+        parts, state = self.parts, self.state
+        parts.callbacks.on_step_start(state.global_step)
+        bad = train_step(parts, micro, state.global_step, epoch.totals)
         done = state.global_step + 1  # optimizer steps done after this one
         boundary = state.step_in_epoch + 1 >= epoch.steps_per_epoch or done >= self.max_steps
-        checkpoint_due = p.checkpointer.due_mid_epoch(done, boundary)
+        checkpoint_due = parts.checkpointer.due_mid_epoch(done, boundary)
         # the flags are read before anything is saved: a checkpoint never holds NaN weights;
         # a stop is looked for only when it will be read
         reading = control.due(done, boundary or checkpoint_due)
         control.after_step(bad, reading and self.stop.requested())
-        metrics = {"lr": p.optimizer.param_groups[0]["lr"]}
+        metrics = {"lr": parts.optimizer.param_groups[0]["lr"]}
         state.global_step, state.step_in_epoch, epoch.steps_run = done, state.step_in_epoch + 1, epoch.steps_run + 1
-        epoch.bar.update(1)
+        epoch.bar.update(epoch.batch)
         if reading:
             read = control.read(epoch.totals["loss"], f" (epoch {epoch.number})")
             state.skipped_steps, epoch.stop_votes = read.skipped, read.stop_votes
             metrics["train_loss"] = read.loss_sum / max(epoch.totals["count"], 1)
             epoch.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
             if read.stop_votes > 0 and not boundary:
-                p.checkpointer.save(p, state, epoch.totals)
+                parts.checkpointer.save(parts, state, epoch.totals)
                 raise Preempted(self.stop.reason)
         if checkpoint_due:
-            p.checkpointer.save(p, state, epoch.totals)
-        p.callbacks.on_step_end(done - 1, metrics)
+            parts.checkpointer.save(parts, state, epoch.totals)
+        parts.callbacks.on_step_end(done - 1, metrics)
         return done >= self.max_steps or self.stop_requested
 
     def _end_epoch(self, epoch: Epoch) -> bool:
         """Metrics, evaluation and logging of the epoch just run; True if it ends the run."""
-        p, state = self.parts, self.state
-        row = epoch.metrics(p, state)
+        parts, state = self.parts, self.state
+        row = epoch.metrics(parts, state)
         finished_epoch = state.step_in_epoch >= epoch.steps_per_epoch
         last = (state.global_step >= self.max_steps or self.stop_requested
                 or (finished_epoch and epoch.number >= self.cfg.train.epochs))
-        p.evaluator.last = None
-        if p.evaluator.due(epoch.number, last):
-            result = p.evaluator.run()
+        parts.evaluator.last = None
+        if parts.evaluator.due(epoch.number, last):
+            result = parts.evaluator.run()
             row.update(test_loss=result["loss"], test_acc=result["acc"])
         if finished_epoch:
             state.epoch, state.step_in_epoch = epoch.number, 0
         state.history.append(row)
-        if p.metrics is not None:
-            p.metrics.log(row)
+        if parts.metrics is not None:
+            parts.metrics.log(row)
         print0(epoch_line(row))
-        p.callbacks.on_epoch_end(row)
+        parts.callbacks.on_epoch_end(row)
         return last or self.stop_requested
 
 
-def fit(p: Parts, state: TrainState, progress) -> TrainState:
-    """Train ``p`` from ``state`` to the end (see ``Trainer``)."""
-    return Trainer(p, state, progress).fit()
+def fit(parts: Parts, state: TrainState, progress) -> TrainState:
+    """Train ``parts`` from ``state`` to the end (see ``Trainer``)."""
+    return Trainer(parts, state, progress).fit()
 
 
 def epoch_line(row: dict) -> str:

@@ -23,34 +23,34 @@ def new_totals(device, partial: dict | None = None) -> dict:
             "count": int(partial.get("count", 0))}
 
 
-def train_step(p, micro_batches, step: int, totals: dict) -> torch.Tensor:
+def train_step(parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
     """One optimizer step over this process's micro-batches; returns the local
     non-finite flag (a 0-dim tensor on the device, no host synchronization)."""
-    cfg = p.cfg
-    set_lr(p.optimizer, lr_at(step, cfg.train, p.loader.steps_per_epoch))
+    cfg = parts.cfg
+    set_lr(parts.optimizer, lr_at(step, cfg.train, parts.loader.steps_per_epoch))
     backward = _backward_exact if cfg.train.exact_reduce else _backward_ddp
-    bad = backward(p, micro_batches, step, totals)
-    if not p.deepspeed:  # DeepSpeed clips (its config) and keeps the gradients partitioned
-        p.precision.unscale(p.optimizer)
-        grads = [q.grad for q in p.model.parameters() if q.grad is not None]
+    bad = backward(parts, micro_batches, step, totals)
+    if not parts.deepspeed:  # DeepSpeed clips (its config) and keeps the gradients partitioned
+        parts.precision.unscale(parts.optimizer)
+        grads = [q.grad for q in parts.model.parameters() if q.grad is not None]
         if cfg.train.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.train.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.train.grad_clip)
         else:
-            norm = torch.stack(torch._foreach_norm(grads)).norm() if grads else torch.zeros((), device=p.device)
+            norm = torch.stack(torch._foreach_norm(grads)).norm() if grads else torch.zeros((), device=parts.device)
         if cfg.run.precision != "fp16":  # under fp16 the scaler skips such steps instead
             bad = bad + (~torch.isfinite(norm)).float()
-    p.precision.step(p.optimizer)
-    p.optimizer.zero_grad(set_to_none=True)
+    parts.precision.step(parts.optimizer)
+    parts.optimizer.zero_grad(set_to_none=True)
     return bad
 
 
-def _forward_loss(p, x, y, step: int, totals: dict):
-    cfg = p.cfg
-    x = p.precision.inputs(normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last))
-    with p.precision.autocast():
-        logits = p.train_model(x)
+def _forward_loss(parts, x, y, step: int, totals: dict):
+    cfg = parts.cfg
+    x = parts.precision.inputs(normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last))
+    with parts.precision.autocast():
+        logits = parts.train_model(x)
     loss = smoothed_cross_entropy(logits, y, cfg.train.label_smoothing, cfg.train.smoothing_form)
-    loss = p.callbacks.on_loss(loss, step)
+    loss = parts.callbacks.on_loss(loss, step)
     with torch.no_grad():
         totals["loss"] += loss.detach().float() * y.numel()
         totals["correct"] += (logits.detach().argmax(1) == y).sum()
@@ -58,34 +58,34 @@ def _forward_loss(p, x, y, step: int, totals: dict):
     return loss, (~torch.isfinite(loss.detach())).float()
 
 
-def _backward_ddp(p, micro_batches, step: int, totals: dict) -> torch.Tensor:
+def _backward_ddp(parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
     """Gradients averaged by DDP (or DeepSpeed): fast; equal across process
     counts up to float summation order."""
-    acc, accum = p.accelerator, len(micro_batches)
-    bad = torch.zeros((), device=p.device)
+    acc, accum = parts.accelerator, len(micro_batches)
+    bad = torch.zeros((), device=parts.device)
     for i, (x, y, _idx) in enumerate(micro_batches):
         last = i == accum - 1
-        sync = contextlib.nullcontext() if (last or p.deepspeed) else acc.no_sync(p.train_model)
+        sync = contextlib.nullcontext() if (last or parts.deepspeed) else acc.no_sync(parts.train_model)
         with sync:
-            loss, nonfinite = _forward_loss(p, x, y, step, totals)
+            loss, nonfinite = _forward_loss(parts, x, y, step, totals)
             # DeepSpeed divides by its accumulation steps itself.
-            p.precision.backward(loss if p.deepspeed else loss / accum)
+            parts.precision.backward(loss if parts.deepspeed else loss / accum)
         bad = bad + nonfinite
     return bad
 
 
-def _backward_exact(p, micro_batches, step: int, totals: dict) -> torch.Tensor:
+def _backward_exact(parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
     """Gradients of fixed-size chunks, summed in a fixed tree (see ``exact``)."""
-    chunk = p.cfg.model.bn_group
-    params = list(p.model.parameters())
-    bns = [m for m in p.model.modules() if isinstance(m, GroupBatchNorm2d)]
+    chunk = parts.cfg.model.bn_group
+    params = list(parts.model.parameters())
+    bns = [m for m in parts.model.modules() if isinstance(m, GroupBatchNorm2d)]
     tree = TreeSum()
-    bad = torch.zeros((), device=p.device)
-    with p.accelerator.no_sync(p.train_model):
+    bad = torch.zeros((), device=parts.device)
+    with parts.accelerator.no_sync(parts.train_model):
         for x, y, _idx in micro_batches:
             for s in range(0, len(y), chunk):
-                loss, nonfinite = _forward_loss(p, x[s:s + chunk], y[s:s + chunk], step, totals)
-                p.precision.backward(loss)
+                loss, nonfinite = _forward_loss(parts, x[s:s + chunk], y[s:s + chunk], step, totals)
+                parts.precision.backward(loss)
                 # BatchNorm statistics follow the same tree as the gradients
                 stats = [m.stat_sum.clone() for m in bns]
                 for m in bns:
@@ -95,7 +95,7 @@ def _backward_exact(p, micro_batches, step: int, totals: dict) -> torch.Tensor:
     summed = tree.result()
     for m, st in zip(bns, summed[len(params):]):
         m.stat_sum.copy_(st)
-    num_chunks = p.shard.global_batch // chunk
+    num_chunks = parts.shard.global_batch // chunk
     for q, g in zip(params, reduce_across_processes(summed[:len(params)], num_chunks)):
         q.grad = g
     return bad

@@ -36,37 +36,13 @@ def add_train_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.01")
 
 
-def progress_bars(enabled: bool):
-    """A factory of tqdm progress bars, or of silent stand-ins."""
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-            return lambda **kw: tqdm(unit="step", mininterval=1.0, dynamic_ncols=True, leave=False, **kw)
-        except ImportError:
-            pass
-
-    class _Silent:
-        def __init__(self, **kw):
-            pass
-
-        def update(self, n=1):
-            pass
-
-        def set_postfix(self, **kw):
-            pass
-
-        def close(self):
-            pass
-    return _Silent
-
-
 def run(args: argparse.Namespace) -> int:
     """Train as ``args`` say; returns the exit code. Raises UserError for bad input."""
     from cifar_dist.config import load_config, save_config
 
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: bad input fails fast
-    from cifar_dist.callbacks import load_callbacks
-    callbacks = load_callbacks(cfg.run.callbacks)
+    from cifar_dist.callbacks import Callbacks, load_callbacks
+    user_callbacks = load_callbacks(cfg.run.callbacks).items  # a bad name fails here, before anything is written
 
     import torch
 
@@ -75,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from cifar_dist.distributed import barrier, make_accelerator, print0, share_from_main, world_info
     from cifar_dist.metrics import MetricsLog
     from cifar_dist.models import count_parameters
+    from cifar_dist.progress import EstimatedTime, progress_bars
     from cifar_dist.repro import apply_tf32, set_determinism
     from cifar_dist.rundir import RunDir, default_run_dir
     from cifar_dist.stopping import Preempted
@@ -101,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = share_from_main(lambda: rundir.open(cfg.to_dict(), args.resume, args.overwrite))
     barrier()
 
+    callbacks = Callbacks([*user_callbacks, EstimatedTime(print0)])
     parts = wiring.build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, model, callbacks)
     state = loop.TrainState()
     if ckpt is not None:

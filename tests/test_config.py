@@ -115,7 +115,7 @@ def test_config_command_prints_the_resolved_config():
 
 
 def test_docs_carry_the_current_config_reference():
-    from cifar_dist.config import reference_markdown
+    from cifar_dist.config_reference import reference_markdown
 
     page = (REPO / "docs" / "configuration.md").read_text()
     block = page.split("<!-- config-reference -->\n", 1)[1].split("<!-- /config-reference -->", 1)[0]

@@ -17,10 +17,10 @@ from cifar_dist.config import load_config
 from cifar_dist.control import CONTROL_EVERY, NonFiniteError
 from cifar_dist.distributed import make_accelerator
 from cifar_dist.parts import build_data, build_parts, resolve_run_precision, restore
+from cifar_dist.progress import progress_bars
 from cifar_dist.state import TrainState
 from cifar_dist.step import new_totals, train_step
 from cifar_dist.stopping import Preempted
-from cifar_dist.train import progress_bars
 
 from conftest import REPO
 
