@@ -1,4 +1,6 @@
-"""The `cifar-dist` command: train, eval, summary, prepare, report, bench, config."""
+"""The `cifar-dist` command: train, sweep, compare, eval, summary, prepare, report, bench, plan, config, doctor.
+
+`key=value` config overrides may come before, between or after the options."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import cifar_dist
+from cifar_dist.arguments import parse_with_overrides
 from cifar_dist.errors import guarded
 from cifar_dist.train import add_train_arguments
 
@@ -82,6 +86,7 @@ def _eval(args):
         print(f"  {cls:>10}: {100 * acc:.2f}%")
     out = run_dir / ("eval_tta.json" if args.tta else "eval.json")
     out.write_text(json.dumps(result, indent=1))
+    (run_dir / "plots").mkdir(exist_ok=True)
     plot_confusion(result["confusion"], run_dir / "plots" / "confusion_matrix_eval.png")
     print(f"written {out}")
     return 0
@@ -104,13 +109,45 @@ def _config(args):
     return 0
 
 
+def _sweep(args):
+    from cifar_dist.sweep import run_sweep
+    return run_sweep(args)
+
+
+def _compare(args):
+    from cifar_dist.compare import run_compare
+    return run_compare(args)
+
+
+def _plan(args):
+    from cifar_dist.scaling import run_plan
+    return run_plan(args)
+
+
+def _doctor(args):
+    from cifar_dist.doctor import doctor, format_rows
+    print(format_rows(doctor(args.config)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cifar-dist", description=__doc__)
+    ap = argparse.ArgumentParser(prog="cifar-dist", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--version", action="version", version=f"cifar-dist {cifar_dist.__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model (same as cifar_dist/train.py)")
+    p = sub.add_parser("train", help="train a model (same as python -m cifar_dist.train)")
     add_train_arguments(p)
     p.set_defaults(fn=_train)
+
+    from cifar_dist.sweep import add_sweep_arguments
+    p = sub.add_parser("sweep", help="many seeds and settings as independent runs (locally, or a Slurm array)")
+    add_sweep_arguments(p)
+    p.set_defaults(fn=_sweep)
+
+    from cifar_dist.compare import add_compare_arguments
+    p = sub.add_parser("compare", help="runs or sweeps side by side: mean ± std, 95%% CI, Welch's t-test")
+    add_compare_arguments(p)
+    p.set_defaults(fn=_compare)
 
     p = sub.add_parser("eval", help="evaluate a finished run's model.safetensors")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory")
@@ -145,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput benchmark: images/s per device, MFU, speed-up over plain PyTorch")
     add_bench_arguments(p)
     p.set_defaults(fn=_bench)
+
+    from cifar_dist.scaling import add_plan_arguments
+    p = sub.add_parser("plan", help="on paper: how many GPUs one run uses well, and when a sweep packs them better")
+    add_plan_arguments(p)
+    p.set_defaults(fn=_plan)
+
+    p = sub.add_parser("doctor", help="versions, devices, data and Slurm: what to paste into a bug report")
+    p.add_argument("--config", help="the recipe whose data location to check (default: the built-in defaults)")
+    p.set_defaults(fn=_doctor)
     return ap
 
 
@@ -152,7 +198,7 @@ def main(argv=None) -> int:
     from cifar_dist.memory import tune_malloc
 
     tune_malloc()
-    args = build_parser().parse_args(argv)
+    args = parse_with_overrides(build_parser(), argv)
     return guarded(args.fn, args)
 
 

@@ -133,6 +133,9 @@ class CheckpointConfig:
 class EvalConfig:
     every_epochs: int = _f(1, "evaluate every N epochs (the last epoch is always evaluated)", min=1)
     tta: bool = _f(False, "flip test-time augmentation at the final evaluation")
+    target_acc: float = _f(0.0, "test accuracy to time (0 = off): summary.json gets time_to_target_s and "
+                                "epochs_to_target", min=0, max=1)
+    stop_at_target: bool = _f(False, "end the run at the first evaluation at or above eval.target_acc")
 
 
 @dataclass

@@ -66,12 +66,24 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr, without Python's echo of the source line: ours as
+    "cifar-dist: warning: ...", another package's with its category and origin."""
+    text = " ".join(str(message).split())
+    if "cifar_dist" in str(filename):
+        say(f"cifar-dist: {rank_prefix()}warning: {text}")
+    else:
+        say(f"cifar-dist: {rank_prefix()}warning from {os.path.basename(str(filename))}:{lineno}: "
+            f"{category.__name__}: {text}")
+
+
 def guarded(fn, args) -> int:
     """Run the command ``fn(args)``: user errors and environment faults become one line
     and an exit code (2 and 1); a bug names the rank and shows its traceback."""
     import warnings
 
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    warnings.showwarning = one_line_warning
     try:
         return fn(args)
     except UserError as e:

@@ -24,11 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+from cifar_dist.arguments import parse_with_overrides
 from cifar_dist.errors import guarded
 
 
 def add_train_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults are the paper's recipe")
+    ap.add_argument("--config", help="YAML recipe (configs/seed.yaml is the paper's; without one, the built-in "
+                                     "defaults, which `cifar-dist config` prints)")
     ap.add_argument("--out", help="run directory (overrides run.out_dir)")
     ap.add_argument("--resume", action="store_true",
                     help="continue from the newest complete checkpoint in the run directory (a fresh start if none)")
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from cifar_dist.repro import apply_tf32, set_determinism
     from cifar_dist.rundir import RunDir, default_run_dir
     from cifar_dist.stopping import Preempted
+    from cifar_dist.target import StopAtTarget
 
     if args.out:
         cfg.run.out_dir = args.out
@@ -78,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     ckpt = share_from_main(lambda: rundir.open(cfg.to_dict(), args.resume, args.overwrite))
     barrier()
 
-    callbacks = Callbacks([*user_callbacks, EstimatedTime(print0)])
+    built_in = [EstimatedTime(print0)] + ([StopAtTarget(cfg.eval.target_acc)]
+                                          if cfg.eval.stop_at_target and cfg.eval.target_acc else [])
+    callbacks = Callbacks([*user_callbacks, *built_in])
     parts = wiring.build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, model, callbacks)
     state = loop.TrainState()
     if ckpt is not None:
@@ -92,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         parts.metrics = MetricsLog(run_dir, cfg.run.tensorboard, state.history)
         (run_dir / "STOP").unlink(missing_ok=True)
     print0(f"{cfg.name}: {cfg.model.name} ({count_parameters(parts.model):,} parameters) on {world} x "
-           f"{accelerator.device.type} [{accelerator.distributed_type.value}], {cfg.run.precision}"
+           f"{accelerator.device.type}, {_mode_in_words(accelerator, world)}, {cfg.run.precision}"
            f"{', compiled' if cfg.run.compile else ''}{', channels_last' if cfg.run.channels_last else ''}")
     print0(f"batch {cfg.train.batch_size} global = {world} x {shard.per_process} per process "
            f"= {world} x {cfg.train.accum_steps} x {shard.micro} micro; {parts.loader.steps_per_epoch} "
@@ -118,11 +123,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mode_in_words(accelerator, world: int) -> str:
+    """How the processes work together, in words: "single process", "DDP over gloo", ..."""
+    kind = accelerator.distributed_type.value
+    if kind == "DEEPSPEED":
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if world == 1:
+        return "single process"
+    import torch.distributed as dist
+    return f"DDP over {dist.get_backend()}" if dist.is_initialized() else f"{kind} ({world} processes)"
+
+
 def _summary(cfg, parts, trainer, final: dict, eval_name: str, wall: float) -> dict:
     """summary.json: the run's results, the same on every rank."""
+    from cifar_dist.data import data_identity
     from cifar_dist.models import count_parameters
     from cifar_dist.parts import graph_count
     from cifar_dist.repro import device_name, git_sha, versions
+    from cifar_dist.target import time_to_target
 
     state, world = trainer.state, parts.shard.world
     train_time = sum(r["epoch_time_s"] for r in state.history)
@@ -140,7 +158,8 @@ def _summary(cfg, parts, trainer, final: dict, eval_name: str, wall: float) -> d
         "recompiles_after_warmup": (graph_count() - trainer.graphs_after_warmup
                                     if compiled and trainer.graphs_after_warmup is not None else None),
         "precision": cfg.run.precision, "seed": cfg.run.seed, "config": cfg.name, "git_sha": git_sha(),
-        "versions": versions(), "device": device_name(parts.device),
+        "versions": versions(), "device": device_name(parts.device), "data": data_identity(cfg),
+        **time_to_target(state.history, cfg.eval.target_acc),
     }
 
 
@@ -191,7 +210,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cifar_dist.train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(ap)
-    return guarded(run, ap.parse_args(argv))
+    return guarded(run, parse_with_overrides(ap, argv))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 # then starts one `accelerate launch` per node with srun and waits for it.
 #
 # Settings (environment variables, all optional):
-#   CIFAR_DIST_VENV             virtualenv with cifar_dist installed (default: REPO/.venv)
+#   CIFAR_DIST_VENV             virtualenv with cifar_dist installed (default: REPO/.venv when it
+#                               exists, else the environment the job was submitted from:
+#                               $VIRTUAL_ENV, $CONDA_PREFIX, or the accelerate on PATH)
 #   CIFAR_DIST_PROCS_PER_NODE   processes per node (default: the GPUs Slurm gave the job on a node,
 #                               else CIFAR_DIST_CPU_PROCS CPU processes)
 #   CIFAR_DIST_CPU_PROCS        CPU processes (gloo) per node on nodes without GPUs (default 1)
@@ -54,11 +56,28 @@ cifar_dist_run_dir() {
     RUN_DIR=$(realpath -m -- "$RUN_DIR")
 }
 
+# The accelerate to launch with, and where it comes from (said in the job log):
+# CIFAR_DIST_VENV, else REPO/.venv, else the submitting environment (sbatch exports it).
+cifar_dist_find_accelerate() {
+    local env from
+    if [ -n "${CIFAR_DIST_VENV:-}" ]; then env=$CIFAR_DIST_VENV; from="CIFAR_DIST_VENV"
+    elif [ -x "$REPO/.venv/bin/accelerate" ]; then env=$REPO/.venv; from="the repository's .venv"
+    elif [ -n "${VIRTUAL_ENV:-}" ]; then env=$VIRTUAL_ENV; from="the submitting environment (VIRTUAL_ENV)"
+    elif [ -n "${CONDA_PREFIX:-}" ]; then env=$CONDA_PREFIX; from="the submitting environment (CONDA_PREFIX)"
+    fi
+    if [ -n "${env:-}" ]; then
+        ACCELERATE=$env/bin/accelerate
+        [ -x "$ACCELERATE" ] || cifar_dist_die "$ACCELERATE not found ($from): set CIFAR_DIST_VENV to the environment with cifar_dist"
+    else
+        ACCELERATE=$(command -v accelerate) || cifar_dist_die "no accelerate: set CIFAR_DIST_VENV, create REPO/.venv (make setup), or submit from an environment with cifar_dist"
+        from="PATH"
+    fi
+    cifar_dist_say "using $ACCELERATE (from $from)"
+}
+
 cifar_dist_setup() {
     [ -n "${SLURM_JOB_ID:-}" ] || cifar_dist_die "not inside a Slurm job: submit with sbatch"
-    VENV=${CIFAR_DIST_VENV:-$REPO/.venv}
-    ACCELERATE=$VENV/bin/accelerate
-    [ -x "$ACCELERATE" ] || cifar_dist_die "$ACCELERATE not found: set CIFAR_DIST_VENV to the virtualenv with cifar_dist"
+    cifar_dist_find_accelerate
     NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
     local head
     head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

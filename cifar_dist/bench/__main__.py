@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cifar_dist.arguments import parse_with_overrides
 from cifar_dist.bench import __doc__ as DOC
 from cifar_dist.bench.args import add_bench_arguments
 from cifar_dist.errors import guarded
@@ -16,7 +17,7 @@ def main(argv=None) -> int:
     tune_malloc()
     ap = argparse.ArgumentParser(prog="python -m cifar_dist.bench", description=DOC.split("\n\n")[0])
     add_bench_arguments(ap)
-    return guarded(run_bench, ap.parse_args(argv))
+    return guarded(run_bench, parse_with_overrides(ap, argv))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ def _list(kind):
 
 
 def add_bench_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--config", help="YAML recipe the rows start from (default: the paper's recipe)")
+    ap.add_argument("--config", help="YAML recipe the rows start from (configs/seed.yaml is the paper's; without "
+                                     "one, the built-in defaults, which `cifar-dist config` prints)")
     ap.add_argument("--out", help="directory for bench.json, bench.md and bench.png (default runs/bench-<time>)")
     ap.add_argument("--compile", type=_list(bool), default=[False], metavar="off,on",
                     help="torch.compile off and/or on")

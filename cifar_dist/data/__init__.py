@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from cifar_dist.config import Config, resolve_data_root
 from cifar_dist.data.augment import AugmentSpec
-from cifar_dist.data.cifar import CLASSES, ImageSet, load_cifar10, synthetic_cifar
+from cifar_dist.data.cifar import CLASSES, FOLDER, MD5, ImageSet, check_md5, file_digest, load_cifar10, synthetic_cifar
 from cifar_dist.data.loaders import GpuLoader, TorchLoader, eval_batches, normalize
 from cifar_dist.data.sharding import Shard
+from cifar_dist.distributed import env_rank
 from cifar_dist.errors import ConfigError
 
-__all__ = ["CLASSES", "ImageSet", "Shard", "build_datasets", "build_train_loader",
+__all__ = ["CLASSES", "ImageSet", "Shard", "build_datasets", "build_train_loader", "data_identity",
            "eval_batches", "normalize"]
 
 
@@ -19,7 +20,9 @@ def build_datasets(cfg: Config) -> tuple[ImageSet, ImageSet, str]:
         train, test = synthetic_cifar(d.synthetic_train, 1), synthetic_cifar(d.synthetic_test, 2)
     else:
         root = resolve_data_root(cfg)
-        train, test = load_cifar10(root, train=True), load_cifar10(root, train=False)
+        train, test = load_cifar10(root, train=True, verify=False), load_cifar10(root, train=False, verify=False)
+        if env_rank() == 0:  # one warning, from one process, for a copy that is not the official one
+            check_md5(root / FOLDER, list(MD5))
     if d.val_split:
         if d.val_split >= len(train):
             raise ConfigError(f"data.val_split: {d.val_split} leaves no training images of {len(train)}")
@@ -35,6 +38,21 @@ def build_datasets(cfg: Config) -> tuple[ImageSet, ImageSet, str]:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the "
                           f"{len(train)} training images")
     return train, test, name
+
+
+def data_identity(cfg: Config) -> dict:
+    """Which data a result came from (summary.json): the files' folder, a checksum of
+    their contents, and whether they are the official CIFAR-10 files; or synthetic data."""
+    import hashlib
+
+    d = cfg.data
+    if d.synthetic:
+        return {"source": "synthetic", "train": d.synthetic_train, "test": d.synthetic_test}
+    folder = resolve_data_root(cfg) / FOLDER
+    digests = {n: file_digest(folder / n, "md5") for n in MD5}
+    combined = hashlib.md5("".join(digests[n] for n in sorted(digests)).encode()).hexdigest()
+    return {"source": str(folder), "md5": combined, "official": digests == MD5,
+            "val_split": d.val_split, "subset": d.subset}
 
 
 def build_train_loader(cfg: Config, train: ImageSet, shard: Shard, device):

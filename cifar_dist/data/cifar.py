@@ -6,6 +6,7 @@ as ``os.system`` in a crafted file, is refused before it can run.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import pickle
@@ -101,7 +102,14 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def file_digest(path: Path, algorithm: str) -> str:
-    """Hex digest of a file, read in 4 MiB chunks (md5 of CIFAR batches, sha256 of .beton files)."""
+    """Hex digest of a file, read in 4 MiB chunks (md5 of CIFAR batches, sha256 of .beton files);
+    computed once per file version (path, size, modification time)."""
+    st = Path(path).stat()
+    return _digest(str(path), st.st_size, st.st_mtime_ns, algorithm)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int, algorithm: str) -> str:
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):

@@ -1,0 +1,101 @@
+"""The command line as users type it: overrides anywhere, one-line messages, --version, doctor."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, SMOKE, base_env, cli_here, run
+
+TINY = ["train.max_steps=2", "data.synthetic_train=256", "data.synthetic_test=128", "run.plots=false",
+        "run.progress=false", "run.tensorboard=false"]
+
+
+def test_version_and_doctor_print_what_a_bug_report_needs():
+    import cifar_dist
+
+    res = cli_here("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"cifar-dist {cifar_dist.__version__}"
+    res = cli_here("doctor", "--config", SMOKE)
+    assert res.returncode == 0, res.stderr
+    fields = [line.split()[0] for line in res.stdout.splitlines()]
+    for field in ("cifar_dist", "python", "torch", "accelerate", "deepspeed", "ffcv", "CUDA", "CPU", "CIFAR-10",
+                  "Slurm"):
+        assert field in fields, res.stdout
+    assert "synthetic" in res.stdout  # the smoke recipe needs no files
+    assert all(f"{cmd} " in res.stdout for cmd in ("sbatch", "srun", "scontrol"))
+
+
+def test_overrides_may_come_before_between_and_after_options(tmp_path):
+    res = cli_here("config", "train.lr=0.5", "--config", SMOKE, "train.epochs=7")
+    cfg = yaml.safe_load(res.stdout)
+    assert res.returncode == 0 and cfg["name"] == "smoke" and (cfg["train"]["lr"], cfg["train"]["epochs"]) == (0.5, 7)
+    out = tmp_path / "run"
+    res = cli_here("train", "--config", SMOKE, "train.max_steps=2", "--out", out, *TINY[1:])
+    assert res.returncode == 0, res.stderr
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 2 and saved["data"]["synthetic_test"] == 128
+    res = cli_here("eval", "data.eval_batch_size=32", "--checkpoint", out, "data.synthetic_test=64")
+    assert res.returncode == 0 and "on 64 images" in res.stdout, res.stdout + res.stderr
+    # bench: an override after the options is read (here refused, naming where it came from)
+    res = cli_here("bench", "--config", SMOKE, "--steps", "1", "train.lr=.inf", "--repeats", "1")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "cifar-dist: command line: train.lr: expected a finite number, got inf"
+    res = cli_here("train", "--config", SMOKE, "--bogus", "a=1")
+    assert res.returncode == 2 and "unrecognized arguments: --bogus" in res.stderr
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_floats_are_refused_up_front(tmp_path, value):
+    res = cli_here("train", "--config", SMOKE, "--out", tmp_path / "r", f"train.lr={value}")
+    assert res.returncode == 2 and not (tmp_path / "r").exists()
+    assert res.stderr.strip().startswith("cifar-dist: command line: train.lr: expected a finite number, got")
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  mean: [0.5, .nan, 0.5]\n")
+    res = cli_here("config", "--config", path)
+    assert res.returncode == 2 and res.stderr.strip() == \
+        f"cifar-dist: {path}: data.mean: expected a finite number, got nan"
+
+
+def test_a_cross_key_error_names_where_the_value_came_from(tmp_path):
+    res = cli_here("config", "--config", REPO / "configs" / "seed.yaml", "model.widths=[66,132]")
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("cifar-dist: command line: model.widths and model.blocks must be")
+    path = tmp_path / "widths.yaml"
+    path.write_text("model:\n  widths: [66, 132]\n")
+    res = cli_here("config", "--config", path)
+    assert res.stderr.strip().startswith(f"cifar-dist: {path}: model.widths and model.blocks must be")
+
+
+def test_help_says_what_the_defaults_are():
+    for command in ("train", "bench"):
+        res = cli_here(command, "--help")
+        text = " ".join(res.stdout.split())
+        assert res.returncode == 0 and "configs/seed.yaml is the paper's" in text
+        assert "defaults are the paper's recipe" not in text
+
+
+def test_a_copy_of_cifar10_is_named_in_one_warning_line(cifar_root):
+    res = cli_here("prepare", "--root", cifar_root, "--no-download")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 0 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("cifar-dist: warning: ") and "differ from the official CIFAR-10 checksums" in lines[0]
+
+
+@pytest.mark.slow
+def test_python_train_py_takes_overrides_anywhere_and_tells_how_long(tmp_path, cifar_root):
+    """`python cifar_dist/train.py` with overrides between options, on the JPEG rebuild of
+    CIFAR-10: one md5 warning line, the estimated time, and summary.json naming the data."""
+    out = tmp_path / "run"
+    res = run([sys.executable, REPO / "cifar_dist" / "train.py", "--config", REPO / "configs" / "cpu_quick.yaml",
+               f"data.root={cifar_root}", "--out", out, "train.max_steps=30", "run.progress=false",
+               "run.plots=false"], env=base_env(PYTHONWARNINGS="default"))
+    warnings = [ln for ln in res.stderr.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith("cifar-dist: warning: "), res.stderr
+    assert "check_md5" not in res.stderr
+    assert "estimated time to finish:" in res.stdout and "for 10 more steps" in res.stdout, res.stdout
+    assert "1 x cpu, single process" in res.stdout
+    data = json.loads((out / "summary.json").read_text())["data"]
+    assert data["official"] is False and data["source"].endswith("cifar-10-batches-py") and len(data["md5"]) == 32
