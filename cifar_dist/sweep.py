@@ -90,11 +90,13 @@ def expand(grid: list[str], seeds: list[int]) -> list[Member]:
             raise ConfigError("command line: run.seed: use --seeds to sweep seeds")
         axes.append((key.strip(), split_values(values)))
     keys = [k for k, _ in axes]
+    swept = [k for k, values in axes if len(values) > 1]  # a single value is a plain override: not in names
     members = []
     for combo in itertools.product(*[values for _, values in axes]):
         for seed in seeds:
             settings = [f"{k}={v}" for k, v in zip(keys, combo)]
-            name = "-".join([_safe(f"{_label(k, keys)}={v}") for k, v in zip(keys, combo)] + [f"seed={seed}"])
+            name = "-".join([_safe(f"{_label(k, swept)}={v}") for k, v in zip(keys, combo) if k in swept]
+                            + [f"seed={seed}"])
             members.append(Member(len(members), name, settings + [f"run.seed={seed}"]))
     return members
 

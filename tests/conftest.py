@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CIFAR-10 copy, subprocess runners, shared reference runs,
+"""Shared fixtures: the CIFAR-10 JPEG rebuild, subprocess runners, shared reference runs,
 free ports, and the suite's time budget.
 
 Two tiers (see the Makefile): `make check` runs the tests not marked ``slow``, in this
@@ -100,7 +100,7 @@ def spawn():
 
 def kill_group(proc) -> None:
     """SIGKILL ``proc``, its process group and every descendant (torchrun starts each
-    worker in a session of its own, out of reach of the group)."""
+    worker in a Unix session of its own (setsid), out of reach of the group)."""
     import psutil
 
     try:
@@ -247,7 +247,7 @@ def cifar_root() -> Path:
             (root / "cifar-10-batches-py" / "data_batch_5").is_file():
         return root
     if not SHARED_ARCHIVE.is_file():
-        pytest.skip(f"real CIFAR-10 not available: {SHARED_ARCHIVE} is missing "
+        pytest.skip(f"CIFAR-10 (JPEG rebuild) not available: {SHARED_ARCHIVE} is missing "
                     "(tests that need real images skip without it)")
     from cifar_dist.data.jpeg_archive import unpack_jpeg_archive
     unpack_jpeg_archive(SHARED_ARCHIVE, root)

@@ -27,7 +27,7 @@ from conftest import (
 # The shared reference run's settings (conftest.REF_ARGS): 48 steps, checkpoints at 12, 24,
 # 32, 36 and 48; the resume tests restart from 36, in epoch 2 (see conftest.rewind).
 STEPS = REF_ARGS[2:]
-TOL = 1e-4  # the acceptance bound; exact_reduce makes the measured difference 0
+TOL = 1e-4  # the bound the docs promise; exact_reduce makes the measured difference 0
 
 pytestmark = pytest.mark.slow
 

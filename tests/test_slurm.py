@@ -3,11 +3,13 @@ one `accelerate launch` per node, gloo between them."""
 from __future__ import annotations
 
 import json
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import FAULT_ARG, REF_ARGS, REPO, SMOKE, base_env, fault_env, load_weights, max_diff, summary
+from conftest import FAULT_ARG, REF_ARGS, REPO, SMOKE, base_env, cli_here, fault_env, load_weights, max_diff, summary
 from slurm_cluster import SlurmCluster, SlurmError, unavailable
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -100,3 +102,48 @@ def test_bench_job_on_two_nodes_leaves_its_table(cluster, tmp_path):
     row = next(r for r in result["rows"] if not r["baseline"])
     assert row["images_per_s_per_device"] > 0 and 0 < row["scaling_efficiency"] < 10
     assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_a_job_uses_the_submitting_environment_when_the_repository_has_no_venv(cluster, tmp_path):
+    """A checkout without .venv (here: the repository's files linked into a fresh folder),
+    submitted from an activated environment: the job finds accelerate through
+    $VIRTUAL_ENV, says so in its log, and trains."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for part in ("cifar_dist", "configs", "launch", "slurm"):
+        (checkout / part).symlink_to(REPO / part)
+    venv = Path(sys.executable).parent.parent
+    env = base_env(VIRTUAL_ENV=venv)
+    env.pop("CIFAR_DIST_VENV", None)
+    env.pop("CIFAR_DIST_REPO", None)
+    out = tmp_path / "run"
+    job = cluster.submit(*NODES, f"--output={tmp_path}/job-%j.out", checkout / "slurm" / "train.sh", SMOKE,
+                         "--out", out, "train.max_steps=4", "data.synthetic_train=512", "data.synthetic_test=256",
+                         env=cluster.client_env(**env), cwd=checkout)
+    info = cluster.wait(job, timeout=900)
+    log = cluster.log(job)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log[-4000:]}"
+    assert f"using {venv}/bin/accelerate (from the submitting environment (VIRTUAL_ENV))" in log
+    assert summary(out)["steps"] == 4
+
+
+@pytest.mark.timeout(900)
+def test_a_sweep_runs_as_a_job_array_and_compare_reads_it(cluster, tmp_path):
+    """`cifar-dist sweep --plan-only`, then a 3-task array of slurm/sweep.sh (one member per
+    task, on one node each), then `cifar-dist compare`."""
+    sweep = tmp_path / "sweep"
+    res = cli_here("sweep", "--config", SMOKE, "--seeds", "0,1,2", "--out", sweep, "--plan-only",
+                   "train.max_steps=6", "data.synthetic_train=512", "data.synthetic_test=256", "run.plots=false")
+    assert res.returncode == 0 and "sbatch --array=0-2 slurm/sweep.sh" in res.stdout
+    cluster.submit("--array=0-2", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                         f"--output={tmp_path}/array-%A_%a.out", "slurm/sweep.sh", sweep,
+                         env=cluster.client_env(**base_env()), cwd=REPO)
+    deadline = time.time() + 800
+    names = [f"seed={s}" for s in range(3)]
+    while not all((sweep / n / "summary.json").is_file() for n in names):
+        assert time.time() < deadline, cluster.daemon_logs()[-3000:]
+        time.sleep(1)
+    assert [summary(sweep / n)["seed"] for n in names] == [0, 1, 2]
+    res = cli_here("compare", sweep)
+    report = json.loads((sweep / "compare.json").read_text())
+    assert res.returncode == 0 and len(report["configurations"]) == 1 and report["configurations"][0]["n"] == 3

@@ -1,5 +1,5 @@
 """Single-process training through the real entry points: run directory, determinism,
-resume, evaluation, plots, and the real-data acceptance run."""
+resume, evaluation, plots, and the CPU demo on CIFAR-10 (JPEG rebuild)."""
 from __future__ import annotations
 
 import json
@@ -97,7 +97,7 @@ LONG = os.environ.get("CIFAR_DIST_LONG") == "1"
         not LONG, reason="CIFAR_DIST_LONG=1 runs cpu_quick with the ffcv loader too (8 min here)")]),
 ])
 def test_cpu_quick_reaches_60_percent_on_real_cifar10(cifar_root, tmp_path, loader):
-    """The CPU acceptance run (configs/cpu_quick.yaml), with each loader. Its wall time is printed, not asserted
+    """The CPU demo (configs/cpu_quick.yaml), with each loader. Its wall time is printed, not asserted
     (no timed tests). The loaders deliver identical samples (test_ffcv.py), so CI runs the torch
     one only; the other two take 8 min each on 2 cores."""
     if loader == "ffcv":

@@ -1,0 +1,113 @@
+"""`cifar-dist sweep` and `cifar-dist compare` on real runs: members equal to runs made by hand,
+failures recorded while the others finish, resumption after a kill, parallel members."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import SMOKE, cli, cli_here, kill_group, run
+
+pytestmark = pytest.mark.slow
+# 40 steps of the smoke model, checkpoints every 10: a member runs long enough to be killed mid-way
+ARGS = ["data.synthetic_train=1024", "data.synthetic_test=256", "train.max_steps=40", "checkpoint.every_steps=10",
+        "run.plots=false", "run.tensorboard=false"]
+GRID = ["train.lr=0.1,0.2"]
+NAMES = ["lr=0.1-seed=0", "lr=0.1-seed=1", "lr=0.2-seed=0", "lr=0.2-seed=1"]
+
+
+def sweep(out, *extra, check=True, timeout=900):
+    return run([sys.executable, "-m", "cifar_dist.cli", "sweep", "--config", SMOKE, "--seeds", "2", *GRID,
+                "--out", out, *ARGS, *extra], check=check, timeout=timeout)
+
+
+def weights(run_dir) -> bytes:
+    return (run_dir / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweeps") / "sequential"
+    res = sweep(out)
+    return out, res
+
+
+def test_members_are_the_runs_a_user_would_make_by_hand(sequential, tmp_path):
+    out, res = sequential
+    state = json.loads((out / "sweep.json").read_text())
+    assert [m["name"] for m in state["members"]] == NAMES and all(m["state"] == "done" for m in state["members"])
+    assert "4 of 4 members done, 0 failed" in res.stdout
+    for name, (lr, seed) in zip(NAMES, [(0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)]):
+        by_hand = tmp_path / name
+        cli("train", "--config", SMOKE, "--out", by_hand, *ARGS, f"train.lr={lr}", f"run.seed={seed}",
+            "run.progress=false")
+        assert weights(by_hand) == weights(out / name), name
+
+
+def test_compare_reports_each_configuration_with_its_statistics(sequential):
+    out, _ = sequential
+    res = cli_here("compare", out)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "compare.json").read_text())
+    assert [c["label"] for c in report["configurations"]] == ["train.lr=0.1", "train.lr=0.2"]
+    for conf, names in zip(report["configurations"], (NAMES[:2], NAMES[2:])):
+        accs = [100 * json.loads((out / n / "summary.json").read_text())["test_acc"] for n in names]
+        assert conf["n"] == 2
+        assert conf["test_acc_pct"]["mean"] == pytest.approx(np.mean(accs))
+        assert conf["test_acc_pct"]["std"] == pytest.approx(np.std(accs, ddof=1))
+        assert conf["test_acc_pct"]["std"] == pytest.approx(statistics.stdev(accs))
+    assert len(report["pairs"]) == 1 and report["pairs"][0]["p_value"] is not None
+    assert (out / "compare.md").is_file() and (out / "compare.png").stat().st_size > 1000
+
+
+def test_a_failed_member_is_recorded_while_the_others_finish(sequential, tmp_path):
+    out = tmp_path / "failing"
+    res = run([sys.executable, "-m", "cifar_dist.cli", "sweep", "--config", SMOKE, "train.lr=0.1,nope",
+               "--out", out, *ARGS], check=False)
+    assert res.returncode == 1
+    members = {m["name"]: m for m in json.loads((out / "sweep.json").read_text())["members"]}
+    assert members["lr=0.1-seed=0"]["state"] == "done"
+    failed = members["lr=nope-seed=0"]
+    assert failed["state"] == "failed" and failed["exit_code"] == 2
+    assert failed["error"] == "cifar-dist: command line: train.lr: expected a number, got 'nope'"
+    assert "failed: lr=nope-seed=0 (exit 2)" in res.stdout
+    assert weights(out / "lr=0.1-seed=0") == weights(sequential[0] / "lr=0.1-seed=0")
+
+
+def test_a_killed_parallel_sweep_resumes_to_the_sequential_results(sequential, spawn, tmp_path):
+    """--parallel 2 on CPU (the smoke recipe fixes run.threads=1), killed while members are
+    half-way: the same command again skips what is done and resumes the rest."""
+    out = tmp_path / "parallel"
+    cmd = [sys.executable, "-m", "cifar_dist.cli", "sweep", "--config", SMOKE, "--seeds", "2", *GRID, "--out", out,
+           "--parallel", "2", *ARGS]
+    proc = spawn(cmd)
+    deadline = time.time() + 600
+    while not any((out / n / "checkpoints" / "step_00000010").is_dir() and not (out / n / "summary.json").exists()
+                  for n in NAMES):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    kill_group(proc)
+    interrupted = [n for n in NAMES if not (out / n / "summary.json").exists()]
+    assert interrupted  # at least one member was cut off mid-way
+    res = run(cmd)
+    assert "4 of 4 members done, 0 failed" in res.stdout
+    for name in NAMES:
+        assert weights(out / name) == weights(sequential[0] / name), name
+    logs = "".join((out / "logs" / f"{n}.log").read_text() for n in interrupted)
+    assert "resuming from" in logs
+
+
+def test_plan_only_writes_the_slurm_array_and_refuses_a_different_sweep_in_the_same_place(tmp_path):
+    out = tmp_path / "planned"
+    res = cli_here("sweep", "--config", SMOKE, "--seeds", "0,5", "model.widths=[8,16],[16,32]",
+                   "model.blocks=[1,1]", "--out", out, "--plan-only")
+    assert res.returncode == 0 and "sbatch --array=0-3 slurm/sweep.sh" in res.stdout
+    args = (out / "array" / "3.args").read_text().splitlines()
+    assert args[0] == str(SMOKE) and "model.widths=[16,32]" in args and "run.seed=5" in args
+    assert args[-1] == f"run.out_dir={(out / 'widths=16,32-seed=5').resolve()}"
+    res = cli_here("sweep", "--config", SMOKE, "--seeds", "3", "--out", out, "--plan-only")
+    assert res.returncode == 2 and "holds a different sweep" in res.stderr
