@@ -17,6 +17,7 @@ import yaml
 
 from cifar_dist import stats
 from cifar_dist.errors import UserError
+from cifar_dist.rundir import flatten
 
 # Keys that may differ between runs of one configuration.
 IGNORED_KEYS = frozenset({
@@ -34,16 +35,6 @@ def add_compare_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", metavar="DIR",
                     help="where compare.md/.json/.png go (default: the first DIR if it is a sweep "
                          "directory, else ./compare-<time>)")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _read_json(path: Path) -> dict:
@@ -74,7 +65,7 @@ def _read_run(path: Path) -> dict:
                 continue  # a torn last line
             if isinstance(rec, dict) and rec.get("test_acc") is not None and rec.get("epoch") is not None:
                 curve[rec["epoch"]] = 100.0 * rec["test_acc"]
-    return {"dir": str(path), "config": _flat(config) if isinstance(config, dict) else {},
+    return {"dir": str(path), "config": flatten(config) if isinstance(config, dict) else {},
             "summary": summary, "curve": curve}
 
 

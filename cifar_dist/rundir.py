@@ -27,11 +27,12 @@ def default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -39,7 +40,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
     """Keys whose value differs and would change the result of a resumed run."""
-    a, b = _flat(saved), _flat(current)
+    a, b = flatten(saved), flatten(current)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
 
 

@@ -179,3 +179,17 @@ def test_the_phrase_check_catches_what_it_is_for():
                  "measured in an earlier session on the same machine", "as this session found"):
         assert forbidden_phrases(line), line
     assert not forbidden_phrases("worker in a process group of its own; start_new_session=True")
+
+
+def test_the_readme_is_short_and_every_page_it_links_exists():
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    pages = re.findall(r"\]\(((?:docs/)?[\w./-]+\.md)(?:#[\w-]+)?\)", readme)
+    assert {p for p in pages if p.startswith("docs/")} >= {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
+    for page in pages:
+        assert (REPO / page).is_file(), page
+    for doc in (REPO / "docs").glob("*.md"):
+        for link in re.findall(r"\]\(([\w./-]+\.md)(?:#[\w-]+)?\)", doc.read_text()):
+            assert (doc.parent / link).is_file() or (REPO / link).is_file(), f"{doc.name}: {link}"

@@ -23,6 +23,7 @@ def test_stop_at_target_ends_the_run_at_the_first_epoch_that_reaches_it(tmp_path
     out = tmp_path / "run"
     res = cli_here("train", "--config", SMOKE, "--out", out, *QUICK, "eval.target_acc=0.3", "eval.stop_at_target=true")
     assert res.returncode == 0, res.stderr
+    assert "estimated time to finish:" in res.stdout  # timed between the control reads after steps 8 and 16
     s = json.loads((out / "summary.json").read_text())
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     reached = next(r for r in history if r["test_acc"] >= 0.3)  # epoch 3 of 4 (seeded)
