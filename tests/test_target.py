@@ -35,3 +35,24 @@ def test_stop_at_target_ends_the_run_at_the_first_epoch_that_reaches_it(tmp_path
                    "eval.stop_at_target=true")
     s = json.loads((tmp_path / "all" / "summary.json").read_text())
     assert s["epochs"] == 4 and s["time_to_target_s"] is None and s["epochs_to_target"] is None
+
+
+def test_the_estimate_is_timed_between_control_reads_and_suggests_the_demo_for_long_cpu_runs(monkeypatch):
+    """Steps 10 and 20 are control reads: 10 steps in 100 s is 10 s/step, and 980 steps to
+    go is 2 h 43 min, so on a CPU the one-minute demo is suggested."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from cifar_dist import progress
+
+    clock = iter([5.0, 105.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    lines = []
+    eta = progress.EstimatedTime(lines.append)
+    eta.on_train_start(SimpleNamespace(rank=0, max_steps=1000, parts=SimpleNamespace(device=torch.device("cpu"))))
+    for step in range(20):
+        eta.on_step_end(step, {"lr": 0.1, **({"train_loss": 2.0} if (step + 1) % 10 == 0 else {})})
+    assert lines == ["estimated time to finish: 2 h 43 min for 980 more steps (10 s/step over steps 10-20; "
+                     "evaluation not included)",
+                     "that is long for a CPU; for a one-minute demo: make train CONFIG=configs/cpu_quick.yaml"]
