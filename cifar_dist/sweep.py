@@ -115,7 +115,8 @@ class Sweep:
         return self.path / m.name
 
     def open(self) -> None:
-        """Create the directory, or check that the one there holds this same sweep; refresh states."""
+        """Create the directory, or check that the one there holds this same sweep; refresh states
+        (a member with a summary.json is done; any other is to run, failed ones again)."""
         if self.file.is_file():
             saved = json.loads(self.file.read_text())
             same = saved.get("config") == self.config and \
@@ -129,8 +130,8 @@ class Sweep:
         for m in self.members:
             if (self.member_dir(m) / "summary.json").is_file():
                 m.state = "done"
-            elif m.state == "done":
-                m.state = "pending"
+            else:  # never finished, or failed: (re)run it
+                m.state, m.exit_code, m.error = "pending", None, ""
         self.save()
 
     def save(self) -> None:
@@ -178,9 +179,25 @@ def _last_error(log: Path) -> str:
     return (errors or lines or [""])[-1][:300]
 
 
+def _check_members(config: str | None, members: list[Member]) -> dict[int, str]:
+    """Each member's config, checked before anything runs: {index: error} for the bad ones.
+    When every member fails the same way (a bad file, an unknown key), that is the error."""
+    from cifar_dist.config import load_config
+
+    refused = {}
+    for m in members:
+        try:
+            load_config(config, m.overrides)
+        except ConfigError as e:
+            refused[m.index] = str(e)
+    if len(refused) == len(members) and len(set(refused.values())) == 1:
+        raise ConfigError(refused[0])
+    return refused
+
+
 def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> list[Member]:
-    """Train every member not done yet, ``parallel`` at a time; returns the failed ones."""
-    todo = [m for m in sweep.members if m.state != "done"]
+    """Train every member not done yet (and not refused), ``parallel`` at a time; returns the failed ones."""
+    todo = [m for m in sweep.members if m.state == "pending"]
     logs = sweep.path / "logs"
     logs.mkdir(exist_ok=True)
     free, running, total = _slots(parallel), {}, len(sweep.members)
@@ -235,11 +252,15 @@ def run_sweep(args) -> int:
     if args.parallel < 1:
         raise ConfigError(f"--parallel: must be >= 1, got {args.parallel}")
     members = expand(args.overrides, parse_seeds(args.seeds))
-    load_config(args.config, [o for o in members[0].overrides])  # a bad file or key fails here, before anything
+    refused = _check_members(args.config, members)
     config = str(Path(args.config).resolve()) if args.config else None
     name = Path(args.config).stem if args.config else "default"
     sweep = Sweep(Path(args.out or f"runs/sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"), config, members)
     sweep.open()
+    for m in members:
+        if m.index in refused:  # what `cifar-dist train` would have said, without starting it
+            m.state, m.exit_code, m.error = "failed", 2, f"cifar-dist: {refused[m.index]}"
+    sweep.save()
     if args.plan_only:
         n = sweep.write_array()
         print(f"planned {n} members in {sweep.file}; submit them as a Slurm job array:\n"

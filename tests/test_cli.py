@@ -99,3 +99,18 @@ def test_python_train_py_takes_overrides_anywhere_and_tells_how_long(tmp_path, c
     assert "1 x cpu, single process" in res.stdout
     data = json.loads((out / "summary.json").read_text())["data"]
     assert data["official"] is False and data["source"].endswith("cifar-10-batches-py") and len(data["md5"]) == 32
+
+
+def test_a_sweep_checks_every_member_before_running_any(tmp_path):
+    """A bad value fails its members only (recorded as train would: exit 2, its error line);
+    a mistake every member shares (an unknown key) stops the sweep at once, in one line."""
+    out = tmp_path / "sweep"
+    res = cli_here("sweep", "--config", SMOKE, "train.lr=0.1,nope", "--out", out, "--plan-only")
+    assert res.returncode == 0, res.stderr
+    members = {m["name"]: m for m in json.loads((out / "sweep.json").read_text())["members"]}
+    assert members["lr=0.1-seed=0"]["state"] == "pending"
+    assert (members["lr=nope-seed=0"]["state"], members["lr=nope-seed=0"]["exit_code"]) == ("failed", 2)
+    assert members["lr=nope-seed=0"]["error"] == "cifar-dist: command line: train.lr: expected a number, got 'nope'"
+    res = cli_here("sweep", "--config", SMOKE, "train.lrr=0.1,0.2", "--out", tmp_path / "other", "--plan-only")
+    assert res.returncode == 2 and res.stderr.strip() == "cifar-dist: command line: unknown key 'train.lrr'"
+    assert not (tmp_path / "other").exists()
