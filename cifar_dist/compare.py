@@ -158,12 +158,23 @@ def summarize(group: dict) -> dict:
         "label": group["label"], "name": group["name"], "differs": group["differs"], "n": len(accs),
         "test_acc_pct": {"mean": stats.mean(accs), "std": stats.std(accs), "min": min(accs), "max": max(accs),
                          "ci95": list(ci) if ci else None},
+        "data": sorted({_data_name(s.get("data")) for s in sums}),
         "wall_time_s_mean": _mean_of([s.get("wall_time_s") for s in sums]),
         "images_per_s_mean": _mean_of([s.get("images_per_s") for s in sums]),
         "target": target,
         "runs": [{"dir": r["dir"], "seed": r["summary"].get("seed", r["config"].get("run.seed")),
                   "test_acc_pct": a} for r, a in zip(runs, accs)],
     }
+
+
+def _data_name(data) -> str:
+    """Which data a run's accuracy is on, from summary.json's ``data`` record."""
+    if not isinstance(data, dict):
+        return "data not recorded"
+    if data.get("source") == "synthetic":
+        return "synthetic data"
+    return "CIFAR-10 (official files)" if data.get("official") else \
+        f"a CIFAR-10 copy that is not the official files (md5 {str(data.get('md5', ''))[:8]})"
 
 
 def pair_tests(configs: list[dict], runs_by_label: dict[str, list[float]]) -> tuple[str, list[dict]]:
@@ -193,7 +204,8 @@ def to_markdown(report: dict) -> str:
     nruns = sum(c["n"] for c in configs)
     lines = [f"# Comparison: {nruns} finished run{'s' * (nruns != 1)} in {len(configs)} "
              f"configuration{'s' * (len(configs) != 1)}", "",
-             "Final test accuracy in %; the 95% CI is that of the mean (Student's t, n - 1 degrees of freedom).", ""]
+             "Final test accuracy in %; the 95% CI is that of the mean (Student's t, n - 1 degrees of freedom).",
+             "Data: " + "; ".join(sorted({d for c in configs for d in c["data"]})) + ".", ""]
     has_target = any(c["target"] for c in configs)
     header = ["configuration", "n", "test acc (mean ± std)", "min", "max", "95% CI", "wall time (s)", "images/s"]
     header += ["time to target (s)", "epochs to target"] if has_target else []
