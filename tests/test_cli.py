@@ -1,11 +1,18 @@
 """The command line as users type it: overrides anywhere, one-line messages, --version, doctor."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
+import warnings
 
 import pytest
 import yaml
+
+from cifar_dist.config import load_config
+from cifar_dist.data import build_datasets
+from cifar_dist.errors import one_line_warning
 
 from conftest import REPO, SMOKE, base_env, cli_here, run
 
@@ -77,11 +84,21 @@ def test_help_says_what_the_defaults_are():
         assert "defaults are the paper's recipe" not in text
 
 
-def test_a_copy_of_cifar10_is_named_in_one_warning_line(cifar_root):
+def test_a_copy_of_cifar10_is_named_once_in_one_line(cifar_root):
+    """`prepare` says it in its report line (no warning besides); training warns in one line
+    (test_python_train_py_takes_overrides_anywhere_and_tells_how_long)."""
     res = cli_here("prepare", "--root", cifar_root, "--no-download")
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 0 and len(lines) == 1, res.stderr
-    assert lines[0].startswith("cifar-dist: warning: ") and "differ from the official CIFAR-10 checksums" in lines[0]
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert res.stdout.strip().endswith("md5 differs for 6 files: not the official files (a rebuilt or modified copy)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_datasets(load_config(None, [f"data.root={cifar_root}"]))
+    assert len(caught) == 1  # one warning for the six files, shown as one line
+    err, w = io.StringIO(), caught[0]
+    with contextlib.redirect_stderr(err):
+        one_line_warning(w.message, w.category, w.filename, w.lineno)
+    assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("cifar-dist: warning: ")
+    assert "differ from the official CIFAR-10 checksums" in err.getvalue()
 
 
 @pytest.mark.slow

@@ -117,10 +117,10 @@ def _digest(path: str, size: int, mtime_ns: int, algorithm: str) -> str:
     return h.hexdigest()
 
 
-def check_md5(folder: Path, names) -> list[str]:
-    """Names whose md5 differs from the official download's; warns once about them."""
+def check_md5(folder: Path, names, warn: bool = True) -> list[str]:
+    """Names whose md5 differs from the official download's; warns once about them (``warn``)."""
     differ = [n for n in names if n in MD5 and file_digest(folder / n, "md5") != MD5[n]]
-    if differ:
+    if differ and warn:
         warnings.warn(f"{folder}: {', '.join(differ)} differ from the official CIFAR-10 "
                       "checksums (a rebuilt or modified copy); training goes on", stacklevel=2)
     return differ
