@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from cifar_dist.progress import EstimatedTime, progress_bars
     from cifar_dist.repro import apply_tf32, set_determinism
     from cifar_dist.rundir import RunDir, default_run_dir
+    from cifar_dist.state import TrainState
     from cifar_dist.stopping import Preempted
     from cifar_dist.target import StopAtTarget
 
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                                           if cfg.eval.stop_at_target and cfg.eval.target_acc else [])
     callbacks = Callbacks([*user_callbacks, *built_in])
     parts = wiring.build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, model, callbacks)
-    state = loop.TrainState()
+    state = TrainState()
     if ckpt is not None:
         state = wiring.restore(parts, ckpt)
         print0(f"resuming from {ckpt} (epoch {state.epoch + 1}, step {state.global_step})")
