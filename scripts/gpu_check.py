@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     steps.run("bench", _cli("bench", "--config", REPO / "configs" / "fast.yaml", "--out", out / "bench",
                             "--compile", "off,on", "--precision", "bf16", "--channels-last", "on",
                             "--loaders", loaders, *shape, *data_args, *tiny,
-                            f"data.workers={min(8, os.cpu_count() or 1)}"), 300)
+                            f"data.workers={min(8, os.cpu_count() or 1)}"), 420)
     if have_data:
         epoch = ["train.epochs=1"] + (["train.max_steps=4", "train.batch_size=64", "run.compile=false"]
                                       if args.dry_run else [])
