@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = share_from_main(lambda: rundir.open(cfg.to_dict(), args.resume, args.overwrite))
     barrier()
 
-    built_in = [EstimatedTime(print0)] + ([StopAtTarget(cfg.eval.target_acc)]
+    built_in = [EstimatedTime()] + ([StopAtTarget(cfg.eval.target_acc)]
                                           if cfg.eval.stop_at_target and cfg.eval.target_acc else [])
     callbacks = Callbacks([*user_callbacks, *built_in])
     parts = wiring.build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, model, callbacks)

@@ -78,7 +78,8 @@ def run_bench(args) -> int:
         for row in matrix:
             print0(f"{row.label} ...")
             fig = measure_row(base, row, accelerator, data, args, distributed=True)
-            fig.update(_mfu(fig, flops, peaks[row.precision]))
+            used = fig["precision_used"]
+            fig.update(_mfu(fig, flops, peaks.get(used) or device_peak(device, name, used, tf32)))
             if world > 1:
                 single = share_from_main(lambda r=row: measure_row(base, r, accelerator, data, args, False))
                 fig["single_process_images_per_s"] = single["images_per_s"]
