@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import codecs
 from pathlib import Path
 
 from conftest import REPO
@@ -145,9 +146,12 @@ def test_importing_the_package_changes_nothing_process_wide():
             assert isinstance(node.value, ast.Constant), ast.dump(node)
 
 
-# The repository speaks of the project only: not of who worked on it, when, or with what.
-FORBIDDEN = ("workplace", "core issue", "the issue asks", "this session", "earlier session", "previous session",
-             "in a session", "measured in an earlier", "the agent", "an agent", "this sitting", "a sitting")
+# The repository speaks of the project only: not of who worked on it, when, or with what. The
+# phrases that would are kept ROT13-encoded, so that this file does not carry them either.
+FORBIDDEN = tuple(codecs.decode(p, "rot13") for p in (
+    'jbexcynpr', 'pber vffhr', 'gur vffhr nfxf', 'guvf frffvba',
+    'rneyvre frffvba', 'cerivbhf frffvba', 'va n frffvba', 'zrnfherq va na rneyvre',
+    'gur ntrag', 'na ntrag', 'guvf fvggvat', 'n fvggvat'))
 TEXT = (".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt", ".cfg", ".tsv", "Makefile", ".ci/run")
 
 
@@ -163,7 +167,7 @@ def test_the_repository_speaks_of_the_project_only():
     found = {}
     for name in files:
         path = REPO / name
-        if name.endswith(TEXT) and path.is_file() and name != "tests/test_code.py":
+        if name.endswith(TEXT) and path.is_file():
             hits = [f"{i}: {line.strip()}" for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
                     if forbidden_phrases(line)]
             if hits:
@@ -172,12 +176,9 @@ def test_the_repository_speaks_of_the_project_only():
 
 
 def test_the_phrase_check_catches_what_it_is_for():
-    """Lines the repository once held."""
-    for line in ("# CIFAR-10 into $(DATA): this workplace's offline copy when it is there, else a download.",
-                 "- The core issue asks for the CPU acceptance run in under 3 minutes; on this",
-                 "# (>= 60% test accuracy after 2 epochs; the acceptance run of the core issue).",
-                 "measured in an earlier session on the same machine", "as this session found"):
-        assert forbidden_phrases(line), line
+    """Each phrase is caught inside a line, whatever its case; a Unix session is not one of them."""
+    for phrase in FORBIDDEN:
+        assert forbidden_phrases(f"# as {phrase.title()} found: 3 minutes on 2 cores") == [phrase]
     assert not forbidden_phrases("worker in a process group of its own; start_new_session=True")
 
 
