@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -12,11 +13,6 @@ import cifar_dist
 from cifar_dist.arguments import parse_with_overrides
 from cifar_dist.errors import guarded
 from cifar_dist.train import add_train_arguments
-
-
-def _train(args):
-    from cifar_dist.train import run
-    return run(args)
 
 
 def _summary(args):
@@ -92,11 +88,6 @@ def _eval(args):
     return 0
 
 
-def _bench(args):
-    from cifar_dist.bench.run import run_bench
-    return run_bench(args)
-
-
 def _config(args):
     import yaml
 
@@ -109,25 +100,24 @@ def _config(args):
     return 0
 
 
-def _sweep(args):
-    from cifar_dist.sweep import run_sweep
-    return run_sweep(args)
-
-
-def _compare(args):
-    from cifar_dist.compare import run_compare
-    return run_compare(args)
-
-
-def _plan(args):
-    from cifar_dist.scaling import run_plan
-    return run_plan(args)
-
-
 def _doctor(args):
     from cifar_dist.doctor import doctor, format_rows
     print(format_rows(doctor(args.config)))
     return 0
+
+
+def _delegate(module: str, function: str):
+    """A subcommand's handler that imports its module only when the subcommand runs."""
+    def handler(args):
+        return getattr(importlib.import_module(module), function)(args)
+    return handler
+
+
+def _command(sub, name: str, help: str, add_arguments, module: str, function: str) -> None:
+    """A subcommand whose arguments and handler live in their own module."""
+    p = sub.add_parser(name, help=help)
+    add_arguments(p)
+    p.set_defaults(fn=_delegate(module, function))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,19 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"cifar-dist {cifar_dist.__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model (same as python -m cifar_dist.train)")
-    add_train_arguments(p)
-    p.set_defaults(fn=_train)
-
-    from cifar_dist.sweep import add_sweep_arguments
-    p = sub.add_parser("sweep", help="many seeds and settings as independent runs (locally, or a Slurm array)")
-    add_sweep_arguments(p)
-    p.set_defaults(fn=_sweep)
-
+    from cifar_dist.bench.args import add_bench_arguments
     from cifar_dist.compare import add_compare_arguments
-    p = sub.add_parser("compare", help="runs or sweeps side by side: mean ± std, 95%% CI, Welch's t-test")
-    add_compare_arguments(p)
-    p.set_defaults(fn=_compare)
+    from cifar_dist.scaling import add_plan_arguments
+    from cifar_dist.sweep import add_sweep_arguments
+
+    _command(sub, "train", "train a model (same as python -m cifar_dist.train)", add_train_arguments,
+             "cifar_dist.train", "run")
+    _command(sub, "sweep", "many seeds and settings as independent runs (locally, or a Slurm array)",
+             add_sweep_arguments, "cifar_dist.sweep", "run_sweep")
+    _command(sub, "compare", "runs or sweeps side by side: mean ± std, 95%% CI, Welch's t-test",
+             add_compare_arguments, "cifar_dist.compare", "run_compare")
 
     p = sub.add_parser("eval", help="evaluate a finished run's model.safetensors")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory")
@@ -178,15 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=_config)
 
-    from cifar_dist.bench.args import add_bench_arguments
-    p = sub.add_parser("bench", help="throughput benchmark: images/s per device, MFU, speed-up over plain PyTorch")
-    add_bench_arguments(p)
-    p.set_defaults(fn=_bench)
-
-    from cifar_dist.scaling import add_plan_arguments
-    p = sub.add_parser("plan", help="on paper: how many GPUs one run uses well, and when a sweep packs them better")
-    add_plan_arguments(p)
-    p.set_defaults(fn=_plan)
+    _command(sub, "bench", "throughput benchmark: images/s per device, MFU, speed-up over plain PyTorch",
+             add_bench_arguments, "cifar_dist.bench.run", "run_bench")
+    _command(sub, "plan", "on paper: how many GPUs one run uses well, and when a sweep packs them better",
+             add_plan_arguments, "cifar_dist.scaling", "run_plan")
 
     p = sub.add_parser("doctor", help="versions, devices, data and Slurm: what to paste into a bug report")
     p.add_argument("--config", help="the recipe whose data location to check (default: the built-in defaults)")

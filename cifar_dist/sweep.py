@@ -124,14 +124,13 @@ class Sweep:
             if not same:
                 raise UserError(f"{self.file}: holds a different sweep (config or grid); choose another --out")
             for m, old in zip(self.members, saved["members"]):
-                m.state, m.exit_code, m.error, m.wall_time_s = (old.get("state", "pending"), old.get("exit_code"),
-                                                                old.get("error", ""), old.get("wall_time_s"))
+                m.exit_code, m.wall_time_s = old.get("exit_code"), old.get("wall_time_s")
         self.path.mkdir(parents=True, exist_ok=True)
-        for m in self.members:
+        for m in self.members:  # a state is derived from the member's directory, never trusted from the file
             if (self.member_dir(m) / "summary.json").is_file():
                 m.state = "done"
             else:  # never finished, or failed: (re)run it
-                m.state, m.exit_code, m.error = "pending", None, ""
+                m.state, m.exit_code, m.wall_time_s = "pending", None, None
         self.save()
 
     def save(self) -> None:
