@@ -97,11 +97,12 @@ def sync_check(out: Path, data_root: str | None, dry: bool, steps: int = 50) -> 
 
     import torch
 
+    from cifar_dist.bench.rows import steady_step
     from cifar_dist.config import load_config
     from cifar_dist.control import Control
     from cifar_dist.distributed import make_accelerator
     from cifar_dist.parts import build_data, build_parts, resolve_run_precision
-    from cifar_dist.step import new_totals, train_step
+    from cifar_dist.step import new_totals
 
     overrides = ["train.epochs=100", "run.progress=false", "run.tensorboard=false"]
     overrides += ["data.synthetic=true"] if data_root is None else [f"data.root={data_root}"]
@@ -122,12 +123,9 @@ def sync_check(out: Path, data_root: str | None, dry: bool, steps: int = 50) -> 
                 torch.cuda.synchronize(parts.device)
                 caught.clear()
                 torch.cuda.set_sync_debug_mode("warn")
-            bad = train_step(parts, next(stream), done, totals)
-            control.after_step(bad)
+            read = steady_step(parts, control, next(stream), done, totals)
             done += 1
-            if control.due(done):
-                control.read(totals["loss"])
-                reads += i >= warmup
+            reads += read and i >= warmup
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
     waits = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]

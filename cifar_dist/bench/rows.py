@@ -55,6 +55,19 @@ def row_config(base, row: Row, world: int):
     return cfg
 
 
+def steady_step(parts, control, micro, step: int, totals: dict) -> bool:
+    """Step ``step`` as the training loop runs it away from epoch boundaries: ``train_step``,
+    the control collective, and the host read every ``CONTROL_EVERY`` steps. Returns whether
+    the host read the device."""
+    from cifar_dist.step import train_step
+
+    control.after_step(train_step(parts, micro, step, totals))
+    if control.due(step + 1):
+        control.read(totals["loss"])
+        return True
+    return False
+
+
 def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) -> dict:
     """Time the framework's training step for one row; ``distributed=False`` runs
     rank 0's model alone, unwrapped: the single-process reference.
@@ -70,11 +83,10 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
     from cifar_dist.data import Shard, build_train_loader
     from cifar_dist.distributed import world_info
     from cifar_dist.metrics import Clock
-    from cifar_dist.models import build_model
     from cifar_dist.optim import build_optimizer
-    from cifar_dist.parts import Parts, graph_count, prepare_model
+    from cifar_dist.parts import Parts, build_model_seeded, graph_count, prepare_model
     from cifar_dist.precision import Precision, gpu_capability, resolve_precision
-    from cifar_dist.step import new_totals, train_step
+    from cifar_dist.step import new_totals
 
     rank, world = world_info() if distributed else (0, 1)
     cfg = row_config(base_cfg, row, world)
@@ -83,9 +95,8 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
     if cfg.run.compile:
         torch._dynamo.reset()  # no code, guards or recompile budget shared with earlier rows
     graphs_before = graph_count()
-    torch.manual_seed(cfg.run.seed)
     model, eval_model, train_model, optimizer = prepare_model(
-        cfg, accelerator, build_model(cfg.model), build_optimizer, wrap=distributed)
+        cfg, accelerator, build_model_seeded(cfg), build_optimizer, wrap=distributed)
     shard = Shard(rank, world, cfg.train.batch_size)
     loader = (SyntheticLoader(shard, device) if row.loader == "synthetic"
               else build_train_loader(cfg, data, shard, device))
@@ -99,11 +110,8 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
     stream = forever(loader)
 
     def step(micro):
-        bad = train_step(parts, micro, done[0], totals)
+        steady_step(parts, control, micro, done[0], totals)
         done[0] += 1
-        control.after_step(bad)
-        if control.due(done[0]):
-            control.read(totals["loss"])
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
