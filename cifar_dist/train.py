@@ -138,6 +138,7 @@ def _mode_in_words(accelerator, world: int) -> str:
 def _summary(cfg, parts, trainer, final: dict, eval_name: str, wall: float) -> dict:
     """summary.json: the run's results, the same on every rank."""
     from cifar_dist.data import data_identity
+    from cifar_dist.distributed import share_from_main
     from cifar_dist.models import count_parameters
     from cifar_dist.parts import graph_count
     from cifar_dist.repro import device_name, git_sha, versions
@@ -159,7 +160,8 @@ def _summary(cfg, parts, trainer, final: dict, eval_name: str, wall: float) -> d
         "recompiles_after_warmup": (graph_count() - trainer.graphs_after_warmup
                                     if compiled and trainer.graphs_after_warmup is not None else None),
         "precision": cfg.run.precision, "seed": cfg.run.seed, "config": cfg.name, "git_sha": git_sha(),
-        "versions": versions(), "device": device_name(parts.device), "data": data_identity(cfg),
+        "versions": versions(), "device": device_name(parts.device),
+        "data": share_from_main(lambda: data_identity(cfg)),  # hashed by rank 0 alone, which checked the md5
         **time_to_target(state.history, cfg.eval.target_acc),
     }
 
