@@ -16,14 +16,13 @@ from pathlib import Path
 import yaml
 
 from cifar_dist import stats
+from cifar_dist.config import result_free_keys
 from cifar_dist.errors import UserError
 from cifar_dist.rundir import flatten
 
-# Keys that may differ between runs of one configuration.
-IGNORED_KEYS = frozenset({
-    "run.seed", "run.out_dir", "name", "run.progress", "run.tensorboard", "run.plots", "run.threads",
-    "run.callbacks", "data.root", "data.workers", "data.loader", "checkpoint.every_epochs",
-    "checkpoint.every_steps", "checkpoint.keep"})
+# Keys that may differ between runs of one configuration: the seed, and those that do not change
+# the result (config.result_free_keys, shared with --resume).
+IGNORED_KEYS = result_free_keys() | {"run.seed"}
 MAX_ALL_PAIRS = 6  # above this many configurations, each is tested against the first only
 _ABSENT = "<absent>"
 

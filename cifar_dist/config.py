@@ -25,10 +25,12 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the paper's Normalize constants
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
-def _f(default, help, *, choices=None, min=None, max=None, min_exclusive=False):
-    """A dataclass field with its help line and validation rules."""
+def _f(default, help, *, choices=None, min=None, max=None, min_exclusive=False, result=True):
+    """A dataclass field with its help line and validation rules. ``result=False``: the key does
+    not change what is trained or measured (where files go, how they are read, what is shown),
+    so a resumed run may change it and ``compare`` groups runs that differ in it."""
     meta = {"help": help, "choices": choices, "min": min, "max": max,
-            "min_exclusive": min_exclusive}
+            "min_exclusive": min_exclusive, "result": result}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -36,10 +38,11 @@ def _f(default, help, *, choices=None, min=None, max=None, min_exclusive=False):
 
 @dataclass
 class DataConfig:
-    root: str = _f("", "directory holding cifar-10-batches-py/ ('' = $CIFAR_DIST_DATA, else ~/.cache/cifar_dist)")
-    loader: str = _f("torch", "input pipeline", choices=("torch", "ffcv", "gpu"))
-    workers: int = _f(2, "loader worker processes per training process (torch, ffcv)", min=0)
-    beton_dir: str = _f("", "where the ffcv loader keeps its .beton files ('' = <data root>/beton)")
+    root: str = _f("", "directory holding cifar-10-batches-py/ ('' = $CIFAR_DIST_DATA, else ~/.cache/cifar_dist)",
+                   result=False)
+    loader: str = _f("torch", "input pipeline", choices=("torch", "ffcv", "gpu"), result=False)
+    workers: int = _f(2, "loader worker processes per training process (torch, ffcv)", min=0, result=False)
+    beton_dir: str = _f("", "where the ffcv loader keeps its .beton files ('' = <data root>/beton)", result=False)
     synthetic: bool = _f(False, "random CIFAR-shaped, class-dependent data; no files needed")
     synthetic_train: int = _f(4096, "synthetic training images", min=1)
     synthetic_test: int = _f(1024, "synthetic test images", min=1)
@@ -102,7 +105,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     seed: int = _f(42, "seed of weights, sample order and every augmentation decision", min=0)
-    out_dir: str = _f("", "run directory ('' = runs/<config name>-<time>)")
+    out_dir: str = _f("", "run directory ('' = runs/<config name>-<time>)", result=False)
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-repeatable runs; slower on GPU)")
     compile: bool = _f(False, "torch.compile the model")
     compile_mode: str = _f("default", "torch.compile mode: default; reduce-overhead (CUDA graphs: fewer launches "
@@ -110,28 +113,30 @@ class RunConfig:
                            choices=("default", "reduce-overhead", "max-autotune"))
     channels_last: bool = _f(False, "channels_last memory format")
     precision: str = _f("auto", "compute precision; auto: bf16 on GPUs with bf16 tensor cores (compute "
-                                "capability >= 8.0), fp16 with loss scaling on older GPUs, fp32 on CPUs",
+                                "capability >= 8.0), fp16 with loss scaling on older GPUs; on CPUs bf16 where "
+                                "the CPU has bf16 units (AMX, AVX-512 bf16) and a sub-second probe finds it "
+                                "faster than fp32, else fp32",
                         choices=("auto", "fp32", "bf16", "fp16"))
     tf32: bool = _f(True, "TF32 tensor cores for fp32 matrix products and convolutions on GPUs "
                           "(off under run.deterministic)")
-    threads: int = _f(0, "CPU threads per process (0 = PyTorch's default)", min=0)
-    tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed")
-    progress: bool = _f(True, "show a progress bar")
-    plots: bool = _f(True, "draw plots/*.png at the end (cifar-dist report RUN_DIR draws them later)")
+    threads: int = _f(0, "CPU threads per process (0 = PyTorch's default)", min=0, result=False)
+    tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed", result=False)
+    progress: bool = _f(True, "show a progress bar", result=False)
+    plots: bool = _f(True, "draw plots/*.png at the end (cifar-dist report RUN_DIR draws them later)", result=False)
     callbacks: list = _f([], "callbacks, each package.module:Class, built with no arguments "
-                             "(see cifar_dist/callbacks.py)")
+                             "(see cifar_dist/callbacks.py)", result=False)
 
 
 @dataclass
 class CheckpointConfig:
-    every_epochs: int = _f(1, "write a resumable checkpoint every N epochs (0 = only at the end)", min=0)
-    every_steps: int = _f(0, "also write one every N optimizer steps (0 = off)", min=0)
-    keep: int = _f(2, "complete checkpoints to keep (older ones are deleted)", min=1)
+    every_epochs: int = _f(1, "write a resumable checkpoint every N epochs (0 = only at the end)", min=0, result=False)
+    every_steps: int = _f(0, "also write one every N optimizer steps (0 = off)", min=0, result=False)
+    keep: int = _f(2, "complete checkpoints to keep (older ones are deleted)", min=1, result=False)
 
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = _f(1, "evaluate every N epochs (the last epoch is always evaluated)", min=1)
+    every_epochs: int = _f(1, "evaluate every N epochs (the last epoch is always evaluated)", min=1, result=False)
     tta: bool = _f(False, "flip test-time augmentation at the final evaluation")
     target_acc: float = _f(0.0, "test accuracy to time (0 = off): summary.json gets time_to_target_s and "
                                 "epochs_to_target", min=0, max=1)
@@ -152,12 +157,18 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}
 SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
                     "run": RunConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig}
 _LIST_ITEM = {("model", "widths"): int, ("model", "blocks"): int, ("data", "mean"): float,
               ("data", "std"): float, ("train", "betas"): float, ("train", "milestones"): int,
               ("run", "callbacks"): str}
+
+
+def result_free_keys() -> frozenset[str]:
+    """The keys (and ``name``) that do not change what a run trains or measures: a resumed run may
+    change them, and ``compare`` puts runs that differ only in them (and the seed) together."""
+    return frozenset({"name"} | {f"{section}.{f.name}" for section, f in iter_fields()
+                                 if not f.metadata.get("result", True)})
 
 
 def iter_fields():

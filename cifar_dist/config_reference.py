@@ -14,7 +14,8 @@ from cifar_dist.config import SECTION_CLASSES
 
 def reference_markdown() -> str:
     """A Markdown table per section: key, default, meaning (and the allowed values)."""
-    out = []
+    out = ["Keys marked *result-free* do not change what a run trains or measures: `--resume` may",
+           "change them, and `cifar-dist compare` groups runs that differ only in them (and the seed).", ""]
     for section, cls in SECTION_CLASSES.items():
         out += [f"**{section}**", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
@@ -22,6 +23,8 @@ def reference_markdown() -> str:
             meaning = f.metadata["help"]
             if f.metadata.get("choices"):
                 meaning += " (" + " / ".join(f.metadata["choices"]) + ")"
+            if not f.metadata.get("result", True):
+                meaning += "; *result-free*"
             shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
             out.append(f"| `{section}.{f.name}` | `{shown}` | {meaning.replace('|', '/')} |")
         out.append("")

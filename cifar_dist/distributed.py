@@ -1,4 +1,4 @@
-"""Accelerator construction, the launcher's view of the world, and rank-0 helpers."""
+"""Accelerator construction, collectives, and rank-0 helpers (the launcher's variables: ``launcher``)."""
 from __future__ import annotations
 
 import os
@@ -8,24 +8,9 @@ import torch
 import torch.distributed as dist
 
 from cifar_dist.errors import ConfigError, EnvironmentFault, UserError
+from cifar_dist.launcher import env_rank, launcher_world_size, using_deepspeed
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-def launcher_world_size() -> int:
-    """How many processes the launcher started, read from its environment (1 if none)."""
-    for var in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
-
-
-def env_rank() -> int:
-    """This process's rank as the launcher set it (0 if none), usable before any set-up."""
-    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
 
 
 def check_world(num_processes: int) -> None:
@@ -48,10 +33,6 @@ def check_gpu_count(local_processes: int, visible_gpus: int) -> None:
                         f"{visible_gpus} (accelerate launch --num_processes, torchrun --nproc_per_node)")
 
 
-def using_deepspeed() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
-
-
 def has_accelerator() -> bool:
     if torch.cuda.is_available():
         return True
@@ -70,8 +51,10 @@ def make_accelerator(cfg, timeout_s: int = 600):
     if torch.cuda.is_available():
         local = os.environ.get("LOCAL_WORLD_SIZE", "1")
         check_gpu_count(int(local) if local.isdigit() else 1, torch.cuda.device_count())
-    # Gradients live in DDP's buckets (no copy in and out of them each step).
-    handlers = [DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True),
+    # Gradients live in DDP's buckets (no copy in and out of them each step). Buffers are not
+    # broadcast before every forward (parts.prepare_model switches that off on the module:
+    # Accelerate only knows the argument PyTorch 2.13 deprecated).
+    handlers = [DistributedDataParallelKwargs(gradient_as_bucket_view=True),
                 InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
     # cifar_dist.precision owns autocast and loss scaling, except under DeepSpeed.
     kwargs = dict(mixed_precision="no", kwargs_handlers=handlers)
@@ -155,10 +138,8 @@ def _skip_shm_comm_build() -> None:
 
 
 def configure_deepspeed(accelerator, shard, cfg) -> None:
-    """Give DeepSpeed the batch geometry (our loaders do not go through prepare())."""
-    if cfg.train.exact_reduce:
-        raise ConfigError("train.exact_reduce: DeepSpeed reduces gradients itself; "
-                          "set train.exact_reduce=false to train with DeepSpeed")
+    """Give DeepSpeed the batch geometry (our loaders do not go through prepare()).
+    (``train.exact_reduce`` is refused under DeepSpeed before any set-up: ``train.run``.)"""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"] = shard.micro
     ds["gradient_accumulation_steps"] = shard.accum

@@ -42,6 +42,12 @@ class TrainingFault(Exception):
     exit_code = 1
 
 
+class Interrupted(Exception):
+    """Ctrl-C ended the run at once (exit code 130); the message says what was kept."""
+
+    exit_code = 130
+
+
 def rank_prefix() -> str:
     """'rank N: ' when several processes run, from torch.distributed or the launcher's variables."""
     dist = sys.modules.get("torch.distributed")
@@ -88,8 +94,8 @@ def guarded(fn, args) -> int:
         return fn(args)
     except UserError as e:
         fail(str(e), 2)
-    except (EnvironmentFault, TrainingFault) as e:
-        fail(str(e), 1)
+    except (EnvironmentFault, TrainingFault, Interrupted) as e:
+        fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except Exception as e:

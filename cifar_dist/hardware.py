@@ -1,15 +1,29 @@
-"""Peak FLOP/s of the device, for MFU: from a table by device name, else measured.
+"""What the hardware can do: peak FLOP/s for MFU, and whether a CPU computes bf16 fast.
 
-The table holds vendors' dense (no sparsity) peaks per device, in TFLOP/s:
-bf16/fp16 on tensor cores, tf32 on tensor cores for fp32 work while TF32 is on
-(``run.tf32``), and plain FP32 otherwise. A device not in the table (or a
-precision it does not list) gets its peak measured: the best of several large
-matrix products in the run's precision, an honest lower bound of what the
-hardware can do.
+Peaks come from a table by device name, else are measured. The table holds
+vendors' dense (no sparsity) peaks per device, in TFLOP/s: bf16/fp16 on tensor
+cores, tf32 on tensor cores for fp32 work while TF32 is on (``run.tf32``), and
+plain FP32 otherwise. A device not in the table (or a precision it does not
+list) gets its peak measured: the best of a few matrix products in that
+precision, within about a second, an honest lower bound of what the hardware
+can do.
+
+CPUs differ: those with AMX or AVX-512 bf16 units run bf16 convolutions faster
+than fp32; others emulate bf16 and run it several times slower. The CPU flags
+say which kind a CPU is, and a probe of a fraction of a second confirms it.
+
+Measurements are cached per machine (``$CIFAR_DIST_CACHE_DIR/probes.json``,
+default ``~/.cache/cifar_dist``), keyed by the CPU or GPU, the PyTorch version
+and the thread count, so each is taken once.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,17 +59,15 @@ def table_peak(device_name: str, precision: str) -> float | None:
     return None
 
 
-def measured_peak(device: torch.device, precision: str, n: int | None = None, repeats: int = 5) -> float:
-    """The best FLOP/s of an n x n matrix product in ``precision`` on ``device``: n = 8192
-    on a GPU (a smaller product leaves launch overhead in the figure), 2048 on a CPU."""
-    n = n or (8192 if device.type == "cuda" else 2048)
-    dtype = _DTYPE["fp32" if precision == "tf32" else precision]
-    if device.type == "cpu" and precision == "fp16":
-        dtype = torch.bfloat16  # CPU fp16 matmul is emulated; bf16 is the native half type
+PEAK_PROBE_S = 1.0  # the most a measured peak may cost, per precision, in seconds
+
+
+def _matmul_seconds(n: int, dtype, device: torch.device, repeats: int, budget_s: float) -> float:
+    """The best time of an n x n product, over at most ``repeats`` (after one warm-up) and ``budget_s``."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    best = float("inf")
+    best, started = float("inf"), time.perf_counter()
     for i in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -63,9 +75,31 @@ def measured_peak(device: torch.device, precision: str, n: int | None = None, re
         torch.mm(a, b, out=out)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i:  # the first product warms up
-            best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+        took = time.perf_counter() - t0
+        if i or repeats == 0:  # the first product warms up
+            best = min(best, took)
+        if time.perf_counter() - started > budget_s:
+            break
+    return min(best, took)
+
+
+def measured_peak(device: torch.device, precision: str, n: int | None = None, repeats: int = 5,
+                  budget_s: float = PEAK_PROBE_S) -> float:
+    """The best FLOP/s of a square matrix product in ``precision`` on ``device``, within about
+    ``budget_s`` seconds. On a GPU n = 8192 (a smaller product leaves launch overhead in the
+    figure). On a CPU the size grows from 256 until one product takes 20 ms (at most 2048), so
+    a precision the CPU emulates (bf16 without bf16 units: 0.2 GFLOP/s seen) costs no more
+    than one that is fast."""
+    dtype = _DTYPE["fp32" if precision == "tf32" else precision]
+    if device.type == "cpu" and precision == "fp16":
+        dtype = torch.bfloat16  # CPU fp16 matmul is emulated; bf16 is the native half type
+    if n is None and device.type != "cpu":
+        n = 8192
+    if n is None:
+        n = 256
+        while n < 2048 and _matmul_seconds(n, dtype, device, 0, budget_s) < 0.02:
+            n *= 2
+    return 2 * n ** 3 / _matmul_seconds(n, dtype, device, repeats, budget_s)
 
 
 def device_peak(device: torch.device, device_name: str, precision: str, tf32: bool = False) -> tuple[float, str]:
@@ -77,4 +111,121 @@ def device_peak(device: torch.device, device_name: str, precision: str, tf32: bo
     peak = table_peak(device_name, key) if device.type == "cuda" else None
     if peak is not None:
         return peak, "table (TF32)" if key == "tf32" else "table"
-    return measured_peak(device, key), "measured"
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    value = cached(f"peak|{device_name}|{key}|torch {torch.__version__}|threads {threads}",
+                   lambda: measured_peak(device, key))
+    return value, "measured"
+
+
+def mfu(achieved_flops: float, peak_flops: float | None) -> float | None:
+    """Model FLOP utilization, achieved / peak, or None where it cannot be trusted: no peak, or
+    a peak below what was achieved (a measured matrix-product peak can be slower than the
+    convolution kernels of the same precision, so an MFU above 100% means the peak is wrong)."""
+    if not peak_flops or peak_flops <= 0 or achieved_flops > peak_flops:
+        return None
+    return achieved_flops / peak_flops
+
+
+# --- measurements cached per machine -------------------------------------------------------------
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CIFAR_DIST_CACHE_DIR") or "~/.cache/cifar_dist").expanduser()
+
+
+def cached(key: str, measure):
+    """The value cached under ``key``, else ``measure()``, stored for next time. Processes of
+    one machine take turns (a file lock), so the ranks of a run measure once and agree. A cache
+    that cannot be read or written only costs the measurement."""
+    path = cache_dir() / "probes.json"
+    with contextlib.ExitStack() as stack:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = stack.enter_context(open(path.with_name(".probes.lock"), "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            return measure()
+        try:
+            table = json.loads(path.read_text())
+            if not isinstance(table, dict):
+                table = {}
+        except (OSError, ValueError):
+            table = {}
+        value = table.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        value = float(measure())
+        table[key] = value
+        tmp = path.with_name(f".probes-{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+        return value
+
+
+# --- bf16 on CPUs ----------------------------------------------------------------------------------
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 arithmetic units
+BF16_FASTER = 1.15  # auto picks bf16 on a CPU only where the probe measured it this much faster
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def has_bf16_units(flags) -> bool:
+    """Whether a CPU with these flags has bf16 arithmetic (AMX or AVX-512 bf16)."""
+    return any(f in flags for f in BF16_FLAGS)
+
+
+def _conv_seconds(bf16: bool, channels_last: bool, budget_s: float) -> float:
+    """Best time of a forward and backward of two 3x3 convolutions (a ResNet block's work) on
+    32 images of 32 channels at 16 x 16, in fp32 or under bf16 autocast."""
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(32, 32, 3, padding=1))
+    x = torch.randn(32, 32, 16, 16, generator=g)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    best, started = float("inf"), time.perf_counter()
+    for i in range(12):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = net(x).float().sum()
+        out.backward()
+        if i:
+            best = min(best, time.perf_counter() - t0)
+        if i >= 2 and time.perf_counter() - started > budget_s:
+            break
+    return best
+
+
+def bf16_speedup(channels_last: bool = True) -> float:
+    """fp32 time over bf16 time of a small convolution block on this CPU (> 1: bf16 is faster),
+    measured once per machine, PyTorch version and thread count (a few tenths of a second)."""
+    key = (f"bf16_speedup|{cpu_model()}|{'units' if has_bf16_units(cpu_flags()) else 'no units'}|"
+           f"torch {torch.__version__}|threads {torch.get_num_threads()}|channels_last {channels_last}")
+
+    def measure():
+        with torch.random.fork_rng(devices=[]):  # the run's seeded generators are left as they were
+            return _conv_seconds(False, channels_last, 0.25) / _conv_seconds(True, channels_last, 0.25)
+    return cached(key, measure)

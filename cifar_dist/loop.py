@@ -12,6 +12,7 @@ import torch
 
 from cifar_dist.control import Control
 from cifar_dist.distributed import all_reduce_sum, print0
+from cifar_dist.errors import say
 from cifar_dist.optim import lr_at
 from cifar_dist.parts import Parts, graph_count
 from cifar_dist.state import TrainState
@@ -64,7 +65,7 @@ class Trainer:
         self.rank, self.world, self.run_dir = parts.shard.rank, parts.shard.world, parts.run_dir
         train = parts.cfg.train
         self.max_steps = train.max_steps or train.epochs * parts.loader.steps_per_epoch
-        self.stop = StopRequest(parts.stop_file, poll_file=self.rank == 0)
+        self.stop = StopRequest(parts.stop_file, poll_file=self.rank == 0, say=say if self.rank == 0 else None)
         self.stop_requested = False          # by a callback: end after the current step
         self.graphs_after_warmup: int | None = None  # compiled graphs after the first epoch
 

@@ -99,17 +99,25 @@ def prepare_model(cfg, accelerator, model, build_optimizer, wrap: bool = True):
         engine, optimizer = accelerator.prepare(inner, optimizer)
         return model, inner, engine, optimizer
     wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        # No broadcast of buffers before each forward: the BatchNorm statistics are reduced
+        # by the control collective, so every rank's running statistics are already equal.
+        # (On PyTorch >= 2.13 this property sets forward_sync_buffers, the current name.)
+        wrapped.broadcast_buffers = False
     return model, compiled(model), compiled(wrapped), optimizer
 
 
 def resolve_run_precision(cfg) -> None:
     """Replace ``run.precision: auto`` by what this process's device runs best (config.yaml
-    then records it); warn once about bf16 on a GPU without bf16 tensor cores."""
-    from cifar_dist.distributed import env_rank
-    from cifar_dist.precision import gpu_capability, resolve_precision
+    then records it); warn once about bf16 on a device that runs it slowly (a GPU without
+    bf16 tensor cores, a CPU without bf16 units)."""
+    from cifar_dist.launcher import env_rank
+    from cifar_dist.precision import CpuBf16, gpu_capability, resolve_precision
 
     requested = cfg.run.precision
-    cfg.run.precision, warning = resolve_precision(requested, gpu_capability())
+    capability = gpu_capability()
+    cpu = CpuBf16.of_this_cpu(cfg.run.channels_last) if capability is None else None
+    cfg.run.precision, warning = resolve_precision(requested, capability, cpu)
     if warning and env_rank() == 0:
         say(f"cifar-dist: warning: {warning}")
     if cfg.run.precision == "fp16" and cfg.train.exact_reduce:

@@ -55,8 +55,8 @@ class EstimatedTime(Callback):
 
     Timed between two control reads (where the host has waited for the device, so the
     figure is honest on a GPU), after the first one, which includes compilation and
-    warm-up. Evaluation is not included. Over an hour on a CPU, it suggests the
-    one-minute demo. Prints on rank 0 only.
+    warm-up. Evaluation is not included. Prints on rank 0 only. (A long CPU run is
+    announced before its first step: ``long_cpu_run_warning``.)
     """
 
     MIN_STEPS = 5  # steps between the two reads the estimate is timed over
@@ -84,5 +84,48 @@ class EstimatedTime(Callback):
             return
         self.say(f"estimated time to finish: {duration(left * per_step)} for {left:,} more steps "
                  f"({per_step:.3g} s/step over steps {first}-{steps}; evaluation not included)")
-        if left * per_step > 3600 and self.run.parts.device.type == "cpu":
-            self.say("that is long for a CPU; for a one-minute demo: make train CONFIG=configs/cpu_quick.yaml")
+
+
+LONG_CPU_RUN_S = 3600  # a CPU run estimated to train longer than this is announced before it starts
+DEMO = "cifar-dist train --config configs/cpu_quick.yaml"
+
+
+def seconds_per_image(model, precision, channels_last: bool, batch: int = 8) -> float:
+    """Seconds one training image costs this process: the best of two forward and backward
+    passes of a copy of ``model`` (eager, the run's precision) on ``batch`` random images, after
+    one warm-up. The run's model, its statistics and its random generators are left untouched."""
+    import copy
+
+    import torch
+
+    probe = copy.deepcopy(model).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    best = float("inf")
+    for i in range(3):
+        t0 = time.perf_counter()
+        with precision.autocast():
+            out = probe(x)
+        out.float().sum().backward()
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best / batch
+
+
+def long_cpu_run_warning(steps_left: int, images_per_step: int, per_image_s: float,
+                         flops_per_image: float | None = None) -> str | None:
+    """The line that announces a CPU run of more than ``LONG_CPU_RUN_S`` before its first step
+    (None for a shorter one): the estimate, how it was made, and the demo to run instead."""
+    seconds = steps_left * images_per_step * per_image_s
+    if seconds <= LONG_CPU_RUN_S:
+        return None
+    how = f"{steps_left:,} steps x {images_per_step:,} images"
+    if flops_per_image:
+        rate = flops_per_image / per_image_s / 1e9
+        how += f" x {flops_per_image / 1e9:.2f} GFLOP at {rate:.1f} GFLOP/s measured here"
+    else:
+        how += f" at {1 / per_image_s:.0f} images/s measured here"
+    return (f"cifar-dist: this run needs about {duration(seconds)} of training on this CPU ({how}; evaluation not "
+            f"included); for a CPU demo of a few minutes: {DEMO}")

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from cifar_dist.checkpoint import latest_checkpoint
+from cifar_dist.checkpoint import latest_checkpoint, list_checkpoints
+from cifar_dist.config import result_free_keys
 from cifar_dist.errors import RunDirError
 
-# Keys that may change between a run and its resumption without changing the result.
-RESUMABLE_CHANGES = {"data.root", "data.workers", "run.out_dir", "run.progress", "run.tensorboard",
-                     "run.threads", "checkpoint.every_epochs", "checkpoint.every_steps",
-                     "checkpoint.keep", "eval.tta", "train.max_steps", "data.loader", "name",
-                     "run.callbacks"}  # a callback may be added or dropped: its effect is its own
+# Keys that may change between a run and its resumption: those that do not change the result
+# (config.result_free_keys, shared with `compare`), plus the step cap (a run may be extended or
+# cut short) and the final evaluation's TTA (it comes after the last step).
+RESUMABLE_CHANGES = result_free_keys() | {"train.max_steps", "eval.tta"}
 
 
 def default_run_dir(name: str) -> Path:
@@ -38,10 +38,28 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """Keys whose value differs and would change the result of a resumed run."""
+_ABSENT = "(absent)"
+
+
+def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, new value) of every key whose value differs and would change the
+    result of a resumed run."""
     a, b = flatten(saved), flatten(current)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
+            if a.get(k, _ABSENT) != b.get(k, _ABSENT) and k not in RESUMABLE_CHANGES]
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def run_dirs_of(name: str, root: Path = Path("runs")) -> list[Path]:
+    """Run directories under ``root`` that a recipe called ``name`` made by default, newest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{name}-*") if (p / "config.yaml").is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 class RunDir:
@@ -50,6 +68,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock_fd = None
+        self.created = False  # this run made the directory (or found it empty)
 
     def has_content(self) -> bool:
         return self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir())
@@ -58,6 +77,7 @@ class RunDir:
         """Create or reuse the directory; return the checkpoint to resume from (or None)."""
         if resume and overwrite:
             raise RunDirError("--resume and --overwrite exclude each other")
+        self.created = not self.has_content()
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock()
         ckpt = None
@@ -83,8 +103,20 @@ class RunDir:
         changed = config_changes(saved, config)
         if changed:
             self._unlock()
-            raise RunDirError(f"{saved_path}: cannot resume with a different config "
-                              f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''} changed)")
+            shown = "; ".join(f"{k}: saved {_short(old)}, now {_short(new)}" for k, old, new in changed[:4])
+            more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise RunDirError(f"{saved_path}: cannot resume with a different config ({shown}{more}); "
+                              f"`--out {self.path} --resume` alone continues with the saved config")
+
+    def discard_unstarted(self) -> bool:
+        """Remove the directory of a run that this process created and that never reached a
+        checkpoint (an aborted start), so that the same ``--out`` can be used again. Returns
+        whether it did; a directory with a checkpoint or a summary is never touched."""
+        if not self.created or list_checkpoints(self.path) or (self.path / "summary.json").exists():
+            return False
+        self._unlock()
+        shutil.rmtree(self.path, ignore_errors=True)
+        return not self.path.exists()
 
     def _lock(self) -> None:
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)

@@ -30,38 +30,68 @@ from cifar_dist.errors import guarded
 
 def add_train_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", help="YAML recipe (configs/seed.yaml is the paper's; without one, the built-in "
-                                     "defaults, which `cifar-dist config` prints)")
+                                     "defaults, which `cifar-dist config` prints; with --resume, the run's saved "
+                                     "config.yaml)")
     ap.add_argument("--out", help="run directory (overrides run.out_dir)")
     ap.add_argument("--resume", action="store_true",
-                    help="continue from the newest complete checkpoint in the run directory (a fresh start if none)")
+                    help="continue the run in --out from its newest intact checkpoint, with its saved config "
+                         "(a fresh start if it has none yet)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.01")
 
 
+def resolve_config(args: argparse.Namespace):
+    """The config of this run: ``--config`` and the overrides; with ``--resume`` and no
+    ``--config``, the run directory's saved config.yaml and the overrides. ``--resume`` needs
+    to know the run directory (``--out`` or ``run.out_dir``)."""
+    from cifar_dist.config import load_config
+    from cifar_dist.errors import RunDirError
+    from cifar_dist.rundir import run_dirs_of
+
+    cfg = load_config(args.config, args.overrides)
+    if args.out:
+        cfg.run.out_dir = args.out
+    if not args.resume:
+        return cfg
+    if not cfg.run.out_dir:
+        candidates = run_dirs_of(cfg.name)[:3]
+        listed = (f"runs of {cfg.name!r}, newest first: {', '.join(map(str, candidates))}" if candidates
+                  else f"no run of {cfg.name!r} under runs/")
+        raise RunDirError(f"--resume: name the run to continue with --out DIR ({listed})")
+    saved = Path(cfg.run.out_dir) / "config.yaml"
+    if args.config is None and saved.is_file():
+        cfg = load_config(saved, args.overrides)
+        cfg.run.out_dir = args.out or cfg.run.out_dir
+    elif args.config is None:
+        what = "holds no config.yaml" if Path(cfg.run.out_dir).is_dir() else "does not exist"
+        raise RunDirError(f"--resume: {cfg.run.out_dir} {what}: no run to continue (give --config to start one "
+                          "there)")
+    return cfg
+
+
 def run(args: argparse.Namespace) -> int:
     """Train as ``args`` say; returns the exit code. Raises UserError for bad input."""
-    from cifar_dist.config import load_config, save_config
+    from cifar_dist.errors import ConfigError, say
+    from cifar_dist.launcher import env_rank, using_deepspeed
 
-    cfg = load_config(args.config, args.overrides)  # before the heavy imports: bad input fails fast
-    from cifar_dist.callbacks import Callbacks, load_callbacks
+    cfg = resolve_config(args)  # before the heavy imports: bad input fails fast
+    if using_deepspeed() and cfg.train.exact_reduce:  # every rank refuses at once, before any set-up
+        raise ConfigError("train.exact_reduce: DeepSpeed reduces gradients itself; "
+                          "set train.exact_reduce=false to train with DeepSpeed")
+    if args.config is None and not args.resume and env_rank() == 0:
+        say("cifar-dist: no --config: training the built-in defaults: the paper's model and optimizer for 60 "
+            "epochs, without its colour jitter and rotation (`cifar-dist config` prints them; configs/seed.yaml "
+            "is the paper's recipe, configs/cpu_quick.yaml a CPU demo)")
+    from cifar_dist.callbacks import load_callbacks
     user_callbacks = load_callbacks(cfg.run.callbacks).items  # a bad name fails here, before anything is written
 
     import torch
 
-    from cifar_dist import loop
     from cifar_dist import parts as wiring
-    from cifar_dist.distributed import barrier, make_accelerator, print0, share_from_main, world_info
-    from cifar_dist.metrics import MetricsLog
-    from cifar_dist.models import count_parameters
-    from cifar_dist.progress import EstimatedTime, progress_bars
+    from cifar_dist.distributed import barrier, make_accelerator, share_from_main, world_info
     from cifar_dist.repro import apply_tf32, set_determinism
     from cifar_dist.rundir import RunDir, default_run_dir
-    from cifar_dist.state import TrainState
-    from cifar_dist.stopping import Preempted
-    from cifar_dist.target import StopAtTarget
 
-    if args.out:
-        cfg.run.out_dir = args.out
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     wiring.resolve_run_precision(cfg)
@@ -71,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     accelerator = make_accelerator(cfg)
     rank, world = world_info()
+    # run.precision=auto on CPUs rests on a probe; every rank takes rank 0's choice
+    cfg.run.precision = share_from_main(lambda: cfg.run.precision)
     shard, train_set, eval_set, eval_name = wiring.build_data(cfg, accelerator)
     model = wiring.build_model_seeded(cfg)  # a user's factory fails here, before the run directory is touched
 
@@ -81,9 +113,32 @@ def run(args: argparse.Namespace) -> int:
     rundir = RunDir(run_dir)
     ckpt = share_from_main(lambda: rundir.open(cfg.to_dict(), args.resume, args.overwrite))
     barrier()
+    try:
+        return _train(cfg, args, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt,
+                      user_callbacks, started)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop installed its handler
+        raise _interrupted(rundir, rank, world) from None
 
+
+def _train(cfg, args, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt,
+           user_callbacks, started) -> int:
+    """The run itself, once its directory is open: build, restore, train, write the results."""
+    from cifar_dist import loop
+    from cifar_dist import parts as wiring
+    from cifar_dist.callbacks import Callbacks
+    from cifar_dist.config import save_config
+    from cifar_dist.distributed import barrier, print0, world_info
+    from cifar_dist.metrics import MetricsLog
+    from cifar_dist.models import count_parameters
+    from cifar_dist.progress import EstimatedTime, progress_bars
+    from cifar_dist.state import TrainState
+    from cifar_dist.stopping import Preempted
+    from cifar_dist.target import StopAtTarget
+
+    rank, world = world_info()
+    run_dir = rundir.path
     built_in = [EstimatedTime()] + ([StopAtTarget(cfg.eval.target_acc)]
-                                          if cfg.eval.stop_at_target and cfg.eval.target_acc else [])
+                                    if cfg.eval.stop_at_target and cfg.eval.target_acc else [])
     callbacks = Callbacks([*user_callbacks, *built_in])
     parts = wiring.build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, model, callbacks)
     state = TrainState()
@@ -105,9 +160,16 @@ def run(args: argparse.Namespace) -> int:
            f"steps/epoch, {len(train_set):,} train / {len(eval_set):,} {eval_name} images; run dir {run_dir}")
 
     trainer = loop.Trainer(parts, state, progress_bars(cfg.run.progress and rank == 0))
+    if rank == 0 and parts.device.type == "cpu" and not parts.deepspeed:
+        _announce_long_cpu_run(parts, trainer)
     try:
         state = trainer.fit()
     except Preempted as e:
+        if str(e) == "SIGINT":
+            print0(f"stopped by Ctrl-C at step {state.global_step}; checkpoint written; resume with: "
+                   f"{resume_command(run_dir, world)}")
+            rundir.close()
+            return 130
         print0(f"stopped by {e} at step {state.global_step}; checkpoint written, resume with --resume")
         _after_preemption(run_dir, rank)
         return 0
@@ -122,6 +184,52 @@ def run(args: argparse.Namespace) -> int:
     rundir.close()
     accelerator.end_training()
     return 0
+
+
+def resume_command(run_dir: Path, world: int) -> str:
+    """The command that continues the run in ``run_dir`` (its config is saved there)."""
+    import shlex
+
+    out = shlex.quote(str(run_dir))
+    if world == 1:
+        return f"cifar-dist train --out {out} --resume"
+    return f"the same launch command with --out {out} --resume (its config is saved there)"
+
+
+def _interrupted(rundir, rank: int, world: int):
+    """The one line (exit 130) of a run aborted by Ctrl-C: what was kept and how to go on.
+    A directory this run created and that holds no checkpoint yet is removed (rank 0), so the
+    same --out can be used again."""
+    from cifar_dist.checkpoint import list_checkpoints
+    from cifar_dist.errors import Interrupted
+
+    if rank != 0:
+        return Interrupted("interrupted")
+    checkpoints = list_checkpoints(rundir.path)
+    if checkpoints:
+        rundir.close()
+        return Interrupted(f"interrupted; newest checkpoint {checkpoints[-1].name} kept, resume with: "
+                           f"{resume_command(rundir.path, world)}")
+    if rundir.discard_unstarted():
+        return Interrupted(f"interrupted before the first checkpoint; nothing to keep, {rundir.path} removed")
+    rundir.close()
+    return Interrupted(f"interrupted before the first checkpoint; {resume_command(rundir.path, world)} "
+                       "starts it again")
+
+
+def _announce_long_cpu_run(parts, trainer) -> None:
+    """Before the first step: a CPU run that will train for more than an hour says so, with the
+    demo to try instead (timed on a copy of the model, counted in FLOPs when it is long)."""
+    from cifar_dist.layer_table import count_flops
+    from cifar_dist.progress import long_cpu_run_warning, seconds_per_image, write_line
+
+    steps_left = trainer.max_steps - trainer.state.global_step
+    batch = parts.cfg.model.bn_group or min(parts.shard.micro, 8)  # BatchNorm groups must be whole
+    per_image = seconds_per_image(parts.model, parts.precision, parts.cfg.run.channels_last, batch)
+    if long_cpu_run_warning(steps_left, parts.shard.per_process, per_image) is None:
+        return
+    flops = count_flops(parts.model, train=True)
+    write_line(long_cpu_run_warning(steps_left, parts.shard.per_process, per_image, flops))
 
 
 def _mode_in_words(accelerator, world: int) -> str:

@@ -85,12 +85,14 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
     from cifar_dist.metrics import Clock
     from cifar_dist.optim import build_optimizer
     from cifar_dist.parts import Parts, build_model_seeded, graph_count, prepare_model
-    from cifar_dist.precision import Precision, gpu_capability, resolve_precision
+    from cifar_dist.precision import CpuBf16, Precision, gpu_capability, resolve_precision
     from cifar_dist.step import new_totals
 
     rank, world = world_info() if distributed else (0, 1)
     cfg = row_config(base_cfg, row, world)
-    cfg.run.precision = resolve_precision(cfg.run.precision, gpu_capability())[0]
+    capability = gpu_capability()
+    cpu = CpuBf16.of_this_cpu(cfg.run.channels_last) if capability is None else None
+    cfg.run.precision = resolve_precision(cfg.run.precision, capability, cpu)[0]
     device = accelerator.device
     if cfg.run.compile:
         torch._dynamo.reset()  # no code, guards or recompile budget shared with earlier rows

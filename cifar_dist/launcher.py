@@ -1,0 +1,31 @@
+"""The launcher's view of the world, read from its environment variables before any set-up.
+
+torchrun and Accelerate set WORLD_SIZE / RANK, Slurm's srun SLURM_STEP_NUM_TASKS /
+SLURM_PROCID, MPI launchers their own; Accelerate's DeepSpeed configs set
+ACCELERATE_USE_DEEPSPEED. Nothing here imports torch, so bad input can be refused
+before the heavy imports.
+"""
+from __future__ import annotations
+
+import os
+
+
+def launcher_world_size() -> int:
+    """How many processes the launcher started, read from its environment (1 if none)."""
+    for var in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
+
+
+def env_rank() -> int:
+    """This process's rank as the launcher set it (0 if none), usable before any set-up."""
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def using_deepspeed() -> bool:
+    """Whether Accelerate was launched with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
