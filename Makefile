@@ -1,5 +1,5 @@
-# Quick start:  make train   (set up, get CIFAR-10, train the paper's model)
-#               make test    (set up, lint, run the whole test suite: what CI runs)
+# Quick start:  make train   (set up what training needs, get CIFAR-10, train the paper's model)
+#               make test    (set up everything the tests need, lint, run the whole suite: what CI runs)
 #               make check   (lint and the fast tier, in-process only: after every edit)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,16 +9,21 @@ CONFIG ?= configs/seed.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup data train lint check test bench gpu-check clean
+.PHONY: setup setup-lean data train lint check test bench gpu-check clean
 
+# Everything the tests need (dev tools, DeepSpeed, FFCV, as root the Debian packages of FFCV and Slurm).
 setup:
 	@bash scripts/setup.sh
 
+# What training needs, nothing more (the package, torch, torchvision, accelerate, light dependencies).
+setup-lean:
+	@bash scripts/setup.sh --lean
+
 # CIFAR-10 into $(DATA): built from the JPEG archive $(CIFAR_ARCHIVE) when it exists, else downloaded.
-data: setup
+data: setup-lean
 	@if [ -f "$(CIFAR_ARCHIVE)" ]; then \
-		$(VENV)/bin/cifar-dist prepare --root "$(DATA)" --from-archive "$(CIFAR_ARCHIVE)"; \
-	else $(VENV)/bin/cifar-dist prepare --root "$(DATA)"; fi
+		$(VENV)/bin/cifar-dist prepare --quiet --root "$(DATA)" --from-archive "$(CIFAR_ARCHIVE)"; \
+	else $(VENV)/bin/cifar-dist prepare --quiet --root "$(DATA)"; fi
 
 train: data
 	CIFAR_DIST_DATA="$(DATA)" $(VENV)/bin/cifar-dist train --config $(CONFIG) $(ARGS)
@@ -33,7 +38,7 @@ check: lint
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: setup
+bench: setup-lean
 	$(VENV)/bin/cifar-dist bench $(ARGS)
 
 # On a machine with one NVIDIA GPU and its own PyTorch (no setup, no network): environment,

@@ -104,6 +104,39 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def locate_weights(path) -> tuple[Path, Path, str]:
+    """(weights file, the run's config.yaml, what they are in words) for ``path``: a run
+    directory (its final weights, else its newest checkpoint), a checkpoint directory
+    (``checkpoints/step_N``) or a ``.safetensors`` file. Anything else is a CheckpointError
+    naming the path."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: not a .safetensors weights file, a run directory or a checkpoint")
+        return path, _config_beside(path.parent), f"weights {path.name}"
+    if _NAME.match(path.name) and path.parent.name == "checkpoints":
+        if not (path / "model.safetensors").is_file():
+            raise CheckpointError(f"{path}: no model.safetensors in this checkpoint (a DeepSpeed checkpoint holds "
+                                  "its weights in DeepSpeed's own files; evaluate the run's final weights)")
+        return path / "model.safetensors", path.parent.parent / "config.yaml", f"checkpoint {path.name}"
+    if (path / "model.safetensors").is_file():
+        return path / "model.safetensors", path / "config.yaml", "final weights"
+    for ckpt in reversed(list_checkpoints(path)):
+        if (ckpt / "model.safetensors").is_file():
+            return (ckpt / "model.safetensors", path / "config.yaml",
+                    f"newest checkpoint {ckpt.name} (the run has no final weights yet)")
+    raise CheckpointError(f"{path}: no model.safetensors and no checkpoint (is it a run directory?)")
+
+
+def _config_beside(folder: Path) -> Path:
+    """config.yaml of the run a weights file belongs to: beside it, or two levels up for a checkpoint's."""
+    if _NAME.match(folder.name) and folder.parent.name == "checkpoints":
+        return folder.parent.parent / "config.yaml"
+    return folder / "config.yaml"
+
+
 def read_state(ckpt: Path) -> dict:
     try:
         return json.loads((ckpt / "state.json").read_text())

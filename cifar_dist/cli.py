@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -19,8 +18,11 @@ def _summary(args):
     from cifar_dist.config import load_config
     from cifar_dist.layer_table import count_flops, format_table, layer_table
     from cifar_dist.models import build_model, count_parameters
+    from cifar_dist.plugins import require_trust
 
     cfg = load_config(args.config, args.overrides)
+    named_here = any(o.startswith("model.name=") for o in args.overrides)  # typed by the user: trusted
+    require_trust(cfg.model.name, args.config, args.trust_code or named_here)
     model = build_model(cfg.model)
     print(format_table(layer_table(model)))
     total = count_parameters(model)
@@ -40,10 +42,13 @@ def _prepare(args):
     if args.root:
         cfg.data.root = args.root
     root = resolve_data_root(cfg)
+    built = False
     if args.from_archive:
         from cifar_dist.data.jpeg_archive import unpack_jpeg_archive
-        unpack_jpeg_archive(args.from_archive, root)
-    print(prepare(root, download=not (args.no_download or args.from_archive)))
+        built = unpack_jpeg_archive(args.from_archive, root)
+    line = prepare(root, download=not (args.no_download or args.from_archive), quiet=args.quiet and not built)
+    if line:
+        print(line)
     if args.beton:
         from cifar_dist.data.beton import write_betons
         print(write_betons(root))
@@ -60,30 +65,39 @@ def _report(args):
 def _eval(args):
     import torch
 
-    from cifar_dist import load_model
+    from cifar_dist.checkpoint import load_weights, locate_weights
     from cifar_dist.config import load_config
     from cifar_dist.data import build_datasets
     from cifar_dist.errors import CheckpointError
     from cifar_dist.evaluation import evaluate_model
+    from cifar_dist.files import write_json_atomic
+    from cifar_dist.models import build_model
     from cifar_dist.plots import plot_confusion
+    from cifar_dist.plugins import require_trust
 
-    run_dir = Path(args.checkpoint)
-    if not (run_dir / "model.safetensors").is_file():
-        raise CheckpointError(f"{run_dir}: no model.safetensors (is it a finished run directory?)")
-    cfg = load_config(run_dir / "config.yaml", args.overrides)
+    weights, config, what = locate_weights(Path(args.checkpoint))
+    if not config.is_file():
+        raise CheckpointError(f"{config}: missing; eval needs the run's config.yaml")
+    cfg = load_config(config, args.overrides)  # the run's own config; overrides such as data.root on top
+    require_trust(cfg.model.name, config, args.trust_code)
+    run_dir = config.parent
+    print(f"evaluating {what} of {run_dir}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(run_dir, device)
+    model = build_model(cfg.model)
+    load_weights(weights, model)
+    model = model.to(device).eval()
     _, eval_set, name = build_datasets(cfg)
     result = evaluate_model(model, eval_set, cfg, device, tta=args.tta)
     print(f"{name} accuracy {100 * result['acc']:.2f}% on {result['count']} images"
           f"{' (flip TTA)' if args.tta else ''}, loss {result['loss']:.4f}")
-    from cifar_dist.data.cifar import CLASSES
-    for cls, acc in zip(CLASSES, result["per_class_acc"]):
+    for cls, acc in result["per_class_acc"].items():
         print(f"  {cls:>10}: {100 * acc:.2f}%")
-    out = run_dir / ("eval_tta.json" if args.tta else "eval.json")
-    out.write_text(json.dumps(result, indent=1))
+    tag = "" if what == "final weights" else f"-{weights.parent.name}"
+    out = run_dir / f"eval{tag}{'_tta' if args.tta else ''}.json"
+    write_json_atomic(out, {"weights": str(weights), **result})
     (run_dir / "plots").mkdir(exist_ok=True)
-    plot_confusion(result["confusion"], run_dir / "plots" / "confusion_matrix_eval.png")
+    plot_confusion(result["confusion"], run_dir / "plots" / f"confusion_matrix_eval{tag}.png",
+                   title=f"confusion matrix ({what}): {run_dir.name}")
     print(f"written {out}")
     return 0
 
@@ -137,14 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "compare", "runs or sweeps side by side: mean ± std, 95%% CI, Welch's t-test",
              add_compare_arguments, "cifar_dist.compare", "run_compare")
 
-    p = sub.add_parser("eval", help="evaluate a finished run's model.safetensors")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory")
+    p = sub.add_parser("eval", help="evaluate a run's weights: final, or its newest or a given checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a run directory (its final weights, else its newest checkpoint), a checkpoint directory "
+                        "(RUN/checkpoints/step_N) or a .safetensors file; the run's config.yaml is used")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow the run's config to import its own model code (model.name: package.module:factory)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/data")
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser("summary", help="per-layer table (the paper's Figure 1), parameters, FLOPs")
     p.add_argument("--config")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow the config file to import its model code (model.name: package.module:factory)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=_summary)
 
@@ -152,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="data directory (default: $CIFAR_DIST_DATA, else ~/.cache/cifar_dist)")
     p.add_argument("--beton", action="store_true", help="also write train/test .beton files for data.loader=ffcv")
     p.add_argument("--no-download", action="store_true", help="only check what is there")
+    p.add_argument("--quiet", action="store_true", help="say nothing when the data was already complete and readable")
     p.add_argument("--from-archive", metavar="TAR_GZ",
                    help="build it from a CIFAR-10 JPEG archive (cifar10-jpeg.tar.gz: lossy, exact labels)")
     p.set_defaults(fn=_prepare)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -46,11 +47,19 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def valid_accuracy(value) -> bool:
+    """A test accuracy that can be averaged: a finite number in [0, 1] (not a boolean, not NaN)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0.0 <= value <= 1.0)
+
+
 def _read_run(path: Path) -> dict:
-    """One finished run: its flattened config, summary and per-epoch test accuracy."""
+    """One finished run: its flattened config, summary and per-epoch test accuracy. A run whose
+    test_acc is not a finite number in [0, 1] gets an ``invalid`` reason (it is not counted)."""
     summary = _read_json(path / "summary.json")
-    if not isinstance(summary.get("test_acc"), (int, float)):
-        raise UserError(f"{path / 'summary.json'}: no test_acc")
+    invalid = None
+    if not valid_accuracy(summary.get("test_acc")):
+        invalid = f"test_acc is {str(summary.get('test_acc', 'missing'))[:40]}, not a number in [0, 1]"
     try:
         config = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -62,10 +71,10 @@ def _read_run(path: Path) -> dict:
                 rec = json.loads(line)
             except ValueError:
                 continue  # a torn last line
-            if isinstance(rec, dict) and rec.get("test_acc") is not None and rec.get("epoch") is not None:
+            if isinstance(rec, dict) and valid_accuracy(rec.get("test_acc")) and isinstance(rec.get("epoch"), int):
                 curve[rec["epoch"]] = 100.0 * rec["test_acc"]
     return {"dir": str(path), "config": flatten(config) if isinstance(config, dict) else {},
-            "summary": summary, "curve": curve}
+            "summary": summary, "curve": curve, "invalid": invalid}
 
 
 def _looks_like_run(path: Path) -> bool:
@@ -141,11 +150,30 @@ def _mean_of(values: list) -> float | None:
     return stats.mean(values) if values else None
 
 
+def _seed_of(run: dict):
+    return run["summary"].get("seed", run["config"].get("run.seed"))
+
+
+def per_seed(runs: list[dict]) -> tuple[list[float], dict]:
+    """One accuracy (in %) per distinct seed, the mean of the runs that share it, and the seeds
+    that several runs share ({seed: [dirs]}). Runs of one seed repeat one experiment: counting
+    each would shrink the interval without any new evidence."""
+    by_seed: dict = {}
+    for r in runs:
+        by_seed.setdefault(json.dumps(_seed_of(r), default=str), []).append(r)
+    values = [stats.mean([100.0 * r["summary"]["test_acc"] for r in rs]) for rs in by_seed.values()]
+    shared = {str(_seed_of(rs[0])): [r["dir"] for r in rs] for rs in by_seed.values() if len(rs) > 1}
+    return values, shared
+
+
 def summarize(group: dict) -> dict:
-    """The numbers of one configuration (accuracies in %), as they go into compare.json."""
+    """The numbers of one configuration (accuracies in %), as they go into compare.json: n is the
+    number of distinct seeds, and the 95% interval is clipped to [0, 100]."""
     runs = group["runs"]
     accs = [100.0 * r["summary"]["test_acc"] for r in runs]
-    ci = stats.mean_ci(accs)
+    seeds, shared = per_seed(runs)
+    ci = stats.mean_ci(seeds)
+    ci = (max(0.0, ci[0]), min(100.0, ci[1])) if ci else None
     sums = [r["summary"] for r in runs]
     target = None
     if any(k in s for s in sums for k in ("time_to_target_s", "epochs_to_target")):
@@ -154,15 +182,15 @@ def summarize(group: dict) -> dict:
                   "time_to_target_s_mean": _mean_of([s.get("time_to_target_s") for s in reached]),
                   "epochs_to_target_mean": _mean_of([s.get("epochs_to_target") for s in reached])}
     return {
-        "label": group["label"], "name": group["name"], "differs": group["differs"], "n": len(accs),
-        "test_acc_pct": {"mean": stats.mean(accs), "std": stats.std(accs), "min": min(accs), "max": max(accs),
-                         "ci95": list(ci) if ci else None},
+        "label": group["label"], "name": group["name"], "differs": group["differs"], "n": len(seeds),
+        "runs_counted": len(accs), "shared_seeds": shared,
+        "test_acc_pct": {"mean": stats.mean(seeds), "std": stats.std(seeds), "min": min(accs), "max": max(accs),
+                         "ci95": list(ci) if ci else None, "per_seed": seeds},
         "data": sorted({_data_name(s.get("data")) for s in sums}),
         "wall_time_s_mean": _mean_of([s.get("wall_time_s") for s in sums]),
         "images_per_s_mean": _mean_of([s.get("images_per_s") for s in sums]),
         "target": target,
-        "runs": [{"dir": r["dir"], "seed": r["summary"].get("seed", r["config"].get("run.seed")),
-                  "test_acc_pct": a} for r, a in zip(runs, accs)],
+        "runs": [{"dir": r["dir"], "seed": _seed_of(r), "test_acc_pct": a} for r, a in zip(runs, accs)],
     }
 
 
@@ -200,10 +228,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def to_markdown(report: dict) -> str:
     configs = report["configurations"]
-    nruns = sum(c["n"] for c in configs)
+    nruns = sum(c.get("runs_counted", c["n"]) for c in configs)
     lines = [f"# Comparison: {nruns} finished run{'s' * (nruns != 1)} in {len(configs)} "
              f"configuration{'s' * (len(configs) != 1)}", "",
-             "Final test accuracy in %; the 95% CI is that of the mean (Student's t, n - 1 degrees of freedom).",
+             "Final test accuracy in %; n counts distinct seeds (runs that share a seed are averaged into one "
+             "value); the 95% CI is that of the mean (Student's t, n - 1 degrees of freedom), clipped to [0, 100].",
              "Data: " + "; ".join(sorted({d for c in configs for d in c["data"]})) + ".", ""]
     has_target = any(c["target"] for c in configs)
     header = ["configuration", "n", "test acc (mean ± std)", "min", "max", "95% CI", "wall time (s)", "images/s"]
@@ -229,27 +258,33 @@ def to_markdown(report: dict) -> str:
     lines += _table(["configuration", "run directory", "seed", "test acc"],
                     [[c["label"], r["dir"], str(r["seed"]), f"{r['test_acc_pct']:.2f}"]
                      for c in configs for r in c["runs"]])
+    shared = [(c["label"], seed, dirs) for c in configs for seed, dirs in c.get("shared_seeds", {}).items()]
+    if shared:
+        lines += ["", "## Runs that share a seed (counted once: they repeat one experiment)", ""]
+        lines += [f"- {label}: seed {seed}: {', '.join(dirs)}" for label, seed, dirs in shared]
+    if report.get("invalid"):
+        lines += ["", "## Invalid results (excluded from every statistic)", ""]
+        lines += [f"- {r['dir']}: {r['reason']}" for r in report["invalid"]]
     if report["not_finished"]:
         lines += ["", "## Not finished (no summary.json; not counted)", ""]
         lines += [f"- {d}" for d in report["not_finished"]]
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(groups: list[dict], path: Path) -> None:
+def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
     """Mean test accuracy per configuration over the epochs where it was recorded, with a min-max band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from cifar_dist.plots import epoch_axis, pyplot
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = False
+    drawn, all_epochs = False, []
     for g in groups:
         epochs = sorted({e for r in g["runs"] for e in r["curve"]})
         if not epochs:
             continue
+        all_epochs += epochs
         values = [[r["curve"][e] for r in g["runs"] if e in r["curve"]] for e in epochs]
-        line, = ax.plot(epochs, [stats.mean(v) for v in values], marker="." if len(epochs) < 30 else None,
+        line, = ax.plot(epochs, [stats.mean(v) for v in values], marker="o" if len(epochs) < 30 else None,
                         label=f"{g['label']} (n={len(g['runs'])})")
         ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
         drawn = True
@@ -258,10 +293,10 @@ def plot_curves(groups: list[dict], path: Path) -> None:
     else:
         ax.text(0.5, 0.5, "no test accuracy recorded in metrics.jsonl", ha="center", va="center",
                 transform=ax.transAxes)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
+    epoch_axis(ax, all_epochs)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy: mean per configuration, band from min to max over its runs")
+    ax.set_title(f"{title + ': ' if title else ''}test accuracy, mean per configuration, band from min to max "
+                 "over its runs", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -272,10 +307,16 @@ def run_compare(args) -> int:
     """Compare the runs in ``args.dirs``; write compare.md/.json/.png to ``args.out``; print the Markdown.
     Returns 0; bad input raises UserError."""
     runs, unfinished = collect_runs(args.dirs)
+    invalid = [{"dir": r["dir"], "reason": r["invalid"]} for r in runs if r["invalid"]]
+    runs = [r for r in runs if not r["invalid"]]
+    if not runs:
+        raise UserError(f"{args.dirs[0]}: no finished run with a valid test_acc ({invalid[0]['dir']}: "
+                        f"{invalid[0]['reason']})")
     groups = group_runs(runs)
     configs = [summarize(g) for g in groups]
-    scope, pairs = pair_tests(configs, {c["label"]: [r["test_acc_pct"] for r in c["runs"]] for c in configs})
-    report = {"configurations": configs, "pairs_scope": scope, "pairs": pairs, "not_finished": unfinished}
+    scope, pairs = pair_tests(configs, {c["label"]: c["test_acc_pct"]["per_seed"] for c in configs})
+    report = {"configurations": configs, "pairs_scope": scope, "pairs": pairs, "not_finished": unfinished,
+              "invalid": invalid}
     if args.out:
         out = Path(args.out)
     elif (Path(args.dirs[0]) / "sweep.json").is_file():
@@ -289,7 +330,7 @@ def run_compare(args) -> int:
     files = out / "compare.md", out / "compare.json", out / "compare.png"
     files[0].write_text(markdown)
     files[1].write_text(json.dumps(report, indent=1, default=str) + "\n")
-    plot_curves(groups, files[2])
+    plot_curves(groups, files[2], title=", ".join(Path(d).name for d in args.dirs)[:80])
     print(markdown, end="")
     print(f"written {files[0]}, {files[1]}, {files[2]}")
     return 0

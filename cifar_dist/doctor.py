@@ -24,19 +24,37 @@ def _devices() -> list[tuple[str, str]]:
         rows.append((f"GPU {i}", f"{p.name}, compute capability {p.major}.{p.minor}, "
                                  f"{p.total_memory / 2**30:.0f} GiB, bf16 {'yes' if cc >= (8, 0) else 'no (slow)'}, "
                                  f"TF32 {'yes' if cc >= (8, 0) else 'no'}"))
-    cpu_bf16 = getattr(torch.backends, "mkldnn", None)
-    bf16 = "yes" if cpu_bf16 is not None and cpu_bf16.is_available() and _cpu_has_bf16() else "no"
-    rows.append(("CPU", f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                        f"bf16 units {bf16}"))
+    from cifar_dist.hardware import bf16_speedup, cpu_flags, cpu_model, has_bf16_units
+    from cifar_dist.precision import CpuBf16, resolve_precision
+
+    units = has_bf16_units(cpu_flags())
+    speedup = bf16_speedup()
+    auto, _ = resolve_precision("auto", None, CpuBf16(units, lambda: speedup))
+    rows.append(("CPU", f"{cpu_model()}, {torch.get_num_threads()} threads, bf16 units "
+                        f"{'yes' if units else 'no'}, bf16 {_times(speedup)} fp32 here (probe); "
+                        f"run.precision=auto picks {auto} on this CPU"))
     return rows
 
 
-def _cpu_has_bf16() -> bool:
+def _times(speedup: float) -> str:
+    return f"{speedup:.1f}x faster than" if speedup >= 1 else f"{1 / speedup:.1f}x slower than"
+
+
+def _slurm() -> tuple[str, str]:
+    """Which Slurm commands exist, and whether a controller answers (sinfo): sbatch alone proves nothing."""
+    import subprocess
+
+    found = {cmd: shutil.which(cmd) for cmd in ("sbatch", "srun", "scontrol", "sinfo")}
+    line = ", ".join(f"{c} {'yes' if p else 'no'}" for c, p in found.items())
+    if not found["sinfo"]:
+        return "Slurm", line
     try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        res = subprocess.run(["sinfo", "-h", "-o", "%P %a %D"], capture_output=True, text=True, timeout=10)
+        answer = (f"answers ({len(res.stdout.split())//3 or 0} partition(s))" if res.returncode == 0 else
+                  "does not answer: " + ((res.stderr or res.stdout).strip().splitlines() or ["?"])[-1][:120])
+    except (OSError, subprocess.TimeoutExpired) as e:
+        answer = f"does not answer: {type(e).__name__}"
+    return "Slurm", f"{line}; controller {answer}"
 
 
 def _data(config: str | None) -> tuple[str, str]:
@@ -63,8 +81,7 @@ def doctor(config: str | None = None) -> list[tuple[str, str]]:
     rows += [(name, _version(name)) for name in ("torch", "accelerate", "deepspeed", "ffcv", "torchvision", "numpy")]
     rows += _devices()
     rows.append(_data(config))
-    slurm = {cmd: shutil.which(cmd) for cmd in ("sbatch", "srun", "scontrol")}
-    rows.append(("Slurm", ", ".join(f"{c} {'yes' if p else 'no'}" for c, p in slurm.items())))
+    rows.append(_slurm())
     return rows
 
 

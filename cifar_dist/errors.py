@@ -67,9 +67,28 @@ def say(line: str) -> None:
 
 
 def fail(message: str, code: int) -> None:
-    """One line on stderr, naming the rank when there are several, then exit."""
-    say(f"cifar-dist: {rank_prefix()}{message}")
+    """One line on stderr, naming the rank when there are several, then exit. Under torchrun
+    (and `accelerate launch` with several processes) the line also goes into the launcher's
+    error file, so its closing report shows it as the failure's cause: such a launcher exits 1
+    whatever its workers' codes, and without the file it would only say "exitcode: 2"."""
+    line = f"cifar-dist: {rank_prefix()}{message}"
+    say(line)
+    _tell_the_launcher(line)
     sys.exit(code)
+
+
+def _tell_the_launcher(line: str) -> None:
+    import json
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from cifar_dist.data import eval_batches, normalize
+from cifar_dist.data import CLASSES, eval_batches, normalize
 from cifar_dist.distributed import all_reduce_sum, world_info
 from cifar_dist.optim import smoothed_cross_entropy
 
@@ -59,4 +59,4 @@ def evaluate_model(model, eval_set, cfg, device, autocast=contextlib.nullcontext
             "acc": float(confusion.diag().sum()) / max(total, 1),
             "count": total,
             "confusion": confusion.tolist(),
-            "per_class_acc": (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()}
+            "per_class_acc": dict(zip(CLASSES, (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()))}

@@ -12,6 +12,16 @@ def is_spec(text: str) -> bool:
     return bool(sep and module and attr)
 
 
+def require_trust(model_name: str, source, trust_code: bool) -> None:
+    """Refuse to import the user code that a config read from ``source`` (a received run
+    directory's config.yaml) names in ``model.name``, unless the user said they trust it.
+    Built-in names need no trust: only ``package.module:factory`` runs code."""
+    if is_spec(model_name) and not trust_code:
+        module = model_name.partition(":")[0]
+        raise ConfigError(f"{source}: model.name {model_name[:80]!r} would import and run module {module[:60]!r}; "
+                          "pass --trust-code (load_model(..., trust_code=True)) if you trust it")
+
+
 def import_object(spec: str, key: str):
     """The object ``spec`` names; any failure is a ConfigError naming ``key`` and ``spec``."""
     module, sep, attr = spec.partition(":")

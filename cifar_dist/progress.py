@@ -1,6 +1,7 @@
 """What the user sees while a run trains: progress bars and the estimated time of the whole run."""
 from __future__ import annotations
 
+import sys
 import time
 
 from cifar_dist.callbacks import Callback
@@ -36,6 +37,7 @@ def write_line(text: str) -> None:
     try:
         from tqdm.auto import tqdm
         tqdm.write(text)
+        sys.stdout.flush()
     except ImportError:
         print(text, flush=True)
 

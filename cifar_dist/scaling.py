@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cifar_dist.errors import UserError
 
@@ -133,21 +134,51 @@ def check_against_measurement(images_per_s_single: float, images_per_s_per_proce
             "compute_s": t_c, "explaining_bandwidth": solve_bandwidth(measured, t_c, world, nbytes, latency, overlap)}
 
 
-def read_bench(path: str | Path) -> tuple[float, int, str]:
-    """Single-GPU images/s, its per-device batch and its label from the fastest non-baseline training
-    row of a `cifar-dist bench` bench.json (multi-process rows give their single-process timing)."""
+class BenchFigure(NamedTuple):
+    """What `cifar-dist plan` takes from a bench.json: its fastest training row and what it ran on."""
+
+    images_per_s: float     # single-process images/s of that row
+    batch: int              # its per-device batch
+    label: str
+    parameters: int | None  # of the benched model (None in a bench.json that does not record it)
+    device: str             # e.g. "NVIDIA H100 80GB HBM3", or a CPU's name
+    device_type: str        # cuda, cpu, ...
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def read_bench(path: str | Path) -> BenchFigure:
+    """Single-device images/s, its per-device batch and its label from the fastest non-baseline
+    training row of a `cifar-dist bench` bench.json (multi-process rows give their single-process
+    timing), with the benched model's parameter count and device. A file of any other shape is a
+    UserError naming it."""
     try:
-        rows = json.loads(Path(path).read_text())["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--bench {path}: not a readable bench.json ({e})") from e
-    rows = [r for r in rows if not r.get("baseline") and "precision" in r.get("settings", {})]
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--bench {path}: not a readable bench.json ({e})") from None
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"--bench {path}: not a bench.json (no list of rows)")
+    rows = [r for r in rows if not r.get("baseline") and isinstance(r.get("settings"), dict)
+            and "precision" in r["settings"]]
     if not rows:
         raise UserError(f"--bench {path}: no non-baseline training row (a --loader-only run has none)")
 
     def rate(r):
-        return r.get("single_process_images_per_s") or r["images_per_s_per_device"]
+        value = r.get("single_process_images_per_s") or r.get("images_per_s_per_device")
+        return value if _positive(value) else 0.0
     best = max(rows, key=rate)
-    return rate(best), int(best["settings"]["batch"]), best.get("label", "?")
+    batch = best["settings"].get("batch")
+    if not rate(best) or not (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0):
+        raise UserError(f"--bench {path}: row {str(best.get('label', '?'))[:60]!r} has no positive images/s and "
+                        "batch")
+    hw = data.get("hardware") if isinstance(data.get("hardware"), dict) else {}
+    params = hw.get("parameters")
+    return BenchFigure(float(rate(best)), batch, str(best.get("label", "?")),
+                       params if isinstance(params, int) and not isinstance(params, bool) and params > 0 else None,
+                       str(hw.get("device", "unknown device")), str(hw.get("device_type", "cuda")))
 
 
 def format_table(rows: list[dict], overlap: float) -> str:
@@ -174,7 +205,8 @@ def add_plan_arguments(ap: argparse.ArgumentParser) -> None:
                     f"(default: {ASSUMED_IMAGES_PER_S:,.0f}, an assumption for the paper's model on an H100-class GPU)")
     ap.add_argument("--bench", metavar="PATH", help="take images/s and batch from a bench.json (its fastest row)")
     ap.add_argument("--batch", type=int, help="per-GPU batch (default 512, or the --bench row's)")
-    ap.add_argument("--params", type=int, default=PAPER_PARAMS, help="parameters (default: the paper's model)")
+    ap.add_argument("--params", type=int, help="parameters (default: the benched model's with --bench, else the "
+                                                "paper's model)")
     ap.add_argument("--reduce-bytes", type=int, default=4, help="bytes per gradient element (4 fp32, 2 bf16)")
     ap.add_argument("--gpus", default="8,16,64,256", help="comma-separated GPU counts")
     ap.add_argument("--interconnect", default="all", choices=[*PRESETS, "all"])
@@ -186,12 +218,17 @@ def add_plan_arguments(ap: argparse.ArgumentParser) -> None:
 def run_plan(args) -> int:
     """`cifar-dist plan`: print the table and the rule, optionally write them as JSON."""
     source = "given with --images-per-s"
-    images_per_s, batch = args.images_per_s, args.batch
+    images_per_s, batch, params, device = args.images_per_s, args.batch, args.params, "GPU"
     if args.bench:
-        bench_rate, bench_batch, label = read_bench(args.bench)
-        images_per_s = images_per_s or bench_rate
-        batch = batch or bench_batch
-        source = f"measured: {args.bench}, row '{label}'"
+        bench = read_bench(args.bench)
+        images_per_s = images_per_s or bench.images_per_s
+        batch = batch or bench.batch
+        params = params or bench.parameters
+        source = f"measured: {args.bench}, row '{bench.label}' on {bench.device}"
+        if bench.device_type == "cpu":
+            device = "CPU process"
+            source += "; a CPU bench: the table applies its speed to every GPU of the model"
+    params = params or PAPER_PARAMS
     if images_per_s is None:
         images_per_s = ASSUMED_IMAGES_PER_S
         source = "an ASSUMPTION for the paper's model on an H100-class GPU, not a measurement"
@@ -201,15 +238,15 @@ def run_plan(args) -> int:
         gpus = [int(g) for g in str(args.gpus).split(",")]
     except ValueError as e:
         raise UserError(f"--gpus {args.gpus}: expected comma-separated integers") from e
-    if images_per_s <= 0 or batch <= 0 or min(gpus) < 1 or not 0 <= overlap <= 1:
-        raise UserError("plan: images/s, --batch and --gpus must be positive, --overlap within [0, 1]")
+    if images_per_s <= 0 or batch <= 0 or params <= 0 or min(gpus) < 1 or not 0 <= overlap <= 1:
+        raise UserError("plan: images/s, --batch, --params and --gpus must be positive, --overlap within [0, 1]")
     links = list(PRESETS.values()) if args.interconnect == "all" else [PRESETS[args.interconnect]]
-    nbytes = args.params * args.reduce_bytes
+    nbytes = params * args.reduce_bytes
     rows = [plan_point(link, n, images_per_s, batch, nbytes, overlap) for link in links for n in gpus]
     rule = {link.name: {key: largest_efficient(link, images_per_s, batch, nbytes, o)
                         for key, o in (("no_overlap", 0.0), ("overlap", overlap))} for link in links}
-    print(f"Single-GPU throughput: {images_per_s:,.0f} img/s at batch {batch} per GPU ({source}).")
-    print(f"Gradients: {args.params:,} parameters x {args.reduce_bytes} bytes = {nbytes / 1e6:.2f} MB per "
+    print(f"Single-{device} throughput: {images_per_s:,.0f} img/s at batch {batch} per {device} ({source}).")
+    print(f"Gradients: {params:,} parameters x {args.reduce_bytes} bytes = {nbytes / 1e6:.2f} MB per "
           f"all-reduce; overlap {overlap:.2f} of the compute in the overlap columns.\n")
     print(format_table(rows, overlap) + "\n")
     print(f"Rule: the largest GPU count with efficiency >= {TARGET:.0%} for this model at batch {batch} per GPU:")
@@ -232,7 +269,7 @@ def run_plan(args) -> int:
           "independent one-GPU runs instead (a sweep).")
     if args.json:
         Path(args.json).write_text(json.dumps({"images_per_s": images_per_s, "source": source, "batch": batch,
-                                               "params": args.params, "reduce_bytes": args.reduce_bytes,
+                                               "params": params, "reduce_bytes": args.reduce_bytes,
                                                "overlap": overlap, "rows": rows, "largest_efficient": rule,
                                                "target_efficiency": TARGET}, indent=1))
     return 0

@@ -25,6 +25,8 @@ SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 CACHE = REPO / ".cache"
 BIN = Path(sys.executable).parent
 os.environ.setdefault("MPLBACKEND", "Agg")  # before the warm forkserver (tests/warm.py) starts
+# Probes of the hardware (bf16 speed, peak FLOP/s) are cached here, not in the user's ~/.cache.
+os.environ.setdefault("CIFAR_DIST_CACHE_DIR", str(CACHE / "probes"))
 # Variables of an enclosing launcher that must not leak into the runs the tests start.
 _LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                   "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS",

@@ -9,6 +9,8 @@ PYTHONPATH (conftest.fault_args / fault_env), and configured by FAULT_INJECT=KIN
     nan       a NaN loss at step STEP
     overflow  a finite loss whose gradients overflow (what fp16 loss scaling absorbs)
     wait      hold at step STEP until a stop is requested (preemption tests signal then)
+    sigint    SIGINT (what Ctrl-C sends) before step STEP
+    sigint2   two SIGINTs before step STEP (Ctrl-C pressed twice)
 
 RANK limits the fault to one rank. A fault fires in the first attempt only: a process
 restarted by torchrun (--max-restarts) runs clean.
@@ -22,7 +24,7 @@ import time
 from cifar_dist.callbacks import Callback
 
 VAR = "FAULT_INJECT"
-KINDS = ("raise", "kill", "killsave", "nan", "overflow", "wait")
+KINDS = ("raise", "kill", "killsave", "nan", "overflow", "wait", "sigint", "sigint2")
 
 
 def parse(spec: str) -> tuple[str, int, int | None]:
@@ -55,6 +57,10 @@ class Inject(Callback):
             raise RuntimeError(f"injected fault at step {step}")
         if self._here(step, "kill"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._here(step, "sigint", "sigint2"):
+            os.kill(os.getpid(), signal.SIGINT)
+            if self._here(step, "sigint2"):
+                os.kill(os.getpid(), signal.SIGINT)
         if self._here(step, "wait"):
             print(f"cifar-dist test: rank {self.run.rank}: waiting for a stop request at step {step}", flush=True)
             deadline = time.time() + 900

@@ -131,3 +131,55 @@ def test_a_sweep_checks_every_member_before_running_any(tmp_path):
     res = cli_here("sweep", "--config", SMOKE, "train.lrr=0.1,0.2", "--out", tmp_path / "other", "--plan-only")
     assert res.returncode == 2 and res.stderr.strip() == "cifar-dist: command line: unknown key 'train.lrr'"
     assert not (tmp_path / "other").exists()
+
+
+def test_resume_needs_the_run_directory_and_names_candidates(tmp_path):
+    res = cli_here("train", "--config", SMOKE, "--resume", "name=no_such_recipe")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "cifar-dist: --resume: name the run to continue with --out DIR (no run of 'no_such_recipe' under runs/)"]
+    res = cli_here("train", "--out", tmp_path / "nothing", "--resume")
+    assert res.returncode == 2 and not (tmp_path / "nothing").exists()
+    assert res.stderr.strip() == (f"cifar-dist: --resume: {tmp_path / 'nothing'} does not exist: no run to continue "
+                                  "(give --config to start one there)")
+
+
+def test_resume_alone_takes_the_saved_config_and_a_conflict_names_both_values(tmp_path):
+    out = tmp_path / "run"
+    res = cli_here("train", "--config", SMOKE, "--out", out, *TINY, "train.lr=0.05")
+    assert res.returncode == 0, res.stderr
+    before = (out / "model.safetensors").read_bytes()
+    res = cli_here("train", "--out", out, "--resume", "train.lr=0.5", "train.epochs=3")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"cifar-dist: {out / 'config.yaml'}: cannot resume with a different config (train.epochs: saved 2, now 3; "
+        f"train.lr: saved 0.05, now 0.5); `--out {out} --resume` alone continues with the saved config"]
+    assert (out / "model.safetensors").read_bytes() == before
+    res = cli_here("train", "--out", out, "--resume", "run.progress=false")  # a result-free key may change
+    assert res.returncode == 0, res.stderr
+    assert "resuming from" in res.stdout and "smoke:" in res.stdout  # the saved recipe, by name
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.05
+
+
+def test_training_without_a_config_says_which_recipe_it_runs(tmp_path):
+    res = cli_here("train", "--out", tmp_path / "r", "data.synthetic=true", "data.synthetic_train=64",
+                   "data.synthetic_test=32", "model.widths=[8,16,32]", "model.blocks=[1,1,1]", "train.batch_size=16",
+                   "train.max_steps=1", "run.precision=fp32", "run.progress=false", "run.plots=false",
+                   "run.tensorboard=false")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines()[0].startswith(
+        "cifar-dist: no --config: training the built-in defaults: the paper's model and optimizer for 60 epochs")
+
+
+def test_prepare_quiet_says_nothing_when_the_data_is_in_place(cifar_root):
+    res = cli_here("prepare", "--root", cifar_root, "--no-download", "--quiet")
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
+
+
+def test_doctor_asks_slurm_whether_it_answers():
+    res = cli_here("doctor")
+    slurm = next(line for line in res.stdout.splitlines() if line.startswith("Slurm"))
+    if "sinfo yes" in slurm:
+        assert "controller answers" in slurm or "controller does not answer" in slurm, slurm
+    cpu = next(line for line in res.stdout.splitlines() if line.startswith("CPU"))
+    assert "bf16 units" in cpu and "run.precision=auto picks" in cpu

@@ -213,3 +213,35 @@ def test_bad_directories_are_user_errors_naming_the_path(tmp_path):
         run_compare(ap.parse_args([str(empty), "--out", str(tmp_path / "out")]))
     assert "\n" not in str(e.value) and e.value.exit_code == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_that_share_a_seed_count_once_and_the_interval_stays_within_0_and_100(tmp_path):
+    """Two runs at 94.0 and 99.9 (seeds 0 and 1) give an interval past 100 by the formula; it is
+    clipped. A third run repeating seed 1 adds no evidence: n stays 2, and it is flagged."""
+    make_run(tmp_path / "a", 0.940, seed=0)
+    make_run(tmp_path / "b", 0.999, seed=1)
+    make_run(tmp_path / "c", 0.999, seed=1)
+    report = compare(tmp_path / "a", tmp_path / "b", tmp_path / "c", out=tmp_path / "out")
+    (config,) = report["configurations"]
+    assert config["n"] == 2 and config["runs_counted"] == 3
+    assert config["test_acc_pct"]["mean"] == pytest.approx((94.0 + 99.9) / 2)
+    low, high = config["test_acc_pct"]["ci95"]
+    assert 0.0 <= low and high == 100.0
+    assert config["shared_seeds"] == {"1": [str(tmp_path / "b"), str(tmp_path / "c")]}
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "## Runs that share a seed" in md and "seed 1:" in md
+
+
+@pytest.mark.parametrize("bad", [float("nan"), True, 1.5, "0.9"])
+def test_an_impossible_accuracy_is_excluded_and_listed(tmp_path, bad):
+    make_run(tmp_path / "good1", 0.91, seed=0)
+    make_run(tmp_path / "good2", 0.92, seed=1)
+    bad_run = make_run(tmp_path / "bad", 0.93, seed=2)
+    summary = json.loads((bad_run / "summary.json").read_text())
+    summary["test_acc"] = bad
+    (bad_run / "summary.json").write_text(json.dumps(summary))  # NaN is written as the token NaN
+    report = compare(tmp_path, out=tmp_path / "out")
+    (config,) = report["configurations"]
+    assert config["n"] == 2 and config["test_acc_pct"]["mean"] == pytest.approx(91.5)
+    assert [r["dir"] for r in report["invalid"]] == [str(bad_run)]
+    assert "## Invalid results (excluded from every statistic)" in (tmp_path / "out" / "compare.md").read_text()

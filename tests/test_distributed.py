@@ -37,7 +37,8 @@ def runs(tmp_path_factory, reference):
     """The reference run with 1 process (python), 2 (torchrun) and 4 (accelerate launch)."""
     base = tmp_path_factory.mktemp("invariance")
     (base / "p1").symlink_to(reference)
-    torchrun(2, "--config", SMOKE, "--out", base / "p2", *STEPS)
+    res = torchrun(2, "--config", SMOKE, "--out", base / "p2", *STEPS, env=base_env(PYTHONWARNINGS="default"))
+    (base / "p2.stderr").write_text(res.stderr)
     accelerate_launch("cpu.yaml", 4, "--config", SMOKE, "--out", base / "p4", *STEPS)
     return base
 
@@ -52,6 +53,28 @@ def test_weights_and_accuracy_do_not_depend_on_the_process_count(runs):
         assert summary(runs / other)["test_acc"] == summary(runs / "p1")["test_acc"]
         assert summary(runs / other)["world_size"] == int(other[1:])
         assert summary(runs / other)["steps"] == 48
+
+
+def test_ddp_warns_nothing_about_its_buffer_argument(runs):
+    """PyTorch 2.13 deprecated DDP's broadcast_buffers; cifar_dist sets the current property
+    instead, so no rank prints the FutureWarning (the run had Python's warnings on)."""
+    stderr = (runs / "p2.stderr").read_text()
+    assert "broadcast_buffers" not in stderr, stderr[-3000:]
+
+
+def test_deepspeed_with_exact_reduce_is_refused_in_one_line_per_rank_before_any_set_up(tmp_path):
+    """Every rank refuses before torch is imported and exits 2; the launcher exits 1 (torchrun and
+    accelerate launch do for any failed worker) and its closing report names our line as the cause."""
+    pytest.importorskip("deepspeed")
+    res = accelerate_launch("deepspeed_zero2.yaml", 2, "--config", SMOKE, "--out", tmp_path / "ds", *STEPS,
+                            module=True, check=False, timeout=300)
+    assert res.returncode != 0
+    line = ("train.exact_reduce: DeepSpeed reduces gradients itself; set train.exact_reduce=false to train "
+            "with DeepSpeed")
+    for rank in (0, 1):
+        assert f"cifar-dist: rank {rank}: {line}" in res.stderr.splitlines(), res.stderr[-3000:]
+    assert "exitcode  : 2" in res.stderr and "traceback : cifar-dist: rank " in res.stderr, res.stderr[-3000:]
+    assert not (tmp_path / "ds").exists()
 
 
 def test_gradient_accumulation_matches_more_processes(runs, tmp_path):

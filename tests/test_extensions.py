@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import yaml
 from test_loop import build, fit
 
 from conftest import BIN, REPO, SMOKE, base_env, cli_here, free_port, run, summary
@@ -124,3 +125,53 @@ def test_the_documented_example_stops_at_the_target_accuracy(tmp_path, monkeypat
     monkeypatch.setenv("STOP_AT_ACCURACY", "0.0")
     state = fit(build(tmp_path / "run", callbacks=load_callbacks(["stop_at_accuracy:StopAtAccuracy"]).items))
     assert [r["epoch"] for r in state.history] == [1] and "test_acc" in state.history[0]
+
+
+SHIPPED_CODE = '''
+import pathlib
+pathlib.Path(__file__).with_name("imported").write_text("the module ran")
+
+from cifar_dist.models import build_model
+from cifar_dist.config import ModelConfig
+
+
+def factory(model_cfg, num_classes):
+    return build_model(ModelConfig(widths=[8, 16, 32], blocks=[1, 1, 1]), num_classes)
+'''
+
+
+def test_code_named_in_a_received_run_directory_runs_only_when_the_user_trusts_it(tmp_path, monkeypatch):
+    """A run directory that names its own module in model.name and ships that module, on the
+    path: eval, summary and load_model refuse without --trust-code / trust_code=True and import
+    nothing; with it they work. report and compare read a run without importing anything."""
+    import cifar_dist
+    from cifar_dist.checkpoint import save_weights
+
+    received = tmp_path / "received"
+    received.mkdir()
+    (received / "shipped_model.py").write_text(textwrap.dedent(SHIPPED_CODE))
+    monkeypatch.syspath_prepend(str(received))
+    config = yaml.safe_load(SMOKE.read_text())
+    config["model"]["name"] = "shipped_model:factory"
+    (received / "config.yaml").write_text(yaml.safe_dump(config))
+    (received / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 1, "train_loss": 2.0, "train_acc": 0.1,
+                                                        "lr": 0.1, "epoch_time_s": 1.0, "images_per_s": 1.0}) + "\n")
+    refusal = (f"cifar-dist: {received / 'config.yaml'}: model.name 'shipped_model:factory' would import and run "
+               "module 'shipped_model'; pass --trust-code (load_model(..., trust_code=True)) if you trust it")
+    from cifar_dist.config import ModelConfig
+    from cifar_dist.models import build_model
+    save_weights(build_model(ModelConfig(widths=[8, 16, 32], blocks=[1, 1, 1])), received / "model.safetensors")
+
+    for command in (["eval", "--checkpoint", received], ["summary", "--config", received / "config.yaml"]):
+        res = cli_here(*command)
+        assert res.returncode == 2 and res.stderr.strip() == refusal, res.stderr
+    with pytest.raises(Exception, match="pass --trust-code"):
+        cifar_dist.load_model(received)
+    assert cli_here("report", received).returncode == 0
+    assert not (received / "imported").exists()  # nothing of the directory's code ran
+
+    assert cifar_dist.load_model(received, trust_code=True) is not None
+    assert (received / "imported").read_text() == "the module ran"
+    res = cli_here("eval", "--checkpoint", received, "--trust-code")
+    assert res.returncode == 0 and "on 1024 images" in res.stdout, res.stderr
+    sys.modules.pop("shipped_model", None)

@@ -172,3 +172,45 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(reference, tmp_pat
     assert not list((out / "checkpoints").glob(".tmp-*"))
     res = cli("train", "--config", SMOKE, "--out", out, "--resume", *STEPS)  # room again: it finishes
     assert (reference / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_ctrl_c_checkpoints_at_the_next_control_read_and_its_resume_command_finishes_the_same_run(
+        reference, tmp_path):
+    """One SIGINT before step 17: the run stops after step 20 (the next control read) with a
+    checkpoint, exits 130 and prints the command that resumes it; that command alone (the
+    saved config carries every override) ends byte-identical to the uninterrupted run."""
+    import shlex
+
+    out = tmp_path / "run"
+    res = cli("train", "--config", SMOKE, "--out", out, *STEPS, FAULT_ARG, env=fault_env("sigint@17"), check=False)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert "Ctrl-C: stopping at the next checkpointable step" in res.stderr
+    last = res.stdout.strip().splitlines()[-1]
+    assert last == ("stopped by Ctrl-C at step 20; checkpoint written; resume with: "
+                    f"cifar-dist train --out {out} --resume")
+    assert _checkpoint_steps(out) == [12, 20] and not (out / "PREEMPTED").exists()
+    command = shlex.split(last.split("resume with: ", 1)[1])
+    assert command[:2] == ["cifar-dist", "train"]
+    res = cli(*command[1:], env=fault_env(""))  # the saved config names the fault callback; no fault now
+    assert "resuming from" in res.stdout and "step 20)" in res.stdout
+    assert (reference / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_ctrl_c_twice_aborts_at_once_and_leaves_nothing_corrupt(tmp_path):
+    """Pressed twice after checkpoint 12: exit 130 at once, checkpoint 12 intact and named in the
+    line. Pressed twice before any checkpoint: the run's fresh directory is removed, so the same
+    --out starts again without --overwrite."""
+    out = tmp_path / "run"
+    res = cli("train", "--config", SMOKE, "--out", out, *STEPS, FAULT_ARG, env=fault_env("sigint2@17"), check=False)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"cifar-dist: interrupted; newest checkpoint step_00000012 kept, resume with: "
+        f"cifar-dist train --out {out} --resume")
+    assert _checkpoint_steps(out) == [12] and not list((out / "checkpoints").glob(".tmp-*"))
+    load_weights(out / "checkpoints" / "step_00000012")
+    fresh = tmp_path / "fresh"
+    res = cli("train", "--config", SMOKE, "--out", fresh, *STEPS, FAULT_ARG, env=fault_env("sigint2@5"), check=False)
+    assert res.returncode == 130
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"cifar-dist: interrupted before the first checkpoint; nothing to keep, {fresh} removed")
+    assert not fresh.exists()

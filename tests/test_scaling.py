@@ -113,7 +113,7 @@ def _fake_bench(tmp_path):
 
 def test_bench_json_gives_the_fastest_training_row(tmp_path, capsys):
     path = _fake_bench(tmp_path)
-    assert read_bench(path) == (2600.0, 384, "compile bf16 channels_last b384 synthetic")
+    assert read_bench(path)[:3] == (2600.0, 384, "compile bf16 channels_last b384 synthetic")
     assert run_plan(_parse("--bench", str(path), "--gpus", "2")) == 0
     out = capsys.readouterr().out
     assert "2,600 img/s at batch 384" in out and "measured" in out and "ASSUMPTION" not in out
@@ -147,3 +147,26 @@ def test_plan_refuses_bad_input():
         run_plan(_parse("--gpus", "8,x"))
     with pytest.raises(UserError):
         run_plan(_parse("--overlap", "1.5"))
+
+
+def test_plan_takes_the_benched_models_parameters_and_device(tmp_path, capsys):
+    """A bench of the CPU demo's model (78,042 parameters) on a CPU: its gradients and its device
+    kind, not the paper's model on a GPU."""
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"hardware": {"parameters": 78_042, "device": "AMD EPYC (2 cores)",
+                                             "device_type": "cpu"},
+                                "rows": [{"label": "eager fp32 channels_last b256 synthetic", "baseline": False,
+                                          "images_per_s_per_device": 184.0,
+                                          "settings": {"batch": 256, "precision": "fp32"}}]}))
+    assert run_plan(_parse("--bench", str(path), "--gpus", "2")) == 0
+    out = capsys.readouterr().out
+    assert "Gradients: 78,042 parameters" in out and "4,916,284" not in out
+    assert "Single-CPU process throughput: 184 img/s" in out and "AMD EPYC (2 cores)" in out
+    assert "Single-GPU" not in out
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"label": "x", "images_per_s_per_device": "fast",
+                                                             "settings": {"batch": 8, "precision": "fp32"}}]}))
+    with pytest.raises(UserError, match="has no positive images/s"):
+        read_bench(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(UserError, match="not a bench.json"):
+        read_bench(tmp_path / "list.json")

@@ -41,6 +41,8 @@ def test_run_directory_holds_everything(smoke_run):
         assert key in s, key
     assert (s["epochs"], s["steps"], s["world_size"], s["tta"]) == (2, 32, 1, True)
     assert s["test_acc"] > 0.3  # it learned something (chance is 0.1)
+    from cifar_dist.data import CLASSES
+    assert list(s["per_class_acc"]) == list(CLASSES)
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["synthetic_train"] == 1024
     cm = json.loads((out / "confusion_matrix.json").read_text())["rows_true_cols_pred"]
     assert sum(map(sum, cm)) == 1024
@@ -114,6 +116,7 @@ def test_cpu_quick_reaches_60_percent_on_real_cifar10(cifar_root, tmp_path, load
     print(res.stdout[-800:])
     assert s["epochs"] <= 2 and s["eval_images"] == 10000
     assert s["test_acc"] >= 0.60
+    assert "this run needs about" not in res.stdout  # minutes, not hours: no long-run line
 
 
 @pytest.mark.timeout(600)
@@ -126,3 +129,33 @@ def test_make_train_starts_training_the_papers_model(cifar_root, tmp_path):
     s = summary(out)
     assert s["parameters"] == 4_916_284 and s["steps"] == 2
     assert "seed_resnet (4,916,284 parameters)" in res.stdout
+
+
+def test_eval_takes_a_checkpoint_an_unfinished_run_or_names_a_missing_path(smoke_run, tmp_path):
+    out, _ = smoke_run
+    newest = sorted((out / "checkpoints").glob("step_*"))[-1]
+    res = cli("eval", "--checkpoint", newest)
+    assert f"evaluating checkpoint {newest.name} of {out}" in res.stdout and "on 1024 images" in res.stdout
+    assert json.loads((out / f"eval-{newest.name}.json").read_text())["count"] == 1024
+    unfinished = tmp_path / "unfinished"
+    import shutil
+    shutil.copytree(out, unfinished)
+    (unfinished / "model.safetensors").unlink()
+    res = cli("eval", "--checkpoint", unfinished)
+    assert f"evaluating newest checkpoint {newest.name} (the run has no final weights yet)" in res.stdout
+    res = cli("eval", "--checkpoint", tmp_path / "nowhere", check=False)
+    assert res.returncode == 2 and res.stderr.strip() == f"cifar-dist: {tmp_path / 'nowhere'}: not found"
+
+
+def test_a_long_cpu_run_is_announced_before_its_first_step(tmp_path):
+    """The paper's recipe on 50,000 synthetic images on a CPU: the estimate (hours) and the
+    demo command come before step 0, where the injected fault kills the run."""
+    from conftest import FAULT_ARG, fault_env
+
+    res = cli("train", "--config", REPO / "configs" / "seed.yaml", "--out", tmp_path / "paper",
+              "data.synthetic=true", "data.synthetic_train=50000", "data.synthetic_test=100", "data.workers=0",
+              "run.progress=false", FAULT_ARG, env=fault_env("kill@0"), check=False)
+    assert res.returncode == -9, res.stderr[-2000:]
+    line = next(ln for ln in res.stdout.splitlines() if "this run needs about" in ln)
+    assert " h " in line and "23,400 steps x 128 images x 4.61 GFLOP" in line
+    assert line.endswith("for a CPU demo of a few minutes: cifar-dist train --config configs/cpu_quick.yaml")

@@ -23,7 +23,7 @@ def run_bench(args) -> int:
     from cifar_dist.errors import ConfigError
     from cifar_dist.hardware import device_peak
     from cifar_dist.layer_table import count_flops
-    from cifar_dist.models import build_model
+    from cifar_dist.models import build_model, count_parameters
     from cifar_dist.repro import apply_tf32, device_name, git_sha, versions
 
     for loader in args.loaders:
@@ -58,7 +58,9 @@ def run_bench(args) -> int:
         rows = bench_loaders(base, data, args, workers, device)
     else:
         rows = []
-        flops = count_flops(build_model(base.model).to(device), train=True)
+        benched = build_model(base.model).to(device)
+        flops = count_flops(benched, train=True)
+        hw["parameters"] = count_parameters(benched)
         peaks = {p: device_peak(device, name, p, tf32) for p in args.precision}
         matrix = [Row(c, p, cl, b, ld, w) for c in args.compile for p in args.precision
                   for cl in args.channels_last for b in args.batch_sizes for ld in args.loaders
@@ -105,10 +107,13 @@ def run_bench(args) -> int:
 
 
 def _mfu(fig: dict, flops_per_image: float, peak) -> dict:
+    """MFU of a row: None (shown as n/a) when the peak is unknown or below what the row achieved."""
+    from cifar_dist.hardware import mfu
+
     value, source = peak
     achieved = fig["images_per_s_per_device"] * flops_per_image
     return {"flops_per_image": flops_per_image, "achieved_flops_per_device": achieved,
-            "peak_flops": value, "peak_source": source, "mfu": achieved / value}
+            "peak_flops": value, "peak_source": source, "mfu": mfu(achieved, value)}
 
 
 def bench_loaders(base, data, args, workers, device) -> list[dict]:

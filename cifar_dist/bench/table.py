@@ -9,6 +9,11 @@ def _rate(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
+def _percent(mfu) -> str:
+    """MFU as a percentage; n/a where the peak is unknown or implausible (never above 100%)."""
+    return "n/a" if mfu is None or not 0 <= mfu <= 1 else f"{100 * mfu:.1f}%"
+
+
 def bench_table(result: dict) -> str:
     """The benchmark as a markdown table (one row per configuration)."""
     hw = result["hardware"]
@@ -30,7 +35,7 @@ def bench_table(result: dict) -> str:
                  _rate(r["images_per_s"]), _rate(r["images_per_s_per_device"]),
                  f"{1000 * r['step_time_median_s']:.1f} / {1000 * r['step_time_p90_s']:.1f}",
                  f"{100 * r['data_wait_share']:.0f}%", f"{r['peak_memory_mib']:,.0f}",
-                 f"{100 * r['mfu']:.1f}%", f"{speed:.2f}x" if speed else "-"]
+                 _percent(r.get("mfu")), f"{speed:.2f}x" if speed else "-"]
         if scaling:
             eff = r.get("scaling_efficiency")
             cells.append(f"{100 * eff:.0f}%" if eff is not None else "-")

@@ -40,6 +40,15 @@ def build_datasets(cfg: Config) -> tuple[ImageSet, ImageSet, str]:
     return train, test, name
 
 
+def train_images(cfg: Config) -> int:
+    """How many images one training epoch draws from, from the config alone (no file is read):
+    what ``build_datasets`` gives for CIFAR-10's 50,000 or the synthetic set."""
+    d = cfg.data
+    n = d.synthetic_train if d.synthetic else 50_000
+    n -= d.val_split
+    return min(n, d.subset) if d.subset else n
+
+
 def data_identity(cfg: Config) -> dict:
     """Which data a result came from (summary.json): the files' folder, a checksum of
     their contents, and whether they are the official CIFAR-10 files; or synthetic data."""

@@ -122,7 +122,8 @@ def check_md5(folder: Path, names, warn: bool = True) -> list[str]:
     differ = [n for n in names if n in MD5 and file_digest(folder / n, "md5") != MD5[n]]
     if differ and warn:
         warnings.warn(f"{folder}: {', '.join(differ)} differ from the official CIFAR-10 "
-                      "checksums (a rebuilt or modified copy); training goes on", stacklevel=2)
+                      "checksums: a rebuilt or modified copy, so accuracies on it are not the official "
+                      "files' (summary.json records which data a result is on)", stacklevel=2)
     return differ
 
 

@@ -73,11 +73,11 @@ def _write(path: Path, batch: dict) -> None:
     os.replace(tmp, path)
 
 
-def unpack_jpeg_archive(archive: Path, root: Path) -> None:
-    """Write ``root/cifar-10-batches-py`` from ``archive`` (nothing to do if it is complete)."""
+def unpack_jpeg_archive(archive: Path, root: Path) -> bool:
+    """Write ``root/cifar-10-batches-py`` from ``archive``; False when it was complete already."""
     archive, out = Path(archive), Path(root).expanduser() / FOLDER
     if all((out / n).is_file() for n in TRAIN_FILES + TEST_FILES):
-        return
+        return False
     members = _members(archive)
     out.mkdir(parents=True, exist_ok=True)
     for split, files in (("train", TRAIN_FILES), ("test", TEST_FILES)):
@@ -92,3 +92,4 @@ def unpack_jpeg_archive(archive: Path, root: Path) -> None:
                                 b"labels": labels[part], b"data": rows[part]})
     _write(out / "batches.meta", {b"label_names": [c.encode() for c in CLASSES],
                                   b"num_cases_per_batch": PER_BATCH, b"num_vis": 3072})
+    return True

@@ -11,10 +11,12 @@ def _complete(root: Path) -> bool:
     return all((root / FOLDER / n).is_file() for n in TRAIN_FILES + TEST_FILES)
 
 
-def prepare(root: Path, download: bool = True) -> str:
-    """Make sure ``root/cifar-10-batches-py`` is complete and readable; returns a report line."""
+def prepare(root: Path, download: bool = True, quiet: bool = False) -> str | None:
+    """Make sure ``root/cifar-10-batches-py`` is complete and readable; returns a report line
+    (``quiet``: None when the files were already there and read well)."""
     root = Path(root).expanduser()
-    if not _complete(root) and download:
+    was_complete = _complete(root)
+    if not was_complete and download:
         try:
             import torchvision
             torchvision.datasets.CIFAR10(str(root), train=True, download=True)
@@ -28,6 +30,8 @@ def prepare(root: Path, download: bool = True) -> str:
         raise DataError(f"{root / FOLDER}: incomplete; it needs data_batch_1..5 and test_batch")
     train = load_cifar10(root, train=True, verify=False)
     test = load_cifar10(root, train=False, verify=False)
+    if quiet and was_complete:
+        return None
     differ = check_md5(root / FOLDER, TRAIN_FILES + TEST_FILES, warn=False)  # the report line says it
     note = ("md5 matches the official files" if not differ else
             f"md5 differs for {len(differ)} files: not the official files (a rebuilt or modified copy)")
