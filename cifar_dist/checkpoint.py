@@ -1,30 +1,35 @@
-"""Checkpoints: atomic directories, the newest complete one wins, safe loading.
+"""Checkpoints: atomic directories with a manifest of digests, the newest intact one wins, safe loading.
 
 A checkpoint is ``checkpoints/step_XXXXXXXX/`` holding ``model.safetensors``,
-``optimizer.pt`` (tensors only: loaded with ``weights_only=True``) and
-``state.json`` (where training stands). It is written under a temporary name
-and renamed into place only when complete, so a crash mid-write leaves a
-``.tmp-*`` directory that is never picked up. Weights are read through
-safetensors, which cannot execute code.
+``optimizer.pt`` (tensors only: loaded with ``weights_only=True``), ``state.json``
+(where training stands) and, written last, ``manifest.json``: the size and SHA-256
+of every other file. It is written under a temporary name and renamed into place
+only when complete, so a crash mid-write leaves a ``.tmp-*`` directory that is
+never picked up. A checkpoint whose files do not match its manifest (a flipped bit,
+a truncated or replaced file) or whose state.json does not parse is damaged:
+``latest_checkpoint`` skips it for the previous intact one, saying so, and refuses
+when none is intact. Weights are read through safetensors, which cannot execute code.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cifar_dist.errors import CheckpointError, EnvironmentFault
+from cifar_dist.errors import CheckpointError, EnvironmentFault, say
+from cifar_dist.state import TrainState, parse_state
 
 _NAME = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -137,21 +142,78 @@ def _config_beside(folder: Path) -> Path:
     return folder / "config.yaml"
 
 
-def read_state(ckpt: Path) -> dict:
+def read_state(ckpt: Path) -> TrainState:
+    """The checkpoint's state.json, validated (types, ranges, known keys)."""
+    path = Path(ckpt) / "state.json"
     try:
-        return json.loads((ckpt / "state.json").read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt}: unreadable state.json ({e})") from None
+        raise CheckpointError(f"{path}: unreadable ({str(e)[:120]})") from None
+    return parse_state(data, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    """``manifest.json``: the size and SHA-256 of every file in ``folder`` (written last)."""
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    (folder / MANIFEST).write_text(json.dumps({"format": 1, "files": entries}, indent=1))
+
+
+def check_checkpoint(ckpt: Path) -> str | None:
+    """None for an intact checkpoint, else what is wrong with it, naming the file: a file that
+    differs from the manifest, is missing from it or is not in it, or a state.json that does
+    not validate. A checkpoint of an earlier format (no manifest) is checked by its state alone."""
+    ckpt = Path(ckpt)
+    manifest = ckpt / MANIFEST
+    if manifest.exists():
+        try:
+            entries = json.loads(manifest.read_text())["files"]
+            assert isinstance(entries, dict) and all(isinstance(e, dict) for e in entries.values())
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            return f"{manifest}: unreadable manifest"
+        present = {str(p.relative_to(ckpt)) for p in _files(ckpt)}
+        for name in sorted(set(entries) | present):
+            path, entry = ckpt / name, entries.get(name)
+            if entry is None:
+                return f"{path}: not in the manifest"
+            if name not in present:
+                return f"{path}: missing"
+            if path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
+                return f"{path}: differs from the manifest (size or SHA-256)"
+    try:
+        read_state(ckpt)
+    except CheckpointError as e:
+        return str(e)
+    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint whose state can be read (a damaged one is skipped)."""
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        try:
-            read_state(ckpt)
+    """The newest intact checkpoint (None when there is none at all). A damaged one is skipped
+    with one warning line naming what is wrong; when checkpoints exist but none is intact, a
+    CheckpointError says so and nothing is changed."""
+    found = list_checkpoints(run_dir)
+    for ckpt in reversed(found):
+        problem = check_checkpoint(ckpt)
+        if problem is None:
+            if not (ckpt / MANIFEST).exists():
+                say(f"cifar-dist: warning: {ckpt}: no manifest (an earlier checkpoint format): its files "
+                    "cannot be verified")
             return ckpt
-        except CheckpointError as e:
-            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+        say(f"cifar-dist: warning: skipping damaged checkpoint {ckpt.name}: {problem}")
+    if found:
+        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: none of its {len(found)} checkpoints is intact "
+                              "(see the warnings above); nothing was changed")
     return None
 
 
@@ -185,8 +247,10 @@ class CheckpointWriter:
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
     def commit(self, tmp: Path, step: int) -> Path:
-        """Make ``tmp`` the checkpoint of ``step`` (atomic rename), then prune old ones."""
-        for f in tmp.iterdir():
+        """Write the manifest of ``tmp``, make it the checkpoint of ``step`` (atomic rename),
+        then prune old ones."""
+        write_manifest(tmp)
+        for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync_file(f)
         final = self.root / f"step_{step:08d}"

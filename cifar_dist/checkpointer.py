@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from cifar_dist.distributed import barrier, share_from_main, world_info
+from cifar_dist.distributed import all_reduce_sum, barrier, share_from_main, world_info
 from cifar_dist.errors import EnvironmentFault
+from cifar_dist.step import stacked_totals
 
 
 class Checkpointer:
@@ -28,11 +29,13 @@ class Checkpointer:
         return ending or bool(self.every_epochs and finished_epoch and epochs_done % self.every_epochs == 0)
 
     def save(self, parts, state, totals: dict | None = None) -> Path | None:
-        """Checkpoint ``state``; mid-epoch, ``totals`` (the epoch's running sums) go with it."""
+        """Checkpoint ``state``; mid-epoch, ``totals`` (the epoch's running sums) go with it,
+        summed over all ranks first: a resume on any process count then continues the epoch's
+        metrics exactly (one rank carries them on, ``step.new_totals``)."""
         if totals is None:
             return self._save(parts, state)
-        state.partial = {"loss": float(totals["loss"]), "correct": int(totals["correct"]),
-                         "count": totals["count"]}
+        loss, correct, count = (int(v) for v in all_reduce_sum(stacked_totals(totals)).tolist())
+        state.partial = {"loss_units": loss, "correct": correct, "count": count}
         try:
             return self._save(parts, state)
         finally:
@@ -43,7 +46,7 @@ class Checkpointer:
             return None
         writer = self.writer
         state.scaler = parts.precision.state_dict()
-        rank, _ = world_info()
+        rank, state.world_size = world_info()
         tmp = share_from_main(lambda: writer.begin(state.global_step))
         barrier()
 

@@ -14,11 +14,10 @@ import math
 import time
 from pathlib import Path
 
-import yaml
-
 from cifar_dist import stats
-from cifar_dist.config import result_free_keys
+from cifar_dist.config import read_yaml, result_free_keys
 from cifar_dist.errors import UserError
+from cifar_dist.metrics import read_metrics
 from cifar_dist.rundir import flatten
 
 # Keys that may differ between runs of one configuration: the seed, and those that do not change
@@ -60,21 +59,10 @@ def _read_run(path: Path) -> dict:
     invalid = None
     if not valid_accuracy(summary.get("test_acc")):
         invalid = f"test_acc is {str(summary.get('test_acc', 'missing'))[:40]}, not a number in [0, 1]"
-    try:
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"{path / 'config.yaml'}: unreadable ({e})") from None
-    curve = {}
-    if (path / "metrics.jsonl").is_file():
-        for line in (path / "metrics.jsonl").read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a torn last line
-            if isinstance(rec, dict) and valid_accuracy(rec.get("test_acc")) and isinstance(rec.get("epoch"), int):
-                curve[rec["epoch"]] = 100.0 * rec["test_acc"]
-    return {"dir": str(path), "config": flatten(config) if isinstance(config, dict) else {},
-            "summary": summary, "curve": curve, "invalid": invalid}
+    config = read_yaml(path / "config.yaml")  # read as data: nothing it names is imported
+    curve = {row["epoch"]: 100.0 * row["test_acc"] for row in read_metrics(path)
+             if valid_accuracy(row.get("test_acc"))}
+    return {"dir": str(path), "config": flatten(config), "summary": summary, "curve": curve, "invalid": invalid}
 
 
 def _looks_like_run(path: Path) -> bool:
@@ -273,7 +261,7 @@ def to_markdown(report: dict) -> str:
 
 def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
     """Mean test accuracy per configuration over the epochs where it was recorded, with a min-max band."""
-    from cifar_dist.plots import epoch_axis, pyplot
+    from cifar_dist.plots import epoch_axis, pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -299,7 +287,7 @@ def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
                  "over its runs", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,23 +42,23 @@ class DataConfig:
     root: str = _f("", "directory holding cifar-10-batches-py/ ('' = $CIFAR_DIST_DATA, else ~/.cache/cifar_dist)",
                    result=False)
     loader: str = _f("torch", "input pipeline", choices=("torch", "ffcv", "gpu"), result=False)
-    workers: int = _f(2, "loader worker processes per training process (torch, ffcv)", min=0, result=False)
+    workers: int = _f(2, "loader worker processes per training process (torch, ffcv)", min=0, max=256, result=False)
     beton_dir: str = _f("", "where the ffcv loader keeps its .beton files ('' = <data root>/beton)", result=False)
     synthetic: bool = _f(False, "random CIFAR-shaped, class-dependent data; no files needed")
-    synthetic_train: int = _f(4096, "synthetic training images", min=1)
-    synthetic_test: int = _f(1024, "synthetic test images", min=1)
-    subset: int = _f(0, "use only the first N training images (0 = all)", min=0)
+    synthetic_train: int = _f(4096, "synthetic training images", min=1, max=200_000)
+    synthetic_test: int = _f(1024, "synthetic test images", min=1, max=200_000)
+    subset: int = _f(0, "use only the first N training images (0 = all)", min=0, max=10_000_000)
     val_split: int = _f(0, "hold out the last N training images for validation "
-                           "(0 = evaluate the test set, as the paper did)", min=0)
-    crop_padding: int = _f(4, "random crop with this zero padding, in pixels (0 = off)", min=0)
+                           "(0 = evaluate the test set, as the paper did)", min=0, max=10_000_000)
+    crop_padding: int = _f(4, "random crop with this zero padding, in pixels (0 = off)", min=0, max=32)
     flip: bool = _f(True, "random horizontal flip")
-    cutout: int = _f(0, "side of the random cutout square, in pixels (0 = off)", min=0)
+    cutout: int = _f(0, "side of the random cutout square, in pixels (0 = off)", min=0, max=32)
     color_jitter: float = _f(0.0, "brightness/contrast/saturation/hue jitter strength, "
                                   "as torchvision's ColorJitter(x, x, x, x) (0 = off)", min=0, max=0.5)
     rotation: float = _f(0.0, "random rotation range, in degrees (0 = off)", min=0, max=180)
     mean: list = _f(list(CIFAR_MEAN), "per-channel normalization mean, in [0, 1] units")
     std: list = _f(list(CIFAR_STD), "per-channel normalization std, in [0, 1] units")
-    eval_batch_size: int = _f(500, "evaluation batch per process, in images", min=1)
+    eval_batch_size: int = _f(500, "evaluation batch per process, in images", min=1, max=100_000)
 
 
 @dataclass
@@ -74,9 +75,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(60, "training epochs", min=1)
-    batch_size: int = _f(128, "GLOBAL batch in images, split evenly across processes", min=1)
-    accum_steps: int = _f(1, "micro-batches per optimizer step in each process", min=1)
+    epochs: int = _f(60, "training epochs", min=1, max=1_000_000)
+    batch_size: int = _f(128, "GLOBAL batch in images, split evenly across processes", min=1, max=1 << 20)
+    accum_steps: int = _f(1, "micro-batches per optimizer step in each process", min=1, max=1 << 16)
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no cap)", min=0)
     optimizer: str = _f("adam", "optimizer", choices=("adam", "adamw", "sgd"))
     lr: float = _f(1e-3, "peak learning rate", min=0, min_exclusive=True)
@@ -119,7 +120,7 @@ class RunConfig:
                         choices=("auto", "fp32", "bf16", "fp16"))
     tf32: bool = _f(True, "TF32 tensor cores for fp32 matrix products and convolutions on GPUs "
                           "(off under run.deterministic)")
-    threads: int = _f(0, "CPU threads per process (0 = PyTorch's default)", min=0, result=False)
+    threads: int = _f(0, "CPU threads per process (0 = PyTorch's default)", min=0, max=4096, result=False)
     tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed", result=False)
     progress: bool = _f(True, "show a progress bar", result=False)
     plots: bool = _f(True, "draw plots/*.png at the end (cifar-dist report RUN_DIR draws them later)", result=False)
@@ -131,7 +132,7 @@ class RunConfig:
 class CheckpointConfig:
     every_epochs: int = _f(1, "write a resumable checkpoint every N epochs (0 = only at the end)", min=0, result=False)
     every_steps: int = _f(0, "also write one every N optimizer steps (0 = off)", min=0, result=False)
-    keep: int = _f(2, "complete checkpoints to keep (older ones are deleted)", min=1, result=False)
+    keep: int = _f(2, "complete checkpoints to keep (older ones are deleted)", min=1, max=10_000, result=False)
 
 
 @dataclass
@@ -181,7 +182,7 @@ def iter_fields():
 def _coerce(value: Any, default: Any, key: str, where: str):
     """Check ``value`` against the type of ``default``; ints are accepted as floats."""
     def bad(expected):
-        return ConfigError(f"{where}: {key}: expected {expected}, got {value!r}")
+        return ConfigError(f"{where}: {key}: expected {expected}, got {show(value)}")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -212,28 +213,30 @@ def _coerce(value: Any, default: Any, key: str, where: str):
 def _check_range(value, f, key, where):
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{where}: {key}: must be one of {', '.join(meta['choices'])}, got {value!r}")
+        raise ConfigError(f"{where}: {key}: must be one of {', '.join(meta['choices'])}, got {show(value)}")
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and isinstance(value, (int, float)):
         if value < lo or (meta.get("min_exclusive") and value == lo):
             op = ">" if meta.get("min_exclusive") else ">="
-            raise ConfigError(f"{where}: {key}: must be {op} {lo}, got {value!r}")
+            raise ConfigError(f"{where}: {key}: must be {op} {lo}, got {show(value)}")
+    if hi is None and isinstance(value, int) and not isinstance(value, bool):
+        hi = MAX_INT  # every integer key: a value past int64 overflows wherever it is used
     if hi is not None and isinstance(value, (int, float)) and value > hi:
-        raise ConfigError(f"{where}: {key}: must be <= {hi}, got {value!r}")
+        raise ConfigError(f"{where}: {key}: must be <= {hi:,}, got {show(value)}")
 
 
 def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
     if key == "name":
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: name: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: name: expected a string, got {show(value)}")
         cfg.name = value
         return
     section, _, name = key.partition(".")
     if section not in SECTION_CLASSES or not name:
-        raise ConfigError(f"{where}: unknown key {key!r}")
+        raise ConfigError(f"{where}: unknown key {show(key)}")
     fields = {f.name: f for f in dataclasses.fields(SECTION_CLASSES[section])}
     if name not in fields:
-        raise ConfigError(f"{where}: unknown key {key!r}")
+        raise ConfigError(f"{where}: unknown key {show(key)}")
     sub = getattr(cfg, section)
     value = _coerce(value, getattr(sub, name), key, where)
     _check_range(value, fields[name], key, where)
@@ -244,31 +247,83 @@ def _flatten(tree: dict, where: str, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
         if not isinstance(k, str):
-            raise ConfigError(f"{where}: key {k!r} is not a string")
+            raise ConfigError(f"{where}: key {show(k)} is not a string")
         key = f"{prefix}{k}"
         if not prefix and k in SECTION_CLASSES:
             if not isinstance(v, dict):
-                raise ConfigError(f"{where}: {k}: expected a mapping of keys, got {v!r}")
+                raise ConfigError(f"{where}: {k}: expected a mapping of keys, got {show(v)}")
             out.update(_flatten(v, where, key + "."))
         elif not prefix and k != "name":
-            raise ConfigError(f"{where}: unknown key {key!r}")
+            raise ConfigError(f"{where}: unknown key {show(key)}")
         else:
             out[key] = v
     return out
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
-    """Load a YAML mapping; a missing or malformed file is a ConfigError."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
+MAX_INT = 2**63 - 1  # the largest integer any key takes (int64), unless the key says less
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of text; anything near this size is not one
+MAX_DEPTH = 8                # sections hold keys, keys hold values or short lists: 3 levels are used
+
+
+def show(value, limit: int = 60) -> str:
+    """A value as an error message shows it: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, made fit for files from anywhere: no aliases (a 700-byte alias bomb
+    expands to gigabytes), a bounded nesting depth (deep nesting ends in a RecursionError), and
+    YAML 1.2's floats, so that ``3e-4`` and ``1e-3`` are numbers (YAML 1.1 wants ``3.0e-4``)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not accepted in a config",
+                                              event.start_mark)
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+
+_ConfigLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(  # 3e-4, 1E5, -2.5e+3: floats, as YAML 1.2 and Python read them
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str, where: str):
+    """Parse ``text`` with the config loader; any problem is one ConfigError line naming ``where``."""
     try:
-        tree = yaml.safe_load(p.read_text())
+        return yaml.load(text, Loader=_ConfigLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{p}: malformed YAML{at}: {problem}") from None
+        raise ConfigError(f"{where}: malformed YAML{at}: {str(problem)[:120]}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Load a YAML mapping; a missing, oversized or malformed file is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is too large for a config "
+                              f"(at most {MAX_CONFIG_BYTES:,})")
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    tree = load_yaml(text, str(p))
     if tree is None:
         return {}
     if not isinstance(tree, dict):
@@ -280,11 +335,10 @@ def parse_override(arg: str) -> tuple[str, Any]:
     """``train.lr=0.1`` -> ("train.lr", 0.1); the value is read as YAML."""
     key, sep, raw = arg.partition("=")
     if not sep or not key:
-        raise ConfigError(f"command line: {arg!r} is not key=value")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"command line: {key}: cannot read value {raw!r}") from None
+        raise ConfigError(f"command line: {show(arg)} is not key=value")
+    if len(raw) > 10_000:
+        raise ConfigError(f"command line: {key[:60]}: value of {len(raw):,} characters is too long")
+    value = load_yaml(raw, f"command line: {key[:60]}") if raw != "" else ""
     return key.strip(), value
 
 
@@ -321,8 +375,9 @@ def validate(cfg: Config, origin: dict | None = None) -> None:
         check(is_spec(spec), ("run.callbacks",), f"run.callbacks: {spec!r} is not of the form package.module:Class")
     check(len(m.widths) == len(m.blocks) and bool(m.widths), ("model.widths", "model.blocks"),
           f"model.widths and model.blocks must be non-empty lists of equal length, got {m.widths} and {m.blocks}")
-    for key, values in (("model.widths", m.widths), ("model.blocks", m.blocks)):
-        check(all(v >= 1 for v in values), (key,), f"{key}: every entry must be >= 1, got {values}")
+    for key, values, most in (("model.widths", m.widths, 4096), ("model.blocks", m.blocks, 64)):
+        check(all(1 <= v <= most for v in values), (key,),
+              f"{key}: every entry must be within 1..{most}, got {show(values)}")
     for key, values in (("data.mean", d.mean), ("data.std", d.std)):
         check(len(values) == 3, (key,), f"{key}: expected 3 values (R, G, B), got {values}")
     check(all(v > 0 for v in d.std), ("data.std",), f"data.std: every entry must be > 0, got {d.std}")
@@ -349,4 +404,6 @@ def resolve_data_root(cfg: Config) -> Path:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from cifar_dist.files import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from cifar_dist.control import Control
 from cifar_dist.distributed import all_reduce_sum, print0
 from cifar_dist.errors import say
 from cifar_dist.optim import lr_at
 from cifar_dist.parts import Parts, graph_count
-from cifar_dist.state import TrainState
-from cifar_dist.step import new_totals, train_step
+from cifar_dist.state import LOSS_UNIT, TrainState
+from cifar_dist.step import new_totals, stacked_totals, train_step
 from cifar_dist.stopping import Preempted, StopRequest
 
 
@@ -25,7 +23,7 @@ class Epoch:
 
     def __init__(self, parts: Parts, state: TrainState, progress, epochs: int):
         self.number, self.steps_per_epoch = state.epoch + 1, parts.loader.steps_per_epoch
-        self.totals = new_totals(parts.device, state.partial)
+        self.totals = new_totals(parts.device, state.partial, carries_partial=parts.shard.rank == 0)
         state.partial = {}
         self.stop_votes = 0.0  # ranks asking to stop, as of the latest control read
         self.start, self.steps_run = time.perf_counter(), 0
@@ -42,18 +40,13 @@ class Epoch:
     def metrics(self, parts: Parts, state: TrainState) -> dict:
         """The epoch's row: training loss and accuracy over all ranks, speed, learning rate."""
         elapsed = time.perf_counter() - self.start
-        t = all_reduce_sum(_stacked(self.totals))
+        t = all_reduce_sum(stacked_totals(self.totals))
         count = max(float(t[2]), 1.0)
-        return {"epoch": self.number, "step": state.global_step, "train_loss": float(t[0]) / count,
+        return {"epoch": self.number, "step": state.global_step, "train_loss": float(t[0]) * LOSS_UNIT / count,
                 "train_acc": float(t[1]) / count,
                 "lr": lr_at(max(state.global_step - 1, 0), parts.cfg.train, self.steps_per_epoch),
                 "epoch_time_s": elapsed, "images_per_s": self.steps_run * parts.shard.global_batch / max(elapsed, 1e-9),
                 "skipped_steps": state.skipped_steps}
-
-
-def _stacked(totals: dict) -> torch.Tensor:
-    return torch.stack([totals["loss"].double(), totals["correct"].double(),
-                        torch.tensor(float(totals["count"]), dtype=torch.float64, device=totals["loss"].device)])
 
 
 class Trainer:
@@ -119,7 +112,7 @@ class Trainer:
         if reading:
             read = control.read(epoch.totals["loss"], f" (epoch {epoch.number})")
             state.skipped_steps, epoch.stop_votes = read.skipped, read.stop_votes
-            metrics["train_loss"] = read.loss_sum / max(epoch.totals["count"], 1)
+            metrics["train_loss"] = read.loss_sum * LOSS_UNIT / max(epoch.totals["count"], 1)
             epoch.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
             if read.stop_votes > 0 and not boundary:
                 parts.checkpointer.save(parts, state, epoch.totals)

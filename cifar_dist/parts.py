@@ -176,9 +176,8 @@ def build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir: Path, mod
 def restore(parts: Parts, ckpt: Path):
     """Load checkpoint ``ckpt`` into ``parts``; returns the TrainState it holds."""
     from cifar_dist.checkpoint import load_optimizer_state, load_weights, read_state
-    from cifar_dist.state import TrainState
 
-    state = TrainState(**read_state(ckpt))
+    state = read_state(ckpt)
     if parts.deepspeed:
         parts.accelerator.load_state(str(ckpt))
     else:

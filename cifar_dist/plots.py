@@ -10,6 +10,18 @@ from cifar_dist.errors import UserError
 from cifar_dist.metrics import read_metrics
 
 
+def save_figure(fig, path, **kwargs) -> None:
+    """``fig.savefig`` to a temporary file renamed over ``path``: a full disk leaves no torn
+    picture, and the failure is one line naming the file."""
+    import io
+
+    from cifar_dist.files import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
 def pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -51,7 +63,7 @@ def _curve(rows, keys, labels, ylabel, path, title, scale=1.0, schedule=None):
     ax.legend(handles, names, fontsize="small")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -98,8 +110,22 @@ def plot_confusion(matrix, path, title="confusion matrix"):
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
+
+
+def read_confusion(path: Path) -> list[list[int]]:
+    """The 10 x 10 counts of a run's confusion_matrix.json; anything else is a UserError naming it."""
+    try:
+        matrix = json.loads(Path(path).read_text())["rows_true_cols_pred"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: unreadable ({str(e)[:80]})") from None
+    k = len(CLASSES)
+    if not (isinstance(matrix, list) and len(matrix) == k and all(
+            isinstance(row, list) and len(row) == k and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                            for v in row) for row in matrix)):
+        raise UserError(f"{path}: rows_true_cols_pred is not a {k} x {k} table of counts")
+    return matrix
 
 
 def draw_run(run_dir: Path) -> list[Path]:
@@ -118,7 +144,7 @@ def draw_run(run_dir: Path) -> list[Path]:
            f"accuracy and learning rate: {name}", scale=100, schedule=lr_schedule(cfg) if cfg else None)
     cm_path = run_dir / "confusion_matrix.json"
     if cm_path.is_file():
-        matrix = json.loads(cm_path.read_text())["rows_true_cols_pred"]
+        matrix = read_confusion(cm_path)
         made.append(out / "confusion_matrix.png")
         plot_confusion(matrix, made[-1], title=f"confusion matrix: {name}")
     return made

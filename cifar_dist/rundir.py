@@ -11,11 +11,10 @@ import shutil
 import time
 from pathlib import Path
 
-import yaml
-
 from cifar_dist.checkpoint import latest_checkpoint, list_checkpoints
-from cifar_dist.config import result_free_keys
+from cifar_dist.config import read_yaml, result_free_keys
 from cifar_dist.errors import RunDirError
+from cifar_dist.metrics import read_metrics
 
 # Keys that may change between a run and its resumption: those that do not change the result
 # (config.result_free_keys, shared with `compare`), plus the step cap (a run may be extended or
@@ -74,35 +73,58 @@ class RunDir:
         return self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir())
 
     def open(self, config: dict, resume: bool, overwrite: bool):
-        """Create or reuse the directory; return the checkpoint to resume from (or None)."""
+        """Create or reuse the directory; return the checkpoint to resume from (or None).
+        Every refusal leaves the directory as it was (bar its lock file)."""
         if resume and overwrite:
             raise RunDirError("--resume and --overwrite exclude each other")
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path}: exists and is not a directory; choose another --out")
         self.created = not self.has_content()
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"{self.path}: cannot create the run directory ({e.strerror or e})") from None
         self._lock()
-        ckpt = None
-        if self.has_content():
-            if overwrite:
-                for p in self.path.iterdir():
-                    if p.name != ".lock":
-                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            elif resume:
-                ckpt = latest_checkpoint(self.path)
-                self._check_same_config(config)
-            else:
-                self._unlock()
-                raise RunDirError(f"{self.path}: run directory exists; pass --resume to continue it "
-                                  "or --overwrite to replace it")
+        try:
+            return self._use(config, resume, overwrite)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _use(self, config: dict, resume: bool, overwrite: bool):
+        if not self.has_content():
+            return None
+        if overwrite:
+            if not (self.path / "config.yaml").is_file():
+                raise RunDirError(f"{self.path}: not a run directory (no config.yaml) and not empty; --overwrite "
+                                  "only replaces run directories")
+            for p in self.path.iterdir():
+                if p.name != ".lock":
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            return None
+        if not resume:
+            raise RunDirError(f"{self.path}: run directory exists; pass --resume to continue it "
+                              "or --overwrite to replace it")
+        self._check_same_config(config)
+        ckpt = latest_checkpoint(self.path)  # a CheckpointError when none of them is intact
+        if ckpt is None:
+            if (self.path / "summary.json").exists():
+                raise RunDirError(f"{self.path}: a finished run with no usable checkpoint: --resume has nothing to "
+                                  "continue, and starting again would replace its results; pass --overwrite to "
+                                  "train it again")
+            rows = read_metrics(self.path, warn=False)
+            if rows:
+                raise RunDirError(f"{self.path}: {len(rows)} epoch(s) in metrics.jsonl but no usable checkpoint: "
+                                  "--resume would start again and replace them; pass --overwrite to train it again")
         return ckpt
 
     def _check_same_config(self, config: dict) -> None:
         saved_path = self.path / "config.yaml"
         if not saved_path.is_file():
             return
-        saved = yaml.safe_load(saved_path.read_text()) or {}
+        saved = read_yaml(saved_path)
         changed = config_changes(saved, config)
         if changed:
-            self._unlock()
             shown = "; ".join(f"{k}: saved {_short(old)}, now {_short(new)}" for k, old, new in changed[:4])
             more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
             raise RunDirError(f"{saved_path}: cannot resume with a different config ({shown}{more}); "
@@ -119,7 +141,10 @@ class RunDir:
         return not self.path.exists()
 
     def _lock(self) -> None:
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"{self.path}: cannot write in the run directory ({e.strerror or e})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,7 +1,16 @@
-"""Where training stands: what every checkpoint's state.json holds."""
+"""Where training stands: what every checkpoint's state.json holds, and its validation.
+
+A state.json is read back only through ``parse_state``: every key known, every value of
+its type and range, or one CheckpointError line naming the file and the key.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+
+from cifar_dist.errors import CheckpointError
+
+LOSS_UNIT = 2.0 ** -24  # the training-loss sums are whole multiples of this (see step.new_totals)
 
 
 @dataclass
@@ -11,5 +20,53 @@ class TrainState:
     global_step: int = 0      # optimizer steps done
     skipped_steps: int = 0    # fp16 steps skipped by the loss scaler
     history: list = field(default_factory=list)  # one metrics row per finished epoch
-    partial: dict = field(default_factory=dict)  # training-loss sums of an interrupted epoch
+    partial: dict = field(default_factory=dict)  # the interrupted epoch's sums over ALL ranks
     scaler: dict = field(default_factory=dict)   # fp16 loss-scaler state
+    world_size: int = 0       # processes of the run that wrote this state (0: not recorded)
+    segments: list = field(default_factory=list)  # [{"world_size", "from_step"}]: each (re)start of the run
+
+
+_INT = {"epoch", "step_in_epoch", "global_step", "skipped_steps", "world_size"}
+_PARTIAL = {"loss_units": int, "correct": int, "count": int}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_state(data, source) -> TrainState:
+    """A TrainState from a state.json's parsed contents; anything of the wrong shape is a
+    CheckpointError naming ``source`` and the key."""
+    def bad(what):
+        return CheckpointError(f"{source}: {what}")
+
+    if not isinstance(data, dict):
+        raise bad(f"expected a JSON object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise bad(f"unknown key {str(unknown[0])[:40]!r}")
+    for key in _INT & set(data):
+        if not _is_int(data[key]) or data[key] < 0 or (key == "world_size" and data[key] < 1):
+            raise bad(f"{key}: expected a whole number >= {1 if key == 'world_size' else 0}, "
+                      f"got {str(data[key])[:40]!r}")
+    for key in ("history", "segments"):
+        if key in data and not (isinstance(data[key], list) and all(isinstance(r, dict) for r in data[key])):
+            raise bad(f"{key}: expected a list of objects")
+    for row in data.get("history", []):
+        if not _is_int(row.get("epoch")) or not all(isinstance(v, (int, float, type(None))) for v in row.values()):
+            raise bad("history: a row without a whole epoch number, or with a value that is not a number")
+    for seg in data.get("segments", []):
+        if set(seg) != {"world_size", "from_step"} or not all(_is_int(v) and v >= 0 for v in seg.values()):
+            raise bad("segments: expected objects of world_size and from_step")
+    partial = data.get("partial", {})
+    if not isinstance(partial, dict) or (partial and (set(partial) != set(_PARTIAL)
+                                                      or not all(_is_int(partial[k]) and partial[k] >= 0
+                                                                 for k in _PARTIAL))):
+        raise bad("partial: expected {} or whole numbers loss_units, correct and count")
+    if not isinstance(data.get("scaler", {}), dict):
+        raise bad("scaler: expected an object")
+    state = TrainState(**data)
+    if state.partial and state.partial["correct"] > state.partial["count"]:
+        raise bad("partial: more correct predictions than images")
+    return state

@@ -13,14 +13,29 @@ from cifar_dist.data import normalize
 from cifar_dist.exact import TreeSum, reduce_across_processes, take_grads
 from cifar_dist.models import GroupBatchNorm2d
 from cifar_dist.optim import lr_at, set_lr, smoothed_cross_entropy
+from cifar_dist.state import LOSS_UNIT
 
 
-def new_totals(device, partial: dict | None = None) -> dict:
-    """Running sums of an epoch's training loss and accuracy (resumed from ``partial``)."""
-    partial = partial or {}
-    return {"loss": torch.tensor(partial.get("loss", 0.0), device=device),
-            "correct": torch.tensor(int(partial.get("correct", 0)), device=device),
+def new_totals(device, partial: dict | None = None, carries_partial: bool = True) -> dict:
+    """Running sums of an epoch's training loss and accuracy, on the device.
+
+    The loss sum counts whole units of ``LOSS_UNIT`` (2^-24): each micro-batch adds its mean
+    loss times its images, rounded to a unit. Integer sums do not depend on their order, so the
+    epoch's training loss is the same bits for any process count and across a resume.
+    ``partial``: an interrupted epoch's sums over all ranks (state.json), carried by one rank
+    (``carries_partial``) so that the epoch's all-reduce counts them once."""
+    partial = partial if (partial and carries_partial) else {}
+    return {"loss": torch.tensor(int(partial.get("loss_units", 0)), dtype=torch.int64, device=device),
+            "correct": torch.tensor(int(partial.get("correct", 0)), dtype=torch.int64, device=device),
             "count": int(partial.get("count", 0))}
+
+
+def stacked_totals(totals: dict) -> torch.Tensor:
+    """(loss units, correct, count) as one float64 device tensor, ready for one all-reduce: the
+    values are whole numbers below 2^53, so float64 sums of them are exact in any order."""
+    device = totals["loss"].device
+    return torch.stack([totals["loss"].double(), totals["correct"].double(),
+                        torch.tensor(float(totals["count"]), dtype=torch.float64, device=device)])
 
 
 def train_step(parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
@@ -52,7 +67,7 @@ def _forward_loss(parts, x, y, step: int, totals: dict):
     loss = smoothed_cross_entropy(logits, y, cfg.train.label_smoothing, cfg.train.smoothing_form)
     loss = parts.callbacks.on_loss(loss, step)
     with torch.no_grad():
-        totals["loss"] += loss.detach().float() * y.numel()
+        totals["loss"] += (loss.detach().double() * (y.numel() / LOSS_UNIT)).round().long()
         totals["correct"] += (logits.detach().argmax(1) == y).sum()
         totals["count"] += y.numel()
     return loss, (~torch.isfinite(loss.detach())).float()

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,36 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cifar_dist.errors import ConfigError, UserError
+from cifar_dist.files import write_json_atomic
+
+
+def read_sweep_file(path: Path) -> dict:
+    """sweep.json, checked for its shape: a config (a path or null) and members, each with a name
+    and a list of overrides; anything else is a UserError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({str(e)[:80]}); remove it to plan the sweep again") from None
+    members = data.get("members") if isinstance(data, dict) else None
+    if not (isinstance(members, list) and (data.get("config") is None or isinstance(data["config"], str))
+            and all(isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("overrides"), list)
+                    and all(isinstance(o, str) for o in m["overrides"]) for m in members)):
+        raise UserError(f"{path}: not a sweep file (config, members with name and overrides); remove it to plan "
+                        "the sweep again")
+    return data
+
+
+def finished_run(run_dir: Path) -> float | None:
+    """The test accuracy of a finished run (a summary.json with a valid test_acc), else None:
+    an empty or torn summary.json does not make a member done."""
+    from cifar_dist.compare import valid_accuracy
+
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    acc = summary.get("test_acc") if isinstance(summary, dict) else None
+    return acc if valid_accuracy(acc) else None
 
 
 @dataclass
@@ -75,8 +106,29 @@ def _label(key: str, keys: list[str]) -> str:
     return short if sum(k.rpartition(".")[2] == short for k in keys) == 1 else key
 
 
+MAX_NAME = 120  # characters of a member's directory name (file systems allow 255 bytes)
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+\-]", "_", text.replace("[", "").replace("]", "").replace(" ", ""))
+
+
+def _hashed(readable: str, exact: list[str]) -> str:
+    import hashlib
+
+    digest = hashlib.sha1(json.dumps(exact).encode()).hexdigest()[:10]
+    return f"{readable[:MAX_NAME - 11]}-{digest}"
+
+
+def member_names(readable: list[str], exact: list[list[str]]) -> list[str]:
+    """Directory names, one-to-one in the members' exact overrides: each member's readable form
+    (``lr=0.1-seed=3``), except where that form is longer than ``MAX_NAME`` or shared with
+    another member (the readable form drops characters: ``name=a/b`` and ``name=a_b`` read
+    alike), which get the form cut short plus a hash of their exact overrides."""
+    counts: dict[str, int] = {}
+    for r in readable:
+        counts[r] = counts.get(r, 0) + 1
+    return [r if counts[r] == 1 and len(r) <= MAX_NAME else _hashed(r, e) for r, e in zip(readable, exact)]
 
 
 def expand(grid: list[str], seeds: list[int]) -> list[Member]:
@@ -94,10 +146,14 @@ def expand(grid: list[str], seeds: list[int]) -> list[Member]:
     members = []
     for combo in itertools.product(*[values for _, values in axes]):
         for seed in seeds:
-            settings = [f"{k}={v}" for k, v in zip(keys, combo)]
-            name = "-".join([_safe(f"{_label(k, swept)}={v}") for k, v in zip(keys, combo) if k in swept]
-                            + [f"seed={seed}"])
-            members.append(Member(len(members), name, settings + [f"run.seed={seed}"]))
+            settings = [f"{k}={v}" for k, v in zip(keys, combo)] + [f"run.seed={seed}"]
+            readable = [f"{_label(k, swept)}={v}" for k, v in zip(keys, combo) if k in swept] + [f"seed={seed}"]
+            members.append(Member(len(members), "-".join(_safe(r) for r in readable), settings))
+    exact = [m.overrides for m in members]
+    if len({json.dumps(e) for e in exact}) != len(exact):
+        raise ConfigError("command line: a value is listed twice; each member must differ")
+    for m, name in zip(members, member_names([m.name for m in members], exact)):
+        m.name = name
     return members
 
 
@@ -117,27 +173,29 @@ class Sweep:
     def open(self) -> None:
         """Create the directory, or check that the one there holds this same sweep; refresh states
         (a member with a summary.json is done; any other is to run, failed ones again)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path}: exists and is not a directory; choose another --out")
         if self.file.is_file():
-            saved = json.loads(self.file.read_text())
-            same = saved.get("config") == self.config and \
-                [m["overrides"] for m in saved.get("members", [])] == [m.overrides for m in self.members]
+            saved = read_sweep_file(self.file)
+            same = saved["config"] == self.config and \
+                [m["overrides"] for m in saved["members"]] == [m.overrides for m in self.members]
             if not same:
                 raise UserError(f"{self.file}: holds a different sweep (config or grid); choose another --out")
             for m, old in zip(self.members, saved["members"]):
                 m.exit_code, m.wall_time_s = old.get("exit_code"), old.get("wall_time_s")
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot create the sweep directory ({e.strerror or e})") from None
         for m in self.members:  # a state is derived from the member's directory, never trusted from the file
-            if (self.member_dir(m) / "summary.json").is_file():
+            if finished_run(self.member_dir(m)):
                 m.state = "done"
             else:  # never finished, or failed: (re)run it
                 m.state, m.exit_code, m.wall_time_s = "pending", None, None
         self.save()
 
     def save(self) -> None:
-        data = {"config": self.config, "members": [asdict(m) for m in self.members]}
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.file)
+        write_json_atomic(self.file, {"config": self.config, "members": [asdict(m) for m in self.members]})
 
     def train_args(self, m: Member) -> list[str]:
         """What `cifar-dist train` is given for ``m``: the run a user would start by hand, resumable."""
@@ -194,8 +252,35 @@ def _check_members(config: str | None, members: list[Member]) -> dict[int, str]:
     return refused
 
 
-def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> list[Member]:
-    """Train every member not done yet (and not refused), ``parallel`` at a time; returns the failed ones."""
+class _Signals:
+    """SIGTERM, SIGINT and SIGHUP to the sweep, caught while it runs members: the first is
+    forwarded to every running member (SIGHUP as SIGTERM, which a member also answers with a
+    checkpoint), and no further member starts. Members run in sessions of their own, so a
+    signal to the sweep's process group (Ctrl-C in a terminal) reaches them once, through here."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = self.received or signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[Member], int | None]:
+    """Train every member not done yet (and not refused), ``parallel`` at a time. Returns the
+    failed members and the signal that stopped the sweep (None if none did): then the running
+    members were stopped with a checkpoint and stay pending, to be resumed by a re-run."""
     todo = [m for m in sweep.members if m.state == "pending"]
     logs = sweep.path / "logs"
     logs.mkdir(exist_ok=True)
@@ -203,34 +288,61 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> list[Member]
     done_before = total - len(todo)
     print(f"sweep {sweep.path}: {total} members, {done_before} done, {len(todo)} to run, {parallel} at a time",
           flush=True)
-    while todo or running:
-        while todo and free:
-            m, slot = todo.pop(0), free.pop(0)
-            env = dict(os.environ, **{k: v for k, v in slot.items() if k != "threads"})
-            threads = [f"run.threads={slot['threads']}"] if "threads" in slot and not user_threads else []
-            log = open(logs / f"{m.name}.log", "a")
-            cmd = [sys.executable, "-m", "cifar_dist.train", *sweep.train_args(m), *threads]
-            running[m.index] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), m, slot,
-                                time.time(), log)
-            print(f"[{m.index + 1}/{total}] {m.name}: started", flush=True)
-        time.sleep(0.2)
-        for index, (proc, m, slot, started, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[index]
-            free.append(slot)
-            m.exit_code, m.wall_time_s = proc.returncode, round(time.time() - started, 1)
-            if proc.returncode == 0 and (sweep.member_dir(m) / "summary.json").is_file():
-                m.state, m.error = "done", ""
-                acc = json.loads((sweep.member_dir(m) / "summary.json").read_text())["test_acc"]
-                outcome = f"done, test accuracy {100 * acc:.2f}%"
-            else:
-                m.state, m.error = "failed", _last_error(logs / f"{m.name}.log")
-                outcome = f"FAILED (exit {proc.returncode}): {m.error}"
-            sweep.save()
-            print(f"[{m.index + 1}/{total}] {m.name}: {outcome} ({m.wall_time_s:.0f} s)", flush=True)
-    return [m for m in sweep.members if m.state == "failed"]
+    with _Signals() as signals:
+        forwarded = False
+        try:
+            while (todo and signals.received is None) or running:
+                while todo and free and signals.received is None:
+                    m, slot = todo.pop(0), free.pop(0)
+                    # a member under a Slurm allocation must never requeue the job: the sweep owns it
+                    env = dict(os.environ, CIFAR_DIST_REQUEUE="0",
+                               **{k: v for k, v in slot.items() if k != "threads"})
+                    threads = [f"run.threads={slot['threads']}"] if "threads" in slot and not user_threads else []
+                    log = open(logs / f"{m.name}.log", "a")
+                    cmd = [sys.executable, "-m", "cifar_dist.train", *sweep.train_args(m), *threads]
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+                    running[m.index] = (proc, m, slot, time.time(), log)
+                    print(f"[{m.index + 1}/{total}] {m.name}: started", flush=True)
+                if signals.received is not None and not forwarded:
+                    forwarded = True
+                    sig = signal.SIGTERM if signals.received == signal.SIGHUP else signals.received
+                    for proc, *_ in running.values():
+                        proc.send_signal(sig)
+                    print(f"sweep: {signal.Signals(signals.received).name}: {len(running)} running member(s) "
+                          "asked to stop at their next checkpoint; no new member starts", flush=True)
+                time.sleep(0.2)
+                for index, (proc, m, slot, started, log) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    log.close()
+                    del running[index]
+                    free.append(slot)
+                    _record(sweep, m, proc.returncode, started, logs, stopped=forwarded, total=total)
+        finally:  # an error in the sweep itself: leave no member running
+            for proc, *_ in running.values():
+                proc.terminate()
+            for proc, *_ in running.values():
+                proc.wait()
+    return [m for m in sweep.members if m.state == "failed"], signals.received
+
+
+def _record(sweep: Sweep, m: Member, code: int, started: float, logs: Path, stopped: bool, total: int) -> None:
+    """What a member's exit means: done (a valid summary.json), stopped by the sweep's signal
+    (pending again: a re-run resumes it), or failed (its last error line)."""
+    m.exit_code, m.wall_time_s = code, round(time.time() - started, 1)
+    acc = finished_run(sweep.member_dir(m))
+    if code == 0 and acc is not None:
+        m.state, m.error = "done", ""
+        outcome = f"done, test accuracy {100 * acc:.2f}%"
+    elif stopped and code not in (1, 2):  # stopped by the signal (with a checkpoint, or before training)
+        m.state, m.error = "pending", ""
+        outcome = "stopped with a checkpoint; a re-run of the sweep resumes it"
+    else:
+        m.state, m.error = "failed", _last_error(logs / f"{m.name}.log")
+        outcome = f"FAILED (exit {code}): {m.error}"
+    sweep.save()
+    print(f"[{m.index + 1}/{total}] {m.name}: {outcome} ({m.wall_time_s:.0f} s)", flush=True)
 
 
 def add_sweep_arguments(ap: argparse.ArgumentParser) -> None:
@@ -268,8 +380,12 @@ def run_sweep(args) -> int:
         return 0
     user_threads = any(o.startswith("run.threads=") for o in args.overrides) or \
         load_config(args.config).run.threads > 0
-    failed = run_members(sweep, args.parallel, user_threads)
+    failed, stopped_by = run_members(sweep, args.parallel, user_threads)
     done = sum(m.state == "done" for m in sweep.members)
+    if stopped_by is not None:
+        print(f"sweep {sweep.path}: stopped by {signal.Signals(stopped_by).name}: {done} of {len(sweep.members)} "
+              "members done; run the same command again to resume the others", flush=True)
+        return 128 + stopped_by
     print(f"sweep {sweep.path}: {done} of {len(sweep.members)} members done, {len(failed)} failed"
           + ("" if failed else f"; compare them: cifar-dist compare {sweep.path}"))
     for m in failed:

@@ -18,7 +18,6 @@ the same run (up to float summation order); ``--resume`` continues it exactly.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -145,8 +144,10 @@ def _train(cfg, args, accelerator, shard, train_set, eval_set, eval_name, model,
     if ckpt is not None:
         state = wiring.restore(parts, ckpt)
         print0(f"resuming from {ckpt} (epoch {state.epoch + 1}, step {state.global_step})")
+        _check_world_change(cfg, state, shard, parts.deepspeed, ckpt)
     elif args.resume:
         print0(f"{run_dir}: no checkpoint yet, starting from the beginning")
+    state.segments.append({"world_size": world, "from_step": state.global_step})
 
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
@@ -184,6 +185,32 @@ def _train(cfg, args, accelerator, shard, train_set, eval_set, eval_name, model,
     rundir.close()
     accelerator.end_training()
     return 0
+
+
+def _check_world_change(cfg, state, shard, deepspeed: bool, ckpt: Path) -> None:
+    """A checkpoint written by another number of processes: exact with ``train.exact_reduce``
+    (the same chunks summed in the same tree); otherwise allowed, with one line that says what
+    changes; refused under DeepSpeed, whose ZeRO state is split by process."""
+    from cifar_dist.distributed import print0
+    from cifar_dist.errors import CheckpointError, say
+
+    before, now = state.world_size, shard.world
+    if not before or before == now:
+        return
+    if deepspeed:
+        raise CheckpointError(f"{ckpt}: a DeepSpeed checkpoint of {before} processes cannot be resumed on {now} "
+                              f"(ZeRO splits its state by process); resume it on {before}")
+    if cfg.train.exact_reduce:
+        print0(f"resuming a run of {before} processes on {now}: train.exact_reduce keeps it bit-identical")
+        return
+    changes = ["gradients are summed in another order"]
+    if not cfg.model.bn_group:
+        changes.append(f"BatchNorm normalizes over {cfg.train.batch_size // before // cfg.train.accum_steps} "
+                       f"-> {shard.micro} images per process (model.bn_group=0)")
+    if shard.rank == 0:
+        say(f"cifar-dist: warning: resuming a run of {before} processes on {now}: without train.exact_reduce "
+            f"{' and '.join(changes)}; it goes on, no longer bit-identical to an uninterrupted run "
+            "(summary.json's segments record it)")
 
 
 def resume_command(run_dir: Path, world: int) -> str:
@@ -260,7 +287,7 @@ def _summary(cfg, parts, trainer, final: dict, eval_name: str, wall: float) -> d
     return {
         "test_acc": final["acc"], "test_loss": final["loss"], "eval_set": eval_name,
         "eval_images": final["count"], "tta": cfg.eval.tta, "per_class_acc": final["per_class_acc"],
-        "epochs": state.epoch, "steps": state.global_step, "world_size": world,
+        "epochs": state.epoch, "steps": state.global_step, "world_size": world, "segments": state.segments,
         "wall_time_s": wall, "train_time_s": train_time,
         "images_per_s": ips, "images_per_s_per_device": ips / world,
         "skipped_steps": state.skipped_steps, "parameters": count_parameters(parts.model),
@@ -275,17 +302,19 @@ def _summary(cfg, parts, trainer, final: dict, eval_name: str, wall: float) -> d
 
 
 def _write_results(run_dir: Path, cfg, parts, summary: dict, final: dict) -> None:
-    """Rank 0: the weights, summary.json, the confusion matrix and the plots."""
+    """Rank 0: the weights, the confusion matrix, the plots and, last, summary.json (a run with a
+    summary.json is finished: a sweep skips it). Each file is written whole or not at all."""
     from cifar_dist import plots
     from cifar_dist.checkpoint import save_weights
     from cifar_dist.distributed import print0
+    from cifar_dist.files import write_json_atomic
 
     save_weights(parts.model, run_dir / "model.safetensors")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    (run_dir / "confusion_matrix.json").write_text(json.dumps(
-        {"classes": list(plots.CLASSES), "rows_true_cols_pred": final["confusion"]}))
+    write_json_atomic(run_dir / "confusion_matrix.json",
+                      {"classes": list(plots.CLASSES), "rows_true_cols_pred": final["confusion"]}, indent=None)
     if cfg.run.plots:
         plots.draw_run(run_dir)
+    write_json_atomic(run_dir / "summary.json", summary)
     parts.metrics.close()
     print0(f"{summary['eval_set']} accuracy {100 * final['acc']:.2f}% ({final['count']} images"
            f"{', flip TTA' if cfg.eval.tta else ''}); {summary['wall_time_s']:.1f} s; results in {run_dir}")

@@ -183,3 +183,81 @@ def test_doctor_asks_slurm_whether_it_answers():
         assert "controller answers" in slurm or "controller does not answer" in slurm, slurm
     cpu = next(line for line in res.stdout.splitlines() if line.startswith("CPU"))
     assert "bf16 units" in cpu and "run.precision=auto picks" in cpu
+
+
+def _snapshot(run_dir) -> dict:
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_resume_never_erases_a_finished_run_and_overwrite_only_replaces_run_directories(tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    assert cli_here("train", "--config", SMOKE, "--out", out, *TINY).returncode == 0
+    shutil.rmtree(out / "checkpoints")
+    before = _snapshot(out)
+    res = cli_here("train", "--out", out, "--resume")
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"cifar-dist: {out}: a finished run with no usable checkpoint: --resume has nothing to continue, and "
+        "starting again would replace its results; pass --overwrite to train it again")
+    assert _snapshot(out) == before
+    home = tmp_path / "not_a_run"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    res = cli_here("train", "--config", SMOKE, "--out", home, "--overwrite", *TINY)
+    assert res.returncode == 2 and "not a run directory (no config.yaml) and not empty" in res.stderr
+    assert (home / "thesis.tex").read_text() == "years of work"
+
+
+def test_an_out_path_that_cannot_be_a_run_directory_is_one_line(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out, fragment in ((a_file, "exists and is not a directory"),
+                          (a_file / "run", "cannot create the run directory"),
+                          ("/proc/self/cifar_dist_run", "cannot create the run directory")):
+        res = cli_here("train", "--config", SMOKE, "--out", out, *TINY)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert fragment in res.stderr and str(out) in res.stderr
+    assert a_file.read_text() == "x"
+
+
+def test_report_skips_a_torn_last_line_and_names_a_damaged_one(tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(SMOKE, run_dir / "config.yaml")
+    row = json.dumps({"epoch": 1, "step": 64, "train_loss": 2.0, "train_acc": 0.3, "lr": 0.1,
+                      "epoch_time_s": 1.0, "images_per_s": 10.0})
+    (run_dir / "metrics.jsonl").write_text(row + "\n" + row[:25])  # a write cut short
+    res = cli_here("report", run_dir)
+    assert res.returncode == 0, res.stderr
+    metrics = run_dir / "metrics.jsonl"
+    assert res.stderr.strip() == f"cifar-dist: warning: {metrics}: line 2 is torn (a write cut short); skipped"
+    (run_dir / "metrics.jsonl").write_text("[1, 2]\n" + row + "\n")
+    res = cli_here("report", run_dir)
+    assert res.returncode == 2 and res.stderr.strip() == f"cifar-dist: {metrics}: line 1 is not a metrics row"
+    (run_dir / "metrics.jsonl").write_text(row + "\n")
+    (run_dir / "confusion_matrix.json").write_text('{"rows_true_cols_pred": [[1, 2]]}')
+    res = cli_here("report", run_dir)
+    assert res.returncode == 2 and "is not a 10 x 10 table of counts" in res.stderr
+
+
+def test_sweep_members_get_one_directory_per_value_and_a_damaged_sweep_file_is_named(tmp_path):
+    out = tmp_path / "sweep"
+    res = cli_here("sweep", "--config", SMOKE, "name=a/b,a_b", "--out", out, "--plan-only")
+    assert res.returncode == 0, res.stderr
+    members = json.loads((out / "sweep.json").read_text())["members"]
+    names = [m["name"] for m in members]
+    assert len(set(names)) == 2 and all(n.startswith("name=a_b-seed=0-") for n in names)  # the same readable form
+    long = "x" * 400
+    res = cli_here("sweep", "--config", SMOKE, f"name={long},y", "--out", tmp_path / "long", "--plan-only")
+    assert res.returncode == 0, res.stderr
+    names = [m["name"] for m in json.loads((tmp_path / "long" / "sweep.json").read_text())["members"]]
+    assert names[1] == "name=y-seed=0" and len(names[0]) <= 120
+    (out / "sweep.json").write_text('{"members": 5}')
+    res = cli_here("sweep", "--config", SMOKE, "name=a/b,a_b", "--out", out, "--plan-only")
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"cifar-dist: {out / 'sweep.json'}: not a sweep file (config, members with name and overrides); remove it "
+        "to plan the sweep again")

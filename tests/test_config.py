@@ -218,3 +218,58 @@ def test_tf32_switches_gpu_matmuls_and_convolutions(monkeypatch):
         assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+def test_scientific_notation_is_a_number_in_files_and_on_the_command_line(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  lr: 1e-3\n  weight_decay: 5E-4\n"), ["train.gamma=2.5e-1"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.gamma) == (1e-3, 5e-4, 0.25)
+    res = cli_here("config", "--config", REPO / "configs" / "seed.yaml", "train.lr=3e-4")
+    assert res.returncode == 0 and yaml.safe_load(res.stdout)["train"]["lr"] == 3e-4, res.stderr
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        load_config(None, ["train.epochs=1e3"])
+
+
+def _one_line_exit_2(*args):
+    res = cli_here(*args)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cifar-dist: ") and len(lines[0]) < 400, res.stderr
+    return lines[0]
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """Nine levels of aliases, nine times each: 700 bytes that PyYAML would expand to 387 million
+    strings. Refused at the first alias, before any expansion."""
+    import resource
+    import time
+
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i, name in enumerate("bcdefghi"):
+        prev = "abcdefghi"[i]
+        lines.append(f"{name}: &{name} [{','.join(['*' + prev] * 9)}]")
+    bomb = write(tmp_path, "\n".join(lines) + "\n", "bomb.yaml")
+    assert bomb.stat().st_size < 800
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
+    line = _one_line_exit_2("config", "--config", bomb)
+    assert "aliases (*a) are not accepted in a config" in line and str(bomb) in line
+    assert time.time() - t0 < 10 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+
+
+def test_deep_nesting_and_oversized_values_are_refused_in_one_short_line(tmp_path):
+    deep = write(tmp_path, "train:\n  betas: " + "[" * 5000 + "]" * 5000 + "\n", "deep.yaml")
+    assert "nested deeper than" in _one_line_exit_2("config", "--config", deep)
+    line = _one_line_exit_2("config", "train.optimizer=" + "x" * 5000)
+    assert "train.optimizer: must be one of adam, adamw, sgd, got 'xxxx" in line and len(line) < 200
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("run.seed=18446744073709551616", "run.seed: must be <= 9,223,372,036,854,775,807"),  # 2**64
+    ("run.seed=-1", "run.seed: must be >= 0"),
+    ("data.crop_padding=100000000", "data.crop_padding: must be <= 32"),
+    ("data.synthetic_train=1000000000", "data.synthetic_train: must be <= 200,000"),
+    ("train.batch_size=99999999999", "train.batch_size: must be <= 1,048,576"),
+    ("model.widths=[66,132,100000]", "model.widths: every entry must be within 1..4096"),
+])
+def test_numbers_are_range_checked_naming_the_key(override, fragment):
+    assert fragment in _one_line_exit_2("config", override)
+    assert load_config(None, ["run.seed=9223372036854775807"]).run.seed == 2**63 - 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -244,3 +245,23 @@ def test_the_step_reads_the_device_once_per_control_interval(tmp_path, overrides
     control_steps = {s for s in range(1, steps - 1) if (s + 1) % CONTROL_EVERY == 0}
     assert {step for step, _, _ in steady} <= control_steps, steady
     assert len(steady) <= len(control_steps), steady
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ([], "expected a JSON object, got list"),
+    ({"epoch": 0, "global_step": 3, "lr": 0.1}, "unknown key 'lr'"),
+    ({"epoch": 0, "global_step": "3"}, "global_step: expected a whole number >= 0, got '3'"),
+    ({"global_step": True}, "global_step: expected a whole number"),
+    ({"world_size": 0}, "world_size: expected a whole number >= 1"),
+    ({"partial": {"loss": 1.5}}, "partial: expected {} or whole numbers loss_units, correct and count"),
+    ({"partial": {"loss_units": 5, "correct": 9, "count": 4}}, "more correct predictions than images"),
+    ({"history": [{"epoch": "one"}]}, "history: a row without a whole epoch number"),
+])
+def test_a_state_json_of_the_wrong_shape_is_one_line_naming_the_key(data, fragment):
+    from cifar_dist.errors import CheckpointError
+    from cifar_dist.state import parse_state
+
+    with pytest.raises(CheckpointError, match=re.escape(fragment)):
+        parse_state(data, "ckpt/state.json")
+    assert parse_state({"epoch": 1, "global_step": 64, "history": [{"epoch": 1, "train_loss": 2.0}]},
+                       "s").global_step == 64

@@ -1,7 +1,7 @@
 """The benchmark's outputs: bench.md (a table) and bench.png (images/s per row)."""
 from __future__ import annotations
 
-from cifar_dist.plots import pyplot
+from cifar_dist.plots import pyplot, save_figure
 
 
 def _rate(x: float) -> str:
@@ -58,5 +58,5 @@ def plot_bench(result: dict, path) -> None:
     ax.set_title(f"{result['model']} on {result['hardware']['device']}", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -35,6 +35,8 @@ def _mix32(x):
 def hash_u32(seed: int, epoch: int, index: torch.Tensor, stream: int) -> torch.Tensor:
     """Uniform 32-bit integers (as int64) keyed by (seed, epoch, index, stream)."""
     key = _mix32((seed & _M32) ^ 0x9E3779B9)  # on Python ints, exactly as on tensors
+    if seed >> 32:  # seeds past 32 bits (up to 2^63 - 1) differ in their data too; smaller ones are unchanged
+        key = _mix32(key ^ _mix32((seed >> 32) & _M32))
     key = _mix32(key ^ (epoch & _M32))
     key = _mix32(key ^ (stream * 0x85EBCA6B & _M32))
     return _mix32((index.to(torch.int64) & _M32) ^ key)
