@@ -125,13 +125,16 @@ def locate_weights(path) -> tuple[Path, Path, str]:
         if not (path / "model.safetensors").is_file():
             raise CheckpointError(f"{path}: no model.safetensors in this checkpoint (a DeepSpeed checkpoint holds "
                                   "its weights in DeepSpeed's own files; evaluate the run's final weights)")
+        problem = check_checkpoint(path)
+        if problem:
+            raise CheckpointError(f"damaged checkpoint: {problem}")
         return path / "model.safetensors", path.parent.parent / "config.yaml", f"checkpoint {path.name}"
     if (path / "model.safetensors").is_file():
         return path / "model.safetensors", path / "config.yaml", "final weights"
-    for ckpt in reversed(list_checkpoints(path)):
-        if (ckpt / "model.safetensors").is_file():
-            return (ckpt / "model.safetensors", path / "config.yaml",
-                    f"newest checkpoint {ckpt.name} (the run has no final weights yet)")
+    ckpt = latest_checkpoint(path)  # the newest intact one; damaged ones are named and skipped
+    if ckpt is not None and (ckpt / "model.safetensors").is_file():
+        return (ckpt / "model.safetensors", path / "config.yaml",
+                f"newest checkpoint {ckpt.name} (the run has no final weights yet)")
     raise CheckpointError(f"{path}: no model.safetensors and no checkpoint (is it a run directory?)")
 
 

@@ -256,6 +256,21 @@ def cifar_root() -> Path:
     return root
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 16 MiB (tmpfs; needs root), for the full-disk tests: a run writes
+    into it, and tests/faults.py's ``fill`` uses up what is left."""
+    if os.geteuid() != 0:
+        pytest.skip("a small file system of its own needs root (mount -t tmpfs)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 def rewind(src, dst, step: int) -> Path:
     """A copy of run ``src`` as it was when it stopped after its step-``step``
     checkpoint: later checkpoints and the final outputs are gone. Resuming it must

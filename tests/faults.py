@@ -11,6 +11,9 @@ PYTHONPATH (conftest.fault_args / fault_env), and configured by FAULT_INJECT=KIN
     wait      hold at step STEP until a stop is requested (preemption tests signal then)
     sigint    SIGINT (what Ctrl-C sends) before step STEP
     sigint2   two SIGINTs before step STEP (Ctrl-C pressed twice)
+    fill      fill the run directory's file system before step STEP (conftest.small_disk: a real
+              full disk for every later write)
+    fillend   the same when training has ended, before the results are written (STEP unused)
 
 RANK limits the fault to one rank. A fault fires in the first attempt only: a process
 restarted by torchrun (--max-restarts) runs clean.
@@ -24,7 +27,7 @@ import time
 from cifar_dist.callbacks import Callback
 
 VAR = "FAULT_INJECT"
-KINDS = ("raise", "kill", "killsave", "nan", "overflow", "wait", "sigint", "sigint2")
+KINDS = ("raise", "kill", "killsave", "nan", "overflow", "wait", "sigint", "sigint2", "fill", "fillend")
 
 
 def parse(spec: str) -> tuple[str, int, int | None]:
@@ -57,6 +60,8 @@ class Inject(Callback):
             raise RuntimeError(f"injected fault at step {step}")
         if self._here(step, "kill"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._here(step, "fill"):
+            fill(self.run.run_dir)
         if self._here(step, "sigint", "sigint2"):
             os.kill(os.getpid(), signal.SIGINT)
             if self._here(step, "sigint2"):
@@ -66,6 +71,10 @@ class Inject(Callback):
             deadline = time.time() + 900
             while not self.run.stop.requested() and time.time() < deadline:
                 time.sleep(0.1)
+
+    def on_train_end(self, summary) -> None:
+        if self.fault is not None and self.fault[0] == "fillend":
+            fill(self.run.run_dir)
 
     def on_loss(self, loss, step: int):
         if self._here(step, "nan"):
@@ -81,3 +90,17 @@ class Inject(Callback):
             if weights.exists():
                 os.truncate(weights, weights.stat().st_size // 2)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fill(folder) -> int:
+    """Write a filler file in ``folder`` until its file system has no space left; returns its size."""
+    written = 0
+    with open(os.path.join(str(folder), "filler"), "wb") as f:
+        chunk = b"\0" * (1 << 16)
+        try:
+            while True:
+                written += f.write(chunk)
+                f.flush()
+        except OSError:
+            pass
+    return written

@@ -92,6 +92,32 @@ def test_two_process_run_stopped_and_resumed_matches_uninterrupted(runs, tmp_pat
     assert (runs / "p2" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
+ROW_KEYS = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
+
+
+def _rows(run_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r.get(k) for k in ROW_KEYS} for r in rows]
+
+
+@pytest.mark.parametrize("source, processes", [("p1", 2), ("p2", 1), ("p4", 2)])
+def test_a_resume_on_another_process_count_is_bit_identical_with_exact_reduce(runs, tmp_path, source, processes):
+    """Stopped at step 36 (mid-epoch 2) with 1, 2 or 4 processes, resumed with 2, 1 or 2: the
+    final weights are byte-identical to the uninterrupted run's, and so is every metrics row (the
+    interrupted epoch's sums were reduced over all ranks before they were saved)."""
+    out = rewind(runs / source, tmp_path / "resumed", step=36)
+    saved = json.loads((out / "checkpoints" / "step_00000036" / "state.json").read_text())
+    assert saved["world_size"] == int(source[1:]) and saved["partial"]["count"] == 4 * 64
+    args = ["--out", out, "--resume"]
+    res = cli("train", *args) if processes == 1 else torchrun(processes, *args)
+    assert f"resuming a run of {source[1:]} processes on {processes}: train.exact_reduce keeps it bit-identical" \
+        in res.stdout, res.stdout[-2000:]
+    assert (runs / "p1" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert _rows(out) == _rows(runs / source) == _rows(runs / "p1")
+    assert summary(out)["segments"] == [{"world_size": int(source[1:]), "from_step": 0},
+                                        {"world_size": processes, "from_step": 36}]
+
+
 @pytest.fixture(scope="module")
 def deepspeed_runs(tmp_path_factory):
     """The same 48 steps with DDP's own all-reduce and with DeepSpeed ZeRO-2, 2 processes each."""
@@ -111,6 +137,20 @@ def test_deepspeed_zero2_matches_ddp(deepspeed_runs):
     print(f"DeepSpeed ZeRO-2 vs DDP, 2 processes, 48 steps: max |dw| = {diff:.3g}")
     assert diff <= TOL
     assert summary(base / "ds")["test_acc"] == summary(base / "ddp")["test_acc"]
+
+
+def test_without_exact_reduce_a_changed_process_count_is_warned_and_recorded(deepspeed_runs, tmp_path):
+    """DDP's own all-reduce over 2 processes, resumed on 1: allowed, with one line saying what
+    changes (the summation order; the BatchNorm batch is fixed by model.bn_group), and recorded."""
+    base, _ = deepspeed_runs
+    out = rewind(base / "ddp", tmp_path / "resumed", step=36)
+    res = cli("train", "--out", out, "--resume")
+    warning = [ln for ln in res.stderr.splitlines() if "resuming a run of 2 processes on 1" in ln]
+    assert warning == ["cifar-dist: warning: resuming a run of 2 processes on 1: without train.exact_reduce "
+                       "gradients are summed in another order; it goes on, no longer bit-identical to an "
+                       "uninterrupted run (summary.json's segments record it)"], res.stderr[-2000:]
+    assert [s["world_size"] for s in summary(out)["segments"]] == [2, 1]
+    assert max_diff(load_weights(base / "ddp"), load_weights(out)) <= TOL
 
 
 def test_deepspeed_checkpoint_and_resume(deepspeed_runs, tmp_path):

@@ -214,3 +214,91 @@ def test_ctrl_c_twice_aborts_at_once_and_leaves_nothing_corrupt(tmp_path):
     assert res.stderr.strip().splitlines()[-1] == (
         f"cifar-dist: interrupted before the first checkpoint; nothing to keep, {fresh} removed")
     assert not fresh.exists()
+
+
+def _flip_a_bit(path, where: float = 0.5) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[int(len(raw) * where)] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "state.json"])
+def test_a_flipped_bit_in_the_newest_checkpoint_is_found_and_the_previous_one_used(reference, tmp_path, damaged):
+    """One bit of the data (past any header) of step 36's file: --resume names the file, resumes
+    from step 32 and ends byte-identical to the uninterrupted run."""
+    out = rewind(reference, tmp_path / "run", step=36)
+    target = out / "checkpoints" / "step_00000036" / damaged
+    if damaged == "state.json":  # one digit of global_step, still valid JSON of the right shape
+        target.write_text(target.read_text().replace('"global_step": 36', '"global_step": 37'))
+    else:
+        _flip_a_bit(target, 0.9)
+    res = cli("train", "--out", out, "--resume")
+    assert (f"cifar-dist: warning: skipping damaged checkpoint step_00000036: {target}: differs from the manifest"
+            in res.stderr), res.stderr[-2000:]
+    assert "resuming from" in res.stdout and "step 32)" in res.stdout
+    assert (reference / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_no_intact_checkpoint_refuses_and_changes_nothing(reference, tmp_path):
+    out = rewind(reference, tmp_path / "run", step=24)
+    for ckpt in (out / "checkpoints").glob("step_*"):
+        _flip_a_bit(ckpt / "model.safetensors", 0.9)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    res = cli("train", "--out", out, "--resume", check=False)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"cifar-dist: {out / 'checkpoints'}: none of its 2 checkpoints is intact (see the warnings above); "
+        "nothing was changed")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    res = cli("eval", "--checkpoint", out / "checkpoints" / "step_00000024", check=False)
+    assert res.returncode == 2 and "damaged checkpoint:" in res.stderr and "differs from the manifest" in res.stderr
+
+
+def _zero_byte_files(folder) -> list:
+    return [str(p) for p in folder.rglob("*") if p.is_file() and p.stat().st_size == 0]
+
+
+def test_a_full_disk_while_writing_metrics_is_one_line_and_leaves_no_empty_file(small_disk):
+    """The run directory's file system fills up before step 31: the metrics row of epoch 1 (step
+    32) cannot be written. One line naming metrics.jsonl, exit 1; no empty or temporary file."""
+    out = small_disk / "run"
+    res = cli("train", "--config", SMOKE, "--out", out, *STEPS, FAULT_ARG, env=fault_env("fill@31"), check=False)
+    assert res.returncode == 1, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"cifar-dist: {out / 'metrics.jsonl'}: cannot write: No space left on device"), last
+    assert not (out / "metrics.jsonl").exists() and _zero_byte_files(out) == []
+    assert not list(out.rglob(".tmp-*")) and _checkpoint_steps(out) == [12, 24]
+
+
+def test_a_full_disk_at_the_end_leaves_no_summary_a_sweep_would_trust(small_disk):
+    out = small_disk / "run"
+    res = cli("train", "--config", SMOKE, "--out", out, *STEPS, "checkpoint.keep=1", FAULT_ARG,
+              env=fault_env("fillend@0"), check=False)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "cannot write" in res.stderr.strip().splitlines()[-1] and "No space left on device" in res.stderr
+    assert not (out / "summary.json").exists() and _zero_byte_files(out) == []
+    (out / "filler").unlink()  # room again: the report draws what it could not
+    assert cli("report", out).returncode == 0
+
+
+def test_every_writer_fails_in_one_line_on_a_full_disk_and_keeps_the_old_file(small_disk):
+    """summary.json, config.yaml and plots each on a real full disk: EnvironmentFault naming the
+    file; an earlier version of the file stays whole; no temporary file is left."""
+    import faults
+
+    from cifar_dist.errors import EnvironmentFault
+    from cifar_dist.files import write_json_atomic
+
+    run_dir = small_disk / "run"
+    run_dir.mkdir()
+    write_json_atomic(run_dir / "summary.json", {"test_acc": 0.5})
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "train_acc": 0.5}) + "\n")
+    (run_dir / "config.yaml").write_text(SMOKE.read_text())
+    faults.fill(run_dir)
+    with pytest.raises(EnvironmentFault, match=r"summary.json: cannot write: No space left on device"):
+        write_json_atomic(run_dir / "summary.json", {"test_acc": 0.9, "padding": "x" * 100_000})
+    assert json.loads((run_dir / "summary.json").read_text()) == {"test_acc": 0.5}
+    res = cli("report", run_dir, check=False)
+    assert res.returncode == 1 and res.stderr.strip().startswith(f"cifar-dist: {run_dir / 'plots'}")
+    assert "No space left on device" in res.stderr
+    assert _zero_byte_files(run_dir) == [] and not list(run_dir.rglob(".tmp-*"))

@@ -112,3 +112,42 @@ def test_plan_only_writes_the_slurm_array_and_refuses_a_different_sweep_in_the_s
     assert args[-1] == f"run.out_dir={(out / 'widths=16,32-seed=5').resolve()}"
     res = cli_here("sweep", "--config", SMOKE, "--seeds", "3", "--out", out, "--plan-only")
     assert res.returncode == 2 and "holds a different sweep" in res.stderr
+
+
+def test_sigterm_to_a_parallel_sweep_stops_its_members_with_a_checkpoint_and_a_rerun_finishes(
+        sequential, spawn, tmp_path):
+    """Both members of a --parallel 2 sweep hold at step 15 (tests/faults.py); SIGTERM to the sweep
+    alone: it forwards the signal, each member checkpoints at its next control read and exits,
+    the sweep exits 143 leaving no process behind, and the same command again finishes with the
+    sequential sweep's weights."""
+    import signal
+
+    import psutil
+
+    from conftest import FAULT_ARG, fault_env
+
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "cifar_dist.cli", "sweep", "--config", SMOKE, "--seeds", "2", *GRID, "--out", out,
+           "--parallel", "2", *ARGS, FAULT_ARG]
+    proc = spawn(cmd, env=fault_env("wait@15"))
+    deadline = time.time() + 600
+
+    def holding() -> int:
+        return sum("waiting for a stop request" in p.read_text() for p in (out / "logs").glob("*.log"))
+    while holding() < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    members = [c for c in psutil.Process(proc.pid).children() if "cifar_dist.train" in " ".join(c.cmdline())]
+    assert len(members) == 2
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout
+    assert "stopped by SIGTERM" in stdout and "run the same command again" in stdout
+    assert not any(m.is_running() and m.status() != psutil.STATUS_ZOMBIE for m in members)
+    state = {m["name"]: m for m in json.loads((out / "sweep.json").read_text())["members"]}
+    stopped = [n for n, m in state.items() if (out / n / "checkpoints" / "step_00000020").is_dir()]
+    assert len(stopped) == 2 and all(state[n]["state"] == "pending" for n in stopped)
+    res = run(cmd, env=fault_env(""))
+    assert "4 of 4 members done, 0 failed" in res.stdout
+    for name in NAMES:
+        assert weights(out / name) == weights(sequential[0] / name), name
