@@ -73,14 +73,25 @@ def _forward_loss(parts, x, y, step: int, totals: dict):
     return loss, (~torch.isfinite(loss.detach())).float()
 
 
+def _no_sync(parts):
+    """DDP's ``no_sync()``: gradients stay in this process. Not Accelerate's ``no_sync``, which does
+    nothing for one process although `accelerate launch --num_processes 1` still wraps the model in
+    DDP: there every backward then reduced the gradients into DDP's buckets, the very memory the
+    exact path's chunk gradients alias (``gradient_as_bucket_view``), and the chunk sums came out
+    wrong. DeepSpeed keeps its own accumulation."""
+    if parts.deepspeed:
+        return contextlib.nullcontext()
+    return getattr(parts.train_model, "no_sync", contextlib.nullcontext)()
+
+
 def _backward_ddp(parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
     """Gradients averaged by DDP (or DeepSpeed): fast; equal across process
     counts up to float summation order."""
-    acc, accum = parts.accelerator, len(micro_batches)
+    accum = len(micro_batches)
     bad = torch.zeros((), device=parts.device)
     for i, (x, y, _idx) in enumerate(micro_batches):
         last = i == accum - 1
-        sync = contextlib.nullcontext() if (last or parts.deepspeed) else acc.no_sync(parts.train_model)
+        sync = contextlib.nullcontext() if last else _no_sync(parts)
         with sync:
             loss, nonfinite = _forward_loss(parts, x, y, step, totals)
             # DeepSpeed divides by its accumulation steps itself.
@@ -96,7 +107,7 @@ def _backward_exact(parts, micro_batches, step: int, totals: dict) -> torch.Tens
     bns = [m for m in parts.model.modules() if isinstance(m, GroupBatchNorm2d)]
     tree = TreeSum()
     bad = torch.zeros((), device=parts.device)
-    with parts.accelerator.no_sync(parts.train_model):
+    with _no_sync(parts):
         for x, y, _idx in micro_batches:
             for s in range(0, len(y), chunk):
                 loss, nonfinite = _forward_loss(parts, x[s:s + chunk], y[s:s + chunk], step, totals)

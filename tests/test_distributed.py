@@ -77,6 +77,14 @@ def test_deepspeed_with_exact_reduce_is_refused_in_one_line_per_rank_before_any_
     assert not (tmp_path / "ds").exists()
 
 
+def test_accelerate_launch_with_one_process_is_the_single_process_run(reference, tmp_path):
+    """`accelerate launch --num_processes 1` (and a one-node Slurm job) wraps the model in DDP
+    for a world of one, where Accelerate's no_sync does nothing: the exact path once summed its
+    chunk gradients through DDP's buckets and trained a different, worse run."""
+    accelerate_launch("cpu.yaml", 1, "--config", SMOKE, "--out", tmp_path / "one", *STEPS, module=True)
+    assert (reference / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
+
+
 def test_gradient_accumulation_matches_more_processes(runs, tmp_path):
     cli("train", "--config", SMOKE, "--out", tmp_path / "accum", *STEPS, "train.accum_steps=2")
     diff = max_diff(load_weights(runs / "p2"), load_weights(tmp_path / "accum"))
@@ -150,7 +158,9 @@ def test_without_exact_reduce_a_changed_process_count_is_warned_and_recorded(dee
                        "gradients are summed in another order; it goes on, no longer bit-identical to an "
                        "uninterrupted run (summary.json's segments record it)"], res.stderr[-2000:]
     assert [s["world_size"] for s in summary(out)["segments"]] == [2, 1]
-    assert max_diff(load_weights(base / "ddp"), load_weights(out)) <= TOL
+    diff = max_diff(load_weights(base / "ddp"), load_weights(out))
+    print(f"2 processes, resumed at step 36 on 1, without exact_reduce: max |dw| = {diff:.3g} after 48 steps")
+    assert diff <= 1e-2  # close to the uninterrupted run, not equal (measured: 5.4e-4)
 
 
 def test_deepspeed_checkpoint_and_resume(deepspeed_runs, tmp_path):

@@ -106,6 +106,13 @@ def test_corrupt_beton(tmp_path):
     assert f"{beton}: corrupt .beton (sha256 differs from the manifest)" in line
 
 
+def _consistent(ckpt) -> None:
+    """Rewrite the checkpoint's manifest for its tampered files: a checkpoint made hostile on
+    purpose, which the manifest (a guard against damage) cannot tell from a good one."""
+    from cifar_dist.checkpoint import write_manifest
+    write_manifest(ckpt)
+
+
 def test_checkpoint_of_another_model_shape(victim):
     before = _snapshot(victim)
     ckpt = victim / "checkpoints" / "step_00000012"
@@ -115,7 +122,8 @@ def test_checkpoint_of_another_model_shape(victim):
     from cifar_dist.models import build_model
     other = build_model(load_config(SMOKE, ["model.widths=[8,16,48]"]).model)
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(ckpt / "model.safetensors"))
-    before[ckpt.relative_to(victim) / "model.safetensors"] = (ckpt / "model.safetensors").read_bytes()
+    _consistent(ckpt)  # a manifest that matches: the loader's own check must refuse the weights
+    before = _snapshot(victim)
     line = _one_line(cli("train", "--config", SMOKE, "--out", victim, "--resume", *STEPS, check=False))
     assert f"{ckpt / 'model.safetensors'}: " in line and "has shape" in line and "this model needs" in line
     assert _snapshot(victim) == before
@@ -125,6 +133,7 @@ def test_checkpoint_with_a_pickle_code_payload(victim, tmp_path):
     marker = tmp_path / "pwned"
     optimizer_pt = victim / "checkpoints" / "step_00000012" / "optimizer.pt"
     torch.save({"state": {}, "param_groups": [], "x": _Payload(marker)}, optimizer_pt)
+    _consistent(optimizer_pt.parent)  # a manifest that matches: weights_only loading must refuse it
     before = _snapshot(victim)
     line = _one_line(cli("train", "--config", SMOKE, "--out", victim, "--resume", *STEPS, check=False))
     assert f"{optimizer_pt}: refused to load" in line and "nothing in it was executed" in line

@@ -27,9 +27,9 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def _sbatch(cluster, out_dir, *args, fault=None):
-    env, args = (fault_env(fault), (*args, FAULT_ARG)) if fault else (base_env(), args)
-    return cluster.submit(*NODES, f"--output={out_dir}/job-%j.out", "slurm/train.sh", *args,
+def _sbatch(cluster, out_dir, *args, fault=None, nodes=NODES, **extra_env):
+    env, args = (fault_env(fault, **extra_env), (*args, FAULT_ARG)) if fault else (base_env(**extra_env), args)
+    return cluster.submit(*nodes, f"--output={out_dir}/job-%j.out", "slurm/train.sh", *args,
                           env=cluster.client_env(**env), cwd=REPO)
 
 
@@ -82,6 +82,31 @@ def test_preempted_job_checkpoints_requeues_and_ends_with_the_same_weights(clust
     assert int(info.get("Restarts", 0)) >= 1, log[-4000:]
     assert "requeueing job" in log and "resuming from" in log
     assert summary(out)["steps"] == 48
+    assert (reference / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+@pytest.mark.timeout(600)
+def test_a_job_stopped_on_two_nodes_resumes_on_one_with_the_same_weights(cluster, reference, tmp_path):
+    """Preempted on 2 nodes (not requeued: CIFAR_DIST_REQUEUE=0), submitted again with --nodes=1:
+    the run continues on 1 process and, with exact_reduce, ends byte-identical to 1 process."""
+    out = tmp_path / "elastic"
+    job = _sbatch(cluster, tmp_path, SMOKE, "--out", out, *ARGS, fault="wait@17", CIFAR_DIST_REQUEUE="0")
+    deadline = time.time() + 900
+    while cluster.log(job).count("waiting for a stop request at step 17") < 2:
+        assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+            cluster.log(job)[-4000:]
+        time.sleep(0.5)
+    cluster.cmd("scancel", "--signal=USR1", job)
+    info = cluster.wait(job, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=900)
+    assert info["JobState"] == "COMPLETED" and "not requeueing" in cluster.log(job), cluster.log(job)[-4000:]
+    one = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
+    job = _sbatch(cluster, tmp_path, SMOKE, "--out", out, *ARGS, FAULT_ARG, nodes=one, FAULT_INJECT="",
+                  PYTHONPATH=str(REPO / "tests"))
+    info = cluster.wait(job, timeout=900)
+    log = cluster.log(job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "resuming a run of 2 processes on 1: train.exact_reduce keeps it bit-identical" in log
+    assert [s["world_size"] for s in summary(out)["segments"]] == [2, 1]
     assert (reference / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
@@ -147,3 +172,4 @@ def test_a_sweep_runs_as_a_job_array_and_compare_reads_it(cluster, tmp_path):
     res = cli_here("compare", sweep)
     report = json.loads((sweep / "compare.json").read_text())
     assert res.returncode == 0 and len(report["configurations"]) == 1 and report["configurations"][0]["n"] == 3
+

@@ -145,7 +145,8 @@ def test_sigterm_to_a_parallel_sweep_stops_its_members_with_a_checkpoint_and_a_r
     assert "stopped by SIGTERM" in stdout and "run the same command again" in stdout
     assert not any(m.is_running() and m.status() != psutil.STATUS_ZOMBIE for m in members)
     state = {m["name"]: m for m in json.loads((out / "sweep.json").read_text())["members"]}
-    stopped = [n for n, m in state.items() if (out / n / "checkpoints" / "step_00000020").is_dir()]
+    # each held at step 15 and stopped at its next control read: the end of epoch 1 (16 steps)
+    stopped = [n for n, m in state.items() if (out / n / "checkpoints" / "step_00000016").is_dir()]
     assert len(stopped) == 2 and all(state[n]["state"] == "pending" for n in stopped)
     res = run(cmd, env=fault_env(""))
     assert "4 of 4 members done, 0 failed" in res.stdout
