@@ -121,3 +121,11 @@ def guarded(fn, args) -> int:
         say(f"cifar-dist: {rank_prefix()}crashed: {type(e).__name__}: {e}")
         raise
     return 1
+
+
+class NonFiniteError(TrainingFault):
+    """The loss or the gradients became NaN or Inf."""
+
+
+class Preempted(Exception):
+    """A stop was requested (signal or STOP file); a checkpoint has been written."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from cifar_dist.callbacks import Callback
+from cifar_dist import Callback
 
 
 class StopAtAccuracy(Callback):

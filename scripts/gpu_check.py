@@ -98,11 +98,11 @@ def sync_check(out: Path, data_root: str | None, dry: bool, steps: int = 50) -> 
     import torch
 
     from cifar_dist.bench.rows import steady_step
-    from cifar_dist.config import load_config
-    from cifar_dist.control import Control
-    from cifar_dist.distributed import make_accelerator
-    from cifar_dist.parts import build_data, build_parts, resolve_run_precision
-    from cifar_dist.step import new_totals
+    from cifar_dist.config.loading import load_config
+    from cifar_dist.distributed.accelerator import make_accelerator
+    from cifar_dist.trainer.build import build_data, build_parts, resolve_run_precision
+    from cifar_dist.trainer.control import Control
+    from cifar_dist.trainer.step import new_totals
 
     overrides = ["train.epochs=100", "run.progress=false", "run.tensorboard=false"]
     overrides += ["data.synthetic=true"] if data_root is None else [f"data.root={data_root}"]

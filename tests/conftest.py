@@ -153,7 +153,7 @@ def cli_here(*args) -> subprocess.CompletedProcess:
     input, `config`, `summary`): the same ``main``, its exit code, stdout and stderr."""
     import torch
 
-    from cifar_dist.cli import main
+    from cifar_dist.cli.main import main
 
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
@@ -181,8 +181,8 @@ def _warm():
         _WARM = multiprocessing.get_context("forkserver")
         # Modules importable from the venv: the forkserver does not see tests/ on its path.
         _WARM.set_forkserver_preload(["torch", "torch._dynamo", "matplotlib.pyplot", "accelerate",
-                                      "safetensors.torch", "cifar_dist.cli", "cifar_dist.train",
-                                      "cifar_dist.loop", "cifar_dist.plots"])
+                                      "safetensors.torch", "cifar_dist.cli.main", "cifar_dist.train",
+                                      "cifar_dist.trainer.loop", "cifar_dist.storage.plots"])
     return _WARM
 
 

@@ -24,7 +24,7 @@ import os
 import signal
 import time
 
-from cifar_dist.callbacks import Callback
+from cifar_dist.trainer.callbacks import Callback
 
 VAR = "FAULT_INJECT"
 KINDS = ("raise", "kill", "killsave", "nan", "overflow", "wait", "sigint", "sigint2", "fill", "fillend")

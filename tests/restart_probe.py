@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cifar_dist.config import load_config
-from cifar_dist.distributed import all_reduce_sum, make_accelerator, world_info
+from cifar_dist.config.loading import load_config
+from cifar_dist.distributed.accelerator import make_accelerator
+from cifar_dist.distributed.collectives import all_reduce_sum, world_info
 
 attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
 rank = int(os.environ["RANK"])

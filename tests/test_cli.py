@@ -10,7 +10,7 @@ import warnings
 import pytest
 import yaml
 
-from cifar_dist.config import load_config
+from cifar_dist.config.loading import load_config
 from cifar_dist.data import build_datasets
 from cifar_dist.errors import one_line_warning
 

@@ -120,7 +120,7 @@ def test_the_cycle_check_sees_a_cycle_made_of_function_level_imports():
 
 
 def test_the_loop_fits_on_a_screen():
-    loop = ast.parse((REPO / "cifar_dist" / "loop.py").read_text())
+    loop = ast.parse((REPO / "cifar_dist" / "trainer" / "loop.py").read_text())
     fit = next(n for n in ast.walk(loop) if isinstance(n, ast.FunctionDef) and n.name == "fit"
                and any(isinstance(c, ast.ClassDef) and n in c.body for c in ast.walk(loop)))
     assert fit.end_lineno - fit.lineno + 1 < 45
@@ -141,7 +141,7 @@ def test_importing_the_package_changes_nothing_process_wide():
     for node in tree.body:
         assert isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.Assign, ast.Expr)), node
         if isinstance(node, (ast.Assign, ast.Expr)):
-            assert isinstance(node.value, ast.Constant), ast.dump(node)
+            ast.literal_eval(node.value)  # a literal: no call runs
 
 
 # The repository speaks of the project only: not of who worked on it, when, or with what. The

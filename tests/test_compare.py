@@ -1,4 +1,4 @@
-"""cifar-dist compare and cifar_dist.stats, on fake run directories (no training)."""
+"""cifar-dist compare and cifar_dist.experiments.stats, on fake run directories (no training)."""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from cifar_dist import stats
-from cifar_dist.compare import add_compare_arguments, run_compare
 from cifar_dist.errors import UserError
+from cifar_dist.experiments import stats
+from cifar_dist.experiments.compare import add_compare_arguments, run_compare
 
 
 def _config(lr=0.001, seed=0, out_dir="", workers=2, name="default"):

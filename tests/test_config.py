@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from cifar_dist.config import Config, iter_fields, load_config
+from cifar_dist.config.loading import load_config
+from cifar_dist.config.schema import Config, iter_fields
 from cifar_dist.errors import ConfigError
 
 from conftest import REPO, cli_here
@@ -115,7 +116,7 @@ def test_config_command_prints_the_resolved_config():
 
 
 def test_docs_carry_the_current_config_reference():
-    from cifar_dist.config_reference import reference_markdown
+    from cifar_dist.config.reference import reference_markdown
 
     page = (REPO / "docs" / "configuration.md").read_text()
     block = page.split("<!-- config-reference -->\n", 1)[1].split("<!-- /config-reference -->", 1)[0]
@@ -150,7 +151,7 @@ def test_more_processes_than_visible_gpus_are_refused(tmp_path, monkeypatch):
     """8 processes on a node that shows 4 GPUs (simulated): exit 2, one line, no run directory."""
     import torch
 
-    from cifar_dist import precision
+    from cifar_dist.trainer import precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -175,16 +176,16 @@ def test_launch_configs_assume_no_gpu_count():
 @pytest.mark.parametrize("capability, expected", [(None, "fp32"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
 def test_precision_auto_follows_the_gpu_generation(capability, expected):
     """auto: fp32 on CPUs, fp16 with loss scaling before bf16 tensor cores (V100: 7.0), bf16 from 8.0."""
-    from cifar_dist.precision import resolve_precision
+    from cifar_dist.trainer.precision import resolve_precision
 
     assert resolve_precision("auto", capability) == (expected, None)
     assert resolve_precision("fp32", capability) == ("fp32", None)
 
 
 def test_bf16_on_a_gpu_without_bf16_tensor_cores_warns_in_one_line(monkeypatch, capsys):
-    from cifar_dist import precision
-    from cifar_dist.config import load_config
-    from cifar_dist.parts import resolve_run_precision
+    from cifar_dist.config.loading import load_config
+    from cifar_dist.trainer import precision
+    from cifar_dist.trainer.build import resolve_run_precision
 
     monkeypatch.setattr(precision, "gpu_capability", lambda: (7, 0))
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["run.precision=bf16", "train.exact_reduce=false"])
@@ -201,7 +202,7 @@ def test_bf16_on_a_gpu_without_bf16_tensor_cores_warns_in_one_line(monkeypatch, 
 def test_tf32_switches_gpu_matmuls_and_convolutions(monkeypatch):
     import torch
 
-    from cifar_dist.repro import apply_tf32, set_tf32
+    from cifar_dist.runtime.seeding import apply_tf32, set_tf32
 
     before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     try:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_dist.config import load_config
+from cifar_dist.config.loading import load_config
 from cifar_dist.data import Shard, build_datasets
 from cifar_dist.data.augment import AugmentSpec, augment, epoch_order, hash_u32, rand_int
 from cifar_dist.data.cifar import FOLDER, load_cifar10, read_batch, synthetic_cifar

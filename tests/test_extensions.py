@@ -15,7 +15,7 @@ from conftest import BIN, REPO, SMOKE, base_env, cli_here, free_port, run, summa
 USER_CODE = '''
 import json, os
 import torch.nn as nn
-from cifar_dist.callbacks import Callback
+from cifar_dist import Callback
 
 
 class StopAtStep(Callback):
@@ -61,7 +61,7 @@ def user_code(tmp_path):
 
 
 def test_a_callback_stops_the_run_after_the_step_it_asks_at(tmp_path, user_code):
-    from cifar_dist.callbacks import load_callbacks
+    from cifar_dist.trainer.callbacks import load_callbacks
 
     callbacks = load_callbacks(["user_code:StopAtStep"])
     parts = build(tmp_path / "run", callbacks=callbacks.items)
@@ -119,7 +119,7 @@ def test_a_user_model_and_callback_train_on_one_and_two_processes(tmp_path, user
 def test_the_documented_example_stops_at_the_target_accuracy(tmp_path, monkeypatch):
     """examples/stop_at_accuracy.py, as docs/extending.md shows it: a target of 0 is
     reached by the first evaluation, so the two-epoch smoke run ends after epoch 1."""
-    from cifar_dist.callbacks import load_callbacks
+    from cifar_dist.trainer.callbacks import load_callbacks
 
     monkeypatch.syspath_prepend(str(REPO / "examples"))
     monkeypatch.setenv("STOP_AT_ACCURACY", "0.0")
@@ -131,8 +131,7 @@ SHIPPED_CODE = '''
 import pathlib
 pathlib.Path(__file__).with_name("imported").write_text("the module ran")
 
-from cifar_dist.models import build_model
-from cifar_dist.config import ModelConfig
+from cifar_dist import ModelConfig, build_model
 
 
 def factory(model_cfg, num_classes):
@@ -145,7 +144,7 @@ def test_code_named_in_a_received_run_directory_runs_only_when_the_user_trusts_i
     path: eval, summary and load_model refuse without --trust-code / trust_code=True and import
     nothing; with it they work. report and compare read a run without importing anything."""
     import cifar_dist
-    from cifar_dist.checkpoint import save_weights
+    from cifar_dist.storage.checkpoint import save_weights
 
     received = tmp_path / "received"
     received.mkdir()
@@ -158,8 +157,8 @@ def test_code_named_in_a_received_run_directory_runs_only_when_the_user_trusts_i
                                                         "lr": 0.1, "epoch_time_s": 1.0, "images_per_s": 1.0}) + "\n")
     refusal = (f"cifar-dist: {received / 'config.yaml'}: model.name 'shipped_model:factory' would import and run "
                "module 'shipped_model'; pass --trust-code (load_model(..., trust_code=True)) if you trust it")
-    from cifar_dist.config import ModelConfig
-    from cifar_dist.models import build_model
+    from cifar_dist.config.schema import ModelConfig
+    from cifar_dist.model.resnet import build_model
     save_weights(build_model(ModelConfig(widths=[8, 16, 32], blocks=[1, 1, 1])), received / "model.safetensors")
 
     for command in (["eval", "--checkpoint", received], ["summary", "--config", received / "config.yaml"]):

@@ -9,7 +9,7 @@ from conftest import REPO, cli, load_weights, max_diff
 
 ffcv = pytest.importorskip("ffcv", reason="FFCV is not installed (pip install -e '.[ffcv]')")
 
-from cifar_dist.config import load_config  # noqa: E402
+from cifar_dist.config.loading import load_config  # noqa: E402
 from cifar_dist.data import Shard, build_datasets  # noqa: E402
 from cifar_dist.data.augment import AugmentSpec  # noqa: E402
 from cifar_dist.data.beton import ensure_beton  # noqa: E402

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from cifar_dist import hardware
-from cifar_dist.precision import CpuBf16, resolve_precision
+from cifar_dist.runtime import hardware
+from cifar_dist.trainer.precision import CpuBf16, resolve_precision
 
 AVX2_ONLY = "fpu sse sse2 avx fma avx2 bmi2"             # an AMD EPYC without bf16 units
 AVX512_BF16 = AVX2_ONLY + " avx512f avx512_bf16"          # AMD Zen 4, Intel Cooper Lake
@@ -40,7 +40,7 @@ def test_explicit_bf16_on_a_cpu_without_bf16_units_warns_with_the_measured_facto
 
 
 def test_the_cpu_demo_uses_auto():
-    from cifar_dist.config import load_config
+    from cifar_dist.config.loading import load_config
 
     from conftest import REPO
 
@@ -85,7 +85,7 @@ def test_mfu_is_never_above_one():
 
 
 def test_a_long_cpu_run_is_announced_with_its_estimate_and_the_demo():
-    from cifar_dist.progress import long_cpu_run_warning
+    from cifar_dist.trainer.progress import long_cpu_run_warning
 
     assert long_cpu_run_warning(370, 256, 1 / 184) is None  # the demo: 8.6 min
     line = long_cpu_run_warning(23_400, 128, 1 / 25, flops_per_image=4.61e9)  # the paper's recipe

@@ -92,7 +92,7 @@ def test_cifar_batch_file_with_a_pickle_code_payload(tmp_path):
 
 def test_corrupt_beton(tmp_path):
     pytest.importorskip("ffcv", reason="FFCV is not installed (pip install -e '.[ffcv]')")
-    from cifar_dist.config import load_config
+    from cifar_dist.config.loading import load_config
     from cifar_dist.data import build_datasets
     from cifar_dist.data.beton import ensure_beton
 
@@ -109,7 +109,7 @@ def test_corrupt_beton(tmp_path):
 def _consistent(ckpt) -> None:
     """Rewrite the checkpoint's manifest for its tampered files: a checkpoint made hostile on
     purpose, which the manifest (a guard against damage) cannot tell from a good one."""
-    from cifar_dist.checkpoint import write_manifest
+    from cifar_dist.storage.checkpoint import write_manifest
     write_manifest(ckpt)
 
 
@@ -118,8 +118,8 @@ def test_checkpoint_of_another_model_shape(victim):
     ckpt = victim / "checkpoints" / "step_00000012"
     from safetensors.torch import save_file
 
-    from cifar_dist.config import load_config
-    from cifar_dist.models import build_model
+    from cifar_dist.config.loading import load_config
+    from cifar_dist.model.resnet import build_model
     other = build_model(load_config(SMOKE, ["model.widths=[8,16,48]"]).model)
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(ckpt / "model.safetensors"))
     _consistent(ckpt)  # a manifest that matches: the loader's own check must refuse the weights

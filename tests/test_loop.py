@@ -12,16 +12,16 @@ import shutil
 import pytest
 import torch
 
-from cifar_dist import loop
-from cifar_dist.callbacks import Callbacks
-from cifar_dist.config import load_config
-from cifar_dist.control import CONTROL_EVERY, NonFiniteError
-from cifar_dist.distributed import make_accelerator
-from cifar_dist.parts import build_data, build_parts, resolve_run_precision, restore
-from cifar_dist.progress import progress_bars
-from cifar_dist.state import TrainState
-from cifar_dist.step import new_totals, train_step
-from cifar_dist.stopping import Preempted
+from cifar_dist.config.loading import load_config
+from cifar_dist.distributed.accelerator import make_accelerator
+from cifar_dist.errors import NonFiniteError, Preempted
+from cifar_dist.storage.state import TrainState
+from cifar_dist.trainer import loop
+from cifar_dist.trainer.build import build_data, build_parts, resolve_run_precision, restore
+from cifar_dist.trainer.callbacks import Callbacks
+from cifar_dist.trainer.control import CONTROL_EVERY
+from cifar_dist.trainer.progress import progress_bars
+from cifar_dist.trainer.step import new_totals, train_step
 
 from conftest import REPO
 
@@ -94,7 +94,7 @@ def lr_log():
 @pytest.fixture
 def commits(monkeypatch):
     """The global step of every checkpoint fit commits, in order."""
-    from cifar_dist.checkpoint import CheckpointWriter
+    from cifar_dist.storage.checkpoint import CheckpointWriter
 
     seen = []
     real = CheckpointWriter.commit
@@ -259,7 +259,7 @@ def test_the_step_reads_the_device_once_per_control_interval(tmp_path, overrides
 ])
 def test_a_state_json_of_the_wrong_shape_is_one_line_naming_the_key(data, fragment):
     from cifar_dist.errors import CheckpointError
-    from cifar_dist.state import parse_state
+    from cifar_dist.storage.state import parse_state
 
     with pytest.raises(CheckpointError, match=re.escape(fragment)):
         parse_state(data, "ckpt/state.json")

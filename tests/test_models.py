@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cifar_dist.config import load_config
-from cifar_dist.layer_table import count_flops, layer_table
-from cifar_dist.models import GroupBatchNorm2d, build_model, count_parameters, sync_bn_statistics
+from cifar_dist.config.loading import load_config
+from cifar_dist.model.batchnorm import GroupBatchNorm2d, sync_bn_statistics
+from cifar_dist.model.layer_table import count_flops, layer_table
+from cifar_dist.model.resnet import build_model, count_parameters
 
 from conftest import REPO, cli_here
 
@@ -114,7 +115,7 @@ def test_running_statistics_average_groups_and_forwards():
 def test_resnet9_pools_with_a_deterministic_global_max():
     """AdaptiveMaxPool2d has no deterministic CUDA backward; GlobalMaxPool gives the same
     values and gradients (no ties in random data), and the weights keep their names."""
-    from cifar_dist.models import GlobalMaxPool
+    from cifar_dist.model.resnet import GlobalMaxPool
 
     model = build_model(load_config(None, ["model.name=resnet9"]).model)
     assert not any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in model.modules())
@@ -201,7 +202,7 @@ def test_bn_update_equals_the_per_layer_form_bitwise():
 def test_peak_table_tells_similar_gpus_apart_and_uses_tf32_for_fp32_work():
     """MFU divides by these peaks: an NVL part is not an SXM one, an L40 not an L4, an A100
     not an A10, and fp32 work on TF32 tensor cores is measured against the TF32 peak."""
-    from cifar_dist.hardware import device_peak, table_peak
+    from cifar_dist.runtime.hardware import device_peak, table_peak
 
     names = ["NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", "NVIDIA H100 PCIe",
              "NVIDIA L40S", "NVIDIA L40", "NVIDIA L4", "NVIDIA A100-SXM4-80GB", "NVIDIA A10"]

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifar_dist.config import load_config
-from cifar_dist.optim import build_optimizer, lr_at, smoothed_cross_entropy
+from cifar_dist.config.loading import load_config
+from cifar_dist.model.loss import smoothed_cross_entropy
+from cifar_dist.model.optim import build_optimizer, lr_at
 
 from conftest import REPO
 
@@ -70,7 +71,7 @@ def test_optimizers():
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_fused_and_foreach_optimizers_agree(name):
     """train.optimizer_impl picks the fused kernels (auto: on GPUs only); same update as foreach."""
-    from cifar_dist.optim import use_fused
+    from cifar_dist.model.optim import use_fused
 
     cfg = load_config(None, [f"train.optimizer={name}", "train.weight_decay=0.01"]).train
     assert not use_fused(cfg, "cpu") and use_fused(cfg, "cuda")

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from cifar_dist.config import load_config
-from cifar_dist.optim import lr_at
-from cifar_dist.plots import draw_run, epoch_axis, lr_schedule, pyplot
+from cifar_dist.config.loading import load_config
+from cifar_dist.model.optim import lr_at
+from cifar_dist.storage.plots import draw_run, epoch_axis, lr_schedule, pyplot
 
 from conftest import SMOKE
 

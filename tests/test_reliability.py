@@ -287,7 +287,7 @@ def test_every_writer_fails_in_one_line_on_a_full_disk_and_keeps_the_old_file(sm
     import faults
 
     from cifar_dist.errors import EnvironmentFault
-    from cifar_dist.files import write_json_atomic
+    from cifar_dist.storage.files import write_json_atomic
 
     run_dir = small_disk / "run"
     run_dir.mkdir()

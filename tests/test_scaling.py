@@ -6,7 +6,7 @@ import math
 import pytest
 
 from cifar_dist.errors import UserError
-from cifar_dist.scaling import (
+from cifar_dist.experiments.plan import (
     PRESETS,
     add_plan_arguments,
     allreduce_time,

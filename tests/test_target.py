@@ -10,7 +10,7 @@ QUICK = ["data.synthetic_train=512", "data.synthetic_test=256", "run.plots=false
 
 
 def test_time_to_target_counts_training_time_up_to_the_first_epoch_at_the_target():
-    from cifar_dist.target import time_to_target
+    from cifar_dist.trainer.callbacks import time_to_target
 
     rows = [{"epoch": 1, "epoch_time_s": 10.0, "test_acc": 0.5}, {"epoch": 2, "epoch_time_s": 12.0},
             {"epoch": 3, "epoch_time_s": 11.0, "test_acc": 0.93}, {"epoch": 4, "epoch_time_s": 9.0, "test_acc": 0.95}]
@@ -45,7 +45,7 @@ def test_the_estimate_is_timed_between_control_reads(monkeypatch):
 
     import torch
 
-    from cifar_dist import progress
+    from cifar_dist.trainer import progress
 
     clock = iter([5.0, 105.0])
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))

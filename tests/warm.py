@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 
-import cifar_dist.cli
+import cifar_dist.cli.main
 
 
 def run_cli(argv: list[str], env: dict, out_path: str, err_path: str, cwd: str) -> None:
@@ -37,7 +37,7 @@ def run_cli(argv: list[str], env: dict, out_path: str, err_path: str, cwd: str) 
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
         sys.argv = ["cifar-dist", *argv]
         try:
-            code = cifar_dist.cli.main(argv)
+            code = cifar_dist.cli.main.main(argv)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:

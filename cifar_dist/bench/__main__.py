@@ -4,15 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cifar_dist.arguments import parse_with_overrides
 from cifar_dist.bench import __doc__ as DOC
 from cifar_dist.bench.args import add_bench_arguments
+from cifar_dist.config.overrides import parse_with_overrides
 from cifar_dist.errors import guarded
 
 
 def main(argv=None) -> int:
     from cifar_dist.bench.run import run_bench
-    from cifar_dist.memory import tune_malloc
+    from cifar_dist.runtime.malloc import tune_malloc
 
     tune_malloc()
     ap = argparse.ArgumentParser(prog="python -m cifar_dist.bench", description=DOC.split("\n\n")[0])

@@ -50,8 +50,8 @@ def _repeat(loader):
 
 def measure(cfg, batch: int, args, device, data=None) -> dict:
     """Images/s of the plain loop at ``batch`` (one process), timed like every row."""
-    from cifar_dist.metrics import Clock
-    from cifar_dist.models import build_model
+    from cifar_dist.bench.timing import Clock
+    from cifar_dist.model.resnet import build_model
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, norm=nn.BatchNorm2d).to(device)

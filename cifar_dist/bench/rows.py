@@ -59,7 +59,7 @@ def steady_step(parts, control, micro, step: int, totals: dict) -> bool:
     """Step ``step`` as the training loop runs it away from epoch boundaries: ``train_step``,
     the control collective, and the host read every ``CONTROL_EVERY`` steps. Returns whether
     the host read the device."""
-    from cifar_dist.step import train_step
+    from cifar_dist.trainer.step import train_step
 
     control.after_step(train_step(parts, micro, step, totals))
     if control.due(step + 1):
@@ -79,14 +79,14 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
     """
     import torch
 
-    from cifar_dist.control import Control
+    from cifar_dist.bench.timing import Clock
     from cifar_dist.data import Shard, build_train_loader
-    from cifar_dist.distributed import world_info
-    from cifar_dist.metrics import Clock
-    from cifar_dist.optim import build_optimizer
-    from cifar_dist.parts import Parts, build_model_seeded, graph_count, prepare_model
-    from cifar_dist.precision import CpuBf16, Precision, gpu_capability, resolve_precision
-    from cifar_dist.step import new_totals
+    from cifar_dist.distributed.collectives import world_info
+    from cifar_dist.model.optim import build_optimizer
+    from cifar_dist.trainer.build import Parts, build_model_seeded, graph_count, prepare_model
+    from cifar_dist.trainer.control import Control
+    from cifar_dist.trainer.precision import CpuBf16, Precision, gpu_capability, resolve_precision
+    from cifar_dist.trainer.step import new_totals
 
     rank, world = world_info() if distributed else (0, 1)
     cfg = row_config(base_cfg, row, world)

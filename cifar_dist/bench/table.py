@@ -1,7 +1,7 @@
 """The benchmark's outputs: bench.md (a table) and bench.png (images/s per row)."""
 from __future__ import annotations
 
-from cifar_dist.plots import pyplot, save_figure
+from cifar_dist.storage.plots import pyplot, save_figure
 
 
 def _rate(x: float) -> str:

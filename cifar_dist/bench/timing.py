@@ -4,6 +4,8 @@ from __future__ import annotations
 import statistics
 import time
 
+import torch
+
 
 def percentile(values, q):
     s = sorted(values)
@@ -63,3 +65,18 @@ def figures(timing: dict, steps: int, global_batch: int, world: int, peak_mib: f
             "step_time_p90_s": percentile(timing["step_times"], 0.9),
             "data_wait_share": sum(timing["data_times"]) / max(sum(timing["repeat_times"]), 1e-12),
             "peak_memory_mib": peak_mib, "repeats_images_per_s": per_repeat}
+
+
+class Clock:
+    """Wall time that synchronizes the device before it is read."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()

@@ -1,13 +1,14 @@
 """Data: CIFAR-10 files, the shared augmentation, sharding, and the three loaders."""
 from __future__ import annotations
 
-from cifar_dist.config import Config, resolve_data_root
+from cifar_dist.config.loading import resolve_data_root
+from cifar_dist.config.schema import Config
 from cifar_dist.data.augment import AugmentSpec
 from cifar_dist.data.cifar import CLASSES, FOLDER, MD5, ImageSet, check_md5, file_digest, load_cifar10, synthetic_cifar
 from cifar_dist.data.loaders import GpuLoader, TorchLoader, eval_batches, normalize
 from cifar_dist.data.sharding import Shard
+from cifar_dist.distributed.launcher import env_rank
 from cifar_dist.errors import ConfigError
-from cifar_dist.launcher import env_rank
 
 __all__ = ["CLASSES", "ImageSet", "Shard", "build_datasets", "build_train_loader", "data_identity",
            "eval_batches", "normalize"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifar_dist.config import resolve_data_root
+from cifar_dist.config.loading import resolve_data_root
 from cifar_dist.data.augment import AugmentSpec, augment, epoch_order
 from cifar_dist.data.beton import ensure_beton, require_ffcv
 from cifar_dist.data.cifar import ImageSet

@@ -1,0 +1,1 @@
+"""The cifar-dist command: its subcommands and doctor."""

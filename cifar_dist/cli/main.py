@@ -1,0 +1,211 @@
+"""The `cifar-dist` command: train, sweep, compare, eval, summary, prepare, report, bench, plan, config, doctor.
+
+`key=value` config overrides may come before, between or after the options."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import cifar_dist
+from cifar_dist.config.overrides import parse_with_overrides
+from cifar_dist.errors import guarded
+from cifar_dist.train import add_train_arguments
+
+
+def _summary(args):
+    from cifar_dist.config.loading import load_config
+    from cifar_dist.config.plugins import require_trust
+    from cifar_dist.model.layer_table import count_flops, format_table, layer_table
+    from cifar_dist.model.resnet import build_model, count_parameters
+
+    cfg = load_config(args.config, args.overrides)
+    named_here = any(o.startswith("model.name=") for o in args.overrides)  # typed by the user: trusted
+    require_trust(cfg.model.name, args.config, args.trust_code or named_here)
+    model = build_model(cfg.model)
+    print(format_table(layer_table(model)))
+    total = count_parameters(model)
+    fwd = count_flops(model)
+    print("=" * 66)
+    print(f"Total params: {total:,}")
+    print(f"Trainable params: {total:,}")
+    print(f"Forward: {fwd / 2e9:.3f} GMAC ({fwd / 1e9:.3f} GFLOP) per 32x32 image")
+    return 0
+
+
+def _prepare(args):
+    from cifar_dist.config.loading import resolve_data_root
+    from cifar_dist.config.schema import Config
+    from cifar_dist.data.prepare import prepare
+
+    cfg = Config()
+    if args.root:
+        cfg.data.root = args.root
+    root = resolve_data_root(cfg)
+    built = False
+    if args.from_archive:
+        from cifar_dist.data.jpeg_archive import unpack_jpeg_archive
+        built = unpack_jpeg_archive(args.from_archive, root)
+    line = prepare(root, download=not (args.no_download or args.from_archive), quiet=args.quiet and not built)
+    if line:
+        print(line)
+    if args.beton:
+        from cifar_dist.data.beton import write_betons
+        print(write_betons(root))
+    return 0
+
+
+def _report(args):
+    from cifar_dist.storage.plots import draw_run
+    for path in draw_run(Path(args.run_dir)):
+        print(path)
+    return 0
+
+
+def _eval(args):
+    import torch
+
+    from cifar_dist.config.loading import load_config
+    from cifar_dist.config.plugins import require_trust
+    from cifar_dist.data import build_datasets
+    from cifar_dist.errors import CheckpointError
+    from cifar_dist.model.resnet import build_model
+    from cifar_dist.storage.checkpoint import load_weights, locate_weights
+    from cifar_dist.storage.files import write_json_atomic
+    from cifar_dist.storage.plots import plot_confusion
+    from cifar_dist.trainer.evaluation import evaluate_model
+
+    weights, config, what = locate_weights(Path(args.checkpoint))
+    if not config.is_file():
+        raise CheckpointError(f"{config}: missing; eval needs the run's config.yaml")
+    cfg = load_config(config, args.overrides)  # the run's own config; overrides such as data.root on top
+    require_trust(cfg.model.name, config, args.trust_code)
+    run_dir = config.parent
+    print(f"evaluating {what} of {run_dir}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg.model)
+    load_weights(weights, model)
+    model = model.to(device).eval()
+    _, eval_set, name = build_datasets(cfg)
+    result = evaluate_model(model, eval_set, cfg, device, tta=args.tta)
+    print(f"{name} accuracy {100 * result['acc']:.2f}% on {result['count']} images"
+          f"{' (flip TTA)' if args.tta else ''}, loss {result['loss']:.4f}")
+    for cls, acc in result["per_class_acc"].items():
+        print(f"  {cls:>10}: {100 * acc:.2f}%")
+    tag = "" if what == "final weights" else f"-{weights.parent.name}"
+    out = run_dir / f"eval{tag}{'_tta' if args.tta else ''}.json"
+    write_json_atomic(out, {"weights": str(weights), **result})
+    (run_dir / "plots").mkdir(exist_ok=True)
+    plot_confusion(result["confusion"], run_dir / "plots" / f"confusion_matrix_eval{tag}.png",
+                   title=f"confusion matrix ({what}): {run_dir.name}")
+    print(f"written {out}")
+    return 0
+
+
+def _config(args):
+    import yaml
+
+    from cifar_dist.config.loading import load_config
+    from cifar_dist.config.reference import reference_markdown
+    if args.reference:
+        print(reference_markdown(), end="")
+        return 0
+    print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _doctor(args):
+    from cifar_dist.cli.doctor import doctor, format_rows
+    print(format_rows(doctor(args.config)))
+    return 0
+
+
+def _delegate(module: str, function: str):
+    """A subcommand's handler that imports its module only when the subcommand runs."""
+    def handler(args):
+        return getattr(importlib.import_module(module), function)(args)
+    return handler
+
+
+def _command(sub, name: str, help: str, add_arguments, module: str, function: str) -> None:
+    """A subcommand whose arguments and handler live in their own module."""
+    p = sub.add_parser(name, help=help)
+    add_arguments(p)
+    p.set_defaults(fn=_delegate(module, function))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cifar-dist", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--version", action="version", version=f"cifar-dist {cifar_dist.__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    from cifar_dist.bench.args import add_bench_arguments
+    from cifar_dist.experiments.compare import add_compare_arguments
+    from cifar_dist.experiments.plan import add_plan_arguments
+    from cifar_dist.experiments.sweep import add_sweep_arguments
+
+    _command(sub, "train", "train a model (same as python -m cifar_dist.train)", add_train_arguments,
+             "cifar_dist.trainer.run", "run")
+    _command(sub, "sweep", "many seeds and settings as independent runs (locally, or a Slurm array)",
+             add_sweep_arguments, "cifar_dist.experiments.sweep", "run_sweep")
+    _command(sub, "compare", "runs or sweeps side by side: mean ± std, 95%% CI, Welch's t-test",
+             add_compare_arguments, "cifar_dist.experiments.compare", "run_compare")
+
+    p = sub.add_parser("eval", help="evaluate a run's weights: final, or its newest or a given checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a run directory (its final weights, else its newest checkpoint), a checkpoint directory "
+                        "(RUN/checkpoints/step_N) or a .safetensors file; the run's config.yaml is used")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow the run's config to import its own model code (model.name: package.module:factory)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/data")
+    p.set_defaults(fn=_eval)
+
+    p = sub.add_parser("summary", help="per-layer table (the paper's Figure 1), parameters, FLOPs")
+    p.add_argument("--config")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow the config file to import its model code (model.name: package.module:factory)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(fn=_summary)
+
+    p = sub.add_parser("prepare", help="download or check CIFAR-10; --beton writes FFCV files")
+    p.add_argument("--root", help="data directory (default: $CIFAR_DIST_DATA, else ~/.cache/cifar_dist)")
+    p.add_argument("--beton", action="store_true", help="also write train/test .beton files for data.loader=ffcv")
+    p.add_argument("--no-download", action="store_true", help="only check what is there")
+    p.add_argument("--quiet", action="store_true", help="say nothing when the data was already complete and readable")
+    p.add_argument("--from-archive", metavar="TAR_GZ",
+                   help="build it from a CIFAR-10 JPEG archive (cifar10-jpeg.tar.gz: lossy, exact labels)")
+    p.set_defaults(fn=_prepare)
+
+    p = sub.add_parser("report", help="(re)draw a run's plots")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=_report)
+
+    p = sub.add_parser("config", help="print the resolved config")
+    p.add_argument("--config")
+    p.add_argument("--reference", action="store_true", help="print every key with its default and meaning (Markdown)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(fn=_config)
+
+    _command(sub, "bench", "throughput benchmark: images/s per device, MFU, speed-up over plain PyTorch",
+             add_bench_arguments, "cifar_dist.bench.run", "run_bench")
+    _command(sub, "plan", "on paper: how many GPUs one run uses well, and when a sweep packs them better",
+             add_plan_arguments, "cifar_dist.experiments.plan", "run_plan")
+
+    p = sub.add_parser("doctor", help="versions, devices, data and Slurm: what to paste into a bug report")
+    p.add_argument("--config", help="the recipe whose data location to check (default: the built-in defaults)")
+    p.set_defaults(fn=_doctor)
+    return ap
+
+
+def main(argv=None) -> int:
+    from cifar_dist.runtime.malloc import tune_malloc
+
+    tune_malloc()
+    args = parse_with_overrides(build_parser(), argv)
+    return guarded(args.fn, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Configuration: the typed schema, loading and validation, key=value overrides, the reference, user objects."""

@@ -1,0 +1,248 @@
+"""Typed configuration: defaults < YAML file < ``key=value`` arguments.
+
+Every field carries one line of help (with its unit) and, where it matters,
+its allowed values. Unknown keys, wrong types and invalid values raise
+``ConfigError`` with one line naming the key and where it came from; the
+command line turns that into exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifar_dist.config.plugins import is_spec
+from cifar_dist.config.schema import _LIST_ITEM, MAX_INT, MODELS, SECTION_CLASSES, Config
+from cifar_dist.errors import ConfigError
+
+
+def _coerce(value: Any, default: Any, key: str, where: str):
+    """Check ``value`` against the type of ``default``; ints are accepted as floats."""
+    def bad(expected):
+        return ConfigError(f"{where}: {key}: expected {expected}, got {show(value)}")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise bad("a list")
+        section, name = key.split(".", 1)
+        item = _LIST_ITEM[(section, name)]
+        return [_coerce(v, item(0), key, where) for v in value]
+    raise AssertionError(f"unhandled default type for {key}")
+
+
+def _check_range(value, f, key, where):
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {key}: must be one of {', '.join(meta['choices'])}, got {show(value)}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and isinstance(value, (int, float)):
+        if value < lo or (meta.get("min_exclusive") and value == lo):
+            op = ">" if meta.get("min_exclusive") else ">="
+            raise ConfigError(f"{where}: {key}: must be {op} {lo}, got {show(value)}")
+    if hi is None and isinstance(value, int) and not isinstance(value, bool):
+        hi = MAX_INT  # every integer key: a value past int64 overflows wherever it is used
+    if hi is not None and isinstance(value, (int, float)) and value > hi:
+        raise ConfigError(f"{where}: {key}: must be <= {hi:,}, got {show(value)}")
+
+
+def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
+    if key == "name":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: name: expected a string, got {show(value)}")
+        cfg.name = value
+        return
+    section, _, name = key.partition(".")
+    if section not in SECTION_CLASSES or not name:
+        raise ConfigError(f"{where}: unknown key {show(key)}")
+    fields = {f.name: f for f in dataclasses.fields(SECTION_CLASSES[section])}
+    if name not in fields:
+        raise ConfigError(f"{where}: unknown key {show(key)}")
+    sub = getattr(cfg, section)
+    value = _coerce(value, getattr(sub, name), key, where)
+    _check_range(value, fields[name], key, where)
+    setattr(sub, name, value)
+
+
+def _flatten(tree: dict, where: str, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{where}: key {show(k)} is not a string")
+        key = f"{prefix}{k}"
+        if not prefix and k in SECTION_CLASSES:
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}: {k}: expected a mapping of keys, got {show(v)}")
+            out.update(_flatten(v, where, key + "."))
+        elif not prefix and k != "name":
+            raise ConfigError(f"{where}: unknown key {show(key)}")
+        else:
+            out[key] = v
+    return out
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of text; anything near this size is not one
+
+
+MAX_DEPTH = 8                # sections hold keys, keys hold values or short lists: 3 levels are used
+
+
+def show(value, limit: int = 60) -> str:
+    """A value as an error message shows it: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, made fit for files from anywhere: no aliases (a 700-byte alias bomb
+    expands to gigabytes), a bounded nesting depth (deep nesting ends in a RecursionError), and
+    YAML 1.2's floats, so that ``3e-4`` and ``1e-3`` are numbers (YAML 1.1 wants ``3.0e-4``)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not accepted in a config",
+                                              event.start_mark)
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+
+_ConfigLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+_ConfigLoader.add_implicit_resolver(  # 3e-4, 1E5, -2.5e+3: floats, as YAML 1.2 and Python read them
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str, where: str):
+    """Parse ``text`` with the config loader; any problem is one ConfigError line naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML{at}: {str(problem)[:120]}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Load a YAML mapping; a missing, oversized or malformed file is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is too large for a config "
+                              f"(at most {MAX_CONFIG_BYTES:,})")
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    tree = load_yaml(text, str(p))
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """``train.lr=0.1`` -> ("train.lr", 0.1); the value is read as YAML."""
+    key, sep, raw = arg.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"command line: {show(arg)} is not key=value")
+    if len(raw) > 10_000:
+        raise ConfigError(f"command line: {key[:60]}: value of {len(raw):,} characters is too long")
+    value = load_yaml(raw, f"command line: {key[:60]}") if raw != "" else ""
+    return key.strip(), value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
+    cfg, origin = Config(), {}  # key -> where its value came from
+    if path:
+        cfg.name = Path(path).stem
+        for key, value in _flatten(read_yaml(path), str(path)).items():
+            _apply(cfg, key, value, str(path))
+            origin[key] = str(path)
+    for arg in overrides:
+        key, value = parse_override(arg)
+        _apply(cfg, key, value, "command line")
+        origin[key] = "command line"
+    validate(cfg, origin)
+    return cfg
+
+
+def validate(cfg: Config, origin: dict | None = None) -> None:
+    """Checks that involve more than one key; an error names where the keys' values came from."""
+    origin = origin or {}
+
+    def check(ok: bool, keys: tuple, message: str) -> None:
+        if not ok:
+            places = [origin[k] for k in keys if k in origin]
+            where = "command line" if "command line" in places else places[0] if places else "defaults"
+            raise ConfigError(f"{where}: {message}")
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    check(m.name in MODELS or is_spec(m.name), ("model.name",),
+          f"model.name: must be one of {', '.join(MODELS)} or package.module:factory, got {m.name!r}")
+    for spec in cfg.run.callbacks:
+        check(is_spec(spec), ("run.callbacks",), f"run.callbacks: {spec!r} is not of the form package.module:Class")
+    check(len(m.widths) == len(m.blocks) and bool(m.widths), ("model.widths", "model.blocks"),
+          f"model.widths and model.blocks must be non-empty lists of equal length, got {m.widths} and {m.blocks}")
+    for key, values, most in (("model.widths", m.widths, 4096), ("model.blocks", m.blocks, 64)):
+        check(all(1 <= v <= most for v in values), (key,),
+              f"{key}: every entry must be within 1..{most}, got {show(values)}")
+    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
+        check(len(values) == 3, (key,), f"{key}: expected 3 values (R, G, B), got {values}")
+    check(all(v > 0 for v in d.std), ("data.std",), f"data.std: every entry must be > 0, got {d.std}")
+    check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), ("train.betas",),
+          f"train.betas: expected two values in [0, 1), got {t.betas}")
+    if t.exact_reduce:
+        check(m.bn_group > 0, ("train.exact_reduce", "model.bn_group"),
+              "train.exact_reduce: needs model.bn_group > 0 (the chunk size)")
+        chunks = t.batch_size // m.bn_group
+        check(t.batch_size % m.bn_group == 0 and not chunks & (chunks - 1),
+              ("train.exact_reduce", "train.batch_size", "model.bn_group"),
+              f"train.exact_reduce: train.batch_size / model.bn_group must be a power of two, "
+              f"got {t.batch_size} / {m.bn_group}")
+        check(cfg.run.precision != "fp16", ("train.exact_reduce", "run.precision"),
+              "train.exact_reduce: not with run.precision=fp16 (loss scaling)")
+    check(not (d.val_split and d.synthetic), ("data.val_split", "data.synthetic"),
+          "data.val_split: not available with data.synthetic")
+
+
+def resolve_data_root(cfg: Config) -> Path:
+    """``data.root``, else $CIFAR_DIST_DATA, else ~/.cache/cifar_dist."""
+    root = cfg.data.root or os.environ.get("CIFAR_DIST_DATA") or "~/.cache/cifar_dist"
+    return Path(root).expanduser()

@@ -1,0 +1,1 @@
+"""Many processes: the launcher's environment, the Accelerator, collectives, exact gradient reduction."""

@@ -1,0 +1,155 @@
+"""Accelerator construction, collectives, and rank-0 helpers (the launcher's variables: ``launcher``)."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from cifar_dist.distributed.launcher import env_rank, launcher_world_size, using_deepspeed
+from cifar_dist.errors import ConfigError, UserError
+
+_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def check_world(num_processes: int) -> None:
+    """Refuse the silent trap: N processes that each believe they are rank 0 of 1."""
+    launched = launcher_world_size()
+    if launched > 1 and num_processes == 1:
+        raise UserError(
+            f"the launcher started {launched} processes but each one sees a world of 1 "
+            "(they would train unsynchronized); on CPU use `accelerate launch --config_file "
+            "launch/cpu.yaml`, `torchrun`, or ACCELERATE_USE_CPU=1 with --multi_gpu")
+
+
+def check_gpu_count(local_processes: int, visible_gpus: int) -> None:
+    """Refuse more processes on a node than it has visible GPUs: two ranks would share a
+    GPU, and NCCL fails (a launch config must not assume the node's GPU count)."""
+    if visible_gpus and local_processes > visible_gpus:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise UserError(f"{local_processes} processes on this node but {visible_gpus} visible GPU(s)"
+                        f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; start at most "
+                        f"{visible_gpus} (accelerate launch --num_processes, torchrun --nproc_per_node)")
+
+
+def has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+def make_accelerator(cfg, timeout_s: int = 600):
+    """The Accelerator for this run: DDP (or DeepSpeed when launched with its config)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    if cfg.model.sync_bn and not has_accelerator():
+        raise ConfigError("model.sync_bn: SyncBatchNorm only runs on GPUs; on CPU use "
+                          "model.bn_group for results independent of the process count")
+    if torch.cuda.is_available():
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        check_gpu_count(int(local) if local.isdigit() else 1, torch.cuda.device_count())
+    # Gradients live in DDP's buckets (no copy in and out of them each step). Buffers are not
+    # broadcast before every forward (parts.prepare_model switches that off on the module:
+    # Accelerate only knows the argument PyTorch 2.13 deprecated).
+    handlers = [DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+                InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
+    # cifar_dist.trainer.precision owns autocast and loss scaling, except under DeepSpeed.
+    kwargs = dict(mixed_precision="no", kwargs_handlers=handlers)
+    if using_deepspeed():
+        kwargs["mixed_precision"] = _PRECISION[cfg.run.precision]
+        if not has_accelerator():
+            _skip_shm_comm_build()  # before anything starts DeepSpeed's communication backend
+        if not has_accelerator() and launcher_world_size() > 1:
+            # DeepSpeed checks the batch size against the world size when it is
+            # built, so the (gloo) process group must exist first.
+            from accelerate import PartialState
+            PartialState(backend="gloo")
+        os.environ.setdefault("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        _skip_transformers_weakref()
+    else:
+        # Without cpu=True, CPU processes started by torchrun each become rank 0 of 1.
+        kwargs["cpu"] = not has_accelerator()
+    init_restarted_process_group(timedelta(seconds=timeout_s))
+    accelerator = Accelerator(**kwargs)
+    check_world(accelerator.num_processes)
+    return accelerator
+
+
+def init_restarted_process_group(timeout: timedelta) -> bool:
+    """Form the process group of a torchrun restart in a key space of its own.
+
+    torchrun keeps one TCPStore for the whole job (static and c10d rendezvous
+    alike), and the workers of PyTorch 2.14 do not prefix their keys with the
+    attempt (torch/distributed/rendezvous.py assumes a new store per retry). A
+    restarted rank can then read the address that a dead rank of the previous
+    attempt published and try to connect to it: gloo fails after its retries or
+    waits, depending on who comes first (NCCL's unique id is exchanged the same
+    way). Under ``--max-restarts`` the restarted ranks build the group here, on
+    the same store, with the attempt as a prefix; Accelerate then uses that group.
+    Returns whether it did.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not attempt.isdigit()
+            or int(attempt) == 0 or launcher_world_size() < 2 or dist.is_initialized()):
+        return False
+    world = launcher_world_size()
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)
+    backend = "nccl" if torch.cuda.is_available() else "xccl" if has_accelerator() else "gloo"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"cifar_dist/attempt_{attempt}/", store),
+                            rank=env_rank(), world_size=world, timeout=timeout)
+    return True
+
+
+def _skip_transformers_weakref() -> None:
+    """Accelerate (1.15) registers the DeepSpeed config with Hugging Face
+    transformers whenever DeepSpeed is selected, and fails when transformers is
+    not installed. That registration only serves transformers' own ZeRO-3 model
+    construction, which cifar_dist does not use: without transformers, skip it."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is not None:
+        return
+    from accelerate.utils import DeepSpeedPlugin
+
+    if getattr(DeepSpeedPlugin.set_deepspeed_weakref, "_cifar_dist_skip", False):
+        return
+
+    def set_deepspeed_weakref(self):
+        if self.zero3_init_flag:
+            raise ConfigError("deepspeed_config.zero3_init_flag: needs Hugging Face transformers; "
+                              "set it to false in the launch config")
+
+    set_deepspeed_weakref._cifar_dist_skip = True
+    DeepSpeedPlugin.set_deepspeed_weakref = set_deepspeed_weakref
+
+
+def _skip_shm_comm_build() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles a C++ shared-memory
+    all-reduce (deepspeed_shm_comm) in every fresh environment: minutes on a small
+    machine (it pushed a test past 15 minutes on 2 busy cores), and a compiler
+    requirement. gloo does the same reductions, so the op is declared unavailable."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def configure_deepspeed(accelerator, shard, cfg) -> None:
+    """Give DeepSpeed the batch geometry (our loaders do not go through prepare()).
+    (``train.exact_reduce`` is refused under DeepSpeed before any set-up: ``train.run``.)"""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = shard.micro
+    ds["gradient_accumulation_steps"] = shard.accum
+    ds["train_batch_size"] = shard.global_batch
+    ds["gradient_clipping"] = cfg.train.grad_clip
+    # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32) and ZeRO
+    # allocates one per micro-step: 10 s a step on a CPU. Our largest model has
+    # 11M parameters, so 2e7 elements is one or two buckets.
+    zero = ds.setdefault("zero_optimization", {})
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(key) in (None, "auto"):
+            zero[key] = int(2e7)
+    accelerator.gradient_accumulation_steps = shard.accum

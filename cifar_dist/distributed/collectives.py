@@ -1,0 +1,55 @@
+"""Accelerator construction, collectives, and rank-0 helpers (the launcher's variables: ``launcher``)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from cifar_dist.errors import EnvironmentFault, UserError
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` in place over all processes (no-op for one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def world_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def print0(*args, **kwargs) -> None:
+    """Print on rank 0 only (every rank-0 side effect goes through a helper like this)."""
+    if world_info()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def share_from_main(fn):
+    """Run ``fn`` on rank 0 and give every rank its result; an error there is raised everywhere.
+
+    Keeps the ranks in step when rank 0 refuses something (a locked run
+    directory, say): nobody is left waiting at the next collective.
+    """
+    rank, world = world_info()
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except (UserError, EnvironmentFault) as e:
+            error = e
+    if world > 1:
+        box = [result, None if error is None else (type(error), str(error))]
+        dist.broadcast_object_list(box, src=0)
+        result, err = box
+        if err is not None and error is None:
+            error = err[0](err[1])
+    if error is not None:
+        raise error
+    return result
+
+
+def barrier() -> None:
+    if world_info()[1] > 1:
+        dist.barrier()

@@ -1,0 +1,1 @@
+"""Many runs: sweeps, comparisons with their statistics, the data-parallel scaling plan."""

@@ -1,0 +1,325 @@
+"""`cifar-dist compare`: statistics over many runs, grouped into configurations.
+
+Runs whose configs differ only in keys that do not change what is trained (the
+seed, where the output goes, how the data is loaded, ...) form one configuration;
+each configuration gets its final test accuracy as mean, std, min, max and a 95%
+confidence interval of the mean, and every pair a Welch's t-test p-value.
+Writes compare.md, compare.json and compare.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from cifar_dist.config.loading import read_yaml
+from cifar_dist.config.schema import result_free_keys
+from cifar_dist.errors import UserError
+from cifar_dist.experiments import stats
+from cifar_dist.storage.metrics import read_metrics
+from cifar_dist.storage.rundir import flatten
+
+# Keys that may differ between runs of one configuration: the seed, and those that do not change
+# the result (config.result_free_keys, shared with --resume).
+IGNORED_KEYS = result_free_keys() | {"run.seed"}
+MAX_ALL_PAIRS = 6  # above this many configurations, each is tested against the first only
+_ABSENT = "<absent>"
+
+
+def add_compare_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments of `cifar-dist compare`: DIR... and --out."""
+    ap.add_argument("dirs", nargs="+", metavar="DIR",
+                    help="run directories, or directories holding runs (a sweep directory, runs/)")
+    ap.add_argument("--out", metavar="DIR",
+                    help="where compare.md/.json/.png go (default: the first DIR if it is a sweep "
+                         "directory, else ./compare-<time>)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return data
+
+
+def valid_accuracy(value) -> bool:
+    """A test accuracy that can be averaged: a finite number in [0, 1] (not a boolean, not NaN)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0.0 <= value <= 1.0)
+
+
+def _read_run(path: Path) -> dict:
+    """One finished run: its flattened config, summary and per-epoch test accuracy. A run whose
+    test_acc is not a finite number in [0, 1] gets an ``invalid`` reason (it is not counted)."""
+    summary = _read_json(path / "summary.json")
+    invalid = None
+    if not valid_accuracy(summary.get("test_acc")):
+        invalid = f"test_acc is {str(summary.get('test_acc', 'missing'))[:40]}, not a number in [0, 1]"
+    config = read_yaml(path / "config.yaml")  # read as data: nothing it names is imported
+    curve = {row["epoch"]: 100.0 * row["test_acc"] for row in read_metrics(path)
+             if valid_accuracy(row.get("test_acc"))}
+    return {"dir": str(path), "config": flatten(config), "summary": summary, "curve": curve, "invalid": invalid}
+
+
+def _looks_like_run(path: Path) -> bool:
+    return any((path / f).exists() for f in ("summary.json", "config.yaml", "metrics.jsonl", ".lock"))
+
+
+def _sweep_members(path: Path) -> list[Path]:
+    """The member directories that a sweep.json in ``path`` names (none if there is none or it is unreadable)."""
+    try:
+        members = json.loads((path / "sweep.json").read_text()).get("members", [])
+        return sorted(path / m["name"] for m in members if isinstance(m.get("name"), str) and m["name"])
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+
+
+def collect_runs(dirs: list[str]) -> tuple[list[dict], list[str]]:
+    """The finished runs in ``dirs`` (each a run directory or a directory of runs) and the
+    paths of the unfinished ones (no summary.json). Raises UserError for a directory that
+    does not exist or holds no finished run."""
+    runs, unfinished, seen = [], [], set()
+    for d in dirs:
+        path = Path(d)
+        if not path.is_dir():
+            raise UserError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}")
+        if (path / "summary.json").is_file():
+            members = [path]
+        else:
+            members = sorted(p for p in path.iterdir() if p.is_dir() and _looks_like_run(p))
+            members += [p for p in _sweep_members(path) if p not in members]  # also those never started
+        finished = [p for p in members if (p / "summary.json").is_file()]
+        if not finished:
+            raise UserError(f"{path}: holds no finished run (no summary.json in it or its subfolders)")
+        for p in members:
+            key = p.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            if p in finished:
+                runs.append(_read_run(p))
+            else:
+                unfinished.append(str(p))
+    return runs, unfinished
+
+
+def group_runs(runs: list[dict]) -> list[dict]:
+    """Configurations, in order of first appearance: {label, differs, name, runs}."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        ident = {k: v for k, v in run["config"].items() if k not in IGNORED_KEYS}
+        groups.setdefault(json.dumps(ident, sort_keys=True, default=str), []).append(run)
+    members = list(groups.values())
+    keys: list[str] = []
+    for group in members:
+        keys += [k for k in group[0]["config"] if k not in IGNORED_KEYS and k not in keys]
+    differing = [k for k in keys
+                 if len({json.dumps(g[0]["config"].get(k, _ABSENT), default=str) for g in members}) > 1]
+    out = []
+    for group in members:
+        cfg = group[0]["config"]
+        name = str(cfg.get("name") or group[0]["summary"].get("config") or Path(group[0]["dir"]).name)
+        differs = {k: cfg.get(k, _ABSENT) for k in differing}
+        label = ", ".join(f"{k}={_fmt_value(v)}" for k, v in differs.items()) if len(members) > 1 else name
+        out.append({"label": label, "differs": differs, "name": name, "runs": group})
+    return out
+
+
+def _fmt_value(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _mean_of(values: list) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float))]
+    return stats.mean(values) if values else None
+
+
+def _seed_of(run: dict):
+    return run["summary"].get("seed", run["config"].get("run.seed"))
+
+
+def per_seed(runs: list[dict]) -> tuple[list[float], dict]:
+    """One accuracy (in %) per distinct seed, the mean of the runs that share it, and the seeds
+    that several runs share ({seed: [dirs]}). Runs of one seed repeat one experiment: counting
+    each would shrink the interval without any new evidence."""
+    by_seed: dict = {}
+    for r in runs:
+        by_seed.setdefault(json.dumps(_seed_of(r), default=str), []).append(r)
+    values = [stats.mean([100.0 * r["summary"]["test_acc"] for r in rs]) for rs in by_seed.values()]
+    shared = {str(_seed_of(rs[0])): [r["dir"] for r in rs] for rs in by_seed.values() if len(rs) > 1}
+    return values, shared
+
+
+def summarize(group: dict) -> dict:
+    """The numbers of one configuration (accuracies in %), as they go into compare.json: n is the
+    number of distinct seeds, and the 95% interval is clipped to [0, 100]."""
+    runs = group["runs"]
+    accs = [100.0 * r["summary"]["test_acc"] for r in runs]
+    seeds, shared = per_seed(runs)
+    ci = stats.mean_ci(seeds)
+    ci = (max(0.0, ci[0]), min(100.0, ci[1])) if ci else None
+    sums = [r["summary"] for r in runs]
+    target = None
+    if any(k in s for s in sums for k in ("time_to_target_s", "epochs_to_target")):
+        reached = [s for s in sums if s.get("time_to_target_s") is not None or s.get("epochs_to_target") is not None]
+        target = {"reached": len(reached),
+                  "time_to_target_s_mean": _mean_of([s.get("time_to_target_s") for s in reached]),
+                  "epochs_to_target_mean": _mean_of([s.get("epochs_to_target") for s in reached])}
+    return {
+        "label": group["label"], "name": group["name"], "differs": group["differs"], "n": len(seeds),
+        "runs_counted": len(accs), "shared_seeds": shared,
+        "test_acc_pct": {"mean": stats.mean(seeds), "std": stats.std(seeds), "min": min(accs), "max": max(accs),
+                         "ci95": list(ci) if ci else None, "per_seed": seeds},
+        "data": sorted({_data_name(s.get("data")) for s in sums}),
+        "wall_time_s_mean": _mean_of([s.get("wall_time_s") for s in sums]),
+        "images_per_s_mean": _mean_of([s.get("images_per_s") for s in sums]),
+        "target": target,
+        "runs": [{"dir": r["dir"], "seed": _seed_of(r), "test_acc_pct": a} for r, a in zip(runs, accs)],
+    }
+
+
+def _data_name(data) -> str:
+    """Which data a run's accuracy is on, from summary.json's ``data`` record."""
+    if not isinstance(data, dict):
+        return "data not recorded"
+    if data.get("source") == "synthetic":
+        return "synthetic data"
+    return "CIFAR-10 (official files)" if data.get("official") else \
+        f"a CIFAR-10 copy that is not the official files (md5 {str(data.get('md5', ''))[:8]})"
+
+
+def pair_tests(configs: list[dict], runs_by_label: dict[str, list[float]]) -> tuple[str, list[dict]]:
+    """Welch's t-tests of the test-accuracy difference: every pair, or each versus the first
+    when there are more than MAX_ALL_PAIRS configurations. Returns (scope, pairs)."""
+    labels = [c["label"] for c in configs]
+    if len(labels) > MAX_ALL_PAIRS:
+        scope, pairs = "versus_first", [(labels[0], b) for b in labels[1:]]
+    else:
+        scope, pairs = "all", [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+    means = {c["label"]: c["test_acc_pct"]["mean"] for c in configs}
+    return scope, [{"a": a, "b": b, "diff_pct": means[a] - means[b],
+                    "p_value": stats.welch_p_value(runs_by_label[a], runs_by_label[b])} for a, b in pairs]
+
+
+def _num(v, fmt: str = ".2f") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def to_markdown(report: dict) -> str:
+    configs = report["configurations"]
+    nruns = sum(c.get("runs_counted", c["n"]) for c in configs)
+    lines = [f"# Comparison: {nruns} finished run{'s' * (nruns != 1)} in {len(configs)} "
+             f"configuration{'s' * (len(configs) != 1)}", "",
+             "Final test accuracy in %; n counts distinct seeds (runs that share a seed are averaged into one "
+             "value); the 95% CI is that of the mean (Student's t, n - 1 degrees of freedom), clipped to [0, 100].",
+             "Data: " + "; ".join(sorted({d for c in configs for d in c["data"]})) + ".", ""]
+    has_target = any(c["target"] for c in configs)
+    header = ["configuration", "n", "test acc (mean ± std)", "min", "max", "95% CI", "wall time (s)", "images/s"]
+    header += ["time to target (s)", "epochs to target"] if has_target else []
+    rows = []
+    for c in configs:
+        acc, t = c["test_acc_pct"], c["target"]
+        ci = f"[{acc['ci95'][0]:.2f}, {acc['ci95'][1]:.2f}]" if acc["ci95"] else "– (n < 2)"
+        row = [c["label"], str(c["n"]), f"{acc['mean']:.2f} ± {acc['std']:.2f}", f"{acc['min']:.2f}",
+               f"{acc['max']:.2f}", ci, _num(c["wall_time_s_mean"], ".1f"), _num(c["images_per_s_mean"], ".0f")]
+        if has_target:
+            row += [f"{_num(t['time_to_target_s_mean'], '.1f')} ({t['reached']}/{c['n']} reached)" if t else "–",
+                    _num(t["epochs_to_target_mean"], ".1f") if t else "–"]
+        rows.append(row)
+    lines += _table(header, rows)
+    if report["pairs"]:
+        scope = "each versus the first" if report["pairs_scope"] == "versus_first" else "every pair"
+        lines += ["", f"## Welch's t-test of the test-accuracy difference ({scope})", ""]
+        lines += _table(["A", "B", "A − B (points)", "p-value"],
+                        [[p["a"], p["b"], f"{p['diff_pct']:+.2f}",
+                          "– (n < 2)" if p["p_value"] is None else f"{p['p_value']:.3g}"] for p in report["pairs"]])
+    lines += ["", "## Runs", ""]
+    lines += _table(["configuration", "run directory", "seed", "test acc"],
+                    [[c["label"], r["dir"], str(r["seed"]), f"{r['test_acc_pct']:.2f}"]
+                     for c in configs for r in c["runs"]])
+    shared = [(c["label"], seed, dirs) for c in configs for seed, dirs in c.get("shared_seeds", {}).items()]
+    if shared:
+        lines += ["", "## Runs that share a seed (counted once: they repeat one experiment)", ""]
+        lines += [f"- {label}: seed {seed}: {', '.join(dirs)}" for label, seed, dirs in shared]
+    if report.get("invalid"):
+        lines += ["", "## Invalid results (excluded from every statistic)", ""]
+        lines += [f"- {r['dir']}: {r['reason']}" for r in report["invalid"]]
+    if report["not_finished"]:
+        lines += ["", "## Not finished (no summary.json; not counted)", ""]
+        lines += [f"- {d}" for d in report["not_finished"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
+    """Mean test accuracy per configuration over the epochs where it was recorded, with a min-max band."""
+    from cifar_dist.storage.plots import epoch_axis, pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    drawn, all_epochs = False, []
+    for g in groups:
+        epochs = sorted({e for r in g["runs"] for e in r["curve"]})
+        if not epochs:
+            continue
+        all_epochs += epochs
+        values = [[r["curve"][e] for r in g["runs"] if e in r["curve"]] for e in epochs]
+        line, = ax.plot(epochs, [stats.mean(v) for v in values], marker="o" if len(epochs) < 30 else None,
+                        label=f"{g['label']} (n={len(g['runs'])})")
+        ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+        drawn = True
+    if drawn:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no test accuracy recorded in metrics.jsonl", ha="center", va="center",
+                transform=ax.transAxes)
+    epoch_axis(ax, all_epochs)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title + ': ' if title else ''}test accuracy, mean per configuration, band from min to max "
+                 "over its runs", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def run_compare(args) -> int:
+    """Compare the runs in ``args.dirs``; write compare.md/.json/.png to ``args.out``; print the Markdown.
+    Returns 0; bad input raises UserError."""
+    runs, unfinished = collect_runs(args.dirs)
+    invalid = [{"dir": r["dir"], "reason": r["invalid"]} for r in runs if r["invalid"]]
+    runs = [r for r in runs if not r["invalid"]]
+    if not runs:
+        raise UserError(f"{args.dirs[0]}: no finished run with a valid test_acc ({invalid[0]['dir']}: "
+                        f"{invalid[0]['reason']})")
+    groups = group_runs(runs)
+    configs = [summarize(g) for g in groups]
+    scope, pairs = pair_tests(configs, {c["label"]: c["test_acc_pct"]["per_seed"] for c in configs})
+    report = {"configurations": configs, "pairs_scope": scope, "pairs": pairs, "not_finished": unfinished,
+              "invalid": invalid}
+    if args.out:
+        out = Path(args.out)
+    elif (Path(args.dirs[0]) / "sweep.json").is_file():
+        out = Path(args.dirs[0])
+    else:
+        out = Path(f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(report)
+    files = out / "compare.md", out / "compare.json", out / "compare.png"
+    files[0].write_text(markdown)
+    files[1].write_text(json.dumps(report, indent=1, default=str) + "\n")
+    plot_curves(groups, files[2], title=", ".join(Path(d).name for d in args.dirs)[:80])
+    print(markdown, end="")
+    print(f"written {files[0]}, {files[1]}, {files[2]}")
+    return 0

@@ -1,0 +1,393 @@
+"""`cifar-dist sweep`: many seeds and settings as independent runs, compared with honest statistics.
+
+    cifar-dist sweep --config configs/fast.yaml --seeds 5 train.lr=0.1,0.2 --out runs/lr-sweep
+    cifar-dist sweep --config configs/fast.yaml --seeds 0,1,2,3,4,5,6,7 --parallel 8   # one GPU each
+    cifar-dist sweep --config configs/fast.yaml --seeds 8 --out runs/s --plan-only    # then a Slurm array:
+    sbatch --array=0-7 slurm/sweep.sh runs/s
+    cifar-dist compare runs/lr-sweep
+
+Every combination of the listed values (``key=v1,v2``; a value may itself be a list,
+``model.widths=[32,64],[64,128]``) times every seed is a member: a normal run
+directory under the sweep directory, named by its settings (``lr=0.1-seed=3``),
+trained by the same entry point as a run started by hand with the same config and
+overrides, so its result is that run's. ``sweep.json`` lists the members and their
+state. Running the same command again resumes the sweep: finished members are
+skipped, interrupted ones continue from their newest checkpoint. A member that
+fails is recorded with its exit code and last error line; the others go on.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cifar_dist.errors import ConfigError, UserError
+from cifar_dist.storage.files import write_json_atomic
+
+
+def read_sweep_file(path: Path) -> dict:
+    """sweep.json, checked for its shape: a config (a path or null) and members, each with a name
+    and a list of overrides; anything else is a UserError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({str(e)[:80]}); remove it to plan the sweep again") from None
+    members = data.get("members") if isinstance(data, dict) else None
+    if not (isinstance(members, list) and (data.get("config") is None or isinstance(data["config"], str))
+            and all(isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("overrides"), list)
+                    and all(isinstance(o, str) for o in m["overrides"]) for m in members)):
+        raise UserError(f"{path}: not a sweep file (config, members with name and overrides); remove it to plan "
+                        "the sweep again")
+    return data
+
+
+def finished_run(run_dir: Path) -> float | None:
+    """The test accuracy of a finished run (a summary.json with a valid test_acc), else None:
+    an empty or torn summary.json does not make a member done."""
+    from cifar_dist.experiments.compare import valid_accuracy
+
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    acc = summary.get("test_acc") if isinstance(summary, dict) else None
+    return acc if valid_accuracy(acc) else None
+
+
+@dataclass
+class Member:
+    index: int
+    name: str
+    overrides: list[str]
+    state: str = "pending"      # pending | done | failed
+    exit_code: int | None = None
+    error: str = ""             # the member's last error line
+    wall_time_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def split_values(text: str) -> list[str]:
+    """``0.1,0.2`` -> ["0.1", "0.2"]; commas inside brackets belong to the value: ``[1,2],[3,4]``."""
+    values, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += ch
+    values.append(current)
+    return [v.strip() for v in values]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``5`` -> seeds 0..4; ``0,3,7`` -> those seeds."""
+    try:
+        seeds = [int(v) for v in text.split(",")] if "," in text else list(range(int(text)))
+    except ValueError:
+        raise ConfigError(f"--seeds: expected a count (5) or a list (0,1,2), got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: expected distinct seeds >= 0, got {text!r}")
+    return seeds
+
+
+def _label(key: str, keys: list[str]) -> str:
+    """The shortest name of ``key`` that no other swept key shares (``train.lr`` -> ``lr``)."""
+    short = key.rpartition(".")[2]
+    return short if sum(k.rpartition(".")[2] == short for k in keys) == 1 else key
+
+
+MAX_NAME = 120  # characters of a member's directory name (file systems allow 255 bytes)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,+\-]", "_", text.replace("[", "").replace("]", "").replace(" ", ""))
+
+
+def _hashed(readable: str, exact: list[str]) -> str:
+    import hashlib
+
+    digest = hashlib.sha1(json.dumps(exact).encode()).hexdigest()[:10]
+    return f"{readable[:MAX_NAME - 11]}-{digest}"
+
+
+def member_names(readable: list[str], exact: list[list[str]]) -> list[str]:
+    """Directory names, one-to-one in the members' exact overrides: each member's readable form
+    (``lr=0.1-seed=3``), except where that form is longer than ``MAX_NAME`` or shared with
+    another member (the readable form drops characters: ``name=a/b`` and ``name=a_b`` read
+    alike), which get the form cut short plus a hash of their exact overrides."""
+    counts: dict[str, int] = {}
+    for r in readable:
+        counts[r] = counts.get(r, 0) + 1
+    return [r if counts[r] == 1 and len(r) <= MAX_NAME else _hashed(r, e) for r, e in zip(readable, exact)]
+
+
+def expand(grid: list[str], seeds: list[int]) -> list[Member]:
+    """Every combination of the grid's values, times every seed, in a stable order."""
+    axes = []
+    for item in grid:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"command line: {item!r} is not key=value[,value...]")
+        if key.strip() == "run.seed":
+            raise ConfigError("command line: run.seed: use --seeds to sweep seeds")
+        axes.append((key.strip(), split_values(values)))
+    keys = [k for k, _ in axes]
+    swept = [k for k, values in axes if len(values) > 1]  # a single value is a plain override: not in names
+    members = []
+    for combo in itertools.product(*[values for _, values in axes]):
+        for seed in seeds:
+            settings = [f"{k}={v}" for k, v in zip(keys, combo)] + [f"run.seed={seed}"]
+            readable = [f"{_label(k, swept)}={v}" for k, v in zip(keys, combo) if k in swept] + [f"seed={seed}"]
+            members.append(Member(len(members), "-".join(_safe(r) for r in readable), settings))
+    exact = [m.overrides for m in members]
+    if len({json.dumps(e) for e in exact}) != len(exact):
+        raise ConfigError("command line: a value is listed twice; each member must differ")
+    for m, name in zip(members, member_names([m.name for m in members], exact)):
+        m.name = name
+    return members
+
+
+class Sweep:
+    """The sweep directory: sweep.json, one run directory per member, logs/, array/ (Slurm)."""
+
+    def __init__(self, path: Path, config: str | None, members: list[Member]):
+        self.path, self.config, self.members = Path(path), config, members
+
+    @property
+    def file(self) -> Path:
+        return self.path / "sweep.json"
+
+    def member_dir(self, m: Member) -> Path:
+        return self.path / m.name
+
+    def open(self) -> None:
+        """Create the directory, or check that the one there holds this same sweep; refresh states
+        (a member with a summary.json is done; any other is to run, failed ones again)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path}: exists and is not a directory; choose another --out")
+        if self.file.is_file():
+            saved = read_sweep_file(self.file)
+            same = saved["config"] == self.config and \
+                [m["overrides"] for m in saved["members"]] == [m.overrides for m in self.members]
+            if not same:
+                raise UserError(f"{self.file}: holds a different sweep (config or grid); choose another --out")
+            for m, old in zip(self.members, saved["members"]):
+                m.exit_code, m.wall_time_s = old.get("exit_code"), old.get("wall_time_s")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot create the sweep directory ({e.strerror or e})") from None
+        for m in self.members:  # a state is derived from the member's directory, never trusted from the file
+            if finished_run(self.member_dir(m)):
+                m.state = "done"
+            else:  # never finished, or failed: (re)run it
+                m.state, m.exit_code, m.wall_time_s = "pending", None, None
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.file, {"config": self.config, "members": [asdict(m) for m in self.members]})
+
+    def train_args(self, m: Member) -> list[str]:
+        """What `cifar-dist train` is given for ``m``: the run a user would start by hand, resumable."""
+        config = ["--config", self.config] if self.config else []
+        return [*config, "--out", str(self.member_dir(m)), "--resume", *m.overrides, "run.progress=false"]
+
+    def write_array(self) -> int:
+        """array/<index>.args for slurm/sweep.sh: slurm/train.sh's arguments, one per line."""
+        folder = self.path / "array"
+        folder.mkdir(exist_ok=True)
+        for m in self.members:
+            lines = [self.config or "", *m.overrides, f"run.out_dir={self.member_dir(m).resolve()}"]
+            (folder / f"{m.index}.args").write_text("\n".join(lines) + "\n")
+        return len(self.members)
+
+
+def _slots(parallel: int) -> list[dict]:
+    """Environment changes for each of ``parallel`` concurrent members: its own GPU, or its share of CPU threads."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g for g in visible.split(",") if g.strip()] if visible else None
+    if gpus is None:
+        try:
+            import torch
+            gpus = [str(i) for i in range(torch.cuda.device_count())]
+        except ImportError:
+            gpus = []
+    if gpus:
+        if parallel > len(gpus):
+            raise ConfigError(f"--parallel: {parallel} members at once, but {len(gpus)} GPU(s) are visible")
+        return [{"CUDA_VISIBLE_DEVICES": gpus[i]} for i in range(parallel)]
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    return [{"threads": str(threads)} if parallel > 1 else {} for _ in range(parallel)]
+
+
+def _last_error(log: Path) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    errors = [ln for ln in lines if ln.startswith("cifar-dist:")]
+    return (errors or lines or [""])[-1][:300]
+
+
+def _check_members(config: str | None, members: list[Member]) -> dict[int, str]:
+    """Each member's config, checked before anything runs: {index: error} for the bad ones.
+    When every member fails the same way (a bad file, an unknown key), that is the error."""
+    from cifar_dist.config.loading import load_config
+
+    refused = {}
+    for m in members:
+        try:
+            load_config(config, m.overrides)
+        except ConfigError as e:
+            refused[m.index] = str(e)
+    if len(refused) == len(members) and len(set(refused.values())) == 1:
+        raise ConfigError(refused[0])
+    return refused
+
+
+class _Signals:
+    """SIGTERM, SIGINT and SIGHUP to the sweep, caught while it runs members: the first is
+    forwarded to every running member (SIGHUP as SIGTERM, which a member also answers with a
+    checkpoint), and no further member starts. Members run in sessions of their own, so a
+    signal to the sweep's process group (Ctrl-C in a terminal) reaches them once, through here."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = self.received or signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[Member], int | None]:
+    """Train every member not done yet (and not refused), ``parallel`` at a time. Returns the
+    failed members and the signal that stopped the sweep (None if none did): then the running
+    members were stopped with a checkpoint and stay pending, to be resumed by a re-run."""
+    todo = [m for m in sweep.members if m.state == "pending"]
+    logs = sweep.path / "logs"
+    logs.mkdir(exist_ok=True)
+    free, running, total = _slots(parallel), {}, len(sweep.members)
+    done_before = total - len(todo)
+    print(f"sweep {sweep.path}: {total} members, {done_before} done, {len(todo)} to run, {parallel} at a time",
+          flush=True)
+    with _Signals() as signals:
+        forwarded = False
+        try:
+            while (todo and signals.received is None) or running:
+                while todo and free and signals.received is None:
+                    m, slot = todo.pop(0), free.pop(0)
+                    # a member under a Slurm allocation must never requeue the job: the sweep owns it
+                    env = dict(os.environ, CIFAR_DIST_REQUEUE="0",
+                               **{k: v for k, v in slot.items() if k != "threads"})
+                    threads = [f"run.threads={slot['threads']}"] if "threads" in slot and not user_threads else []
+                    log = open(logs / f"{m.name}.log", "a")
+                    cmd = [sys.executable, "-m", "cifar_dist.train", *sweep.train_args(m), *threads]
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+                    running[m.index] = (proc, m, slot, time.time(), log)
+                    print(f"[{m.index + 1}/{total}] {m.name}: started", flush=True)
+                if signals.received is not None and not forwarded:
+                    forwarded = True
+                    sig = signal.SIGTERM if signals.received == signal.SIGHUP else signals.received
+                    for proc, *_ in running.values():
+                        proc.send_signal(sig)
+                    print(f"sweep: {signal.Signals(signals.received).name}: {len(running)} running member(s) "
+                          "asked to stop at their next checkpoint; no new member starts", flush=True)
+                time.sleep(0.2)
+                for index, (proc, m, slot, started, log) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    log.close()
+                    del running[index]
+                    free.append(slot)
+                    _record(sweep, m, proc.returncode, started, logs, stopped=forwarded, total=total)
+        finally:  # an error in the sweep itself: leave no member running
+            for proc, *_ in running.values():
+                proc.terminate()
+            for proc, *_ in running.values():
+                proc.wait()
+    return [m for m in sweep.members if m.state == "failed"], signals.received
+
+
+def _record(sweep: Sweep, m: Member, code: int, started: float, logs: Path, stopped: bool, total: int) -> None:
+    """What a member's exit means: done (a valid summary.json), stopped by the sweep's signal
+    (pending again: a re-run resumes it), or failed (its last error line)."""
+    m.exit_code, m.wall_time_s = code, round(time.time() - started, 1)
+    acc = finished_run(sweep.member_dir(m))
+    if code == 0 and acc is not None:
+        m.state, m.error = "done", ""
+        outcome = f"done, test accuracy {100 * acc:.2f}%"
+    elif stopped and code not in (1, 2):  # stopped by the signal (with a checkpoint, or before training)
+        m.state, m.error = "pending", ""
+        outcome = "stopped with a checkpoint; a re-run of the sweep resumes it"
+    else:
+        m.state, m.error = "failed", _last_error(logs / f"{m.name}.log")
+        outcome = f"FAILED (exit {code}): {m.error}"
+    sweep.save()
+    print(f"[{m.index + 1}/{total}] {m.name}: {outcome} ({m.wall_time_s:.0f} s)", flush=True)
+
+
+def add_sweep_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", help="YAML recipe every member starts from")
+    ap.add_argument("--seeds", default="1", help="a count (5: seeds 0..4) or a list (0,1,2); default 1 (seed 0)")
+    ap.add_argument("--out", help="sweep directory (default runs/sweep-<config>-<time>)")
+    ap.add_argument("--parallel", type=int, default=1, metavar="K",
+                    help="members at once: one GPU each, or a share of the CPU threads each (default 1)")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="write sweep.json and the Slurm array files, train nothing (then: sbatch slurm/sweep.sh)")
+    ap.add_argument("overrides", nargs="*", metavar="key=v1,v2",
+                    help="the grid: every combination of the listed values (a single value: a plain override)")
+
+
+def run_sweep(args) -> int:
+    from cifar_dist.config.loading import load_config
+
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel: must be >= 1, got {args.parallel}")
+    members = expand(args.overrides, parse_seeds(args.seeds))
+    refused = _check_members(args.config, members)
+    config = str(Path(args.config).resolve()) if args.config else None
+    name = Path(args.config).stem if args.config else "default"
+    sweep = Sweep(Path(args.out or f"runs/sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"), config, members)
+    sweep.open()
+    for m in members:
+        if m.index in refused:  # what `cifar-dist train` would have said, without starting it
+            m.state, m.exit_code, m.error = "failed", 2, f"cifar-dist: {refused[m.index]}"
+    sweep.save()
+    if args.plan_only:
+        n = sweep.write_array()
+        print(f"planned {n} members in {sweep.file}; submit them as a Slurm job array:\n"
+              f"  sbatch --array=0-{n - 1} slurm/sweep.sh {sweep.path}\n"
+              f"  (--array=0-{n - 1}%K runs at most K at once; then: cifar-dist compare {sweep.path})")
+        return 0
+    user_threads = any(o.startswith("run.threads=") for o in args.overrides) or \
+        load_config(args.config).run.threads > 0
+    failed, stopped_by = run_members(sweep, args.parallel, user_threads)
+    done = sum(m.state == "done" for m in sweep.members)
+    if stopped_by is not None:
+        print(f"sweep {sweep.path}: stopped by {signal.Signals(stopped_by).name}: {done} of {len(sweep.members)} "
+              "members done; run the same command again to resume the others", flush=True)
+        return 128 + stopped_by
+    print(f"sweep {sweep.path}: {done} of {len(sweep.members)} members done, {len(failed)} failed"
+          + ("" if failed else f"; compare them: cifar-dist compare {sweep.path}"))
+    for m in failed:
+        print(f"  failed: {m.name} (exit {m.exit_code}): {m.error}")
+    return 1 if failed else 0

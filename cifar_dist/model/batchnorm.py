@@ -1,0 +1,152 @@
+"""The paper's modified ResNet ("seed_resnet"), ResNet-9 and ResNet-18; ``build_model(cfg)``.
+
+seed_resnet is exactly the paper's network (Figure 1, 4,916,284 parameters):
+3x3 stem 3->66 + BN + ReLU, BasicBlocks in stages of [3, 4, 3] at
+[66, 132, 264] channels with strides 1/2/2, adaptive average pooling, Linear
+264->10, convolutions without bias. ReLU and flatten are functional so the
+per-layer summary lists the same rows as the paper's torchsummary table.
+
+Every BatchNorm is a ``GroupBatchNorm2d``: it normalizes over fixed-size
+groups of samples and leaves the running-statistics update to
+``sync_bn_statistics`` after each optimizer step, so the same groups and the
+same running statistics exist whatever the number of processes.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class GroupBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that normalizes over groups of ``group`` samples (0 = whole batch).
+
+    In training it records the batch statistics of each forward (the mean of
+    its groups' means and unbiased variances) in non-persistent buffers;
+    ``sync_bn_statistics`` averages them over forwards and processes and
+    applies the momentum update once per optimizer step. The state dict is a
+    plain BatchNorm2d's, so weights load into ``nn.BatchNorm2d`` too.
+    """
+
+    def __init__(self, num_features: int, group: int = 0, momentum: float = 0.1):
+        super().__init__(num_features, momentum=momentum)
+        self.group = group
+        self.register_buffer("stat_sum", torch.zeros(2, num_features), persistent=False)
+        self.register_buffer("stat_count", torch.zeros(()), persistent=False)
+
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """weight and bias in fp32: DeepSpeed's bf16/fp16 engines cast the parameters but not
+        the running statistics, and BatchNorm runs in fp32 whatever the activations' dtype."""
+        if self.weight.dtype == torch.float32:
+            return self.weight, self.bias
+        return self.weight.float(), self.bias.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._affine()
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
+        n = x.shape[0]
+        g = self.group or n
+        if n % g:
+            raise ValueError(f"GroupBatchNorm2d: a batch of {n} is not a whole number of groups of {g}")
+        if g == n:
+            # Fresh buffers with momentum 1 come back holding the batch mean and
+            # unbiased variance: native speed, and nothing shared is mutated.
+            mean = torch.zeros(self.num_features, device=x.device, dtype=torch.float32)
+            var = torch.ones(self.num_features, device=x.device, dtype=torch.float32)
+            y = F.batch_norm(x, mean, var, weight, bias, True, 1.0, self.eps)
+        else:
+            y, mean, var = self._group_forward(x, n // g, weight, bias)
+        with torch.no_grad():
+            self.stat_sum.add_(torch.stack([mean, var]).detach())
+            self.stat_count.add_(1)
+        return y
+
+    def _group_forward(self, x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor):
+        """Normalize each of ``groups`` contiguous sample groups by its own statistics.
+
+        Statistics come from one contiguous reduction per layout and are folded
+        with the affine parameters into a per-group scale and shift (fp32).
+        Returns the output and the groups' mean of means and of unbiased variances.
+        """
+        n, c, h, w = x.shape
+        g = n // groups
+        xf = x.float()
+        if xf.is_contiguous(memory_format=torch.channels_last) and not xf.is_contiguous():
+            var, mean = torch.var_mean(xf.permute(0, 2, 3, 1).reshape(groups, g * h * w, c), dim=1, correction=0)
+        else:
+            var, mean = torch.var_mean(xf.reshape(groups, g, c, h * w), dim=(1, 3), correction=0)
+        scale = weight * torch.rsqrt(var + self.eps)  # [groups, C]
+        shift = bias - mean * scale
+        y = xf.view(groups, g, c, h, w) * scale.view(groups, 1, c, 1, 1) + shift.view(groups, 1, c, 1, 1)
+        m = g * h * w
+        return y.view(n, c, h, w).to(x.dtype), mean.detach().mean(0), (var.detach() * (m / max(m - 1, 1))).mean(0)
+
+
+class _BNLayout:
+    """Where each GroupBatchNorm2d's numbers sit in the flat tensor of one step's
+    statistics, built once per model and device: the per-step update is then a fixed
+    handful of operations, however many BatchNorm layers the model has."""
+
+    def __init__(self, layers: list[GroupBatchNorm2d], device: torch.device):
+        self.layers, self.device = layers, device
+        self.sizes = [2 * m.num_features for m in layers]
+        self.total = sum(self.sizes)
+        # the layer of every statistic, to spread the layers' counts over their statistics
+        self.owner = torch.repeat_interleave(torch.arange(len(layers)), torch.tensor(self.sizes)).to(device)
+        moms = [m.momentum for m in layers]
+        self.momentum = moms[0] if len(set(moms)) == 1 else torch.tensor(moms).to(device)
+        self.running = [m.running_mean for m in layers] + [m.running_var for m in layers]
+
+
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layout(model: nn.Module) -> _BNLayout | None:
+    layers = [m for m in model.modules() if isinstance(m, GroupBatchNorm2d)]
+    if not layers:
+        return None
+    cached = _LAYOUTS.get(model)
+    device = layers[0].stat_sum.device
+    if (cached is None or cached.device != device or len(cached.layers) != len(layers)
+            or any(a is not b for a, b in zip(cached.layers, layers))
+            or any(r is not q for r, q in zip(cached.running, [m.running_mean for m in layers]
+                                              + [m.running_var for m in layers]))):
+        cached = _LAYOUTS[model] = _BNLayout(layers, device)
+    return cached
+
+
+@torch.no_grad()
+def sync_bn_statistics(model: nn.Module, all_reduce=None, extra: torch.Tensor | None = None):
+    """Apply the recorded batch statistics to the running statistics.
+
+    ``all_reduce`` sums a tensor in place across processes (None: one
+    process). Every process ends with the same running statistics: the
+    momentum update with the average over all forwards of all processes.
+    ``extra`` (a small float tensor) rides along in the same collective and
+    is returned summed, so per-step control flags cost no extra round trip.
+    """
+    layout = _layout(model)
+    layers = layout.layers if layout is not None else []
+    pieces = [m.stat_sum.view(-1) for m in layers] + [m.stat_count.view(1) for m in layers]
+    if extra is not None:
+        pieces.append(extra.float().flatten())
+    if not pieces:
+        return extra
+    flat = torch.cat(pieces)
+    if all_reduce is not None:
+        all_reduce(flat)
+    if layout is not None:
+        n = len(layers)
+        count = flat[layout.total:layout.total + n]
+        # count is 0 only for a layer that saw no forward this step; avoid a host sync
+        averages = flat[:layout.total] / count.clamp(min=1)[layout.owner]
+        rate = ((count > 0).float() * layout.momentum).unbind()
+        stats = [a.view(2, -1) for a in averages.split(layout.sizes)]
+        torch._foreach_lerp_(layout.running, [s[0] for s in stats] + [s[1] for s in stats], list(rate) * 2)
+        torch._foreach_add_([m.num_batches_tracked for m in layers], list((count > 0).long().unbind()))
+        torch._foreach_zero_([m.stat_sum for m in layers] + [m.stat_count for m in layers])
+    offset = layout.total + len(layers) if layout is not None else 0
+    return flat[offset:] if extra is not None else None

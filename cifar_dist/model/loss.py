@@ -1,0 +1,22 @@
+"""Optimizers, the learning rate as a pure function of the global step, and the loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps: float, form: str,
+                           reduction: str = "mean") -> torch.Tensor:
+    """Label-smoothed cross entropy (mean over the batch, or per sample), in fp32.
+
+    ``paper``: 1 - eps on the true class and eps/(K-1) on each other class
+    (the paper's SmoothCrossEntropyLoss); ``torch``: PyTorch's eps/K on every class.
+    """
+    logits = logits.float()
+    if form == "torch" or eps == 0:
+        return F.cross_entropy(logits, target, label_smoothing=eps, reduction=reduction)
+    logp = F.log_softmax(logits, dim=-1)
+    k = logits.shape[-1]
+    weight = torch.full_like(logp, eps / (k - 1)).scatter_(-1, target.unsqueeze(-1), 1.0 - eps)
+    per_sample = -(weight * logp).sum(-1)
+    return per_sample.mean() if reduction == "mean" else per_sample

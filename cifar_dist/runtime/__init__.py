@@ -1,0 +1,1 @@
+"""The process's runtime: seeding and determinism, provenance, hardware peaks and probes, malloc tuning."""

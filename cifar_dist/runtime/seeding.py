@@ -1,0 +1,57 @@
+"""Seeding, deterministic flags, and a record of the environment a result came from."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def set_determinism(deterministic: bool, compiling: bool = False) -> None:
+    """Deterministic algorithms when asked; otherwise let cudnn pick the fastest.
+
+    torch.use_deterministic_algorithms also sets inductor's flag, which imports
+    the compiler stack (16 s on a slow CPU); without torch.compile only the
+    eager flag matters, so it is set directly.
+    """
+    if deterministic:
+        # cuBLAS needs this before its first use to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if compiling:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+        else:
+            torch._C._set_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def set_tf32(allowed: bool) -> None:
+    """TF32 tensor cores for fp32 matrix products and convolutions on GPUs (or IEEE fp32)."""
+    mode = "tf32" if allowed else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:  # PyTorch before 2.9
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+        torch.backends.cudnn.allow_tf32 = allowed
+
+
+def apply_tf32(run_cfg) -> bool:
+    """``run.tf32`` on a GPU (off under ``run.deterministic``); returns whether fp32 work
+    now runs on TF32 tensor cores. Without a GPU nothing is changed."""
+    if not torch.cuda.is_available():
+        return False
+    allowed = run_cfg.tf32 and not run_cfg.deterministic
+    set_tf32(allowed)
+    return allowed
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds the global generators (used for weight initialization only: data
+    order and augmentation are keyed on the seed directly)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

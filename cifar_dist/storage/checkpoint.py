@@ -1,0 +1,284 @@
+"""Checkpoints: atomic directories with a manifest of digests, the newest intact one wins, safe loading.
+
+A checkpoint is ``checkpoints/step_XXXXXXXX/`` holding ``model.safetensors``,
+``optimizer.pt`` (tensors only: loaded with ``weights_only=True``), ``state.json``
+(where training stands) and, written last, ``manifest.json``: the size and SHA-256
+of every other file. It is written under a temporary name and renamed into place
+only when complete, so a crash mid-write leaves a ``.tmp-*`` directory that is
+never picked up. A checkpoint whose files do not match its manifest (a flipped bit,
+a truncated or replaced file) or whose state.json does not parse is damaged:
+``latest_checkpoint`` skips it for the previous intact one, saying so, and refuses
+when none is intact. Weights are read through safetensors, which cannot execute code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cifar_dist.errors import CheckpointError, EnvironmentFault, say
+from cifar_dist.storage.state import TrainState, parse_state
+
+_NAME = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def state_dict_of(model: torch.nn.Module) -> dict:
+    """Contiguous CPU copies of the model's persistent state (safetensors wants them)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def _save_safetensors(state: dict, path: Path) -> None:
+    """safetensors' save_file, with its I/O failures (disk full, file too large) as OSError."""
+    try:
+        save_file(state, str(path))
+    except SafetensorError as e:
+        raise OSError(str(e).replace("Error while serializing: ", "")) from None
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Write ``model.safetensors`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        _save_safetensors(state_dict_of(model), tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise EnvironmentFault(f"{path}: cannot write weights: {e.strerror or e}") from None
+
+
+def load_weights(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict:
+    """Read a safetensors file; with ``model``, load it strictly and name any mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if model is not None:
+        check_compatible(state, model, path)
+        model.load_state_dict(state, strict=True)
+    return state
+
+
+def check_compatible(state: dict, model: torch.nn.Module, source) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise CheckpointError(f"{source}: weights do not fit this model ({what}; "
+                              f"{len(missing)} missing, {len(extra)} unexpected keys)")
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{source}: {k} has shape {tuple(state[k].shape)}, "
+                                  f"this model needs {tuple(v.shape)}")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def locate_weights(path) -> tuple[Path, Path, str]:
+    """(weights file, the run's config.yaml, what they are in words) for ``path``: a run
+    directory (its final weights, else its newest checkpoint), a checkpoint directory
+    (``checkpoints/step_N``) or a ``.safetensors`` file. Anything else is a CheckpointError
+    naming the path."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: not a .safetensors weights file, a run directory or a checkpoint")
+        return path, _config_beside(path.parent), f"weights {path.name}"
+    if _NAME.match(path.name) and path.parent.name == "checkpoints":
+        if not (path / "model.safetensors").is_file():
+            raise CheckpointError(f"{path}: no model.safetensors in this checkpoint (a DeepSpeed checkpoint holds "
+                                  "its weights in DeepSpeed's own files; evaluate the run's final weights)")
+        problem = check_checkpoint(path)
+        if problem:
+            raise CheckpointError(f"damaged checkpoint: {problem}")
+        return path / "model.safetensors", path.parent.parent / "config.yaml", f"checkpoint {path.name}"
+    if (path / "model.safetensors").is_file():
+        return path / "model.safetensors", path / "config.yaml", "final weights"
+    ckpt = latest_checkpoint(path)  # the newest intact one; damaged ones are named and skipped
+    if ckpt is not None and (ckpt / "model.safetensors").is_file():
+        return (ckpt / "model.safetensors", path / "config.yaml",
+                f"newest checkpoint {ckpt.name} (the run has no final weights yet)")
+    raise CheckpointError(f"{path}: no model.safetensors and no checkpoint (is it a run directory?)")
+
+
+def _config_beside(folder: Path) -> Path:
+    """config.yaml of the run a weights file belongs to: beside it, or two levels up for a checkpoint's."""
+    if _NAME.match(folder.name) and folder.parent.name == "checkpoints":
+        return folder.parent.parent / "config.yaml"
+    return folder / "config.yaml"
+
+
+def read_state(ckpt: Path) -> TrainState:
+    """The checkpoint's state.json, validated (types, ranges, known keys)."""
+    path = Path(ckpt) / "state.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({str(e)[:120]})") from None
+    return parse_state(data, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    """``manifest.json``: the size and SHA-256 of every file in ``folder`` (written last)."""
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    (folder / MANIFEST).write_text(json.dumps({"format": 1, "files": entries}, indent=1))
+
+
+def check_checkpoint(ckpt: Path) -> str | None:
+    """None for an intact checkpoint, else what is wrong with it, naming the file: a file that
+    differs from the manifest, is missing from it or is not in it, or a state.json that does
+    not validate. A checkpoint of an earlier format (no manifest) is checked by its state alone."""
+    ckpt = Path(ckpt)
+    manifest = ckpt / MANIFEST
+    if manifest.exists():
+        try:
+            entries = json.loads(manifest.read_text())["files"]
+            assert isinstance(entries, dict) and all(isinstance(e, dict) for e in entries.values())
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            return f"{manifest}: unreadable manifest"
+        present = {str(p.relative_to(ckpt)) for p in _files(ckpt)}
+        for name in sorted(set(entries) | present):
+            path, entry = ckpt / name, entries.get(name)
+            if entry is None:
+                return f"{path}: not in the manifest"
+            if name not in present:
+                return f"{path}: missing"
+            if path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
+                return f"{path}: differs from the manifest (size or SHA-256)"
+    try:
+        read_state(ckpt)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest intact checkpoint (None when there is none at all). A damaged one is skipped
+    with one warning line naming what is wrong; when checkpoints exist but none is intact, a
+    CheckpointError says so and nothing is changed."""
+    found = list_checkpoints(run_dir)
+    for ckpt in reversed(found):
+        problem = check_checkpoint(ckpt)
+        if problem is None:
+            if not (ckpt / MANIFEST).exists():
+                say(f"cifar-dist: warning: {ckpt}: no manifest (an earlier checkpoint format): its files "
+                    "cannot be verified")
+            return ckpt
+        say(f"cifar-dist: warning: skipping damaged checkpoint {ckpt.name}: {problem}")
+    if found:
+        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: none of its {len(found)} checkpoints is intact "
+                              "(see the warnings above); nothing was changed")
+    return None
+
+
+class CheckpointWriter:
+    """Writes step_XXXXXXXX directories atomically and keeps the newest ``keep``."""
+
+    def __init__(self, run_dir: Path, keep: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def begin(self, step: int) -> Path:
+        """A fresh temporary directory for the checkpoint of ``step`` (rank 0 calls this)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-step_{step:08d}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        return tmp
+
+    def write_local(self, tmp: Path, model, optimizer, state: dict) -> None:
+        """Model, optimizer and state of a single-process or DDP run into ``tmp``."""
+        _save_safetensors(state_dict_of(model), tmp / "model.safetensors")
+        try:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        except RuntimeError as e:  # torch's zip writer reports a failed write this way
+            raise OSError(f"optimizer.pt: {str(e).strip().splitlines()[0][:200]}") from None
+        self.write_state(tmp, state)
+
+    @staticmethod
+    def write_state(tmp: Path, state: dict) -> None:
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+    def commit(self, tmp: Path, step: int) -> Path:
+        """Write the manifest of ``tmp``, make it the checkpoint of ``step`` (atomic rename),
+        then prune old ones."""
+        write_manifest(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
+        final = self.root / f"step_{step:08d}"
+        if final.exists():  # the same step saved again (e.g. after a resume)
+            old = self.root / f".old-{final.name}-{time.time_ns()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(self.root)
+        for stale in list_checkpoints(self.root.parent)[:-self.keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    def abort(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """``optimizer.pt`` with ``weights_only=True``: a pickle code payload is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
+        raise CheckpointError(f"{path}: refused to load ({first[:160]}); nothing in it was executed") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: unreadable optimizer state ({e})") from None

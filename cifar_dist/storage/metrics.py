@@ -1,0 +1,77 @@
+"""Metrics sinks (JSONL, TensorBoard) and an honest clock. Rank 0 writes."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from cifar_dist.errors import UserError, say
+from cifar_dist.storage.files import write_text_atomic
+
+
+class MetricsLog:
+    """One flat dict per epoch into ``metrics.jsonl`` and, when installed, TensorBoard.
+
+    The file is rewritten whole (temporary file, rename) with every row, so a full disk
+    never leaves a torn or empty file; it is small (one line per epoch).
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool, history: list[dict] | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.history = list(history or [])
+        # A resumed run rewrites the file from the checkpoint's history, so an epoch logged
+        # after that checkpoint never appears twice. A fresh run writes it at its first row.
+        if self.history:
+            self._rewrite()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def _rewrite(self) -> None:
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def log(self, row: dict) -> None:
+        self.history.append(row)
+        self._rewrite()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch" and math.isfinite(v):
+                    self.tb.add_scalar(k, v, row["epoch"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path, warn: bool = True) -> list[dict]:
+    """The rows of ``run_dir/metrics.jsonl`` (none when it is missing), the one reader of the file.
+    A torn last line (a write cut short) is skipped, with a warning; any other line that is not a
+    row (a JSON object with a whole ``epoch``) is a UserError naming the file and line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: unreadable ({e.strerror or e})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
+            rows.append(row)
+        elif number == len(lines):
+            if warn:
+                say(f"cifar-dist: warning: {path}: line {number} is torn (a write cut short); skipped")
+        else:
+            raise UserError(f"{path}: line {number} is not a metrics row")
+    return rows

@@ -1,0 +1,150 @@
+"""Plots of a run: loss and accuracy per epoch (the paper's Figures 3-4) with the
+learning-rate schedule, and the confusion matrix (Figure 2). Each names its run and recipe."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cifar_dist.data.cifar import CLASSES
+from cifar_dist.errors import UserError
+from cifar_dist.storage.metrics import read_metrics
+
+
+def save_figure(fig, path, **kwargs) -> None:
+    """``fig.savefig`` to a temporary file renamed over ``path``: a full disk leaves no torn
+    picture, and the failure is one line naming the file."""
+    import io
+
+    from cifar_dist.storage.files import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def epoch_axis(ax, epochs) -> None:
+    """Whole epochs on the x axis, with room around a run of one or two epochs."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if epochs:
+        lo, hi = min(epochs), max(epochs)
+        if hi - lo < 2:
+            ax.set_xlim(lo - 0.5, hi + 0.5)
+    ax.set_xlabel("epoch")
+
+
+def _curve(rows, keys, labels, ylabel, path, title, scale=1.0, schedule=None):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    epochs = []
+    for key, label in zip(keys, labels):
+        pts = [(r["epoch"], r[key] * scale) for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
+            epochs += [e for e, _ in pts]
+    epoch_axis(ax, epochs)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    handles, names = ax.get_legend_handles_labels()
+    if schedule:
+        lr_ax = ax.twinx()
+        line, = lr_ax.plot(*schedule, color="0.5", linewidth=1, linestyle="--", label="learning rate")
+        lr_ax.set_ylabel("learning rate", color="0.4")
+        lr_ax.set_ylim(bottom=0)
+        handles, names = handles + [line], names + ["learning rate"]
+    ax.legend(handles, names, fontsize="small")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def _run_config(run_dir: Path):
+    """The run's config (None when config.yaml is missing or does not load)."""
+    from cifar_dist.config.loading import load_config
+
+    try:
+        return load_config(run_dir / "config.yaml")
+    except UserError:
+        return None
+
+
+def lr_schedule(cfg, points: int = 400) -> tuple[list[float], list[float]] | None:
+    """(epochs, learning rates) of the run's schedule, at up to ``points`` steps: the LR is a pure
+    function of the step and the config."""
+    from cifar_dist.data import train_images
+    from cifar_dist.model.optim import lr_at
+
+    steps_per_epoch = train_images(cfg) // cfg.train.batch_size
+    if steps_per_epoch < 1:
+        return None
+    total = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    stride = max(1, total // points)
+    steps = list(range(0, total, stride)) + [total - 1]
+    return [(s + 1) / steps_per_epoch for s in steps], [lr_at(s, cfg.train, steps_per_epoch) for s in steps]
+
+
+def plot_confusion(matrix, path, title="confusion matrix"):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=110)
+    im = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if v > peak / 2 else "black")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def read_confusion(path: Path) -> list[list[int]]:
+    """The 10 x 10 counts of a run's confusion_matrix.json; anything else is a UserError naming it."""
+    try:
+        matrix = json.loads(Path(path).read_text())["rows_true_cols_pred"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: unreadable ({str(e)[:80]})") from None
+    k = len(CLASSES)
+    if not (isinstance(matrix, list) and len(matrix) == k and all(
+            isinstance(row, list) and len(row) == k and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                            for v in row) for row in matrix)):
+        raise UserError(f"{path}: rows_true_cols_pred is not a {k} x {k} table of counts")
+    return matrix
+
+
+def draw_run(run_dir: Path) -> list[Path]:
+    """(Re)draw plots/loss.png, plots/accuracy.png and plots/confusion_matrix.png."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise UserError(f"{run_dir}: no metrics.jsonl with any epoch; is this a run directory?")
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    cfg = _run_config(run_dir)
+    name = f"{run_dir.name} ({cfg.name}, {cfg.model.name})" if cfg else run_dir.name
+    made = [out / "loss.png", out / "accuracy.png"]
+    _curve(rows, ["train_loss", "test_loss"], ["train", "test"], "loss", made[0], f"loss: {name}")
+    _curve(rows, ["train_acc", "test_acc"], ["train", "test"], "accuracy (%)", made[1],
+           f"accuracy and learning rate: {name}", scale=100, schedule=lr_schedule(cfg) if cfg else None)
+    cm_path = run_dir / "confusion_matrix.json"
+    if cm_path.is_file():
+        matrix = read_confusion(cm_path)
+        made.append(out / "confusion_matrix.png")
+        plot_confusion(matrix, made[-1], title=f"confusion matrix: {name}")
+    return made

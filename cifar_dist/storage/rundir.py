@@ -1,0 +1,174 @@
+"""The run directory: choose it, refuse to clobber it, lock it, and check a resume.
+
+Nothing of an earlier run is overwritten unless ``--overwrite`` says so; a
+second run on the same directory is refused while the first holds its lock.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from cifar_dist.config.loading import read_yaml
+from cifar_dist.config.schema import Config, result_free_keys
+from cifar_dist.errors import RunDirError
+from cifar_dist.storage.checkpoint import latest_checkpoint, list_checkpoints
+from cifar_dist.storage.metrics import read_metrics
+
+# Keys that may change between a run and its resumption: those that do not change the result
+# (config.result_free_keys, shared with `compare`), plus the step cap (a run may be extended or
+# cut short) and the final evaluation's TTA (it comes after the last step).
+RESUMABLE_CHANGES = result_free_keys() | {"train.max_steps", "eval.tta"}
+
+
+def default_run_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_ABSENT = "(absent)"
+
+
+def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, new value) of every key whose value differs and would change the
+    result of a resumed run."""
+    a, b = flatten(saved), flatten(current)
+    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
+            if a.get(k, _ABSENT) != b.get(k, _ABSENT) and k not in RESUMABLE_CHANGES]
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def run_dirs_of(name: str, root: Path = Path("runs")) -> list[Path]:
+    """Run directories under ``root`` that a recipe called ``name`` made by default, newest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{name}-*") if (p / "config.yaml").is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+class RunDir:
+    """Decides how a run uses its directory (rank 0 only) and holds its lock."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock_fd = None
+        self.created = False  # this run made the directory (or found it empty)
+
+    def has_content(self) -> bool:
+        return self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir())
+
+    def open(self, config: dict, resume: bool, overwrite: bool):
+        """Create or reuse the directory; return the checkpoint to resume from (or None).
+        Every refusal leaves the directory as it was (bar its lock file)."""
+        if resume and overwrite:
+            raise RunDirError("--resume and --overwrite exclude each other")
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path}: exists and is not a directory; choose another --out")
+        self.created = not self.has_content()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"{self.path}: cannot create the run directory ({e.strerror or e})") from None
+        self._lock()
+        try:
+            return self._use(config, resume, overwrite)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _use(self, config: dict, resume: bool, overwrite: bool):
+        if not self.has_content():
+            return None
+        if overwrite:
+            if not (self.path / "config.yaml").is_file():
+                raise RunDirError(f"{self.path}: not a run directory (no config.yaml) and not empty; --overwrite "
+                                  "only replaces run directories")
+            for p in self.path.iterdir():
+                if p.name != ".lock":
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            return None
+        if not resume:
+            raise RunDirError(f"{self.path}: run directory exists; pass --resume to continue it "
+                              "or --overwrite to replace it")
+        self._check_same_config(config)
+        ckpt = latest_checkpoint(self.path)  # a CheckpointError when none of them is intact
+        if ckpt is None:
+            if (self.path / "summary.json").exists():
+                raise RunDirError(f"{self.path}: a finished run with no usable checkpoint: --resume has nothing to "
+                                  "continue, and starting again would replace its results; pass --overwrite to "
+                                  "train it again")
+            rows = read_metrics(self.path, warn=False)
+            if rows:
+                raise RunDirError(f"{self.path}: {len(rows)} epoch(s) in metrics.jsonl but no usable checkpoint: "
+                                  "--resume would start again and replace them; pass --overwrite to train it again")
+        return ckpt
+
+    def _check_same_config(self, config: dict) -> None:
+        saved_path = self.path / "config.yaml"
+        if not saved_path.is_file():
+            return
+        saved = read_yaml(saved_path)
+        changed = config_changes(saved, config)
+        if changed:
+            shown = "; ".join(f"{k}: saved {_short(old)}, now {_short(new)}" for k, old, new in changed[:4])
+            more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise RunDirError(f"{saved_path}: cannot resume with a different config ({shown}{more}); "
+                              f"`--out {self.path} --resume` alone continues with the saved config")
+
+    def discard_unstarted(self) -> bool:
+        """Remove the directory of a run that this process created and that never reached a
+        checkpoint (an aborted start), so that the same ``--out`` can be used again. Returns
+        whether it did; a directory with a checkpoint or a summary is never touched."""
+        if not self.created or list_checkpoints(self.path) or (self.path / "summary.json").exists():
+            return False
+        self._unlock()
+        shutil.rmtree(self.path, ignore_errors=True)
+        return not self.path.exists()
+
+    def _lock(self) -> None:
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"{self.path}: cannot write in the run directory ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirError(f"{self.path}: run directory is in use by pid {holder}; "
+                              "wait for it or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    close = _unlock
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    from cifar_dist.storage.files import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""The training loop and what it runs: building a run, the step, control reads, evaluation, checkpoints."""

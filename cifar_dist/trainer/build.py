@@ -1,0 +1,188 @@
+"""The wiring of a run: what the loop needs, built once, in one order.
+
+``build_parts`` seeds, builds the model, prepares it for the launcher
+(``prepare_model``), and adds the loader, the evaluator, the checkpointer,
+the precision policy and the callbacks. ``Parts`` holds no run-time state:
+where training stands is ``loop.TrainState``; the loop's own state is
+``loop.Trainer``'s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from cifar_dist.errors import ConfigError, UserError, say
+from cifar_dist.trainer.callbacks import Callbacks
+from cifar_dist.trainer.checkpointer import Checkpointer
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from cifar_dist.config.schema import Config
+    from cifar_dist.data import Shard
+    from cifar_dist.storage.metrics import MetricsLog
+    from cifar_dist.trainer.evaluation import Evaluator
+    from cifar_dist.trainer.precision import Precision
+
+
+@dataclass
+class Parts:
+    cfg: Config
+    accelerator: Accelerator
+    model: torch.nn.Module        # the plain module: weights, checkpoints, export
+    train_model: torch.nn.Module  # compiled and wrapped (DDP / DeepSpeed) for training
+    eval_model: torch.nn.Module   # compiled, not wrapped: evaluation needs no gradient sync
+    optimizer: torch.optim.Optimizer
+    loader: object                # data.TorchLoader | GpuLoader | FfcvLoader: iter_epoch, steps_per_epoch
+    shard: Shard                  # this process's share of the global batch
+    precision: Precision          # autocast, backward, loss scaler
+    run_dir: Path
+    evaluator: Evaluator | None = None
+    checkpointer: Checkpointer = field(default_factory=lambda: Checkpointer(None))  # None: never saves
+    callbacks: Callbacks = field(default_factory=Callbacks)
+    metrics: MetricsLog | None = None  # rank 0 only
+    stop_file: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.accelerator.distributed_type.value == "DEEPSPEED"
+
+
+def graph_count() -> int:
+    """Graphs torch.compile has produced in this process (recompiles add to it)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def prepare_model(cfg, accelerator, model, build_optimizer, wrap: bool = True):
+    """The one place that orders build -> device -> channels_last -> wrap (DDP) -> compile.
+
+    Returns (plain model, evaluation model, training model, optimizer). The plain
+    model shares its parameters with the others, so it always holds the weights.
+    The wrapped DDP module is compiled (PyTorch's advice): Dynamo then splits the
+    graph at DDP's bucket boundaries and the gradient all-reduce overlaps the
+    backward pass. Evaluation gets a compiled module of its own, unwrapped (no
+    gradient sync) and with static shapes (eval_batches pads the last batch), so
+    switching between training and evaluation never recompiles. DeepSpeed runs its
+    own engine around the module, so there the module is compiled inside it.
+    ``wrap=False`` leaves the launcher's wrapper out: this process's model alone.
+    """
+    deepspeed = wrap and accelerator.distributed_type.value == "DEEPSPEED"
+    model = model.to(accelerator.device)
+    if cfg.model.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # Before prepare(), or DDP warns about gradient strides. DeepSpeed keeps its
+    # parameters in flat contiguous buffers (it cannot broadcast channels_last
+    # weights), so there only the activations are channels_last (the inputs are).
+    if cfg.run.channels_last and not deepspeed:
+        model = model.to(memory_format=torch.channels_last)
+    mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
+
+    def compiled(module):
+        return torch.compile(module, mode=mode) if cfg.run.compile else module
+
+    optimizer = build_optimizer(model.parameters(), cfg.train, accelerator.device)
+    if not wrap:
+        return model, compiled(model), compiled(model), optimizer
+    if deepspeed:
+        inner = compiled(model)
+        engine, optimizer = accelerator.prepare(inner, optimizer)
+        return model, inner, engine, optimizer
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        # No broadcast of buffers before each forward: the BatchNorm statistics are reduced
+        # by the control collective, so every rank's running statistics are already equal.
+        # (On PyTorch >= 2.13 this property sets forward_sync_buffers, the current name.)
+        wrapped.broadcast_buffers = False
+    return model, compiled(model), compiled(wrapped), optimizer
+
+
+def resolve_run_precision(cfg) -> None:
+    """Replace ``run.precision: auto`` by what this process's device runs best (config.yaml
+    then records it); warn once about bf16 on a device that runs it slowly (a GPU without
+    bf16 tensor cores, a CPU without bf16 units)."""
+    from cifar_dist.distributed.launcher import env_rank
+    from cifar_dist.trainer.precision import CpuBf16, gpu_capability, resolve_precision
+
+    requested = cfg.run.precision
+    capability = gpu_capability()
+    cpu = CpuBf16.of_this_cpu(cfg.run.channels_last) if capability is None else None
+    cfg.run.precision, warning = resolve_precision(requested, capability, cpu)
+    if warning and env_rank() == 0:
+        say(f"cifar-dist: warning: {warning}")
+    if cfg.run.precision == "fp16" and cfg.train.exact_reduce:
+        raise ConfigError(f"train.exact_reduce: not with run.precision=fp16 (loss scaling; run.precision="
+                          f"{requested} chose fp16 on this GPU); set run.precision=fp32 or bf16")
+
+
+def build_data(cfg, accelerator):
+    """This process's share of the global batch and the datasets: (shard, train, eval, eval name)."""
+    from cifar_dist.data import Shard, build_datasets
+    from cifar_dist.distributed.accelerator import configure_deepspeed
+    from cifar_dist.distributed.collectives import world_info
+
+    rank, world = world_info()
+    shard = Shard(rank, world, cfg.train.batch_size, cfg.train.accum_steps)
+    if cfg.model.bn_group and shard.micro % cfg.model.bn_group:
+        raise UserError(f"model.bn_group: {cfg.model.bn_group} does not divide the micro-batch of "
+                        f"{shard.micro} images (train.batch_size {cfg.train.batch_size} / {world} "
+                        f"processes / train.accum_steps {cfg.train.accum_steps})")
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        configure_deepspeed(accelerator, shard, cfg)
+    train_set, eval_set, eval_name = build_datasets(cfg)
+    return shard, train_set, eval_set, eval_name
+
+
+def build_model_seeded(cfg) -> torch.nn.Module:
+    """The run's model with its seeded initial weights (every process builds the same)."""
+    from cifar_dist.model.resnet import build_model
+    from cifar_dist.runtime.seeding import seed_everything
+
+    seed_everything(cfg.run.seed)
+    return build_model(cfg.model)
+
+
+def build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir: Path, model=None,
+                callbacks: Callbacks | None = None) -> Parts:
+    """Everything the loop needs. ``model``: from ``build_model_seeded`` (built here if None)."""
+    from cifar_dist.data import build_train_loader
+    from cifar_dist.model.optim import build_optimizer
+    from cifar_dist.storage.checkpoint import CheckpointWriter
+    from cifar_dist.trainer.evaluation import Evaluator
+    from cifar_dist.trainer.precision import Precision
+
+    model = build_model_seeded(cfg) if model is None else model
+    model, eval_model, train_model, optimizer = prepare_model(cfg, accelerator, model, build_optimizer)
+    loader = build_train_loader(cfg, train_set, shard, accelerator.device)
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    precision = Precision(cfg.run.precision, accelerator.device, accelerator if deepspeed else None)
+    return Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=train_model, eval_model=eval_model,
+                 optimizer=optimizer, loader=loader, shard=shard, precision=precision, run_dir=run_dir,
+                 evaluator=Evaluator(cfg, eval_model, eval_set, accelerator.device, precision, train_model),
+                 checkpointer=Checkpointer(CheckpointWriter(run_dir, cfg.checkpoint.keep),
+                                           cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs),
+                 callbacks=callbacks or Callbacks(), stop_file=run_dir / "STOP")
+
+
+def restore(parts: Parts, ckpt: Path):
+    """Load checkpoint ``ckpt`` into ``parts``; returns the TrainState it holds."""
+    from cifar_dist.storage.checkpoint import load_optimizer_state, load_weights, read_state
+
+    state = read_state(ckpt)
+    if parts.deepspeed:
+        parts.accelerator.load_state(str(ckpt))
+    else:
+        load_weights(ckpt / "model.safetensors", parts.model)
+        parts.optimizer.load_state_dict(load_optimizer_state(ckpt / "optimizer.pt"))
+    parts.precision.load_state_dict(state.scaler)
+    return state

@@ -1,0 +1,147 @@
+"""Mixed precision owned by the run, not by process-global state.
+
+fp32, bf16 (autocast) or fp16 (autocast + gradient scaler; steps with
+non-finite gradients are skipped and counted). BatchNorm stays in fp32: its
+statistics are computed in fp32 (``GroupBatchNorm2d``) and autocast keeps
+batch_norm in fp32. Owning it here lets one process run several precisions
+(the benchmark does). Under DeepSpeed, whose engine owns precision, the
+Accelerator's autocast and backward are used instead.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class CpuBf16:
+    """What a CPU offers bf16: arithmetic units (from its flags) and the measured speed-up over
+    fp32 (``speedup()``, called only when the choice needs it)."""
+
+    units: bool
+    speedup: Callable[[], float]
+
+    @classmethod
+    def of_this_cpu(cls, channels_last: bool) -> CpuBf16:
+        from cifar_dist.runtime.hardware import bf16_speedup, cpu_flags, has_bf16_units
+
+        return cls(has_bf16_units(cpu_flags()), lambda: bf16_speedup(channels_last))
+
+
+def resolve_precision(requested: str, capability: tuple[int, int] | None,
+                      cpu: CpuBf16 | None = None) -> tuple[str, str | None]:
+    """(precision to run, a warning or None) on a GPU of CUDA compute ``capability``, or on a
+    CPU (``capability`` None) that offers bf16 as ``cpu`` says (None: treated as no bf16 units).
+
+    auto: bf16 from Ampere (8.0) on, fp16 with loss scaling before (the paper's V100 is 7.0);
+    on a CPU bf16 only where it has bf16 units (AMX, AVX-512 bf16) and a probe measured bf16
+    at least ``BF16_FASTER`` times faster than fp32, else fp32. An explicit bf16 that this
+    device runs slowly is kept, with a warning that says how slow."""
+    from cifar_dist.runtime.hardware import BF16_FASTER
+
+    if capability is None:
+        cpu = cpu or CpuBf16(False, lambda: 0.0)
+        if requested == "auto":
+            return ("bf16" if cpu.units and cpu.speedup() >= BF16_FASTER else "fp32"), None
+        if requested == "bf16":
+            speedup = cpu.speedup()
+            if speedup < 1.0:
+                kind = ("has bf16 units, yet" if cpu.units
+                        else "has no bf16 units (no AMX or AVX-512 bf16 in its flags):")
+                return "bf16", (f"run.precision=bf16 on a CPU that {kind} bf16 ran {1 / speedup:.1f}x slower "
+                                "than fp32 in a probe here; run.precision=auto or fp32 is faster")
+        return requested, None
+    if requested == "auto":
+        return ("bf16" if tuple(capability) >= (8, 0) else "fp16"), None
+    if requested == "bf16" and tuple(capability) < (8, 0):
+        major, minor = capability
+        return "bf16", (f"run.precision=bf16 on a GPU of compute capability {major}.{minor}: it has no bf16 "
+                        "tensor cores (they came with 8.0); fp16 or auto is much faster there")
+    return requested, None
+
+
+def gpu_capability() -> tuple[int, int] | None:
+    """Compute capability of this process's GPU (the launcher's LOCAL_RANK), None without one."""
+    import os
+
+    if not torch.cuda.is_available():
+        return None
+    local = os.environ.get("LOCAL_RANK", "0")
+    return tuple(torch.cuda.get_device_capability(min(int(local) if local.isdigit() else 0,
+                                                      torch.cuda.device_count() - 1)))
+
+
+class Precision:
+    def __init__(self, precision: str, device: torch.device, accelerator=None):
+        self.precision, self.device = precision, torch.device(device)
+        self.accelerator = accelerator  # set: DeepSpeed owns precision
+        self.scaler = None
+        if precision == "fp16" and accelerator is None:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        # Steps skipped for overflowing gradients, counted on the device: reading the
+        # scaler's scale on the host every step would synchronize with the GPU.
+        self._skipped = torch.zeros((), device=self.device)
+        self._skipped_host = 0  # DeepSpeed reports its skips as a Python bool
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's input: under DeepSpeed, whose engine holds bf16/fp16 weights and runs
+        no autocast, in that dtype (fp32 inputs would meet bf16 weights at the first conv)."""
+        if self.accelerator is not None and self.precision in DTYPES:
+            return x.to(DTYPES[self.precision])
+        return x
+
+    def autocast(self):
+        if self.accelerator is not None:
+            return self.accelerator.autocast()
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def unscale(self, optimizer) -> None:
+        """Gradients in true units (before clipping or checks)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(_plain(optimizer))
+
+    def step(self, optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            if self.accelerator is not None and self.accelerator.optimizer_step_was_skipped:
+                self._skipped_host += 1
+            return
+        scale = self.scaler._scale  # the scale as a device tensor (get_scale() reads it on the host)
+        before = scale.clone() if scale is not None else None
+        self.scaler.step(_plain(optimizer))
+        self.scaler.update()
+        if before is not None:  # the scale drops exactly when a step is skipped
+            self._skipped += (self.scaler._scale < before).float()
+
+    def skipped_count(self) -> torch.Tensor:
+        """Steps skipped so far, a 0-dim device tensor (read it with the other control flags)."""
+        return self._skipped + self._skipped_host
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+def _plain(optimizer):
+    """The optimizer inside Accelerate's wrapper. GradScaler lets a fused optimizer skip an
+    overflowing step by itself, without reading found_inf on the host, but it cannot see
+    through the wrapper; unscale_ and step must also name the same object."""
+    return getattr(optimizer, "optimizer", optimizer)

@@ -1,0 +1,328 @@
+"""Train a CIFAR-10 classifier; the same entry point under every launcher.
+
+    cifar-dist train --config configs/seed.yaml                      # one process (CPU or one GPU)
+    python -m cifar_dist.train --config configs/seed.yaml            # the same
+    accelerate launch --config_file launch/multi_gpu.yaml --num_processes 8 \
+        -m cifar_dist.train --config configs/seed.yaml               # 8 GPUs
+    accelerate launch --config_file launch/cpu.yaml --num_processes 2 -m cifar_dist.train --config configs/smoke.yaml
+    torchrun --nproc_per_node 4 -m cifar_dist.train --config configs/fast.yaml
+    sbatch --nodes 2 slurm/train.sh configs/fast.yaml
+
+(``python cifar_dist/train.py`` and ``accelerate launch cifar_dist/train.py`` work
+too, with the package installed or on PYTHONPATH.)
+
+``train.batch_size`` is the global batch: N processes each take 1/N of it.
+With ``run.seed`` and ``model.bn_group`` set, any number of processes computes
+the same run (up to float summation order); ``--resume`` continues it exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+
+def resolve_config(args: argparse.Namespace):
+    """The config of this run: ``--config`` and the overrides; with ``--resume`` and no
+    ``--config``, the run directory's saved config.yaml and the overrides. ``--resume`` needs
+    to know the run directory (``--out`` or ``run.out_dir``)."""
+    from cifar_dist.config.loading import load_config
+    from cifar_dist.errors import RunDirError
+    from cifar_dist.storage.rundir import run_dirs_of
+
+    cfg = load_config(args.config, args.overrides)
+    if args.out:
+        cfg.run.out_dir = args.out
+    if not args.resume:
+        return cfg
+    if not cfg.run.out_dir:
+        candidates = run_dirs_of(cfg.name)[:3]
+        listed = (f"runs of {cfg.name!r}, newest first: {', '.join(map(str, candidates))}" if candidates
+                  else f"no run of {cfg.name!r} under runs/")
+        raise RunDirError(f"--resume: name the run to continue with --out DIR ({listed})")
+    saved = Path(cfg.run.out_dir) / "config.yaml"
+    if args.config is None and saved.is_file():
+        cfg = load_config(saved, args.overrides)
+        cfg.run.out_dir = args.out or cfg.run.out_dir
+    elif args.config is None:
+        what = "holds no config.yaml" if Path(cfg.run.out_dir).is_dir() else "does not exist"
+        raise RunDirError(f"--resume: {cfg.run.out_dir} {what}: no run to continue (give --config to start one "
+                          "there)")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as ``args`` say; returns the exit code. Raises UserError for bad input."""
+    from cifar_dist.distributed.launcher import env_rank, using_deepspeed
+    from cifar_dist.errors import ConfigError, say
+
+    cfg = resolve_config(args)  # before the heavy imports: bad input fails fast
+    if using_deepspeed() and cfg.train.exact_reduce:  # every rank refuses at once, before any set-up
+        raise ConfigError("train.exact_reduce: DeepSpeed reduces gradients itself; "
+                          "set train.exact_reduce=false to train with DeepSpeed")
+    if args.config is None and not args.resume and env_rank() == 0:
+        say("cifar-dist: no --config: training the built-in defaults: the paper's model and optimizer for 60 "
+            "epochs, without its colour jitter and rotation (`cifar-dist config` prints them; configs/seed.yaml "
+            "is the paper's recipe, configs/cpu_quick.yaml a CPU demo)")
+    from cifar_dist.trainer.callbacks import load_callbacks
+    user_callbacks = load_callbacks(cfg.run.callbacks).items  # a bad name fails here, before anything is written
+
+    import torch
+
+    from cifar_dist.distributed.accelerator import make_accelerator
+    from cifar_dist.distributed.collectives import barrier, share_from_main, world_info
+    from cifar_dist.runtime.seeding import apply_tf32, set_determinism
+    from cifar_dist.storage.rundir import RunDir, default_run_dir
+    from cifar_dist.trainer import build as wiring
+
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    wiring.resolve_run_precision(cfg)
+    set_determinism(cfg.run.deterministic, compiling=cfg.run.compile)
+    apply_tf32(cfg.run)
+    started = time.time()
+
+    accelerator = make_accelerator(cfg)
+    rank, world = world_info()
+    # run.precision=auto on CPUs rests on a probe; every rank takes rank 0's choice
+    cfg.run.precision = share_from_main(lambda: cfg.run.precision)
+    shard, train_set, eval_set, eval_name = wiring.build_data(cfg, accelerator)
+    model = wiring.build_model_seeded(cfg)  # a user's factory fails here, before the run directory is touched
+
+    run_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
+    if run_dir is None:  # every rank must agree on the generated name
+        run_dir = share_from_main(lambda: default_run_dir(cfg.name))
+    cfg.run.out_dir = str(run_dir)
+    rundir = RunDir(run_dir)
+    ckpt = share_from_main(lambda: rundir.open(cfg.to_dict(), args.resume, args.overwrite))
+    barrier()
+    try:
+        return _train(cfg, args, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt,
+                      user_callbacks, started)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop installed its handler
+        raise _interrupted(rundir, rank, world) from None
+
+
+def _train(cfg, args, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt,
+           user_callbacks, started) -> int:
+    """The run itself, once its directory is open: build, restore, train, write the results."""
+    from cifar_dist.distributed.collectives import barrier, print0, world_info
+    from cifar_dist.errors import Preempted
+    from cifar_dist.model.resnet import count_parameters
+    from cifar_dist.storage.metrics import MetricsLog
+    from cifar_dist.storage.rundir import save_config
+    from cifar_dist.storage.state import TrainState
+    from cifar_dist.trainer import build as wiring
+    from cifar_dist.trainer import loop
+    from cifar_dist.trainer.callbacks import Callbacks, StopAtTarget
+    from cifar_dist.trainer.progress import EstimatedTime, progress_bars
+
+    rank, world = world_info()
+    run_dir = rundir.path
+    built_in = [EstimatedTime()] + ([StopAtTarget(cfg.eval.target_acc)]
+                                    if cfg.eval.stop_at_target and cfg.eval.target_acc else [])
+    callbacks = Callbacks([*user_callbacks, *built_in])
+    parts = wiring.build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, model, callbacks)
+    state = TrainState()
+    if ckpt is not None:
+        state = wiring.restore(parts, ckpt)
+        print0(f"resuming from {ckpt} (epoch {state.epoch + 1}, step {state.global_step})")
+        _check_world_change(cfg, state, shard, parts.deepspeed, ckpt)
+    elif args.resume:
+        print0(f"{run_dir}: no checkpoint yet, starting from the beginning")
+    state.segments.append({"world_size": world, "from_step": state.global_step})
+
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+        parts.metrics = MetricsLog(run_dir, cfg.run.tensorboard, state.history)
+        (run_dir / "STOP").unlink(missing_ok=True)
+    print0(f"{cfg.name}: {cfg.model.name} ({count_parameters(parts.model):,} parameters) on {world} x "
+           f"{accelerator.device.type}, {_mode_in_words(accelerator, world)}, {cfg.run.precision}"
+           f"{', compiled' if cfg.run.compile else ''}{', channels_last' if cfg.run.channels_last else ''}")
+    print0(f"batch {cfg.train.batch_size} global = {world} x {shard.per_process} per process "
+           f"= {world} x {cfg.train.accum_steps} x {shard.micro} micro; {parts.loader.steps_per_epoch} "
+           f"steps/epoch, {len(train_set):,} train / {len(eval_set):,} {eval_name} images; run dir {run_dir}")
+
+    trainer = loop.Trainer(parts, state, progress_bars(cfg.run.progress and rank == 0))
+    if rank == 0 and parts.device.type == "cpu" and not parts.deepspeed:
+        _announce_long_cpu_run(parts, trainer)
+    try:
+        state = trainer.fit()
+    except Preempted as e:
+        if str(e) == "SIGINT":
+            print0(f"stopped by Ctrl-C at step {state.global_step}; checkpoint written; resume with: "
+                   f"{resume_command(run_dir, world)}")
+            rundir.close()
+            return 130
+        print0(f"stopped by {e} at step {state.global_step}; checkpoint written, resume with --resume")
+        _after_preemption(run_dir, rank)
+        return 0
+
+    last = parts.evaluator.last
+    final = last if (last and not cfg.eval.tta) else parts.evaluator.run(tta=cfg.eval.tta)
+    summary = _summary(cfg, parts, trainer, final, eval_name, wall=time.time() - started)
+    callbacks.on_train_end(summary)
+    if rank == 0:
+        _write_results(run_dir, cfg, parts, summary, final)
+    barrier()
+    rundir.close()
+    accelerator.end_training()
+    return 0
+
+
+def _check_world_change(cfg, state, shard, deepspeed: bool, ckpt: Path) -> None:
+    """A checkpoint written by another number of processes: exact with ``train.exact_reduce``
+    (the same chunks summed in the same tree); otherwise allowed, with one line that says what
+    changes; refused under DeepSpeed, whose ZeRO state is split by process."""
+    from cifar_dist.distributed.collectives import print0
+    from cifar_dist.errors import CheckpointError, say
+
+    before, now = state.world_size, shard.world
+    if not before or before == now:
+        return
+    if deepspeed:
+        raise CheckpointError(f"{ckpt}: a DeepSpeed checkpoint of {before} processes cannot be resumed on {now} "
+                              f"(ZeRO splits its state by process); resume it on {before}")
+    if cfg.train.exact_reduce:
+        print0(f"resuming a run of {before} processes on {now}: train.exact_reduce keeps it bit-identical")
+        return
+    changes = ["gradients are summed in another order"]
+    if not cfg.model.bn_group:
+        changes.append(f"BatchNorm normalizes over {cfg.train.batch_size // before // cfg.train.accum_steps} "
+                       f"-> {shard.micro} images per process (model.bn_group=0)")
+    if shard.rank == 0:
+        say(f"cifar-dist: warning: resuming a run of {before} processes on {now}: without train.exact_reduce "
+            f"{' and '.join(changes)}; it goes on, no longer bit-identical to an uninterrupted run "
+            "(summary.json's segments record it)")
+
+
+def resume_command(run_dir: Path, world: int) -> str:
+    """The command that continues the run in ``run_dir`` (its config is saved there)."""
+    import shlex
+
+    out = shlex.quote(str(run_dir))
+    if world == 1:
+        return f"cifar-dist train --out {out} --resume"
+    return f"the same launch command with --out {out} --resume (its config is saved there)"
+
+
+def _interrupted(rundir, rank: int, world: int):
+    """The one line (exit 130) of a run aborted by Ctrl-C: what was kept and how to go on.
+    A directory this run created and that holds no checkpoint yet is removed (rank 0), so the
+    same --out can be used again."""
+    from cifar_dist.errors import Interrupted
+    from cifar_dist.storage.checkpoint import list_checkpoints
+
+    if rank != 0:
+        return Interrupted("interrupted")
+    checkpoints = list_checkpoints(rundir.path)
+    if checkpoints:
+        rundir.close()
+        return Interrupted(f"interrupted; newest checkpoint {checkpoints[-1].name} kept, resume with: "
+                           f"{resume_command(rundir.path, world)}")
+    if rundir.discard_unstarted():
+        return Interrupted(f"interrupted before the first checkpoint; nothing to keep, {rundir.path} removed")
+    rundir.close()
+    return Interrupted(f"interrupted before the first checkpoint; {resume_command(rundir.path, world)} "
+                       "starts it again")
+
+
+def _announce_long_cpu_run(parts, trainer) -> None:
+    """Before the first step: a CPU run that will train for more than an hour says so, with the
+    demo to try instead (timed on a copy of the model, counted in FLOPs when it is long)."""
+    from cifar_dist.model.layer_table import count_flops
+    from cifar_dist.trainer.progress import long_cpu_run_warning, seconds_per_image, write_line
+
+    steps_left = trainer.max_steps - trainer.state.global_step
+    batch = parts.cfg.model.bn_group or min(parts.shard.micro, 8)  # BatchNorm groups must be whole
+    per_image = seconds_per_image(parts.model, parts.precision, parts.cfg.run.channels_last, batch)
+    if long_cpu_run_warning(steps_left, parts.shard.per_process, per_image) is None:
+        return
+    flops = count_flops(parts.model, train=True)
+    write_line(long_cpu_run_warning(steps_left, parts.shard.per_process, per_image, flops))
+
+
+def _mode_in_words(accelerator, world: int) -> str:
+    """How the processes work together, in words: "single process", "DDP over gloo", ..."""
+    kind = accelerator.distributed_type.value
+    if kind == "DEEPSPEED":
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if world == 1:
+        return "single process"
+    import torch.distributed as dist
+    return f"DDP over {dist.get_backend()}" if dist.is_initialized() else f"{kind} ({world} processes)"
+
+
+def _summary(cfg, parts, trainer, final: dict, eval_name: str, wall: float) -> dict:
+    """summary.json: the run's results, the same on every rank."""
+    from cifar_dist.data import data_identity
+    from cifar_dist.distributed.collectives import share_from_main
+    from cifar_dist.model.resnet import count_parameters
+    from cifar_dist.runtime.provenance import device_name, git_sha, versions
+    from cifar_dist.trainer.build import graph_count
+    from cifar_dist.trainer.callbacks import time_to_target
+
+    state, world = trainer.state, parts.shard.world
+    train_time = sum(r["epoch_time_s"] for r in state.history)
+    images = sum(r["images_per_s"] * r["epoch_time_s"] for r in state.history)
+    ips = images / train_time if train_time else 0.0
+    compiled = cfg.run.compile
+    return {
+        "test_acc": final["acc"], "test_loss": final["loss"], "eval_set": eval_name,
+        "eval_images": final["count"], "tta": cfg.eval.tta, "per_class_acc": final["per_class_acc"],
+        "epochs": state.epoch, "steps": state.global_step, "world_size": world, "segments": state.segments,
+        "wall_time_s": wall, "train_time_s": train_time,
+        "images_per_s": ips, "images_per_s_per_device": ips / world,
+        "skipped_steps": state.skipped_steps, "parameters": count_parameters(parts.model),
+        "compiled_graphs": graph_count() if compiled else None,
+        "recompiles_after_warmup": (graph_count() - trainer.graphs_after_warmup
+                                    if compiled and trainer.graphs_after_warmup is not None else None),
+        "precision": cfg.run.precision, "seed": cfg.run.seed, "config": cfg.name, "git_sha": git_sha(),
+        "versions": versions(), "device": device_name(parts.device),
+        "data": share_from_main(lambda: data_identity(cfg)),  # hashed by rank 0 alone, which checked the md5
+        **time_to_target(state.history, cfg.eval.target_acc),
+    }
+
+
+def _write_results(run_dir: Path, cfg, parts, summary: dict, final: dict) -> None:
+    """Rank 0: the weights, the confusion matrix, the plots and, last, summary.json (a run with a
+    summary.json is finished: a sweep skips it). Each file is written whole or not at all."""
+    from cifar_dist.distributed.collectives import print0
+    from cifar_dist.storage import plots
+    from cifar_dist.storage.checkpoint import save_weights
+    from cifar_dist.storage.files import write_json_atomic
+
+    save_weights(parts.model, run_dir / "model.safetensors")
+    write_json_atomic(run_dir / "confusion_matrix.json",
+                      {"classes": list(plots.CLASSES), "rows_true_cols_pred": final["confusion"]}, indent=None)
+    if cfg.run.plots:
+        plots.draw_run(run_dir)
+    write_json_atomic(run_dir / "summary.json", summary)
+    parts.metrics.close()
+    print0(f"{summary['eval_set']} accuracy {100 * final['acc']:.2f}% ({final['count']} images"
+           f"{', flip TTA' if cfg.eval.tta else ''}); {summary['wall_time_s']:.1f} s; results in {run_dir}")
+
+
+def _after_preemption(run_dir: Path, rank: int) -> None:
+    """Mark the run as preempted; under Slurm, rank 0 requeues the job.
+
+    No rank leaves before PREEMPTED exists: when the first process exits, a
+    launcher may tear the others down (srun --kill-on-bad-exit counts a task
+    Slurm sent TERM as failed), and a batch script that requeues on PREEMPTED
+    (slurm/train.sh, which sets CIFAR_DIST_REQUEUE=0) must then still find it.
+    The requeue comes after the barrier, as it ends every process of the job.
+    """
+    from cifar_dist.distributed.collectives import barrier
+
+    if rank == 0:
+        (run_dir / "PREEMPTED").write_text(str(time.time()))
+    barrier()
+    if rank != 0:
+        return
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("CIFAR_DIST_REQUEUE", "1") == "1":
+        import subprocess
+        res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        print(f"scontrol requeue {job}: {'ok' if res.returncode == 0 else res.stderr.strip()}", flush=True)
+

@@ -1,0 +1,128 @@
+"""One optimizer step: forward, loss, backward (two strategies), clipping, update.
+
+``train_step`` returns the step's non-finite flag as a device tensor; nothing in
+here reads a device value on the host.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from cifar_dist.data import normalize
+from cifar_dist.distributed.exact import TreeSum, reduce_across_processes, take_grads
+from cifar_dist.model.batchnorm import GroupBatchNorm2d
+from cifar_dist.model.loss import smoothed_cross_entropy
+from cifar_dist.model.optim import lr_at, set_lr
+from cifar_dist.storage.state import LOSS_UNIT
+
+
+def new_totals(device, partial: dict | None = None, carries_partial: bool = True) -> dict:
+    """Running sums of an epoch's training loss and accuracy, on the device.
+
+    The loss sum counts whole units of ``LOSS_UNIT`` (2^-24): each micro-batch adds its mean
+    loss times its images, rounded to a unit. Integer sums do not depend on their order, so the
+    epoch's training loss is the same bits for any process count and across a resume.
+    ``partial``: an interrupted epoch's sums over all ranks (state.json), carried by one rank
+    (``carries_partial``) so that the epoch's all-reduce counts them once."""
+    partial = partial if (partial and carries_partial) else {}
+    return {"loss": torch.tensor(int(partial.get("loss_units", 0)), dtype=torch.int64, device=device),
+            "correct": torch.tensor(int(partial.get("correct", 0)), dtype=torch.int64, device=device),
+            "count": int(partial.get("count", 0))}
+
+
+def stacked_totals(totals: dict) -> torch.Tensor:
+    """(loss units, correct, count) as one float64 device tensor, ready for one all-reduce: the
+    values are whole numbers below 2^53, so float64 sums of them are exact in any order."""
+    device = totals["loss"].device
+    return torch.stack([totals["loss"].double(), totals["correct"].double(),
+                        torch.tensor(float(totals["count"]), dtype=torch.float64, device=device)])
+
+
+def train_step(parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
+    """One optimizer step over this process's micro-batches; returns the local
+    non-finite flag (a 0-dim tensor on the device, no host synchronization)."""
+    cfg = parts.cfg
+    set_lr(parts.optimizer, lr_at(step, cfg.train, parts.loader.steps_per_epoch))
+    backward = _backward_exact if cfg.train.exact_reduce else _backward_ddp
+    bad = backward(parts, micro_batches, step, totals)
+    if not parts.deepspeed:  # DeepSpeed clips (its config) and keeps the gradients partitioned
+        parts.precision.unscale(parts.optimizer)
+        grads = [q.grad for q in parts.model.parameters() if q.grad is not None]
+        if cfg.train.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.train.grad_clip)
+        else:
+            norm = torch.stack(torch._foreach_norm(grads)).norm() if grads else torch.zeros((), device=parts.device)
+        if cfg.run.precision != "fp16":  # under fp16 the scaler skips such steps instead
+            bad = bad + (~torch.isfinite(norm)).float()
+    parts.precision.step(parts.optimizer)
+    parts.optimizer.zero_grad(set_to_none=True)
+    return bad
+
+
+def _forward_loss(parts, x, y, step: int, totals: dict):
+    cfg = parts.cfg
+    x = parts.precision.inputs(normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last))
+    with parts.precision.autocast():
+        logits = parts.train_model(x)
+    loss = smoothed_cross_entropy(logits, y, cfg.train.label_smoothing, cfg.train.smoothing_form)
+    loss = parts.callbacks.on_loss(loss, step)
+    with torch.no_grad():
+        totals["loss"] += (loss.detach().double() * (y.numel() / LOSS_UNIT)).round().long()
+        totals["correct"] += (logits.detach().argmax(1) == y).sum()
+        totals["count"] += y.numel()
+    return loss, (~torch.isfinite(loss.detach())).float()
+
+
+def _no_sync(parts):
+    """DDP's ``no_sync()``: gradients stay in this process. Not Accelerate's ``no_sync``, which does
+    nothing for one process although `accelerate launch --num_processes 1` still wraps the model in
+    DDP: there every backward then reduced the gradients into DDP's buckets, the very memory the
+    exact path's chunk gradients alias (``gradient_as_bucket_view``), and the chunk sums came out
+    wrong. DeepSpeed keeps its own accumulation."""
+    if parts.deepspeed:
+        return contextlib.nullcontext()
+    return getattr(parts.train_model, "no_sync", contextlib.nullcontext)()
+
+
+def _backward_ddp(parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
+    """Gradients averaged by DDP (or DeepSpeed): fast; equal across process
+    counts up to float summation order."""
+    accum = len(micro_batches)
+    bad = torch.zeros((), device=parts.device)
+    for i, (x, y, _idx) in enumerate(micro_batches):
+        last = i == accum - 1
+        sync = contextlib.nullcontext() if last else _no_sync(parts)
+        with sync:
+            loss, nonfinite = _forward_loss(parts, x, y, step, totals)
+            # DeepSpeed divides by its accumulation steps itself.
+            parts.precision.backward(loss if parts.deepspeed else loss / accum)
+        bad = bad + nonfinite
+    return bad
+
+
+def _backward_exact(parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
+    """Gradients of fixed-size chunks, summed in a fixed tree (see ``exact``)."""
+    chunk = parts.cfg.model.bn_group
+    params = list(parts.model.parameters())
+    bns = [m for m in parts.model.modules() if isinstance(m, GroupBatchNorm2d)]
+    tree = TreeSum()
+    bad = torch.zeros((), device=parts.device)
+    with _no_sync(parts):
+        for x, y, _idx in micro_batches:
+            for s in range(0, len(y), chunk):
+                loss, nonfinite = _forward_loss(parts, x[s:s + chunk], y[s:s + chunk], step, totals)
+                parts.precision.backward(loss)
+                # BatchNorm statistics follow the same tree as the gradients
+                stats = [m.stat_sum.clone() for m in bns]
+                for m in bns:
+                    m.stat_sum.zero_()
+                tree.add(take_grads(params) + stats)
+                bad = bad + nonfinite
+    summed = tree.result()
+    for m, st in zip(bns, summed[len(params):]):
+        m.stat_sum.copy_(st)
+    num_chunks = parts.shard.global_batch // chunk
+    for q, g in zip(params, reduce_across_processes(summed[:len(params)], num_chunks)):
+        q.grad = g
+    return bad

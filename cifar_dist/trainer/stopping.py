@@ -1,0 +1,50 @@
+"""Stop requests: SIGUSR1 / SIGTERM (Slurm preemption), SIGINT (Ctrl-C) or a STOP file in the run directory."""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+
+class StopRequest:
+    """Installs the signal handlers while training; ``requested()`` says whether to stop.
+
+    SIGTERM, SIGUSR1 and a first SIGINT (Ctrl-C) ask the run to stop at its next
+    control read, after a checkpoint; a second SIGINT aborts at once
+    (KeyboardInterrupt), as Ctrl-C does anywhere else. Only ``poll_file`` ranks look
+    for the STOP file (rank 0: no file-system call on every rank), and only when the
+    loop is about to read its flags.
+    """
+
+    def __init__(self, stop_file: Path | None, poll_file: bool = True, say=None):
+        self.stop_file = stop_file if poll_file else None
+        self.signalled = None
+        self.say = say
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signalled == "SIGINT":
+            raise KeyboardInterrupt
+        self.signalled = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.say is not None:
+            self.say("cifar-dist: Ctrl-C: stopping at the next checkpointable step (within 10 steps); "
+                     "press Ctrl-C again to abort at once")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def requested(self) -> bool:
+        """A signal arrived, or the STOP file exists."""
+        return self.signalled is not None or bool(self.stop_file and self.stop_file.exists())
+
+    @property
+    def reason(self) -> str:
+        return self.signalled or "STOP file"
