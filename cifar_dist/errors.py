@@ -42,6 +42,10 @@ class TrainingFault(Exception):
     exit_code = 1
 
 
+class NonFiniteError(TrainingFault):
+    """The loss or the gradients became NaN or Inf."""
+
+
 class Interrupted(Exception):
     """Ctrl-C ended the run at once (exit code 130); the message says what was kept."""
 
@@ -121,11 +125,3 @@ def guarded(fn, args) -> int:
         say(f"cifar-dist: {rank_prefix()}crashed: {type(e).__name__}: {e}")
         raise
     return 1
-
-
-class NonFiniteError(TrainingFault):
-    """The loss or the gradients became NaN or Inf."""
-
-
-class Preempted(Exception):
-    """A stop was requested (signal or STOP file); a checkpoint has been written."""

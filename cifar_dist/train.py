@@ -18,10 +18,15 @@ the same run (up to float summation order); ``--resume`` continues it exactly.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
+from cifar_dist.config.loading import load_config
 from cifar_dist.config.overrides import parse_with_overrides
-from cifar_dist.errors import guarded
-from cifar_dist.trainer.run import run
+from cifar_dist.distributed.launcher import env_rank, using_deepspeed
+from cifar_dist.errors import ConfigError, RunDirError, guarded, say
+from cifar_dist.runtime.malloc import tune_malloc
+from cifar_dist.trainer.callbacks import load_callbacks
 
 
 def add_train_arguments(ap: argparse.ArgumentParser) -> None:
@@ -36,11 +41,65 @@ def add_train_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.01")
 
 
-def main(argv=None) -> int:
-    from cifar_dist.runtime.malloc import tune_malloc
+def run_dirs_of(name: str, root: Path = Path("runs")) -> list[Path]:
+    """Run directories under ``root`` that a recipe called ``name`` made by default, newest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{name}-*") if (p / "config.yaml").is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
+
+def resolve_config(args: argparse.Namespace):
+    """The config of this run: ``--config`` and the overrides; with ``--resume`` and no
+    ``--config``, the run directory's saved config.yaml and the overrides. ``--resume`` needs
+    to know the run directory (``--out`` or ``run.out_dir``)."""
+    cfg = load_config(args.config, args.overrides)
+    if args.out:
+        cfg.run.out_dir = args.out
+    if not args.resume:
+        return cfg
+    if not cfg.run.out_dir:
+        candidates = run_dirs_of(cfg.name)[:3]
+        listed = (f"runs of {cfg.name!r}, newest first: {', '.join(map(str, candidates))}" if candidates
+                  else f"no run of {cfg.name!r} under runs/")
+        raise RunDirError(f"--resume: name the run to continue with --out DIR ({listed})")
+    saved = Path(cfg.run.out_dir) / "config.yaml"
+    if args.config is None and saved.is_file():
+        cfg = load_config(saved, args.overrides)
+        cfg.run.out_dir = args.out or cfg.run.out_dir
+    elif args.config is None:
+        what = "holds no config.yaml" if Path(cfg.run.out_dir).is_dir() else "does not exist"
+        raise RunDirError(f"--resume: {cfg.run.out_dir} {what}: no run to continue (give --config to start one "
+                          "there)")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the input, then train (``trainer.run.train``); returns the exit code.
+
+    Everything a user can get wrong is refused before the training stack (torch, Accelerate)
+    is imported, which is why that import comes late: a bad config is one line at once."""
+    cfg = resolve_config(args)
+    if using_deepspeed() and cfg.train.exact_reduce:  # every rank refuses at once, before any set-up
+        raise ConfigError("train.exact_reduce: DeepSpeed reduces gradients itself; "
+                          "set train.exact_reduce=false to train with DeepSpeed")
+    if args.config is None and not args.resume and env_rank() == 0:
+        say("cifar-dist: no --config: training the built-in defaults: the paper's model and optimizer for 60 "
+            "epochs, without its colour jitter and rotation (`cifar-dist config` prints them; configs/seed.yaml "
+            "is the paper's recipe, configs/cpu_quick.yaml a CPU demo)")
+    user_callbacks = load_callbacks(cfg.run.callbacks).items  # a bad name fails here, before anything is written
+    from cifar_dist.trainer.run import train  # the training stack: heavy, so only for valid input
+
+    return train(cfg, args.resume, args.overwrite, user_callbacks)
+
+
+def main(argv=None) -> int:
     tune_malloc()
     ap = argparse.ArgumentParser(prog="python -m cifar_dist.train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(ap)
     return guarded(run, parse_with_overrides(ap, argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -102,7 +102,7 @@ def sync_check(out: Path, data_root: str | None, dry: bool, steps: int = 50) -> 
     from cifar_dist.distributed.accelerator import make_accelerator
     from cifar_dist.trainer.build import build_data, build_parts, resolve_run_precision
     from cifar_dist.trainer.control import Control
-    from cifar_dist.trainer.step import new_totals
+    from cifar_dist.trainer.step import EpochTotals
 
     overrides = ["train.epochs=100", "run.progress=false", "run.tensorboard=false"]
     overrides += ["data.synthetic=true"] if data_root is None else [f"data.root={data_root}"]
@@ -112,7 +112,7 @@ def sync_check(out: Path, data_root: str | None, dry: bool, steps: int = 50) -> 
     accelerator = make_accelerator(cfg)
     shard, train_set, eval_set, _ = build_data(cfg, accelerator)
     parts = build_parts(cfg, accelerator, shard, train_set, eval_set, out / "sync-run")
-    totals = new_totals(parts.device)
+    totals = EpochTotals.start(parts.device)
     control = Control(parts.model, parts.precision, parts.device, 0, cfg.train.exact_reduce)
     stream, warmup, done, reads = parts.loader.iter_epoch(0), 3 * 10, 0, 0
     cuda = parts.device.type == "cuda"

@@ -151,11 +151,11 @@ def test_more_processes_than_visible_gpus_are_refused(tmp_path, monkeypatch):
     """8 processes on a node that shows 4 GPUs (simulated): exit 2, one line, no run directory."""
     import torch
 
-    from cifar_dist.trainer import precision
+    from cifar_dist.trainer import build
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(precision, "gpu_capability", lambda: (9, 0))
+    monkeypatch.setattr(build, "gpu_capability", lambda: (9, 0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     out = tmp_path / "run"
@@ -184,10 +184,10 @@ def test_precision_auto_follows_the_gpu_generation(capability, expected):
 
 def test_bf16_on_a_gpu_without_bf16_tensor_cores_warns_in_one_line(monkeypatch, capsys):
     from cifar_dist.config.loading import load_config
-    from cifar_dist.trainer import precision
+    from cifar_dist.trainer import build
     from cifar_dist.trainer.build import resolve_run_precision
 
-    monkeypatch.setattr(precision, "gpu_capability", lambda: (7, 0))
+    monkeypatch.setattr(build, "gpu_capability", lambda: (7, 0))
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["run.precision=bf16", "train.exact_reduce=false"])
     resolve_run_precision(cfg)
     assert cfg.run.precision == "bf16"

@@ -14,14 +14,15 @@ import torch
 
 from cifar_dist.config.loading import load_config
 from cifar_dist.distributed.accelerator import make_accelerator
-from cifar_dist.errors import NonFiniteError, Preempted
+from cifar_dist.errors import NonFiniteError
 from cifar_dist.storage.state import TrainState
 from cifar_dist.trainer import loop
 from cifar_dist.trainer.build import build_data, build_parts, resolve_run_precision, restore
 from cifar_dist.trainer.callbacks import Callbacks
 from cifar_dist.trainer.control import CONTROL_EVERY
 from cifar_dist.trainer.progress import progress_bars
-from cifar_dist.trainer.step import new_totals, train_step
+from cifar_dist.trainer.step import EpochTotals, train_step
+from cifar_dist.trainer.stopping import StopReason
 
 from conftest import REPO
 
@@ -110,11 +111,11 @@ def commits(monkeypatch):
 def test_train_step_returns_a_device_flag_updates_the_weights_and_clears_gradients(tmp_path):
     parts = build(tmp_path / "run")
     before = weights(parts)
-    totals = new_totals(parts.device)
+    totals = EpochTotals.start(parts.device)
     micro = next(iter(parts.loader.iter_epoch(0)))
     bad = train_step(parts, micro, 0, totals)
     assert isinstance(bad, torch.Tensor) and bad.dim() == 0 and bad.device == parts.device
-    assert float(bad) == 0.0 and totals["count"] == 64
+    assert float(bad) == 0.0 and totals.count == 64
     assert all(q.grad is None for q in parts.model.parameters())
     # step 0 of the one-cycle schedule runs at lr 0: nothing may move yet
     assert all(torch.equal(before[k], v) for k, v in weights(parts).items() if "weight" in k)
@@ -185,9 +186,9 @@ def test_a_stop_request_checkpoints_at_the_next_control_read_and_resuming_gives_
     fit(reference)
     parts = build(tmp_path / "run",
                   callbacks=[AroundSteps(before=lambda p, step: p.stop_file.write_text("") if step == 8 else None)])
-    state = TrainState()
-    with pytest.raises(Preempted, match="STOP file"):
-        fit(parts, state)
+    trainer = loop.Trainer(parts, TrainState(), progress_bars(False))
+    state = trainer.fit()
+    assert trainer.stop_reason is StopReason.STOP_FILE
     assert CONTROL_EVERY == 10 and state.global_step == 10
     assert checkpoint_steps(parts.run_dir) == [8, 10]
     resumed = build(tmp_path / "resumed")

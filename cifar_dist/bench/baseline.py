@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from cifar_dist.bench.timing import figures, peak_memory, time_steps
+from cifar_dist.bench.timing import Clock, figures, peak_memory, time_steps
+from cifar_dist.model.resnet import build_model
 
 
 class _PilCifar(Dataset):
@@ -50,8 +51,6 @@ def _repeat(loader):
 
 def measure(cfg, batch: int, args, device, data=None) -> dict:
     """Images/s of the plain loop at ``batch`` (one process), timed like every row."""
-    from cifar_dist.bench.timing import Clock
-    from cifar_dist.model.resnet import build_model
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, norm=nn.BatchNorm2d).to(device)

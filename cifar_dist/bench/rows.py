@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 
-from cifar_dist.bench.timing import figures, forever, peak_memory, time_steps
+import torch
+
+from cifar_dist.bench.timing import Clock, figures, forever, peak_memory, time_steps
+from cifar_dist.data import Shard
+from cifar_dist.distributed.collectives import world_info
+from cifar_dist.trainer.build import build_model_seeded, build_parts, graph_count, resolve_run_precision
+from cifar_dist.trainer.control import Control
+from cifar_dist.trainer.step import EpochTotals, train_step
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,6 @@ class SyntheticLoader:
     name = "synthetic"
 
     def __init__(self, shard, device, steps_per_epoch=10**9):
-        import torch
 
         g = torch.Generator().manual_seed(0)
         self.x = torch.randint(0, 256, (shard.micro, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
@@ -55,17 +60,12 @@ def row_config(base, row: Row, world: int):
     return cfg
 
 
-def steady_step(parts, control, micro, step: int, totals: dict) -> bool:
+def steady_step(parts, control, micro, step: int, totals: EpochTotals) -> bool:
     """Step ``step`` as the training loop runs it away from epoch boundaries: ``train_step``,
     the control collective, and the host read every ``CONTROL_EVERY`` steps. Returns whether
     the host read the device."""
-    from cifar_dist.trainer.step import train_step
-
-    control.after_step(train_step(parts, micro, step, totals))
-    if control.due(step + 1):
-        control.read(totals["loss"])
-        return True
-    return False
+    bad = train_step(parts, micro, step, totals)
+    return control.after_step(bad, step + 1, totals.loss) is not None
 
 
 def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) -> dict:
@@ -77,39 +77,23 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
     the host every ``CONTROL_EVERY`` steps. A compiled row starts from a fresh
     compile state, so its figure does not depend on the rows before it.
     """
-    import torch
 
-    from cifar_dist.bench.timing import Clock
-    from cifar_dist.data import Shard, build_train_loader
-    from cifar_dist.distributed.collectives import world_info
-    from cifar_dist.model.optim import build_optimizer
-    from cifar_dist.trainer.build import Parts, build_model_seeded, graph_count, prepare_model
-    from cifar_dist.trainer.control import Control
-    from cifar_dist.trainer.precision import CpuBf16, Precision, gpu_capability, resolve_precision
-    from cifar_dist.trainer.step import new_totals
 
     rank, world = world_info() if distributed else (0, 1)
     cfg = row_config(base_cfg, row, world)
-    capability = gpu_capability()
-    cpu = CpuBf16.of_this_cpu(cfg.run.channels_last) if capability is None else None
-    cfg.run.precision = resolve_precision(cfg.run.precision, capability, cpu)[0]
+    resolve_run_precision(cfg, warn=False)
     device = accelerator.device
     if cfg.run.compile:
         torch._dynamo.reset()  # no code, guards or recompile budget shared with earlier rows
     graphs_before = graph_count()
-    model, eval_model, train_model, optimizer = prepare_model(
-        cfg, accelerator, build_model_seeded(cfg), build_optimizer, wrap=distributed)
     shard = Shard(rank, world, cfg.train.batch_size)
-    loader = (SyntheticLoader(shard, device) if row.loader == "synthetic"
-              else build_train_loader(cfg, data, shard, device))
-    deepspeed = distributed and accelerator.distributed_type.value == "DEEPSPEED"
-    precision = Precision(cfg.run.precision, device, accelerator if deepspeed else None)
-    parts = Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=train_model, eval_model=eval_model,
-                  optimizer=optimizer, loader=loader, shard=shard, precision=precision, run_dir=Path("."))
-    totals = new_totals(device)
-    control = Control(model, precision, device, collective=distributed)
+    synthetic = SyntheticLoader(shard, device) if row.loader == "synthetic" else None
+    parts = build_parts(cfg, accelerator, shard, data, None, None, build_model_seeded(cfg), loader=synthetic,
+                        wrap=distributed)
+    totals = EpochTotals.start(device)
+    control = Control(parts.model, parts.precision, device, collective=distributed)
     done = [0]
-    stream = forever(loader)
+    stream = forever(parts.loader)
 
     def step(micro):
         steady_step(parts, control, micro, done[0], totals)

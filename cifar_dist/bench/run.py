@@ -6,27 +6,29 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
+from cifar_dist.bench import baseline as plain_loop
 from cifar_dist.bench.rows import Row, measure_row, row_config
-from cifar_dist.bench.timing import figures, forever, time_steps
+from cifar_dist.bench.table import bench_table, plot_bench
+from cifar_dist.bench.timing import Clock, figures, forever, time_steps
+from cifar_dist.config.loading import load_config
+from cifar_dist.data import Shard, build_datasets, build_train_loader
+from cifar_dist.distributed.accelerator import make_accelerator
+from cifar_dist.distributed.collectives import barrier, print0, share_from_main, world_info
+from cifar_dist.errors import ConfigError
+from cifar_dist.model.layer_table import count_flops
+from cifar_dist.model.resnet import build_model, count_parameters
+from cifar_dist.runtime.hardware import device_peak, mfu
+from cifar_dist.runtime.provenance import device_name, git_sha, versions
+from cifar_dist.runtime.seeding import apply_tf32
 
 
 def run_bench(args) -> int:
     """`cifar-dist bench`: rows of the matrix, the baseline, and the outputs."""
-    from cifar_dist.config.loading import load_config
 
     base = load_config(args.config, args.overrides)
-    import torch
 
-    from cifar_dist.bench import baseline as plain_loop
-    from cifar_dist.bench.table import bench_table, plot_bench
-    from cifar_dist.distributed.accelerator import make_accelerator
-    from cifar_dist.distributed.collectives import barrier, print0, share_from_main, world_info
-    from cifar_dist.errors import ConfigError
-    from cifar_dist.model.layer_table import count_flops
-    from cifar_dist.model.resnet import build_model, count_parameters
-    from cifar_dist.runtime.hardware import device_peak
-    from cifar_dist.runtime.provenance import device_name, git_sha, versions
-    from cifar_dist.runtime.seeding import apply_tf32
 
     for loader in args.loaders:
         if loader not in ("synthetic", "torch", "gpu", "ffcv"):
@@ -51,7 +53,6 @@ def run_bench(args) -> int:
     workers = args.workers or [base.data.workers]
     data = None
     if any(loader != "synthetic" for loader in args.loaders) or args.loader_only:
-        from cifar_dist.data import build_datasets
         data = build_datasets(base)[0]
     name = device_name(device)
     hw = {"device": name, "device_type": device.type, "world_size": world, "tf32": tf32,
@@ -110,7 +111,6 @@ def run_bench(args) -> int:
 
 def _mfu(fig: dict, flops_per_image: float, peak) -> dict:
     """MFU of a row: None (shown as n/a) when the peak is unknown or below what the row achieved."""
-    from cifar_dist.runtime.hardware import mfu
 
     value, source = peak
     achieved = fig["images_per_s_per_device"] * flops_per_image
@@ -120,8 +120,6 @@ def _mfu(fig: dict, flops_per_image: float, peak) -> dict:
 
 def bench_loaders(base, data, args, workers, device) -> list[dict]:
     """Images/s of each input pipeline alone (augmentation included, batches on the device)."""
-    from cifar_dist.bench.timing import Clock
-    from cifar_dist.data import Shard, build_train_loader
 
     rows = []
     for loader in args.loaders:

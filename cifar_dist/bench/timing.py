@@ -42,7 +42,6 @@ def time_steps(step_fn, next_batch, clock, warmup: int, steps: int, repeats: int
 def peak_memory(device) -> float:
     import resource
 
-    import torch
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)

@@ -6,6 +6,14 @@ import shutil
 import sys
 from importlib import metadata
 
+import torch
+
+import cifar_dist
+from cifar_dist.config.loading import load_config, resolve_data_root
+from cifar_dist.data.cifar import FOLDER, MD5, file_digest
+from cifar_dist.runtime.hardware import bf16_speedup, cpu_flags, cpu_model, has_bf16_units
+from cifar_dist.trainer.precision import CpuBf16, resolve_precision
+
 
 def _version(package: str) -> str:
     try:
@@ -15,7 +23,6 @@ def _version(package: str) -> str:
 
 
 def _devices() -> list[tuple[str, str]]:
-    import torch
 
     rows = [("CUDA available", f"yes, CUDA {torch.version.cuda}" if torch.cuda.is_available() else "no")]
     for i in range(torch.cuda.device_count()):
@@ -24,8 +31,6 @@ def _devices() -> list[tuple[str, str]]:
         rows.append((f"GPU {i}", f"{p.name}, compute capability {p.major}.{p.minor}, "
                                  f"{p.total_memory / 2**30:.0f} GiB, bf16 {'yes' if cc >= (8, 0) else 'no (slow)'}, "
                                  f"TF32 {'yes' if cc >= (8, 0) else 'no'}"))
-    from cifar_dist.runtime.hardware import bf16_speedup, cpu_flags, cpu_model, has_bf16_units
-    from cifar_dist.trainer.precision import CpuBf16, resolve_precision
 
     units = has_bf16_units(cpu_flags())
     speedup = bf16_speedup()
@@ -58,8 +63,6 @@ def _slurm() -> tuple[str, str]:
 
 
 def _data(config: str | None) -> tuple[str, str]:
-    from cifar_dist.config.loading import load_config, resolve_data_root
-    from cifar_dist.data.cifar import FOLDER, MD5, file_digest
 
     cfg = load_config(config)
     if cfg.data.synthetic:
@@ -74,7 +77,6 @@ def _data(config: str | None) -> tuple[str, str]:
 
 
 def doctor(config: str | None = None) -> list[tuple[str, str]]:
-    import cifar_dist
 
     rows = [("cifar_dist", cifar_dist.__version__), ("python", sys.version.split()[0]),
             ("platform", platform.platform())]

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cifar_dist.experiments.sweep import add_sweep_arguments
 
     _command(sub, "train", "train a model (same as python -m cifar_dist.train)", add_train_arguments,
-             "cifar_dist.trainer.run", "run")
+             "cifar_dist.train", "run")
     _command(sub, "sweep", "many seeds and settings as independent runs (locally, or a Slurm array)",
              add_sweep_arguments, "cifar_dist.experiments.sweep", "run_sweep")
     _command(sub, "compare", "runs or sweeps side by side: mean ± std, 95%% CI, Welch's t-test",

@@ -5,12 +5,13 @@ from cifar_dist.config.loading import resolve_data_root
 from cifar_dist.config.schema import Config
 from cifar_dist.data.augment import AugmentSpec
 from cifar_dist.data.cifar import CLASSES, FOLDER, MD5, ImageSet, check_md5, file_digest, load_cifar10, synthetic_cifar
-from cifar_dist.data.loaders import GpuLoader, TorchLoader, eval_batches, normalize
+from cifar_dist.data.ffcv_loader import FfcvLoader
+from cifar_dist.data.loaders import GpuLoader, Loader, TorchLoader, eval_batches, normalize
 from cifar_dist.data.sharding import Shard
 from cifar_dist.distributed.launcher import env_rank
 from cifar_dist.errors import ConfigError
 
-__all__ = ["CLASSES", "ImageSet", "Shard", "build_datasets", "build_train_loader", "data_identity",
+__all__ = ["CLASSES", "ImageSet", "Loader", "Shard", "build_datasets", "build_train_loader", "data_identity",
            "eval_batches", "normalize"]
 
 
@@ -73,6 +74,5 @@ def build_train_loader(cfg: Config, train: ImageSet, shard: Shard, device):
     if kind == "gpu":
         return GpuLoader(train, spec, cfg.run.seed, shard, device)
     if kind == "ffcv":
-        from cifar_dist.data.ffcv_loader import FfcvLoader
         return FfcvLoader(cfg, train, spec, shard, device)
     raise ConfigError(f"data.loader: unknown loader {kind!r}")

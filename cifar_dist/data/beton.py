@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cifar_dist.data.cifar import ImageSet, file_digest, load_cifar10
 from cifar_dist.errors import ConfigError, DataError
@@ -29,7 +30,6 @@ def require_ffcv():
     torch threads to 1 (ffcv.pipeline.compiler, at import); the count is put back, or
     training would run on one core and round differently from the other loaders
     (FfcvLoader does the same after FFCV's Loader sets it again)."""
-    import torch
 
     threads = torch.get_num_threads()
     try:

@@ -9,6 +9,8 @@ interchangeable and a resumed epoch continues at the exact next sample.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -55,6 +57,16 @@ def _whole_batch(batch):
 
 def _worker_init(_):
     torch.set_num_threads(1)  # workers share the cores with training
+
+
+class Loader(Protocol):
+    """What the training loop asks of an input pipeline: this process's micro-batches of every
+    step of an epoch, each ``(uint8 images, labels, global sample indices)`` on the device."""
+
+    steps_per_epoch: int
+
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]]]: ...
 
 
 class TorchLoader:

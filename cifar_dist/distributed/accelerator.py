@@ -33,6 +33,11 @@ def check_gpu_count(local_processes: int, visible_gpus: int) -> None:
                         f"{visible_gpus} (accelerate launch --num_processes, torchrun --nproc_per_node)")
 
 
+def is_deepspeed(accelerator) -> bool:
+    """Whether ``accelerator`` runs DeepSpeed's engine (launched with a DeepSpeed config)."""
+    return accelerator.distributed_type.value == "DEEPSPEED"
+
+
 def has_accelerator() -> bool:
     if torch.cuda.is_available():
         return True

@@ -19,6 +19,7 @@ from cifar_dist.config.schema import result_free_keys
 from cifar_dist.errors import UserError
 from cifar_dist.experiments import stats
 from cifar_dist.storage.metrics import read_metrics
+from cifar_dist.storage.plots import epoch_axis, pyplot, save_figure
 from cifar_dist.storage.rundir import flatten
 
 # Keys that may differ between runs of one configuration: the seed, and those that do not change
@@ -262,7 +263,6 @@ def to_markdown(report: dict) -> str:
 
 def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
     """Mean test accuracy per configuration over the epochs where it was recorded, with a min-max band."""
-    from cifar_dist.storage.plots import epoch_axis, pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -29,7 +29,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
+from cifar_dist.config.loading import load_config
 from cifar_dist.errors import ConfigError, UserError
+from cifar_dist.experiments.compare import valid_accuracy
 from cifar_dist.storage.files import write_json_atomic
 
 
@@ -52,7 +56,6 @@ def read_sweep_file(path: Path) -> dict:
 def finished_run(run_dir: Path) -> float | None:
     """The test accuracy of a finished run (a summary.json with a valid test_acc), else None:
     an empty or torn summary.json does not make a member done."""
-    from cifar_dist.experiments.compare import valid_accuracy
 
     try:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
@@ -218,7 +221,6 @@ def _slots(parallel: int) -> list[dict]:
     gpus = [g for g in visible.split(",") if g.strip()] if visible else None
     if gpus is None:
         try:
-            import torch
             gpus = [str(i) for i in range(torch.cuda.device_count())]
         except ImportError:
             gpus = []
@@ -239,7 +241,6 @@ def _last_error(log: Path) -> str:
 def _check_members(config: str | None, members: list[Member]) -> dict[int, str]:
     """Each member's config, checked before anything runs: {index: error} for the bad ones.
     When every member fails the same way (a bad file, an unknown key), that is the error."""
-    from cifar_dist.config.loading import load_config
 
     refused = {}
     for m in members:
@@ -358,7 +359,6 @@ def add_sweep_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run_sweep(args) -> int:
-    from cifar_dist.config.loading import load_config
 
     if args.parallel < 1:
         raise ConfigError(f"--parallel: must be >= 1, got {args.parallel}")

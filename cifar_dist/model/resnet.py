@@ -17,6 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cifar_dist.config.plugins import import_object, is_spec
+from cifar_dist.config.schema import MODELS
+from cifar_dist.errors import ConfigError
 from cifar_dist.model.batchnorm import GroupBatchNorm2d
 
 
@@ -124,9 +127,6 @@ def build_model(model_cfg, num_classes: int = 10, norm=None) -> nn.Module:
     ``model.name`` may also name a factory, ``"package.module:function"``, called
     as ``function(model_cfg, num_classes)``; it must return an ``nn.Module``.
     """
-    from cifar_dist.config.plugins import import_object, is_spec
-    from cifar_dist.config.schema import MODELS
-    from cifar_dist.errors import ConfigError
 
     def bn(c):
         return GroupBatchNorm2d(c, group=model_cfg.bn_group, momentum=model_cfg.bn_momentum)

@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+
 from cifar_dist.errors import UserError, say
 from cifar_dist.storage.files import write_text_atomic
 
@@ -26,7 +28,6 @@ class MetricsLog:
         self.tb = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:
                 self.tb = None

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cifar_dist.config.loading import load_config
+from cifar_dist.data import train_images
 from cifar_dist.data.cifar import CLASSES
 from cifar_dist.errors import UserError
+from cifar_dist.model.optim import lr_at
+from cifar_dist.storage.files import write_bytes_atomic
 from cifar_dist.storage.metrics import read_metrics
 
 
@@ -15,7 +19,6 @@ def save_figure(fig, path, **kwargs) -> None:
     picture, and the failure is one line naming the file."""
     import io
 
-    from cifar_dist.storage.files import write_bytes_atomic
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
@@ -69,7 +72,6 @@ def _curve(rows, keys, labels, ylabel, path, title, scale=1.0, schedule=None):
 
 def _run_config(run_dir: Path):
     """The run's config (None when config.yaml is missing or does not load)."""
-    from cifar_dist.config.loading import load_config
 
     try:
         return load_config(run_dir / "config.yaml")
@@ -80,8 +82,6 @@ def _run_config(run_dir: Path):
 def lr_schedule(cfg, points: int = 400) -> tuple[list[float], list[float]] | None:
     """(epochs, learning rates) of the run's schedule, at up to ``points`` steps: the LR is a pure
     function of the step and the config."""
-    from cifar_dist.data import train_images
-    from cifar_dist.model.optim import lr_at
 
     steps_per_epoch = train_images(cfg) // cfg.train.batch_size
     if steps_per_epoch < 1:

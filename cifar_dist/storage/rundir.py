@@ -17,6 +17,7 @@ from cifar_dist.config.loading import read_yaml
 from cifar_dist.config.schema import Config, result_free_keys
 from cifar_dist.errors import RunDirError
 from cifar_dist.storage.checkpoint import latest_checkpoint, list_checkpoints
+from cifar_dist.storage.files import write_text_atomic
 from cifar_dist.storage.metrics import read_metrics
 
 # Keys that may change between a run and its resumption: those that do not change the result
@@ -54,14 +55,6 @@ def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object
 def _short(value) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def run_dirs_of(name: str, root: Path = Path("runs")) -> list[Path]:
-    """Run directories under ``root`` that a recipe called ``name`` made by default, newest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob(f"{name}-*") if (p / "config.yaml").is_file()]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 class RunDir:
@@ -169,6 +162,5 @@ class RunDir:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    from cifar_dist.storage.files import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

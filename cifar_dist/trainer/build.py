@@ -14,18 +14,24 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cifar_dist.config.schema import Config
+from cifar_dist.data import Loader, Shard, build_datasets, build_train_loader
+from cifar_dist.distributed.accelerator import configure_deepspeed, is_deepspeed
+from cifar_dist.distributed.collectives import world_info
+from cifar_dist.distributed.launcher import env_rank
 from cifar_dist.errors import ConfigError, UserError, say
+from cifar_dist.model.optim import build_optimizer
+from cifar_dist.model.resnet import build_model
+from cifar_dist.runtime.seeding import seed_everything
+from cifar_dist.storage.checkpoint import CheckpointWriter, load_optimizer_state, load_weights, read_state
+from cifar_dist.storage.metrics import MetricsLog
 from cifar_dist.trainer.callbacks import Callbacks
 from cifar_dist.trainer.checkpointer import Checkpointer
+from cifar_dist.trainer.evaluation import Evaluator
+from cifar_dist.trainer.precision import CpuBf16, Precision, gpu_capability, resolve_precision
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from cifar_dist.config.schema import Config
-    from cifar_dist.data import Shard
-    from cifar_dist.storage.metrics import MetricsLog
-    from cifar_dist.trainer.evaluation import Evaluator
-    from cifar_dist.trainer.precision import Precision
 
 
 @dataclass
@@ -36,10 +42,11 @@ class Parts:
     train_model: torch.nn.Module  # compiled and wrapped (DDP / DeepSpeed) for training
     eval_model: torch.nn.Module   # compiled, not wrapped: evaluation needs no gradient sync
     optimizer: torch.optim.Optimizer
-    loader: object                # data.TorchLoader | GpuLoader | FfcvLoader: iter_epoch, steps_per_epoch
+    loader: Loader                # data.TorchLoader | GpuLoader | FfcvLoader, or the benchmark's batch
     shard: Shard                  # this process's share of the global batch
     precision: Precision          # autocast, backward, loss scaler
-    run_dir: Path
+    deepspeed: bool               # DeepSpeed's engine runs the model (and owns precision, clipping)
+    run_dir: Path | None          # None: a run that writes nothing (the benchmark)
     evaluator: Evaluator | None = None
     checkpointer: Checkpointer = field(default_factory=lambda: Checkpointer(None))  # None: never saves
     callbacks: Callbacks = field(default_factory=Callbacks)
@@ -50,9 +57,6 @@ class Parts:
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    @property
-    def deepspeed(self) -> bool:
-        return self.accelerator.distributed_type.value == "DEEPSPEED"
 
 
 def graph_count() -> int:
@@ -77,7 +81,7 @@ def prepare_model(cfg, accelerator, model, build_optimizer, wrap: bool = True):
     own engine around the module, so there the module is compiled inside it.
     ``wrap=False`` leaves the launcher's wrapper out: this process's model alone.
     """
-    deepspeed = wrap and accelerator.distributed_type.value == "DEEPSPEED"
+    deepspeed = wrap and is_deepspeed(accelerator)
     model = model.to(accelerator.device)
     if cfg.model.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -107,18 +111,16 @@ def prepare_model(cfg, accelerator, model, build_optimizer, wrap: bool = True):
     return model, compiled(model), compiled(wrapped), optimizer
 
 
-def resolve_run_precision(cfg) -> None:
+def resolve_run_precision(cfg, warn: bool = True) -> None:
     """Replace ``run.precision: auto`` by what this process's device runs best (config.yaml
     then records it); warn once about bf16 on a device that runs it slowly (a GPU without
     bf16 tensor cores, a CPU without bf16 units)."""
-    from cifar_dist.distributed.launcher import env_rank
-    from cifar_dist.trainer.precision import CpuBf16, gpu_capability, resolve_precision
 
     requested = cfg.run.precision
     capability = gpu_capability()
     cpu = CpuBf16.of_this_cpu(cfg.run.channels_last) if capability is None else None
     cfg.run.precision, warning = resolve_precision(requested, capability, cpu)
-    if warning and env_rank() == 0:
+    if warning and warn and env_rank() == 0:
         say(f"cifar-dist: warning: {warning}")
     if cfg.run.precision == "fp16" and cfg.train.exact_reduce:
         raise ConfigError(f"train.exact_reduce: not with run.precision=fp16 (loss scaling; run.precision="
@@ -127,9 +129,6 @@ def resolve_run_precision(cfg) -> None:
 
 def build_data(cfg, accelerator):
     """This process's share of the global batch and the datasets: (shard, train, eval, eval name)."""
-    from cifar_dist.data import Shard, build_datasets
-    from cifar_dist.distributed.accelerator import configure_deepspeed
-    from cifar_dist.distributed.collectives import world_info
 
     rank, world = world_info()
     shard = Shard(rank, world, cfg.train.batch_size, cfg.train.accum_steps)
@@ -137,7 +136,7 @@ def build_data(cfg, accelerator):
         raise UserError(f"model.bn_group: {cfg.model.bn_group} does not divide the micro-batch of "
                         f"{shard.micro} images (train.batch_size {cfg.train.batch_size} / {world} "
                         f"processes / train.accum_steps {cfg.train.accum_steps})")
-    if accelerator.distributed_type.value == "DEEPSPEED":
+    if is_deepspeed(accelerator):
         configure_deepspeed(accelerator, shard, cfg)
     train_set, eval_set, eval_name = build_datasets(cfg)
     return shard, train_set, eval_set, eval_name
@@ -145,38 +144,35 @@ def build_data(cfg, accelerator):
 
 def build_model_seeded(cfg) -> torch.nn.Module:
     """The run's model with its seeded initial weights (every process builds the same)."""
-    from cifar_dist.model.resnet import build_model
-    from cifar_dist.runtime.seeding import seed_everything
 
     seed_everything(cfg.run.seed)
     return build_model(cfg.model)
 
 
-def build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir: Path, model=None,
-                callbacks: Callbacks | None = None) -> Parts:
-    """Everything the loop needs. ``model``: from ``build_model_seeded`` (built here if None)."""
-    from cifar_dist.data import build_train_loader
-    from cifar_dist.model.optim import build_optimizer
-    from cifar_dist.storage.checkpoint import CheckpointWriter
-    from cifar_dist.trainer.evaluation import Evaluator
-    from cifar_dist.trainer.precision import Precision
-
+def build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir: Path | None, model=None,
+                callbacks: Callbacks | None = None, *, loader: Loader | None = None, wrap: bool = True) -> Parts:
+    """Everything the loop needs, the one way every run is built (training, the benchmark, the
+    GPU check). ``model``: from ``build_model_seeded`` (built here if None). ``loader``: batches
+    to use instead of a loader of ``train_set`` (the benchmark's device-resident batch).
+    ``eval_set`` None: no evaluator. ``run_dir`` None: nothing is saved. ``wrap=False``: this
+    process's model alone, without the launcher's DDP or DeepSpeed wrapper."""
     model = build_model_seeded(cfg) if model is None else model
-    model, eval_model, train_model, optimizer = prepare_model(cfg, accelerator, model, build_optimizer)
-    loader = build_train_loader(cfg, train_set, shard, accelerator.device)
-    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    model, eval_model, train_model, optimizer = prepare_model(cfg, accelerator, model, build_optimizer, wrap=wrap)
+    loader = loader or build_train_loader(cfg, train_set, shard, accelerator.device)
+    deepspeed = wrap and is_deepspeed(accelerator)
     precision = Precision(cfg.run.precision, accelerator.device, accelerator if deepspeed else None)
+    evaluator = (Evaluator(cfg, eval_model, eval_set, accelerator.device, precision, train_model)
+                 if eval_set is not None else None)
+    writer = CheckpointWriter(run_dir, cfg.checkpoint.keep) if run_dir is not None else None
     return Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=train_model, eval_model=eval_model,
-                 optimizer=optimizer, loader=loader, shard=shard, precision=precision, run_dir=run_dir,
-                 evaluator=Evaluator(cfg, eval_model, eval_set, accelerator.device, precision, train_model),
-                 checkpointer=Checkpointer(CheckpointWriter(run_dir, cfg.checkpoint.keep),
-                                           cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs),
-                 callbacks=callbacks or Callbacks(), stop_file=run_dir / "STOP")
+                 optimizer=optimizer, loader=loader, shard=shard, precision=precision, deepspeed=deepspeed,
+                 run_dir=run_dir, evaluator=evaluator,
+                 checkpointer=Checkpointer(writer, cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs),
+                 callbacks=callbacks or Callbacks(), stop_file=run_dir / "STOP" if run_dir is not None else None)
 
 
 def restore(parts: Parts, ckpt: Path):
     """Load checkpoint ``ckpt`` into ``parts``; returns the TrainState it holds."""
-    from cifar_dist.storage.checkpoint import load_optimizer_state, load_weights, read_state
 
     state = read_state(ckpt)
     if parts.deepspeed:

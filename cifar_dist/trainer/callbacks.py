@@ -26,6 +26,8 @@ loop already has, so a callback adds no host-device synchronization unless it ma
 from __future__ import annotations
 
 from cifar_dist.config.plugins import import_object
+from cifar_dist.errors import ConfigError
+from cifar_dist.trainer.stopping import StopReason
 
 HOOKS = ("on_train_start", "on_step_start", "on_step_end", "on_checkpoint_staged", "on_epoch_end",
          "on_train_end")
@@ -55,8 +57,10 @@ class Callbacks:
         self._on_loss = [c.on_loss for c in self.items if callable(getattr(c, "on_loss", None))]
 
     def on_loss(self, loss, step: int):
+        """Each callback's ``on_loss`` in turn; one that returns None leaves the loss as it was."""
         for hook in self._on_loss:
-            loss = hook(loss, step)
+            changed = hook(loss, step)
+            loss = loss if changed is None else changed
         return loss
 
 
@@ -69,7 +73,6 @@ def _fan_out(methods):
 
 def load_callbacks(specs) -> Callbacks:
     """Import and build ``run.callbacks``; a bad name is a ConfigError naming it."""
-    from cifar_dist.errors import ConfigError
 
     items = []
     for spec in specs:
@@ -106,4 +109,4 @@ class StopAtTarget(Callback):
 
     def on_epoch_end(self, row: dict) -> None:
         if row.get("test_acc") is not None and row["test_acc"] >= self.target:
-            self.run.request_stop()
+            self.run.request_stop(StopReason.TARGET)

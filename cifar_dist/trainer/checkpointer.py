@@ -1,7 +1,7 @@
 """When the loop saves, and how every rank takes part in one atomic checkpoint.
 
-The file format (weights, optimizer, state.json, atomic commit, retention) is
-``checkpoint.CheckpointWriter``'s; this decides when a checkpoint is due and
+The file format (weights, optimizer, state.json, manifest, atomic commit, retention) is
+``storage.checkpoint.CheckpointWriter``'s; this decides when a checkpoint is due and
 runs the save across ranks.
 """
 from __future__ import annotations
@@ -9,64 +9,65 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from cifar_dist.distributed.collectives import all_reduce_sum, barrier, share_from_main, world_info
+from cifar_dist.distributed.collectives import barrier, share_from_main, world_info
 from cifar_dist.errors import EnvironmentFault
-from cifar_dist.trainer.step import stacked_totals
 
 
 class Checkpointer:
-    """``writer`` None: this run never saves (a benchmark, a test)."""
+    """Owns the checkpoint schedule and the save. ``writer`` None: this run never saves (a
+    benchmark, a test). The trainer's TrainState is never changed here: a save serializes a
+    copy, with the epoch's partial sums, the loss scaler and the world size added."""
 
     def __init__(self, writer, every_steps: int = 0, every_epochs: int = 0):
         self.writer, self.every_steps, self.every_epochs = writer, every_steps, every_epochs
 
-    def due_mid_epoch(self, steps_done: int, boundary: bool) -> bool:
-        """After ``steps_done`` steps, not at an epoch's end (that one is ``due_at_epoch_end``'s)."""
-        return bool(self.every_steps) and steps_done % self.every_steps == 0 and not boundary
+    def due_mid_epoch(self, steps_done: int) -> bool:
+        """Whether ``checkpoint.every_steps`` falls after ``steps_done`` steps."""
+        return bool(self.every_steps) and steps_done % self.every_steps == 0
 
-    def due_at_epoch_end(self, epochs_done: int, finished_epoch: bool, ending: bool) -> bool:
-        """At the end of the run (or a stop), and after every ``every_epochs``-th full epoch."""
-        return ending or bool(self.every_epochs and finished_epoch and epochs_done % self.every_epochs == 0)
+    def maybe_save_mid_epoch(self, parts, state, totals, ends_epoch: bool, stopping: bool) -> Path | None:
+        """After a step inside an epoch: every ``every_steps`` steps, and when the run stops there
+        (a signal or the STOP file); the epoch's running sums go with it. At an epoch's last step
+        the epoch-end checkpoint is the one (``maybe_save_at_epoch_end``)."""
+        if ends_epoch or not (stopping or self.due_mid_epoch(state.global_step)):
+            return None
+        return self.save(parts, state, partial=totals.over_ranks())
 
-    def save(self, parts, state, totals: dict | None = None) -> Path | None:
-        """Checkpoint ``state``; mid-epoch, ``totals`` (the epoch's running sums) go with it,
-        summed over all ranks first: a resume on any process count then continues the epoch's
-        metrics exactly (one rank carries them on, ``step.new_totals``)."""
-        if totals is None:
-            return self._save(parts, state)
-        loss, correct, count = (int(v) for v in all_reduce_sum(stacked_totals(totals)).tolist())
-        state.partial = {"loss_units": loss, "correct": correct, "count": count}
-        try:
-            return self._save(parts, state)
-        finally:
-            state.partial = {}
+    def maybe_save_at_epoch_end(self, parts, state, complete: bool, ending: bool) -> Path | None:
+        """After an epoch: at the end of the run (however it ends) and after every
+        ``every_epochs``-th complete epoch."""
+        if ending or (self.every_epochs and complete and state.epoch % self.every_epochs == 0):
+            return self.save(parts, state)
+        return None
 
-    def _save(self, parts, state) -> Path | None:
+    def save(self, parts, state, partial: dict | None = None) -> Path | None:
+        """Checkpoint ``state`` (with an interrupted epoch's ``partial`` sums over all ranks)."""
         if self.writer is None:
             return None
         writer = self.writer
-        state.scaler = parts.precision.state_dict()
-        rank, state.world_size = world_info()
-        tmp = share_from_main(lambda: writer.begin(state.global_step))
+        rank, world = world_info()
+        record = {**asdict(state), "partial": partial or {}, "scaler": parts.precision.state_dict(),
+                  "world_size": world}
+        step = state.global_step
+        tmp = share_from_main(lambda: writer.begin(step))
         barrier()
 
         def write():
             try:
                 if rank == 0:
-                    writer.write_local(tmp, parts.model, parts.optimizer, asdict(state))
+                    writer.write_local(tmp, parts.model, parts.optimizer, record)
             except OSError as e:
                 writer.abort(tmp)
-                raise EnvironmentFault(f"{tmp.parent}: cannot write checkpoint of step "
-                                       f"{state.global_step}: {e.strerror or e}; the previous "
-                                       "checkpoint is intact") from None
+                raise EnvironmentFault(f"{tmp.parent}: cannot write checkpoint of step {step}: "
+                                       f"{e.strerror or e}; the previous checkpoint is intact") from None
 
         if parts.deepspeed:
             parts.accelerator.save_state(str(tmp), safe_serialization=True)
             barrier()
-            share_from_main(lambda: writer.write_state(tmp, asdict(state)))
+            share_from_main(lambda: writer.write_state(tmp, record))
         else:
             share_from_main(write)
-        parts.callbacks.on_checkpoint_staged(tmp, state.global_step)
-        final = share_from_main(lambda: writer.commit(tmp, state.global_step))
+        parts.callbacks.on_checkpoint_staged(tmp, step)
+        final = share_from_main(lambda: writer.commit(tmp, step))
         barrier()
         return final

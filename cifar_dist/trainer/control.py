@@ -24,7 +24,7 @@ CONTROL_EVERY = 10  # steps between host reads of the stop / non-finite flags
 class Reading:
     """What the host learns at a control read."""
 
-    loss_sum: float    # the epoch's summed training loss so far (this rank)
+    loss_sum: float    # the epoch's summed training loss so far (this rank), in units of LOSS_UNIT
     stop_votes: float  # ranks that asked to stop
     skipped: int       # fp16 steps skipped by the loss scaler in the whole run so far
 
@@ -49,13 +49,19 @@ class Control:
         """Whether the flags are read after ``steps_done`` optimizer steps."""
         return must or steps_done % CONTROL_EVERY == 0
 
-    def after_step(self, bad: torch.Tensor, stop_requested: bool = False) -> None:
-        """The step's collective: BatchNorm statistics, non-finite flag and stop vote in one."""
-        flags = torch.stack([bad, self.yes if stop_requested else self.no])
+    def after_step(self, bad: torch.Tensor, steps_done: int, loss_sum: torch.Tensor, must_read: bool = False,
+                   stop_asked=lambda: False, where: str = "") -> Reading | None:
+        """The step's collective (BatchNorm statistics, non-finite flag and, on a step whose flags
+        will be read, this rank's stop vote: ``stop_asked()``), then the host read when it is due:
+        every ``CONTROL_EVERY`` steps and whenever ``must_read`` (before a checkpoint, at the end
+        of an epoch). Returns the reading, or None between reads."""
+        reading = self.due(steps_done, must_read)
+        flags = torch.stack([bad, self.yes if reading and stop_asked() else self.no])
         summed = sync_bn_statistics(self.model, self.reduce, extra=flags)
         self.first_bad = torch.where((summed[0] > 0) & (self.first_bad < 0), self.step, self.first_bad)
         self.votes = summed[1]
         self.step += 1
+        return self.read(loss_sum, where) if reading else None
 
     def read(self, loss_sum: torch.Tensor, where: str = "") -> Reading:
         """One device-to-host transfer; raises NonFiniteError if any step so far was not finite."""

@@ -23,6 +23,11 @@ class Evaluator:
         """After the ``epochs_done``-th epoch: every ``eval.every_epochs``, and at the end."""
         return last or epochs_done % self.cfg.eval.every_epochs == 0
 
+    def maybe_run(self, epochs_done: int, last: bool) -> dict | None:
+        """Evaluate after an epoch when due; ``last`` keeps the result it returns (None: not due)."""
+        self.last = None
+        return self.run() if self.due(epochs_done, last) else None
+
     def run(self, tta: bool = False) -> dict:
         self.last = evaluate_model(self.model, self.eval_set, self.cfg, self.device, self.precision.autocast,
                                    tta, inputs=self.precision.inputs)

@@ -1,56 +1,57 @@
-"""The training loop: the same for every launcher.
+"""The training loop: the same for every launcher, in one ``fit`` that reads top to bottom.
 
-``Trainer.fit`` orders the work of an epoch; each component decides when it
-is due: the control read (``control``), the checkpointer, the evaluator and
-the stop request (``stopping``). Callbacks (``callbacks``) see every step.
+Each step is followed by what its components find due: the control collective and, when
+due, its host read (``Control.after_step``); a mid-epoch checkpoint
+(``Checkpointer.maybe_save_mid_epoch``); the callbacks. Each epoch ends with its metrics row,
+an evaluation when due (``Evaluator.maybe_run``) and an epoch-end checkpoint when due. The
+run ends for one ``StopReason``, the same way for each kind:
+
+    FINISHED, REQUESTED, TARGET   the epoch is closed (its row, an evaluation), a checkpoint is
+                                  written, then the run's final evaluation and its results
+    SIGNAL, STOP_FILE             (preemption, Ctrl-C, the STOP file) a checkpoint is written where
+                                  the run stands, mid-epoch with the epoch's sums; nothing else:
+                                  ``--resume`` continues it exactly
 """
 from __future__ import annotations
 
 import time
 
 from cifar_dist.distributed.collectives import all_reduce_sum, print0
-from cifar_dist.errors import Preempted, say
+from cifar_dist.errors import say
 from cifar_dist.model.optim import lr_at
 from cifar_dist.storage.state import LOSS_UNIT, TrainState
 from cifar_dist.trainer.build import Parts, graph_count
 from cifar_dist.trainer.control import Control
-from cifar_dist.trainer.step import new_totals, stacked_totals, train_step
-from cifar_dist.trainer.stopping import StopRequest
+from cifar_dist.trainer.step import EpochTotals, train_step
+from cifar_dist.trainer.stopping import StopReason, StopRequest
 
 
-class Epoch:
-    """One epoch's running sums, clock and progress bar (closed however the epoch ends)."""
+class EpochRun:
+    """One epoch as it runs: its number, running sums, clock and progress bar."""
 
     def __init__(self, parts: Parts, state: TrainState, progress, epochs: int):
-        self.number, self.steps_per_epoch = state.epoch + 1, parts.loader.steps_per_epoch
-        self.totals = new_totals(parts.device, state.partial, carries_partial=parts.shard.rank == 0)
-        state.partial = {}
-        self.stop_votes = 0.0  # ranks asking to stop, as of the latest control read
+        self.number, self.steps = state.epoch + 1, parts.loader.steps_per_epoch
+        self.totals = EpochTotals.start(parts.device, state.partial, carries_partial=parts.shard.rank == 0)
         self.start, self.steps_run = time.perf_counter(), 0
-        self.batch = parts.shard.global_batch  # the bar counts images: it shows images/s
-        self.bar = progress(total=self.steps_per_epoch * self.batch, initial=state.step_in_epoch * self.batch,
+        self.images = parts.shard.global_batch  # per step: the bar counts images, so it shows images/s
+        self.bar = progress(total=self.steps * self.images, initial=state.step_in_epoch * self.images,
                             desc=f"epoch {self.number}/{epochs}")
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.close()
-
-    def metrics(self, parts: Parts, state: TrainState) -> dict:
-        """The epoch's row: training loss and accuracy over all ranks, speed, learning rate."""
+    def row(self, parts: Parts, state: TrainState) -> dict:
+        """The epoch's metrics row: training loss and accuracy over all ranks, speed, learning rate."""
         elapsed = time.perf_counter() - self.start
-        t = all_reduce_sum(stacked_totals(self.totals))
-        count = max(float(t[2]), 1.0)
-        return {"epoch": self.number, "step": state.global_step, "train_loss": float(t[0]) * LOSS_UNIT / count,
-                "train_acc": float(t[1]) / count,
-                "lr": lr_at(max(state.global_step - 1, 0), parts.cfg.train, self.steps_per_epoch),
-                "epoch_time_s": elapsed, "images_per_s": self.steps_run * parts.shard.global_batch / max(elapsed, 1e-9),
+        loss, correct, count = all_reduce_sum(self.totals.stacked()).tolist()
+        count = max(count, 1.0)
+        return {"epoch": self.number, "step": state.global_step, "train_loss": loss * LOSS_UNIT / count,
+                "train_acc": correct / count,
+                "lr": lr_at(max(state.global_step - 1, 0), parts.cfg.train, self.steps),
+                "epoch_time_s": elapsed, "images_per_s": self.steps_run * self.images / max(elapsed, 1e-9),
                 "skipped_steps": state.skipped_steps}
 
 
 class Trainer:
-    """Trains ``parts`` from ``state``; what callbacks receive as ``run``."""
+    """Trains ``parts`` from ``state``; what callbacks receive as ``run``. Only the trainer
+    changes ``state``."""
 
     def __init__(self, parts: Parts, state: TrainState, progress):
         self.parts, self.state, self.progress = parts, state, progress
@@ -59,88 +60,90 @@ class Trainer:
         train = parts.cfg.train
         self.max_steps = train.max_steps or train.epochs * parts.loader.steps_per_epoch
         self.stop = StopRequest(parts.stop_file, poll_file=self.rank == 0, say=say if self.rank == 0 else None)
-        self.stop_requested = False          # by a callback: end after the current step
+        self.stop_reason: StopReason | None = None
+        self.control: Control | None = None
         self.graphs_after_warmup: int | None = None  # compiled graphs after the first epoch
 
-    def request_stop(self) -> None:
-        """End the run after the current step, as if it were the last (same on every rank)."""
-        self.stop_requested = True
+    @property
+    def preempted(self) -> bool:
+        """Stopping to be resumed later (a signal, the STOP file)."""
+        return self.stop_reason is not None and self.stop_reason.preempts
 
-    def finished(self) -> bool:
-        s = self.state
-        return s.epoch >= self.cfg.train.epochs or s.global_step >= self.max_steps or self.stop_requested
+    def request_stop(self, reason: StopReason = StopReason.REQUESTED) -> None:
+        """End the run after the current step, as if it were the last (same on every rank)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
 
     def fit(self) -> TrainState:
-        """Train to the end (epochs or max_steps, or a stop); evaluate, log, checkpoint."""
-        parts, state = self.parts, self.state
+        """Train until a ``StopReason``; returns the state where training stands."""
+        parts, state, callbacks = self.parts, self.state, self.parts.callbacks
         with self.stop:
-            control = Control(parts.model, parts.precision, parts.device, state.global_step,
-                              self.cfg.train.exact_reduce, skipped_steps=state.skipped_steps)
-            parts.callbacks.on_train_start(self)
-            while not self.finished():
-                with Epoch(parts, state, self.progress, self.cfg.train.epochs) as epoch:
-                    for micro in parts.loader.iter_epoch(state.epoch, state.step_in_epoch):
-                        if self._step(micro, epoch, control):
-                            break
-                last = self._end_epoch(epoch)
-                stopping = epoch.stop_votes > 0 and not last  # read at the epoch's last step
-                if parts.checkpointer.due_at_epoch_end(state.epoch, state.step_in_epoch == 0, last or stopping):
-                    parts.checkpointer.save(parts, state)
-                if self.graphs_after_warmup is None:
-                    self.graphs_after_warmup = graph_count()
-                if stopping:
-                    raise Preempted(self.stop.reason)
-                if last:
-                    break
+            self.control = Control(parts.model, parts.precision, parts.device, state.global_step,
+                                   self.cfg.train.exact_reduce, skipped_steps=state.skipped_steps)
+            callbacks.on_train_start(self)
+            while self.stop_reason is None:
+                epoch, ends_epoch = EpochRun(parts, state, self.progress, self.cfg.train.epochs), False
+                state.partial = {}
+                for micro in parts.loader.iter_epoch(state.epoch, state.step_in_epoch):
+                    callbacks.on_step_start(state.global_step)
+                    bad = train_step(parts, micro, state.global_step, epoch.totals)
+                    self._advance(epoch)
+                    ends_epoch = state.step_in_epoch >= epoch.steps or state.global_step >= self.max_steps
+                    metrics = self._control(epoch, bad, must_read=ends_epoch
+                                            or parts.checkpointer.due_mid_epoch(state.global_step))
+                    parts.checkpointer.maybe_save_mid_epoch(parts, state, epoch.totals, ends_epoch,
+                                                            stopping=self.preempted)
+                    callbacks.on_step_end(state.global_step - 1, metrics)
+                    if ends_epoch or self.stop_reason is not None:
+                        break
+                epoch.bar.close()
+                if self.preempted and not ends_epoch:
+                    break  # stopped mid-epoch: its checkpoint holds the epoch's sums; no row yet
+                self._end_epoch(epoch)
         return state
 
-    def _step(self, micro, epoch: Epoch, control: Control) -> bool:
-        """One step and what is due after it; True when the epoch ends here."""
-        parts, state = self.parts, self.state
-        parts.callbacks.on_step_start(state.global_step)
-        bad = train_step(parts, micro, state.global_step, epoch.totals)
-        done = state.global_step + 1  # optimizer steps done after this one
-        boundary = state.step_in_epoch + 1 >= epoch.steps_per_epoch or done >= self.max_steps
-        checkpoint_due = parts.checkpointer.due_mid_epoch(done, boundary)
-        # the flags are read before anything is saved: a checkpoint never holds NaN weights;
-        # a stop is looked for only when it will be read
-        reading = control.due(done, boundary or checkpoint_due)
-        control.after_step(bad, reading and self.stop.requested())
-        metrics = {"lr": parts.optimizer.param_groups[0]["lr"]}
-        state.global_step, state.step_in_epoch, epoch.steps_run = done, state.step_in_epoch + 1, epoch.steps_run + 1
-        epoch.bar.update(epoch.batch)
-        if reading:
-            read = control.read(epoch.totals["loss"], f" (epoch {epoch.number})")
-            state.skipped_steps, epoch.stop_votes = read.skipped, read.stop_votes
-            metrics["train_loss"] = read.loss_sum * LOSS_UNIT / max(epoch.totals["count"], 1)
-            epoch.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
-            if read.stop_votes > 0 and not boundary:
-                parts.checkpointer.save(parts, state, epoch.totals)
-                raise Preempted(self.stop.reason)
-        if checkpoint_due:
-            parts.checkpointer.save(parts, state, epoch.totals)
-        parts.callbacks.on_step_end(done - 1, metrics)
-        return done >= self.max_steps or self.stop_requested
+    def _advance(self, epoch: EpochRun) -> None:
+        self.state.global_step += 1
+        self.state.step_in_epoch += 1
+        epoch.steps_run += 1
+        epoch.bar.update(epoch.images)
 
-    def _end_epoch(self, epoch: Epoch) -> bool:
-        """Metrics, evaluation and logging of the epoch just run; True if it ends the run."""
+    def _control(self, epoch: EpochRun, bad, must_read: bool) -> dict:
+        """The control collective after a step and, when due, the host read: a non-finite step
+        raises there; a stop vote of any rank sets the stop reason. Returns the step's metrics."""
+        state = self.state
+        metrics = {"lr": self.optimizer.param_groups[0]["lr"]}
+        reading = self.control.after_step(bad, state.global_step, epoch.totals.loss, must_read,
+                                          stop_asked=self.stop.requested, where=f" (epoch {epoch.number})")
+        if reading is not None:
+            state.skipped_steps = reading.skipped
+            metrics["train_loss"] = reading.loss_sum * LOSS_UNIT / max(epoch.totals.count, 1)
+            epoch.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
+            if reading.stop_votes > 0:
+                self.request_stop(StopReason.SIGNAL if self.stop.signalled else StopReason.STOP_FILE)
+        return metrics
+
+    def _end_epoch(self, epoch: EpochRun) -> None:
+        """The epoch's row, an evaluation when due, the log, then an epoch-end checkpoint when due."""
         parts, state = self.parts, self.state
-        row = epoch.metrics(parts, state)
-        finished_epoch = state.step_in_epoch >= epoch.steps_per_epoch
-        last = (state.global_step >= self.max_steps or self.stop_requested
-                or (finished_epoch and epoch.number >= self.cfg.train.epochs))
-        parts.evaluator.last = None
-        if parts.evaluator.due(epoch.number, last):
-            result = parts.evaluator.run()
-            row.update(test_loss=result["loss"], test_acc=result["acc"])
-        if finished_epoch:
+        row = epoch.row(parts, state)
+        complete = state.step_in_epoch >= epoch.steps
+        if complete:
             state.epoch, state.step_in_epoch = epoch.number, 0
+        if state.global_step >= self.max_steps or state.epoch >= self.cfg.train.epochs:
+            if self.stop_reason is None or self.preempted:  # a stop asked at the very end: just finish
+                self.stop_reason = StopReason.FINISHED
+        result = parts.evaluator.maybe_run(epoch.number, last=self.stop_reason is not None and not self.preempted)
+        if result is not None:
+            row.update(test_loss=result["loss"], test_acc=result["acc"])
         state.history.append(row)
         if parts.metrics is not None:
             parts.metrics.log(row)
         print0(epoch_line(row))
-        parts.callbacks.on_epoch_end(row)
-        return last or self.stop_requested
+        parts.callbacks.on_epoch_end(row)  # may end the run (run.request_stop())
+        parts.checkpointer.maybe_save_at_epoch_end(parts, state, complete, ending=self.stop_reason is not None)
+        if self.graphs_after_warmup is None:
+            self.graphs_after_warmup = graph_count()
 
 
 def fit(parts: Parts, state: TrainState, progress) -> TrainState:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cifar_dist.runtime.hardware import BF16_FASTER, bf16_speedup, cpu_flags, has_bf16_units
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -28,7 +30,6 @@ class CpuBf16:
 
     @classmethod
     def of_this_cpu(cls, channels_last: bool) -> CpuBf16:
-        from cifar_dist.runtime.hardware import bf16_speedup, cpu_flags, has_bf16_units
 
         return cls(has_bf16_units(cpu_flags()), lambda: bf16_speedup(channels_last))
 
@@ -42,7 +43,6 @@ def resolve_precision(requested: str, capability: tuple[int, int] | None,
     on a CPU bf16 only where it has bf16 units (AMX, AVX-512 bf16) and a probe measured bf16
     at least ``BF16_FASTER`` times faster than fp32, else fp32. An explicit bf16 that this
     device runs slowly is kept, with a warning that says how slow."""
-    from cifar_dist.runtime.hardware import BF16_FASTER
 
     if capability is None:
         cpu = cpu or CpuBf16(False, lambda: 0.0)

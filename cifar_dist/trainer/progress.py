@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 import time
 
+import torch
+
 from cifar_dist.trainer.callbacks import Callback
 
 
@@ -98,7 +100,6 @@ def seconds_per_image(model, precision, channels_last: bool, batch: int = 8) -> 
     one warm-up. The run's model, its statistics and its random generators are left untouched."""
     import copy
 
-    import torch
 
     probe = copy.deepcopy(model).train()
     g = torch.Generator().manual_seed(0)

@@ -1,84 +1,51 @@
-"""Train a CIFAR-10 classifier; the same entry point under every launcher.
-
-    cifar-dist train --config configs/seed.yaml                      # one process (CPU or one GPU)
-    python -m cifar_dist.train --config configs/seed.yaml            # the same
-    accelerate launch --config_file launch/multi_gpu.yaml --num_processes 8 \
-        -m cifar_dist.train --config configs/seed.yaml               # 8 GPUs
-    accelerate launch --config_file launch/cpu.yaml --num_processes 2 -m cifar_dist.train --config configs/smoke.yaml
-    torchrun --nproc_per_node 4 -m cifar_dist.train --config configs/fast.yaml
-    sbatch --nodes 2 slurm/train.sh configs/fast.yaml
-
-(``python cifar_dist/train.py`` and ``accelerate launch cifar_dist/train.py`` work
-too, with the package installed or on PYTHONPATH.)
-
-``train.batch_size`` is the global batch: N processes each take 1/N of it.
-With ``run.seed`` and ``model.bn_group`` set, any number of processes computes
-the same run (up to float summation order); ``--resume`` continues it exactly.
+"""A training run, start to end: the Accelerator, the data and model, the run directory, the
+loop, and what the run leaves behind (weights, summary.json, plots), or its checkpoint when it
+is stopped. ``cifar_dist.train`` (the entry point of every launcher) checks the input first,
+then calls ``train``.
 """
 from __future__ import annotations
 
-import argparse
 import os
+import shlex
+import subprocess
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 
-def resolve_config(args: argparse.Namespace):
-    """The config of this run: ``--config`` and the overrides; with ``--resume`` and no
-    ``--config``, the run directory's saved config.yaml and the overrides. ``--resume`` needs
-    to know the run directory (``--out`` or ``run.out_dir``)."""
-    from cifar_dist.config.loading import load_config
-    from cifar_dist.errors import RunDirError
-    from cifar_dist.storage.rundir import run_dirs_of
-
-    cfg = load_config(args.config, args.overrides)
-    if args.out:
-        cfg.run.out_dir = args.out
-    if not args.resume:
-        return cfg
-    if not cfg.run.out_dir:
-        candidates = run_dirs_of(cfg.name)[:3]
-        listed = (f"runs of {cfg.name!r}, newest first: {', '.join(map(str, candidates))}" if candidates
-                  else f"no run of {cfg.name!r} under runs/")
-        raise RunDirError(f"--resume: name the run to continue with --out DIR ({listed})")
-    saved = Path(cfg.run.out_dir) / "config.yaml"
-    if args.config is None and saved.is_file():
-        cfg = load_config(saved, args.overrides)
-        cfg.run.out_dir = args.out or cfg.run.out_dir
-    elif args.config is None:
-        what = "holds no config.yaml" if Path(cfg.run.out_dir).is_dir() else "does not exist"
-        raise RunDirError(f"--resume: {cfg.run.out_dir} {what}: no run to continue (give --config to start one "
-                          "there)")
-    return cfg
+from cifar_dist.config.schema import Config
+from cifar_dist.data import data_identity
+from cifar_dist.distributed.accelerator import is_deepspeed, make_accelerator
+from cifar_dist.distributed.collectives import barrier, print0, share_from_main, world_info
+from cifar_dist.errors import CheckpointError, Interrupted, say
+from cifar_dist.model.layer_table import count_flops
+from cifar_dist.model.resnet import count_parameters
+from cifar_dist.runtime.provenance import device_name, git_sha, versions
+from cifar_dist.runtime.seeding import apply_tf32, set_determinism
+from cifar_dist.storage import plots
+from cifar_dist.storage.checkpoint import list_checkpoints, save_weights
+from cifar_dist.storage.files import write_json_atomic
+from cifar_dist.storage.metrics import MetricsLog
+from cifar_dist.storage.rundir import RunDir, default_run_dir, save_config
+from cifar_dist.storage.state import TrainState
+from cifar_dist.trainer import build
+from cifar_dist.trainer.callbacks import Callbacks, StopAtTarget, time_to_target
+from cifar_dist.trainer.loop import Trainer
+from cifar_dist.trainer.progress import (
+    EstimatedTime,
+    long_cpu_run_warning,
+    progress_bars,
+    seconds_per_image,
+    write_line,
+)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train as ``args`` say; returns the exit code. Raises UserError for bad input."""
-    from cifar_dist.distributed.launcher import env_rank, using_deepspeed
-    from cifar_dist.errors import ConfigError, say
-
-    cfg = resolve_config(args)  # before the heavy imports: bad input fails fast
-    if using_deepspeed() and cfg.train.exact_reduce:  # every rank refuses at once, before any set-up
-        raise ConfigError("train.exact_reduce: DeepSpeed reduces gradients itself; "
-                          "set train.exact_reduce=false to train with DeepSpeed")
-    if args.config is None and not args.resume and env_rank() == 0:
-        say("cifar-dist: no --config: training the built-in defaults: the paper's model and optimizer for 60 "
-            "epochs, without its colour jitter and rotation (`cifar-dist config` prints them; configs/seed.yaml "
-            "is the paper's recipe, configs/cpu_quick.yaml a CPU demo)")
-    from cifar_dist.trainer.callbacks import load_callbacks
-    user_callbacks = load_callbacks(cfg.run.callbacks).items  # a bad name fails here, before anything is written
-
-    import torch
-
-    from cifar_dist.distributed.accelerator import make_accelerator
-    from cifar_dist.distributed.collectives import barrier, share_from_main, world_info
-    from cifar_dist.runtime.seeding import apply_tf32, set_determinism
-    from cifar_dist.storage.rundir import RunDir, default_run_dir
-    from cifar_dist.trainer import build as wiring
-
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, user_callbacks=()) -> int:
+    """Train as ``cfg`` says; returns the exit code (0; 130 after Ctrl-C). Raises UserError for bad input."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    wiring.resolve_run_precision(cfg)
+    build.resolve_run_precision(cfg)
     set_determinism(cfg.run.deterministic, compiling=cfg.run.compile)
     apply_tf32(cfg.run)
     started = time.time()
@@ -87,49 +54,38 @@ def run(args: argparse.Namespace) -> int:
     rank, world = world_info()
     # run.precision=auto on CPUs rests on a probe; every rank takes rank 0's choice
     cfg.run.precision = share_from_main(lambda: cfg.run.precision)
-    shard, train_set, eval_set, eval_name = wiring.build_data(cfg, accelerator)
-    model = wiring.build_model_seeded(cfg)  # a user's factory fails here, before the run directory is touched
+    shard, train_set, eval_set, eval_name = build.build_data(cfg, accelerator)
+    model = build.build_model_seeded(cfg)  # a user's factory fails here, before the run directory is touched
 
     run_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
     if run_dir is None:  # every rank must agree on the generated name
         run_dir = share_from_main(lambda: default_run_dir(cfg.name))
     cfg.run.out_dir = str(run_dir)
     rundir = RunDir(run_dir)
-    ckpt = share_from_main(lambda: rundir.open(cfg.to_dict(), args.resume, args.overwrite))
+    ckpt = share_from_main(lambda: rundir.open(cfg.to_dict(), resume, overwrite))
     barrier()
     try:
-        return _train(cfg, args, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt,
+        return _train(cfg, resume, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt,
                       user_callbacks, started)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop installed its handler
         raise _interrupted(rundir, rank, world) from None
 
 
-def _train(cfg, args, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt,
+def _train(cfg, resume, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt,
            user_callbacks, started) -> int:
     """The run itself, once its directory is open: build, restore, train, write the results."""
-    from cifar_dist.distributed.collectives import barrier, print0, world_info
-    from cifar_dist.errors import Preempted
-    from cifar_dist.model.resnet import count_parameters
-    from cifar_dist.storage.metrics import MetricsLog
-    from cifar_dist.storage.rundir import save_config
-    from cifar_dist.storage.state import TrainState
-    from cifar_dist.trainer import build as wiring
-    from cifar_dist.trainer import loop
-    from cifar_dist.trainer.callbacks import Callbacks, StopAtTarget
-    from cifar_dist.trainer.progress import EstimatedTime, progress_bars
-
     rank, world = world_info()
     run_dir = rundir.path
     built_in = [EstimatedTime()] + ([StopAtTarget(cfg.eval.target_acc)]
                                     if cfg.eval.stop_at_target and cfg.eval.target_acc else [])
     callbacks = Callbacks([*user_callbacks, *built_in])
-    parts = wiring.build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, model, callbacks)
+    parts = build.build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, model, callbacks)
     state = TrainState()
     if ckpt is not None:
-        state = wiring.restore(parts, ckpt)
+        state = build.restore(parts, ckpt)
         print0(f"resuming from {ckpt} (epoch {state.epoch + 1}, step {state.global_step})")
         _check_world_change(cfg, state, shard, parts.deepspeed, ckpt)
-    elif args.resume:
+    elif resume:
         print0(f"{run_dir}: no checkpoint yet, starting from the beginning")
     state.segments.append({"world_size": world, "from_step": state.global_step})
 
@@ -144,20 +100,12 @@ def _train(cfg, args, accelerator, shard, train_set, eval_set, eval_name, model,
            f"= {world} x {cfg.train.accum_steps} x {shard.micro} micro; {parts.loader.steps_per_epoch} "
            f"steps/epoch, {len(train_set):,} train / {len(eval_set):,} {eval_name} images; run dir {run_dir}")
 
-    trainer = loop.Trainer(parts, state, progress_bars(cfg.run.progress and rank == 0))
+    trainer = Trainer(parts, state, progress_bars(cfg.run.progress and rank == 0))
     if rank == 0 and parts.device.type == "cpu" and not parts.deepspeed:
         _announce_long_cpu_run(parts, trainer)
-    try:
-        state = trainer.fit()
-    except Preempted as e:
-        if str(e) == "SIGINT":
-            print0(f"stopped by Ctrl-C at step {state.global_step}; checkpoint written; resume with: "
-                   f"{resume_command(run_dir, world)}")
-            rundir.close()
-            return 130
-        print0(f"stopped by {e} at step {state.global_step}; checkpoint written, resume with --resume")
-        _after_preemption(run_dir, rank)
-        return 0
+    state = trainer.fit()
+    if trainer.preempted:
+        return _stopped(trainer, rundir, rank, world)
 
     last = parts.evaluator.last
     final = last if (last and not cfg.eval.tta) else parts.evaluator.run(tta=cfg.eval.tta)
@@ -171,13 +119,25 @@ def _train(cfg, args, accelerator, shard, train_set, eval_set, eval_name, model,
     return 0
 
 
+def _stopped(trainer: Trainer, rundir, rank: int, world: int) -> int:
+    """A run stopped by a signal or the STOP file, its checkpoint written. Ctrl-C: exit 130 with
+    the resume command; SIGTERM, SIGUSR1, the STOP file: exit 0, marked PREEMPTED (under Slurm,
+    rank 0 requeues the job)."""
+    step, why = trainer.state.global_step, trainer.stop.reason
+    if why == "SIGINT":
+        print0(f"stopped by Ctrl-C at step {step}; checkpoint written; resume with: "
+               f"{resume_command(rundir.path, world)}")
+        rundir.close()
+        return 130
+    print0(f"stopped by {why} at step {step}; checkpoint written, resume with --resume")
+    _after_preemption(rundir.path, rank)
+    return 0
+
+
 def _check_world_change(cfg, state, shard, deepspeed: bool, ckpt: Path) -> None:
     """A checkpoint written by another number of processes: exact with ``train.exact_reduce``
     (the same chunks summed in the same tree); otherwise allowed, with one line that says what
     changes; refused under DeepSpeed, whose ZeRO state is split by process."""
-    from cifar_dist.distributed.collectives import print0
-    from cifar_dist.errors import CheckpointError, say
-
     before, now = state.world_size, shard.world
     if not before or before == now:
         return
@@ -199,8 +159,6 @@ def _check_world_change(cfg, state, shard, deepspeed: bool, ckpt: Path) -> None:
 
 def resume_command(run_dir: Path, world: int) -> str:
     """The command that continues the run in ``run_dir`` (its config is saved there)."""
-    import shlex
-
     out = shlex.quote(str(run_dir))
     if world == 1:
         return f"cifar-dist train --out {out} --resume"
@@ -211,9 +169,6 @@ def _interrupted(rundir, rank: int, world: int):
     """The one line (exit 130) of a run aborted by Ctrl-C: what was kept and how to go on.
     A directory this run created and that holds no checkpoint yet is removed (rank 0), so the
     same --out can be used again."""
-    from cifar_dist.errors import Interrupted
-    from cifar_dist.storage.checkpoint import list_checkpoints
-
     if rank != 0:
         return Interrupted("interrupted")
     checkpoints = list_checkpoints(rundir.path)
@@ -231,9 +186,6 @@ def _interrupted(rundir, rank: int, world: int):
 def _announce_long_cpu_run(parts, trainer) -> None:
     """Before the first step: a CPU run that will train for more than an hour says so, with the
     demo to try instead (timed on a copy of the model, counted in FLOPs when it is long)."""
-    from cifar_dist.model.layer_table import count_flops
-    from cifar_dist.trainer.progress import long_cpu_run_warning, seconds_per_image, write_line
-
     steps_left = trainer.max_steps - trainer.state.global_step
     batch = parts.cfg.model.bn_group or min(parts.shard.micro, 8)  # BatchNorm groups must be whole
     per_image = seconds_per_image(parts.model, parts.precision, parts.cfg.run.channels_last, batch)
@@ -246,23 +198,15 @@ def _announce_long_cpu_run(parts, trainer) -> None:
 def _mode_in_words(accelerator, world: int) -> str:
     """How the processes work together, in words: "single process", "DDP over gloo", ..."""
     kind = accelerator.distributed_type.value
-    if kind == "DEEPSPEED":
+    if is_deepspeed(accelerator):
         return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
     if world == 1:
         return "single process"
-    import torch.distributed as dist
     return f"DDP over {dist.get_backend()}" if dist.is_initialized() else f"{kind} ({world} processes)"
 
 
 def _summary(cfg, parts, trainer, final: dict, eval_name: str, wall: float) -> dict:
     """summary.json: the run's results, the same on every rank."""
-    from cifar_dist.data import data_identity
-    from cifar_dist.distributed.collectives import share_from_main
-    from cifar_dist.model.resnet import count_parameters
-    from cifar_dist.runtime.provenance import device_name, git_sha, versions
-    from cifar_dist.trainer.build import graph_count
-    from cifar_dist.trainer.callbacks import time_to_target
-
     state, world = trainer.state, parts.shard.world
     train_time = sum(r["epoch_time_s"] for r in state.history)
     images = sum(r["images_per_s"] * r["epoch_time_s"] for r in state.history)
@@ -275,8 +219,8 @@ def _summary(cfg, parts, trainer, final: dict, eval_name: str, wall: float) -> d
         "wall_time_s": wall, "train_time_s": train_time,
         "images_per_s": ips, "images_per_s_per_device": ips / world,
         "skipped_steps": state.skipped_steps, "parameters": count_parameters(parts.model),
-        "compiled_graphs": graph_count() if compiled else None,
-        "recompiles_after_warmup": (graph_count() - trainer.graphs_after_warmup
+        "compiled_graphs": build.graph_count() if compiled else None,
+        "recompiles_after_warmup": (build.graph_count() - trainer.graphs_after_warmup
                                     if compiled and trainer.graphs_after_warmup is not None else None),
         "precision": cfg.run.precision, "seed": cfg.run.seed, "config": cfg.name, "git_sha": git_sha(),
         "versions": versions(), "device": device_name(parts.device),
@@ -288,11 +232,6 @@ def _summary(cfg, parts, trainer, final: dict, eval_name: str, wall: float) -> d
 def _write_results(run_dir: Path, cfg, parts, summary: dict, final: dict) -> None:
     """Rank 0: the weights, the confusion matrix, the plots and, last, summary.json (a run with a
     summary.json is finished: a sweep skips it). Each file is written whole or not at all."""
-    from cifar_dist.distributed.collectives import print0
-    from cifar_dist.storage import plots
-    from cifar_dist.storage.checkpoint import save_weights
-    from cifar_dist.storage.files import write_json_atomic
-
     save_weights(parts.model, run_dir / "model.safetensors")
     write_json_atomic(run_dir / "confusion_matrix.json",
                       {"classes": list(plots.CLASSES), "rows_true_cols_pred": final["confusion"]}, indent=None)
@@ -313,8 +252,6 @@ def _after_preemption(run_dir: Path, rank: int) -> None:
     (slurm/train.sh, which sets CIFAR_DIST_REQUEUE=0) must then still find it.
     The requeue comes after the barrier, as it ends every process of the job.
     """
-    from cifar_dist.distributed.collectives import barrier
-
     if rank == 0:
         (run_dir / "PREEMPTED").write_text(str(time.time()))
     barrier()
@@ -322,7 +259,5 @@ def _after_preemption(run_dir: Path, rank: int) -> None:
         return
     job = os.environ.get("SLURM_JOB_ID")
     if job and os.environ.get("CIFAR_DIST_REQUEUE", "1") == "1":
-        import subprocess
         res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         print(f"scontrol requeue {job}: {'ok' if res.returncode == 0 else res.stderr.strip()}", flush=True)
-

@@ -6,10 +6,12 @@ here reads a device value on the host.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from cifar_dist.data import normalize
+from cifar_dist.distributed.collectives import all_reduce_sum
 from cifar_dist.distributed.exact import TreeSum, reduce_across_processes, take_grads
 from cifar_dist.model.batchnorm import GroupBatchNorm2d
 from cifar_dist.model.loss import smoothed_cross_entropy
@@ -17,29 +19,47 @@ from cifar_dist.model.optim import lr_at, set_lr
 from cifar_dist.storage.state import LOSS_UNIT
 
 
-def new_totals(device, partial: dict | None = None, carries_partial: bool = True) -> dict:
-    """Running sums of an epoch's training loss and accuracy, on the device.
+@dataclass
+class EpochTotals:
+    """Running sums of an epoch's training loss and accuracy, on the device (no host sync).
 
     The loss sum counts whole units of ``LOSS_UNIT`` (2^-24): each micro-batch adds its mean
     loss times its images, rounded to a unit. Integer sums do not depend on their order, so the
     epoch's training loss is the same bits for any process count and across a resume.
-    ``partial``: an interrupted epoch's sums over all ranks (state.json), carried by one rank
-    (``carries_partial``) so that the epoch's all-reduce counts them once."""
-    partial = partial if (partial and carries_partial) else {}
-    return {"loss": torch.tensor(int(partial.get("loss_units", 0)), dtype=torch.int64, device=device),
-            "correct": torch.tensor(int(partial.get("correct", 0)), dtype=torch.int64, device=device),
-            "count": int(partial.get("count", 0))}
+    """
+
+    loss: torch.Tensor     # int64, units of LOSS_UNIT
+    correct: torch.Tensor  # int64
+    count: int             # images so far (a host number: the step knows it)
+
+    @classmethod
+    def start(cls, device, partial: dict | None = None, carries_partial: bool = True) -> EpochTotals:
+        """Zero sums, or an interrupted epoch's sums over all ranks (state.json's ``partial``),
+        carried by one rank (``carries_partial``) so that the epoch's all-reduce counts them once."""
+        partial = partial if (partial and carries_partial) else {}
+        return cls(torch.tensor(int(partial.get("loss_units", 0)), dtype=torch.int64, device=device),
+                   torch.tensor(int(partial.get("correct", 0)), dtype=torch.int64, device=device),
+                   int(partial.get("count", 0)))
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+        self.loss += (loss.detach().double() * (target.numel() / LOSS_UNIT)).round().long()
+        self.correct += (logits.detach().argmax(1) == target).sum()
+        self.count += target.numel()
+
+    def stacked(self) -> torch.Tensor:
+        """(loss units, correct, count) as one float64 device tensor, ready for one all-reduce: the
+        values are whole numbers below 2^53, so float64 sums of them are exact in any order."""
+        return torch.stack([self.loss.double(), self.correct.double(),
+                            torch.tensor(float(self.count), dtype=torch.float64, device=self.loss.device)])
+
+    def over_ranks(self) -> dict:
+        """The sums over all ranks, as state.json's ``partial`` holds them (one all-reduce, one read)."""
+        loss, correct, count = (int(v) for v in all_reduce_sum(self.stacked()).tolist())
+        return {"loss_units": loss, "correct": correct, "count": count}
 
 
-def stacked_totals(totals: dict) -> torch.Tensor:
-    """(loss units, correct, count) as one float64 device tensor, ready for one all-reduce: the
-    values are whole numbers below 2^53, so float64 sums of them are exact in any order."""
-    device = totals["loss"].device
-    return torch.stack([totals["loss"].double(), totals["correct"].double(),
-                        torch.tensor(float(totals["count"]), dtype=torch.float64, device=device)])
-
-
-def train_step(parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
+def train_step(parts, micro_batches, step: int, totals: EpochTotals) -> torch.Tensor:
     """One optimizer step over this process's micro-batches; returns the local
     non-finite flag (a 0-dim tensor on the device, no host synchronization)."""
     cfg = parts.cfg
@@ -60,17 +80,14 @@ def train_step(parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
     return bad
 
 
-def _forward_loss(parts, x, y, step: int, totals: dict):
+def _forward_loss(parts, x, y, step: int, totals: EpochTotals):
     cfg = parts.cfg
     x = parts.precision.inputs(normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last))
     with parts.precision.autocast():
         logits = parts.train_model(x)
     loss = smoothed_cross_entropy(logits, y, cfg.train.label_smoothing, cfg.train.smoothing_form)
     loss = parts.callbacks.on_loss(loss, step)
-    with torch.no_grad():
-        totals["loss"] += (loss.detach().double() * (y.numel() / LOSS_UNIT)).round().long()
-        totals["correct"] += (logits.detach().argmax(1) == y).sum()
-        totals["count"] += y.numel()
+    totals.add(loss, logits, y)
     return loss, (~torch.isfinite(loss.detach())).float()
 
 
@@ -85,7 +102,7 @@ def _no_sync(parts):
     return getattr(parts.train_model, "no_sync", contextlib.nullcontext)()
 
 
-def _backward_ddp(parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
+def _backward_ddp(parts, micro_batches, step: int, totals: EpochTotals) -> torch.Tensor:
     """Gradients averaged by DDP (or DeepSpeed): fast; equal across process
     counts up to float summation order."""
     accum = len(micro_batches)
@@ -101,7 +118,7 @@ def _backward_ddp(parts, micro_batches, step: int, totals: dict) -> torch.Tensor
     return bad
 
 
-def _backward_exact(parts, micro_batches, step: int, totals: dict) -> torch.Tensor:
+def _backward_exact(parts, micro_batches, step: int, totals: EpochTotals) -> torch.Tensor:
     """Gradients of fixed-size chunks, summed in a fixed tree (see ``exact``)."""
     chunk = parts.cfg.model.bn_group
     params = list(parts.model.parameters())

@@ -1,8 +1,23 @@
-"""Stop requests: SIGUSR1 / SIGTERM (Slurm preemption), SIGINT (Ctrl-C) or a STOP file in the run directory."""
+"""Why a run stops (``StopReason``), and the stop requests from outside it: SIGUSR1 / SIGTERM
+(Slurm preemption), SIGINT (Ctrl-C) or a STOP file in the run directory."""
 from __future__ import annotations
 
+import enum
 import signal
 from pathlib import Path
+
+
+class StopReason(enum.Enum):
+    FINISHED = "finished"                  # train.epochs or train.max_steps done
+    REQUESTED = "requested by a callback"  # run.request_stop()
+    TARGET = "eval.target_acc reached"     # eval.stop_at_target
+    SIGNAL = "signal"                      # SIGTERM, SIGUSR1 (Slurm preemption), SIGINT (Ctrl-C)
+    STOP_FILE = "STOP file"                # a file named STOP in the run directory
+
+    @property
+    def preempts(self) -> bool:
+        """The run stops where it stands, to be resumed: no final evaluation, no results."""
+        return self in (StopReason.SIGNAL, StopReason.STOP_FILE)
 
 
 class StopRequest:
