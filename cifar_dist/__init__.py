@@ -6,12 +6,11 @@ are loaded when first used, so ``import cifar_dist`` imports nothing heavy and c
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _PUBLIC = {
+    "load_model": "cifar_dist.storage.checkpoint",
     "Callback": "cifar_dist.trainer.callbacks",
     "build_model": "cifar_dist.model.resnet",
     "count_parameters": "cifar_dist.model.resnet",
@@ -35,28 +34,3 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'cifar_dist' has no attribute {name!r}")
-
-
-def load_model(path, device="cpu", trust_code: bool = False):
-    """A trained model ready for inference, from a run directory (its final weights, else its
-    newest checkpoint), a checkpoint directory or a ``model.safetensors`` file.
-
-    The architecture comes from the run's ``config.yaml``; the weights are read through
-    safetensors (no code can run from the file). A config whose ``model.name`` names user
-    code (``package.module:factory``) is refused unless ``trust_code=True``: a run directory
-    received from elsewhere must not become a way to run code.
-    """
-    from cifar_dist.config.loading import load_config
-    from cifar_dist.config.plugins import require_trust
-    from cifar_dist.errors import CheckpointError
-    from cifar_dist.model.resnet import build_model
-    from cifar_dist.storage.checkpoint import load_weights, locate_weights
-
-    weights, config, _ = locate_weights(Path(path))
-    if not config.is_file():
-        raise CheckpointError(f"{config}: missing; load_model needs the run's config.yaml")
-    cfg = load_config(config)
-    require_trust(cfg.model.name, config, trust_code)
-    model = build_model(cfg.model)
-    load_weights(weights, model)
-    return model.to(device).eval()

@@ -114,6 +114,52 @@ def test_no_import_cycle_inside_the_package():
     assert find_cycle(import_graph(_package_modules())) is None
 
 
+# The package's folders from the ground up: a module may import from its own folder and from
+# folders below it, never from one above (cifar_dist/__init__.py, the face users import from, is
+# below everything: it names what it hands on as strings and imports nothing of the package).
+LAYERS = ("cifar_dist", "errors", "config", "runtime", "distributed", "model", "data", "storage", "trainer",
+          "bench experiments", "train", "cli")
+
+
+def layer_of(module: str) -> int:
+    """The floor of a package module (``cifar_dist.trainer.loop`` -> trainer's)."""
+    parts = module.split(".")
+    name = parts[1] if len(parts) > 1 else "cifar_dist"
+    return next(i for i, layer in enumerate(LAYERS) if name in layer.split())
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that run up the floors, or sideways between two folders of one floor."""
+    bad = []
+    for module, imported in sorted(graph.items()):
+        for other in sorted(imported):
+            same_folder = module.split(".")[:2] == other.split(".")[:2]
+            if not same_folder and layer_of(other) >= layer_of(module):
+                bad.append(f"{module} -> {other}")
+    return bad
+
+
+def test_lower_folders_never_import_higher_ones():
+    assert upward_imports(import_graph(_package_modules())) == []
+
+
+def test_the_floor_check_sees_an_import_that_runs_up():
+    """storage importing the trainer, or bench importing experiments (one floor), is refused."""
+    assert upward_imports({"cifar_dist.storage.rundir": {"cifar_dist.trainer.loop"}}) == [
+        "cifar_dist.storage.rundir -> cifar_dist.trainer.loop"]
+    assert upward_imports({"cifar_dist.bench.run": {"cifar_dist.experiments.stats"}}) == [
+        "cifar_dist.bench.run -> cifar_dist.experiments.stats"]
+    assert upward_imports({"cifar_dist.trainer.loop": {"cifar_dist.storage.state", "cifar_dist.trainer.step"}}) == []
+
+
+def test_every_folder_says_what_lives_there_and_the_top_holds_only_the_entry_points():
+    package = REPO / "cifar_dist"
+    assert sorted(p.name for p in package.glob("*.py")) == ["__init__.py", "errors.py", "train.py"]
+    for folder in sorted(p for p in package.iterdir() if p.is_dir() and p.name != "__pycache__"):
+        doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text()))
+        assert doc and len(doc.splitlines()) == 1, folder.name
+
+
 def test_the_cycle_check_sees_a_cycle_made_of_function_level_imports():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None

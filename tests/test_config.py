@@ -274,3 +274,46 @@ def test_deep_nesting_and_oversized_values_are_refused_in_one_short_line(tmp_pat
 def test_numbers_are_range_checked_naming_the_key(override, fragment):
     assert fragment in _one_line_exit_2("config", override)
     assert load_config(None, ["run.seed=9223372036854775807"]).run.seed == 2**63 - 1
+
+
+def test_a_model_and_a_key_are_each_added_in_one_place(monkeypatch):
+    """A toy model registered once (config.registry) and a toy key declared once (a field of a
+    section class): the validation accepts and checks them, the reference lists them, `cifar-dist
+    config` prints them, and the model is built by its name."""
+    from dataclasses import dataclass
+
+    import torch
+
+    from cifar_dist.config import schema
+    from cifar_dist.config.reference import reference_markdown
+    from cifar_dist.config.registry import MODELS
+    from cifar_dist.model.resnet import build_model
+
+    def toy(model_cfg, num_classes, norm):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, num_classes))
+
+    @dataclass
+    class ToyTrain(schema.TrainConfig):
+        warmup_steps: int = schema._f(0, "toy: a warm-up in steps", min=0, max=100)
+
+    MODELS.register("toy", toy)
+    try:
+        monkeypatch.setitem(schema.SECTION_CLASSES, "train", ToyTrain)
+        res = cli_here("config", "model.name=toy", "train.warmup_steps=7")
+        assert res.returncode == 0, res.stderr
+        printed = yaml.safe_load(res.stdout)
+        assert printed["model"]["name"] == "toy" and printed["train"]["warmup_steps"] == 7
+        for override, fragment in (("train.warmup_steps=x", "train.warmup_steps: expected an integer"),
+                                   ("train.warmup_steps=1000", "train.warmup_steps: must be <= 100"),
+                                   ("model.name=toys", "model.name: must be one of seed_resnet, resnet9, "
+                                                       "resnet18, toy or package.module:factory")):
+            res = cli_here("config", override)
+            assert res.returncode == 2 and fragment in res.stderr, (override, res.stderr)
+        reference = reference_markdown()
+        assert "| `train.warmup_steps` | `0` | toy: a warm-up in steps |" in reference
+        assert "(seed_resnet / resnet9 / resnet18 / toy / package.module:name)" in reference
+        model = build_model(load_config(None, ["model.name=toy"]).model)
+        assert isinstance(model[1], torch.nn.Linear) and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    finally:
+        MODELS.unregister("toy")
+    assert "toy" not in MODELS and cli_here("config", "model.name=toy").returncode == 2

@@ -266,3 +266,22 @@ def test_a_state_json_of_the_wrong_shape_is_one_line_naming_the_key(data, fragme
         parse_state(data, "ckpt/state.json")
     assert parse_state({"epoch": 1, "global_step": 64, "history": [{"epoch": 1, "train_loss": 2.0}]},
                        "s").global_step == 64
+
+
+def test_a_callback_hook_that_returns_nothing_changes_nothing(tmp_path):
+    """A logging callback whose on_loss forgets to return the loss once crashed the step
+    ('NoneType' object has no attribute 'detach'); None now leaves the loss as it was."""
+    class LogsTheLoss:
+        def __init__(self):
+            self.seen = []
+
+        def on_loss(self, loss, step):
+            self.seen.append(step)
+
+    logger = LogsTheLoss()
+    plain = build(tmp_path / "plain", "train.max_steps=3")
+    fit(plain)
+    logged = build(tmp_path / "logged", "train.max_steps=3", callbacks=[logger])
+    fit(logged)
+    assert logger.seen[:2] == [0, 0] and logger.seen[-1] == 2  # every chunk of every step (exact reduce)
+    assert all(torch.equal(v, weights(logged)[k]) for k, v in weights(plain).items())

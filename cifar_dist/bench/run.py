@@ -1,4 +1,25 @@
-"""`cifar-dist bench`: the rows of the matrix, the baseline, and the outputs."""
+"""`cifar-dist bench`, the throughput benchmark: images/s per device, MFU, and the speed-up over a plain PyTorch loop.
+
+    cifar-dist bench --out runs/bench --compile off,on --precision fp32,bf16 --channels-last off,on
+    cifar-dist bench --loader-only --loaders torch,gpu,ffcv --workers 0,2
+    accelerate launch --config_file launch/cpu.yaml --num_processes 2 -m cifar_dist.bench --out runs/bench2
+
+Each row runs the framework's own training step (``step.train_step``) on the
+configured model, prepared by the same function as training
+(``parts.prepare_model``), followed by the same control work as the training
+loop (the BatchNorm/flag collective, a host read every ``CONTROL_EVERY``
+steps). Warm-up steps (and compilation) are not timed; each repeat times
+``--steps`` steps between two device synchronizations (throughput, as in
+training), and each figure is the median over ``--repeats`` repeats. Every
+compiled row starts from a fresh compile state and reports the graphs it
+compiled; every row reports the precision it ran in. With several processes
+each row is also run by rank 0 alone, which gives the scaling efficiency.
+
+Modules, each importing only those listed before it: ``args`` (the command
+line), ``timing`` (the clock and the figures), ``baseline`` (the plain loop),
+``rows`` (one row of the matrix), ``table`` (bench.md, bench.png), ``run``
+(the whole benchmark).
+"""
 from __future__ import annotations
 
 import json
@@ -13,6 +34,7 @@ from cifar_dist.bench.rows import Row, measure_row, row_config
 from cifar_dist.bench.table import bench_table, plot_bench
 from cifar_dist.bench.timing import Clock, figures, forever, time_steps
 from cifar_dist.config.loading import load_config
+from cifar_dist.config.registry import LOADERS, PRECISIONS
 from cifar_dist.data import Shard, build_datasets, build_train_loader
 from cifar_dist.distributed.accelerator import make_accelerator
 from cifar_dist.distributed.collectives import barrier, print0, share_from_main, world_info
@@ -30,12 +52,13 @@ def run_bench(args) -> int:
     base = load_config(args.config, args.overrides)
 
 
+    loaders = ("synthetic", *LOADERS.names())
     for loader in args.loaders:
-        if loader not in ("synthetic", "torch", "gpu", "ffcv"):
-            raise ConfigError(f"--loaders: unknown loader {loader!r} (synthetic, torch, gpu, ffcv)")
+        if loader not in loaders:
+            raise ConfigError(f"--loaders: unknown loader {loader!r} ({', '.join(loaders)})")
     for p in args.precision:
-        if p not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"--precision: unknown precision {p!r} (fp32, bf16, fp16)")
+        if p not in PRECISIONS:
+            raise ConfigError(f"--precision: unknown precision {p!r} ({', '.join(PRECISIONS.names())})")
     for b in args.batch_sizes:
         if base.model.bn_group and b % base.model.bn_group:
             raise ConfigError(f"--batch-sizes: {b} is not a multiple of model.bn_group={base.model.bn_group}")

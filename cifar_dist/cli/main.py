@@ -36,10 +36,10 @@ def _summary(args):
 
 def _prepare(args):
     from cifar_dist.config.loading import resolve_data_root
-    from cifar_dist.config.schema import Config
+    from cifar_dist.config.schema import new_config
     from cifar_dist.data.prepare import prepare
 
-    cfg = Config()
+    cfg = new_config()
     if args.root:
         cfg.data.root = args.root
     root = resolve_data_root(cfg)

@@ -11,51 +11,55 @@ import dataclasses
 import math
 import os
 import re
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from cifar_dist.config.plugins import is_spec
-from cifar_dist.config.schema import _LIST_ITEM, MAX_INT, MODELS, SECTION_CLASSES, Config
+from cifar_dist.config.schema import MAX_INT, SECTION_CLASSES, Config, choices, field_type, new_config
 from cifar_dist.errors import ConfigError
 
 
-def _coerce(value: Any, default: Any, key: str, where: str):
-    """Check ``value`` against the type of ``default``; ints are accepted as floats."""
+def _coerce(value: Any, kind, key: str, where: str):
+    """Check ``value`` against the key's declared type; ints are accepted as floats."""
     def bad(expected):
         return ConfigError(f"{where}: {key}: expected {expected}, got {show(value)}")
-    if isinstance(default, bool):
+    if typing.get_origin(kind) is Literal:
+        kind = type(typing.get_args(kind)[0])  # the membership check is _check_range's
+    if kind is bool:
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if isinstance(default, int):
+    if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         return value
-    if isinstance(default, float):
+    if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         if not math.isfinite(value):
             raise bad("a finite number")
         return float(value)
-    if isinstance(default, str):
+    if kind is str:
         if not isinstance(value, str):
             raise bad("a string")
         return value
-    if isinstance(default, list):
+    if typing.get_origin(kind) is list:
         if not isinstance(value, list):
             raise bad("a list")
-        section, name = key.split(".", 1)
-        item = _LIST_ITEM[(section, name)]
-        return [_coerce(v, item(0), key, where) for v in value]
-    raise AssertionError(f"unhandled default type for {key}")
+        (item,) = typing.get_args(kind)
+        return [_coerce(v, item, key, where) for v in value]
+    raise AssertionError(f"{key}: a key of type {kind} cannot be read")
 
 
-def _check_range(value, f, key, where):
+def _check_range(value, section: str, f, key: str, where: str) -> None:
     meta = f.metadata
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{where}: {key}: must be one of {', '.join(meta['choices'])}, got {show(value)}")
+    allowed = choices(section, f)
+    if allowed is not None and value not in allowed and not (meta.get("specs") and is_spec(value)):
+        extra = " or package.module:factory" if meta.get("specs") else ""
+        raise ConfigError(f"{where}: {key}: must be one of {', '.join(allowed)}{extra}, got {show(value)}")
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and isinstance(value, (int, float)):
         if value < lo or (meta.get("min_exclusive") and value == lo):
@@ -79,10 +83,9 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(SECTION_CLASSES[section])}
     if name not in fields:
         raise ConfigError(f"{where}: unknown key {show(key)}")
-    sub = getattr(cfg, section)
-    value = _coerce(value, getattr(sub, name), key, where)
-    _check_range(value, fields[name], key, where)
-    setattr(sub, name, value)
+    value = _coerce(value, field_type(section, fields[name]), key, where)
+    _check_range(value, section, fields[name], key, where)
+    setattr(getattr(cfg, section), name, value)
 
 
 def _flatten(tree: dict, where: str, prefix: str = "") -> dict:
@@ -189,7 +192,7 @@ def parse_override(arg: str) -> tuple[str, Any]:
 
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
-    cfg, origin = Config(), {}  # key -> where its value came from
+    cfg, origin = new_config(), {}  # key -> where its value came from
     if path:
         cfg.name = Path(path).stem
         for key, value in _flatten(read_yaml(path), str(path)).items():
@@ -214,8 +217,6 @@ def validate(cfg: Config, origin: dict | None = None) -> None:
             raise ConfigError(f"{where}: {message}")
 
     m, d, t = cfg.model, cfg.data, cfg.train
-    check(m.name in MODELS or is_spec(m.name), ("model.name",),
-          f"model.name: must be one of {', '.join(MODELS)} or package.module:factory, got {m.name!r}")
     for spec in cfg.run.callbacks:
         check(is_spec(spec), ("run.callbacks",), f"run.callbacks: {spec!r} is not of the form package.module:Class")
     check(len(m.widths) == len(m.blocks) and bool(m.widths), ("model.widths", "model.blocks"),

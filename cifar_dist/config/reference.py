@@ -9,7 +9,7 @@ import dataclasses
 
 import yaml
 
-from cifar_dist.config.schema import SECTION_CLASSES
+from cifar_dist.config.schema import SECTION_CLASSES, choices
 
 
 def reference_markdown() -> str:
@@ -21,8 +21,10 @@ def reference_markdown() -> str:
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             meaning = f.metadata["help"]
-            if f.metadata.get("choices"):
-                meaning += " (" + " / ".join(f.metadata["choices"]) + ")"
+            allowed = choices(section, f)
+            if allowed:
+                user = " / package.module:name" if f.metadata.get("specs") else ""
+                meaning += " (" + " / ".join(allowed) + user + ")"
             if not f.metadata.get("result", True):
                 meaning += "; *result-free*"
             shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()

@@ -1,30 +1,35 @@
-"""Typed configuration: defaults < YAML file < ``key=value`` arguments.
+"""The configuration schema: every key, once, with its type, default, help, range and role.
 
-Every field carries one line of help (with its unit) and, where it matters,
-its allowed values. Unknown keys, wrong types and invalid values raise
-``ConfigError`` with one line naming the key and where it came from; the
-command line turns that into exit code 2.
+A key's type (``int``, ``list[float]``, ``Literal[...]``) is what its values are checked
+against; ``registry=`` names the registry of the names it accepts (``config.registry``);
+``result=False`` marks a key that does not change what a run trains or measures. Everything
+else (loading, validation, the reference, which keys a resume may change, how ``compare``
+groups runs) is derived from these declarations. Adding a key is adding a field here.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
-MODELS = ("seed_resnet", "resnet9", "resnet18")  # built in; model.name may also be package.module:factory
-
+from cifar_dist.config.registry import LOADERS, MODELS, PRECISIONS, Registry
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the paper's Normalize constants
-
-
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
+MAX_INT = 2**63 - 1  # the largest integer any key takes (int64), unless the key says less
 
 
-def _f(default, help, *, choices=None, min=None, max=None, min_exclusive=False, result=True):
+def _f(default, help, *, min=None, max=None, min_exclusive=False, result=True, registry: Registry | None = None,
+       also: tuple = (), specs: bool = False):
     """A dataclass field with its help line and validation rules. ``result=False``: the key does
     not change what is trained or measured (where files go, how they are read, what is shown),
-    so a resumed run may change it and ``compare`` groups runs that differ in it."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max,
-            "min_exclusive": min_exclusive, "result": result}
+    so a resumed run may change it and ``compare`` groups runs that differ in it. ``registry``:
+    the names the key accepts, with ``also`` (e.g. "auto") and, with ``specs``, user code as
+    ``package.module:name``."""
+    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive, "result": result,
+            "registry": registry, "also": also, "specs": specs}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -34,7 +39,7 @@ def _f(default, help, *, choices=None, min=None, max=None, min_exclusive=False, 
 class DataConfig:
     root: str = _f("", "directory holding cifar-10-batches-py/ ('' = $CIFAR_DIST_DATA, else ~/.cache/cifar_dist)",
                    result=False)
-    loader: str = _f("torch", "input pipeline", choices=("torch", "ffcv", "gpu"), result=False)
+    loader: str = _f("torch", "input pipeline", registry=LOADERS, result=False)
     workers: int = _f(2, "loader worker processes per training process (torch, ffcv)", min=0, max=256, result=False)
     beton_dir: str = _f("", "where the ffcv loader keeps its .beton files ('' = <data root>/beton)", result=False)
     synthetic: bool = _f(False, "random CIFAR-shaped, class-dependent data; no files needed")
@@ -49,17 +54,17 @@ class DataConfig:
     color_jitter: float = _f(0.0, "brightness/contrast/saturation/hue jitter strength, "
                                   "as torchvision's ColorJitter(x, x, x, x) (0 = off)", min=0, max=0.5)
     rotation: float = _f(0.0, "random rotation range, in degrees (0 = off)", min=0, max=180)
-    mean: list = _f(list(CIFAR_MEAN), "per-channel normalization mean, in [0, 1] units")
-    std: list = _f(list(CIFAR_STD), "per-channel normalization std, in [0, 1] units")
+    mean: list[float] = _f(list(CIFAR_MEAN), "per-channel normalization mean, in [0, 1] units")
+    std: list[float] = _f(list(CIFAR_STD), "per-channel normalization std, in [0, 1] units")
     eval_batch_size: int = _f(500, "evaluation batch per process, in images", min=1, max=100_000)
 
 
 @dataclass
 class ModelConfig:
-    name: str = _f("seed_resnet", "architecture: seed_resnet, resnet9, resnet18, or your own as "
-                                  "package.module:factory (called with the model config and the class count)")
-    widths: list = _f([66, 132, 264], "seed_resnet: channels of each stage")
-    blocks: list = _f([3, 4, 3], "seed_resnet: BasicBlocks in each stage")
+    name: str = _f("seed_resnet", "architecture, or your own as package.module:factory (called with the model "
+                                  "config and the class count)", registry=MODELS, specs=True)
+    widths: list[int] = _f([66, 132, 264], "seed_resnet: channels of each stage")
+    blocks: list[int] = _f([3, 4, 3], "seed_resnet: BasicBlocks in each stage")
     bn_group: int = _f(0, "BatchNorm normalizes over groups of this many samples (0 = the whole per-process "
                           "micro-batch, classic BN; >0 makes results independent of the process count)", min=0)
     bn_momentum: float = _f(0.1, "BatchNorm running-statistics momentum", min=0, max=1)
@@ -72,25 +77,24 @@ class TrainConfig:
     batch_size: int = _f(128, "GLOBAL batch in images, split evenly across processes", min=1, max=1 << 20)
     accum_steps: int = _f(1, "micro-batches per optimizer step in each process", min=1, max=1 << 16)
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no cap)", min=0)
-    optimizer: str = _f("adam", "optimizer", choices=("adam", "adamw", "sgd"))
+    optimizer: Literal["adam", "adamw", "sgd"] = _f("adam", "optimizer")
     lr: float = _f(1e-3, "peak learning rate", min=0, min_exclusive=True)
     weight_decay: float = _f(1e-4, "weight decay (L2 in the gradient for adam/sgd, decoupled for adamw)", min=0)
     momentum: float = _f(0.9, "sgd momentum", min=0, max=1)
     nesterov: bool = _f(True, "sgd: Nesterov momentum")
-    betas: list = _f([0.9, 0.999], "adam/adamw betas")
-    optimizer_impl: str = _f("auto", "optimizer kernels: fused (one kernel per step; fp16 loss scaling then "
-                                     "needs no host read), foreach, or auto: fused on GPUs, foreach elsewhere",
-                             choices=("auto", "fused", "foreach"))
-    schedule: str = _f("warmup_cosine", "learning-rate schedule",
-                       choices=("constant", "warmup_cosine", "onecycle", "step"))
-    schedule_unit: str = _f("step", "the LR changes every optimizer step, or once per epoch like the paper's LambdaLR",
-                            choices=("step", "epoch"))
+    betas: list[float] = _f([0.9, 0.999], "adam/adamw betas")
+    optimizer_impl: Literal["auto", "fused", "foreach"] = _f(
+        "auto", "optimizer kernels: fused (one kernel per step; fp16 loss scaling then needs no host read), "
+                "foreach, or auto: fused on GPUs, foreach elsewhere")
+    schedule: Literal["constant", "warmup_cosine", "onecycle", "step"] = _f("warmup_cosine", "learning-rate schedule")
+    schedule_unit: Literal["step", "epoch"] = _f(
+        "step", "the LR changes every optimizer step, or once per epoch like the paper's LambdaLR")
     warmup_epochs: float = _f(5.0, "warm-up (warmup_cosine) or rise (onecycle) length, in epochs", min=0)
-    milestones: list = _f([30, 45], "step schedule: epochs at which the LR is multiplied by gamma")
+    milestones: list[int] = _f([30, 45], "step schedule: epochs at which the LR is multiplied by gamma")
     gamma: float = _f(0.1, "step schedule: LR factor at each milestone", min=0)
     label_smoothing: float = _f(0.1, "label smoothing epsilon", min=0, max=1)
-    smoothing_form: str = _f("paper", "paper: eps/(K-1) on each wrong class; torch: eps/K on every class",
-                             choices=("paper", "torch"))
+    smoothing_form: Literal["paper", "torch"] = _f("paper", "paper: eps/(K-1) on each wrong class; torch: eps/K "
+                                                           "on every class")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 = off)", min=0)
     exact_reduce: bool = _f(False, "sum gradients of model.bn_group-sized chunks in a fixed tree: bitwise the "
                                    "same weights for any power-of-two process count (slower)")
@@ -102,23 +106,22 @@ class RunConfig:
     out_dir: str = _f("", "run directory ('' = runs/<config name>-<time>)", result=False)
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-repeatable runs; slower on GPU)")
     compile: bool = _f(False, "torch.compile the model")
-    compile_mode: str = _f("default", "torch.compile mode: default; reduce-overhead (CUDA graphs: fewer launches "
-                                      "per step); max-autotune (searches kernels: long first compile)",
-                           choices=("default", "reduce-overhead", "max-autotune"))
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = _f(
+        "default", "torch.compile mode: default; reduce-overhead (CUDA graphs: fewer launches per step); "
+                   "max-autotune (searches kernels: long first compile)")
     channels_last: bool = _f(False, "channels_last memory format")
     precision: str = _f("auto", "compute precision; auto: bf16 on GPUs with bf16 tensor cores (compute "
                                 "capability >= 8.0), fp16 with loss scaling on older GPUs; on CPUs bf16 where "
                                 "the CPU has bf16 units (AMX, AVX-512 bf16) and a sub-second probe finds it "
-                                "faster than fp32, else fp32",
-                        choices=("auto", "fp32", "bf16", "fp16"))
+                                "faster than fp32, else fp32", registry=PRECISIONS, also=("auto",))
     tf32: bool = _f(True, "TF32 tensor cores for fp32 matrix products and convolutions on GPUs "
                           "(off under run.deterministic)")
     threads: int = _f(0, "CPU threads per process (0 = PyTorch's default)", min=0, max=4096, result=False)
     tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed", result=False)
     progress: bool = _f(True, "show a progress bar", result=False)
     plots: bool = _f(True, "draw plots/*.png at the end (cifar-dist report RUN_DIR draws them later)", result=False)
-    callbacks: list = _f([], "callbacks, each package.module:Class, built with no arguments "
-                             "(see cifar_dist/callbacks.py)", result=False)
+    callbacks: list[str] = _f([], "callbacks, each package.module:Class, built with no arguments "
+                                  "(see docs/extending.md)", result=False)
 
 
 @dataclass
@@ -152,12 +155,33 @@ class Config:
 
 
 SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                    "run": RunConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig}
+                   "run": RunConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig}
 
 
-_LIST_ITEM = {("model", "widths"): int, ("model", "blocks"): int, ("data", "mean"): float,
-              ("data", "std"): float, ("train", "betas"): float, ("train", "milestones"): int,
-              ("run", "callbacks"): str}
+def new_config() -> Config:
+    """A config of defaults, of the section classes as registered now (a test may add a section
+    class with a key of its own: everything reads the sections from ``SECTION_CLASSES``)."""
+    return Config(**{section: cls() for section, cls in SECTION_CLASSES.items()})
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def field_type(section: str, f: dataclasses.Field):
+    """The declared type of a key (``int``, ``list[float]``, ``Literal["a", "b"]``, ...)."""
+    return _hints(SECTION_CLASSES[section])[f.name]
+
+
+def choices(section: str, f: dataclasses.Field) -> tuple | None:
+    """The values a key accepts when they are a closed set: its Literal's, or its registry's names
+    (and ``also``); None for an open key."""
+    t = field_type(section, f)
+    if typing.get_origin(t) is Literal:
+        return typing.get_args(t)
+    registry = f.metadata.get("registry")
+    return (*f.metadata.get("also", ()), *registry.names()) if registry is not None else None
 
 
 def result_free_keys() -> frozenset[str]:
@@ -167,11 +191,19 @@ def result_free_keys() -> frozenset[str]:
                                  if not f.metadata.get("result", True)})
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def iter_fields():
     """Yield (section, dataclass field) for every leaf key, in declaration order."""
     for section, cls in SECTION_CLASSES.items():
         for f in dataclasses.fields(cls):
             yield section, f
-
-
-MAX_INT = 2**63 - 1  # the largest integer any key takes (int64), unless the key says less

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 from cifar_dist.config.loading import resolve_data_root
+from cifar_dist.config.registry import LOADERS
 from cifar_dist.config.schema import Config
-from cifar_dist.data.augment import AugmentSpec
 from cifar_dist.data.cifar import CLASSES, FOLDER, MD5, ImageSet, check_md5, file_digest, load_cifar10, synthetic_cifar
-from cifar_dist.data.ffcv_loader import FfcvLoader
-from cifar_dist.data.loaders import GpuLoader, Loader, TorchLoader, eval_batches, normalize
+from cifar_dist.data.loaders import Loader, eval_batches, normalize
 from cifar_dist.data.sharding import Shard
 from cifar_dist.distributed.launcher import env_rank
 from cifar_dist.errors import ConfigError
@@ -66,13 +65,8 @@ def data_identity(cfg: Config) -> dict:
             "val_split": d.val_split, "subset": d.subset}
 
 
-def build_train_loader(cfg: Config, train: ImageSet, shard: Shard, device):
-    spec = AugmentSpec.from_config(cfg.data)
-    kind = cfg.data.loader
-    if kind == "torch":
-        return TorchLoader(train, spec, cfg.run.seed, shard, device, cfg.data.workers)
-    if kind == "gpu":
-        return GpuLoader(train, spec, cfg.run.seed, shard, device)
-    if kind == "ffcv":
-        return FfcvLoader(cfg, train, spec, shard, device)
-    raise ConfigError(f"data.loader: unknown loader {kind!r}")
+def build_train_loader(cfg: Config, train: ImageSet, shard: Shard, device) -> Loader:
+    """The input pipeline ``data.loader`` names (``config.registry.LOADERS``) over ``train``."""
+    if cfg.data.loader not in LOADERS:
+        raise ConfigError(f"data.loader: unknown loader {cfg.data.loader!r}")
+    return LOADERS.get(cfg.data.loader).from_config(cfg, train, shard, device)

@@ -50,6 +50,10 @@ def _order_class():
 class FfcvLoader:
     name = "ffcv"
 
+    @classmethod
+    def from_config(cls, cfg, data: ImageSet, shard: Shard, device) -> FfcvLoader:
+        return cls(cfg, data, AugmentSpec.from_config(cfg.data), shard, device)
+
     def __init__(self, cfg, data: ImageSet, spec: AugmentSpec, shard: Shard, device):
         threads = torch.get_num_threads()
         require_ffcv()

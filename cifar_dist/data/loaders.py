@@ -78,6 +78,10 @@ class TorchLoader:
 
     name = "torch"
 
+    @classmethod
+    def from_config(cls, cfg, data: ImageSet, shard: Shard, device) -> TorchLoader:
+        return cls(data, AugmentSpec.from_config(cfg.data), cfg.run.seed, shard, device, cfg.data.workers)
+
     def __init__(self, data: ImageSet, spec: AugmentSpec, seed: int, shard: Shard, device, workers: int = 2):
         self.shard, self.device = shard, torch.device(device)
         self.steps_per_epoch = shard.steps_per_epoch(len(data))
@@ -102,7 +106,11 @@ class GpuLoader:
 
     name = "gpu"
 
-    def __init__(self, data: ImageSet, spec: AugmentSpec, seed: int, shard: Shard, device, workers: int = 0):
+    @classmethod
+    def from_config(cls, cfg, data: ImageSet, shard: Shard, device) -> GpuLoader:
+        return cls(data, AugmentSpec.from_config(cfg.data), cfg.run.seed, shard, device)
+
+    def __init__(self, data: ImageSet, spec: AugmentSpec, seed: int, shard: Shard, device):
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)

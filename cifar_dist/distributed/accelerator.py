@@ -7,10 +7,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from cifar_dist.config.registry import PRECISIONS
 from cifar_dist.distributed.launcher import env_rank, launcher_world_size, using_deepspeed
 from cifar_dist.errors import ConfigError, UserError
-
-_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def check_world(num_processes: int) -> None:
@@ -64,7 +63,7 @@ def make_accelerator(cfg, timeout_s: int = 600):
     # cifar_dist.trainer.precision owns autocast and loss scaling, except under DeepSpeed.
     kwargs = dict(mixed_precision="no", kwargs_handlers=handlers)
     if using_deepspeed():
-        kwargs["mixed_precision"] = _PRECISION[cfg.run.precision]
+        kwargs["mixed_precision"] = PRECISIONS.entry(cfg.run.precision)["accelerate"]
         if not has_accelerator():
             _skip_shm_comm_build()  # before anything starts DeepSpeed's communication backend
         if not has_accelerator() and launcher_world_size() > 1:

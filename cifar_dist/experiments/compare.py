@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 from cifar_dist.config.loading import read_yaml
-from cifar_dist.config.schema import result_free_keys
+from cifar_dist.config.schema import flatten, result_free_keys
 from cifar_dist.errors import UserError
 from cifar_dist.experiments import stats
 from cifar_dist.storage.metrics import read_metrics
 from cifar_dist.storage.plots import epoch_axis, pyplot, save_figure
-from cifar_dist.storage.rundir import flatten
 
 # Keys that may differ between runs of one configuration: the seed, and those that do not change
 # the result (config.result_free_keys, shared with --resume).

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifar_dist.config.plugins import import_object, is_spec
-from cifar_dist.config.schema import MODELS
+from cifar_dist.config.registry import MODELS
 from cifar_dist.errors import ConfigError
 from cifar_dist.model.batchnorm import GroupBatchNorm2d
 
@@ -120,6 +120,23 @@ class ResNet9(nn.Module):
         return self.linear(self.net(x)) * self.scale
 
 
+# The built-in factories (config.registry.MODELS names them): (model config, classes, norm) -> module
+
+
+def seed_resnet(model_cfg, num_classes: int, norm) -> nn.Module:
+    """The paper's modified ResNet: BasicBlock stages of ``model.blocks`` at ``model.widths``."""
+    return ResNet(model_cfg.widths, model_cfg.blocks, num_classes, norm)
+
+
+def resnet18(model_cfg, num_classes: int, norm) -> nn.Module:
+    return ResNet([64, 128, 256, 512], [2, 2, 2, 2], num_classes, norm)
+
+
+def resnet9(model_cfg, num_classes: int, norm) -> nn.Module:
+    """The DAWNBench / FFCV ResNet-9."""
+    return ResNet9(num_classes, norm)
+
+
 def build_model(model_cfg, num_classes: int = 10, norm=None) -> nn.Module:
     """The model named by ``model.name``, with group BatchNorm of ``model.bn_group``
     (``norm``: another normalization layer, given the channel count, e.g. nn.BatchNorm2d).
@@ -130,15 +147,10 @@ def build_model(model_cfg, num_classes: int = 10, norm=None) -> nn.Module:
 
     def bn(c):
         return GroupBatchNorm2d(c, group=model_cfg.bn_group, momentum=model_cfg.bn_momentum)
-    norm = norm or bn
-    if model_cfg.name == "seed_resnet":
-        return ResNet(model_cfg.widths, model_cfg.blocks, num_classes, norm)
-    if model_cfg.name == "resnet18":
-        return ResNet([64, 128, 256, 512], [2, 2, 2, 2], num_classes, norm)
-    if model_cfg.name == "resnet9":
-        return ResNet9(num_classes, norm)
+    if model_cfg.name in MODELS:
+        return MODELS.get(model_cfg.name)(model_cfg, num_classes, norm or bn)
     if not is_spec(model_cfg.name):
-        raise ConfigError(f"model.name: must be one of {', '.join(MODELS)} or package.module:factory, "
+        raise ConfigError(f"model.name: must be one of {', '.join(MODELS.names())} or package.module:factory, "
                           f"got {model_cfg.name!r}")
     factory = import_object(model_cfg.name, "model.name")
     if not callable(factory):

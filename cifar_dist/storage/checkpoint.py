@@ -25,7 +25,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cifar_dist.config.loading import load_config
+from cifar_dist.config.plugins import require_trust
 from cifar_dist.errors import CheckpointError, EnvironmentFault, say
+from cifar_dist.model.resnet import build_model
 from cifar_dist.storage.state import TrainState, parse_state
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -107,6 +110,25 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def load_model(path, device="cpu", trust_code: bool = False):
+    """A trained model ready for inference, from a run directory (its final weights, else its
+    newest checkpoint), a checkpoint directory or a ``model.safetensors`` file.
+
+    The architecture comes from the run's ``config.yaml``; the weights are read through
+    safetensors (no code can run from the file). A config whose ``model.name`` names user
+    code (``package.module:factory``) is refused unless ``trust_code=True``: a run directory
+    received from elsewhere must not become a way to run code.
+    """
+    weights, config, _ = locate_weights(Path(path))
+    if not config.is_file():
+        raise CheckpointError(f"{config}: missing; load_model needs the run's config.yaml")
+    cfg = load_config(config)
+    require_trust(cfg.model.name, config, trust_code)
+    model = build_model(cfg.model)
+    load_weights(weights, model)
+    return model.to(device).eval()
 
 
 def locate_weights(path) -> tuple[Path, Path, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from cifar_dist.config.loading import read_yaml
-from cifar_dist.config.schema import Config, result_free_keys
+from cifar_dist.config.schema import Config, flatten, result_free_keys
 from cifar_dist.errors import RunDirError
 from cifar_dist.storage.checkpoint import latest_checkpoint, list_checkpoints
 from cifar_dist.storage.files import write_text_atomic
@@ -28,17 +28,6 @@ RESUMABLE_CHANGES = result_free_keys() | {"train.max_steps", "eval.tta"}
 
 def default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 _ABSENT = "(absent)"

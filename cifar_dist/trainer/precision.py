@@ -15,9 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from cifar_dist.config.registry import PRECISIONS
 from cifar_dist.runtime.hardware import BF16_FASTER, bf16_speedup, cpu_flags, has_bf16_units
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# run.precision -> autocast dtype, from the registry of precisions (fp32: no autocast)
+DTYPES = {name: getattr(torch, PRECISIONS.entry(name)["dtype"]) for name in PRECISIONS.names()
+          if PRECISIONS.entry(name)["dtype"]}
 
 
 @dataclass
