@@ -28,8 +28,11 @@ data: setup-lean
 train: data
 	CIFAR_DIST_DATA="$(DATA)" $(VENV)/bin/cifar-dist train --config $(CONFIG) $(ARGS)
 
+# ruff's rules, ruff's formatting and mypy over the package: what .pre-commit-config.yaml runs too.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The fast tier: no test marked slow, and nothing that starts a process (conftest refuses).
 check: lint

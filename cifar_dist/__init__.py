@@ -4,6 +4,7 @@ What users import comes from here: ``load_model``, ``build_model``, ``Callback``
 ``run.callbacks``) and the config types a model factory receives (``ModelConfig``, ...). They
 are loaded when first used, so ``import cifar_dist`` imports nothing heavy and changes nothing.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -24,8 +25,21 @@ _PUBLIC = {
     "CheckpointConfig": "cifar_dist.config.schema",
     "EvalConfig": "cifar_dist.config.schema",
 }
-__all__ = ("load_model", "Callback", "build_model", "count_parameters", "GroupBatchNorm2d", "load_config", "Config",
-           "DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "CheckpointConfig", "EvalConfig")
+__all__ = (
+    "load_model",
+    "Callback",
+    "build_model",
+    "count_parameters",
+    "GroupBatchNorm2d",
+    "load_config",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "RunConfig",
+    "CheckpointConfig",
+    "EvalConfig",
+)
 
 
 def __getattr__(name: str):

@@ -4,8 +4,10 @@ The command line prints their one-line message, naming the rank when there
 are several processes. This module imports nothing heavy, so bad input is
 reported before torch is even loaded.
 """
+
 import os
 import sys
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -52,17 +54,6 @@ class Interrupted(Exception):
     exit_code = 130
 
 
-def rank_prefix() -> str:
-    """'rank N: ' when several processes run, from torch.distributed or the launcher's variables."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return f"rank {dist.get_rank()}: "
-    for size, rank in (("WORLD_SIZE", "RANK"), ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID")):
-        if os.environ.get(size, "1").isdigit() and int(os.environ.get(size, "1")) > 1:
-            return f"rank {os.environ.get(rank, '?')}: "
-    return ""
-
-
 def say(line: str) -> None:
     """``line`` and its newline on stderr in one write: the lines of several ranks that
     share a pipe never run into each other (print writes the text and the newline apart)."""
@@ -70,12 +61,12 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
-def fail(message: str, code: int) -> None:
-    """One line on stderr, naming the rank when there are several, then exit. Under torchrun
+def fail(message: str, code: int, rank: str = "") -> None:
+    """One line on stderr, after ``rank`` ("rank N: " when there are several), then exit. Under torchrun
     (and `accelerate launch` with several processes) the line also goes into the launcher's
     error file, so its closing report shows it as the failure's cause: such a launcher exits 1
     whatever its workers' codes, and without the file it would only say "exitcode: 2"."""
-    line = f"cifar-dist: {rank_prefix()}{message}"
+    line = f"cifar-dist: {rank}{message}"
     say(line)
     _tell_the_launcher(line)
     sys.exit(code)
@@ -95,32 +86,37 @@ def _tell_the_launcher(line: str) -> None:
         pass
 
 
-def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def one_line_warning(message, category, filename, lineno, file=None, line=None, rank: str = "") -> None:
     """A warning as one line on stderr, without Python's echo of the source line: ours as
     "cifar-dist: warning: ...", another package's with its category and origin."""
     text = " ".join(str(message).split())
     if "cifar_dist" in str(filename):
-        say(f"cifar-dist: {rank_prefix()}warning: {text}")
+        say(f"cifar-dist: {rank}warning: {text}")
     else:
-        say(f"cifar-dist: {rank_prefix()}warning from {os.path.basename(str(filename))}:{lineno}: "
-            f"{category.__name__}: {text}")
+        say(f"cifar-dist: {rank}warning from {os.path.basename(str(filename))}:{lineno}: {category.__name__}: {text}")
 
 
-def guarded(fn, args) -> int:
+def guarded(fn, args, rank_prefix: Callable[[], str] = lambda: "") -> int:
     """Run the command ``fn(args)``: user errors and environment faults become one line
-    and an exit code (2 and 1); a bug names the rank and shows its traceback."""
+    and an exit code (2 and 1); a bug names the rank and shows its traceback. ``rank_prefix``
+    names this process among several ("rank 1: "; the launcher's environment says which:
+    ``distributed.launcher.rank_prefix``)."""
     import warnings
 
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-    warnings.showwarning = one_line_warning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        one_line_warning(message, category, filename, lineno, rank=rank_prefix())
+
+    warnings.showwarning = show
     try:
         return fn(args)
     except UserError as e:
-        fail(str(e), 2)
+        fail(str(e), 2, rank_prefix())
     except (EnvironmentFault, TrainingFault, Interrupted) as e:
-        fail(str(e), e.exit_code)
+        fail(str(e), e.exit_code, rank_prefix())
     except KeyboardInterrupt:
-        fail("interrupted", 130)
+        fail("interrupted", 130, rank_prefix())
     except Exception as e:
         say(f"cifar-dist: {rank_prefix()}crashed: {type(e).__name__}: {e}")
         raise

@@ -15,6 +15,7 @@ too, with the package installed or on PYTHONPATH.)
 With ``run.seed`` and ``model.bn_group`` set, any number of processes computes
 the same run (up to float summation order); ``--resume`` continues it exactly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,20 +24,26 @@ from pathlib import Path
 
 from cifar_dist.config.loading import load_config
 from cifar_dist.config.overrides import parse_with_overrides
-from cifar_dist.distributed.launcher import env_rank, using_deepspeed
+from cifar_dist.distributed.launcher import env_rank, rank_prefix, using_deepspeed
 from cifar_dist.errors import ConfigError, RunDirError, guarded, say
 from cifar_dist.runtime.malloc import tune_malloc
 from cifar_dist.trainer.callbacks import load_callbacks
 
 
 def add_train_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--config", help="YAML recipe (configs/seed.yaml is the paper's; without one, the built-in "
-                                     "defaults, which `cifar-dist config` prints; with --resume, the run's saved "
-                                     "config.yaml)")
+    ap.add_argument(
+        "--config",
+        help="YAML recipe (configs/seed.yaml is the paper's; without one, the built-in "
+        "defaults, which `cifar-dist config` prints; with --resume, the run's saved "
+        "config.yaml)",
+    )
     ap.add_argument("--out", help="run directory (overrides run.out_dir)")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue the run in --out from its newest intact checkpoint, with its saved config "
-                         "(a fresh start if it has none yet)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest intact checkpoint, with its saved config "
+        "(a fresh start if it has none yet)",
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.01")
 
@@ -60,8 +67,11 @@ def resolve_config(args: argparse.Namespace):
         return cfg
     if not cfg.run.out_dir:
         candidates = run_dirs_of(cfg.name)[:3]
-        listed = (f"runs of {cfg.name!r}, newest first: {', '.join(map(str, candidates))}" if candidates
-                  else f"no run of {cfg.name!r} under runs/")
+        listed = (
+            f"runs of {cfg.name!r}, newest first: {', '.join(map(str, candidates))}"
+            if candidates
+            else f"no run of {cfg.name!r} under runs/"
+        )
         raise RunDirError(f"--resume: name the run to continue with --out DIR ({listed})")
     saved = Path(cfg.run.out_dir) / "config.yaml"
     if args.config is None and saved.is_file():
@@ -69,8 +79,7 @@ def resolve_config(args: argparse.Namespace):
         cfg.run.out_dir = args.out or cfg.run.out_dir
     elif args.config is None:
         what = "holds no config.yaml" if Path(cfg.run.out_dir).is_dir() else "does not exist"
-        raise RunDirError(f"--resume: {cfg.run.out_dir} {what}: no run to continue (give --config to start one "
-                          "there)")
+        raise RunDirError(f"--resume: {cfg.run.out_dir} {what}: no run to continue (give --config to start one there)")
     return cfg
 
 
@@ -81,12 +90,16 @@ def run(args: argparse.Namespace) -> int:
     is imported, which is why that import comes late: a bad config is one line at once."""
     cfg = resolve_config(args)
     if using_deepspeed() and cfg.train.exact_reduce:  # every rank refuses at once, before any set-up
-        raise ConfigError("train.exact_reduce: DeepSpeed reduces gradients itself; "
-                          "set train.exact_reduce=false to train with DeepSpeed")
+        raise ConfigError(
+            "train.exact_reduce: DeepSpeed reduces gradients itself; "
+            "set train.exact_reduce=false to train with DeepSpeed"
+        )
     if args.config is None and not args.resume and env_rank() == 0:
-        say("cifar-dist: no --config: training the built-in defaults: the paper's model and optimizer for 60 "
+        say(
+            "cifar-dist: no --config: training the built-in defaults: the paper's model and optimizer for 60 "
             "epochs, without its colour jitter and rotation (`cifar-dist config` prints them; configs/seed.yaml "
-            "is the paper's recipe, configs/cpu_quick.yaml a CPU demo)")
+            "is the paper's recipe, configs/cpu_quick.yaml a CPU demo)"
+        )
     user_callbacks = load_callbacks(cfg.run.callbacks).items  # a bad name fails here, before anything is written
     from cifar_dist.trainer.run import train  # the training stack: heavy, so only for valid input
 
@@ -95,10 +108,13 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     tune_malloc()
-    ap = argparse.ArgumentParser(prog="python -m cifar_dist.train", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m cifar_dist.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_train_arguments(ap)
-    return guarded(run, parse_with_overrides(ap, argv))
+    return guarded(run, parse_with_overrides(ap, argv), rank_prefix)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ decision uses the epoch's test accuracy, which every rank shares, so every
 rank stops after the same epoch; the run then ends like any finished run
 (final checkpoint, summary.json, plots).
 """
+
 from __future__ import annotations
 
 import os

@@ -17,6 +17,7 @@ recorded in OUT/report.md whatever the others do:
   epoch   one timed epoch of configs/fast.yaml, with its test accuracy
   --full  the paper's 60-epoch recipe and the full configs/fast.yaml run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ class Steps:
         log = self.out / f"{name}.log"
         with open(log, "w") as f:
             try:
-                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
-                                    timeout=limit_s).returncode
+                rc = subprocess.run(
+                    cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, timeout=limit_s
+                ).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         wall = time.time() - t0
@@ -71,20 +73,32 @@ def environment(out: Path) -> dict:
 
     import torch
 
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(), "gpus": [], "driver": None}
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "gpus": [],
+        "driver": None,
+    }
     for name in ("accelerate", "deepspeed", "ffcv", "torchvision"):
         info[name] = "installed" if importlib.util.find_spec(name) else "absent (its parts are skipped)"
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        info["gpus"].append({"name": p.name, "capability": f"{p.major}.{p.minor}",
-                             "memory_gib": round(p.total_memory / 2**30, 1),
-                             "bf16": torch.cuda.is_bf16_supported()})
+        info["gpus"].append(
+            {
+                "name": p.name,
+                "capability": f"{p.major}.{p.minor}",
+                "memory_gib": round(p.total_memory / 2**30, 1),
+                "bf16": torch.cuda.is_bf16_supported(),
+            }
+        )
     if shutil.which("nvidia-smi"):
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True)
         (out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr)
-        q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True)
+        q = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
         info["driver"] = q.stdout.strip().splitlines()[0] if q.returncode == 0 and q.stdout.strip() else None
     (out / "env.json").write_text(json.dumps(info, indent=1))
     return info
@@ -129,12 +143,19 @@ def sync_check(out: Path, data_root: str | None, dry: bool, steps: int = 50) -> 
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
     waits = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-    result = {"device": str(parts.device), "steps": steps, "control_reads": reads, "host_waits": len(waits),
-              "examples": sorted(set(waits))[:5], "checked": cuda,
-              "ok": (len(waits) <= reads) if cuda else None}
+    result = {
+        "device": str(parts.device),
+        "steps": steps,
+        "control_reads": reads,
+        "host_waits": len(waits),
+        "examples": sorted(set(waits))[:5],
+        "checked": cuda,
+        "ok": (len(waits) <= reads) if cuda else None,
+    }
     (out / "sync.json").write_text(json.dumps(result, indent=1))
-    verdict = ("not checked: no GPU (the CPU suite counts syncs instead)" if not cuda else
-               "ok" if result["ok"] else "FAILED")
+    verdict = (
+        "not checked: no GPU (the CPU suite counts syncs instead)" if not cuda else "ok" if result["ok"] else "FAILED"
+    )
     print(f"sync check: {steps} steps, {reads} control reads, {len(waits)} host waits: {verdict}")
     return 0 if result["ok"] is not False else 1
 
@@ -148,8 +169,10 @@ def _find_archive(given: str | None) -> Path | None:
 
 def _accuracy_line(run: Path) -> str:
     s = json.loads((run / "summary.json").read_text())
-    return (f"{run.name}: test accuracy {100 * s['test_acc']:.2f}% after {s['epochs']} epochs, "
-            f"{s['wall_time_s']:.0f} s wall, {s['images_per_s']:,.0f} img/s on {s['device']}")
+    return (
+        f"{run.name}: test accuracy {100 * s['test_acc']:.2f}% after {s['epochs']} epochs, "
+        f"{s['wall_time_s']:.0f} s wall, {s['images_per_s']:,.0f} img/s on {s['device']}"
+    )
 
 
 def main(argv=None) -> int:
@@ -181,40 +204,102 @@ def main(argv=None) -> int:
     if archive is not None and not have_data:
         have_data = steps.run("data", _cli("prepare", "--root", data, "--from-archive", archive, "--no-download"), 120)
     elif not have_data:
-        steps.skip("data", "no CIFAR-10 archive or folder; the bench and sync use synthetic data, "
-                           "the timed runs are skipped")
+        steps.skip(
+            "data", "no CIFAR-10 archive or folder; the bench and sync use synthetic data, the timed runs are skipped"
+        )
     data_args = [f"data.root={data}"] if have_data else ["data.synthetic=true"]
 
-    steps.run("sync", [sys.executable, __file__, "sync", "--out", str(out)]
-              + (["--data", data] if have_data else []) + (["--dry-run"] if args.dry_run else []), 180)
+    steps.run(
+        "sync",
+        [sys.executable, __file__, "sync", "--out", str(out)]
+        + (["--data", data] if have_data else [])
+        + (["--dry-run"] if args.dry_run else []),
+        180,
+    )
     loaders = "torch,gpu" if have_data else "synthetic"
-    shape = ["--batch-sizes", "64,128", "--warmup", "1", "--steps", "2", "--repeats", "1"] if args.dry_run else \
-        ["--batch-sizes", "128,512", "--warmup", "5", "--steps", "20", "--repeats", "3"]
-    steps.run("bench", _cli("bench", "--config", REPO / "configs" / "fast.yaml", "--out", out / "bench",
-                            "--compile", "off,on", "--precision", "bf16", "--channels-last", "on",
-                            "--loaders", loaders, *shape, *data_args, *tiny,
-                            f"data.workers={min(8, os.cpu_count() or 1)}"), 420)
+    shape = (
+        ["--batch-sizes", "64,128", "--warmup", "1", "--steps", "2", "--repeats", "1"]
+        if args.dry_run
+        else ["--batch-sizes", "128,512", "--warmup", "5", "--steps", "20", "--repeats", "3"]
+    )
+    steps.run(
+        "bench",
+        _cli(
+            "bench",
+            "--config",
+            REPO / "configs" / "fast.yaml",
+            "--out",
+            out / "bench",
+            "--compile",
+            "off,on",
+            "--precision",
+            "bf16",
+            "--channels-last",
+            "on",
+            "--loaders",
+            loaders,
+            *shape,
+            *data_args,
+            *tiny,
+            f"data.workers={min(8, os.cpu_count() or 1)}",
+        ),
+        420,
+    )
     if have_data:
-        epoch = ["train.epochs=1"] + (["train.max_steps=4", "train.batch_size=64", "run.compile=false"]
-                                      if args.dry_run else [])
-        if steps.run("epoch", _cli("train", "--config", REPO / "configs" / "fast.yaml", "--out", out / "fast-1epoch",
-                                   "--overwrite", *data_args, *epoch, *tiny, "run.progress=false"), 240):
+        epoch = ["train.epochs=1"] + (
+            ["train.max_steps=4", "train.batch_size=64", "run.compile=false"] if args.dry_run else []
+        )
+        if steps.run(
+            "epoch",
+            _cli(
+                "train",
+                "--config",
+                REPO / "configs" / "fast.yaml",
+                "--out",
+                out / "fast-1epoch",
+                "--overwrite",
+                *data_args,
+                *epoch,
+                *tiny,
+                "run.progress=false",
+            ),
+            240,
+        ):
             steps.results[-1]["last_line"] = _accuracy_line(out / "fast-1epoch")
     if args.full and have_data:
         short = ["train.max_steps=4", "run.compile=false"] if args.dry_run else []
         for name, config in (("paper-60-epochs", "seed.yaml"), ("fast-full", "fast.yaml")):
-            if steps.run(name, _cli("train", "--config", REPO / "configs" / config, "--out", out / name,
-                                    "--overwrite", *data_args, *short, *tiny, "run.progress=false"), 4 * 3600):
+            if steps.run(
+                name,
+                _cli(
+                    "train",
+                    "--config",
+                    REPO / "configs" / config,
+                    "--out",
+                    out / name,
+                    "--overwrite",
+                    *data_args,
+                    *short,
+                    *tiny,
+                    "run.progress=false",
+                ),
+                4 * 3600,
+            ):
                 steps.results[-1]["last_line"] = _accuracy_line(out / name)
     return _report(out, info, steps.results)
 
 
 def _report(out: Path, info: dict, results: list[dict]) -> int:
     gpus = ", ".join(f"{g['name']} (sm {g['capability']}, {g['memory_gib']} GiB)" for g in info["gpus"]) or "no GPU"
-    lines = [f"# gpu-check, {time.strftime('%Y-%m-%d %H:%M %Z')}", "",
-             f"{gpus}; driver {info['driver']}; torch {info['torch']}, CUDA {info['cuda']}, "
-             f"cuDNN {info['cudnn']}; FFCV {info['ffcv']}; DeepSpeed {info['deepspeed']}", "",
-             "| step | result | wall s | last line |", "|---|---|---:|---|"]
+    lines = [
+        f"# gpu-check, {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        "",
+        f"{gpus}; driver {info['driver']}; torch {info['torch']}, CUDA {info['cuda']}, "
+        f"cuDNN {info['cudnn']}; FFCV {info['ffcv']}; DeepSpeed {info['deepspeed']}",
+        "",
+        "| step | result | wall s | last line |",
+        "|---|---|---:|---|",
+    ]
     for r in results:
         result = "ok" if r["rc"] == 0 else r["rc"] if r["rc"] == "skipped" else f"failed ({r['rc']})"
         lines.append(f"| {r['step']} | {result} | {r['wall_s']} | {r['last_line'].replace('|', '/')} |")

@@ -7,6 +7,7 @@ timing, so that a slow day on a shared machine can be told from slow code.
 A small ResNet (16/32/64 channels, one BasicBlock per stage: the CPU demo's shape), batch 256
 of random images, SGD, channels_last, fp32 unless --bf16; 5 warm-up steps are not timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,11 @@ class Block(nn.Module):
         self.b1 = nn.BatchNorm2d(cout)
         self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.b2 = nn.BatchNorm2d(cout)
-        self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                      if stride != 1 or cin != cout else nn.Identity())
+        self.short = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
 
     def forward(self, x):
         y = F.relu(self.b1(self.c1(x)))
@@ -60,8 +64,10 @@ def main() -> None:
         loss.backward()
         opt.step()
     elapsed = time.perf_counter() - t0
-    print(f"reference loop ({'bf16' if args.bf16 else 'fp32'}): {args.steps * args.batch / elapsed:.0f} images/s, "
-          f"{elapsed:.2f} s for {args.steps} steps on {torch.get_num_threads()} threads")
+    print(
+        f"reference loop ({'bf16' if args.bf16 else 'fp32'}): {args.steps * args.batch / elapsed:.0f} images/s, "
+        f"{elapsed:.2f} s for {args.steps} steps on {torch.get_num_threads()} threads"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Two tiers (see the Makefile): `make check` runs the tests not marked ``slow``, i
 process (CIFAR_DIST_TIER=check makes every helper that starts a process refuse);
 `make test` runs everything.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,21 @@ os.environ.setdefault("MPLBACKEND", "Agg")  # before the warm forkserver (tests/
 # Probes of the hardware (bf16 speed, peak FLOP/s) are cached here, not in the user's ~/.cache.
 os.environ.setdefault("CIFAR_DIST_CACHE_DIR", str(CACHE / "probes"))
 # Variables of an enclosing launcher that must not leak into the runs the tests start.
-_LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS",
-                  "ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "CUDA_VISIBLE_DEVICES")
+_LAUNCHER_VARS = (
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_JOB_ID",
+    "SLURM_PROCID",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_NTASKS",
+    "ACCELERATE_USE_CPU",
+    "ACCELERATE_USE_DEEPSPEED",
+    "CUDA_VISIBLE_DEVICES",
+)
 
 
 def base_env(**extra) -> dict:
@@ -57,8 +70,10 @@ CHECK_TIER = os.environ.get("CIFAR_DIST_TIER") == "check"
 
 def _refuse_in_check_tier(what: str) -> None:
     if CHECK_TIER:
-        raise RuntimeError(f"the check tier (make check) starts no process, but this test runs {what}: "
-                           "mark it @pytest.mark.slow or drive the code in this process")
+        raise RuntimeError(
+            f"the check tier (make check) starts no process, but this test runs {what}: "
+            "mark it @pytest.mark.slow or drive the code in this process"
+        )
 
 
 def run(cmd, timeout=600, env=None, check=True, cwd=REPO):
@@ -66,8 +81,15 @@ def run(cmd, timeout=600, env=None, check=True, cwd=REPO):
     killed whole on a timeout or an interrupt (a launcher's workers are not left behind)."""
     cmd = [str(c) for c in cmd]
     _refuse_in_check_tier(" ".join(cmd[:3]))
-    with subprocess.Popen(cmd, cwd=cwd, env=env or base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as proc:
+    with subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env or base_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except BaseException:
@@ -75,8 +97,10 @@ def run(cmd, timeout=600, env=None, check=True, cwd=REPO):
             raise
     res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {res.returncode}\n"
-                             f"--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {res.returncode}\n"
+            f"--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-6000:]}"
+        )
     return res
 
 
@@ -90,8 +114,9 @@ def spawn():
         cmd = [str(c) for c in cmd]
         _refuse_in_check_tier(" ".join(cmd[:3]))
         kw.setdefault("cwd", REPO)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, **kw)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw
+        )
         procs.append(proc)
         return proc
 
@@ -140,11 +165,14 @@ def cli(*args, timeout=600, env=None, check=True, cwd=REPO):
                 proc.join()
         if not finished:
             raise subprocess.TimeoutExpired(["cifar-dist", *argv], timeout)
-        res = subprocess.CompletedProcess(["cifar-dist", *argv], proc.exitcode,
-                                          out.read_text(errors="replace"), err.read_text(errors="replace"))
+        res = subprocess.CompletedProcess(
+            ["cifar-dist", *argv], proc.exitcode, out.read_text(errors="replace"), err.read_text(errors="replace")
+        )
     if check and res.returncode != 0:
-        raise AssertionError(f"cifar-dist {' '.join(argv)} exited {res.returncode}\n"
-                             f"--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-6000:]}")
+        raise AssertionError(
+            f"cifar-dist {' '.join(argv)} exited {res.returncode}\n"
+            f"--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-6000:]}"
+        )
     return res
 
 
@@ -180,14 +208,25 @@ def _warm():
 
         _WARM = multiprocessing.get_context("forkserver")
         # Modules importable from the venv: the forkserver does not see tests/ on its path.
-        _WARM.set_forkserver_preload(["torch", "torch._dynamo", "matplotlib.pyplot", "accelerate",
-                                      "safetensors.torch", "cifar_dist.cli.main", "cifar_dist.train",
-                                      "cifar_dist.trainer.loop", "cifar_dist.storage.plots"])
+        _WARM.set_forkserver_preload(
+            [
+                "torch",
+                "torch._dynamo",
+                "matplotlib.pyplot",
+                "accelerate",
+                "safetensors.torch",
+                "cifar_dist.cli.main",
+                "cifar_dist.train",
+                "cifar_dist.trainer.loop",
+                "cifar_dist.storage.plots",
+            ]
+        )
     return _WARM
 
 
 def _warm_run(*args):
     import warm
+
     warm.run_cli(*args)
 
 
@@ -199,19 +238,36 @@ def free_port() -> int:
 
 def torchrun(nproc: int, *args, **kw):
     """`torchrun -m cifar_dist.train ARGS` with ``nproc`` processes."""
-    return run([BIN / "torchrun", "--nproc_per_node", nproc, "--master_port", free_port(),
-                "-m", "cifar_dist.train", *args], **kw)
+    return run(
+        [BIN / "torchrun", "--nproc_per_node", nproc, "--master_port", free_port(), "-m", "cifar_dist.train", *args],
+        **kw,
+    )
 
 
 def accelerate_launch(config_file, nproc, *args, env=None, module=False, **kw):
     """`accelerate launch cifar_dist/train.py ARGS` (``module``: `-m cifar_dist.train`)."""
     entry = ["-m", "cifar_dist.train"] if module else [REPO / "cifar_dist" / "train.py"]
-    return run([BIN / "accelerate", "launch", "--config_file", REPO / "launch" / config_file,
-                "--num_processes", nproc, "--main_process_port", free_port(), *entry, *args], env=env, **kw)
+    return run(
+        [
+            BIN / "accelerate",
+            "launch",
+            "--config_file",
+            REPO / "launch" / config_file,
+            "--num_processes",
+            nproc,
+            "--main_process_port",
+            free_port(),
+            *entry,
+            *args,
+        ],
+        env=env,
+        **kw,
+    )
 
 
 def load_weights(run_dir) -> dict:
     from safetensors.torch import load_file
+
     return load_file(str(Path(run_dir) / "model.safetensors"))
 
 
@@ -228,8 +284,16 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 # The reference run of the end-to-end tests: 48 smoke steps on 2,048 synthetic images
 # (32 steps per epoch, so it crosses into epoch 2), checkpoints at 12, 24, 32, 36 and 48.
 # Multi-process, Slurm, resumed and killed runs all compare their weights with it.
-REF_ARGS = ["--config", SMOKE, "data.synthetic_train=2048", "train.max_steps=48", "checkpoint.every_steps=12",
-            "checkpoint.keep=10", "run.progress=false", "run.plots=false"]
+REF_ARGS = [
+    "--config",
+    SMOKE,
+    "data.synthetic_train=2048",
+    "train.max_steps=48",
+    "checkpoint.every_steps=12",
+    "checkpoint.keep=10",
+    "run.progress=false",
+    "run.plots=false",
+]
 
 
 @pytest.fixture(scope="session")
@@ -245,13 +309,17 @@ def cifar_root() -> Path:
     """CIFAR-10 rebuilt from the JPEG copy in ../shared/data (exact labels, lossy pixels),
     built once into .cache/ by `cifar-dist prepare --from-archive`."""
     root = CACHE / "cifar10"
-    if (root / "cifar-10-batches-py" / "test_batch").is_file() and \
-            (root / "cifar-10-batches-py" / "data_batch_5").is_file():
+    if (root / "cifar-10-batches-py" / "test_batch").is_file() and (
+        root / "cifar-10-batches-py" / "data_batch_5"
+    ).is_file():
         return root
     if not SHARED_ARCHIVE.is_file():
-        pytest.skip(f"CIFAR-10 (JPEG rebuild) not available: {SHARED_ARCHIVE} is missing "
-                    "(tests that need real images skip without it)")
+        pytest.skip(
+            f"CIFAR-10 (JPEG rebuild) not available: {SHARED_ARCHIVE} is missing "
+            "(tests that need real images skip without it)"
+        )
     from cifar_dist.data.jpeg_archive import unpack_jpeg_archive
+
     unpack_jpeg_archive(SHARED_ARCHIVE, root)
     return root
 
@@ -305,7 +373,9 @@ def pytest_terminal_summary(terminalreporter):
     wall = time.time() - _STARTED
     tr = terminalreporter
     tr.section("time budget")
-    tr.write_line(f"{len(per_test)} tests in {wall / 60:.1f} min wall "
-                  f"({100 * wall / BUDGET_S:.0f}% of the {BUDGET_S // 60}-minute budget of the {TIER})")
+    tr.write_line(
+        f"{len(per_test)} tests in {wall / 60:.1f} min wall "
+        f"({100 * wall / BUDGET_S:.0f}% of the {BUDGET_S // 60}-minute budget of the {TIER})"
+    )
     for nodeid, seconds in sorted(per_test.items(), key=lambda kv: -kv[1])[:10]:
         tr.write_line(f"{seconds:8.1f} s  {nodeid}")

@@ -18,6 +18,7 @@ PYTHONPATH (conftest.fault_args / fault_env), and configured by FAULT_INJECT=KIN
 RANK limits the fault to one rank. A fault fires in the first attempt only: a process
 restarted by torchrun (--max-restarts) runs clean.
 """
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 group through cifar_dist's own set-up and rank 1 dies; in attempt 1 rank 1 arrives late, so
 rank 0 looks up its peer first. With keys left over from attempt 0 in torchrun's store, rank 0
 would read the dead rank's address and fail to connect (see init_restarted_process_group)."""
+
 import os
 import sys
 import time
@@ -21,8 +22,7 @@ if attempt > 0 and rank == 1:
 t0 = time.time()
 make_accelerator(load_config(Path(__file__).parent.parent / "configs" / "smoke.yaml", []))
 total = all_reduce_sum(torch.ones(()))
-print(f"attempt {attempt} rank {world_info()[0]}: group of {int(total)} formed in {time.time() - t0:.1f} s",
-      flush=True)
+print(f"attempt {attempt} rank {world_info()[0]}: group of {int(total)} formed in {time.time() - t0:.1f} s", flush=True)
 if attempt == 0 and rank == 1:
     os._exit(1)
 torch.distributed.barrier()

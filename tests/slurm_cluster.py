@@ -14,6 +14,7 @@ nodes, ``n1`` and ``n2``, run on this host (``NodeAddr=127.0.0.1``, one slurmd
 each on its own port). Teardown stops only the daemons this object started,
 by pid: other clusters or daemons on the machine are left alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,11 +29,26 @@ import time
 from pathlib import Path
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-_BINARIES = {"munged": "munge", "slurmctld": "slurmctld", "slurmd": "slurmd",
-             "sbatch": "slurm-client", "scontrol": "slurm-client", "srun": "slurm-client"}
+_BINARIES = {
+    "munged": "munge",
+    "slurmctld": "slurmctld",
+    "slurmd": "slurmd",
+    "sbatch": "slurm-client",
+    "scontrol": "slurm-client",
+    "srun": "slurm-client",
+}
 NODES = ("n1", "n2")
-END_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-              "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+END_STATES = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+)
 
 
 def _which(name: str) -> str | None:
@@ -123,12 +139,19 @@ class SlurmCluster:
         os.chmod(self.dir, 0o755)
         try:
             self._write_files()
-            self._spawn("munged", [_which("munged"), "-F", "--force",
-                                   f"--socket={self.dir / 'munge' / 'munge.socket'}",
-                                   f"--key-file={self.dir / 'munge' / 'munge.key'}",
-                                   f"--pid-file={self.dir / 'munge' / 'munged.pid'}",
-                                   f"--seed-file={self.dir / 'munge' / 'munged.seed'}",
-                                   f"--log-file={self.dir / 'log' / 'munged.log'}"])
+            self._spawn(
+                "munged",
+                [
+                    _which("munged"),
+                    "-F",
+                    "--force",
+                    f"--socket={self.dir / 'munge' / 'munge.socket'}",
+                    f"--key-file={self.dir / 'munge' / 'munge.key'}",
+                    f"--pid-file={self.dir / 'munge' / 'munged.pid'}",
+                    f"--seed-file={self.dir / 'munge' / 'munged.seed'}",
+                    f"--log-file={self.dir / 'log' / 'munged.log'}",
+                ],
+            )
             self._wait_for(lambda: (self.dir / "munge" / "munge.socket").exists(), 20, "munged's socket")
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
             for node in NODES:
@@ -159,8 +182,14 @@ class SlurmCluster:
         out = open(self.dir / "log" / f"{name.replace(' ', '-')}.stdout", "w")
         self._logs.append(out)
         # Own session: a Ctrl-C meant for pytest does not reach the daemons first.
-        proc = subprocess.Popen([str(a) for a in argv], env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(a) for a in argv],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self._procs.append((name, proc))
         time.sleep(0.2)
         if proc.poll() is not None:
@@ -171,8 +200,7 @@ class SlurmCluster:
         while time.time() < deadline:
             for name, proc in self._procs:
                 if proc.poll() is not None:
-                    raise SlurmError(f"{name} died ({proc.returncode}) while waiting for {what}:\n"
-                                     f"{self.daemon_logs()}")
+                    raise SlurmError(f"{name} died ({proc.returncode}) while waiting for {what}:\n{self.daemon_logs()}")
             if ok():
                 return
             time.sleep(0.3)
@@ -239,8 +267,9 @@ class SlurmCluster:
             "TCPTimeout=10",
         ]
         for node, port in zip(NODES, node_ports):
-            lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
-                         f"CPUs={self.cpus} State=UNKNOWN")
+            lines.append(
+                f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus} State=UNKNOWN"
+            )
         lines.append(f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")
         self.conf = d / "slurm.conf"
         self.conf.write_text("\n".join(lines) + "\n")
@@ -256,11 +285,18 @@ class SlurmCluster:
         return env
 
     def cmd(self, *args, env=None, check=True, timeout=120, cwd=None) -> subprocess.CompletedProcess:
-        res = subprocess.run([str(a) for a in args], env=env or self.client_env(), capture_output=True,
-                             text=True, timeout=timeout, cwd=cwd)
+        res = subprocess.run(
+            [str(a) for a in args],
+            env=env or self.client_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+        )
         if check and res.returncode != 0:
-            raise SlurmError(f"{' '.join(map(str, args))} exited {res.returncode}: "
-                             f"{res.stdout.strip()} {res.stderr.strip()}")
+            raise SlurmError(
+                f"{' '.join(map(str, args))} exited {res.returncode}: {res.stdout.strip()} {res.stderr.strip()}"
+            )
         return res
 
     def submit(self, *args, env=None, cwd=None) -> str:
@@ -287,8 +323,10 @@ class SlurmCluster:
             if info.get("JobState") in states:
                 return info
             time.sleep(poll)
-        raise SlurmError(f"job {job_id} not in {states} after {timeout:.0f} s (last: {info.get('JobState')})\n"
-                         f"--- job log\n{self.log(job_id)[-6000:]}")
+        raise SlurmError(
+            f"job {job_id} not in {states} after {timeout:.0f} s (last: {info.get('JobState')})\n"
+            f"--- job log\n{self.log(job_id)[-6000:]}"
+        )
 
     def log(self, job_id: str, path: str | Path | None = None) -> str:
         """The job's output file (its StdOut as scontrol reports it, unless ``path`` is given)."""
@@ -311,6 +349,7 @@ class SlurmCluster:
 
 if __name__ == "__main__":  # a quick manual check: python tests/slurm_cluster.py
     import sys
+
     with SlurmCluster() as c:
         print("cluster up in", c.dir)
         print(c.cmd("sinfo").stdout)

@@ -9,6 +9,7 @@ of them; on a GPU, ``torch.cuda.set_sync_debug_mode("error")`` is the same check
         syncs.context = step     # (optional) tags the calls that follow
         ...                      # syncs.calls: [(context, label, "file:line"), ...]
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,9 +20,16 @@ from torch.overrides import TorchFunctionMode
 
 PACKAGE = str(Path(__file__).resolve().parent.parent / "cifar_dist")
 TORCH = str(Path(torch.__file__).resolve().parent)
-_READS = {torch.Tensor.item: "item", torch.Tensor.__float__: "float()", torch.Tensor.__int__: "int()",
-          torch.Tensor.__bool__: "bool()", torch.Tensor.__index__: "index", torch.Tensor.tolist: "tolist",
-          torch.Tensor.cpu: "cpu", torch.Tensor.numpy: "numpy"}
+_READS = {
+    torch.Tensor.item: "item",
+    torch.Tensor.__float__: "float()",
+    torch.Tensor.__int__: "int()",
+    torch.Tensor.__bool__: "bool()",
+    torch.Tensor.__index__: "index",
+    torch.Tensor.tolist: "tolist",
+    torch.Tensor.cpu: "cpu",
+    torch.Tensor.numpy: "numpy",
+}
 _FACTORIES = {torch.tensor: "torch.tensor", torch.as_tensor: "torch.as_tensor"}
 
 
@@ -38,8 +46,10 @@ def _changes_device(args, kwargs) -> bool:
 
 
 # torch's own dispatch wrappers between a call in our code and the mode
-_WRAPPERS = (str(Path(torch.__file__).resolve().parent / "overrides.py"),
-             str(Path(torch.__file__).resolve().parent / "_tensor.py"))
+_WRAPPERS = (
+    str(Path(torch.__file__).resolve().parent / "overrides.py"),
+    str(Path(torch.__file__).resolve().parent / "_tensor.py"),
+)
 
 
 class SyncCounter(TorchFunctionMode):
@@ -74,7 +84,8 @@ class SyncCounter(TorchFunctionMode):
             label, copy = ".to(device)", True
         if label is not None:
             where, direct = self._caller()
-            if where is not None and (not copy or direct or
-                                      (func is torch.Tensor.to and _changes_device(args, kwargs))):
+            if where is not None and (
+                not copy or direct or (func is torch.Tensor.to and _changes_device(args, kwargs))
+            ):
                 self.calls.append((self.context, label, where))
         return func(*args, **kwargs)

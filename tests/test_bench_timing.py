@@ -1,4 +1,5 @@
 """The benchmark's clock: throughput over many steps, not one synchronization per step."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The command line as users type it: overrides anywhere, one-line messages, --version, doctor."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,14 @@ from cifar_dist.errors import one_line_warning
 
 from conftest import REPO, SMOKE, base_env, cli_here, run
 
-TINY = ["train.max_steps=2", "data.synthetic_train=256", "data.synthetic_test=128", "run.plots=false",
-        "run.progress=false", "run.tensorboard=false"]
+TINY = [
+    "train.max_steps=2",
+    "data.synthetic_train=256",
+    "data.synthetic_test=128",
+    "run.plots=false",
+    "run.progress=false",
+    "run.tensorboard=false",
+]
 
 
 def test_version_and_doctor_print_what_a_bug_report_needs():
@@ -28,8 +35,18 @@ def test_version_and_doctor_print_what_a_bug_report_needs():
     res = cli_here("doctor", "--config", SMOKE)
     assert res.returncode == 0, res.stderr
     fields = [line.split()[0] for line in res.stdout.splitlines()]
-    for field in ("cifar_dist", "python", "torch", "accelerate", "deepspeed", "ffcv", "CUDA", "CPU", "CIFAR-10",
-                  "Slurm"):
+    for field in (
+        "cifar_dist",
+        "python",
+        "torch",
+        "accelerate",
+        "deepspeed",
+        "ffcv",
+        "CUDA",
+        "CPU",
+        "CIFAR-10",
+        "Slurm",
+    ):
         assert field in fields, res.stdout
     assert "synthetic" in res.stdout  # the smoke recipe needs no files
     assert all(f"{cmd} " in res.stdout for cmd in ("sbatch", "srun", "scontrol"))
@@ -62,8 +79,10 @@ def test_non_finite_floats_are_refused_up_front(tmp_path, value):
     path = tmp_path / "bad.yaml"
     path.write_text("data:\n  mean: [0.5, .nan, 0.5]\n")
     res = cli_here("config", "--config", path)
-    assert res.returncode == 2 and res.stderr.strip() == \
-        f"cifar-dist: {path}: data.mean: expected a finite number, got nan"
+    assert (
+        res.returncode == 2
+        and res.stderr.strip() == f"cifar-dist: {path}: data.mean: expected a finite number, got nan"
+    )
 
 
 def test_a_cross_key_error_names_where_the_value_came_from(tmp_path):
@@ -106,9 +125,21 @@ def test_python_train_py_takes_overrides_anywhere_and_tells_how_long(tmp_path, c
     """`python cifar_dist/train.py` with overrides between options, on the JPEG rebuild of
     CIFAR-10: one md5 warning line, the estimated time, and summary.json naming the data."""
     out = tmp_path / "run"
-    res = run([sys.executable, REPO / "cifar_dist" / "train.py", "--config", REPO / "configs" / "cpu_quick.yaml",
-               f"data.root={cifar_root}", "--out", out, "train.max_steps=30", "run.progress=false",
-               "run.plots=false"], env=base_env(PYTHONWARNINGS="default"))
+    res = run(
+        [
+            sys.executable,
+            REPO / "cifar_dist" / "train.py",
+            "--config",
+            REPO / "configs" / "cpu_quick.yaml",
+            f"data.root={cifar_root}",
+            "--out",
+            out,
+            "train.max_steps=30",
+            "run.progress=false",
+            "run.plots=false",
+        ],
+        env=base_env(PYTHONWARNINGS="default"),
+    )
     warnings = [ln for ln in res.stderr.splitlines() if "warning" in ln]
     assert len(warnings) == 1 and warnings[0].startswith("cifar-dist: warning: "), res.stderr
     assert "check_md5" not in res.stderr
@@ -137,11 +168,14 @@ def test_resume_needs_the_run_directory_and_names_candidates(tmp_path):
     res = cli_here("train", "--config", SMOKE, "--resume", "name=no_such_recipe")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        "cifar-dist: --resume: name the run to continue with --out DIR (no run of 'no_such_recipe' under runs/)"]
+        "cifar-dist: --resume: name the run to continue with --out DIR (no run of 'no_such_recipe' under runs/)"
+    ]
     res = cli_here("train", "--out", tmp_path / "nothing", "--resume")
     assert res.returncode == 2 and not (tmp_path / "nothing").exists()
-    assert res.stderr.strip() == (f"cifar-dist: --resume: {tmp_path / 'nothing'} does not exist: no run to continue "
-                                  "(give --config to start one there)")
+    assert res.stderr.strip() == (
+        f"cifar-dist: --resume: {tmp_path / 'nothing'} does not exist: no run to continue "
+        "(give --config to start one there)"
+    )
 
 
 def test_resume_alone_takes_the_saved_config_and_a_conflict_names_both_values(tmp_path):
@@ -153,7 +187,8 @@ def test_resume_alone_takes_the_saved_config_and_a_conflict_names_both_values(tm
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f"cifar-dist: {out / 'config.yaml'}: cannot resume with a different config (train.epochs: saved 2, now 3; "
-        f"train.lr: saved 0.05, now 0.5); `--out {out} --resume` alone continues with the saved config"]
+        f"train.lr: saved 0.05, now 0.5); `--out {out} --resume` alone continues with the saved config"
+    ]
     assert (out / "model.safetensors").read_bytes() == before
     res = cli_here("train", "--out", out, "--resume", "run.progress=false")  # a result-free key may change
     assert res.returncode == 0, res.stderr
@@ -162,13 +197,26 @@ def test_resume_alone_takes_the_saved_config_and_a_conflict_names_both_values(tm
 
 
 def test_training_without_a_config_says_which_recipe_it_runs(tmp_path):
-    res = cli_here("train", "--out", tmp_path / "r", "data.synthetic=true", "data.synthetic_train=64",
-                   "data.synthetic_test=32", "model.widths=[8,16,32]", "model.blocks=[1,1,1]", "train.batch_size=16",
-                   "train.max_steps=1", "run.precision=fp32", "run.progress=false", "run.plots=false",
-                   "run.tensorboard=false")
+    res = cli_here(
+        "train",
+        "--out",
+        tmp_path / "r",
+        "data.synthetic=true",
+        "data.synthetic_train=64",
+        "data.synthetic_test=32",
+        "model.widths=[8,16,32]",
+        "model.blocks=[1,1,1]",
+        "train.batch_size=16",
+        "train.max_steps=1",
+        "run.precision=fp32",
+        "run.progress=false",
+        "run.plots=false",
+        "run.tensorboard=false",
+    )
     assert res.returncode == 0, res.stderr
     assert res.stderr.splitlines()[0].startswith(
-        "cifar-dist: no --config: training the built-in defaults: the paper's model and optimizer for 60 epochs")
+        "cifar-dist: no --config: training the built-in defaults: the paper's model and optimizer for 60 epochs"
+    )
 
 
 def test_prepare_quiet_says_nothing_when_the_data_is_in_place(cifar_root):
@@ -186,8 +234,9 @@ def test_doctor_asks_slurm_whether_it_answers():
 
 
 def _snapshot(run_dir) -> dict:
-    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
 
 
 def test_resume_never_erases_a_finished_run_and_overwrite_only_replaces_run_directories(tmp_path):
@@ -200,7 +249,8 @@ def test_resume_never_erases_a_finished_run_and_overwrite_only_replaces_run_dire
     res = cli_here("train", "--out", out, "--resume")
     assert res.returncode == 2 and res.stderr.strip() == (
         f"cifar-dist: {out}: a finished run with no usable checkpoint: --resume has nothing to continue, and "
-        "starting again would replace its results; pass --overwrite to train it again")
+        "starting again would replace its results; pass --overwrite to train it again"
+    )
     assert _snapshot(out) == before
     home = tmp_path / "not_a_run"
     home.mkdir()
@@ -213,9 +263,11 @@ def test_resume_never_erases_a_finished_run_and_overwrite_only_replaces_run_dire
 def test_an_out_path_that_cannot_be_a_run_directory_is_one_line(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    for out, fragment in ((a_file, "exists and is not a directory"),
-                          (a_file / "run", "cannot create the run directory"),
-                          ("/proc/self/cifar_dist_run", "cannot create the run directory")):
+    for out, fragment in (
+        (a_file, "exists and is not a directory"),
+        (a_file / "run", "cannot create the run directory"),
+        ("/proc/self/cifar_dist_run", "cannot create the run directory"),
+    ):
         res = cli_here("train", "--config", SMOKE, "--out", out, *TINY)
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert fragment in res.stderr and str(out) in res.stderr
@@ -228,8 +280,17 @@ def test_report_skips_a_torn_last_line_and_names_a_damaged_one(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(SMOKE, run_dir / "config.yaml")
-    row = json.dumps({"epoch": 1, "step": 64, "train_loss": 2.0, "train_acc": 0.3, "lr": 0.1,
-                      "epoch_time_s": 1.0, "images_per_s": 10.0})
+    row = json.dumps(
+        {
+            "epoch": 1,
+            "step": 64,
+            "train_loss": 2.0,
+            "train_acc": 0.3,
+            "lr": 0.1,
+            "epoch_time_s": 1.0,
+            "images_per_s": 10.0,
+        }
+    )
     (run_dir / "metrics.jsonl").write_text(row + "\n" + row[:25])  # a write cut short
     res = cli_here("report", run_dir)
     assert res.returncode == 0, res.stderr
@@ -260,4 +321,5 @@ def test_sweep_members_get_one_directory_per_value_and_a_damaged_sweep_file_is_n
     res = cli_here("sweep", "--config", SMOKE, "name=a/b,a_b", "--out", out, "--plan-only")
     assert res.returncode == 2 and res.stderr.strip() == (
         f"cifar-dist: {out / 'sweep.json'}: not a sweep file (config, members with name and overrides); remove it "
-        "to plan the sweep again")
+        "to plan the sweep again"
+    )

@@ -1,4 +1,5 @@
 """cifar-dist compare and cifar_dist.experiments.stats, on fake run directories (no training)."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,25 +17,47 @@ from cifar_dist.experiments.compare import add_compare_arguments, run_compare
 
 
 def _config(lr=0.001, seed=0, out_dir="", workers=2, name="default"):
-    return {"data": {"root": "/data", "workers": workers, "loader": "torch", "flip": True},
-            "model": {"name": "seed_resnet", "widths": [66, 132, 264]},
-            "train": {"epochs": 3, "lr": lr, "batch_size": 128},
-            "run": {"seed": seed, "out_dir": out_dir, "progress": False, "deterministic": False},
-            "checkpoint": {"every_epochs": 1, "keep": 2}, "eval": {"every_epochs": 1}, "name": name}
+    return {
+        "data": {"root": "/data", "workers": workers, "loader": "torch", "flip": True},
+        "model": {"name": "seed_resnet", "widths": [66, 132, 264]},
+        "train": {"epochs": 3, "lr": lr, "batch_size": 128},
+        "run": {"seed": seed, "out_dir": out_dir, "progress": False, "deterministic": False},
+        "checkpoint": {"every_epochs": 1, "keep": 2},
+        "eval": {"every_epochs": 1},
+        "name": name,
+    }
 
 
 def make_run(path, acc, lr=0.001, seed=0, finished=True, target=None, workers=2, name="default"):
     """A run directory as training leaves it: config.yaml, metrics.jsonl and (if finished) summary.json."""
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump(_config(lr, seed, str(path), workers, name), sort_keys=False))
-    records = [{"epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "train_acc": acc - 0.1 * (3 - e), "lr": lr,
-                "epoch_time_s": 2.0, "images_per_s": 500.0} for e in (1, 2, 3)]
+    records = [
+        {
+            "epoch": e,
+            "step": 10 * e,
+            "train_loss": 1.0 / e,
+            "train_acc": acc - 0.1 * (3 - e),
+            "lr": lr,
+            "epoch_time_s": 2.0,
+            "images_per_s": 500.0,
+        }
+        for e in (1, 2, 3)
+    ]
     for rec in records[1:]:  # evaluated at epochs 2 and 3 only
         rec.update(test_loss=0.5, test_acc=acc - 0.05 * (3 - rec["epoch"]))
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if finished:
-        summary = {"test_acc": acc, "wall_time_s": 10.0 + seed, "train_time_s": 6.0, "images_per_s": 500.0 + seed,
-                   "epochs": 3, "steps": 30, "seed": seed, "world_size": 1}
+        summary = {
+            "test_acc": acc,
+            "wall_time_s": 10.0 + seed,
+            "train_time_s": 6.0,
+            "images_per_s": 500.0 + seed,
+            "epochs": 3,
+            "steps": 30,
+            "seed": seed,
+            "world_size": 1,
+        }
         if target is not None:
             summary.update(target)
         (path / "summary.json").write_text(json.dumps(summary))
@@ -50,6 +73,7 @@ def compare(*dirs, out=None):
 
 
 # --- statistics ---
+
 
 def test_t_cdf_against_closed_forms():
     for t in (-7.0, -1.0, 0.3, 1.0, 2.5, 40.0):
@@ -120,6 +144,7 @@ def test_welch_edge_cases():
 
 # --- compare ---
 
+
 def test_groups_by_everything_but_the_seed(tmp_path, capsys):
     accs = {0.001: [0.90, 0.92, 0.91], 0.003: [0.85, 0.87, 0.88]}
     sweep = tmp_path / "sweep"
@@ -167,12 +192,13 @@ def test_groups_by_everything_but_the_seed(tmp_path, capsys):
 
 
 def test_single_configuration_is_named_and_targets_are_counted(tmp_path):
-    runs = [make_run(tmp_path / "a", 0.93, seed=1, name="recipe", target={"time_to_target_s": 30.0,
-                                                                          "epochs_to_target": 2}),
-            make_run(tmp_path / "b", 0.94, seed=2, name="recipe", target={"time_to_target_s": 50.0,
-                                                                          "epochs_to_target": 3}),
-            make_run(tmp_path / "c", 0.80, seed=3, name="recipe", target={"time_to_target_s": None,
-                                                                          "epochs_to_target": None})]
+    runs = [
+        make_run(tmp_path / "a", 0.93, seed=1, name="recipe", target={"time_to_target_s": 30.0, "epochs_to_target": 2}),
+        make_run(tmp_path / "b", 0.94, seed=2, name="recipe", target={"time_to_target_s": 50.0, "epochs_to_target": 3}),
+        make_run(
+            tmp_path / "c", 0.80, seed=3, name="recipe", target={"time_to_target_s": None, "epochs_to_target": None}
+        ),
+    ]
     out = tmp_path / "out"
     report = compare(*runs, out=out)
     (c,) = report["configurations"]

@@ -1,4 +1,5 @@
 """Config precedence and validation: defaults < YAML < key=value; bad input exits 2 in one line."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,8 @@ def test_precedence_defaults_file_then_command_line(tmp_path):
     default = Config()
     path = write(tmp_path, "train:\n  lr: 0.5\n  epochs: 3\nmodel:\n  widths: [4, 8, 16]\n")
     cfg = load_config(path, ["train.lr=0.25"])
-    assert cfg.train.lr == 0.25                  # command line beats the file
-    assert cfg.train.epochs == 3                 # file beats the default
+    assert cfg.train.lr == 0.25  # command line beats the file
+    assert cfg.train.epochs == 3  # file beats the default
     assert cfg.model.widths == [4, 8, 16]
     assert cfg.train.batch_size == default.train.batch_size  # untouched default
     assert cfg.name == "c"
@@ -34,19 +35,22 @@ def test_int_accepted_for_float_and_values_read_as_yaml():
     assert cfg.model.blocks == [1, 1, 1] and cfg.run.compile is True and cfg.data.loader == "gpu"
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("train.lrr=0.1", "unknown key 'train.lrr'"),
-    ("trian.lr=0.1", "unknown key 'trian.lr'"),
-    ("train.epochs=two", "train.epochs: expected an integer"),
-    ("train.epochs=2.5", "train.epochs: expected an integer"),
-    ("run.compile=1", "run.compile: expected true or false"),
-    ("train.lr=-0.1", "train.lr: must be > 0"),
-    ("train.lr=0", "train.lr: must be > 0"),
-    ("data.loader=dali", "data.loader: must be one of torch, ffcv, gpu"),
-    ("model.widths=[8,16]", "model.widths and model.blocks"),
-    ("train.exact_reduce=true", "train.exact_reduce: needs model.bn_group"),
-    ("novalue", "is not key=value"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.lrr=0.1", "unknown key 'train.lrr'"),
+        ("trian.lr=0.1", "unknown key 'trian.lr'"),
+        ("train.epochs=two", "train.epochs: expected an integer"),
+        ("train.epochs=2.5", "train.epochs: expected an integer"),
+        ("run.compile=1", "run.compile: expected true or false"),
+        ("train.lr=-0.1", "train.lr: must be > 0"),
+        ("train.lr=0", "train.lr: must be > 0"),
+        ("data.loader=dali", "data.loader: must be one of torch, ffcv, gpu"),
+        ("model.widths=[8,16]", "model.widths and model.blocks"),
+        ("train.exact_reduce=true", "train.exact_reduce: needs model.bn_group"),
+        ("novalue", "is not key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -120,13 +124,15 @@ def test_docs_carry_the_current_config_reference():
 
     page = (REPO / "docs" / "configuration.md").read_text()
     block = page.split("<!-- config-reference -->\n", 1)[1].split("<!-- /config-reference -->", 1)[0]
-    assert block == reference_markdown(), \
+    assert block == reference_markdown(), (
         "docs/configuration.md is stale: paste `cifar-dist config --reference` into it"
+    )
 
 
 def test_an_error_line_is_written_in_one_piece(monkeypatch):
     """Ranks that fail together share one stderr pipe: each line must go out in a single
     write, or two ranks' messages run into one line."""
+    from cifar_dist.distributed.launcher import rank_prefix
     from cifar_dist.errors import fail
 
     writes = []
@@ -142,7 +148,7 @@ def test_an_error_line_is_written_in_one_piece(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit) as e:
-        fail("train.batch_size: 65 is not divisible by 2 processes", 2)
+        fail("train.batch_size: 65 is not divisible by 2 processes", 2, rank_prefix())
     assert e.value.code == 2
     assert writes == ["cifar-dist: rank 1: train.batch_size: 65 is not divisible by 2 processes\n"]
 
@@ -163,7 +169,8 @@ def test_more_processes_than_visible_gpus_are_refused(tmp_path, monkeypatch):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         "cifar-dist: 8 processes on this node but 4 visible GPU(s) (CUDA_VISIBLE_DEVICES=0,1,2,3); start at most 4 "
-        "(accelerate launch --num_processes, torchrun --nproc_per_node)"]
+        "(accelerate launch --num_processes, torchrun --nproc_per_node)"
+    ]
     assert not out.exists()
 
 
@@ -193,7 +200,8 @@ def test_bf16_on_a_gpu_without_bf16_tensor_cores_warns_in_one_line(monkeypatch, 
     assert cfg.run.precision == "bf16"
     assert capsys.readouterr().err.splitlines() == [
         "cifar-dist: warning: run.precision=bf16 on a GPU of compute capability 7.0: it has no bf16 tensor cores "
-        "(they came with 8.0); fp16 or auto is much faster there"]
+        "(they came with 8.0); fp16 or auto is much faster there"
+    ]
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["run.precision=auto"])  # exact_reduce: true
     with pytest.raises(ConfigError, match=r"run.precision=auto chose fp16 on this GPU"):
         resolve_run_precision(cfg)
@@ -263,14 +271,17 @@ def test_deep_nesting_and_oversized_values_are_refused_in_one_short_line(tmp_pat
     assert "train.optimizer: must be one of adam, adamw, sgd, got 'xxxx" in line and len(line) < 200
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("run.seed=18446744073709551616", "run.seed: must be <= 9,223,372,036,854,775,807"),  # 2**64
-    ("run.seed=-1", "run.seed: must be >= 0"),
-    ("data.crop_padding=100000000", "data.crop_padding: must be <= 32"),
-    ("data.synthetic_train=1000000000", "data.synthetic_train: must be <= 200,000"),
-    ("train.batch_size=99999999999", "train.batch_size: must be <= 1,048,576"),
-    ("model.widths=[66,132,100000]", "model.widths: every entry must be within 1..4096"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("run.seed=18446744073709551616", "run.seed: must be <= 9,223,372,036,854,775,807"),  # 2**64
+        ("run.seed=-1", "run.seed: must be >= 0"),
+        ("data.crop_padding=100000000", "data.crop_padding: must be <= 32"),
+        ("data.synthetic_train=1000000000", "data.synthetic_train: must be <= 200,000"),
+        ("train.batch_size=99999999999", "train.batch_size: must be <= 1,048,576"),
+        ("model.widths=[66,132,100000]", "model.widths: every entry must be within 1..4096"),
+    ],
+)
 def test_numbers_are_range_checked_naming_the_key(override, fragment):
     assert fragment in _one_line_exit_2("config", override)
     assert load_config(None, ["run.seed=9223372036854775807"]).run.seed == 2**63 - 1
@@ -303,10 +314,14 @@ def test_a_model_and_a_key_are_each_added_in_one_place(monkeypatch):
         assert res.returncode == 0, res.stderr
         printed = yaml.safe_load(res.stdout)
         assert printed["model"]["name"] == "toy" and printed["train"]["warmup_steps"] == 7
-        for override, fragment in (("train.warmup_steps=x", "train.warmup_steps: expected an integer"),
-                                   ("train.warmup_steps=1000", "train.warmup_steps: must be <= 100"),
-                                   ("model.name=toys", "model.name: must be one of seed_resnet, resnet9, "
-                                                       "resnet18, toy or package.module:factory")):
+        for override, fragment in (
+            ("train.warmup_steps=x", "train.warmup_steps: expected an integer"),
+            ("train.warmup_steps=1000", "train.warmup_steps: must be <= 100"),
+            (
+                "model.name=toys",
+                "model.name: must be one of seed_resnet, resnet9, resnet18, toy or package.module:factory",
+            ),
+        ):
             res = cli_here("config", override)
             assert res.returncode == 2 and fragment in res.stderr, (override, res.stderr)
         reference = reference_markdown()

@@ -1,4 +1,5 @@
 """CIFAR files (safe reader), the shared augmentation, sharding and the loaders."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,11 @@ from cifar_dist.errors import ConfigError, DataError
 
 def write_batch(path, n=20, **extra):
     rng = np.random.default_rng(0)
-    d = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-         b"labels": list(rng.integers(0, 10, n).tolist()), b"batch_label": b"x"}
+    d = {
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"labels": list(rng.integers(0, 10, n).tolist()),
+        b"batch_label": b"x",
+    }
     d.update(extra)
     with open(path, "wb") as f:
         pickle.dump(d, f, protocol=2)
@@ -61,12 +65,15 @@ def test_pickle_code_payload_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    ("truncate", "truncated or corrupt CIFAR batch"),
-    ("labels", "labels outside 0..9"),
-    ("shape", "'data' must be uint8 N x 3072"),
-    ("empty", "truncated or corrupt CIFAR batch"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        ("truncate", "truncated or corrupt CIFAR batch"),
+        ("labels", "labels outside 0..9"),
+        ("shape", "'data' must be uint8 N x 3072"),
+        ("empty", "truncated or corrupt CIFAR batch"),
+    ],
+)
 def test_damaged_batch_files_are_refused(tmp_path, damage, fragment):
     path = tmp_path / "b"
     write_batch(path)
@@ -96,8 +103,7 @@ def test_md5_mismatch_warns_but_loads(tmp_path):
 
 def test_subset_and_val_split(tmp_path):
     fake_cifar(tmp_path, n=40)
-    cfg = load_config(None, [f"data.root={tmp_path}", "data.val_split=50", "data.subset=100",
-                             "train.batch_size=10"])
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.val_split=50", "data.subset=100", "train.batch_size=10"])
     with pytest.warns(UserWarning):
         train, held_out, name = build_datasets(cfg)
     assert (len(train), len(held_out), name) == (100, 50, "val")
@@ -113,6 +119,7 @@ def test_synthetic_data_is_fixed_and_class_dependent():
 
 
 # --- the shared augmentation ------------------------------------------------------------
+
 
 def test_hash_is_a_pure_function_of_its_key():
     idx = torch.arange(1000)
@@ -142,15 +149,15 @@ def test_crop_flip_cutout_match_a_per_sample_reference():
     idx = torch.arange(100, 116)
     out = augment(data.images, idx, 1, 9, AugmentSpec(crop_padding=4, flip=True, cutout=6, fill=(1, 2, 3)))
     for i in range(16):
-        key = idx[i:i + 1]
+        key = idx[i : i + 1]
         dy, dx = int(rand_int(9, 1, key, 0, 9)), int(rand_int(9, 1, key, 1, 9))
-        ref = torch.nn.functional.pad(data.images[i], (4, 4, 4, 4))[:, dy:dy + 32, dx:dx + 32]
+        ref = torch.nn.functional.pad(data.images[i], (4, 4, 4, 4))[:, dy : dy + 32, dx : dx + 32]
         if int(rand_int(9, 1, key, 2, 2)):
             ref = ref.flip(2)
         cy, cx = int(rand_int(9, 1, key, 3, 32)), int(rand_int(9, 1, key, 4, 32))
         y0, x0 = max(cy - 3, 0), max(cx - 3, 0)
         ref = ref.clone()
-        ref[:, y0:cy + 3, x0:cx + 3] = torch.tensor([1, 2, 3], dtype=torch.uint8).view(3, 1, 1)
+        ref[:, y0 : cy + 3, x0 : cx + 3] = torch.tensor([1, 2, 3], dtype=torch.uint8).view(3, 1, 1)
         assert torch.equal(out[i], ref), i
 
 
@@ -162,6 +169,7 @@ def test_epoch_order_is_a_seeded_permutation():
 
 # --- sharding and loaders ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("world, accum", [(1, 1), (2, 1), (4, 2), (8, 1)])
 def test_ranks_together_see_exactly_the_global_batch(world, accum):
     order = torch.randperm(1000)
@@ -171,7 +179,7 @@ def test_ranks_together_see_exactly_the_global_batch(world, accum):
     assert steps == 15 and len(one) == 15 * 64
     for s in range(steps):
         merged = torch.cat([order[p] for sh in parts for p in sh.step_positions(s)])
-        assert torch.equal(merged, one[s * 64:(s + 1) * 64])
+        assert torch.equal(merged, one[s * 64 : (s + 1) * 64])
 
 
 def test_indivisible_global_batch_is_refused():

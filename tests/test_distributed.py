@@ -1,5 +1,6 @@
 """One train.py under python, torchrun, accelerate launch and DeepSpeed: the same result
 for any number of processes (real launchers, several CPU processes over gloo)."""
+
 from __future__ import annotations
 
 import json
@@ -66,11 +67,22 @@ def test_deepspeed_with_exact_reduce_is_refused_in_one_line_per_rank_before_any_
     """Every rank refuses before torch is imported and exits 2; the launcher exits 1 (torchrun and
     accelerate launch do for any failed worker) and its closing report names our line as the cause."""
     pytest.importorskip("deepspeed")
-    res = accelerate_launch("deepspeed_zero2.yaml", 2, "--config", SMOKE, "--out", tmp_path / "ds", *STEPS,
-                            module=True, check=False, timeout=300)
+    res = accelerate_launch(
+        "deepspeed_zero2.yaml",
+        2,
+        "--config",
+        SMOKE,
+        "--out",
+        tmp_path / "ds",
+        *STEPS,
+        module=True,
+        check=False,
+        timeout=300,
+    )
     assert res.returncode != 0
-    line = ("train.exact_reduce: DeepSpeed reduces gradients itself; set train.exact_reduce=false to train "
-            "with DeepSpeed")
+    line = (
+        "train.exact_reduce: DeepSpeed reduces gradients itself; set train.exact_reduce=false to train with DeepSpeed"
+    )
     for rank in (0, 1):
         assert f"cifar-dist: rank {rank}: {line}" in res.stderr.splitlines(), res.stderr[-3000:]
     assert "exitcode  : 2" in res.stderr and "traceback : cifar-dist: rank " in res.stderr, res.stderr[-3000:]
@@ -118,12 +130,16 @@ def test_a_resume_on_another_process_count_is_bit_identical_with_exact_reduce(ru
     assert saved["world_size"] == int(source[1:]) and saved["partial"]["count"] == 4 * 64
     args = ["--out", out, "--resume"]
     res = cli("train", *args) if processes == 1 else torchrun(processes, *args)
-    assert f"resuming a run of {source[1:]} processes on {processes}: train.exact_reduce keeps it bit-identical" \
-        in res.stdout, res.stdout[-2000:]
+    assert (
+        f"resuming a run of {source[1:]} processes on {processes}: train.exact_reduce keeps it bit-identical"
+        in res.stdout
+    ), res.stdout[-2000:]
     assert (runs / "p1" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     assert _rows(out) == _rows(runs / source) == _rows(runs / "p1")
-    assert summary(out)["segments"] == [{"world_size": int(source[1:]), "from_step": 0},
-                                        {"world_size": processes, "from_step": 36}]
+    assert summary(out)["segments"] == [
+        {"world_size": int(source[1:]), "from_step": 0},
+        {"world_size": processes, "from_step": 36},
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +170,11 @@ def test_without_exact_reduce_a_changed_process_count_is_warned_and_recorded(dee
     out = rewind(base / "ddp", tmp_path / "resumed", step=36)
     res = cli("train", "--out", out, "--resume")
     warning = [ln for ln in res.stderr.splitlines() if "resuming a run of 2 processes on 1" in ln]
-    assert warning == ["cifar-dist: warning: resuming a run of 2 processes on 1: without train.exact_reduce "
-                       "gradients are summed in another order; it goes on, no longer bit-identical to an "
-                       "uninterrupted run (summary.json's segments record it)"], res.stderr[-2000:]
+    assert warning == [
+        "cifar-dist: warning: resuming a run of 2 processes on 1: without train.exact_reduce "
+        "gradients are summed in another order; it goes on, no longer bit-identical to an "
+        "uninterrupted run (summary.json's segments record it)"
+    ], res.stderr[-2000:]
     assert [s["world_size"] for s in summary(out)["segments"]] == [2, 1]
     diff = max_diff(load_weights(base / "ddp"), load_weights(out))
     print(f"2 processes, resumed at step 36 on 1, without exact_reduce: max |dw| = {diff:.3g} after 48 steps")
@@ -166,8 +184,9 @@ def test_without_exact_reduce_a_changed_process_count_is_warned_and_recorded(dee
 def test_deepspeed_checkpoint_and_resume(deepspeed_runs, tmp_path):
     base, _ = deepspeed_runs
     out = rewind(base / "ds", tmp_path / "ds", step=36)
-    res = accelerate_launch("deepspeed_zero2.yaml", 2, "--out", out, "--resume", "--config", SMOKE,
-                            "train.exact_reduce=false", *STEPS)
+    res = accelerate_launch(
+        "deepspeed_zero2.yaml", 2, "--out", out, "--resume", "--config", SMOKE, "train.exact_reduce=false", *STEPS
+    )
     assert "resuming from" in res.stdout and "step 36" in res.stdout
     assert max_diff(load_weights(base / "ds"), load_weights(out)) == 0
 
@@ -178,26 +197,48 @@ def test_deepspeed_bf16_matches_ddp_bf16_to_bf16_rounding(tmp_path):
     is further from DDP's than one bf16 step at the model's largest weight (the BatchNorm
     scales, about 1); later the two drift apart like any runs that round differently."""
     pytest.importorskip("deepspeed")
-    args = ["--config", SMOKE, "train.exact_reduce=false", "run.precision=bf16", "train.max_steps=4",
-            "data.synthetic_train=2048", "run.progress=false", "run.plots=false"]
+    args = [
+        "--config",
+        SMOKE,
+        "train.exact_reduce=false",
+        "run.precision=bf16",
+        "train.max_steps=4",
+        "data.synthetic_train=2048",
+        "run.progress=false",
+        "run.plots=false",
+    ]
     torchrun(2, "--out", tmp_path / "ddp", *args)
     accelerate_launch("deepspeed_zero2.yaml", 2, "--out", tmp_path / "ds", *args)
     ddp, ds = load_weights(tmp_path / "ddp"), load_weights(tmp_path / "ds")
     floats = [k for k, w in ddp.items() if w.is_floating_point()]
     largest = max(ddp[k].double().abs().max().item() for k in floats)
     diff = max_diff({k: ddp[k] for k in floats}, {k: ds[k] for k in floats})
-    print(f"DeepSpeed bf16 vs DDP bf16, 2 processes, 4 steps: max |dw| = {diff:.3g} "
-          f"(one bf16 step at the largest weight, {largest:.3g}: {2 ** -7 * largest:.3g})")
-    assert diff <= 2 ** -7 * largest
+    print(
+        f"DeepSpeed bf16 vs DDP bf16, 2 processes, 4 steps: max |dw| = {diff:.3g} "
+        f"(one bf16 step at the largest weight, {largest:.3g}: {2**-7 * largest:.3g})"
+    )
+    assert diff <= 2**-7 * largest
     assert summary(tmp_path / "ds")["precision"] == "bf16"
 
 
 @pytest.mark.timeout(900)  # a cold compile took 504 s on a slow day
 def test_compile_on_cpu_with_no_recompiles_after_warmup(tmp_path):
     out = tmp_path / "compiled"
-    cli("train", "--config", SMOKE, "--out", out, "data.synthetic_train=256", "data.synthetic_test=256",
-        "run.compile=true", "run.plots=false",
-        "run.progress=false", "train.exact_reduce=false", "model.bn_group=0", timeout=1800)
+    cli(
+        "train",
+        "--config",
+        SMOKE,
+        "--out",
+        out,
+        "data.synthetic_train=256",
+        "data.synthetic_test=256",
+        "run.compile=true",
+        "run.plots=false",
+        "run.progress=false",
+        "train.exact_reduce=false",
+        "model.bn_group=0",
+        timeout=1800,
+    )
     s = summary(out)
     assert s["epochs"] == 2 and s["compiled_graphs"] >= 2  # train and eval graphs
     assert s["recompiles_after_warmup"] == 0
@@ -210,8 +251,16 @@ def test_compiled_ddp_matches_eager_ddp_with_no_recompiles_after_warmup(tmp_path
     eager run to float tolerance (compiled kernels sum in another order, and early training
     amplifies that: one process, compiled vs eager, differed by 1.4e-6 after one step,
     8e-5 after two, 7e-3 after eight), and nothing compiles after the first epoch."""
-    args = ["--config", SMOKE, "data.synthetic_train=64", "data.synthetic_test=256", "train.exact_reduce=false",
-            "model.bn_group=0", "run.plots=false", "run.progress=false"]
+    args = [
+        "--config",
+        SMOKE,
+        "data.synthetic_train=64",
+        "data.synthetic_test=256",
+        "train.exact_reduce=false",
+        "model.bn_group=0",
+        "run.plots=false",
+        "run.progress=false",
+    ]
     torchrun(2, "--out", tmp_path / "eager", *args)
     torchrun(2, "--out", tmp_path / "compiled", *args, "run.compile=true", timeout=900)
     s = summary(tmp_path / "compiled")
@@ -224,8 +273,18 @@ def test_compiled_ddp_matches_eager_ddp_with_no_recompiles_after_warmup(tmp_path
 
 def test_channels_last_bf16_on_cpu(tmp_path):
     out = tmp_path / "bf16"
-    cli("train", "--config", SMOKE, "--out", out, "run.precision=bf16", "run.channels_last=true",
-        "train.max_steps=20", "run.progress=false", "run.plots=false")
+    cli(
+        "train",
+        "--config",
+        SMOKE,
+        "--out",
+        out,
+        "run.precision=bf16",
+        "run.channels_last=true",
+        "train.max_steps=20",
+        "run.progress=false",
+        "run.plots=false",
+    )
     s = summary(out)
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert s["steps"] == 20 and s["precision"] == "bf16"
@@ -239,8 +298,12 @@ def test_processes_that_do_not_know_each_other_are_refused(spawn, tmp_path):
     for rank in range(2):
         env = base_env(SLURM_STEP_NUM_TASKS=2, SLURM_PROCID=rank, SLURM_NTASKS=2)
         entry = [REPO / "cifar_dist" / "train.py"] if rank == 0 else ["-m", "cifar_dist.train"]  # both forms
-        procs.append(spawn([sys.executable, *entry, "--config", SMOKE,
-                            "--out", tmp_path / f"r{rank}", "run.progress=false"], env=env))
+        procs.append(
+            spawn(
+                [sys.executable, *entry, "--config", SMOKE, "--out", tmp_path / f"r{rank}", "run.progress=false"],
+                env=env,
+            )
+        )
     for rank, p in enumerate(procs):
         _, err = p.communicate(timeout=280)
         assert p.returncode == 2
@@ -249,8 +312,9 @@ def test_processes_that_do_not_know_each_other_are_refused(spawn, tmp_path):
 
 
 def test_failure_on_one_rank_is_reported_with_its_rank(tmp_path):
-    res = torchrun(2, "--config", SMOKE, "--out", tmp_path / "f", *STEPS, FAULT_ARG,
-                   env=fault_env("raise@3:1"), check=False)
+    res = torchrun(
+        2, "--config", SMOKE, "--out", tmp_path / "f", *STEPS, FAULT_ARG, env=fault_env("raise@3:1"), check=False
+    )
     assert res.returncode != 0
     assert "cifar-dist: rank 1: crashed: RuntimeError: injected fault at step 3" in res.stderr
 

@@ -1,5 +1,6 @@
 """The extension points: callbacks (run.callbacks) and user models (model.name = module:factory),
 from modules outside the package, under one and several processes."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,13 @@ def tiny_net(model_cfg, num_classes):
 def not_a_model(model_cfg, num_classes):
     return "a string"
 '''
-QUICK = ["train.max_steps=8", "data.synthetic_train=512", "data.synthetic_test=256", "run.progress=false",
-         "run.plots=false"]
+QUICK = [
+    "train.max_steps=8",
+    "data.synthetic_train=512",
+    "data.synthetic_test=256",
+    "run.progress=false",
+    "run.plots=false",
+]
 
 
 @pytest.fixture
@@ -101,12 +107,31 @@ def test_a_user_model_and_callback_train_on_one_and_two_processes(tmp_path, user
     """One process (`python -m cifar_dist.train`, the module in the working directory) and
     two (`torchrun -m cifar_dist.train`, the module on PYTHONPATH): the user's network is
     trained, and the user's callback runs on every rank and stops both at the same step."""
-    args = ["--config", SMOKE, "model.name=user_code:tiny_net", "run.callbacks=[user_code:StopAtStep]",
-            "model.bn_group=0", "train.exact_reduce=false", *QUICK]
+    args = [
+        "--config",
+        SMOKE,
+        "model.name=user_code:tiny_net",
+        "run.callbacks=[user_code:StopAtStep]",
+        "model.bn_group=0",
+        "train.exact_reduce=false",
+        *QUICK,
+    ]
     run([sys.executable, "-m", "cifar_dist.train", "--out", tmp_path / "one", *args], cwd=user_code)
-    run([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), "-m", "cifar_dist.train",
-         "--out", tmp_path / "two", *args],
-        env=base_env(PYTHONPATH=user_code))
+    run(
+        [
+            BIN / "torchrun",
+            "--nproc_per_node",
+            2,
+            "--master_port",
+            free_port(),
+            "-m",
+            "cifar_dist.train",
+            "--out",
+            tmp_path / "two",
+            *args,
+        ],
+        env=base_env(PYTHONPATH=user_code),
+    )
     for out, ranks in ((tmp_path / "one", 1), (tmp_path / "two", 2)):
         s = summary(out)
         assert s["parameters"] == 314 and s["steps"] == 6 and s["world_size"] == ranks
@@ -127,7 +152,7 @@ def test_the_documented_example_stops_at_the_target_accuracy(tmp_path, monkeypat
     assert [r["epoch"] for r in state.history] == [1] and "test_acc" in state.history[0]
 
 
-SHIPPED_CODE = '''
+SHIPPED_CODE = """
 import pathlib
 pathlib.Path(__file__).with_name("imported").write_text("the module ran")
 
@@ -136,7 +161,7 @@ from cifar_dist import ModelConfig, build_model
 
 def factory(model_cfg, num_classes):
     return build_model(ModelConfig(widths=[8, 16, 32], blocks=[1, 1, 1]), num_classes)
-'''
+"""
 
 
 def test_code_named_in_a_received_run_directory_runs_only_when_the_user_trusts_it(tmp_path, monkeypatch):
@@ -153,12 +178,27 @@ def test_code_named_in_a_received_run_directory_runs_only_when_the_user_trusts_i
     config = yaml.safe_load(SMOKE.read_text())
     config["model"]["name"] = "shipped_model:factory"
     (received / "config.yaml").write_text(yaml.safe_dump(config))
-    (received / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 1, "train_loss": 2.0, "train_acc": 0.1,
-                                                        "lr": 0.1, "epoch_time_s": 1.0, "images_per_s": 1.0}) + "\n")
-    refusal = (f"cifar-dist: {received / 'config.yaml'}: model.name 'shipped_model:factory' would import and run "
-               "module 'shipped_model'; pass --trust-code (load_model(..., trust_code=True)) if you trust it")
+    (received / "metrics.jsonl").write_text(
+        json.dumps(
+            {
+                "epoch": 1,
+                "step": 1,
+                "train_loss": 2.0,
+                "train_acc": 0.1,
+                "lr": 0.1,
+                "epoch_time_s": 1.0,
+                "images_per_s": 1.0,
+            }
+        )
+        + "\n"
+    )
+    refusal = (
+        f"cifar-dist: {received / 'config.yaml'}: model.name 'shipped_model:factory' would import and run "
+        "module 'shipped_model'; pass --trust-code (load_model(..., trust_code=True)) if you trust it"
+    )
     from cifar_dist.config.schema import ModelConfig
     from cifar_dist.model.resnet import build_model
+
     save_weights(build_model(ModelConfig(widths=[8, 16, 32], blocks=[1, 1, 1])), received / "model.safetensors")
 
     for command in (["eval", "--checkpoint", received], ["summary", "--config", received / "config.yaml"]):

@@ -1,5 +1,6 @@
 """The FFCV loader: the same pixels as the torch and gpu loaders, verified .beton files,
 and the same training run whichever loader feeds it."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,16 @@ def _micro_batches(loader, epoch, start_step):
 def test_three_loaders_deliver_identical_pixels_on_real_cifar10(cifar_root, tmp_path, world):
     """Real images (the first 2,048 of the training set), every augmentation the loaders
     share, each rank of 1 and 2 processes, epoch 2 from step 1 (as after a resume)."""
-    cfg = load_config(SMOKE, [f"data.root={cifar_root}", "data.synthetic=false", "data.subset=2048",
-                              f"data.beton_dir={tmp_path / 'beton'}", "data.workers=1"])
+    cfg = load_config(
+        SMOKE,
+        [
+            f"data.root={cifar_root}",
+            "data.synthetic=false",
+            "data.subset=2048",
+            f"data.beton_dir={tmp_path / 'beton'}",
+            "data.workers=1",
+        ],
+    )
     train, _, _ = build_datasets(cfg)
     spec = AugmentSpec.from_config(cfg.data)
     # FFCV sets torch's threads to its worker count (at import, in Loader() and in every
@@ -38,9 +47,11 @@ def test_three_loaders_deliver_identical_pixels_on_real_cifar10(cifar_root, tmp_
     torch.set_num_threads(2)
     for rank in range(world):
         shard = Shard(rank, world, 128)
-        loaders = {"torch": TorchLoader(train, spec, cfg.run.seed, shard, "cpu", workers=1),
-                   "gpu": GpuLoader(train, spec, cfg.run.seed, shard, "cpu"),
-                   "ffcv": FfcvLoader(cfg, train, spec, shard, "cpu")}
+        loaders = {
+            "torch": TorchLoader(train, spec, cfg.run.seed, shard, "cpu", workers=1),
+            "gpu": GpuLoader(train, spec, cfg.run.seed, shard, "cpu"),
+            "ffcv": FfcvLoader(cfg, train, spec, shard, "cpu"),
+        }
         batches = {name: _micro_batches(ld, epoch=2, start_step=1)[:4] for name, ld in loaders.items()}
         assert torch.get_num_threads() == 2
         assert len(batches["torch"]) == 4
@@ -73,8 +84,15 @@ def test_beton_is_written_once_and_damage_is_refused(tmp_path):
 def test_twenty_steps_with_each_loader_give_the_same_weights(tmp_path):
     """The black-box check: the same 20 training steps fed by torch, gpu and ffcv, and
     a second ffcv run with the same seed."""
-    args = ["--config", SMOKE, "train.max_steps=20", "run.progress=false", "run.plots=false",
-            f"data.beton_dir={tmp_path / 'beton'}", "data.workers=1"]
+    args = [
+        "--config",
+        SMOKE,
+        "train.max_steps=20",
+        "run.progress=false",
+        "run.plots=false",
+        f"data.beton_dir={tmp_path / 'beton'}",
+        "data.workers=1",
+    ]
     for name in ("torch", "gpu", "ffcv", "ffcv-again"):
         cli("train", "--out", tmp_path / name, *args, f"data.loader={name.split('-')[0]}")
     ref = load_weights(tmp_path / "torch")
@@ -82,6 +100,6 @@ def test_twenty_steps_with_each_loader_give_the_same_weights(tmp_path):
         diff = max_diff(ref, load_weights(tmp_path / name))
         print(f"20 steps, torch vs {name} loader: max |dw| = {diff:.3g}")
         assert diff <= 1e-6
-    assert (tmp_path / "ffcv" / "model.safetensors").read_bytes() == \
-        (tmp_path / "ffcv-again" / "model.safetensors").read_bytes()
-
+    assert (tmp_path / "ffcv" / "model.safetensors").read_bytes() == (
+        tmp_path / "ffcv-again" / "model.safetensors"
+    ).read_bytes()

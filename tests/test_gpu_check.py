@@ -1,5 +1,6 @@
 """`make gpu-check` is wired (a CPU dry run of every step), and its pieces refuse bad input:
 the CIFAR-10 JPEG archive importer and the benchmark's batch sizes."""
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,10 @@ def test_the_archive_gives_the_exact_labels_in_the_official_order(cifar_root):
 
     with tarfile.open(SHARED_ARCHIVE) as tar:
         want = [int(v) for v in tar.extractfile("cifar10-jpeg/train_labels.txt").read().split()]
-    train, test = load_cifar10(cifar_root, train=True, verify=False), load_cifar10(cifar_root, train=False,
-                                                                                  verify=False)
+    train, test = (
+        load_cifar10(cifar_root, train=True, verify=False),
+        load_cifar10(cifar_root, train=False, verify=False),
+    )
     assert train.labels.tolist() == want and train.images.shape == (50000, 3, 32, 32)
     assert torch.bincount(test.labels).tolist() == [1000] * 10
 
@@ -50,8 +53,10 @@ def test_bench_refuses_a_batch_the_bn_group_does_not_divide():
 def test_gpu_check_dry_run_runs_every_step(tmp_path, cifar_root):
     """On a CPU, --dry-run runs each step of `make gpu-check --full` at tiny sizes."""
     out = tmp_path / "check"
-    res = run(["bash", REPO / "scripts" / "gpu_check.sh", "--dry-run", "--full", "--out", out,
-               "--data", cifar_root], timeout=500)
+    res = run(
+        ["bash", REPO / "scripts" / "gpu_check.sh", "--dry-run", "--full", "--out", out, "--data", cifar_root],
+        timeout=500,
+    )
     report = json.loads((out / "report.json").read_text())
     assert [s["step"] for s in report["steps"]] == ["sync", "bench", "epoch", "paper-60-epochs", "fast-full"]
     assert all(s["rc"] == 0 for s in report["steps"]), report["steps"]

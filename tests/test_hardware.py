@@ -1,4 +1,5 @@
 """What the hardware can do, as cifar_dist decides it: bf16 on CPUs, measured peaks, MFU."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,24 +7,28 @@ import pytest
 from cifar_dist.runtime import hardware
 from cifar_dist.trainer.precision import CpuBf16, resolve_precision
 
-AVX2_ONLY = "fpu sse sse2 avx fma avx2 bmi2"             # an AMD EPYC without bf16 units
-AVX512_BF16 = AVX2_ONLY + " avx512f avx512_bf16"          # AMD Zen 4, Intel Cooper Lake
-AMX = AVX2_ONLY + " avx512f amx_tile amx_bf16 amx_int8"   # Intel Sapphire Rapids and later
+AVX2_ONLY = "fpu sse sse2 avx fma avx2 bmi2"  # an AMD EPYC without bf16 units
+AVX512_BF16 = AVX2_ONLY + " avx512f avx512_bf16"  # AMD Zen 4, Intel Cooper Lake
+AMX = AVX2_ONLY + " avx512f amx_tile amx_bf16 amx_int8"  # Intel Sapphire Rapids and later
 
 
 def _cpu(flags: str, speedup: float, probed: list):
     def probe():
         probed.append(flags)
         return speedup
+
     return CpuBf16(hardware.has_bf16_units(set(flags.split())), probe)
 
 
-@pytest.mark.parametrize("flags, speedup, expected, probes", [
-    (AVX2_ONLY, 0.2, "fp32", 0),     # no bf16 units: fp32, and no probe is run
-    (AVX512_BF16, 1.6, "bf16", 1),   # units, and the probe confirms them
-    (AMX, 2.1, "bf16", 1),
-    (AMX, 1.05, "fp32", 1),          # units, but the probe finds bf16 no faster here
-])
+@pytest.mark.parametrize(
+    "flags, speedup, expected, probes",
+    [
+        (AVX2_ONLY, 0.2, "fp32", 0),  # no bf16 units: fp32, and no probe is run
+        (AVX512_BF16, 1.6, "bf16", 1),  # units, and the probe confirms them
+        (AMX, 2.1, "bf16", 1),
+        (AMX, 1.05, "fp32", 1),  # units, but the probe finds bf16 no faster here
+    ],
+)
 def test_auto_on_a_cpu_picks_bf16_only_with_bf16_units_that_a_probe_confirms(flags, speedup, expected, probes):
     probed = []
     assert resolve_precision("auto", None, _cpu(flags, speedup, probed)) == (expected, None)
@@ -34,8 +39,10 @@ def test_auto_on_a_cpu_picks_bf16_only_with_bf16_units_that_a_probe_confirms(fla
 def test_explicit_bf16_on_a_cpu_without_bf16_units_warns_with_the_measured_factor():
     precision, warning = resolve_precision("bf16", None, _cpu(AVX2_ONLY, 0.21, []))
     assert precision == "bf16"
-    assert warning == ("run.precision=bf16 on a CPU that has no bf16 units (no AMX or AVX-512 bf16 in its flags): "
-                       "bf16 ran 4.8x slower than fp32 in a probe here; run.precision=auto or fp32 is faster")
+    assert warning == (
+        "run.precision=bf16 on a CPU that has no bf16 units (no AMX or AVX-512 bf16 in its flags): "
+        "bf16 ran 4.8x slower than fp32 in a probe here; run.precision=auto or fp32 is faster"
+    )
     assert resolve_precision("bf16", None, _cpu(AMX, 2.0, [])) == ("bf16", None)
 
 
@@ -55,6 +62,7 @@ def test_measurements_are_cached_per_machine_and_shared_by_processes(tmp_path, m
     def measure():
         calls.append(1)
         return 123.0
+
     assert hardware.cached("peak|test", measure) == 123.0
     assert hardware.cached("peak|test", measure) == 123.0
     assert calls == [1]
@@ -69,9 +77,11 @@ def test_a_slow_precision_is_measured_on_a_small_product(monkeypatch):
 
     def seconds(n, dtype, device, repeats, budget_s):
         sizes.append(n)
-        return 2 * n ** 3 / 0.2e9  # 0.2 GFLOP/s
+        return 2 * n**3 / 0.2e9  # 0.2 GFLOP/s
+
     monkeypatch.setattr(hardware, "_matmul_seconds", seconds)
     import torch
+
     assert hardware.measured_peak(torch.device("cpu"), "bf16") == pytest.approx(0.2e9)
     assert max(sizes) == 256
 
@@ -81,6 +91,7 @@ def test_mfu_is_never_above_one():
     assert hardware.mfu(1359.5, 100.0) is None  # a peak below what was achieved is not a peak
     assert hardware.mfu(1.0, None) is None and hardware.mfu(1.0, 0.0) is None
     from cifar_dist.bench.table import _percent
+
     assert _percent(None) == "n/a" and _percent(13.595) == "n/a" and _percent(0.123) == "12.3%"
 
 
@@ -89,6 +100,8 @@ def test_a_long_cpu_run_is_announced_with_its_estimate_and_the_demo():
 
     assert long_cpu_run_warning(370, 256, 1 / 184) is None  # the demo: 8.6 min
     line = long_cpu_run_warning(23_400, 128, 1 / 25, flops_per_image=4.61e9)  # the paper's recipe
-    assert line == ("cifar-dist: this run needs about 33 h 16 min of training on this CPU (23,400 steps x 128 "
-                    "images x 4.61 GFLOP at 115.2 GFLOP/s measured here; evaluation not included); for a CPU demo "
-                    "of a few minutes: cifar-dist train --config configs/cpu_quick.yaml")
+    assert line == (
+        "cifar-dist: this run needs about 33 h 16 min of training on this CPU (23,400 steps x 128 "
+        "images x 4.61 GFLOP at 115.2 GFLOP/s measured here; evaluation not included); for a CPU demo "
+        "of a few minutes: cifar-dist train --config configs/cpu_quick.yaml"
+    )

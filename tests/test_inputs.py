@@ -5,6 +5,7 @@ Config files (malformed YAML, unknown keys, wrong types, invalid values) are in
 test_config.py, an existing run directory in test_train.py, a full disk in
 test_reliability.py.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -31,8 +32,9 @@ def _one_line(res) -> str:
 
 
 def _snapshot(run_dir) -> dict:
-    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +53,40 @@ def victim(stopped_run, tmp_path):
 
 def test_global_batch_not_divisible_by_the_world_size(tmp_path):
     out = tmp_path / "run"
-    res = torchrun(2, "--config", SMOKE, "--out", out, "train.batch_size=65",
-                   "train.exact_reduce=false", "run.progress=false",
-                   check=False, timeout=600)
+    res = torchrun(
+        2,
+        "--config",
+        SMOKE,
+        "--out",
+        out,
+        "train.batch_size=65",
+        "train.exact_reduce=false",
+        "run.progress=false",
+        check=False,
+        timeout=600,
+    )
     assert res.returncode != 0
     for rank in (0, 1):
-        assert (f"cifar-dist: rank {rank}: train.batch_size: 65 is not divisible by 2 processes "
-                "x train.accum_steps 1") in res.stderr.splitlines(), res.stderr[-3000:]
+        assert (
+            f"cifar-dist: rank {rank}: train.batch_size: 65 is not divisible by 2 processes x train.accum_steps 1"
+        ) in res.stderr.splitlines(), res.stderr[-3000:]
     assert not out.exists()
 
 
 def test_missing_data_directory(tmp_path):
     root = tmp_path / "nowhere"
-    line = _one_line(cli("train", "--config", SMOKE, "--out", tmp_path / "run", "data.synthetic=false",
-                         f"data.root={root}", check=False))
+    line = _one_line(
+        cli(
+            "train",
+            "--config",
+            SMOKE,
+            "--out",
+            tmp_path / "run",
+            "data.synthetic=false",
+            f"data.root={root}",
+            check=False,
+        )
+    )
     assert f"{root / 'cifar-10-batches-py'}: CIFAR-10 not found" in line
     assert "cifar-dist prepare" in line
 
@@ -73,8 +95,18 @@ def test_truncated_cifar_batch_file(tmp_path):
     fake_cifar(tmp_path / "data")
     batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_2"
     batch.write_bytes(batch.read_bytes()[:3000])
-    line = _one_line(cli("train", "--config", SMOKE, "--out", tmp_path / "run", "data.synthetic=false",
-                         f"data.root={tmp_path / 'data'}", check=False))
+    line = _one_line(
+        cli(
+            "train",
+            "--config",
+            SMOKE,
+            "--out",
+            tmp_path / "run",
+            "data.synthetic=false",
+            f"data.root={tmp_path / 'data'}",
+            check=False,
+        )
+    )
     assert f"{batch}: truncated or corrupt CIFAR batch" in line
 
 
@@ -84,8 +116,18 @@ def test_cifar_batch_file_with_a_pickle_code_payload(tmp_path):
     batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_4"
     with open(batch, "wb") as f:
         pickle.dump({b"data": _Payload(marker), b"labels": [1]}, f, protocol=2)
-    line = _one_line(cli("train", "--config", SMOKE, "--out", tmp_path / "run", "data.synthetic=false",
-                         f"data.root={tmp_path / 'data'}", check=False))
+    line = _one_line(
+        cli(
+            "train",
+            "--config",
+            SMOKE,
+            "--out",
+            tmp_path / "run",
+            "data.synthetic=false",
+            f"data.root={tmp_path / 'data'}",
+            check=False,
+        )
+    )
     assert f"{batch}: not a CIFAR batch (refused to load global posix.system" in line
     assert not marker.exists()
 
@@ -110,6 +152,7 @@ def _consistent(ckpt) -> None:
     """Rewrite the checkpoint's manifest for its tampered files: a checkpoint made hostile on
     purpose, which the manifest (a guard against damage) cannot tell from a good one."""
     from cifar_dist.storage.checkpoint import write_manifest
+
     write_manifest(ckpt)
 
 
@@ -120,6 +163,7 @@ def test_checkpoint_of_another_model_shape(victim):
 
     from cifar_dist.config.loading import load_config
     from cifar_dist.model.resnet import build_model
+
     other = build_model(load_config(SMOKE, ["model.widths=[8,16,48]"]).model)
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(ckpt / "model.safetensors"))
     _consistent(ckpt)  # a manifest that matches: the loader's own check must refuse the weights
@@ -151,7 +195,7 @@ def test_two_runs_on_one_run_directory(victim):
         line = _one_line(cli("train", "--config", SMOKE, "--out", victim, "--resume", *STEPS, check=False))
     finally:
         os.close(fd)
-    assert line == (f"cifar-dist: {victim}: run directory is in use by pid {os.getpid()}; "
-                    "wait for it or choose another --out")
+    assert line == (
+        f"cifar-dist: {victim}: run directory is in use by pid {os.getpid()}; wait for it or choose another --out"
+    )
     assert _snapshot(victim) == before
-

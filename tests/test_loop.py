@@ -1,7 +1,8 @@
-"""The training loop in this process: step.train_step and loop.fit on the smoke model,
+"""The training loop in this process: trainer.step.train_step and trainer.loop.Trainer.fit on the smoke model,
 no subprocess. The learning rate at every step, the non-finite check, the checkpoint
 schedule, stop requests, resume and evaluation counting, each in a second or two; the
 end-to-end tests keep only what a real process (or several) can show."""
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,7 @@ def build(run_dir, *overrides, callbacks=()):
 
 
 def fit(parts, state=None):
-    return loop.fit(parts, state or TrainState(), progress_bars(False))
+    return loop.Trainer(parts, state or TrainState(), progress_bars(False)).fit()
 
 
 def weights(parts) -> dict:
@@ -142,8 +143,15 @@ def test_fit_steps_the_one_cycle_schedule_at_every_step_and_after_a_resume(tmp_p
 def test_the_papers_epoch_schedule_is_constant_within_an_epoch(tmp_path, lr_log):
     """schedule_unit=epoch: like the paper's LambdaLR stepped once per epoch, the first
     epoch of warm-up runs at lr 0, and cosine then takes over from the second."""
-    parts = build(tmp_path / "run", "train.schedule=warmup_cosine", "train.schedule_unit=epoch",
-                  "train.warmup_epochs=1", "train.epochs=3", "train.lr=0.1", callbacks=[lr_log])
+    parts = build(
+        tmp_path / "run",
+        "train.schedule=warmup_cosine",
+        "train.schedule_unit=epoch",
+        "train.warmup_epochs=1",
+        "train.epochs=3",
+        "train.lr=0.1",
+        callbacks=[lr_log],
+    )
     fit(parts)
     per_epoch = [0.0, 0.1, 0.1 * 0.5 * (1 + math.cos(math.pi / 2))]
     assert [lr for _, lr in lr_log] == pytest.approx([lr for lr in per_epoch for _ in range(SPE)], abs=1e-12)
@@ -169,12 +177,16 @@ def test_epoch_checkpoints_follow_every_epochs(tmp_path, commits):
 def test_a_nan_stops_fit_naming_its_step_before_any_checkpoint_holds_it(tmp_path, commits):
     """A NaN weight before step 4 (the 5th step): the check due with checkpoint 6 reads the
     flag first, so only checkpoint 3 exists, and it is finite."""
-    parts = build(tmp_path / "run", "checkpoint.every_steps=3",
-                  callbacks=[AroundSteps(before=lambda p, step: poison(p.model) if step == 4 else None)])
+    parts = build(
+        tmp_path / "run",
+        "checkpoint.every_steps=3",
+        callbacks=[AroundSteps(before=lambda p, step: poison(p.model) if step == 4 else None)],
+    )
     with pytest.raises(NonFiniteError, match=r"became NaN/Inf at step 4 \(epoch 1\)"):
         fit(parts)
     assert commits == [3] and checkpoint_steps(parts.run_dir) == [3]
     from safetensors.torch import load_file
+
     saved = load_file(str(parts.run_dir / "checkpoints" / "step_00000003" / "model.safetensors"))
     assert all(bool(v.float().isfinite().all()) for v in saved.values())
 
@@ -184,8 +196,10 @@ def test_a_stop_request_checkpoints_at_the_next_control_read_and_resuming_gives_
     CONTROL_EVERY steps, so the run stops after step 10 with a mid-epoch checkpoint."""
     reference = build(tmp_path / "reference")
     fit(reference)
-    parts = build(tmp_path / "run",
-                  callbacks=[AroundSteps(before=lambda p, step: p.stop_file.write_text("") if step == 8 else None)])
+    parts = build(
+        tmp_path / "run",
+        callbacks=[AroundSteps(before=lambda p, step: p.stop_file.write_text("") if step == 8 else None)],
+    )
     trainer = loop.Trainer(parts, TrainState(), progress_bars(False))
     state = trainer.fit()
     assert trainer.stop_reason is StopReason.STOP_FILE
@@ -207,8 +221,9 @@ def test_resume_from_a_mid_epoch_checkpoint_gives_the_same_weights_and_history(t
     state = fit(resumed, state)
     assert all(torch.equal(v, weights(resumed)[k]) for k, v in weights(full).items())
     timing = ("epoch_time_s", "images_per_s")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in state.history] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in history]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in state.history] == [
+        {k: v for k, v in r.items() if k not in timing} for r in history
+    ]
 
 
 def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
@@ -221,15 +236,27 @@ def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
     assert 0 < ev["loss"] < 10
 
 
-@pytest.mark.parametrize("overrides, steps", [
-    (["run.precision=fp32"], 22),
-    (["run.precision=bf16"], 22),
-    (["data.loader=gpu", "run.precision=fp32", "data.color_jitter=0.1", "data.rotation=10"], 22),
-    (["data.loader=gpu", "run.precision=bf16", "data.color_jitter=0.1", "data.rotation=10"], 22),
-    # fused kernels, as optimizer_impl=auto picks on GPUs: GradScaler then skips without a host read
-    (["run.precision=fp16", "train.optimizer_impl=fused", "train.exact_reduce=false", "model.bn_group=0",
-      "train.batch_size=16"], 12),
-], ids=["torch-fp32", "torch-bf16", "gpu-fp32-jitter-rotation", "gpu-bf16-jitter-rotation", "torch-fp16-fused"])
+@pytest.mark.parametrize(
+    "overrides, steps",
+    [
+        (["run.precision=fp32"], 22),
+        (["run.precision=bf16"], 22),
+        (["data.loader=gpu", "run.precision=fp32", "data.color_jitter=0.1", "data.rotation=10"], 22),
+        (["data.loader=gpu", "run.precision=bf16", "data.color_jitter=0.1", "data.rotation=10"], 22),
+        # fused kernels, as optimizer_impl=auto picks on GPUs: GradScaler then skips without a host read
+        (
+            [
+                "run.precision=fp16",
+                "train.optimizer_impl=fused",
+                "train.exact_reduce=false",
+                "model.bn_group=0",
+                "train.batch_size=16",
+            ],
+            12,
+        ),
+    ],
+    ids=["torch-fp32", "torch-bf16", "gpu-fp32-jitter-rotation", "gpu-bf16-jitter-rotation", "torch-fp16-fused"],
+)
 def test_the_step_reads_the_device_once_per_control_interval(tmp_path, overrides, steps):
     """On a GPU each host read of a device value stalls the step; cifar_dist reads the
     flags, the loss and the skip count once every CONTROL_EVERY steps, in one transfer.
@@ -238,8 +265,13 @@ def test_the_step_reads_the_device_once_per_control_interval(tmp_path, overrides
     from sync_count import SyncCounter
 
     counter = SyncCounter()
-    parts = build(tmp_path / "run", "data.synthetic_train=2048", f"train.max_steps={steps}", *overrides,
-                  callbacks=[AroundSteps(before=lambda p, step: setattr(counter, "context", step))])
+    parts = build(
+        tmp_path / "run",
+        "data.synthetic_train=2048",
+        f"train.max_steps={steps}",
+        *overrides,
+        callbacks=[AroundSteps(before=lambda p, step: setattr(counter, "context", step))],
+    )
     with counter:
         fit(parts)
     steady = [(step, what, where) for step, what, where in counter.calls if step is not None and 1 <= step <= steps - 2]
@@ -248,29 +280,35 @@ def test_the_step_reads_the_device_once_per_control_interval(tmp_path, overrides
     assert len(steady) <= len(control_steps), steady
 
 
-@pytest.mark.parametrize("data, fragment", [
-    ([], "expected a JSON object, got list"),
-    ({"epoch": 0, "global_step": 3, "lr": 0.1}, "unknown key 'lr'"),
-    ({"epoch": 0, "global_step": "3"}, "global_step: expected a whole number >= 0, got '3'"),
-    ({"global_step": True}, "global_step: expected a whole number"),
-    ({"world_size": 0}, "world_size: expected a whole number >= 1"),
-    ({"partial": {"loss": 1.5}}, "partial: expected {} or whole numbers loss_units, correct and count"),
-    ({"partial": {"loss_units": 5, "correct": 9, "count": 4}}, "more correct predictions than images"),
-    ({"history": [{"epoch": "one"}]}, "history: a row without a whole epoch number"),
-])
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ([], "expected a JSON object, got list"),
+        ({"epoch": 0, "global_step": 3, "lr": 0.1}, "unknown key 'lr'"),
+        ({"epoch": 0, "global_step": "3"}, "global_step: expected a whole number >= 0, got '3'"),
+        ({"global_step": True}, "global_step: expected a whole number"),
+        ({"world_size": 0}, "world_size: expected a whole number >= 1"),
+        ({"partial": {"loss": 1.5}}, "partial: expected {} or whole numbers loss_units, correct and count"),
+        ({"partial": {"loss_units": 5, "correct": 9, "count": 4}}, "more correct predictions than images"),
+        ({"history": [{"epoch": "one"}]}, "history: a row without a whole epoch number"),
+    ],
+)
 def test_a_state_json_of_the_wrong_shape_is_one_line_naming_the_key(data, fragment):
     from cifar_dist.errors import CheckpointError
     from cifar_dist.storage.state import parse_state
 
     with pytest.raises(CheckpointError, match=re.escape(fragment)):
         parse_state(data, "ckpt/state.json")
-    assert parse_state({"epoch": 1, "global_step": 64, "history": [{"epoch": 1, "train_loss": 2.0}]},
-                       "s").global_step == 64
+    assert (
+        parse_state({"epoch": 1, "global_step": 64, "history": [{"epoch": 1, "train_loss": 2.0}]}, "s").global_step
+        == 64
+    )
 
 
 def test_a_callback_hook_that_returns_nothing_changes_nothing(tmp_path):
     """A logging callback whose on_loss forgets to return the loss once crashed the step
     ('NoneType' object has no attribute 'detach'); None now leaves the loss as it was."""
+
     class LogsTheLoss:
         def __init__(self):
             self.seen = []

@@ -1,4 +1,5 @@
 """The paper's model exactly (Figure 1), the other architectures, and group BatchNorm."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,7 @@ FIGURE1 = REPO / "tests" / "figure1.tsv"  # the paper's Figure 1, copied from ..
 
 def paper_rows():
     lines = FIGURE1.read_text().splitlines()[1:]
-    return [(name, shape.replace(" ", ""), int(params)) for name, shape, params in
-            (line.split("\t") for line in lines)]
+    return [(name, shape.replace(" ", ""), int(params)) for name, shape, params in (line.split("\t") for line in lines)]
 
 
 def model(*overrides):
@@ -38,7 +38,7 @@ def test_every_row_matches_figure1():
 
 def test_forward_and_training_flops():
     m = model()
-    assert abs(count_flops(m) / 2e9 - 0.769) < 0.001          # GMAC per image
+    assert abs(count_flops(m) / 2e9 - 0.769) < 0.001  # GMAC per image
     assert abs(count_flops(m, train=True) / 1e9 - 4.61) / 4.61 < 0.01
 
 
@@ -85,12 +85,13 @@ def test_group_batchnorm_equals_batchnorm_per_group():
             bn.bias.uniform_()
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         y1 = bn(x1)
-        (y1 ** 2).sum().backward()
-        y2 = torch.cat([F.batch_norm(x2[i:i + 8], None, None, bn.weight, bn.bias, True, 0.1, bn.eps)
-                        for i in range(0, 32, 8)])
+        (y1**2).sum().backward()
+        y2 = torch.cat(
+            [F.batch_norm(x2[i : i + 8], None, None, bn.weight, bn.bias, True, 0.1, bn.eps) for i in range(0, 32, 8)]
+        )
         w_grad = bn.weight.grad.clone()
         bn.weight.grad = None
-        (y2 ** 2).sum().backward()
+        (y2**2).sum().backward()
         assert torch.allclose(y1, y2, atol=1e-5)
         assert torch.allclose(x1.grad, x2.grad, atol=1e-4)
         assert torch.allclose(w_grad, bn.weight.grad, atol=1e-4)
@@ -121,7 +122,10 @@ def test_resnet9_pools_with_a_deterministic_global_max():
     assert not any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in model.modules())
     keys = list(model.state_dict())  # the layout of earlier ResNet-9 checkpoints
     assert (count_parameters(model), len(keys), keys[-3:]) == (
-        6_573_120, 49, ["net.5.body.1.bn.running_var", "net.5.body.1.bn.num_batches_tracked", "linear.weight"])
+        6_573_120,
+        49,
+        ["net.5.body.1.bn.running_var", "net.5.body.1.bn.num_batches_tracked", "linear.weight"],
+    )
     x = torch.randn(4, 8, 5, 5, dtype=torch.float64, requires_grad=True)
     y = x.detach().clone().requires_grad_(True)
     ours, theirs = GlobalMaxPool()(x), F.adaptive_max_pool2d(y, 1)
@@ -138,7 +142,7 @@ def _per_layer_update(model, extra):
     offset = 0
     for m in layers:
         k = 2 * m.num_features
-        sums, count = flat[offset:offset + k].view(2, -1), flat[offset + k]
+        sums, count = flat[offset : offset + k].view(2, -1), flat[offset + k]
         offset += k + 1
         rate = m.momentum * (count > 0).float()
         m.running_mean.lerp_(sums[0] / count.clamp(min=1), rate)
@@ -163,8 +167,7 @@ def test_bn_update_is_a_few_operations_whatever_the_depth():
     per-layer form launched 13 per layer); only views of the flat tensor grow with depth."""
     from torch.overrides import TorchFunctionMode
 
-    views = {torch.Tensor.view, torch.Tensor.__getitem__, torch.Tensor.split, torch.Tensor.unbind,
-             torch.Tensor.flatten}
+    views = {torch.Tensor.view, torch.Tensor.__getitem__, torch.Tensor.split, torch.Tensor.unbind, torch.Tensor.flatten}
 
     class Kernels(TorchFunctionMode):
         def __init__(self):
@@ -204,8 +207,18 @@ def test_peak_table_tells_similar_gpus_apart_and_uses_tf32_for_fp32_work():
     not an A10, and fp32 work on TF32 tensor cores is measured against the TF32 peak."""
     from cifar_dist.runtime.hardware import device_peak, table_peak
 
-    names = ["NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", "NVIDIA H100 PCIe",
-             "NVIDIA L40S", "NVIDIA L40", "NVIDIA L4", "NVIDIA A100-SXM4-80GB", "NVIDIA A10"]
+    names = [
+        "NVIDIA H200",
+        "NVIDIA H200 NVL",
+        "NVIDIA H100 80GB HBM3",
+        "NVIDIA H100 NVL",
+        "NVIDIA H100 PCIe",
+        "NVIDIA L40S",
+        "NVIDIA L40",
+        "NVIDIA L4",
+        "NVIDIA A100-SXM4-80GB",
+        "NVIDIA A10",
+    ]
     peaks = {n: table_peak(n, "bf16") for n in names}
     assert peaks["NVIDIA H200 NVL"] != peaks["NVIDIA H200"] and peaks["NVIDIA H100 NVL"] != peaks["NVIDIA H100 PCIe"]
     assert len({peaks[n] for n in ("NVIDIA L40S", "NVIDIA L40", "NVIDIA L4")}) == 3

@@ -1,4 +1,5 @@
 """The learning rate as a pure function of the step, and the paper's loss."""
+
 from __future__ import annotations
 
 import math
@@ -27,20 +28,17 @@ def test_paper_schedule_equals_its_lambdalr_stepped_per_epoch():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, notebook)
     for epoch in range(epochs):
         for step in (epoch * spe, epoch * spe + spe - 1):
-            assert math.isclose(lr_at(step, cfg.train, spe), opt.param_groups[0]["lr"], rel_tol=1e-12,
-                                abs_tol=1e-15)
+            assert math.isclose(lr_at(step, cfg.train, spe), opt.param_groups[0]["lr"], rel_tol=1e-12, abs_tol=1e-15)
         opt.step()
         sched.step()
     assert lr_at(0, cfg.train, spe) == 0.0  # the notebook's first epoch runs at lr 0
 
 
 def test_step_schedules():
-    t = load_config(None, ["train.schedule=onecycle", "train.lr=0.4", "train.epochs=10",
-                           "train.warmup_epochs=2"]).train
+    t = load_config(None, ["train.schedule=onecycle", "train.lr=0.4", "train.epochs=10", "train.warmup_epochs=2"]).train
     assert lr_at(0, t, 100) == 0 and math.isclose(lr_at(200, t, 100), 0.4)
     assert math.isclose(lr_at(600, t, 100), 0.2) and lr_at(1000, t, 100) == 0
-    t = load_config(None, ["train.schedule=step", "train.lr=1", "train.milestones=[2,4]",
-                           "train.gamma=0.5"]).train
+    t = load_config(None, ["train.schedule=step", "train.lr=1", "train.milestones=[2,4]", "train.gamma=0.5"]).train
     assert [lr_at(e * 10, t, 10) for e in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
     t = load_config(None, ["train.schedule=warmup_cosine", "train.warmup_epochs=0", "train.epochs=4"]).train
     assert lr_at(0, t, 10) == t.lr and math.isclose(lr_at(20, t, 10), t.lr / 2)
@@ -53,8 +51,9 @@ def test_paper_label_smoothing_matches_the_notebook():
     weight = torch.full_like(logp, 0.1 / 9).scatter_(-1, target[:, None], 0.9)
     notebook = (-weight * logp).sum(-1).mean()
     assert torch.allclose(smoothed_cross_entropy(logits, target, 0.1, "paper"), notebook)
-    assert torch.allclose(smoothed_cross_entropy(logits, target, 0.1, "torch"),
-                          F.cross_entropy(logits, target, label_smoothing=0.1))
+    assert torch.allclose(
+        smoothed_cross_entropy(logits, target, 0.1, "torch"), F.cross_entropy(logits, target, label_smoothing=0.1)
+    )
     per = smoothed_cross_entropy(logits, target, 0.1, "paper", reduction="none")
     assert per.shape == (16,) and torch.allclose(per.mean(), notebook)
 

@@ -1,4 +1,5 @@
 """The pictures of a run: titles that name it, whole epochs, the LR schedule beside the accuracy."""
+
 from __future__ import annotations
 
 import json
@@ -37,14 +38,31 @@ def test_every_plot_names_its_run_and_recipe(tmp_path, monkeypatch):
     run = tmp_path / "my-run"
     run.mkdir()
     shutil.copy(SMOKE, run / "config.yaml")
-    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 64, "train_loss": 2.0, "train_acc": 0.3,
-                                                   "test_loss": 1.9, "test_acc": 0.35, "lr": 0.1,
-                                                   "epoch_time_s": 1.0, "images_per_s": 10.0}) + "\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps(
+            {
+                "epoch": 1,
+                "step": 64,
+                "train_loss": 2.0,
+                "train_acc": 0.3,
+                "test_loss": 1.9,
+                "test_acc": 0.35,
+                "lr": 0.1,
+                "epoch_time_s": 1.0,
+                "images_per_s": 10.0,
+            }
+        )
+        + "\n"
+    )
     titles = []
     import matplotlib.axes
+
     original = matplotlib.axes.Axes.set_title
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
-                        lambda self, text, *a, **k: (titles.append(text), original(self, text, *a, **k))[1])
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "set_title",
+        lambda self, text, *a, **k: (titles.append(text), original(self, text, *a, **k))[1],
+    )
     made = draw_run(run)
     assert [p.name for p in made] == ["loss.png", "accuracy.png"]
     assert titles == ["loss: my-run (config, seed_resnet)", "accuracy and learning rate: my-run (config, seed_resnet)"]

@@ -5,6 +5,7 @@ Faults are injected by a callback (tests/faults.py, FAULT_INJECT=KIND@STEP[:RANK
 kill (SIGKILL before a step), killsave (SIGKILL half-way through writing a checkpoint),
 nan (a NaN loss), overflow (gradients that overflow fp16). Hostile and malformed input is in test_inputs.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,11 +43,14 @@ def _checkpoint_steps(run_dir) -> list[int]:
     return sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*"))
 
 
-@pytest.mark.parametrize("fault, killed_at, resumes_from", [
-    ("kill@29", 29, 24),      # mid-epoch: resumes at the exact next sample of epoch 1
-    ("killsave@36", 36, 32),  # during the write of checkpoint 36: the torn one is never used
-    ("kill@45", 45, 36),      # in epoch 2
-])
+@pytest.mark.parametrize(
+    "fault, killed_at, resumes_from",
+    [
+        ("kill@29", 29, 24),  # mid-epoch: resumes at the exact next sample of epoch 1
+        ("killsave@36", 36, 32),  # during the write of checkpoint 36: the torn one is never used
+        ("kill@45", 45, 36),  # in epoch 2
+    ],
+)
 def test_kill_9_then_resume_gives_identical_weights(reference, tmp_path, fault, killed_at, resumes_from):
     out = tmp_path / "run"
     res = cli("train", "--config", SMOKE, "--out", out, *STEPS, FAULT_ARG, env=fault_env(fault), check=False)
@@ -66,9 +70,28 @@ def test_kill_9_then_resume_gives_identical_weights(reference, tmp_path, fault, 
 
 def _torchrun(spawn, out, *extra, fault=None, restarts=0):
     env, extra = (fault_env(fault), (*extra, FAULT_ARG)) if fault else (base_env(), extra)
-    return spawn([BIN / "torchrun", "--nproc_per_node", 2, "--master_port", free_port(), "--max-restarts", restarts,
-                  "--monitor-interval", "0.5", REPO / "cifar_dist" / "train.py", "--config", SMOKE, "--out", out,
-                  "--resume", *STEPS, *extra], env=env)
+    return spawn(
+        [
+            BIN / "torchrun",
+            "--nproc_per_node",
+            2,
+            "--master_port",
+            free_port(),
+            "--max-restarts",
+            restarts,
+            "--monitor-interval",
+            "0.5",
+            REPO / "cifar_dist" / "train.py",
+            "--config",
+            SMOKE,
+            "--out",
+            out,
+            "--resume",
+            *STEPS,
+            *extra,
+        ],
+        env=env,
+    )
 
 
 def test_a_killed_rank_ends_the_job_within_60_s_naming_it(spawn, tmp_path):
@@ -112,10 +135,26 @@ def test_a_torchrun_restart_never_reads_the_previous_attempts_addresses(spawn, t
     peer's address first. Without cifar_dist's per-attempt key space it finds the dead
     rank's and never connects (the probe then runs into this test's timeout). torchrun's
     static and c10d rendezvous both keep one store across attempts."""
-    where = (["--master_port", free_port()] if rendezvous == "static"
-             else ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"])
-    proc = spawn([BIN / "torchrun", "--nproc_per_node", 2, *where, "--max-restarts", 1,
-                  "--monitor-interval", "0.5", REPO / "tests" / "restart_probe.py"], cwd=tmp_path, env=base_env())
+    where = (
+        ["--master_port", free_port()]
+        if rendezvous == "static"
+        else ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    )
+    proc = spawn(
+        [
+            BIN / "torchrun",
+            "--nproc_per_node",
+            2,
+            *where,
+            "--max-restarts",
+            1,
+            "--monitor-interval",
+            "0.5",
+            REPO / "tests" / "restart_probe.py",
+        ],
+        cwd=tmp_path,
+        env=base_env(),
+    )
     try:
         stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -131,7 +170,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     res = cli("train", "--config", SMOKE, "--out", out, *STEPS, FAULT_ARG, env=fault_env("nan@21"), check=False)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1] == (
-        "cifar-dist: loss or gradients became NaN/Inf at step 21 (epoch 1); the last good checkpoint is kept")
+        "cifar-dist: loss or gradients became NaN/Inf at step 21 (epoch 1); the last good checkpoint is kept"
+    )
     # checkpoint 24 fell due after the NaN, before the flags' regular read at step 30: not written
     assert _checkpoint_steps(out) == [12]
     weights = load_weights(out / "checkpoints" / "step_00000012")
@@ -143,9 +183,18 @@ def test_fp16_loss_scaling_counts_skipped_steps_instead_of_stopping(tmp_path):
     """Gradients that overflow fp16 at step 6: the scaler skips the step, training goes on.
     (A NaN loss is no overflow: it stops an fp16 run like any other.) fp16 convolutions are
     slow on this CPU (7.5 s per smoke step of 64 images), hence 12 steps of 16 images."""
-    args = ["--config", SMOKE, "run.precision=fp16", "train.exact_reduce=false", "model.bn_group=0",
-            "train.batch_size=16", "train.max_steps=12", "data.synthetic_test=256",
-            "run.progress=false", "run.plots=false"]
+    args = [
+        "--config",
+        SMOKE,
+        "run.precision=fp16",
+        "train.exact_reduce=false",
+        "model.bn_group=0",
+        "train.batch_size=16",
+        "train.max_steps=12",
+        "data.synthetic_test=256",
+        "run.progress=false",
+        "run.plots=false",
+    ]
     cli("train", "--out", tmp_path / "clean", *args)
     cli("train", "--out", tmp_path / "overflow", *args, FAULT_ARG, env=fault_env("overflow@6"))
     clean, s = summary(tmp_path / "clean"), summary(tmp_path / "overflow")
@@ -161,8 +210,17 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(reference, tmp_pat
     disk does to a write): the checkpoint of step 32 cannot be written."""
     out = rewind(reference, tmp_path / "run", step=24)
     before = {p.name: p.read_bytes() for p in (out / "checkpoints" / "step_00000024").iterdir()}
-    res = cli("train", "--config", SMOKE, "--out", out, "--resume", *STEPS,
-              env=base_env(CIFAR_DIST_TEST_FSIZE=16 * 1024), check=False)
+    res = cli(
+        "train",
+        "--config",
+        SMOKE,
+        "--out",
+        out,
+        "--resume",
+        *STEPS,
+        env=base_env(CIFAR_DIST_TEST_FSIZE=16 * 1024),
+        check=False,
+    )
     assert res.returncode == 1, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("cifar-dist: ") and "cannot write checkpoint of step 32" in last, res.stderr[-3000:]
@@ -174,8 +232,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(reference, tmp_pat
     assert (reference / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
-def test_ctrl_c_checkpoints_at_the_next_control_read_and_its_resume_command_finishes_the_same_run(
-        reference, tmp_path):
+def test_ctrl_c_checkpoints_at_the_next_control_read_and_its_resume_command_finishes_the_same_run(reference, tmp_path):
     """One SIGINT before step 17: the run stops after step 20 (the next control read) with a
     checkpoint, exits 130 and prints the command that resumes it; that command alone (the
     saved config carries every override) ends byte-identical to the uninterrupted run."""
@@ -186,8 +243,9 @@ def test_ctrl_c_checkpoints_at_the_next_control_read_and_its_resume_command_fini
     assert res.returncode == 130, res.stderr[-3000:]
     assert "Ctrl-C: stopping at the next checkpointable step" in res.stderr
     last = res.stdout.strip().splitlines()[-1]
-    assert last == ("stopped by Ctrl-C at step 20; checkpoint written; resume with: "
-                    f"cifar-dist train --out {out} --resume")
+    assert last == (
+        f"stopped by Ctrl-C at step 20; checkpoint written; resume with: cifar-dist train --out {out} --resume"
+    )
     assert _checkpoint_steps(out) == [12, 20] and not (out / "PREEMPTED").exists()
     command = shlex.split(last.split("resume with: ", 1)[1])
     assert command[:2] == ["cifar-dist", "train"]
@@ -205,14 +263,16 @@ def test_ctrl_c_twice_aborts_at_once_and_leaves_nothing_corrupt(tmp_path):
     assert res.returncode == 130, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1] == (
         f"cifar-dist: interrupted; newest checkpoint step_00000012 kept, resume with: "
-        f"cifar-dist train --out {out} --resume")
+        f"cifar-dist train --out {out} --resume"
+    )
     assert _checkpoint_steps(out) == [12] and not list((out / "checkpoints").glob(".tmp-*"))
     load_weights(out / "checkpoints" / "step_00000012")
     fresh = tmp_path / "fresh"
     res = cli("train", "--config", SMOKE, "--out", fresh, *STEPS, FAULT_ARG, env=fault_env("sigint2@5"), check=False)
     assert res.returncode == 130
     assert res.stderr.strip().splitlines()[-1] == (
-        f"cifar-dist: interrupted before the first checkpoint; nothing to keep, {fresh} removed")
+        f"cifar-dist: interrupted before the first checkpoint; nothing to keep, {fresh} removed"
+    )
     assert not fresh.exists()
 
 
@@ -233,8 +293,10 @@ def test_a_flipped_bit_in_the_newest_checkpoint_is_found_and_the_previous_one_us
     else:
         _flip_a_bit(target, 0.9)
     res = cli("train", "--out", out, "--resume")
-    assert (f"cifar-dist: warning: skipping damaged checkpoint step_00000036: {target}: differs from the manifest"
-            in res.stderr), res.stderr[-2000:]
+    assert (
+        f"cifar-dist: warning: skipping damaged checkpoint step_00000036: {target}: differs from the manifest"
+        in res.stderr
+    ), res.stderr[-2000:]
     assert "resuming from" in res.stdout and "step 32)" in res.stdout
     assert (reference / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
@@ -248,7 +310,8 @@ def test_no_intact_checkpoint_refuses_and_changes_nothing(reference, tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == (
         f"cifar-dist: {out / 'checkpoints'}: none of its 2 checkpoints is intact (see the warnings above); "
-        "nothing was changed")
+        "nothing was changed"
+    )
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
     res = cli("eval", "--checkpoint", out / "checkpoints" / "step_00000024", check=False)
     assert res.returncode == 2 and "damaged checkpoint:" in res.stderr and "differs from the manifest" in res.stderr
@@ -272,8 +335,18 @@ def test_a_full_disk_while_writing_metrics_is_one_line_and_leaves_no_empty_file(
 
 def test_a_full_disk_at_the_end_leaves_no_summary_a_sweep_would_trust(small_disk):
     out = small_disk / "run"
-    res = cli("train", "--config", SMOKE, "--out", out, *STEPS, "checkpoint.keep=1", FAULT_ARG,
-              env=fault_env("fillend@0"), check=False)
+    res = cli(
+        "train",
+        "--config",
+        SMOKE,
+        "--out",
+        out,
+        *STEPS,
+        "checkpoint.keep=1",
+        FAULT_ARG,
+        env=fault_env("fillend@0"),
+        check=False,
+    )
     assert res.returncode == 1, res.stderr[-2000:]
     assert "cannot write" in res.stderr.strip().splitlines()[-1] and "No space left on device" in res.stderr
     assert not (out / "summary.json").exists() and _zero_byte_files(out) == []

@@ -1,4 +1,5 @@
 """`cifar-dist plan`: the scaling formula by hand, its inverse, bench.json input and the printed table."""
+
 import argparse
 import json
 import math
@@ -67,7 +68,7 @@ def test_one_gpu_has_no_communication():
 def test_bandwidth_solved_back_from_efficiency():
     eff = efficiency(0.1, allreduce_time(N, NBYTES, BW, LAT))
     assert solve_bandwidth(eff, 0.1, N, NBYTES, LAT) == pytest.approx(BW)
-    eff = efficiency(0.1, allreduce_time(N, NBYTES, 1e7, LAT), 0.5)     # the partly hidden case above
+    eff = efficiency(0.1, allreduce_time(N, NBYTES, 1e7, LAT), 0.5)  # the partly hidden case above
     assert solve_bandwidth(eff, 0.1, N, NBYTES, LAT, overlap=0.5) == pytest.approx(1e7)
     # The latency alone (2 * 3 * 1 s) costs more than a 99% efficiency allows: no bandwidth explains it.
     assert solve_bandwidth(0.99, 0.1, N, NBYTES, 1.0) == math.inf
@@ -92,19 +93,36 @@ def test_largest_efficient_gpu_count():
         assert efficiency(t_c, allreduce_time(n, NBYTES, link.bandwidth, link.latency)) >= 0.8
         if n < (link.max_gpus or 4096):
             assert efficiency(t_c, allreduce_time(n + 1, NBYTES, link.bandwidth, link.latency)) < 0.8
-    assert largest_efficient(PRESETS["nvlink"], RATE, BATCH, NBYTES, 0.0) == 8      # one node, however fast
+    assert largest_efficient(PRESETS["nvlink"], RATE, BATCH, NBYTES, 0.0) == 8  # one node, however fast
 
 
 def _fake_bench(tmp_path):
     rows = [
-        {"label": "baseline b256 (plain PyTorch loop)", "baseline": True, "images_per_s_per_device": 9000.0,
-         "settings": {"batch": 256, "precision": "fp32"}},
-        {"label": "eager bf16 NCHW b256 synthetic", "baseline": False, "images_per_s_per_device": 1500.0,
-         "settings": {"batch": 256, "precision": "bf16"}},
-        {"label": "compile bf16 channels_last b384 synthetic", "baseline": False, "images_per_s_per_device": 2500.0,
-         "single_process_images_per_s": 2600.0, "settings": {"batch": 384, "precision": "bf16"}},
-        {"label": "torch w2", "baseline": False, "images_per_s_per_device": 99000.0,     # a loader-only row
-         "settings": {"loader": "torch", "workers": 2, "batch": 256}},
+        {
+            "label": "baseline b256 (plain PyTorch loop)",
+            "baseline": True,
+            "images_per_s_per_device": 9000.0,
+            "settings": {"batch": 256, "precision": "fp32"},
+        },
+        {
+            "label": "eager bf16 NCHW b256 synthetic",
+            "baseline": False,
+            "images_per_s_per_device": 1500.0,
+            "settings": {"batch": 256, "precision": "bf16"},
+        },
+        {
+            "label": "compile bf16 channels_last b384 synthetic",
+            "baseline": False,
+            "images_per_s_per_device": 2500.0,
+            "single_process_images_per_s": 2600.0,
+            "settings": {"batch": 384, "precision": "bf16"},
+        },
+        {
+            "label": "torch w2",
+            "baseline": False,
+            "images_per_s_per_device": 99000.0,  # a loader-only row
+            "settings": {"loader": "torch", "workers": 2, "batch": 256},
+        },
     ]
     path = tmp_path / "bench.json"
     path.write_text(json.dumps({"rows": rows}))
@@ -117,8 +135,12 @@ def test_bench_json_gives_the_fastest_training_row(tmp_path, capsys):
     assert run_plan(_parse("--bench", str(path), "--gpus", "2")) == 0
     out = capsys.readouterr().out
     assert "2,600 img/s at batch 384" in out and "measured" in out and "ASSUMPTION" not in out
-    baseline_only = {"label": "baseline", "baseline": True, "images_per_s_per_device": 1.0,
-                     "settings": {"batch": 8, "precision": "fp32"}}
+    baseline_only = {
+        "label": "baseline",
+        "baseline": True,
+        "images_per_s_per_device": 1.0,
+        "settings": {"batch": 8, "precision": "fp32"},
+    }
     (tmp_path / "empty.json").write_text(json.dumps({"rows": [baseline_only]}))
     with pytest.raises(UserError):
         read_bench(tmp_path / "empty.json")
@@ -135,8 +157,12 @@ def test_plan_defaults_print_every_preset_and_gpu_count(tmp_path, capsys):
     for link in PRESETS.values():
         assert link.label in out
         assert sorted(int(line.split("|")[2]) for line in table if line.startswith(f"| {link.label} |")) == [
-            8, 16, 64, 256]
-    assert "n/a" in out                             # NVLink beyond one node
+            8,
+            16,
+            64,
+            256,
+        ]
+    assert "n/a" in out  # NVLink beyond one node
     assert "Rule:" in out and "Large global batches" in out
     plan = json.loads(out_json.read_text())
     assert len(plan["rows"]) == 12 and plan["batch"] == 512 and set(plan["largest_efficient"]) == set(PRESETS)
@@ -153,18 +179,31 @@ def test_plan_takes_the_benched_models_parameters_and_device(tmp_path, capsys):
     """A bench of the CPU demo's model (78,042 parameters) on a CPU: its gradients and its device
     kind, not the paper's model on a GPU."""
     path = tmp_path / "bench.json"
-    path.write_text(json.dumps({"hardware": {"parameters": 78_042, "device": "AMD EPYC (2 cores)",
-                                             "device_type": "cpu"},
-                                "rows": [{"label": "eager fp32 channels_last b256 synthetic", "baseline": False,
-                                          "images_per_s_per_device": 184.0,
-                                          "settings": {"batch": 256, "precision": "fp32"}}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "hardware": {"parameters": 78_042, "device": "AMD EPYC (2 cores)", "device_type": "cpu"},
+                "rows": [
+                    {
+                        "label": "eager fp32 channels_last b256 synthetic",
+                        "baseline": False,
+                        "images_per_s_per_device": 184.0,
+                        "settings": {"batch": 256, "precision": "fp32"},
+                    }
+                ],
+            }
+        )
+    )
     assert run_plan(_parse("--bench", str(path), "--gpus", "2")) == 0
     out = capsys.readouterr().out
     assert "Gradients: 78,042 parameters" in out and "4,916,284" not in out
     assert "Single-CPU process throughput: 184 img/s" in out and "AMD EPYC (2 cores)" in out
     assert "Single-GPU" not in out
-    (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"label": "x", "images_per_s_per_device": "fast",
-                                                             "settings": {"batch": 8, "precision": "fp32"}}]}))
+    (tmp_path / "bad.json").write_text(
+        json.dumps(
+            {"rows": [{"label": "x", "images_per_s_per_device": "fast", "settings": {"batch": 8, "precision": "fp32"}}]}
+        )
+    )
     with pytest.raises(UserError, match="has no positive images/s"):
         read_bench(tmp_path / "bad.json")
     (tmp_path / "list.json").write_text("[]")

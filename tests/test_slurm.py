@@ -1,5 +1,6 @@
 """slurm/train.sh on a real Slurm: two emulated nodes on this host (tests/slurm_cluster.py),
 one `accelerate launch` per node, gloo between them."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ def cluster(tmp_path_factory):
 
 def _sbatch(cluster, out_dir, *args, fault=None, nodes=NODES, **extra_env):
     env, args = (fault_env(fault, **extra_env), (*args, FAULT_ARG)) if fault else (base_env(**extra_env), args)
-    return cluster.submit(*nodes, f"--output={out_dir}/job-%j.out", "slurm/train.sh", *args,
-                          env=cluster.client_env(**env), cwd=REPO)
+    return cluster.submit(
+        *nodes, f"--output={out_dir}/job-%j.out", "slurm/train.sh", *args, env=cluster.client_env(**env), cwd=REPO
+    )
 
 
 @pytest.mark.timeout(600)
@@ -93,15 +95,26 @@ def test_a_job_stopped_on_two_nodes_resumes_on_one_with_the_same_weights(cluster
     job = _sbatch(cluster, tmp_path, SMOKE, "--out", out, *ARGS, fault="wait@17", CIFAR_DIST_REQUEUE="0")
     deadline = time.time() + 900
     while cluster.log(job).count("waiting for a stop request at step 17") < 2:
-        assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
-            cluster.log(job)[-4000:]
+        assert time.time() < deadline and cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), cluster.log(job)[
+            -4000:
+        ]
         time.sleep(0.5)
     cluster.cmd("scancel", "--signal=USR1", job)
     info = cluster.wait(job, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=900)
     assert info["JobState"] == "COMPLETED" and "not requeueing" in cluster.log(job), cluster.log(job)[-4000:]
     one = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
-    job = _sbatch(cluster, tmp_path, SMOKE, "--out", out, *ARGS, FAULT_ARG, nodes=one, FAULT_INJECT="",
-                  PYTHONPATH=str(REPO / "tests"))
+    job = _sbatch(
+        cluster,
+        tmp_path,
+        SMOKE,
+        "--out",
+        out,
+        *ARGS,
+        FAULT_ARG,
+        nodes=one,
+        FAULT_INJECT="",
+        PYTHONPATH=str(REPO / "tests"),
+    )
     info = cluster.wait(job, timeout=900)
     log = cluster.log(job)
     assert info["JobState"] == "COMPLETED", log[-4000:]
@@ -113,10 +126,25 @@ def test_a_job_stopped_on_two_nodes_resumes_on_one_with_the_same_weights(cluster
 def test_bench_job_on_two_nodes_leaves_its_table(cluster, tmp_path):
     """slurm/bench.sh: the smoke model for a few steps on 2 processes (one per node)."""
     out = tmp_path / "bench"
-    job = cluster.submit(*NODES, f"--output={tmp_path}/job-%j.out", "slurm/bench.sh",
-                         "--config", SMOKE, "--out", out, "--batch-sizes", "16",
-                         "--warmup", "1", "--steps", "2", "--repeats", "1",
-                         env=cluster.client_env(**base_env()), cwd=REPO)
+    job = cluster.submit(
+        *NODES,
+        f"--output={tmp_path}/job-%j.out",
+        "slurm/bench.sh",
+        "--config",
+        SMOKE,
+        "--out",
+        out,
+        "--batch-sizes",
+        "16",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        env=cluster.client_env(**base_env()),
+        cwd=REPO,
+    )
     info = cluster.wait(job, timeout=1200)
     log = cluster.log(job)
     assert info["JobState"] == "COMPLETED", f"{info}\n{log[-4000:]}"
@@ -142,9 +170,19 @@ def test_a_job_uses_the_submitting_environment_when_the_repository_has_no_venv(c
     env.pop("CIFAR_DIST_VENV", None)
     env.pop("CIFAR_DIST_REPO", None)
     out = tmp_path / "run"
-    job = cluster.submit(*NODES, f"--output={tmp_path}/job-%j.out", checkout / "slurm" / "train.sh", SMOKE,
-                         "--out", out, "train.max_steps=4", "data.synthetic_train=512", "data.synthetic_test=256",
-                         env=cluster.client_env(**env), cwd=checkout)
+    job = cluster.submit(
+        *NODES,
+        f"--output={tmp_path}/job-%j.out",
+        checkout / "slurm" / "train.sh",
+        SMOKE,
+        "--out",
+        out,
+        "train.max_steps=4",
+        "data.synthetic_train=512",
+        "data.synthetic_test=256",
+        env=cluster.client_env(**env),
+        cwd=checkout,
+    )
     info = cluster.wait(job, timeout=900)
     log = cluster.log(job)
     assert info["JobState"] == "COMPLETED", f"{info}\n{log[-4000:]}"
@@ -157,12 +195,33 @@ def test_a_sweep_runs_as_a_job_array_and_compare_reads_it(cluster, tmp_path):
     """`cifar-dist sweep --plan-only`, then a 3-task array of slurm/sweep.sh (one member per
     task, on one node each), then `cifar-dist compare`."""
     sweep = tmp_path / "sweep"
-    res = cli_here("sweep", "--config", SMOKE, "--seeds", "0,1,2", "--out", sweep, "--plan-only",
-                   "train.max_steps=6", "data.synthetic_train=512", "data.synthetic_test=256", "run.plots=false")
+    res = cli_here(
+        "sweep",
+        "--config",
+        SMOKE,
+        "--seeds",
+        "0,1,2",
+        "--out",
+        sweep,
+        "--plan-only",
+        "train.max_steps=6",
+        "data.synthetic_train=512",
+        "data.synthetic_test=256",
+        "run.plots=false",
+    )
     assert res.returncode == 0 and "sbatch --array=0-2 slurm/sweep.sh" in res.stdout
-    cluster.submit("--array=0-2", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-                         f"--output={tmp_path}/array-%A_%a.out", "slurm/sweep.sh", sweep,
-                         env=cluster.client_env(**base_env()), cwd=REPO)
+    cluster.submit(
+        "--array=0-2",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        f"--output={tmp_path}/array-%A_%a.out",
+        "slurm/sweep.sh",
+        sweep,
+        env=cluster.client_env(**base_env()),
+        cwd=REPO,
+    )
     deadline = time.time() + 800
     names = [f"seed={s}" for s in range(3)]
     while not all((sweep / n / "summary.json").is_file() for n in names):
@@ -172,4 +231,3 @@ def test_a_sweep_runs_as_a_job_array_and_compare_reads_it(cluster, tmp_path):
     res = cli_here("compare", sweep)
     report = json.loads((sweep / "compare.json").read_text())
     assert res.returncode == 0 and len(report["configurations"]) == 1 and report["configurations"][0]["n"] == 3
-

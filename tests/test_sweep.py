@@ -1,5 +1,6 @@
 """`cifar-dist sweep` and `cifar-dist compare` on real runs: members equal to runs made by hand,
 failures recorded while the others finish, resumption after a kill, parallel members."""
+
 from __future__ import annotations
 
 import json
@@ -14,15 +15,38 @@ from conftest import SMOKE, cli, cli_here, kill_group, run
 
 pytestmark = pytest.mark.slow
 # 40 steps of the smoke model, checkpoints every 10: a member runs long enough to be killed mid-way
-ARGS = ["data.synthetic_train=1024", "data.synthetic_test=256", "train.max_steps=40", "checkpoint.every_steps=10",
-        "run.plots=false", "run.tensorboard=false"]
+ARGS = [
+    "data.synthetic_train=1024",
+    "data.synthetic_test=256",
+    "train.max_steps=40",
+    "checkpoint.every_steps=10",
+    "run.plots=false",
+    "run.tensorboard=false",
+]
 GRID = ["train.lr=0.1,0.2"]
 NAMES = ["lr=0.1-seed=0", "lr=0.1-seed=1", "lr=0.2-seed=0", "lr=0.2-seed=1"]
 
 
 def sweep(out, *extra, check=True, timeout=900):
-    return run([sys.executable, "-m", "cifar_dist.cli", "sweep", "--config", SMOKE, "--seeds", "2", *GRID,
-                "--out", out, *ARGS, *extra], check=check, timeout=timeout)
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "cifar_dist.cli",
+            "sweep",
+            "--config",
+            SMOKE,
+            "--seeds",
+            "2",
+            *GRID,
+            "--out",
+            out,
+            *ARGS,
+            *extra,
+        ],
+        check=check,
+        timeout=timeout,
+    )
 
 
 def weights(run_dir) -> bytes:
@@ -43,8 +67,17 @@ def test_members_are_the_runs_a_user_would_make_by_hand(sequential, tmp_path):
     assert "4 of 4 members done, 0 failed" in res.stdout
     for name, (lr, seed) in zip(NAMES, [(0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)]):
         by_hand = tmp_path / name
-        cli("train", "--config", SMOKE, "--out", by_hand, *ARGS, f"train.lr={lr}", f"run.seed={seed}",
-            "run.progress=false")
+        cli(
+            "train",
+            "--config",
+            SMOKE,
+            "--out",
+            by_hand,
+            *ARGS,
+            f"train.lr={lr}",
+            f"run.seed={seed}",
+            "run.progress=false",
+        )
         assert weights(by_hand) == weights(out / name), name
 
 
@@ -67,8 +100,10 @@ def test_compare_reports_each_configuration_with_its_statistics(sequential):
 
 def test_a_failed_member_is_recorded_while_the_others_finish(sequential, tmp_path):
     out = tmp_path / "failing"
-    res = run([sys.executable, "-m", "cifar_dist.cli", "sweep", "--config", SMOKE, "train.lr=0.1,nope",
-               "--out", out, *ARGS], check=False)
+    res = run(
+        [sys.executable, "-m", "cifar_dist.cli", "sweep", "--config", SMOKE, "train.lr=0.1,nope", "--out", out, *ARGS],
+        check=False,
+    )
     assert res.returncode == 1
     members = {m["name"]: m for m in json.loads((out / "sweep.json").read_text())["members"]}
     assert members["lr=0.1-seed=0"]["state"] == "done"
@@ -83,12 +118,27 @@ def test_a_killed_parallel_sweep_resumes_to_the_sequential_results(sequential, s
     """--parallel 2 on CPU (the smoke recipe fixes run.threads=1), killed while members are
     half-way: the same command again skips what is done and resumes the rest."""
     out = tmp_path / "parallel"
-    cmd = [sys.executable, "-m", "cifar_dist.cli", "sweep", "--config", SMOKE, "--seeds", "2", *GRID, "--out", out,
-           "--parallel", "2", *ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifar_dist.cli",
+        "sweep",
+        "--config",
+        SMOKE,
+        "--seeds",
+        "2",
+        *GRID,
+        "--out",
+        out,
+        "--parallel",
+        "2",
+        *ARGS,
+    ]
     proc = spawn(cmd)
     deadline = time.time() + 600
-    while not any((out / n / "checkpoints" / "step_00000010").is_dir() and not (out / n / "summary.json").exists()
-                  for n in NAMES):
+    while not any(
+        (out / n / "checkpoints" / "step_00000010").is_dir() and not (out / n / "summary.json").exists() for n in NAMES
+    ):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
     kill_group(proc)
@@ -104,8 +154,18 @@ def test_a_killed_parallel_sweep_resumes_to_the_sequential_results(sequential, s
 
 def test_plan_only_writes_the_slurm_array_and_refuses_a_different_sweep_in_the_same_place(tmp_path):
     out = tmp_path / "planned"
-    res = cli_here("sweep", "--config", SMOKE, "--seeds", "0,5", "model.widths=[8,16],[16,32]",
-                   "model.blocks=[1,1]", "--out", out, "--plan-only")
+    res = cli_here(
+        "sweep",
+        "--config",
+        SMOKE,
+        "--seeds",
+        "0,5",
+        "model.widths=[8,16],[16,32]",
+        "model.blocks=[1,1]",
+        "--out",
+        out,
+        "--plan-only",
+    )
     assert res.returncode == 0 and "sbatch --array=0-3 slurm/sweep.sh" in res.stdout
     args = (out / "array" / "3.args").read_text().splitlines()
     assert args[0] == str(SMOKE) and "model.widths=[16,32]" in args and "run.seed=5" in args
@@ -115,7 +175,8 @@ def test_plan_only_writes_the_slurm_array_and_refuses_a_different_sweep_in_the_s
 
 
 def test_sigterm_to_a_parallel_sweep_stops_its_members_with_a_checkpoint_and_a_rerun_finishes(
-        sequential, spawn, tmp_path):
+    sequential, spawn, tmp_path
+):
     """Both members of a --parallel 2 sweep hold at step 15 (tests/faults.py); SIGTERM to the sweep
     alone: it forwards the signal, each member checkpoints at its next control read and exits,
     the sweep exits 143 leaving no process behind, and the same command again finishes with the
@@ -127,13 +188,29 @@ def test_sigterm_to_a_parallel_sweep_stops_its_members_with_a_checkpoint_and_a_r
     from conftest import FAULT_ARG, fault_env
 
     out = tmp_path / "stopped"
-    cmd = [sys.executable, "-m", "cifar_dist.cli", "sweep", "--config", SMOKE, "--seeds", "2", *GRID, "--out", out,
-           "--parallel", "2", *ARGS, FAULT_ARG]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifar_dist.cli",
+        "sweep",
+        "--config",
+        SMOKE,
+        "--seeds",
+        "2",
+        *GRID,
+        "--out",
+        out,
+        "--parallel",
+        "2",
+        *ARGS,
+        FAULT_ARG,
+    ]
     proc = spawn(cmd, env=fault_env("wait@15"))
     deadline = time.time() + 600
 
     def holding() -> int:
         return sum("waiting for a stop request" in p.read_text() for p in (out / "logs").glob("*.log"))
+
     while holding() < 2:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.1)

@@ -1,19 +1,30 @@
 """Time to accuracy: eval.target_acc in summary.json, and eval.stop_at_target."""
+
 from __future__ import annotations
 
 import json
 
 from conftest import SMOKE, cli_here
 
-QUICK = ["data.synthetic_train=512", "data.synthetic_test=256", "run.plots=false", "run.progress=false",
-         "run.tensorboard=false", "train.epochs=4"]
+QUICK = [
+    "data.synthetic_train=512",
+    "data.synthetic_test=256",
+    "run.plots=false",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "train.epochs=4",
+]
 
 
 def test_time_to_target_counts_training_time_up_to_the_first_epoch_at_the_target():
     from cifar_dist.trainer.callbacks import time_to_target
 
-    rows = [{"epoch": 1, "epoch_time_s": 10.0, "test_acc": 0.5}, {"epoch": 2, "epoch_time_s": 12.0},
-            {"epoch": 3, "epoch_time_s": 11.0, "test_acc": 0.93}, {"epoch": 4, "epoch_time_s": 9.0, "test_acc": 0.95}]
+    rows = [
+        {"epoch": 1, "epoch_time_s": 10.0, "test_acc": 0.5},
+        {"epoch": 2, "epoch_time_s": 12.0},
+        {"epoch": 3, "epoch_time_s": 11.0, "test_acc": 0.93},
+        {"epoch": 4, "epoch_time_s": 9.0, "test_acc": 0.95},
+    ]
     assert time_to_target(rows, 0.9) == {"target_acc": 0.9, "time_to_target_s": 33.0, "epochs_to_target": 3}
     assert time_to_target(rows, 0.99) == {"target_acc": 0.99, "time_to_target_s": None, "epochs_to_target": None}
     assert time_to_target(rows, 0.0) == {}
@@ -31,8 +42,9 @@ def test_stop_at_target_ends_the_run_at_the_first_epoch_that_reaches_it(tmp_path
     assert s["epochs_to_target"] == reached["epoch"] and s["epochs"] == reached["epoch"]
     assert abs(s["time_to_target_s"] - sum(r["epoch_time_s"] for r in history)) < 1e-6
     # a target the run never reaches (it ends at 57.8%) is recorded as null, and the run goes on to the end
-    res = cli_here("train", "--config", SMOKE, "--out", tmp_path / "all", *QUICK, "eval.target_acc=0.9",
-                   "eval.stop_at_target=true")
+    res = cli_here(
+        "train", "--config", SMOKE, "--out", tmp_path / "all", *QUICK, "eval.target_acc=0.9", "eval.stop_at_target=true"
+    )
     s = json.loads((tmp_path / "all" / "summary.json").read_text())
     assert s["epochs"] == 4 and s["time_to_target_s"] is None and s["epochs_to_target"] is None
 
@@ -54,5 +66,6 @@ def test_the_estimate_is_timed_between_control_reads(monkeypatch):
     eta.on_train_start(SimpleNamespace(rank=0, max_steps=1000, parts=SimpleNamespace(device=torch.device("cpu"))))
     for step in range(20):
         eta.on_step_end(step, {"lr": 0.1, **({"train_loss": 2.0} if (step + 1) % 10 == 0 else {})})
-    assert lines == ["estimated time to finish: 2 h 43 min for 980 more steps (10 s/step over steps 10-20; "
-                     "evaluation not included)"]
+    assert lines == [
+        "estimated time to finish: 2 h 43 min for 980 more steps (10 s/step over steps 10-20; evaluation not included)"
+    ]

@@ -1,5 +1,6 @@
 """Single-process training through the real entry points: run directory, determinism,
 resume, evaluation, plots, and the CPU demo on CIFAR-10 (JPEG rebuild)."""
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,16 @@ def smoke_run(tmp_path_factory):
 
 def test_run_directory_holds_everything(smoke_run):
     out, res = smoke_run
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors",
-                 "confusion_matrix.json", "plots/loss.png", "plots/accuracy.png",
-                 "plots/confusion_matrix.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "model.safetensors",
+        "confusion_matrix.json",
+        "plots/loss.png",
+        "plots/accuracy.png",
+        "plots/confusion_matrix.png",
+    ):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -36,12 +44,25 @@ def test_run_directory_holds_everything(smoke_run):
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "images_per_s"):
             assert key in r and r[key] == r[key]
     s = summary(out)
-    for key in ("test_acc", "epochs", "steps", "world_size", "wall_time_s", "images_per_s",
-                "images_per_s_per_device", "seed", "git_sha", "versions", "device", "per_class_acc"):
+    for key in (
+        "test_acc",
+        "epochs",
+        "steps",
+        "world_size",
+        "wall_time_s",
+        "images_per_s",
+        "images_per_s_per_device",
+        "seed",
+        "git_sha",
+        "versions",
+        "device",
+        "per_class_acc",
+    ):
         assert key in s, key
     assert (s["epochs"], s["steps"], s["world_size"], s["tta"]) == (2, 32, 1, True)
     assert s["test_acc"] > 0.3  # it learned something (chance is 0.1)
     from cifar_dist.data import CLASSES
+
     assert list(s["per_class_acc"]) == list(CLASSES)
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["synthetic_train"] == 1024
     cm = json.loads((out / "confusion_matrix.json").read_text())["rows_true_cols_pred"]
@@ -66,7 +87,8 @@ def test_existing_run_directory_is_not_overwritten(smoke_run):
     res = cli("train", "--config", SMOKE, "--out", out, *SHORT, check=False)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        f"cifar-dist: {out}: run directory exists; pass --resume to continue it or --overwrite to replace it"]
+        f"cifar-dist: {out}: run directory exists; pass --resume to continue it or --overwrite to replace it"
+    ]
     assert (out / "model.safetensors").read_bytes() == before
 
 
@@ -81,6 +103,7 @@ def test_eval_report_and_load_model(smoke_run):
     assert (out / "plots" / "loss.png").stat().st_size > 1000
 
     import cifar_dist
+
     model = cifar_dist.load_model(out)
     assert not model.training
     with torch.no_grad():
@@ -91,13 +114,31 @@ LONG = os.environ.get("CIFAR_DIST_LONG") == "1"
 
 
 @pytest.mark.timeout(900)  # 4-8 minutes on a slow day
-@pytest.mark.parametrize("loader", [
-    "torch",
-    pytest.param("gpu", marks=[pytest.mark.long, pytest.mark.skipif(
-        not LONG, reason="CIFAR_DIST_LONG=1 runs cpu_quick with the gpu loader too (8 min here)")]),
-    pytest.param("ffcv", marks=[pytest.mark.long, pytest.mark.ffcv, pytest.mark.skipif(
-        not LONG, reason="CIFAR_DIST_LONG=1 runs cpu_quick with the ffcv loader too (8 min here)")]),
-])
+@pytest.mark.parametrize(
+    "loader",
+    [
+        "torch",
+        pytest.param(
+            "gpu",
+            marks=[
+                pytest.mark.long,
+                pytest.mark.skipif(
+                    not LONG, reason="CIFAR_DIST_LONG=1 runs cpu_quick with the gpu loader too (8 min here)"
+                ),
+            ],
+        ),
+        pytest.param(
+            "ffcv",
+            marks=[
+                pytest.mark.long,
+                pytest.mark.ffcv,
+                pytest.mark.skipif(
+                    not LONG, reason="CIFAR_DIST_LONG=1 runs cpu_quick with the ffcv loader too (8 min here)"
+                ),
+            ],
+        ),
+    ],
+)
 def test_cpu_quick_reaches_60_percent_on_real_cifar10(cifar_root, tmp_path, loader):
     """The CPU demo (configs/cpu_quick.yaml), with each loader. Its wall time is printed, not asserted
     (no timed tests). The loaders deliver identical samples (test_ffcv.py), so CI runs the torch
@@ -106,13 +147,24 @@ def test_cpu_quick_reaches_60_percent_on_real_cifar10(cifar_root, tmp_path, load
         pytest.importorskip("ffcv", reason="FFCV is not installed (pip install -e '.[ffcv]')")
     out = tmp_path / "quick"
     t0 = time.time()
-    res = cli("train", "--config", REPO / "configs" / "cpu_quick.yaml", "--out", out, "run.progress=false",
-              f"data.loader={loader}", f"data.beton_dir={tmp_path / 'beton'}",
-              env=base_env(CIFAR_DIST_DATA=cifar_root), timeout=1800)
+    res = cli(
+        "train",
+        "--config",
+        REPO / "configs" / "cpu_quick.yaml",
+        "--out",
+        out,
+        "run.progress=false",
+        f"data.loader={loader}",
+        f"data.beton_dir={tmp_path / 'beton'}",
+        env=base_env(CIFAR_DIST_DATA=cifar_root),
+        timeout=1800,
+    )
     wall = time.time() - t0
     s = summary(out)
-    print(f"cpu_quick ({loader} loader): test accuracy {100 * s['test_acc']:.2f}% in {wall:.0f} s wall "
-          f"({s['train_time_s']:.0f} s training) on {s['device']}")
+    print(
+        f"cpu_quick ({loader} loader): test accuracy {100 * s['test_acc']:.2f}% in {wall:.0f} s wall "
+        f"({s['train_time_s']:.0f} s training) on {s['device']}"
+    )
     print(res.stdout[-800:])
     assert s["epochs"] <= 2 and s["eval_images"] == 10000
     assert s["test_acc"] >= 0.60
@@ -123,9 +175,16 @@ def test_cpu_quick_reaches_60_percent_on_real_cifar10(cifar_root, tmp_path, load
 def test_make_train_starts_training_the_papers_model(cifar_root, tmp_path):
     out = tmp_path / "paper"
     # Two steps of 16 images and an evaluation of 64 held-out images: the real recipe starts.
-    res = run(["make", "train", f"ARGS=--out {out} train.max_steps=2 train.batch_size=16 data.val_split=64 "
-               "data.workers=0 run.channels_last=true run.progress=false run.plots=false"],
-              env=base_env(CIFAR_DIST_DATA=cifar_root, VENV=BIN.parent), timeout=1800)
+    res = run(
+        [
+            "make",
+            "train",
+            f"ARGS=--out {out} train.max_steps=2 train.batch_size=16 data.val_split=64 "
+            "data.workers=0 run.channels_last=true run.progress=false run.plots=false",
+        ],
+        env=base_env(CIFAR_DIST_DATA=cifar_root, VENV=BIN.parent),
+        timeout=1800,
+    )
     s = summary(out)
     assert s["parameters"] == 4_916_284 and s["steps"] == 2
     assert "seed_resnet (4,916,284 parameters)" in res.stdout
@@ -139,6 +198,7 @@ def test_eval_takes_a_checkpoint_an_unfinished_run_or_names_a_missing_path(smoke
     assert json.loads((out / f"eval-{newest.name}.json").read_text())["count"] == 1024
     unfinished = tmp_path / "unfinished"
     import shutil
+
     shutil.copytree(out, unfinished)
     (unfinished / "model.safetensors").unlink()
     res = cli("eval", "--checkpoint", unfinished)
@@ -152,9 +212,21 @@ def test_a_long_cpu_run_is_announced_before_its_first_step(tmp_path):
     demo command come before step 0, where the injected fault kills the run."""
     from conftest import FAULT_ARG, fault_env
 
-    res = cli("train", "--config", REPO / "configs" / "seed.yaml", "--out", tmp_path / "paper",
-              "data.synthetic=true", "data.synthetic_train=50000", "data.synthetic_test=100", "data.workers=0",
-              "run.progress=false", FAULT_ARG, env=fault_env("kill@0"), check=False)
+    res = cli(
+        "train",
+        "--config",
+        REPO / "configs" / "seed.yaml",
+        "--out",
+        tmp_path / "paper",
+        "data.synthetic=true",
+        "data.synthetic_train=50000",
+        "data.synthetic_test=100",
+        "data.workers=0",
+        "run.progress=false",
+        FAULT_ARG,
+        env=fault_env("kill@0"),
+        check=False,
+    )
     assert res.returncode == -9, res.stderr[-2000:]
     line = next(ln for ln in res.stdout.splitlines() if "this run needs about" in ln)
     assert " h " in line and "23,400 steps x 128 images x 4.61 GFLOP" in line

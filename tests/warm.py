@@ -8,6 +8,7 @@ own (its own signals, globals, exit code, stdout and stderr), only without
 paying for the imports again. Multi-process launches (torchrun, accelerate
 launch, Slurm) still start from scratch.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,10 +31,12 @@ def run_cli(argv: list[str], env: dict, out_path: str, err_path: str, cwd: str) 
             os.close(f)
         if env.get("PYTHONWARNINGS") == "ignore":  # what a fresh interpreter does with that variable
             import warnings
+
             warnings.simplefilter("ignore")
         limit = env.get("CIFAR_DIST_TEST_FSIZE")  # simulate a full disk: files cannot grow past this
         if limit:
             import resource
+
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
         sys.argv = ["cifar-dist", *argv]
         try:

@@ -7,6 +7,7 @@ framework in the step (the model comes from ``build_model`` with plain
 (RandomCrop, RandomHorizontalFlip, ToTensor, Normalize) on PIL images with 2
 workers; with synthetic data a TensorDataset of normalized images.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,6 +28,7 @@ class _PilCifar(Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
+
         img = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
         return self.transform(img), int(self.labels[i])
 
@@ -38,10 +40,13 @@ def _loader(cfg, batch, data):
         y = torch.randint(0, 10, (len(x),), generator=g)
         return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True), "synthetic"
     import torchvision.transforms as T
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(cfg.data.mean, cfg.data.std)])
-    return DataLoader(_PilCifar(data, tf), batch_size=batch, shuffle=True, num_workers=2,
-                      drop_last=True), "torchvision w2"
+
+    tf = T.Compose(
+        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(cfg.data.mean, cfg.data.std)]
+    )
+    return DataLoader(
+        _PilCifar(data, tf), batch_size=batch, shuffle=True, num_workers=2, drop_last=True
+    ), "torchvision w2"
 
 
 def _repeat(loader):

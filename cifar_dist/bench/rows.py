@@ -1,4 +1,5 @@
 """One row of the benchmark matrix: the framework's own step, prepared as training prepares it."""
+
 from __future__ import annotations
 
 import copy
@@ -19,14 +20,19 @@ class Row:
     compile: bool
     precision: str
     channels_last: bool
-    batch: int      # per device
-    loader: str     # synthetic | torch | gpu | ffcv
+    batch: int  # per device
+    loader: str  # synthetic | torch | gpu | ffcv
     workers: int
 
     @property
     def label(self) -> str:
-        parts = ["compile" if self.compile else "eager", self.precision,
-                 "channels_last" if self.channels_last else "NCHW", f"b{self.batch}", self.loader]
+        parts = [
+            "compile" if self.compile else "eager",
+            self.precision,
+            "channels_last" if self.channels_last else "NCHW",
+            f"b{self.batch}",
+            self.loader,
+        ]
         if self.loader in ("torch", "ffcv"):
             parts.append(f"w{self.workers}")
         return " ".join(parts)
@@ -78,7 +84,6 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
     compile state, so its figure does not depend on the rows before it.
     """
 
-
     rank, world = world_info() if distributed else (0, 1)
     cfg = row_config(base_cfg, row, world)
     resolve_run_precision(cfg, warn=False)
@@ -88,8 +93,9 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
     graphs_before = graph_count()
     shard = Shard(rank, world, cfg.train.batch_size)
     synthetic = SyntheticLoader(shard, device) if row.loader == "synthetic" else None
-    parts = build_parts(cfg, accelerator, shard, data, None, None, build_model_seeded(cfg), loader=synthetic,
-                        wrap=distributed)
+    parts = build_parts(
+        cfg, accelerator, shard, data, None, None, build_model_seeded(cfg), loader=synthetic, wrap=distributed
+    )
     totals = EpochTotals.start(device)
     control = Control(parts.model, parts.precision, device, collective=distributed)
     done = [0]

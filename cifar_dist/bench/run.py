@@ -20,6 +20,7 @@ line), ``timing`` (the clock and the figures), ``baseline`` (the plain loop),
 ``rows`` (one row of the matrix), ``table`` (bench.md, bench.png), ``run``
 (the whole benchmark).
 """
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,6 @@ def run_bench(args) -> int:
 
     base = load_config(args.config, args.overrides)
 
-
     loaders = ("synthetic", *LOADERS.names())
     for loader in args.loaders:
         if loader not in loaders:
@@ -69,8 +69,11 @@ def run_bench(args) -> int:
     device = accelerator.device
     # fp32 rows (and the plain loop) run on TF32 tensor cores when the run's settings say so
     tf32 = apply_tf32(base.run) and device.type == "cuda"
-    out = Path(args.out) if args.out else share_from_main(
-        lambda: Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = (
+        Path(args.out)
+        if args.out
+        else share_from_main(lambda: Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    )
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     workers = args.workers or [base.data.workers]
@@ -78,8 +81,15 @@ def run_bench(args) -> int:
     if any(loader != "synthetic" for loader in args.loaders) or args.loader_only:
         data = build_datasets(base)[0]
     name = device_name(device)
-    hw = {"device": name, "device_type": device.type, "world_size": world, "tf32": tf32,
-          "torch_threads": torch.get_num_threads(), "git_sha": git_sha(), "versions": versions()}
+    hw = {
+        "device": name,
+        "device_type": device.type,
+        "world_size": world,
+        "tf32": tf32,
+        "torch_threads": torch.get_num_threads(),
+        "git_sha": git_sha(),
+        "versions": versions(),
+    }
     if args.loader_only:
         rows = bench_loaders(base, data, args, workers, device)
     else:
@@ -88,21 +98,39 @@ def run_bench(args) -> int:
         flops = count_flops(benched, train=True)
         hw["parameters"] = count_parameters(benched)
         peaks = {p: device_peak(device, name, p, tf32) for p in args.precision}
-        matrix = [Row(c, p, cl, b, ld, w) for c in args.compile for p in args.precision
-                  for cl in args.channels_last for b in args.batch_sizes for ld in args.loaders
-                  for w in (workers if ld in ("torch", "ffcv") else [0])]
+        matrix = [
+            Row(c, p, cl, b, ld, w)
+            for c in args.compile
+            for p in args.precision
+            for cl in args.channels_last
+            for b in args.batch_sizes
+            for ld in args.loaders
+            for w in (workers if ld in ("torch", "ffcv") else [0])
+        ]
         baseline = {}
         if not args.no_baseline and rank == 0:
             for b in args.batch_sizes:
                 print0(f"baseline b{b} ...")
                 baseline[b] = plain_loop.measure(base, b, args, device, data if "torch" in args.loaders else None)
-                baseline[b].update(_mfu(baseline[b], flops,
-                                        peaks.get("fp32") or device_peak(device, name, "fp32", tf32)))
+                baseline[b].update(
+                    _mfu(baseline[b], flops, peaks.get("fp32") or device_peak(device, name, "fp32", tf32))
+                )
                 baseline[b].update(precision_used="fp32", compiled_graphs=0)
-                rows.append({"label": f"baseline b{b} (plain PyTorch loop)", "baseline": True,
-                             "settings": {"batch": b, "precision": "fp32", "compile": False,
-                                          "channels_last": False, "loader": baseline[b]["loader"]},
-                             **baseline[b], "speedup_vs_baseline": 1.0})
+                rows.append(
+                    {
+                        "label": f"baseline b{b} (plain PyTorch loop)",
+                        "baseline": True,
+                        "settings": {
+                            "batch": b,
+                            "precision": "fp32",
+                            "compile": False,
+                            "channels_last": False,
+                            "loader": baseline[b]["loader"],
+                        },
+                        **baseline[b],
+                        "speedup_vs_baseline": 1.0,
+                    }
+                )
         for row in matrix:
             print0(f"{row.label} ...")
             fig = measure_row(base, row, accelerator, data, args, distributed=True)
@@ -113,15 +141,23 @@ def run_bench(args) -> int:
                 fig["single_process_images_per_s"] = single["images_per_s"]
                 fig["scaling_efficiency"] = fig["images_per_s_per_device"] / single["images_per_s"]
             ref = baseline.get(row.batch)
-            fig["speedup_vs_baseline"] = (fig["images_per_s_per_device"] / ref["images_per_s_per_device"]
-                                          if ref else None)
+            fig["speedup_vs_baseline"] = (
+                fig["images_per_s_per_device"] / ref["images_per_s_per_device"] if ref else None
+            )
             rows.append({"label": row.label, "baseline": False, "settings": asdict(row), **fig})
         hw["flops_per_image_train"] = flops
         hw["peak_flops"] = {p: {"flops": v, "source": s} for p, (v, s) in peaks.items()}
     barrier()
     if rank == 0:
-        result = {"hardware": hw, "model": base.model.name, "config": base.name,
-                  "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "rows": rows}
+        result = {
+            "hardware": hw,
+            "model": base.model.name,
+            "config": base.name,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "rows": rows,
+        }
         (out / "bench.json").write_text(json.dumps(result, indent=1))
         table = bench_table(result)
         (out / "bench.md").write_text(table + "\n")
@@ -137,8 +173,13 @@ def _mfu(fig: dict, flops_per_image: float, peak) -> dict:
 
     value, source = peak
     achieved = fig["images_per_s_per_device"] * flops_per_image
-    return {"flops_per_image": flops_per_image, "achieved_flops_per_device": achieved,
-            "peak_flops": value, "peak_source": source, "mfu": mfu(achieved, value)}
+    return {
+        "flops_per_image": flops_per_image,
+        "achieved_flops_per_device": achieved,
+        "peak_flops": value,
+        "peak_source": source,
+        "mfu": mfu(achieved, value),
+    }
 
 
 def bench_loaders(base, data, args, workers, device) -> list[dict]:
@@ -146,18 +187,24 @@ def bench_loaders(base, data, args, workers, device) -> list[dict]:
 
     rows = []
     for loader in args.loaders:
-        for w in (workers if loader in ("torch", "ffcv") else [0]):
+        for w in workers if loader in ("torch", "ffcv") else [0]:
             if loader == "synthetic":
                 continue
             cfg = row_config(base, Row(False, "fp32", False, args.batch_sizes[0], loader, w), 1)
             shard = Shard(0, 1, cfg.train.batch_size)
             ld = build_train_loader(cfg, data, shard, device)
-            timing = time_steps(lambda b: None, forever(ld).__next__, Clock(device),
-                                args.warmup, args.steps, args.repeats)
+            timing = time_steps(
+                lambda b: None, forever(ld).__next__, Clock(device), args.warmup, args.steps, args.repeats
+            )
             fig = figures(timing, args.steps, cfg.train.batch_size, 1, 0.0)
-            rows.append({"label": f"{loader} w{w}" if loader in ("torch", "ffcv") else loader,
-                         "baseline": False, "settings": {"loader": loader, "workers": w,
-                                                         "batch": args.batch_sizes[0]}, **fig})
+            rows.append(
+                {
+                    "label": f"{loader} w{w}" if loader in ("torch", "ffcv") else loader,
+                    "baseline": False,
+                    "settings": {"loader": loader, "workers": w, "batch": args.batch_sizes[0]},
+                    **fig,
+                }
+            )
     torch_rows = [r for r in rows if r["settings"]["loader"] == "torch"]
     if torch_rows:
         ref = max(r["images_per_s"] for r in torch_rows)

@@ -1,4 +1,5 @@
 """The benchmark's clock: many steps between two device synchronizations, medians over repeats."""
+
 from __future__ import annotations
 
 import statistics
@@ -58,12 +59,17 @@ def forever(loader):
 def figures(timing: dict, steps: int, global_batch: int, world: int, peak_mib: float) -> dict:
     per_repeat = [steps * global_batch / t for t in timing["repeat_times"]]
     images_per_s = statistics.median(per_repeat)
-    return {"world_size": world, "global_batch": global_batch,
-            "images_per_s": images_per_s, "images_per_s_per_device": images_per_s / world,
-            "step_time_median_s": statistics.median(timing["step_times"]),
-            "step_time_p90_s": percentile(timing["step_times"], 0.9),
-            "data_wait_share": sum(timing["data_times"]) / max(sum(timing["repeat_times"]), 1e-12),
-            "peak_memory_mib": peak_mib, "repeats_images_per_s": per_repeat}
+    return {
+        "world_size": world,
+        "global_batch": global_batch,
+        "images_per_s": images_per_s,
+        "images_per_s_per_device": images_per_s / world,
+        "step_time_median_s": statistics.median(timing["step_times"]),
+        "step_time_p90_s": percentile(timing["step_times"], 0.9),
+        "data_wait_share": sum(timing["data_times"]) / max(sum(timing["repeat_times"]), 1e-12),
+        "peak_memory_mib": peak_mib,
+        "repeats_images_per_s": per_repeat,
+    }
 
 
 class Clock:

@@ -1,4 +1,5 @@
 """`python -m cifar_dist.cli`: the cifar-dist command."""
+
 import sys
 
 from cifar_dist.cli.main import main

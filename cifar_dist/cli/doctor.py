@@ -1,4 +1,5 @@
 """`cifar-dist doctor`: what this machine offers cifar_dist, the first thing to paste into a bug report."""
+
 from __future__ import annotations
 
 import platform
@@ -28,16 +29,26 @@ def _devices() -> list[tuple[str, str]]:
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         cc = (p.major, p.minor)
-        rows.append((f"GPU {i}", f"{p.name}, compute capability {p.major}.{p.minor}, "
-                                 f"{p.total_memory / 2**30:.0f} GiB, bf16 {'yes' if cc >= (8, 0) else 'no (slow)'}, "
-                                 f"TF32 {'yes' if cc >= (8, 0) else 'no'}"))
+        rows.append(
+            (
+                f"GPU {i}",
+                f"{p.name}, compute capability {p.major}.{p.minor}, "
+                f"{p.total_memory / 2**30:.0f} GiB, bf16 {'yes' if cc >= (8, 0) else 'no (slow)'}, "
+                f"TF32 {'yes' if cc >= (8, 0) else 'no'}",
+            )
+        )
 
     units = has_bf16_units(cpu_flags())
     speedup = bf16_speedup()
     auto, _ = resolve_precision("auto", None, CpuBf16(units, lambda: speedup))
-    rows.append(("CPU", f"{cpu_model()}, {torch.get_num_threads()} threads, bf16 units "
-                        f"{'yes' if units else 'no'}, bf16 {_times(speedup)} fp32 here (probe); "
-                        f"run.precision=auto picks {auto} on this CPU"))
+    rows.append(
+        (
+            "CPU",
+            f"{cpu_model()}, {torch.get_num_threads()} threads, bf16 units "
+            f"{'yes' if units else 'no'}, bf16 {_times(speedup)} fp32 here (probe); "
+            f"run.precision=auto picks {auto} on this CPU",
+        )
+    )
     return rows
 
 
@@ -55,8 +66,11 @@ def _slurm() -> tuple[str, str]:
         return "Slurm", line
     try:
         res = subprocess.run(["sinfo", "-h", "-o", "%P %a %D"], capture_output=True, text=True, timeout=10)
-        answer = (f"answers ({len(res.stdout.split())//3 or 0} partition(s))" if res.returncode == 0 else
-                  "does not answer: " + ((res.stderr or res.stdout).strip().splitlines() or ["?"])[-1][:120])
+        answer = (
+            f"answers ({len(res.stdout.split()) // 3 or 0} partition(s))"
+            if res.returncode == 0
+            else "does not answer: " + ((res.stderr or res.stdout).strip().splitlines() or ["?"])[-1][:120]
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         answer = f"does not answer: {type(e).__name__}"
     return "Slurm", f"{line}; controller {answer}"
@@ -78,8 +92,11 @@ def _data(config: str | None) -> tuple[str, str]:
 
 def doctor(config: str | None = None) -> list[tuple[str, str]]:
 
-    rows = [("cifar_dist", cifar_dist.__version__), ("python", sys.version.split()[0]),
-            ("platform", platform.platform())]
+    rows = [
+        ("cifar_dist", cifar_dist.__version__),
+        ("python", sys.version.split()[0]),
+        ("platform", platform.platform()),
+    ]
     rows += [(name, _version(name)) for name in ("torch", "accelerate", "deepspeed", "ffcv", "torchvision", "numpy")]
     rows += _devices()
     rows.append(_data(config))

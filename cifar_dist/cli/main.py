@@ -1,6 +1,7 @@
 """The `cifar-dist` command: train, sweep, compare, eval, summary, prepare, report, bench, plan, config, doctor.
 
 `key=value` config overrides may come before, between or after the options."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import cifar_dist
 from cifar_dist.config.overrides import parse_with_overrides
+from cifar_dist.distributed.launcher import rank_prefix
 from cifar_dist.errors import guarded
 from cifar_dist.train import add_train_arguments
 
@@ -46,18 +48,21 @@ def _prepare(args):
     built = False
     if args.from_archive:
         from cifar_dist.data.jpeg_archive import unpack_jpeg_archive
+
         built = unpack_jpeg_archive(args.from_archive, root)
     line = prepare(root, download=not (args.no_download or args.from_archive), quiet=args.quiet and not built)
     if line:
         print(line)
     if args.beton:
         from cifar_dist.data.beton import write_betons
+
         print(write_betons(root))
     return 0
 
 
 def _report(args):
     from cifar_dist.storage.plots import draw_run
+
     for path in draw_run(Path(args.run_dir)):
         print(path)
     return 0
@@ -89,16 +94,21 @@ def _eval(args):
     model = model.to(device).eval()
     _, eval_set, name = build_datasets(cfg)
     result = evaluate_model(model, eval_set, cfg, device, tta=args.tta)
-    print(f"{name} accuracy {100 * result['acc']:.2f}% on {result['count']} images"
-          f"{' (flip TTA)' if args.tta else ''}, loss {result['loss']:.4f}")
+    print(
+        f"{name} accuracy {100 * result['acc']:.2f}% on {result['count']} images"
+        f"{' (flip TTA)' if args.tta else ''}, loss {result['loss']:.4f}"
+    )
     for cls, acc in result["per_class_acc"].items():
         print(f"  {cls:>10}: {100 * acc:.2f}%")
     tag = "" if what == "final weights" else f"-{weights.parent.name}"
     out = run_dir / f"eval{tag}{'_tta' if args.tta else ''}.json"
     write_json_atomic(out, {"weights": str(weights), **result})
     (run_dir / "plots").mkdir(exist_ok=True)
-    plot_confusion(result["confusion"], run_dir / "plots" / f"confusion_matrix_eval{tag}.png",
-                   title=f"confusion matrix ({what}): {run_dir.name}")
+    plot_confusion(
+        result["confusion"],
+        run_dir / "plots" / f"confusion_matrix_eval{tag}.png",
+        title=f"confusion matrix ({what}): {run_dir.name}",
+    )
     print(f"written {out}")
     return 0
 
@@ -108,6 +118,7 @@ def _config(args):
 
     from cifar_dist.config.loading import load_config
     from cifar_dist.config.reference import reference_markdown
+
     if args.reference:
         print(reference_markdown(), end="")
         return 0
@@ -117,14 +128,17 @@ def _config(args):
 
 def _doctor(args):
     from cifar_dist.cli.doctor import doctor, format_rows
+
     print(format_rows(doctor(args.config)))
     return 0
 
 
 def _delegate(module: str, function: str):
     """A subcommand's handler that imports its module only when the subcommand runs."""
+
     def handler(args):
         return getattr(importlib.import_module(module), function)(args)
+
     return handler
 
 
@@ -145,27 +159,55 @@ def build_parser() -> argparse.ArgumentParser:
     from cifar_dist.experiments.plan import add_plan_arguments
     from cifar_dist.experiments.sweep import add_sweep_arguments
 
-    _command(sub, "train", "train a model (same as python -m cifar_dist.train)", add_train_arguments,
-             "cifar_dist.train", "run")
-    _command(sub, "sweep", "many seeds and settings as independent runs (locally, or a Slurm array)",
-             add_sweep_arguments, "cifar_dist.experiments.sweep", "run_sweep")
-    _command(sub, "compare", "runs or sweeps side by side: mean ± std, 95%% CI, Welch's t-test",
-             add_compare_arguments, "cifar_dist.experiments.compare", "run_compare")
+    _command(
+        sub,
+        "train",
+        "train a model (same as python -m cifar_dist.train)",
+        add_train_arguments,
+        "cifar_dist.train",
+        "run",
+    )
+    _command(
+        sub,
+        "sweep",
+        "many seeds and settings as independent runs (locally, or a Slurm array)",
+        add_sweep_arguments,
+        "cifar_dist.experiments.sweep",
+        "run_sweep",
+    )
+    _command(
+        sub,
+        "compare",
+        "runs or sweeps side by side: mean ± std, 95%% CI, Welch's t-test",
+        add_compare_arguments,
+        "cifar_dist.experiments.compare",
+        "run_compare",
+    )
 
     p = sub.add_parser("eval", help="evaluate a run's weights: final, or its newest or a given checkpoint")
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a run directory (its final weights, else its newest checkpoint), a checkpoint directory "
-                        "(RUN/checkpoints/step_N) or a .safetensors file; the run's config.yaml is used")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a run directory (its final weights, else its newest checkpoint), a checkpoint directory "
+        "(RUN/checkpoints/step_N) or a .safetensors file; the run's config.yaml is used",
+    )
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
-    p.add_argument("--trust-code", action="store_true",
-                   help="allow the run's config to import its own model code (model.name: package.module:factory)")
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow the run's config to import its own model code (model.name: package.module:factory)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/data")
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser("summary", help="per-layer table (the paper's Figure 1), parameters, FLOPs")
     p.add_argument("--config")
-    p.add_argument("--trust-code", action="store_true",
-                   help="allow the config file to import its model code (model.name: package.module:factory)")
+    p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow the config file to import its model code (model.name: package.module:factory)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=_summary)
 
@@ -174,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beton", action="store_true", help="also write train/test .beton files for data.loader=ffcv")
     p.add_argument("--no-download", action="store_true", help="only check what is there")
     p.add_argument("--quiet", action="store_true", help="say nothing when the data was already complete and readable")
-    p.add_argument("--from-archive", metavar="TAR_GZ",
-                   help="build it from a CIFAR-10 JPEG archive (cifar10-jpeg.tar.gz: lossy, exact labels)")
+    p.add_argument(
+        "--from-archive",
+        metavar="TAR_GZ",
+        help="build it from a CIFAR-10 JPEG archive (cifar10-jpeg.tar.gz: lossy, exact labels)",
+    )
     p.set_defaults(fn=_prepare)
 
     p = sub.add_parser("report", help="(re)draw a run's plots")
@@ -188,10 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=_config)
 
-    _command(sub, "bench", "throughput benchmark: images/s per device, MFU, speed-up over plain PyTorch",
-             add_bench_arguments, "cifar_dist.bench.run", "run_bench")
-    _command(sub, "plan", "on paper: how many GPUs one run uses well, and when a sweep packs them better",
-             add_plan_arguments, "cifar_dist.experiments.plan", "run_plan")
+    _command(
+        sub,
+        "bench",
+        "throughput benchmark: images/s per device, MFU, speed-up over plain PyTorch",
+        add_bench_arguments,
+        "cifar_dist.bench.run",
+        "run_bench",
+    )
+    _command(
+        sub,
+        "plan",
+        "on paper: how many GPUs one run uses well, and when a sweep packs them better",
+        add_plan_arguments,
+        "cifar_dist.experiments.plan",
+        "run_plan",
+    )
 
     p = sub.add_parser("doctor", help="versions, devices, data and Slurm: what to paste into a bug report")
     p.add_argument("--config", help="the recipe whose data location to check (default: the built-in defaults)")
@@ -204,7 +261,7 @@ def main(argv=None) -> int:
 
     tune_malloc()
     args = parse_with_overrides(build_parser(), argv)
-    return guarded(args.fn, args)
+    return guarded(args.fn, args, rank_prefix)
 
 
 if __name__ == "__main__":

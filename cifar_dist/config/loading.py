@@ -5,6 +5,7 @@ its allowed values. Unknown keys, wrong types and invalid values raise
 ``ConfigError`` with one line naming the key and where it came from; the
 command line turns that into exit code 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,10 @@ from cifar_dist.errors import ConfigError
 
 def _coerce(value: Any, kind, key: str, where: str):
     """Check ``value`` against the key's declared type; ints are accepted as floats."""
+
     def bad(expected):
         return ConfigError(f"{where}: {key}: expected {expected}, got {show(value)}")
+
     if typing.get_origin(kind) is Literal:
         kind = type(typing.get_args(kind)[0])  # the membership check is _check_range's
     if kind is bool:
@@ -108,13 +111,13 @@ def _flatten(tree: dict, where: str, prefix: str = "") -> dict:
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of text; anything near this size is not one
 
 
-MAX_DEPTH = 8                # sections hold keys, keys hold values or short lists: 3 levels are used
+MAX_DEPTH = 8  # sections hold keys, keys hold values or short lists: 3 levels are used
 
 
 def show(value, limit: int = 60) -> str:
     """A value as an error message shows it: its repr, cut to ``limit`` characters."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -125,12 +128,14 @@ class _ConfigLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not accepted in a config",
-                                              event.start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases (*{event.anchor}) are not accepted in a config", event.start_mark
+            )
         depth = getattr(self, "_depth", 0)
         if depth >= MAX_DEPTH:
-            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
-                                              self.peek_event().start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
+            )
         self._depth = depth + 1
         try:
             return super().compose_node(parent, index)
@@ -142,8 +147,10 @@ _ConfigLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.
 
 
 _ConfigLoader.add_implicit_resolver(  # 3e-4, 1E5, -2.5e+3: floats, as YAML 1.2 and Python read them
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def load_yaml(text: str, where: str):
@@ -166,8 +173,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{p}: config file not found")
     try:
         if p.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is too large for a config "
-                              f"(at most {MAX_CONFIG_BYTES:,})")
+            raise ConfigError(
+                f"{p}: {p.stat().st_size:,} bytes is too large for a config (at most {MAX_CONFIG_BYTES:,})"
+            )
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: unreadable ({getattr(e, 'strerror', None) or e})") from None
@@ -190,7 +198,7 @@ def parse_override(arg: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
     cfg, origin = new_config(), {}  # key -> where its value came from
     if path:
@@ -219,28 +227,48 @@ def validate(cfg: Config, origin: dict | None = None) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     for spec in cfg.run.callbacks:
         check(is_spec(spec), ("run.callbacks",), f"run.callbacks: {spec!r} is not of the form package.module:Class")
-    check(len(m.widths) == len(m.blocks) and bool(m.widths), ("model.widths", "model.blocks"),
-          f"model.widths and model.blocks must be non-empty lists of equal length, got {m.widths} and {m.blocks}")
-    for key, values, most in (("model.widths", m.widths, 4096), ("model.blocks", m.blocks, 64)):
-        check(all(1 <= v <= most for v in values), (key,),
-              f"{key}: every entry must be within 1..{most}, got {show(values)}")
+    check(
+        len(m.widths) == len(m.blocks) and bool(m.widths),
+        ("model.widths", "model.blocks"),
+        f"model.widths and model.blocks must be non-empty lists of equal length, got {m.widths} and {m.blocks}",
+    )
+    for key, sizes, most in (("model.widths", m.widths, 4096), ("model.blocks", m.blocks, 64)):
+        check(
+            all(1 <= v <= most for v in sizes),
+            (key,),
+            f"{key}: every entry must be within 1..{most}, got {show(sizes)}",
+        )
     for key, values in (("data.mean", d.mean), ("data.std", d.std)):
         check(len(values) == 3, (key,), f"{key}: expected 3 values (R, G, B), got {values}")
     check(all(v > 0 for v in d.std), ("data.std",), f"data.std: every entry must be > 0, got {d.std}")
-    check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), ("train.betas",),
-          f"train.betas: expected two values in [0, 1), got {t.betas}")
+    check(
+        len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+        ("train.betas",),
+        f"train.betas: expected two values in [0, 1), got {t.betas}",
+    )
     if t.exact_reduce:
-        check(m.bn_group > 0, ("train.exact_reduce", "model.bn_group"),
-              "train.exact_reduce: needs model.bn_group > 0 (the chunk size)")
+        check(
+            m.bn_group > 0,
+            ("train.exact_reduce", "model.bn_group"),
+            "train.exact_reduce: needs model.bn_group > 0 (the chunk size)",
+        )
         chunks = t.batch_size // m.bn_group
-        check(t.batch_size % m.bn_group == 0 and not chunks & (chunks - 1),
-              ("train.exact_reduce", "train.batch_size", "model.bn_group"),
-              f"train.exact_reduce: train.batch_size / model.bn_group must be a power of two, "
-              f"got {t.batch_size} / {m.bn_group}")
-        check(cfg.run.precision != "fp16", ("train.exact_reduce", "run.precision"),
-              "train.exact_reduce: not with run.precision=fp16 (loss scaling)")
-    check(not (d.val_split and d.synthetic), ("data.val_split", "data.synthetic"),
-          "data.val_split: not available with data.synthetic")
+        check(
+            t.batch_size % m.bn_group == 0 and not chunks & (chunks - 1),
+            ("train.exact_reduce", "train.batch_size", "model.bn_group"),
+            f"train.exact_reduce: train.batch_size / model.bn_group must be a power of two, "
+            f"got {t.batch_size} / {m.bn_group}",
+        )
+        check(
+            cfg.run.precision != "fp16",
+            ("train.exact_reduce", "run.precision"),
+            "train.exact_reduce: not with run.precision=fp16 (loss scaling)",
+        )
+    check(
+        not (d.val_split and d.synthetic),
+        ("data.val_split", "data.synthetic"),
+        "data.val_split: not available with data.synthetic",
+    )
 
 
 def resolve_data_root(cfg: Config) -> Path:

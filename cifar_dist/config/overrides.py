@@ -4,6 +4,7 @@ argparse stops filling an ``nargs='*'`` positional at the first option, so
 ``train --config F a.b=1 --out D c.d=2`` would leave ``c.d=2`` unrecognized;
 here every leftover ``key=value`` joins the overrides, in the order given.
 """
+
 from __future__ import annotations
 
 import argparse

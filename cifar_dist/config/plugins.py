@@ -1,4 +1,5 @@
 """User code named in the config: ``"package.module:name"`` (a callback class, a model factory)."""
+
 from __future__ import annotations
 
 import importlib
@@ -18,8 +19,10 @@ def require_trust(model_name: str, source, trust_code: bool) -> None:
     Built-in names need no trust: only ``package.module:factory`` runs code."""
     if is_spec(model_name) and not trust_code:
         module = model_name.partition(":")[0]
-        raise ConfigError(f"{source}: model.name {model_name[:80]!r} would import and run module {module[:60]!r}; "
-                          "pass --trust-code (load_model(..., trust_code=True)) if you trust it")
+        raise ConfigError(
+            f"{source}: model.name {model_name[:80]!r} would import and run module {module[:60]!r}; "
+            "pass --trust-code (load_model(..., trust_code=True)) if you trust it"
+        )
 
 
 def import_object(spec: str, key: str):

@@ -3,6 +3,7 @@
 `cifar-dist config --reference` prints it; docs/configuration.md carries it (a test
 keeps the two equal).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,12 +15,16 @@ from cifar_dist.config.schema import SECTION_CLASSES, choices
 
 def reference_markdown() -> str:
     """A Markdown table per section: key, default, meaning (and the allowed values)."""
-    out = ["Keys marked *result-free* do not change what a run trains or measures: `--resume` may",
-           "change them, and `cifar-dist compare` groups runs that differ only in them (and the seed).", ""]
+    out = [
+        "Keys marked *result-free* do not change what a run trains or measures: `--resume` may",
+        "change them, and `cifar-dist compare` groups runs that differ only in them (and the seed).",
+        "",
+    ]
     for section, cls in SECTION_CLASSES.items():
         out += [f"**{section}**", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            factory = f.default_factory
+            default = factory() if callable(factory) else f.default
             meaning = f.metadata["help"]
             allowed = choices(section, f)
             if allowed:

@@ -5,6 +5,7 @@ when the name is used (so checking a config imports nothing heavy), an object, o
 Adding a built-in is one line here; a test or a plugin adds its own with ``register`` and the
 name is then accepted by the validation, listed by the reference and used by the run.
 """
+
 from __future__ import annotations
 
 from cifar_dist.config.plugins import import_object
@@ -41,20 +42,29 @@ class Registry:
 
 
 # model.name: factory(model_cfg, num_classes, norm) -> nn.Module (norm: a BatchNorm-like class)
-MODELS = Registry("model.name", {
-    "seed_resnet": "cifar_dist.model.resnet:seed_resnet",
-    "resnet9": "cifar_dist.model.resnet:resnet9",
-    "resnet18": "cifar_dist.model.resnet:resnet18",
-})
+MODELS = Registry(
+    "model.name",
+    {
+        "seed_resnet": "cifar_dist.model.resnet:seed_resnet",
+        "resnet9": "cifar_dist.model.resnet:resnet9",
+        "resnet18": "cifar_dist.model.resnet:resnet18",
+    },
+)
 # data.loader: a class with from_config(cfg, train_set, shard, device) -> data.Loader
-LOADERS = Registry("data.loader", {
-    "torch": "cifar_dist.data.loaders:TorchLoader",
-    "ffcv": "cifar_dist.data.ffcv_loader:FfcvLoader",
-    "gpu": "cifar_dist.data.loaders:GpuLoader",
-})
+LOADERS = Registry(
+    "data.loader",
+    {
+        "torch": "cifar_dist.data.loaders:TorchLoader",
+        "ffcv": "cifar_dist.data.ffcv_loader:FfcvLoader",
+        "gpu": "cifar_dist.data.loaders:GpuLoader",
+    },
+)
 # run.precision (besides auto): the torch dtype of autocast (None: no autocast) and Accelerate's name
-PRECISIONS = Registry("run.precision", {
-    "fp32": {"dtype": None, "accelerate": "no"},
-    "bf16": {"dtype": "bfloat16", "accelerate": "bf16"},
-    "fp16": {"dtype": "float16", "accelerate": "fp16"},
-})
+PRECISIONS = Registry(
+    "run.precision",
+    {
+        "fp32": {"dtype": None, "accelerate": "no"},
+        "bf16": {"dtype": "bfloat16", "accelerate": "bf16"},
+        "fp16": {"dtype": "float16", "accelerate": "fp16"},
+    },
+)

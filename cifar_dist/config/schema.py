@@ -6,6 +6,7 @@ against; ``registry=`` names the registry of the names it accepts (``config.regi
 else (loading, validation, the reference, which keys a resume may change, how ``compare``
 groups runs) is derived from these declarations. Adding a key is adding a field here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,15 +22,33 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 MAX_INT = 2**63 - 1  # the largest integer any key takes (int64), unless the key says less
 
 
-def _f(default, help, *, min=None, max=None, min_exclusive=False, result=True, registry: Registry | None = None,
-       also: tuple = (), specs: bool = False):
+def _f(
+    default,
+    help,
+    *,
+    min=None,
+    max=None,
+    min_exclusive=False,
+    result=True,
+    registry: Registry | None = None,
+    also: tuple = (),
+    specs: bool = False,
+):
     """A dataclass field with its help line and validation rules. ``result=False``: the key does
     not change what is trained or measured (where files go, how they are read, what is shown),
     so a resumed run may change it and ``compare`` groups runs that differ in it. ``registry``:
     the names the key accepts, with ``also`` (e.g. "auto") and, with ``specs``, user code as
     ``package.module:name``."""
-    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive, "result": result,
-            "registry": registry, "also": also, "specs": specs}
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "min_exclusive": min_exclusive,
+        "result": result,
+        "registry": registry,
+        "also": also,
+        "specs": specs,
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,8 +56,9 @@ def _f(default, help, *, min=None, max=None, min_exclusive=False, result=True, r
 
 @dataclass
 class DataConfig:
-    root: str = _f("", "directory holding cifar-10-batches-py/ ('' = $CIFAR_DIST_DATA, else ~/.cache/cifar_dist)",
-                   result=False)
+    root: str = _f(
+        "", "directory holding cifar-10-batches-py/ ('' = $CIFAR_DIST_DATA, else ~/.cache/cifar_dist)", result=False
+    )
     loader: str = _f("torch", "input pipeline", registry=LOADERS, result=False)
     workers: int = _f(2, "loader worker processes per training process (torch, ffcv)", min=0, max=256, result=False)
     beton_dir: str = _f("", "where the ffcv loader keeps its .beton files ('' = <data root>/beton)", result=False)
@@ -46,13 +66,21 @@ class DataConfig:
     synthetic_train: int = _f(4096, "synthetic training images", min=1, max=200_000)
     synthetic_test: int = _f(1024, "synthetic test images", min=1, max=200_000)
     subset: int = _f(0, "use only the first N training images (0 = all)", min=0, max=10_000_000)
-    val_split: int = _f(0, "hold out the last N training images for validation "
-                           "(0 = evaluate the test set, as the paper did)", min=0, max=10_000_000)
+    val_split: int = _f(
+        0,
+        "hold out the last N training images for validation (0 = evaluate the test set, as the paper did)",
+        min=0,
+        max=10_000_000,
+    )
     crop_padding: int = _f(4, "random crop with this zero padding, in pixels (0 = off)", min=0, max=32)
     flip: bool = _f(True, "random horizontal flip")
     cutout: int = _f(0, "side of the random cutout square, in pixels (0 = off)", min=0, max=32)
-    color_jitter: float = _f(0.0, "brightness/contrast/saturation/hue jitter strength, "
-                                  "as torchvision's ColorJitter(x, x, x, x) (0 = off)", min=0, max=0.5)
+    color_jitter: float = _f(
+        0.0,
+        "brightness/contrast/saturation/hue jitter strength, as torchvision's ColorJitter(x, x, x, x) (0 = off)",
+        min=0,
+        max=0.5,
+    )
     rotation: float = _f(0.0, "random rotation range, in degrees (0 = off)", min=0, max=180)
     mean: list[float] = _f(list(CIFAR_MEAN), "per-channel normalization mean, in [0, 1] units")
     std: list[float] = _f(list(CIFAR_STD), "per-channel normalization std, in [0, 1] units")
@@ -61,12 +89,20 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("seed_resnet", "architecture, or your own as package.module:factory (called with the model "
-                                  "config and the class count)", registry=MODELS, specs=True)
+    name: str = _f(
+        "seed_resnet",
+        "architecture, or your own as package.module:factory (called with the model config and the class count)",
+        registry=MODELS,
+        specs=True,
+    )
     widths: list[int] = _f([66, 132, 264], "seed_resnet: channels of each stage")
     blocks: list[int] = _f([3, 4, 3], "seed_resnet: BasicBlocks in each stage")
-    bn_group: int = _f(0, "BatchNorm normalizes over groups of this many samples (0 = the whole per-process "
-                          "micro-batch, classic BN; >0 makes results independent of the process count)", min=0)
+    bn_group: int = _f(
+        0,
+        "BatchNorm normalizes over groups of this many samples (0 = the whole per-process "
+        "micro-batch, classic BN; >0 makes results independent of the process count)",
+        min=0,
+    )
     bn_momentum: float = _f(0.1, "BatchNorm running-statistics momentum", min=0, max=1)
     sync_bn: bool = _f(False, "SyncBatchNorm across processes (GPU only)")
 
@@ -84,20 +120,27 @@ class TrainConfig:
     nesterov: bool = _f(True, "sgd: Nesterov momentum")
     betas: list[float] = _f([0.9, 0.999], "adam/adamw betas")
     optimizer_impl: Literal["auto", "fused", "foreach"] = _f(
-        "auto", "optimizer kernels: fused (one kernel per step; fp16 loss scaling then needs no host read), "
-                "foreach, or auto: fused on GPUs, foreach elsewhere")
+        "auto",
+        "optimizer kernels: fused (one kernel per step; fp16 loss scaling then needs no host read), "
+        "foreach, or auto: fused on GPUs, foreach elsewhere",
+    )
     schedule: Literal["constant", "warmup_cosine", "onecycle", "step"] = _f("warmup_cosine", "learning-rate schedule")
     schedule_unit: Literal["step", "epoch"] = _f(
-        "step", "the LR changes every optimizer step, or once per epoch like the paper's LambdaLR")
+        "step", "the LR changes every optimizer step, or once per epoch like the paper's LambdaLR"
+    )
     warmup_epochs: float = _f(5.0, "warm-up (warmup_cosine) or rise (onecycle) length, in epochs", min=0)
     milestones: list[int] = _f([30, 45], "step schedule: epochs at which the LR is multiplied by gamma")
     gamma: float = _f(0.1, "step schedule: LR factor at each milestone", min=0)
     label_smoothing: float = _f(0.1, "label smoothing epsilon", min=0, max=1)
-    smoothing_form: Literal["paper", "torch"] = _f("paper", "paper: eps/(K-1) on each wrong class; torch: eps/K "
-                                                           "on every class")
+    smoothing_form: Literal["paper", "torch"] = _f(
+        "paper", "paper: eps/(K-1) on each wrong class; torch: eps/K on every class"
+    )
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0 = off)", min=0)
-    exact_reduce: bool = _f(False, "sum gradients of model.bn_group-sized chunks in a fixed tree: bitwise the "
-                                   "same weights for any power-of-two process count (slower)")
+    exact_reduce: bool = _f(
+        False,
+        "sum gradients of model.bn_group-sized chunks in a fixed tree: bitwise the "
+        "same weights for any power-of-two process count (slower)",
+    )
 
 
 @dataclass
@@ -107,21 +150,30 @@ class RunConfig:
     deterministic: bool = _f(False, "deterministic algorithms (bitwise-repeatable runs; slower on GPU)")
     compile: bool = _f(False, "torch.compile the model")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = _f(
-        "default", "torch.compile mode: default; reduce-overhead (CUDA graphs: fewer launches per step); "
-                   "max-autotune (searches kernels: long first compile)")
+        "default",
+        "torch.compile mode: default; reduce-overhead (CUDA graphs: fewer launches per step); "
+        "max-autotune (searches kernels: long first compile)",
+    )
     channels_last: bool = _f(False, "channels_last memory format")
-    precision: str = _f("auto", "compute precision; auto: bf16 on GPUs with bf16 tensor cores (compute "
-                                "capability >= 8.0), fp16 with loss scaling on older GPUs; on CPUs bf16 where "
-                                "the CPU has bf16 units (AMX, AVX-512 bf16) and a sub-second probe finds it "
-                                "faster than fp32, else fp32", registry=PRECISIONS, also=("auto",))
-    tf32: bool = _f(True, "TF32 tensor cores for fp32 matrix products and convolutions on GPUs "
-                          "(off under run.deterministic)")
+    precision: str = _f(
+        "auto",
+        "compute precision; auto: bf16 on GPUs with bf16 tensor cores (compute "
+        "capability >= 8.0), fp16 with loss scaling on older GPUs; on CPUs bf16 where "
+        "the CPU has bf16 units (AMX, AVX-512 bf16) and a sub-second probe finds it "
+        "faster than fp32, else fp32",
+        registry=PRECISIONS,
+        also=("auto",),
+    )
+    tf32: bool = _f(
+        True, "TF32 tensor cores for fp32 matrix products and convolutions on GPUs (off under run.deterministic)"
+    )
     threads: int = _f(0, "CPU threads per process (0 = PyTorch's default)", min=0, max=4096, result=False)
     tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed", result=False)
     progress: bool = _f(True, "show a progress bar", result=False)
     plots: bool = _f(True, "draw plots/*.png at the end (cifar-dist report RUN_DIR draws them later)", result=False)
-    callbacks: list[str] = _f([], "callbacks, each package.module:Class, built with no arguments "
-                                  "(see docs/extending.md)", result=False)
+    callbacks: list[str] = _f(
+        [], "callbacks, each package.module:Class, built with no arguments (see docs/extending.md)", result=False
+    )
 
 
 @dataclass
@@ -135,8 +187,9 @@ class CheckpointConfig:
 class EvalConfig:
     every_epochs: int = _f(1, "evaluate every N epochs (the last epoch is always evaluated)", min=1, result=False)
     tta: bool = _f(False, "flip test-time augmentation at the final evaluation")
-    target_acc: float = _f(0.0, "test accuracy to time (0 = off): summary.json gets time_to_target_s and "
-                                "epochs_to_target", min=0, max=1)
+    target_acc: float = _f(
+        0.0, "test accuracy to time (0 = off): summary.json gets time_to_target_s and epochs_to_target", min=0, max=1
+    )
     stop_at_target: bool = _f(False, "end the run at the first evaluation at or above eval.target_acc")
 
 
@@ -154,8 +207,14 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                   "run": RunConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig}
+SECTION_CLASSES = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "run": RunConfig,
+    "checkpoint": CheckpointConfig,
+    "eval": EvalConfig,
+}
 
 
 def new_config() -> Config:
@@ -187,8 +246,9 @@ def choices(section: str, f: dataclasses.Field) -> tuple | None:
 def result_free_keys() -> frozenset[str]:
     """The keys (and ``name``) that do not change what a run trains or measures: a resumed run may
     change them, and ``compare`` puts runs that differ only in them (and the seed) together."""
-    return frozenset({"name"} | {f"{section}.{f.name}" for section, f in iter_fields()
-                                 if not f.metadata.get("result", True)})
+    return frozenset(
+        {"name"} | {f"{section}.{f.name}" for section, f in iter_fields() if not f.metadata.get("result", True)}
+    )
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -1,4 +1,5 @@
 """Data: CIFAR-10 files, the shared augmentation, sharding, and the three loaders."""
+
 from __future__ import annotations
 
 from cifar_dist.config.loading import resolve_data_root
@@ -10,8 +11,17 @@ from cifar_dist.data.sharding import Shard
 from cifar_dist.distributed.launcher import env_rank
 from cifar_dist.errors import ConfigError
 
-__all__ = ["CLASSES", "ImageSet", "Loader", "Shard", "build_datasets", "build_train_loader", "data_identity",
-           "eval_batches", "normalize"]
+__all__ = [
+    "CLASSES",
+    "ImageSet",
+    "Loader",
+    "Shard",
+    "build_datasets",
+    "build_train_loader",
+    "data_identity",
+    "eval_batches",
+    "normalize",
+]
 
 
 def build_datasets(cfg: Config) -> tuple[ImageSet, ImageSet, str]:
@@ -36,8 +46,7 @@ def build_datasets(cfg: Config) -> tuple[ImageSet, ImageSet, str]:
             raise ConfigError(f"data.subset: {d.subset} is more than the {len(train)} training images")
         train = train.slice(0, d.subset)
     if len(train) < cfg.train.batch_size:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the "
-                          f"{len(train)} training images")
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(train)} training images")
     return train, test, name
 
 
@@ -61,8 +70,13 @@ def data_identity(cfg: Config) -> dict:
     folder = resolve_data_root(cfg) / FOLDER
     digests = {n: file_digest(folder / n, "md5") for n in MD5}
     combined = hashlib.md5("".join(digests[n] for n in sorted(digests)).encode()).hexdigest()
-    return {"source": str(folder), "md5": combined, "official": digests == MD5,
-            "val_split": d.val_split, "subset": d.subset}
+    return {
+        "source": str(folder),
+        "md5": combined,
+        "official": digests == MD5,
+        "val_split": d.val_split,
+        "subset": d.subset,
+    }
 
 
 def build_train_loader(cfg: Config, train: ImageSet, shard: Shard, device) -> Loader:

@@ -8,6 +8,7 @@ the torch, ffcv and gpu loaders deliver identical uint8 pixels.
 
 Batches are uint8 [B, 3, 32, 32] in and out.
 """
+
 from __future__ import annotations
 
 import functools
@@ -72,8 +73,9 @@ class AugmentSpec:
     @classmethod
     def from_config(cls, data_cfg) -> AugmentSpec:
         fill = tuple(int(round(m * 255)) for m in data_cfg.mean)
-        return cls(data_cfg.crop_padding, data_cfg.flip, data_cfg.cutout,
-                   data_cfg.color_jitter, data_cfg.rotation, fill)
+        return cls(
+            data_cfg.crop_padding, data_cfg.flip, data_cfg.cutout, data_cfg.color_jitter, data_cfg.rotation, fill
+        )
 
     @property
     def active(self) -> bool:
@@ -164,8 +166,7 @@ def color_jitter(x, index, epoch, seed, s: float):
     b = x.shape[0]
     xf = x.float() / 255
     # ``index`` is on x's device (augment puts it there), and so is every draw from it
-    factors = [rand_uniform(seed, epoch, index, st, 1 - s, 1 + s).view(b, 1, 1, 1)
-               for st in (BRIGHT, CONTRAST, SATUR)]
+    factors = [rand_uniform(seed, epoch, index, st, 1 - s, 1 + s).view(b, 1, 1, 1) for st in (BRIGHT, CONTRAST, SATUR)]
     hue = rand_uniform(seed, epoch, index, HUE, -s, s)
     ops = [
         lambda t: _blend(t, torch.zeros_like(t), factors[0]),
@@ -190,8 +191,9 @@ def rotate(x, index, epoch, seed, degrees: float):
     """torchvision's RandomRotation(degrees): about the centre, nearest neighbour, zero fill."""
     angle = rand_uniform(seed, epoch, index, ROTATE, -degrees, degrees) * (math.pi / 180)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
-                         torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, torch.zeros_like(cos)], 1), torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out.round().clamp(0, 255).to(torch.uint8)

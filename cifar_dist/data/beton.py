@@ -6,6 +6,7 @@ fingerprint of the images and labels it was written from, its size and its
 sha256; a file that does not match is reported, never read: FFCV reading a
 truncated or damaged file can crash or hang.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,11 @@ from cifar_dist.data.cifar import ImageSet, file_digest, load_cifar10
 from cifar_dist.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
-FFCV_HELP = ("pip install 'cifar_dist[ffcv]' (FFCV builds from source and needs Debian's "
-             "pkg-config libturbojpeg0-dev libopencv-dev: sudo apt-get install pkg-config "
-             "libturbojpeg0-dev libopencv-dev)")
+FFCV_HELP = (
+    "pip install 'cifar_dist[ffcv]' (FFCV builds from source and needs Debian's "
+    "pkg-config libturbojpeg0-dev libopencv-dev: sudo apt-get install pkg-config "
+    "libturbojpeg0-dev libopencv-dev)"
+)
 
 
 def require_ffcv():
@@ -83,9 +86,11 @@ def _write(data: ImageSet, path: Path, workers: int) -> None:
     from ffcv.writer import DatasetWriter
 
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    writer = DatasetWriter(str(tmp), {"image": RGBImageField(write_mode="raw"),
-                                      "label": IntField(), "index": IntField()},
-                           num_workers=max(workers, 1))
+    writer = DatasetWriter(
+        str(tmp),
+        {"image": RGBImageField(write_mode="raw"), "label": IntField(), "index": IntField()},
+        num_workers=max(workers, 1),
+    )
     writer.from_indexed_dataset(_Samples(data), chunksize=1000)
     tmp.replace(path)
 
@@ -105,8 +110,12 @@ def ensure_beton(data: ImageSet, folder: Path, name: str, workers: int = 2) -> t
     if path.is_file() and entry is None:
         raise DataError(f"{path}: not listed in {folder / MANIFEST}; delete it to have it rewritten")
     _write(data, path, workers)
-    manifest[name] = {"count": len(data), "fingerprint": fp, "bytes": path.stat().st_size,
-                      "sha256": file_digest(path, "sha256")}
+    manifest[name] = {
+        "count": len(data),
+        "fingerprint": fp,
+        "bytes": path.stat().st_size,
+        "sha256": file_digest(path, "sha256"),
+    }
     _write_manifest(folder, manifest)
     return path, True
 
@@ -115,11 +124,15 @@ def verify(path: Path, entry: dict) -> None:
     """Size and checksum against the manifest: a damaged file is refused before FFCV opens it."""
     size = path.stat().st_size
     if size != entry.get("bytes"):
-        raise DataError(f"{path}: truncated or damaged .beton ({size} bytes, the manifest says "
-                        f"{entry.get('bytes')}); delete it and rerun `cifar-dist prepare --beton`")
+        raise DataError(
+            f"{path}: truncated or damaged .beton ({size} bytes, the manifest says "
+            f"{entry.get('bytes')}); delete it and rerun `cifar-dist prepare --beton`"
+        )
     if file_digest(path, "sha256") != entry.get("sha256"):
-        raise DataError(f"{path}: corrupt .beton (sha256 differs from the manifest); delete it "
-                        "and rerun `cifar-dist prepare --beton`")
+        raise DataError(
+            f"{path}: corrupt .beton (sha256 differs from the manifest); delete it "
+            "and rerun `cifar-dist prepare --beton`"
+        )
 
 
 def write_betons(root: Path, folder: Path | None = None) -> str:

@@ -4,6 +4,7 @@ The batch files are pickles. Unpickling is restricted to what a CIFAR batch
 holds (a dict of numpy arrays, lists, ints and strings): any other global, such
 as ``os.system`` in a crafted file, is refused before it can run.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,7 @@ import torch
 
 from cifar_dist.errors import DataError
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck")
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
@@ -35,10 +35,15 @@ MD5 = {
 }
 # Globals a CIFAR batch pickle may name (numpy's array reconstruction, old and new module paths).
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"), ("copyreg", "_reconstructor"), ("builtins", "object"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+    ("copyreg", "_reconstructor"),
+    ("builtins", "object"),
 }
 
 
@@ -77,8 +82,17 @@ def safe_unpickle(path: Path) -> dict:
         obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except _Refused as e:
         raise DataError(f"{path}: not a CIFAR batch ({e}); nothing in it was executed") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            OverflowError, MemoryError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        MemoryError,
+    ) as e:
         raise DataError(f"{path}: truncated or corrupt CIFAR batch ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: not a CIFAR batch (holds {type(obj).__name__}, not a dict)")
@@ -121,17 +135,22 @@ def check_md5(folder: Path, names, warn: bool = True) -> list[str]:
     """Names whose md5 differs from the official download's; warns once about them (``warn``)."""
     differ = [n for n in names if n in MD5 and file_digest(folder / n, "md5") != MD5[n]]
     if differ and warn:
-        warnings.warn(f"{folder}: {', '.join(differ)} differ from the official CIFAR-10 "
-                      "checksums: a rebuilt or modified copy, so accuracies on it are not the official "
-                      "files' (summary.json records which data a result is on)", stacklevel=2)
+        warnings.warn(
+            f"{folder}: {', '.join(differ)} differ from the official CIFAR-10 "
+            "checksums: a rebuilt or modified copy, so accuracies on it are not the official "
+            "files' (summary.json records which data a result is on)",
+            stacklevel=2,
+        )
     return differ
 
 
 def missing_files_message(root: Path) -> str:
     folder = root / FOLDER
-    return (f"{folder}: CIFAR-10 not found; run `cifar-dist prepare --root {root}` "
-            f"or put data_batch_1..5 and test_batch from cifar-10-python.tar.gz "
-            f"(https://www.cs.toronto.edu/~kriz/cifar.html) in {folder}/")
+    return (
+        f"{folder}: CIFAR-10 not found; run `cifar-dist prepare --root {root}` "
+        f"or put data_batch_1..5 and test_batch from cifar-10-python.tar.gz "
+        f"(https://www.cs.toronto.edu/~kriz/cifar.html) in {folder}/"
+    )
 
 
 def load_cifar10(root: Path, train: bool, verify: bool = True) -> ImageSet:

@@ -7,6 +7,7 @@ on), its JIT-compiled pipeline decodes raw pixels, labels and each sample's
 stored index, and the shared augmentation runs on the training device keyed
 by (seed, epoch, index), exactly as in the torch and gpu loaders.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,7 +43,7 @@ def _order_class():
 
         def sample_order(self, epoch: int):
             order = self.shard.rank_order(epoch_order(self.order_seed, epoch, self.n))
-            return order[self.start_step * self.shard.per_process:].numpy().astype(np.uint64)
+            return order[self.start_step * self.shard.per_process :].numpy().astype(np.uint64)
 
     return GlobalOrder
 
@@ -74,11 +75,18 @@ class FfcvLoader:
         # own thread; the indices stay on the host, where they prove the order.
         to_gpu = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         self._loader = Loader(
-            str(path), batch_size=shard.micro, num_workers=max(cfg.data.workers, 1),
-            order=self._order, drop_last=False, os_cache=True,
-            pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), *to_gpu],
-                       "label": [IntDecoder(), ToTensor(), Squeeze(), *to_gpu],
-                       "index": [IntDecoder(), ToTensor(), Squeeze()]})
+            str(path),
+            batch_size=shard.micro,
+            num_workers=max(cfg.data.workers, 1),
+            order=self._order,
+            drop_last=False,
+            os_cache=True,
+            pipelines={
+                "image": [SimpleRGBImageDecoder(), ToTensor(), *to_gpu],
+                "label": [IntDecoder(), ToTensor(), Squeeze(), *to_gpu],
+                "index": [IntDecoder(), ToTensor(), Squeeze()],
+            },
+        )
         # FFCV's Loader sets torch's threads to its worker count, in __init__ and in
         # every __iter__: training would run on that many cores (and round differently).
         self._threads = threads
@@ -96,7 +104,7 @@ class FfcvLoader:
         for images, labels, index in batches:
             # FFCV recycles its output buffers: everything kept is copied.
             b = len(labels)
-            want = torch.from_numpy(expected[pos:pos + b].astype(np.int64))
+            want = torch.from_numpy(expected[pos : pos + b].astype(np.int64))
             pos += b
             index = index.to(torch.int64, copy=True)
             if not torch.equal(index, want):  # the stored index proves the order

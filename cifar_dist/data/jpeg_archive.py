@@ -9,6 +9,7 @@ files; the pixels do not (JPEG), and ``summary.json`` says so (md5 check).
 
     cifar-dist prepare --root DATA --from-archive cifar10-jpeg.tar.gz
 """
+
 from __future__ import annotations
 
 import io
@@ -31,9 +32,10 @@ def _members(archive: Path) -> dict[str, bytes]:
         with tarfile.open(archive, "r:*") as tar:
             out = {}
             for m in tar:
-                if m.isfile():
+                f = tar.extractfile(m) if m.isfile() else None
+                if f is not None:
                     name = m.name.split("/", 1)[1] if "/" in m.name else m.name
-                    out[name] = tar.extractfile(m).read()
+                    out[name] = f.read()
             return out
     except (OSError, tarfile.TarError) as e:
         raise DataError(f"{archive}: cannot read the archive: {e}") from None
@@ -83,13 +85,22 @@ def unpack_jpeg_archive(archive: Path, root: Path) -> bool:
     for split, files in (("train", TRAIN_FILES), ("test", TEST_FILES)):
         labels = _labels(members, f"{split}_labels.txt", archive)
         if len(labels) != PER_BATCH * len(files):
-            raise DataError(f"{archive}: {split}_labels.txt: expected {PER_BATCH * len(files)} labels, "
-                            f"got {len(labels)}")
+            raise DataError(
+                f"{archive}: {split}_labels.txt: expected {PER_BATCH * len(files)} labels, got {len(labels)}"
+            )
         rows = _images(members, split, labels, archive)
         for b, name in enumerate(files):
             part = slice(b * PER_BATCH, (b + 1) * PER_BATCH)
-            _write(out / name, {b"batch_label": f"{split} batch {b + 1} of {len(files)}".encode(),
-                                b"labels": labels[part], b"data": rows[part]})
-    _write(out / "batches.meta", {b"label_names": [c.encode() for c in CLASSES],
-                                  b"num_cases_per_batch": PER_BATCH, b"num_vis": 3072})
+            _write(
+                out / name,
+                {
+                    b"batch_label": f"{split} batch {b + 1} of {len(files)}".encode(),
+                    b"labels": labels[part],
+                    b"data": rows[part],
+                },
+            )
+    _write(
+        out / "batches.meta",
+        {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": PER_BATCH, b"num_vis": 3072},
+    )
     return True

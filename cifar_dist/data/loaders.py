@@ -6,6 +6,7 @@ device. Which samples, and how each is augmented, follows from (seed, epoch,
 global index) alone (``sharding`` and ``augment``), so the loaders are
 interchangeable and a resumed epoch continues at the exact next sample.
 """
+
 from __future__ import annotations
 
 import functools
@@ -65,8 +66,9 @@ class Loader(Protocol):
 
     steps_per_epoch: int
 
-    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[tuple[torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor]]]: ...
+    def iter_epoch(
+        self, epoch: int, start_step: int = 0
+    ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]: ...
 
 
 class TorchLoader:
@@ -86,10 +88,16 @@ class TorchLoader:
         self.shard, self.device = shard, torch.device(device)
         self.steps_per_epoch = shard.steps_per_epoch(len(data))
         self._keys = _StepKeys(len(data), seed, 0, shard, 0)
-        self._loader = DataLoader(_AugmentedBatches(data, spec, seed), batch_sampler=self._keys,
-                                  collate_fn=_whole_batch, num_workers=workers, worker_init_fn=_worker_init,
-                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                                  prefetch_factor=4 if workers else None)
+        self._loader = DataLoader(
+            _AugmentedBatches(data, spec, seed),
+            batch_sampler=self._keys,
+            collate_fn=_whole_batch,
+            num_workers=workers,
+            worker_init_fn=_worker_init,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None,
+        )
 
     def iter_epoch(self, epoch: int, start_step: int = 0):
         self._keys.epoch, self._keys.start = epoch, start_step  # read in this process by the iterator

@@ -1,4 +1,5 @@
 """`cifar-dist prepare`: get CIFAR-10 into place (download when the network allows) and check it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +20,7 @@ def prepare(root: Path, download: bool = True, quiet: bool = False) -> str | Non
     if not was_complete and download:
         try:
             import torchvision
+
             torchvision.datasets.CIFAR10(str(root), train=True, download=True)
         except Exception as e:  # no network, proxy, disk: all end in the same instructions
             raise DataError(
@@ -33,6 +35,9 @@ def prepare(root: Path, download: bool = True, quiet: bool = False) -> str | Non
     if quiet and was_complete:
         return None
     differ = check_md5(root / FOLDER, TRAIN_FILES + TEST_FILES, warn=False)  # the report line says it
-    note = ("md5 matches the official files" if not differ else
-            f"md5 differs for {len(differ)} files: not the official files (a rebuilt or modified copy)")
+    note = (
+        "md5 matches the official files"
+        if not differ
+        else f"md5 differs for {len(differ)} files: not the official files (a rebuilt or modified copy)"
+    )
     return f"{root / FOLDER}: {len(train):,} train + {len(test):,} test images, {note}"

@@ -5,6 +5,7 @@ order; rank ``r`` of ``W`` takes the r-th contiguous slice of B/W, cut into
 ``accum`` micro-batches. The same global batch is formed for any W, and the
 last incomplete global batch of an epoch is dropped.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ class Shard:
         if self.global_batch % (self.world * self.accum):
             raise ConfigError(
                 f"train.batch_size: {self.global_batch} is not divisible by "
-                f"{self.world} processes x train.accum_steps {self.accum}")
+                f"{self.world} processes x train.accum_steps {self.accum}"
+            )
 
     @property
     def per_process(self) -> int:

@@ -1,15 +1,20 @@
 """Accelerator construction, collectives, and rank-0 helpers (the launcher's variables: ``launcher``)."""
+
 from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from cifar_dist.config.registry import PRECISIONS
-from cifar_dist.distributed.launcher import env_rank, launcher_world_size, using_deepspeed
+from cifar_dist.distributed.launcher import env_rank, launcher_world_size, local_world_size, using_deepspeed
 from cifar_dist.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from cifar_dist.config.schema import Config
 
 
 def check_world(num_processes: int) -> None:
@@ -19,7 +24,8 @@ def check_world(num_processes: int) -> None:
         raise UserError(
             f"the launcher started {launched} processes but each one sees a world of 1 "
             "(they would train unsynchronized); on CPU use `accelerate launch --config_file "
-            "launch/cpu.yaml`, `torchrun`, or ACCELERATE_USE_CPU=1 with --multi_gpu")
+            "launch/cpu.yaml`, `torchrun`, or ACCELERATE_USE_CPU=1 with --multi_gpu"
+        )
 
 
 def check_gpu_count(local_processes: int, visible_gpus: int) -> None:
@@ -27,9 +33,11 @@ def check_gpu_count(local_processes: int, visible_gpus: int) -> None:
     GPU, and NCCL fails (a launch config must not assume the node's GPU count)."""
     if visible_gpus and local_processes > visible_gpus:
         shown = os.environ.get("CUDA_VISIBLE_DEVICES")
-        raise UserError(f"{local_processes} processes on this node but {visible_gpus} visible GPU(s)"
-                        f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; start at most "
-                        f"{visible_gpus} (accelerate launch --num_processes, torchrun --nproc_per_node)")
+        raise UserError(
+            f"{local_processes} processes on this node but {visible_gpus} visible GPU(s)"
+            f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; start at most "
+            f"{visible_gpus} (accelerate launch --num_processes, torchrun --nproc_per_node)"
+        )
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -44,24 +52,27 @@ def has_accelerator() -> bool:
     return bool(xpu is not None and xpu.is_available())
 
 
-def make_accelerator(cfg, timeout_s: int = 600):
+def make_accelerator(cfg: Config, timeout_s: int = 600):
     """The Accelerator for this run: DDP (or DeepSpeed when launched with its config)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     if cfg.model.sync_bn and not has_accelerator():
-        raise ConfigError("model.sync_bn: SyncBatchNorm only runs on GPUs; on CPU use "
-                          "model.bn_group for results independent of the process count")
+        raise ConfigError(
+            "model.sync_bn: SyncBatchNorm only runs on GPUs; on CPU use "
+            "model.bn_group for results independent of the process count"
+        )
     if torch.cuda.is_available():
-        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-        check_gpu_count(int(local) if local.isdigit() else 1, torch.cuda.device_count())
+        check_gpu_count(local_world_size(), torch.cuda.device_count())
     # Gradients live in DDP's buckets (no copy in and out of them each step). Buffers are not
-    # broadcast before every forward (parts.prepare_model switches that off on the module:
+    # broadcast before every forward (trainer.build.prepare_model switches that off on the module:
     # Accelerate only knows the argument PyTorch 2.13 deprecated).
-    handlers = [DistributedDataParallelKwargs(gradient_as_bucket_view=True),
-                InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
+    handlers = [
+        DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+        InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
+    ]
     # cifar_dist.trainer.precision owns autocast and loss scaling, except under DeepSpeed.
-    kwargs = dict(mixed_precision="no", kwargs_handlers=handlers)
+    kwargs: dict[str, Any] = {"mixed_precision": "no", "kwargs_handlers": handlers}
     if using_deepspeed():
         kwargs["mixed_precision"] = PRECISIONS.entry(cfg.run.precision)["accelerate"]
         if not has_accelerator():
@@ -70,6 +81,7 @@ def make_accelerator(cfg, timeout_s: int = 600):
             # DeepSpeed checks the batch size against the world size when it is
             # built, so the (gloo) process group must exist first.
             from accelerate import PartialState
+
             PartialState(backend="gloo")
         os.environ.setdefault("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
         _skip_transformers_weakref()
@@ -96,15 +108,26 @@ def init_restarted_process_group(timeout: timedelta) -> bool:
     Returns whether it did.
     """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not attempt.isdigit()
-            or int(attempt) == 0 or launcher_world_size() < 2 or dist.is_initialized()):
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        or not attempt.isdigit()
+        or int(attempt) == 0
+        or launcher_world_size() < 2
+        or dist.is_initialized()
+    ):
         return False
     world = launcher_world_size()
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=False, timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
     backend = "nccl" if torch.cuda.is_available() else "xccl" if has_accelerator() else "gloo"
-    dist.init_process_group(backend, store=dist.PrefixStore(f"cifar_dist/attempt_{attempt}/", store),
-                            rank=env_rank(), world_size=world, timeout=timeout)
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"cifar_dist/attempt_{attempt}/", store),
+        rank=env_rank(),
+        world_size=world,
+        timeout=timeout,
+    )
     return True
 
 
@@ -124,10 +147,12 @@ def _skip_transformers_weakref() -> None:
 
     def set_deepspeed_weakref(self):
         if self.zero3_init_flag:
-            raise ConfigError("deepspeed_config.zero3_init_flag: needs Hugging Face transformers; "
-                              "set it to false in the launch config")
+            raise ConfigError(
+                "deepspeed_config.zero3_init_flag: needs Hugging Face transformers; "
+                "set it to false in the launch config"
+            )
 
-    set_deepspeed_weakref._cifar_dist_skip = True
+    setattr(set_deepspeed_weakref, "_cifar_dist_skip", True)  # noqa: B010 (a mark on a function)
     DeepSpeedPlugin.set_deepspeed_weakref = set_deepspeed_weakref
 
 
@@ -141,7 +166,7 @@ def _skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def configure_deepspeed(accelerator, shard, cfg) -> None:
+def configure_deepspeed(accelerator, shard, cfg: Config) -> None:
     """Give DeepSpeed the batch geometry (our loaders do not go through prepare()).
     (``train.exact_reduce`` is refused under DeepSpeed before any set-up: ``train.run``.)"""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config

@@ -1,4 +1,5 @@
 """Accelerator construction, collectives, and rank-0 helpers (the launcher's variables: ``launcher``)."""
+
 from __future__ import annotations
 
 import torch

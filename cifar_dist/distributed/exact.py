@@ -13,6 +13,7 @@ each process sums its aligned subtree, the processes' partial sums are
 gathered and summed in rank order, and the total is divided by the (power of
 two) chunk count, an exact operation. Same chunks, same tree, same bits.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,10 +42,6 @@ class TreeSum:
         return self._stack[0][1]
 
 
-def is_power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def take_grads(params) -> list[torch.Tensor]:
     """Detach the current gradients (zeros where a parameter got none) and clear them."""
     out = []
@@ -71,6 +68,6 @@ def reduce_across_processes(local: list[torch.Tensor], num_chunks: int) -> list[
     flat = tree_all_reduce(torch.cat([g.reshape(-1) for g in local])) / num_chunks
     out, offset = [], 0
     for g in local:
-        out.append(flat[offset:offset + g.numel()].view_as(g))
+        out.append(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
     return out

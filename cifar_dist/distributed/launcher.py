@@ -5,9 +5,11 @@ SLURM_PROCID, MPI launchers their own; Accelerate's DeepSpeed configs set
 ACCELERATE_USE_DEEPSPEED. Nothing here imports torch, so bad input can be refused
 before the heavy imports.
 """
+
 from __future__ import annotations
 
 import os
+import sys
 
 
 def launcher_world_size() -> int:
@@ -26,6 +28,27 @@ def env_rank() -> int:
     return 0
 
 
+def local_rank() -> int:
+    """This process's rank on its node (LOCAL_RANK; 0 if none): which of the node's GPUs it uses."""
+    value = os.environ.get("LOCAL_RANK", "0")
+    return int(value) if value.isdigit() else 0
+
+
+def local_world_size() -> int:
+    """How many processes the launcher started on this node (LOCAL_WORLD_SIZE; 1 if none)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return int(value) if value.isdigit() else 1
+
+
 def using_deepspeed() -> bool:
     """Whether Accelerate was launched with a DeepSpeed config."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+
+
+def rank_prefix() -> str:
+    """'rank N: ' when several processes run (from torch.distributed once it is set up, else from
+    the launcher's variables), '' for one: what a one-line error or warning starts with."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f"rank {dist.get_rank()}: "
+    return f"rank {env_rank()}: " if launcher_world_size() > 1 else ""

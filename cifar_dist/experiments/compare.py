@@ -6,6 +6,7 @@ each configuration gets its final test accuracy as mean, std, min, max and a 95%
 confidence interval of the mean, and every pair a Welch's t-test p-value.
 Writes compare.md, compare.json and compare.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,15 @@ _ABSENT = "<absent>"
 
 def add_compare_arguments(ap: argparse.ArgumentParser) -> None:
     """The arguments of `cifar-dist compare`: DIR... and --out."""
-    ap.add_argument("dirs", nargs="+", metavar="DIR",
-                    help="run directories, or directories holding runs (a sweep directory, runs/)")
-    ap.add_argument("--out", metavar="DIR",
-                    help="where compare.md/.json/.png go (default: the first DIR if it is a sweep "
-                         "directory, else ./compare-<time>)")
+    ap.add_argument(
+        "dirs", nargs="+", metavar="DIR", help="run directories, or directories holding runs (a sweep directory, runs/)"
+    )
+    ap.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where compare.md/.json/.png go (default: the first DIR if it is a sweep "
+        "directory, else ./compare-<time>)",
+    )
 
 
 def _read_json(path: Path) -> dict:
@@ -49,8 +54,9 @@ def _read_json(path: Path) -> dict:
 
 def valid_accuracy(value) -> bool:
     """A test accuracy that can be averaged: a finite number in [0, 1] (not a boolean, not NaN)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and 0.0 <= value <= 1.0)
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0.0 <= value <= 1.0
+    )
 
 
 def _read_run(path: Path) -> dict:
@@ -61,8 +67,7 @@ def _read_run(path: Path) -> dict:
     if not valid_accuracy(summary.get("test_acc")):
         invalid = f"test_acc is {str(summary.get('test_acc', 'missing'))[:40]}, not a number in [0, 1]"
     config = read_yaml(path / "config.yaml")  # read as data: nothing it names is imported
-    curve = {row["epoch"]: 100.0 * row["test_acc"] for row in read_metrics(path)
-             if valid_accuracy(row.get("test_acc"))}
+    curve = {row["epoch"]: 100.0 * row["test_acc"] for row in read_metrics(path) if valid_accuracy(row.get("test_acc"))}
     return {"dir": str(path), "config": flatten(config), "summary": summary, "curve": curve, "invalid": invalid}
 
 
@@ -118,8 +123,7 @@ def group_runs(runs: list[dict]) -> list[dict]:
     keys: list[str] = []
     for group in members:
         keys += [k for k in group[0]["config"] if k not in IGNORED_KEYS and k not in keys]
-    differing = [k for k in keys
-                 if len({json.dumps(g[0]["config"].get(k, _ABSENT), default=str) for g in members}) > 1]
+    differing = [k for k in keys if len({json.dumps(g[0]["config"].get(k, _ABSENT), default=str) for g in members}) > 1]
     out = []
     for group in members:
         cfg = group[0]["config"]
@@ -167,14 +171,26 @@ def summarize(group: dict) -> dict:
     target = None
     if any(k in s for s in sums for k in ("time_to_target_s", "epochs_to_target")):
         reached = [s for s in sums if s.get("time_to_target_s") is not None or s.get("epochs_to_target") is not None]
-        target = {"reached": len(reached),
-                  "time_to_target_s_mean": _mean_of([s.get("time_to_target_s") for s in reached]),
-                  "epochs_to_target_mean": _mean_of([s.get("epochs_to_target") for s in reached])}
+        target = {
+            "reached": len(reached),
+            "time_to_target_s_mean": _mean_of([s.get("time_to_target_s") for s in reached]),
+            "epochs_to_target_mean": _mean_of([s.get("epochs_to_target") for s in reached]),
+        }
     return {
-        "label": group["label"], "name": group["name"], "differs": group["differs"], "n": len(seeds),
-        "runs_counted": len(accs), "shared_seeds": shared,
-        "test_acc_pct": {"mean": stats.mean(seeds), "std": stats.std(seeds), "min": min(accs), "max": max(accs),
-                         "ci95": list(ci) if ci else None, "per_seed": seeds},
+        "label": group["label"],
+        "name": group["name"],
+        "differs": group["differs"],
+        "n": len(seeds),
+        "runs_counted": len(accs),
+        "shared_seeds": shared,
+        "test_acc_pct": {
+            "mean": stats.mean(seeds),
+            "std": stats.std(seeds),
+            "min": min(accs),
+            "max": max(accs),
+            "ci95": list(ci) if ci else None,
+            "per_seed": seeds,
+        },
         "data": sorted({_data_name(s.get("data")) for s in sums}),
         "wall_time_s_mean": _mean_of([s.get("wall_time_s") for s in sums]),
         "images_per_s_mean": _mean_of([s.get("images_per_s") for s in sums]),
@@ -189,8 +205,11 @@ def _data_name(data) -> str:
         return "data not recorded"
     if data.get("source") == "synthetic":
         return "synthetic data"
-    return "CIFAR-10 (official files)" if data.get("official") else \
-        f"a CIFAR-10 copy that is not the official files (md5 {str(data.get('md5', ''))[:8]})"
+    return (
+        "CIFAR-10 (official files)"
+        if data.get("official")
+        else f"a CIFAR-10 copy that is not the official files (md5 {str(data.get('md5', ''))[:8]})"
+    )
 
 
 def pair_tests(configs: list[dict], runs_by_label: dict[str, list[float]]) -> tuple[str, list[dict]]:
@@ -200,10 +219,17 @@ def pair_tests(configs: list[dict], runs_by_label: dict[str, list[float]]) -> tu
     if len(labels) > MAX_ALL_PAIRS:
         scope, pairs = "versus_first", [(labels[0], b) for b in labels[1:]]
     else:
-        scope, pairs = "all", [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+        scope, pairs = "all", [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
     means = {c["label"]: c["test_acc_pct"]["mean"] for c in configs}
-    return scope, [{"a": a, "b": b, "diff_pct": means[a] - means[b],
-                    "p_value": stats.welch_p_value(runs_by_label[a], runs_by_label[b])} for a, b in pairs]
+    return scope, [
+        {
+            "a": a,
+            "b": b,
+            "diff_pct": means[a] - means[b],
+            "p_value": stats.welch_p_value(runs_by_label[a], runs_by_label[b]),
+        }
+        for a, b in pairs
+    ]
 
 
 def _num(v, fmt: str = ".2f") -> str:
@@ -211,18 +237,25 @@ def _num(v, fmt: str = ".2f") -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(r) + " |" for r in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
 
 
 def to_markdown(report: dict) -> str:
     configs = report["configurations"]
     nruns = sum(c.get("runs_counted", c["n"]) for c in configs)
-    lines = [f"# Comparison: {nruns} finished run{'s' * (nruns != 1)} in {len(configs)} "
-             f"configuration{'s' * (len(configs) != 1)}", "",
-             "Final test accuracy in %; n counts distinct seeds (runs that share a seed are averaged into one "
-             "value); the 95% CI is that of the mean (Student's t, n - 1 degrees of freedom), clipped to [0, 100].",
-             "Data: " + "; ".join(sorted({d for c in configs for d in c["data"]})) + ".", ""]
+    lines = [
+        f"# Comparison: {nruns} finished run{'s' * (nruns != 1)} in {len(configs)} "
+        f"configuration{'s' * (len(configs) != 1)}",
+        "",
+        "Final test accuracy in %; n counts distinct seeds (runs that share a seed are averaged into one "
+        "value); the 95% CI is that of the mean (Student's t, n - 1 degrees of freedom), clipped to [0, 100].",
+        "Data: " + "; ".join(sorted({d for c in configs for d in c["data"]})) + ".",
+        "",
+    ]
     has_target = any(c["target"] for c in configs)
     header = ["configuration", "n", "test acc (mean ± std)", "min", "max", "95% CI", "wall time (s)", "images/s"]
     header += ["time to target (s)", "epochs to target"] if has_target else []
@@ -230,23 +263,43 @@ def to_markdown(report: dict) -> str:
     for c in configs:
         acc, t = c["test_acc_pct"], c["target"]
         ci = f"[{acc['ci95'][0]:.2f}, {acc['ci95'][1]:.2f}]" if acc["ci95"] else "– (n < 2)"
-        row = [c["label"], str(c["n"]), f"{acc['mean']:.2f} ± {acc['std']:.2f}", f"{acc['min']:.2f}",
-               f"{acc['max']:.2f}", ci, _num(c["wall_time_s_mean"], ".1f"), _num(c["images_per_s_mean"], ".0f")]
+        row = [
+            c["label"],
+            str(c["n"]),
+            f"{acc['mean']:.2f} ± {acc['std']:.2f}",
+            f"{acc['min']:.2f}",
+            f"{acc['max']:.2f}",
+            ci,
+            _num(c["wall_time_s_mean"], ".1f"),
+            _num(c["images_per_s_mean"], ".0f"),
+        ]
         if has_target:
-            row += [f"{_num(t['time_to_target_s_mean'], '.1f')} ({t['reached']}/{c['n']} reached)" if t else "–",
-                    _num(t["epochs_to_target_mean"], ".1f") if t else "–"]
+            row += [
+                f"{_num(t['time_to_target_s_mean'], '.1f')} ({t['reached']}/{c['n']} reached)" if t else "–",
+                _num(t["epochs_to_target_mean"], ".1f") if t else "–",
+            ]
         rows.append(row)
     lines += _table(header, rows)
     if report["pairs"]:
         scope = "each versus the first" if report["pairs_scope"] == "versus_first" else "every pair"
         lines += ["", f"## Welch's t-test of the test-accuracy difference ({scope})", ""]
-        lines += _table(["A", "B", "A − B (points)", "p-value"],
-                        [[p["a"], p["b"], f"{p['diff_pct']:+.2f}",
-                          "– (n < 2)" if p["p_value"] is None else f"{p['p_value']:.3g}"] for p in report["pairs"]])
+        lines += _table(
+            ["A", "B", "A − B (points)", "p-value"],
+            [
+                [
+                    p["a"],
+                    p["b"],
+                    f"{p['diff_pct']:+.2f}",
+                    "– (n < 2)" if p["p_value"] is None else f"{p['p_value']:.3g}",
+                ]
+                for p in report["pairs"]
+            ],
+        )
     lines += ["", "## Runs", ""]
-    lines += _table(["configuration", "run directory", "seed", "test acc"],
-                    [[c["label"], r["dir"], str(r["seed"]), f"{r['test_acc_pct']:.2f}"]
-                     for c in configs for r in c["runs"]])
+    lines += _table(
+        ["configuration", "run directory", "seed", "test acc"],
+        [[c["label"], r["dir"], str(r["seed"]), f"{r['test_acc_pct']:.2f}"] for c in configs for r in c["runs"]],
+    )
     shared = [(c["label"], seed, dirs) for c in configs for seed, dirs in c.get("shared_seeds", {}).items()]
     if shared:
         lines += ["", "## Runs that share a seed (counted once: they repeat one experiment)", ""]
@@ -272,19 +325,26 @@ def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
             continue
         all_epochs += epochs
         values = [[r["curve"][e] for r in g["runs"] if e in r["curve"]] for e in epochs]
-        line, = ax.plot(epochs, [stats.mean(v) for v in values], marker="o" if len(epochs) < 30 else None,
-                        label=f"{g['label']} (n={len(g['runs'])})")
+        (line,) = ax.plot(
+            epochs,
+            [stats.mean(v) for v in values],
+            marker="o" if len(epochs) < 30 else None,
+            label=f"{g['label']} (n={len(g['runs'])})",
+        )
         ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
         drawn = True
     if drawn:
         ax.legend(fontsize="small")
     else:
-        ax.text(0.5, 0.5, "no test accuracy recorded in metrics.jsonl", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "no test accuracy recorded in metrics.jsonl", ha="center", va="center", transform=ax.transAxes
+        )
     epoch_axis(ax, all_epochs)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{title + ': ' if title else ''}test accuracy, mean per configuration, band from min to max "
-                 "over its runs", fontsize=9)
+    ax.set_title(
+        f"{title + ': ' if title else ''}test accuracy, mean per configuration, band from min to max over its runs",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
@@ -298,13 +358,19 @@ def run_compare(args) -> int:
     invalid = [{"dir": r["dir"], "reason": r["invalid"]} for r in runs if r["invalid"]]
     runs = [r for r in runs if not r["invalid"]]
     if not runs:
-        raise UserError(f"{args.dirs[0]}: no finished run with a valid test_acc ({invalid[0]['dir']}: "
-                        f"{invalid[0]['reason']})")
+        raise UserError(
+            f"{args.dirs[0]}: no finished run with a valid test_acc ({invalid[0]['dir']}: {invalid[0]['reason']})"
+        )
     groups = group_runs(runs)
     configs = [summarize(g) for g in groups]
     scope, pairs = pair_tests(configs, {c["label"]: c["test_acc_pct"]["per_seed"] for c in configs})
-    report = {"configurations": configs, "pairs_scope": scope, "pairs": pairs, "not_finished": unfinished,
-              "invalid": invalid}
+    report = {
+        "configurations": configs,
+        "pairs_scope": scope,
+        "pairs": pairs,
+        "not_finished": unfinished,
+        "invalid": invalid,
+    }
     if args.out:
         out = Path(args.out)
     elif (Path(args.dirs[0]) / "sweep.json").is_file():

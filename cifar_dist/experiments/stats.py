@@ -4,6 +4,7 @@ Sample mean and standard deviation, Student's t distribution (CDF through the
 regularized incomplete beta function, evaluated as a continued fraction, and its
 quantile by bisection), confidence intervals of a mean and Welch's t-test.
 """
+
 from __future__ import annotations
 
 import math

@@ -15,6 +15,7 @@ state. Running the same command again resumes the sweep: finished members are
 skipped, interrupted ones continue from their newest checkpoint. A member that
 fails is recorded with its exit code and last error line; the others go on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,20 @@ def read_sweep_file(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({str(e)[:80]}); remove it to plan the sweep again") from None
     members = data.get("members") if isinstance(data, dict) else None
-    if not (isinstance(members, list) and (data.get("config") is None or isinstance(data["config"], str))
-            and all(isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("overrides"), list)
-                    and all(isinstance(o, str) for o in m["overrides"]) for m in members)):
-        raise UserError(f"{path}: not a sweep file (config, members with name and overrides); remove it to plan "
-                        "the sweep again")
+    if not (
+        isinstance(members, list)
+        and (data.get("config") is None or isinstance(data["config"], str))
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("name"), str)
+            and isinstance(m.get("overrides"), list)
+            and all(isinstance(o, str) for o in m["overrides"])
+            for m in members
+        )
+    ):
+        raise UserError(
+            f"{path}: not a sweep file (config, members with name and overrides); remove it to plan the sweep again"
+        )
     return data
 
 
@@ -70,9 +80,9 @@ class Member:
     index: int
     name: str
     overrides: list[str]
-    state: str = "pending"      # pending | done | failed
+    state: str = "pending"  # pending | done | failed
     exit_code: int | None = None
-    error: str = ""             # the member's last error line
+    error: str = ""  # the member's last error line
     wall_time_s: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -120,7 +130,7 @@ def _hashed(readable: str, exact: list[str]) -> str:
     import hashlib
 
     digest = hashlib.sha1(json.dumps(exact).encode()).hexdigest()[:10]
-    return f"{readable[:MAX_NAME - 11]}-{digest}"
+    return f"{readable[: MAX_NAME - 11]}-{digest}"
 
 
 def member_names(readable: list[str], exact: list[list[str]]) -> list[str]:
@@ -146,7 +156,7 @@ def expand(grid: list[str], seeds: list[int]) -> list[Member]:
         axes.append((key.strip(), split_values(values)))
     keys = [k for k, _ in axes]
     swept = [k for k, values in axes if len(values) > 1]  # a single value is a plain override: not in names
-    members = []
+    members: list[Member] = []
     for combo in itertools.product(*[values for _, values in axes]):
         for seed in seeds:
             settings = [f"{k}={v}" for k, v in zip(keys, combo)] + [f"run.seed={seed}"]
@@ -180,8 +190,9 @@ class Sweep:
             raise UserError(f"{self.path}: exists and is not a directory; choose another --out")
         if self.file.is_file():
             saved = read_sweep_file(self.file)
-            same = saved["config"] == self.config and \
-                [m["overrides"] for m in saved["members"]] == [m.overrides for m in self.members]
+            same = saved["config"] == self.config and [m["overrides"] for m in saved["members"]] == [
+                m.overrides for m in self.members
+            ]
             if not same:
                 raise UserError(f"{self.file}: holds a different sweep (config or grid); choose another --out")
             for m, old in zip(self.members, saved["members"]):
@@ -285,10 +296,12 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
     todo = [m for m in sweep.members if m.state == "pending"]
     logs = sweep.path / "logs"
     logs.mkdir(exist_ok=True)
-    free, running, total = _slots(parallel), {}, len(sweep.members)
+    free, total = _slots(parallel), len(sweep.members)
+    running: dict[int, tuple] = {}  # member index -> (process, member, slot, start time, log file)
     done_before = total - len(todo)
-    print(f"sweep {sweep.path}: {total} members, {done_before} done, {len(todo)} to run, {parallel} at a time",
-          flush=True)
+    print(
+        f"sweep {sweep.path}: {total} members, {done_before} done, {len(todo)} to run, {parallel} at a time", flush=True
+    )
     with _Signals() as signals:
         forwarded = False
         try:
@@ -296,13 +309,11 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
                 while todo and free and signals.received is None:
                     m, slot = todo.pop(0), free.pop(0)
                     # a member under a Slurm allocation must never requeue the job: the sweep owns it
-                    env = dict(os.environ, CIFAR_DIST_REQUEUE="0",
-                               **{k: v for k, v in slot.items() if k != "threads"})
+                    env = dict(os.environ, CIFAR_DIST_REQUEUE="0", **{k: v for k, v in slot.items() if k != "threads"})
                     threads = [f"run.threads={slot['threads']}"] if "threads" in slot and not user_threads else []
                     log = open(logs / f"{m.name}.log", "a")
                     cmd = [sys.executable, "-m", "cifar_dist.train", *sweep.train_args(m), *threads]
-                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
                     running[m.index] = (proc, m, slot, time.time(), log)
                     print(f"[{m.index + 1}/{total}] {m.name}: started", flush=True)
                 if signals.received is not None and not forwarded:
@@ -310,8 +321,11 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
                     sig = signal.SIGTERM if signals.received == signal.SIGHUP else signals.received
                     for proc, *_ in running.values():
                         proc.send_signal(sig)
-                    print(f"sweep: {signal.Signals(signals.received).name}: {len(running)} running member(s) "
-                          "asked to stop at their next checkpoint; no new member starts", flush=True)
+                    print(
+                        f"sweep: {signal.Signals(signals.received).name}: {len(running)} running member(s) "
+                        "asked to stop at their next checkpoint; no new member starts",
+                        flush=True,
+                    )
                 time.sleep(0.2)
                 for index, (proc, m, slot, started, log) in list(running.items()):
                     if proc.poll() is None:
@@ -350,12 +364,24 @@ def add_sweep_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", help="YAML recipe every member starts from")
     ap.add_argument("--seeds", default="1", help="a count (5: seeds 0..4) or a list (0,1,2); default 1 (seed 0)")
     ap.add_argument("--out", help="sweep directory (default runs/sweep-<config>-<time>)")
-    ap.add_argument("--parallel", type=int, default=1, metavar="K",
-                    help="members at once: one GPU each, or a share of the CPU threads each (default 1)")
-    ap.add_argument("--plan-only", action="store_true",
-                    help="write sweep.json and the Slurm array files, train nothing (then: sbatch slurm/sweep.sh)")
-    ap.add_argument("overrides", nargs="*", metavar="key=v1,v2",
-                    help="the grid: every combination of the listed values (a single value: a plain override)")
+    ap.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="K",
+        help="members at once: one GPU each, or a share of the CPU threads each (default 1)",
+    )
+    ap.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="write sweep.json and the Slurm array files, train nothing (then: sbatch slurm/sweep.sh)",
+    )
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=v1,v2",
+        help="the grid: every combination of the listed values (a single value: a plain override)",
+    )
 
 
 def run_sweep(args) -> int:
@@ -374,20 +400,26 @@ def run_sweep(args) -> int:
     sweep.save()
     if args.plan_only:
         n = sweep.write_array()
-        print(f"planned {n} members in {sweep.file}; submit them as a Slurm job array:\n"
-              f"  sbatch --array=0-{n - 1} slurm/sweep.sh {sweep.path}\n"
-              f"  (--array=0-{n - 1}%K runs at most K at once; then: cifar-dist compare {sweep.path})")
+        print(
+            f"planned {n} members in {sweep.file}; submit them as a Slurm job array:\n"
+            f"  sbatch --array=0-{n - 1} slurm/sweep.sh {sweep.path}\n"
+            f"  (--array=0-{n - 1}%K runs at most K at once; then: cifar-dist compare {sweep.path})"
+        )
         return 0
-    user_threads = any(o.startswith("run.threads=") for o in args.overrides) or \
-        load_config(args.config).run.threads > 0
+    user_threads = any(o.startswith("run.threads=") for o in args.overrides) or load_config(args.config).run.threads > 0
     failed, stopped_by = run_members(sweep, args.parallel, user_threads)
     done = sum(m.state == "done" for m in sweep.members)
     if stopped_by is not None:
-        print(f"sweep {sweep.path}: stopped by {signal.Signals(stopped_by).name}: {done} of {len(sweep.members)} "
-              "members done; run the same command again to resume the others", flush=True)
+        print(
+            f"sweep {sweep.path}: stopped by {signal.Signals(stopped_by).name}: {done} of {len(sweep.members)} "
+            "members done; run the same command again to resume the others",
+            flush=True,
+        )
         return 128 + stopped_by
-    print(f"sweep {sweep.path}: {done} of {len(sweep.members)} members done, {len(failed)} failed"
-          + ("" if failed else f"; compare them: cifar-dist compare {sweep.path}"))
+    print(
+        f"sweep {sweep.path}: {done} of {len(sweep.members)} members done, {len(failed)} failed"
+        + ("" if failed else f"; compare them: cifar-dist compare {sweep.path}")
+    )
     for m in failed:
         print(f"  failed: {m.name} (exit {m.exit_code}): {m.error}")
     return 1 if failed else 0

@@ -11,6 +11,7 @@ groups of samples and leaves the running-statistics update to
 ``sync_bn_statistics`` after each optimizer step, so the same groups and the
 same running statistics exist whatever the number of processes.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -29,6 +30,13 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
     applies the momentum update once per optimizer step. The state dict is a
     plain BatchNorm2d's, so weights load into ``nn.BatchNorm2d`` too.
     """
+
+    stat_sum: torch.Tensor  # this step's summed (mean, variance) per channel: [2, C]
+    stat_count: torch.Tensor  # forwards that added to it
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+    momentum: float
 
     def __init__(self, num_features: int, group: int = 0, momentum: float = 0.1):
         super().__init__(num_features, momentum=momentum)
@@ -97,7 +105,7 @@ class _BNLayout:
         # the layer of every statistic, to spread the layers' counts over their statistics
         self.owner = torch.repeat_interleave(torch.arange(len(layers)), torch.tensor(self.sizes)).to(device)
         moms = [m.momentum for m in layers]
-        self.momentum = moms[0] if len(set(moms)) == 1 else torch.tensor(moms).to(device)
+        self.momentum: float | torch.Tensor = moms[0] if len(set(moms)) == 1 else torch.tensor(moms).to(device)
         self.running = [m.running_mean for m in layers] + [m.running_var for m in layers]
 
 
@@ -110,10 +118,16 @@ def _layout(model: nn.Module) -> _BNLayout | None:
         return None
     cached = _LAYOUTS.get(model)
     device = layers[0].stat_sum.device
-    if (cached is None or cached.device != device or len(cached.layers) != len(layers)
-            or any(a is not b for a, b in zip(cached.layers, layers))
-            or any(r is not q for r, q in zip(cached.running, [m.running_mean for m in layers]
-                                              + [m.running_var for m in layers]))):
+    if (
+        cached is None
+        or cached.device != device
+        or len(cached.layers) != len(layers)
+        or any(a is not b for a, b in zip(cached.layers, layers))
+        or any(
+            r is not q
+            for r, q in zip(cached.running, [m.running_mean for m in layers] + [m.running_var for m in layers])
+        )
+    ):
         cached = _LAYOUTS[model] = _BNLayout(layers, device)
     return cached
 
@@ -140,9 +154,9 @@ def sync_bn_statistics(model: nn.Module, all_reduce=None, extra: torch.Tensor | 
         all_reduce(flat)
     if layout is not None:
         n = len(layers)
-        count = flat[layout.total:layout.total + n]
+        count = flat[layout.total : layout.total + n]
         # count is 0 only for a layer that saw no forward this step; avoid a host sync
-        averages = flat[:layout.total] / count.clamp(min=1)[layout.owner]
+        averages = flat[: layout.total] / count.clamp(min=1)[layout.owner]
         rate = ((count > 0).float() * layout.momentum).unbind()
         stats = [a.view(2, -1) for a in averages.split(layout.sizes)]
         torch._foreach_lerp_(layout.running, [s[0] for s in stats] + [s[1] for s in stats], list(rate) * 2)

@@ -1,4 +1,5 @@
 """The per-layer table of the paper's Figure 1, and FLOPs counted from the model."""
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,8 @@ def layer_table(model: nn.Module, image_size: int = 32) -> list[tuple[str, list[
     Containers (Sequential, ModuleList) and the model itself get no row;
     a module's parameter count excludes its children's.
     """
-    rows, hooks = [], []
+    rows: list[tuple[str, list[int], int]] = []
+    hooks = []
 
     def hook(module, inputs, output):
         shape = [-1] + list(output.shape[1:])

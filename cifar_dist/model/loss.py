@@ -1,12 +1,14 @@
 """Optimizers, the learning rate as a pure function of the global step, and the loss."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps: float, form: str,
-                           reduction: str = "mean") -> torch.Tensor:
+def smoothed_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, eps: float, form: str, reduction: str = "mean"
+) -> torch.Tensor:
     """Label-smoothed cross entropy (mean over the batch, or per sample), in fp32.
 
     ``paper``: 1 - eps on the true class and eps/(K-1) on each other class

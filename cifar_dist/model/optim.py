@@ -1,4 +1,5 @@
 """Optimizers, the learning rate as a pure function of the global step, and the loss."""
+
 from __future__ import annotations
 
 import bisect
@@ -24,8 +25,14 @@ def build_optimizer(params, train_cfg, device="cpu") -> torch.optim.Optimizer:
     if t.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, **kernels)
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum,
-                               nesterov=t.nesterov and t.momentum > 0, weight_decay=t.weight_decay, **kernels)
+        return torch.optim.SGD(
+            params,
+            lr=t.lr,
+            momentum=t.momentum,
+            nesterov=t.nesterov and t.momentum > 0,
+            weight_decay=t.weight_decay,
+            **kernels,
+        )
     raise ValueError(f"unknown optimizer {t.optimizer!r}")
 
 

@@ -11,6 +11,7 @@ groups of samples and leaves the running-statistics update to
 ``sync_bn_statistics`` after each optimizer step, so the same groups and the
 same running statistics exist whatever the number of processes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -107,11 +108,14 @@ class ResNet9(nn.Module):
     def __init__(self, num_classes: int = 10, bn=nn.BatchNorm2d):
         super().__init__()
         self.net = nn.Sequential(
-            ConvBN(3, 64, bn), ConvBN(64, 128, bn, pool=True),
+            ConvBN(3, 64, bn),
+            ConvBN(64, 128, bn, pool=True),
             Residual(ConvBN(128, 128, bn), ConvBN(128, 128, bn)),
-            ConvBN(128, 256, bn, pool=True), ConvBN(256, 512, bn, pool=True),
+            ConvBN(128, 256, bn, pool=True),
+            ConvBN(256, 512, bn, pool=True),
             Residual(ConvBN(512, 512, bn), ConvBN(512, 512, bn)),
-            GlobalMaxPool(), nn.Flatten(),
+            GlobalMaxPool(),
+            nn.Flatten(),
         )
         self.linear = nn.Linear(512, num_classes, bias=False)
         self.scale = 0.125  # Page's logit scaling
@@ -147,19 +151,22 @@ def build_model(model_cfg, num_classes: int = 10, norm=None) -> nn.Module:
 
     def bn(c):
         return GroupBatchNorm2d(c, group=model_cfg.bn_group, momentum=model_cfg.bn_momentum)
+
     if model_cfg.name in MODELS:
         return MODELS.get(model_cfg.name)(model_cfg, num_classes, norm or bn)
     if not is_spec(model_cfg.name):
-        raise ConfigError(f"model.name: must be one of {', '.join(MODELS.names())} or package.module:factory, "
-                          f"got {model_cfg.name!r}")
+        raise ConfigError(
+            f"model.name: must be one of {', '.join(MODELS.names())} or package.module:factory, got {model_cfg.name!r}"
+        )
     factory = import_object(model_cfg.name, "model.name")
     if not callable(factory):
         raise ConfigError(f"model.name: {model_cfg.name!r} is not callable")
     try:
         model = factory(model_cfg, num_classes)
     except Exception as e:
-        raise ConfigError(f"model.name: {model_cfg.name}(model_cfg, {num_classes}) failed: "
-                          f"{type(e).__name__}: {e}") from None
+        raise ConfigError(
+            f"model.name: {model_cfg.name}(model_cfg, {num_classes}) failed: {type(e).__name__}: {e}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name: {model_cfg.name} returned {type(model).__name__}, not a torch.nn.Module")
     return model

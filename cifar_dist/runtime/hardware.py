@@ -16,6 +16,7 @@ Measurements are cached per machine (``$CIFAR_DIST_CACHE_DIR/probes.json``,
 default ``~/.cache/cifar_dist``), keyed by the CPU or GPU, the PyTorch version
 and the thread count, so each is taken once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,8 +84,9 @@ def _matmul_seconds(n: int, dtype, device: torch.device, repeats: int, budget_s:
     return min(best, took)
 
 
-def measured_peak(device: torch.device, precision: str, n: int | None = None, repeats: int = 5,
-                  budget_s: float = PEAK_PROBE_S) -> float:
+def measured_peak(
+    device: torch.device, precision: str, n: int | None = None, repeats: int = 5, budget_s: float = PEAK_PROBE_S
+) -> float:
     """The best FLOP/s of a square matrix product in ``precision`` on ``device``, within about
     ``budget_s`` seconds. On a GPU n = 8192 (a smaller product leaves launch overhead in the
     figure). On a CPU the size grows from 256 until one product takes 20 ms (at most 2048), so
@@ -99,7 +101,7 @@ def measured_peak(device: torch.device, precision: str, n: int | None = None, re
         n = 256
         while n < 2048 and _matmul_seconds(n, dtype, device, 0, budget_s) < 0.02:
             n *= 2
-    return 2 * n ** 3 / _matmul_seconds(n, dtype, device, repeats, budget_s)
+    return 2 * n**3 / _matmul_seconds(n, dtype, device, repeats, budget_s)
 
 
 def device_peak(device: torch.device, device_name: str, precision: str, tf32: bool = False) -> tuple[float, str]:
@@ -112,8 +114,9 @@ def device_peak(device: torch.device, device_name: str, precision: str, tf32: bo
     if peak is not None:
         return peak, "table (TF32)" if key == "tf32" else "table"
     threads = torch.get_num_threads() if device.type == "cpu" else 0
-    value = cached(f"peak|{device_name}|{key}|torch {torch.__version__}|threads {threads}",
-                   lambda: measured_peak(device, key))
+    value = cached(
+        f"peak|{device_name}|{key}|torch {torch.__version__}|threads {threads}", lambda: measured_peak(device, key)
+    )
     return value, "measured"
 
 
@@ -127,6 +130,7 @@ def mfu(achieved_flops: float, peak_flops: float | None) -> float | None:
 
 
 # --- measurements cached per machine -------------------------------------------------------------
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("CIFAR_DIST_CACHE_DIR") or "~/.cache/cifar_dist").expanduser()
@@ -189,6 +193,7 @@ def cpu_model() -> str:
     except OSError:
         pass
     import platform
+
     return platform.processor() or platform.machine()
 
 
@@ -201,8 +206,9 @@ def _conv_seconds(bf16: bool, channels_last: bool, budget_s: float) -> float:
     """Best time of a forward and backward of two 3x3 convolutions (a ResNet block's work) on
     32 images of 32 channels at 16 x 16, in fp32 or under bf16 autocast."""
     g = torch.Generator().manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(32, 32, 3, padding=1))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1)
+    )
     x = torch.randn(32, 32, 16, 16, generator=g)
     if channels_last:
         net, x = net.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
@@ -222,10 +228,13 @@ def _conv_seconds(bf16: bool, channels_last: bool, budget_s: float) -> float:
 def bf16_speedup(channels_last: bool = True) -> float:
     """fp32 time over bf16 time of a small convolution block on this CPU (> 1: bf16 is faster),
     measured once per machine, PyTorch version and thread count (a few tenths of a second)."""
-    key = (f"bf16_speedup|{cpu_model()}|{'units' if has_bf16_units(cpu_flags()) else 'no units'}|"
-           f"torch {torch.__version__}|threads {torch.get_num_threads()}|channels_last {channels_last}")
+    key = (
+        f"bf16_speedup|{cpu_model()}|{'units' if has_bf16_units(cpu_flags()) else 'no units'}|"
+        f"torch {torch.__version__}|threads {torch.get_num_threads()}|channels_last {channels_last}"
+    )
 
     def measure():
         with torch.random.fork_rng(devices=[]):  # the run's seeded generators are left as they were
             return _conv_seconds(False, channels_last, 0.25) / _conv_seconds(True, channels_last, 0.25)
+
     return cached(key, measure)

@@ -9,6 +9,7 @@ and MALLOC_TRIM_THRESHOLD_ environment variables, applied by the training and
 benchmark entry points (importing cifar_dist changes nothing process-wide).
 Set CIFAR_DIST_MALLOC_TUNING=0 to leave malloc alone.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -1,4 +1,5 @@
 """Seeding, deterministic flags, and a record of the environment a result came from."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,9 @@ import torch
 def git_sha() -> str:
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -22,6 +24,7 @@ def git_sha() -> str:
 def versions() -> dict:
     """Versions of the stack, read from package metadata (nothing optional is imported)."""
     from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("torchvision", "accelerate", "deepspeed", "ffcv", "numpy"):
         try:

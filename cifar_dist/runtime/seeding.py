@@ -1,4 +1,5 @@
 """Seeding, deterministic flags, and a record of the environment a result came from."""
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,7 @@ def set_tf32(allowed: bool) -> None:
     mode = "tf32" if allowed else "ieee"
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode  # type: ignore[attr-defined]  # not in the stubs
     else:  # PyTorch before 2.9
         torch.backends.cuda.matmul.allow_tf32 = allowed
         torch.backends.cudnn.allow_tf32 = allowed

@@ -10,6 +10,7 @@ a truncated or replaced file) or whose state.json does not parse is damaged:
 ``latest_checkpoint`` skips it for the previous intact one, saying so, and refuses
 when none is intact. Weights are read through safetensors, which cannot execute code.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,12 +96,12 @@ def check_compatible(state: dict, model: torch.nn.Module, source) -> None:
     extra = [k for k in state if k not in own]
     if missing or extra:
         what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise CheckpointError(f"{source}: weights do not fit this model ({what}; "
-                              f"{len(missing)} missing, {len(extra)} unexpected keys)")
+        raise CheckpointError(
+            f"{source}: weights do not fit this model ({what}; {len(missing)} missing, {len(extra)} unexpected keys)"
+        )
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{source}: {k} has shape {tuple(state[k].shape)}, "
-                                  f"this model needs {tuple(v.shape)}")
+            raise CheckpointError(f"{source}: {k} has shape {tuple(state[k].shape)}, this model needs {tuple(v.shape)}")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -108,8 +109,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def load_model(path, device="cpu", trust_code: bool = False):
@@ -145,8 +146,10 @@ def locate_weights(path) -> tuple[Path, Path, str]:
         return path, _config_beside(path.parent), f"weights {path.name}"
     if _NAME.match(path.name) and path.parent.name == "checkpoints":
         if not (path / "model.safetensors").is_file():
-            raise CheckpointError(f"{path}: no model.safetensors in this checkpoint (a DeepSpeed checkpoint holds "
-                                  "its weights in DeepSpeed's own files; evaluate the run's final weights)")
+            raise CheckpointError(
+                f"{path}: no model.safetensors in this checkpoint (a DeepSpeed checkpoint holds "
+                "its weights in DeepSpeed's own files; evaluate the run's final weights)"
+            )
         problem = check_checkpoint(path)
         if problem:
             raise CheckpointError(f"damaged checkpoint: {problem}")
@@ -155,8 +158,11 @@ def locate_weights(path) -> tuple[Path, Path, str]:
         return path / "model.safetensors", path / "config.yaml", "final weights"
     ckpt = latest_checkpoint(path)  # the newest intact one; damaged ones are named and skipped
     if ckpt is not None and (ckpt / "model.safetensors").is_file():
-        return (ckpt / "model.safetensors", path / "config.yaml",
-                f"newest checkpoint {ckpt.name} (the run has no final weights yet)")
+        return (
+            ckpt / "model.safetensors",
+            path / "config.yaml",
+            f"newest checkpoint {ckpt.name} (the run has no final weights yet)",
+        )
     raise CheckpointError(f"{path}: no model.safetensors and no checkpoint (is it a run directory?)")
 
 
@@ -232,13 +238,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         problem = check_checkpoint(ckpt)
         if problem is None:
             if not (ckpt / MANIFEST).exists():
-                say(f"cifar-dist: warning: {ckpt}: no manifest (an earlier checkpoint format): its files "
-                    "cannot be verified")
+                say(
+                    f"cifar-dist: warning: {ckpt}: no manifest (an earlier checkpoint format): its files "
+                    "cannot be verified"
+                )
             return ckpt
         say(f"cifar-dist: warning: skipping damaged checkpoint {ckpt.name}: {problem}")
     if found:
-        raise CheckpointError(f"{Path(run_dir) / 'checkpoints'}: none of its {len(found)} checkpoints is intact "
-                              "(see the warnings above); nothing was changed")
+        raise CheckpointError(
+            f"{Path(run_dir) / 'checkpoints'}: none of its {len(found)} checkpoints is intact "
+            "(see the warnings above); nothing was changed"
+        )
     return None
 
 
@@ -287,7 +297,7 @@ class CheckpointWriter:
         else:
             os.rename(tmp, final)
         _fsync_dir(self.root)
-        for stale in list_checkpoints(self.root.parent)[:-self.keep]:
+        for stale in list_checkpoints(self.root.parent)[: -self.keep]:
             shutil.rmtree(stale, ignore_errors=True)
         return final
 

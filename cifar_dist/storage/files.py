@@ -5,6 +5,7 @@ target: a reader sees the old file or the new one, never a part. A failure (disk
 read-only or missing folder, a file where a folder belongs) is one EnvironmentFault line
 naming the file; the temporary file is removed.
 """
+
 from __future__ import annotations
 
 import json

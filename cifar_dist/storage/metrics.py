@@ -1,4 +1,5 @@
 """Metrics sinks (JSONL, TensorBoard) and an honest clock. Rank 0 writes."""
+
 from __future__ import annotations
 
 import json

@@ -1,9 +1,11 @@
 """Plots of a run: loss and accuracy per epoch (the paper's Figures 3-4) with the
 learning-rate schedule, and the confusion matrix (Figure 2). Each names its run and recipe."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cifar_dist.config.loading import load_config
 from cifar_dist.data import train_images
@@ -13,12 +15,14 @@ from cifar_dist.model.optim import lr_at
 from cifar_dist.storage.files import write_bytes_atomic
 from cifar_dist.storage.metrics import read_metrics
 
+if TYPE_CHECKING:
+    from cifar_dist.config.schema import Config
+
 
 def save_figure(fig, path, **kwargs) -> None:
     """``fig.savefig`` to a temporary file renamed over ``path``: a full disk leaves no torn
     picture, and the failure is one line naming the file."""
     import io
-
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
@@ -27,8 +31,10 @@ def save_figure(fig, path, **kwargs) -> None:
 
 def pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -59,7 +65,7 @@ def _curve(rows, keys, labels, ylabel, path, title, scale=1.0, schedule=None):
     handles, names = ax.get_legend_handles_labels()
     if schedule:
         lr_ax = ax.twinx()
-        line, = lr_ax.plot(*schedule, color="0.5", linewidth=1, linestyle="--", label="learning rate")
+        (line,) = lr_ax.plot(*schedule, color="0.5", linewidth=1, linestyle="--", label="learning rate")
         lr_ax.set_ylabel("learning rate", color="0.4")
         lr_ax.set_ylim(bottom=0)
         handles, names = handles + [line], names + ["learning rate"]
@@ -79,7 +85,7 @@ def _run_config(run_dir: Path):
         return None
 
 
-def lr_schedule(cfg, points: int = 400) -> tuple[list[float], list[float]] | None:
+def lr_schedule(cfg: Config, points: int = 400) -> tuple[list[float], list[float]] | None:
     """(epochs, learning rates) of the run's schedule, at up to ``points`` steps: the LR is a pure
     function of the step and the config."""
 
@@ -105,8 +111,7 @@ def plot_confusion(matrix, path, title="confusion matrix"):
     peak = max(max(row) for row in matrix) or 1
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                    color="white" if v > peak / 2 else "black")
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > peak / 2 else "black")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -121,9 +126,16 @@ def read_confusion(path: Path) -> list[list[int]]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: unreadable ({str(e)[:80]})") from None
     k = len(CLASSES)
-    if not (isinstance(matrix, list) and len(matrix) == k and all(
-            isinstance(row, list) and len(row) == k and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                                            for v in row) for row in matrix)):
+    if not (
+        isinstance(matrix, list)
+        and len(matrix) == k
+        and all(
+            isinstance(row, list)
+            and len(row) == k
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row)
+            for row in matrix
+        )
+    ):
         raise UserError(f"{path}: rows_true_cols_pred is not a {k} x {k} table of counts")
     return matrix
 
@@ -140,8 +152,16 @@ def draw_run(run_dir: Path) -> list[Path]:
     name = f"{run_dir.name} ({cfg.name}, {cfg.model.name})" if cfg else run_dir.name
     made = [out / "loss.png", out / "accuracy.png"]
     _curve(rows, ["train_loss", "test_loss"], ["train", "test"], "loss", made[0], f"loss: {name}")
-    _curve(rows, ["train_acc", "test_acc"], ["train", "test"], "accuracy (%)", made[1],
-           f"accuracy and learning rate: {name}", scale=100, schedule=lr_schedule(cfg) if cfg else None)
+    _curve(
+        rows,
+        ["train_acc", "test_acc"],
+        ["train", "test"],
+        "accuracy (%)",
+        made[1],
+        f"accuracy and learning rate: {name}",
+        scale=100,
+        schedule=lr_schedule(cfg) if cfg else None,
+    )
     cm_path = run_dir / "confusion_matrix.json"
     if cm_path.is_file():
         matrix = read_confusion(cm_path)

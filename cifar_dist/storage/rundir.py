@@ -3,6 +3,7 @@
 Nothing of an earlier run is overwritten unless ``--overwrite`` says so; a
 second run on the same directory is refused while the first holds its lock.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -37,8 +38,11 @@ def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object
     """(key, saved value, new value) of every key whose value differs and would change the
     result of a resumed run."""
     a, b = flatten(saved), flatten(current)
-    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
-            if a.get(k, _ABSENT) != b.get(k, _ABSENT) and k not in RESUMABLE_CHANGES]
+    return [
+        (k, a.get(k, _ABSENT), b.get(k, _ABSENT))
+        for k in sorted(set(a) | set(b))
+        if a.get(k, _ABSENT) != b.get(k, _ABSENT) and k not in RESUMABLE_CHANGES
+    ]
 
 
 def _short(value) -> str:
@@ -51,7 +55,7 @@ class RunDir:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._lock_fd = None
+        self._lock_fd: int | None = None
         self.created = False  # this run made the directory (or found it empty)
 
     def has_content(self) -> bool:
@@ -81,26 +85,33 @@ class RunDir:
             return None
         if overwrite:
             if not (self.path / "config.yaml").is_file():
-                raise RunDirError(f"{self.path}: not a run directory (no config.yaml) and not empty; --overwrite "
-                                  "only replaces run directories")
+                raise RunDirError(
+                    f"{self.path}: not a run directory (no config.yaml) and not empty; --overwrite "
+                    "only replaces run directories"
+                )
             for p in self.path.iterdir():
                 if p.name != ".lock":
                     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             return None
         if not resume:
-            raise RunDirError(f"{self.path}: run directory exists; pass --resume to continue it "
-                              "or --overwrite to replace it")
+            raise RunDirError(
+                f"{self.path}: run directory exists; pass --resume to continue it or --overwrite to replace it"
+            )
         self._check_same_config(config)
         ckpt = latest_checkpoint(self.path)  # a CheckpointError when none of them is intact
         if ckpt is None:
             if (self.path / "summary.json").exists():
-                raise RunDirError(f"{self.path}: a finished run with no usable checkpoint: --resume has nothing to "
-                                  "continue, and starting again would replace its results; pass --overwrite to "
-                                  "train it again")
+                raise RunDirError(
+                    f"{self.path}: a finished run with no usable checkpoint: --resume has nothing to "
+                    "continue, and starting again would replace its results; pass --overwrite to "
+                    "train it again"
+                )
             rows = read_metrics(self.path, warn=False)
             if rows:
-                raise RunDirError(f"{self.path}: {len(rows)} epoch(s) in metrics.jsonl but no usable checkpoint: "
-                                  "--resume would start again and replace them; pass --overwrite to train it again")
+                raise RunDirError(
+                    f"{self.path}: {len(rows)} epoch(s) in metrics.jsonl but no usable checkpoint: "
+                    "--resume would start again and replace them; pass --overwrite to train it again"
+                )
         return ckpt
 
     def _check_same_config(self, config: dict) -> None:
@@ -112,8 +123,10 @@ class RunDir:
         if changed:
             shown = "; ".join(f"{k}: saved {_short(old)}, now {_short(new)}" for k, old, new in changed[:4])
             more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
-            raise RunDirError(f"{saved_path}: cannot resume with a different config ({shown}{more}); "
-                              f"`--out {self.path} --resume` alone continues with the saved config")
+            raise RunDirError(
+                f"{saved_path}: cannot resume with a different config ({shown}{more}); "
+                f"`--out {self.path} --resume` alone continues with the saved config"
+            )
 
     def discard_unstarted(self) -> bool:
         """Remove the directory of a run that this process created and that never reached a
@@ -135,8 +148,9 @@ class RunDir:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunDirError(f"{self.path}: run directory is in use by pid {holder}; "
-                              "wait for it or choose another --out") from None
+            raise RunDirError(
+                f"{self.path}: run directory is in use by pid {holder}; wait for it or choose another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd

@@ -3,6 +3,7 @@
 A state.json is read back only through ``parse_state``: every key known, every value of
 its type and range, or one CheckpointError line naming the file and the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,19 +11,19 @@ from dataclasses import dataclass, field
 
 from cifar_dist.errors import CheckpointError
 
-LOSS_UNIT = 2.0 ** -24  # the training-loss sums are whole multiples of this (see trainer.step.EpochTotals)
+LOSS_UNIT = 2.0**-24  # the training-loss sums are whole multiples of this (see trainer.step.EpochTotals)
 
 
 @dataclass
 class TrainState:
-    epoch: int = 0            # the epoch in progress
-    step_in_epoch: int = 0    # the next step to run within it
-    global_step: int = 0      # optimizer steps done
-    skipped_steps: int = 0    # fp16 steps skipped by the loss scaler
+    epoch: int = 0  # the epoch in progress
+    step_in_epoch: int = 0  # the next step to run within it
+    global_step: int = 0  # optimizer steps done
+    skipped_steps: int = 0  # fp16 steps skipped by the loss scaler
     history: list = field(default_factory=list)  # one metrics row per finished epoch
     partial: dict = field(default_factory=dict)  # the interrupted epoch's sums over ALL ranks
-    scaler: dict = field(default_factory=dict)   # fp16 loss-scaler state
-    world_size: int = 0       # processes of the run that wrote this state (0: not recorded)
+    scaler: dict = field(default_factory=dict)  # fp16 loss-scaler state
+    world_size: int = 0  # processes of the run that wrote this state (0: not recorded)
     segments: list = field(default_factory=list)  # [{"world_size", "from_step"}]: each (re)start of the run
 
 
@@ -37,6 +38,7 @@ def _is_int(v) -> bool:
 def parse_state(data, source) -> TrainState:
     """A TrainState from a state.json's parsed contents; anything of the wrong shape is a
     CheckpointError naming ``source`` and the key."""
+
     def bad(what):
         return CheckpointError(f"{source}: {what}")
 
@@ -48,8 +50,9 @@ def parse_state(data, source) -> TrainState:
         raise bad(f"unknown key {str(unknown[0])[:40]!r}")
     for key in _INT & set(data):
         if not _is_int(data[key]) or data[key] < 0 or (key == "world_size" and data[key] < 1):
-            raise bad(f"{key}: expected a whole number >= {1 if key == 'world_size' else 0}, "
-                      f"got {str(data[key])[:40]!r}")
+            raise bad(
+                f"{key}: expected a whole number >= {1 if key == 'world_size' else 0}, got {str(data[key])[:40]!r}"
+            )
     for key in ("history", "segments"):
         if key in data and not (isinstance(data[key], list) and all(isinstance(r, dict) for r in data[key])):
             raise bad(f"{key}: expected a list of objects")
@@ -60,9 +63,10 @@ def parse_state(data, source) -> TrainState:
         if set(seg) != {"world_size", "from_step"} or not all(_is_int(v) and v >= 0 for v in seg.values()):
             raise bad("segments: expected objects of world_size and from_step")
     partial = data.get("partial", {})
-    if not isinstance(partial, dict) or (partial and (set(partial) != set(_PARTIAL)
-                                                      or not all(_is_int(partial[k]) and partial[k] >= 0
-                                                                 for k in _PARTIAL))):
+    if not isinstance(partial, dict) or (
+        partial
+        and (set(partial) != set(_PARTIAL) or not all(_is_int(partial[k]) and partial[k] >= 0 for k in _PARTIAL))
+    ):
         raise bad("partial: expected {} or whole numbers loss_units, correct and count")
     if not isinstance(data.get("scaler", {}), dict):
         raise bad("scaler: expected an object")

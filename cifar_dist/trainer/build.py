@@ -6,6 +6,7 @@ the precision policy and the callbacks. ``Parts`` holds no run-time state:
 where training stands is ``loop.TrainState``; the loop's own state is
 ``loop.Trainer``'s.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,15 +39,15 @@ if TYPE_CHECKING:
 class Parts:
     cfg: Config
     accelerator: Accelerator
-    model: torch.nn.Module        # the plain module: weights, checkpoints, export
+    model: torch.nn.Module  # the plain module: weights, checkpoints, export
     train_model: torch.nn.Module  # compiled and wrapped (DDP / DeepSpeed) for training
-    eval_model: torch.nn.Module   # compiled, not wrapped: evaluation needs no gradient sync
+    eval_model: torch.nn.Module  # compiled, not wrapped: evaluation needs no gradient sync
     optimizer: torch.optim.Optimizer
-    loader: Loader                # data.TorchLoader | GpuLoader | FfcvLoader, or the benchmark's batch
-    shard: Shard                  # this process's share of the global batch
-    precision: Precision          # autocast, backward, loss scaler
-    deepspeed: bool               # DeepSpeed's engine runs the model (and owns precision, clipping)
-    run_dir: Path | None          # None: a run that writes nothing (the benchmark)
+    loader: Loader  # data.TorchLoader | GpuLoader | FfcvLoader, or the benchmark's batch
+    shard: Shard  # this process's share of the global batch
+    precision: Precision  # autocast, backward, loss scaler
+    deepspeed: bool  # DeepSpeed's engine runs the model (and owns precision, clipping)
+    run_dir: Path | None  # None: a run that writes nothing (the benchmark)
     evaluator: Evaluator | None = None
     checkpointer: Checkpointer = field(default_factory=lambda: Checkpointer(None))  # None: never saves
     callbacks: Callbacks = field(default_factory=Callbacks)
@@ -58,7 +59,6 @@ class Parts:
         return self.accelerator.device
 
 
-
 def graph_count() -> int:
     """Graphs torch.compile has produced in this process (recompiles add to it)."""
     try:
@@ -68,7 +68,7 @@ def graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def prepare_model(cfg, accelerator, model, build_optimizer, wrap: bool = True):
+def prepare_model(cfg: Config, accelerator, model, build_optimizer, wrap: bool = True):
     """The one place that orders build -> device -> channels_last -> wrap (DDP) -> compile.
 
     Returns (plain model, evaluation model, training model, optimizer). The plain
@@ -111,7 +111,7 @@ def prepare_model(cfg, accelerator, model, build_optimizer, wrap: bool = True):
     return model, compiled(model), compiled(wrapped), optimizer
 
 
-def resolve_run_precision(cfg, warn: bool = True) -> None:
+def resolve_run_precision(cfg: Config, warn: bool = True) -> None:
     """Replace ``run.precision: auto`` by what this process's device runs best (config.yaml
     then records it); warn once about bf16 on a device that runs it slowly (a GPU without
     bf16 tensor cores, a CPU without bf16 units)."""
@@ -123,34 +123,49 @@ def resolve_run_precision(cfg, warn: bool = True) -> None:
     if warning and warn and env_rank() == 0:
         say(f"cifar-dist: warning: {warning}")
     if cfg.run.precision == "fp16" and cfg.train.exact_reduce:
-        raise ConfigError(f"train.exact_reduce: not with run.precision=fp16 (loss scaling; run.precision="
-                          f"{requested} chose fp16 on this GPU); set run.precision=fp32 or bf16")
+        raise ConfigError(
+            f"train.exact_reduce: not with run.precision=fp16 (loss scaling; run.precision="
+            f"{requested} chose fp16 on this GPU); set run.precision=fp32 or bf16"
+        )
 
 
-def build_data(cfg, accelerator):
+def build_data(cfg: Config, accelerator):
     """This process's share of the global batch and the datasets: (shard, train, eval, eval name)."""
 
     rank, world = world_info()
     shard = Shard(rank, world, cfg.train.batch_size, cfg.train.accum_steps)
     if cfg.model.bn_group and shard.micro % cfg.model.bn_group:
-        raise UserError(f"model.bn_group: {cfg.model.bn_group} does not divide the micro-batch of "
-                        f"{shard.micro} images (train.batch_size {cfg.train.batch_size} / {world} "
-                        f"processes / train.accum_steps {cfg.train.accum_steps})")
+        raise UserError(
+            f"model.bn_group: {cfg.model.bn_group} does not divide the micro-batch of "
+            f"{shard.micro} images (train.batch_size {cfg.train.batch_size} / {world} "
+            f"processes / train.accum_steps {cfg.train.accum_steps})"
+        )
     if is_deepspeed(accelerator):
         configure_deepspeed(accelerator, shard, cfg)
     train_set, eval_set, eval_name = build_datasets(cfg)
     return shard, train_set, eval_set, eval_name
 
 
-def build_model_seeded(cfg) -> torch.nn.Module:
+def build_model_seeded(cfg: Config) -> torch.nn.Module:
     """The run's model with its seeded initial weights (every process builds the same)."""
 
     seed_everything(cfg.run.seed)
     return build_model(cfg.model)
 
 
-def build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir: Path | None, model=None,
-                callbacks: Callbacks | None = None, *, loader: Loader | None = None, wrap: bool = True) -> Parts:
+def build_parts(
+    cfg: Config,
+    accelerator,
+    shard,
+    train_set,
+    eval_set,
+    run_dir: Path | None,
+    model=None,
+    callbacks: Callbacks | None = None,
+    *,
+    loader: Loader | None = None,
+    wrap: bool = True,
+) -> Parts:
     """Everything the loop needs, the one way every run is built (training, the benchmark, the
     GPU check). ``model``: from ``build_model_seeded`` (built here if None). ``loader``: batches
     to use instead of a loader of ``train_set`` (the benchmark's device-resident batch).
@@ -161,14 +176,29 @@ def build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir: Path | No
     loader = loader or build_train_loader(cfg, train_set, shard, accelerator.device)
     deepspeed = wrap and is_deepspeed(accelerator)
     precision = Precision(cfg.run.precision, accelerator.device, accelerator if deepspeed else None)
-    evaluator = (Evaluator(cfg, eval_model, eval_set, accelerator.device, precision, train_model)
-                 if eval_set is not None else None)
+    evaluator = (
+        Evaluator(cfg, eval_model, eval_set, accelerator.device, precision, train_model)
+        if eval_set is not None
+        else None
+    )
     writer = CheckpointWriter(run_dir, cfg.checkpoint.keep) if run_dir is not None else None
-    return Parts(cfg=cfg, accelerator=accelerator, model=model, train_model=train_model, eval_model=eval_model,
-                 optimizer=optimizer, loader=loader, shard=shard, precision=precision, deepspeed=deepspeed,
-                 run_dir=run_dir, evaluator=evaluator,
-                 checkpointer=Checkpointer(writer, cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs),
-                 callbacks=callbacks or Callbacks(), stop_file=run_dir / "STOP" if run_dir is not None else None)
+    return Parts(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=model,
+        train_model=train_model,
+        eval_model=eval_model,
+        optimizer=optimizer,
+        loader=loader,
+        shard=shard,
+        precision=precision,
+        deepspeed=deepspeed,
+        run_dir=run_dir,
+        evaluator=evaluator,
+        checkpointer=Checkpointer(writer, cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs),
+        callbacks=callbacks or Callbacks(),
+        stop_file=run_dir / "STOP" if run_dir is not None else None,
+    )
 
 
 def restore(parts: Parts, ckpt: Path):

@@ -23,14 +23,12 @@ the same on all ranks). A requested stop ends the run after the current step: it
 evaluated, checkpointed and summarized like any finished run. Hooks get host values the
 loop already has, so a callback adds no host-device synchronization unless it makes one.
 """
+
 from __future__ import annotations
 
 from cifar_dist.config.plugins import import_object
 from cifar_dist.errors import ConfigError
 from cifar_dist.trainer.stopping import StopReason
-
-HOOKS = ("on_train_start", "on_step_start", "on_step_end", "on_checkpoint_staged", "on_epoch_end",
-         "on_train_end")
 
 
 class Callback:
@@ -40,6 +38,7 @@ class Callback:
     def on_step_start(self, step: int) -> None: ...
     def on_loss(self, loss, step: int):
         return loss
+
     def on_step_end(self, step: int, metrics: dict) -> None: ...
     def on_checkpoint_staged(self, path, step: int) -> None: ...
     def on_epoch_end(self, row: dict) -> None: ...
@@ -47,28 +46,43 @@ class Callback:
 
 
 class Callbacks:
-    """The run's callbacks, called in the configured order; a missing method is skipped."""
+    """The run's callbacks, called in the configured order; a hook a callback lacks is skipped."""
 
     def __init__(self, items=()):
         self.items = list(items)
-        for hook in HOOKS:
-            methods = [getattr(c, hook) for c in self.items if callable(getattr(c, hook, None))]
-            setattr(self, hook, _fan_out(methods))
-        self._on_loss = [c.on_loss for c in self.items if callable(getattr(c, "on_loss", None))]
+
+    def _each(self, hook: str, *args) -> None:
+        for callback in self.items:
+            method = getattr(callback, hook, None)
+            if callable(method):
+                method(*args)
+
+    def on_train_start(self, run) -> None:
+        self._each("on_train_start", run)
+
+    def on_step_start(self, step: int) -> None:
+        self._each("on_step_start", step)
 
     def on_loss(self, loss, step: int):
         """Each callback's ``on_loss`` in turn; one that returns None leaves the loss as it was."""
-        for hook in self._on_loss:
-            changed = hook(loss, step)
-            loss = loss if changed is None else changed
+        for callback in self.items:
+            method = getattr(callback, "on_loss", None)
+            if callable(method):
+                changed = method(loss, step)
+                loss = loss if changed is None else changed
         return loss
 
+    def on_step_end(self, step: int, metrics: dict) -> None:
+        self._each("on_step_end", step, metrics)
 
-def _fan_out(methods):
-    def call(*args):
-        for method in methods:
-            method(*args)
-    return call
+    def on_checkpoint_staged(self, path, step: int) -> None:
+        self._each("on_checkpoint_staged", path, step)
+
+    def on_epoch_end(self, row: dict) -> None:
+        self._each("on_epoch_end", row)
+
+    def on_train_end(self, summary: dict) -> None:
+        self._each("on_train_end", summary)
 
 
 def load_callbacks(specs) -> Callbacks:

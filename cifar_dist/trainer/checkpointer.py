@@ -4,13 +4,20 @@ The file format (weights, optimizer, state.json, manifest, atomic commit, retent
 ``storage.checkpoint.CheckpointWriter``'s; this decides when a checkpoint is due and
 runs the save across ranks.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cifar_dist.distributed.collectives import barrier, share_from_main, world_info
 from cifar_dist.errors import EnvironmentFault
+
+if TYPE_CHECKING:
+    from cifar_dist.storage.state import TrainState
+    from cifar_dist.trainer.build import Parts
+    from cifar_dist.trainer.step import EpochTotals
 
 
 class Checkpointer:
@@ -25,7 +32,9 @@ class Checkpointer:
         """Whether ``checkpoint.every_steps`` falls after ``steps_done`` steps."""
         return bool(self.every_steps) and steps_done % self.every_steps == 0
 
-    def maybe_save_mid_epoch(self, parts, state, totals, ends_epoch: bool, stopping: bool) -> Path | None:
+    def maybe_save_mid_epoch(
+        self, parts: Parts, state: TrainState, totals: EpochTotals, ends_epoch: bool, stopping: bool
+    ) -> Path | None:
         """After a step inside an epoch: every ``every_steps`` steps, and when the run stops there
         (a signal or the STOP file); the epoch's running sums go with it. At an epoch's last step
         the epoch-end checkpoint is the one (``maybe_save_at_epoch_end``)."""
@@ -33,21 +42,25 @@ class Checkpointer:
             return None
         return self.save(parts, state, partial=totals.over_ranks())
 
-    def maybe_save_at_epoch_end(self, parts, state, complete: bool, ending: bool) -> Path | None:
+    def maybe_save_at_epoch_end(self, parts: Parts, state: TrainState, complete: bool, ending: bool) -> Path | None:
         """After an epoch: at the end of the run (however it ends) and after every
         ``every_epochs``-th complete epoch."""
         if ending or (self.every_epochs and complete and state.epoch % self.every_epochs == 0):
             return self.save(parts, state)
         return None
 
-    def save(self, parts, state, partial: dict | None = None) -> Path | None:
+    def save(self, parts: Parts, state: TrainState, partial: dict | None = None) -> Path | None:
         """Checkpoint ``state`` (with an interrupted epoch's ``partial`` sums over all ranks)."""
         if self.writer is None:
             return None
         writer = self.writer
         rank, world = world_info()
-        record = {**asdict(state), "partial": partial or {}, "scaler": parts.precision.state_dict(),
-                  "world_size": world}
+        record = {
+            **asdict(state),
+            "partial": partial or {},
+            "scaler": parts.precision.state_dict(),
+            "world_size": world,
+        }
         step = state.global_step
         tmp = share_from_main(lambda: writer.begin(step))
         barrier()
@@ -58,8 +71,10 @@ class Checkpointer:
                     writer.write_local(tmp, parts.model, parts.optimizer, record)
             except OSError as e:
                 writer.abort(tmp)
-                raise EnvironmentFault(f"{tmp.parent}: cannot write checkpoint of step {step}: "
-                                       f"{e.strerror or e}; the previous checkpoint is intact") from None
+                raise EnvironmentFault(
+                    f"{tmp.parent}: cannot write checkpoint of step {step}: "
+                    f"{e.strerror or e}; the previous checkpoint is intact"
+                ) from None
 
         if parts.deepspeed:
             parts.accelerator.save_state(str(tmp), safe_serialization=True)

@@ -12,6 +12,7 @@ run ends for one ``StopReason``, the same way for each kind:
                                   the run stands, mid-epoch with the epoch's sums; nothing else:
                                   ``--resume`` continues it exactly
 """
+
 from __future__ import annotations
 
 import time
@@ -34,19 +35,27 @@ class EpochRun:
         self.totals = EpochTotals.start(parts.device, state.partial, carries_partial=parts.shard.rank == 0)
         self.start, self.steps_run = time.perf_counter(), 0
         self.images = parts.shard.global_batch  # per step: the bar counts images, so it shows images/s
-        self.bar = progress(total=self.steps * self.images, initial=state.step_in_epoch * self.images,
-                            desc=f"epoch {self.number}/{epochs}")
+        self.bar = progress(
+            total=self.steps * self.images,
+            initial=state.step_in_epoch * self.images,
+            desc=f"epoch {self.number}/{epochs}",
+        )
 
     def row(self, parts: Parts, state: TrainState) -> dict:
         """The epoch's metrics row: training loss and accuracy over all ranks, speed, learning rate."""
         elapsed = time.perf_counter() - self.start
         loss, correct, count = all_reduce_sum(self.totals.stacked()).tolist()
         count = max(count, 1.0)
-        return {"epoch": self.number, "step": state.global_step, "train_loss": loss * LOSS_UNIT / count,
-                "train_acc": correct / count,
-                "lr": lr_at(max(state.global_step - 1, 0), parts.cfg.train, self.steps),
-                "epoch_time_s": elapsed, "images_per_s": self.steps_run * self.images / max(elapsed, 1e-9),
-                "skipped_steps": state.skipped_steps}
+        return {
+            "epoch": self.number,
+            "step": state.global_step,
+            "train_loss": loss * LOSS_UNIT / count,
+            "train_acc": correct / count,
+            "lr": lr_at(max(state.global_step - 1, 0), parts.cfg.train, self.steps),
+            "epoch_time_s": elapsed,
+            "images_per_s": self.steps_run * self.images / max(elapsed, 1e-9),
+            "skipped_steps": state.skipped_steps,
+        }
 
 
 class Trainer:
@@ -61,7 +70,14 @@ class Trainer:
         self.max_steps = train.max_steps or train.epochs * parts.loader.steps_per_epoch
         self.stop = StopRequest(parts.stop_file, poll_file=self.rank == 0, say=say if self.rank == 0 else None)
         self.stop_reason: StopReason | None = None
-        self.control: Control | None = None
+        self.control = Control(
+            parts.model,
+            parts.precision,
+            parts.device,
+            state.global_step,
+            train.exact_reduce,
+            skipped_steps=state.skipped_steps,
+        )
         self.graphs_after_warmup: int | None = None  # compiled graphs after the first epoch
 
     @property
@@ -78,8 +94,6 @@ class Trainer:
         """Train until a ``StopReason``; returns the state where training stands."""
         parts, state, callbacks = self.parts, self.state, self.parts.callbacks
         with self.stop:
-            self.control = Control(parts.model, parts.precision, parts.device, state.global_step,
-                                   self.cfg.train.exact_reduce, skipped_steps=state.skipped_steps)
             callbacks.on_train_start(self)
             while self.stop_reason is None:
                 epoch, ends_epoch = EpochRun(parts, state, self.progress, self.cfg.train.epochs), False
@@ -89,10 +103,12 @@ class Trainer:
                     bad = train_step(parts, micro, state.global_step, epoch.totals)
                     self._advance(epoch)
                     ends_epoch = state.step_in_epoch >= epoch.steps or state.global_step >= self.max_steps
-                    metrics = self._control(epoch, bad, must_read=ends_epoch
-                                            or parts.checkpointer.due_mid_epoch(state.global_step))
-                    parts.checkpointer.maybe_save_mid_epoch(parts, state, epoch.totals, ends_epoch,
-                                                            stopping=self.preempted)
+                    metrics = self._control(
+                        epoch, bad, must_read=ends_epoch or parts.checkpointer.due_mid_epoch(state.global_step)
+                    )
+                    parts.checkpointer.maybe_save_mid_epoch(
+                        parts, state, epoch.totals, ends_epoch, stopping=self.preempted
+                    )
                     callbacks.on_step_end(state.global_step - 1, metrics)
                     if ends_epoch or self.stop_reason is not None:
                         break
@@ -113,8 +129,14 @@ class Trainer:
         raises there; a stop vote of any rank sets the stop reason. Returns the step's metrics."""
         state = self.state
         metrics = {"lr": self.optimizer.param_groups[0]["lr"]}
-        reading = self.control.after_step(bad, state.global_step, epoch.totals.loss, must_read,
-                                          stop_asked=self.stop.requested, where=f" (epoch {epoch.number})")
+        reading = self.control.after_step(
+            bad,
+            state.global_step,
+            epoch.totals.loss,
+            must_read,
+            stop_asked=self.stop.requested,
+            where=f" (epoch {epoch.number})",
+        )
         if reading is not None:
             state.skipped_steps = reading.skipped
             metrics["train_loss"] = reading.loss_sum * LOSS_UNIT / max(epoch.totals.count, 1)
@@ -133,7 +155,8 @@ class Trainer:
         if state.global_step >= self.max_steps or state.epoch >= self.cfg.train.epochs:
             if self.stop_reason is None or self.preempted:  # a stop asked at the very end: just finish
                 self.stop_reason = StopReason.FINISHED
-        result = parts.evaluator.maybe_run(epoch.number, last=self.stop_reason is not None and not self.preempted)
+        last = self.stop_reason is not None and not self.preempted
+        result = parts.evaluator.maybe_run(epoch.number, last) if parts.evaluator is not None else None
         if result is not None:
             row.update(test_loss=result["loss"], test_acc=result["acc"])
         state.history.append(row)
@@ -146,14 +169,13 @@ class Trainer:
             self.graphs_after_warmup = graph_count()
 
 
-def fit(parts: Parts, state: TrainState, progress) -> TrainState:
-    """Train ``parts`` from ``state`` to the end (see ``Trainer``)."""
-    return Trainer(parts, state, progress).fit()
-
-
 def epoch_line(row: dict) -> str:
-    parts = [f"epoch {row['epoch']}", f"step {row['step']}", f"train loss {row['train_loss']:.4f}",
-             f"train acc {100 * row['train_acc']:.2f}%"]
+    parts = [
+        f"epoch {row['epoch']}",
+        f"step {row['step']}",
+        f"train loss {row['train_loss']:.4f}",
+        f"train acc {100 * row['train_acc']:.2f}%",
+    ]
     if "test_acc" in row:
         parts += [f"test loss {row['test_loss']:.4f}", f"test acc {100 * row['test_acc']:.2f}%"]
     parts += [f"lr {row['lr']:.3g}", f"{row['epoch_time_s']:.1f} s", f"{row['images_per_s']:.0f} img/s"]

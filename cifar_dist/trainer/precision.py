@@ -7,6 +7,7 @@ batch_norm in fp32. Owning it here lets one process run several precisions
 (the benchmark does). Under DeepSpeed, whose engine owns precision, the
 Accelerator's autocast and backward are used instead.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,11 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from cifar_dist.config.registry import PRECISIONS
+from cifar_dist.distributed.launcher import local_rank
 from cifar_dist.runtime.hardware import BF16_FASTER, bf16_speedup, cpu_flags, has_bf16_units
 
 # run.precision -> autocast dtype, from the registry of precisions (fp32: no autocast)
-DTYPES = {name: getattr(torch, PRECISIONS.entry(name)["dtype"]) for name in PRECISIONS.names()
-          if PRECISIONS.entry(name)["dtype"]}
+DTYPES = {
+    name: getattr(torch, PRECISIONS.entry(name)["dtype"])
+    for name in PRECISIONS.names()
+    if PRECISIONS.entry(name)["dtype"]
+}
 
 
 @dataclass
@@ -37,8 +42,9 @@ class CpuBf16:
         return cls(has_bf16_units(cpu_flags()), lambda: bf16_speedup(channels_last))
 
 
-def resolve_precision(requested: str, capability: tuple[int, int] | None,
-                      cpu: CpuBf16 | None = None) -> tuple[str, str | None]:
+def resolve_precision(
+    requested: str, capability: tuple[int, int] | None, cpu: CpuBf16 | None = None
+) -> tuple[str, str | None]:
     """(precision to run, a warning or None) on a GPU of CUDA compute ``capability``, or on a
     CPU (``capability`` None) that offers bf16 as ``cpu`` says (None: treated as no bf16 units).
 
@@ -54,29 +60,31 @@ def resolve_precision(requested: str, capability: tuple[int, int] | None,
         if requested == "bf16":
             speedup = cpu.speedup()
             if speedup < 1.0:
-                kind = ("has bf16 units, yet" if cpu.units
-                        else "has no bf16 units (no AMX or AVX-512 bf16 in its flags):")
-                return "bf16", (f"run.precision=bf16 on a CPU that {kind} bf16 ran {1 / speedup:.1f}x slower "
-                                "than fp32 in a probe here; run.precision=auto or fp32 is faster")
+                kind = (
+                    "has bf16 units, yet" if cpu.units else "has no bf16 units (no AMX or AVX-512 bf16 in its flags):"
+                )
+                return "bf16", (
+                    f"run.precision=bf16 on a CPU that {kind} bf16 ran {1 / speedup:.1f}x slower "
+                    "than fp32 in a probe here; run.precision=auto or fp32 is faster"
+                )
         return requested, None
     if requested == "auto":
         return ("bf16" if tuple(capability) >= (8, 0) else "fp16"), None
     if requested == "bf16" and tuple(capability) < (8, 0):
         major, minor = capability
-        return "bf16", (f"run.precision=bf16 on a GPU of compute capability {major}.{minor}: it has no bf16 "
-                        "tensor cores (they came with 8.0); fp16 or auto is much faster there")
+        return "bf16", (
+            f"run.precision=bf16 on a GPU of compute capability {major}.{minor}: it has no bf16 "
+            "tensor cores (they came with 8.0); fp16 or auto is much faster there"
+        )
     return requested, None
 
 
 def gpu_capability() -> tuple[int, int] | None:
     """Compute capability of this process's GPU (the launcher's LOCAL_RANK), None without one."""
-    import os
-
     if not torch.cuda.is_available():
         return None
-    local = os.environ.get("LOCAL_RANK", "0")
-    return tuple(torch.cuda.get_device_capability(min(int(local) if local.isdigit() else 0,
-                                                      torch.cuda.device_count() - 1)))
+    major, minor = torch.cuda.get_device_capability(min(local_rank(), torch.cuda.device_count() - 1))
+    return major, minor
 
 
 class Precision:
@@ -128,8 +136,9 @@ class Precision:
         before = scale.clone() if scale is not None else None
         self.scaler.step(_plain(optimizer))
         self.scaler.update()
-        if before is not None:  # the scale drops exactly when a step is skipped
-            self._skipped += (self.scaler._scale < before).float()
+        after = self.scaler._scale
+        if before is not None and after is not None:  # the scale drops exactly when a step is skipped
+            self._skipped += (after < before).float()
 
     def skipped_count(self) -> torch.Tensor:
         """Steps skipped so far, a 0-dim device tensor (read it with the other control flags)."""

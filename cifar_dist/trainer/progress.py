@@ -1,4 +1,5 @@
 """What the user sees while a run trains: progress bars and the estimated time of the whole run."""
+
 from __future__ import annotations
 
 import sys
@@ -14,8 +15,10 @@ def progress_bars(enabled: bool):
     if enabled:
         try:
             from tqdm.auto import tqdm
-            return lambda **kw: tqdm(unit="img", unit_scale=True, mininterval=1.0, dynamic_ncols=True,
-                                     leave=False, **kw)
+
+            return lambda **kw: tqdm(
+                unit="img", unit_scale=True, mininterval=1.0, dynamic_ncols=True, leave=False, **kw
+            )
         except ImportError:
             pass
 
@@ -31,6 +34,7 @@ def progress_bars(enabled: bool):
 
         def close(self):
             pass
+
     return _Silent
 
 
@@ -38,6 +42,7 @@ def write_line(text: str) -> None:
     """A line on stdout that does not break a running progress bar."""
     try:
         from tqdm.auto import tqdm
+
         tqdm.write(text)
         sys.stdout.flush()
     except ImportError:
@@ -86,8 +91,10 @@ class EstimatedTime(Callback):
         left = max(self.run.max_steps - steps, 0)
         if self.run.rank != 0 or left == 0:
             return
-        self.say(f"estimated time to finish: {duration(left * per_step)} for {left:,} more steps "
-                 f"({per_step:.3g} s/step over steps {first}-{steps}; evaluation not included)")
+        self.say(
+            f"estimated time to finish: {duration(left * per_step)} for {left:,} more steps "
+            f"({per_step:.3g} s/step over steps {first}-{steps}; evaluation not included)"
+        )
 
 
 LONG_CPU_RUN_S = 3600  # a CPU run estimated to train longer than this is announced before it starts
@@ -99,7 +106,6 @@ def seconds_per_image(model, precision, channels_last: bool, batch: int = 8) -> 
     passes of a copy of ``model`` (eager, the run's precision) on ``batch`` random images, after
     one warm-up. The run's model, its statistics and its random generators are left untouched."""
     import copy
-
 
     probe = copy.deepcopy(model).train()
     g = torch.Generator().manual_seed(0)
@@ -117,8 +123,9 @@ def seconds_per_image(model, precision, channels_last: bool, batch: int = 8) -> 
     return best / batch
 
 
-def long_cpu_run_warning(steps_left: int, images_per_step: int, per_image_s: float,
-                         flops_per_image: float | None = None) -> str | None:
+def long_cpu_run_warning(
+    steps_left: int, images_per_step: int, per_image_s: float, flops_per_image: float | None = None
+) -> str | None:
     """The line that announces a CPU run of more than ``LONG_CPU_RUN_S`` before its first step
     (None for a shorter one): the estimate, how it was made, and the demo to run instead."""
     seconds = steps_left * images_per_step * per_image_s
@@ -130,5 +137,7 @@ def long_cpu_run_warning(steps_left: int, images_per_step: int, per_image_s: flo
         how += f" x {flops_per_image / 1e9:.2f} GFLOP at {rate:.1f} GFLOP/s measured here"
     else:
         how += f" at {1 / per_image_s:.0f} images/s measured here"
-    return (f"cifar-dist: this run needs about {duration(seconds)} of training on this CPU ({how}; evaluation not "
-            f"included); for a CPU demo of a few minutes: {DEMO}")
+    return (
+        f"cifar-dist: this run needs about {duration(seconds)} of training on this CPU ({how}; evaluation not "
+        f"included); for a CPU demo of a few minutes: {DEMO}"
+    )

@@ -3,6 +3,7 @@ loop, and what the run leaves behind (weights, summary.json, plots), or its chec
 is stopped. ``cifar_dist.train`` (the entry point of every launcher) checks the input first,
 then calls ``train``.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,19 +66,33 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, user_callb
     ckpt = share_from_main(lambda: rundir.open(cfg.to_dict(), resume, overwrite))
     barrier()
     try:
-        return _train(cfg, resume, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt,
-                      user_callbacks, started)
+        return _train(
+            cfg,
+            resume,
+            accelerator,
+            shard,
+            train_set,
+            eval_set,
+            eval_name,
+            model,
+            rundir,
+            ckpt,
+            user_callbacks,
+            started,
+        )
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop installed its handler
         raise _interrupted(rundir, rank, world) from None
 
 
-def _train(cfg, resume, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt,
-           user_callbacks, started) -> int:
+def _train(
+    cfg, resume, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt, user_callbacks, started
+) -> int:
     """The run itself, once its directory is open: build, restore, train, write the results."""
     rank, world = world_info()
     run_dir = rundir.path
-    built_in = [EstimatedTime()] + ([StopAtTarget(cfg.eval.target_acc)]
-                                    if cfg.eval.stop_at_target and cfg.eval.target_acc else [])
+    built_in = [EstimatedTime()] + (
+        [StopAtTarget(cfg.eval.target_acc)] if cfg.eval.stop_at_target and cfg.eval.target_acc else []
+    )
     callbacks = Callbacks([*user_callbacks, *built_in])
     parts = build.build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, model, callbacks)
     state = TrainState()
@@ -93,12 +108,16 @@ def _train(cfg, resume, accelerator, shard, train_set, eval_set, eval_name, mode
         save_config(cfg, run_dir / "config.yaml")
         parts.metrics = MetricsLog(run_dir, cfg.run.tensorboard, state.history)
         (run_dir / "STOP").unlink(missing_ok=True)
-    print0(f"{cfg.name}: {cfg.model.name} ({count_parameters(parts.model):,} parameters) on {world} x "
-           f"{accelerator.device.type}, {_mode_in_words(accelerator, world)}, {cfg.run.precision}"
-           f"{', compiled' if cfg.run.compile else ''}{', channels_last' if cfg.run.channels_last else ''}")
-    print0(f"batch {cfg.train.batch_size} global = {world} x {shard.per_process} per process "
-           f"= {world} x {cfg.train.accum_steps} x {shard.micro} micro; {parts.loader.steps_per_epoch} "
-           f"steps/epoch, {len(train_set):,} train / {len(eval_set):,} {eval_name} images; run dir {run_dir}")
+    print0(
+        f"{cfg.name}: {cfg.model.name} ({count_parameters(parts.model):,} parameters) on {world} x "
+        f"{accelerator.device.type}, {_mode_in_words(accelerator, world)}, {cfg.run.precision}"
+        f"{', compiled' if cfg.run.compile else ''}{', channels_last' if cfg.run.channels_last else ''}"
+    )
+    print0(
+        f"batch {cfg.train.batch_size} global = {world} x {shard.per_process} per process "
+        f"= {world} x {cfg.train.accum_steps} x {shard.micro} micro; {parts.loader.steps_per_epoch} "
+        f"steps/epoch, {len(train_set):,} train / {len(eval_set):,} {eval_name} images; run dir {run_dir}"
+    )
 
     trainer = Trainer(parts, state, progress_bars(cfg.run.progress and rank == 0))
     if rank == 0 and parts.device.type == "cpu" and not parts.deepspeed:
@@ -107,8 +126,9 @@ def _train(cfg, resume, accelerator, shard, train_set, eval_set, eval_name, mode
     if trainer.preempted:
         return _stopped(trainer, rundir, rank, world)
 
-    last = parts.evaluator.last
-    final = last if (last and not cfg.eval.tta) else parts.evaluator.run(tta=cfg.eval.tta)
+    evaluator = parts.evaluator
+    assert evaluator is not None  # a training run always has one
+    final = evaluator.last if (evaluator.last and not cfg.eval.tta) else evaluator.run(tta=cfg.eval.tta)
     summary = _summary(cfg, parts, trainer, final, eval_name, wall=time.time() - started)
     callbacks.on_train_end(summary)
     if rank == 0:
@@ -125,8 +145,9 @@ def _stopped(trainer: Trainer, rundir, rank: int, world: int) -> int:
     rank 0 requeues the job)."""
     step, why = trainer.state.global_step, trainer.stop.reason
     if why == "SIGINT":
-        print0(f"stopped by Ctrl-C at step {step}; checkpoint written; resume with: "
-               f"{resume_command(rundir.path, world)}")
+        print0(
+            f"stopped by Ctrl-C at step {step}; checkpoint written; resume with: {resume_command(rundir.path, world)}"
+        )
         rundir.close()
         return 130
     print0(f"stopped by {why} at step {step}; checkpoint written, resume with --resume")
@@ -134,7 +155,7 @@ def _stopped(trainer: Trainer, rundir, rank: int, world: int) -> int:
     return 0
 
 
-def _check_world_change(cfg, state, shard, deepspeed: bool, ckpt: Path) -> None:
+def _check_world_change(cfg: Config, state: TrainState, shard, deepspeed: bool, ckpt: Path) -> None:
     """A checkpoint written by another number of processes: exact with ``train.exact_reduce``
     (the same chunks summed in the same tree); otherwise allowed, with one line that says what
     changes; refused under DeepSpeed, whose ZeRO state is split by process."""
@@ -142,19 +163,25 @@ def _check_world_change(cfg, state, shard, deepspeed: bool, ckpt: Path) -> None:
     if not before or before == now:
         return
     if deepspeed:
-        raise CheckpointError(f"{ckpt}: a DeepSpeed checkpoint of {before} processes cannot be resumed on {now} "
-                              f"(ZeRO splits its state by process); resume it on {before}")
+        raise CheckpointError(
+            f"{ckpt}: a DeepSpeed checkpoint of {before} processes cannot be resumed on {now} "
+            f"(ZeRO splits its state by process); resume it on {before}"
+        )
     if cfg.train.exact_reduce:
         print0(f"resuming a run of {before} processes on {now}: train.exact_reduce keeps it bit-identical")
         return
     changes = ["gradients are summed in another order"]
     if not cfg.model.bn_group:
-        changes.append(f"BatchNorm normalizes over {cfg.train.batch_size // before // cfg.train.accum_steps} "
-                       f"-> {shard.micro} images per process (model.bn_group=0)")
+        changes.append(
+            f"BatchNorm normalizes over {cfg.train.batch_size // before // cfg.train.accum_steps} "
+            f"-> {shard.micro} images per process (model.bn_group=0)"
+        )
     if shard.rank == 0:
-        say(f"cifar-dist: warning: resuming a run of {before} processes on {now}: without train.exact_reduce "
+        say(
+            f"cifar-dist: warning: resuming a run of {before} processes on {now}: without train.exact_reduce "
             f"{' and '.join(changes)}; it goes on, no longer bit-identical to an uninterrupted run "
-            "(summary.json's segments record it)")
+            "(summary.json's segments record it)"
+        )
 
 
 def resume_command(run_dir: Path, world: int) -> str:
@@ -174,16 +201,17 @@ def _interrupted(rundir, rank: int, world: int):
     checkpoints = list_checkpoints(rundir.path)
     if checkpoints:
         rundir.close()
-        return Interrupted(f"interrupted; newest checkpoint {checkpoints[-1].name} kept, resume with: "
-                           f"{resume_command(rundir.path, world)}")
+        return Interrupted(
+            f"interrupted; newest checkpoint {checkpoints[-1].name} kept, resume with: "
+            f"{resume_command(rundir.path, world)}"
+        )
     if rundir.discard_unstarted():
         return Interrupted(f"interrupted before the first checkpoint; nothing to keep, {rundir.path} removed")
     rundir.close()
-    return Interrupted(f"interrupted before the first checkpoint; {resume_command(rundir.path, world)} "
-                       "starts it again")
+    return Interrupted(f"interrupted before the first checkpoint; {resume_command(rundir.path, world)} starts it again")
 
 
-def _announce_long_cpu_run(parts, trainer) -> None:
+def _announce_long_cpu_run(parts: build.Parts, trainer: Trainer) -> None:
     """Before the first step: a CPU run that will train for more than an hour says so, with the
     demo to try instead (timed on a copy of the model, counted in FLOPs when it is long)."""
     steps_left = trainer.max_steps - trainer.state.global_step
@@ -192,7 +220,9 @@ def _announce_long_cpu_run(parts, trainer) -> None:
     if long_cpu_run_warning(steps_left, parts.shard.per_process, per_image) is None:
         return
     flops = count_flops(parts.model, train=True)
-    write_line(long_cpu_run_warning(steps_left, parts.shard.per_process, per_image, flops))
+    line = long_cpu_run_warning(steps_left, parts.shard.per_process, per_image, flops)
+    if line:
+        write_line(line)
 
 
 def _mode_in_words(accelerator, world: int) -> str:
@@ -205,7 +235,7 @@ def _mode_in_words(accelerator, world: int) -> str:
     return f"DDP over {dist.get_backend()}" if dist.is_initialized() else f"{kind} ({world} processes)"
 
 
-def _summary(cfg, parts, trainer, final: dict, eval_name: str, wall: float) -> dict:
+def _summary(cfg: Config, parts: build.Parts, trainer: Trainer, final: dict, eval_name: str, wall: float) -> dict:
     """summary.json: the run's results, the same on every rank."""
     state, world = trainer.state, parts.shard.world
     train_time = sum(r["epoch_time_s"] for r in state.history)
@@ -213,34 +243,57 @@ def _summary(cfg, parts, trainer, final: dict, eval_name: str, wall: float) -> d
     ips = images / train_time if train_time else 0.0
     compiled = cfg.run.compile
     return {
-        "test_acc": final["acc"], "test_loss": final["loss"], "eval_set": eval_name,
-        "eval_images": final["count"], "tta": cfg.eval.tta, "per_class_acc": final["per_class_acc"],
-        "epochs": state.epoch, "steps": state.global_step, "world_size": world, "segments": state.segments,
-        "wall_time_s": wall, "train_time_s": train_time,
-        "images_per_s": ips, "images_per_s_per_device": ips / world,
-        "skipped_steps": state.skipped_steps, "parameters": count_parameters(parts.model),
+        "test_acc": final["acc"],
+        "test_loss": final["loss"],
+        "eval_set": eval_name,
+        "eval_images": final["count"],
+        "tta": cfg.eval.tta,
+        "per_class_acc": final["per_class_acc"],
+        "epochs": state.epoch,
+        "steps": state.global_step,
+        "world_size": world,
+        "segments": state.segments,
+        "wall_time_s": wall,
+        "train_time_s": train_time,
+        "images_per_s": ips,
+        "images_per_s_per_device": ips / world,
+        "skipped_steps": state.skipped_steps,
+        "parameters": count_parameters(parts.model),
         "compiled_graphs": build.graph_count() if compiled else None,
-        "recompiles_after_warmup": (build.graph_count() - trainer.graphs_after_warmup
-                                    if compiled and trainer.graphs_after_warmup is not None else None),
-        "precision": cfg.run.precision, "seed": cfg.run.seed, "config": cfg.name, "git_sha": git_sha(),
-        "versions": versions(), "device": device_name(parts.device),
+        "recompiles_after_warmup": (
+            build.graph_count() - trainer.graphs_after_warmup
+            if compiled and trainer.graphs_after_warmup is not None
+            else None
+        ),
+        "precision": cfg.run.precision,
+        "seed": cfg.run.seed,
+        "config": cfg.name,
+        "git_sha": git_sha(),
+        "versions": versions(),
+        "device": device_name(parts.device),
         "data": share_from_main(lambda: data_identity(cfg)),  # hashed by rank 0 alone, which checked the md5
         **time_to_target(state.history, cfg.eval.target_acc),
     }
 
 
-def _write_results(run_dir: Path, cfg, parts, summary: dict, final: dict) -> None:
+def _write_results(run_dir: Path, cfg: Config, parts: build.Parts, summary: dict, final: dict) -> None:
     """Rank 0: the weights, the confusion matrix, the plots and, last, summary.json (a run with a
     summary.json is finished: a sweep skips it). Each file is written whole or not at all."""
     save_weights(parts.model, run_dir / "model.safetensors")
-    write_json_atomic(run_dir / "confusion_matrix.json",
-                      {"classes": list(plots.CLASSES), "rows_true_cols_pred": final["confusion"]}, indent=None)
+    write_json_atomic(
+        run_dir / "confusion_matrix.json",
+        {"classes": list(plots.CLASSES), "rows_true_cols_pred": final["confusion"]},
+        indent=None,
+    )
     if cfg.run.plots:
         plots.draw_run(run_dir)
     write_json_atomic(run_dir / "summary.json", summary)
-    parts.metrics.close()
-    print0(f"{summary['eval_set']} accuracy {100 * final['acc']:.2f}% ({final['count']} images"
-           f"{', flip TTA' if cfg.eval.tta else ''}); {summary['wall_time_s']:.1f} s; results in {run_dir}")
+    if parts.metrics is not None:
+        parts.metrics.close()
+    print0(
+        f"{summary['eval_set']} accuracy {100 * final['acc']:.2f}% ({final['count']} images"
+        f"{', flip TTA' if cfg.eval.tta else ''}); {summary['wall_time_s']:.1f} s; results in {run_dir}"
+    )
 
 
 def _after_preemption(run_dir: Path, rank: int) -> None:

@@ -3,10 +3,12 @@
 ``train_step`` returns the step's non-finite flag as a device tensor; nothing in
 here reads a device value on the host.
 """
+
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +20,9 @@ from cifar_dist.model.loss import smoothed_cross_entropy
 from cifar_dist.model.optim import lr_at, set_lr
 from cifar_dist.storage.state import LOSS_UNIT
 
+if TYPE_CHECKING:
+    from cifar_dist.trainer.build import Parts
+
 
 @dataclass
 class EpochTotals:
@@ -28,18 +33,20 @@ class EpochTotals:
     epoch's training loss is the same bits for any process count and across a resume.
     """
 
-    loss: torch.Tensor     # int64, units of LOSS_UNIT
+    loss: torch.Tensor  # int64, units of LOSS_UNIT
     correct: torch.Tensor  # int64
-    count: int             # images so far (a host number: the step knows it)
+    count: int  # images so far (a host number: the step knows it)
 
     @classmethod
     def start(cls, device, partial: dict | None = None, carries_partial: bool = True) -> EpochTotals:
         """Zero sums, or an interrupted epoch's sums over all ranks (state.json's ``partial``),
         carried by one rank (``carries_partial``) so that the epoch's all-reduce counts them once."""
         partial = partial if (partial and carries_partial) else {}
-        return cls(torch.tensor(int(partial.get("loss_units", 0)), dtype=torch.int64, device=device),
-                   torch.tensor(int(partial.get("correct", 0)), dtype=torch.int64, device=device),
-                   int(partial.get("count", 0)))
+        return cls(
+            torch.tensor(int(partial.get("loss_units", 0)), dtype=torch.int64, device=device),
+            torch.tensor(int(partial.get("correct", 0)), dtype=torch.int64, device=device),
+            int(partial.get("count", 0)),
+        )
 
     @torch.no_grad()
     def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -50,8 +57,13 @@ class EpochTotals:
     def stacked(self) -> torch.Tensor:
         """(loss units, correct, count) as one float64 device tensor, ready for one all-reduce: the
         values are whole numbers below 2^53, so float64 sums of them are exact in any order."""
-        return torch.stack([self.loss.double(), self.correct.double(),
-                            torch.tensor(float(self.count), dtype=torch.float64, device=self.loss.device)])
+        return torch.stack(
+            [
+                self.loss.double(),
+                self.correct.double(),
+                torch.tensor(float(self.count), dtype=torch.float64, device=self.loss.device),
+            ]
+        )
 
     def over_ranks(self) -> dict:
         """The sums over all ranks, as state.json's ``partial`` holds them (one all-reduce, one read)."""
@@ -59,7 +71,7 @@ class EpochTotals:
         return {"loss_units": loss, "correct": correct, "count": count}
 
 
-def train_step(parts, micro_batches, step: int, totals: EpochTotals) -> torch.Tensor:
+def train_step(parts: Parts, micro_batches, step: int, totals: EpochTotals) -> torch.Tensor:
     """One optimizer step over this process's micro-batches; returns the local
     non-finite flag (a 0-dim tensor on the device, no host synchronization)."""
     cfg = parts.cfg
@@ -80,7 +92,7 @@ def train_step(parts, micro_batches, step: int, totals: EpochTotals) -> torch.Te
     return bad
 
 
-def _forward_loss(parts, x, y, step: int, totals: EpochTotals):
+def _forward_loss(parts: Parts, x, y, step: int, totals: EpochTotals):
     cfg = parts.cfg
     x = parts.precision.inputs(normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last))
     with parts.precision.autocast():
@@ -91,7 +103,7 @@ def _forward_loss(parts, x, y, step: int, totals: EpochTotals):
     return loss, (~torch.isfinite(loss.detach())).float()
 
 
-def _no_sync(parts):
+def _no_sync(parts: Parts):
     """DDP's ``no_sync()``: gradients stay in this process. Not Accelerate's ``no_sync``, which does
     nothing for one process although `accelerate launch --num_processes 1` still wraps the model in
     DDP: there every backward then reduced the gradients into DDP's buckets, the very memory the
@@ -102,7 +114,7 @@ def _no_sync(parts):
     return getattr(parts.train_model, "no_sync", contextlib.nullcontext)()
 
 
-def _backward_ddp(parts, micro_batches, step: int, totals: EpochTotals) -> torch.Tensor:
+def _backward_ddp(parts: Parts, micro_batches, step: int, totals: EpochTotals) -> torch.Tensor:
     """Gradients averaged by DDP (or DeepSpeed): fast; equal across process
     counts up to float summation order."""
     accum = len(micro_batches)
@@ -118,7 +130,7 @@ def _backward_ddp(parts, micro_batches, step: int, totals: EpochTotals) -> torch
     return bad
 
 
-def _backward_exact(parts, micro_batches, step: int, totals: EpochTotals) -> torch.Tensor:
+def _backward_exact(parts: Parts, micro_batches, step: int, totals: EpochTotals) -> torch.Tensor:
     """Gradients of fixed-size chunks, summed in a fixed tree (see ``exact``)."""
     chunk = parts.cfg.model.bn_group
     params = list(parts.model.parameters())
@@ -128,7 +140,7 @@ def _backward_exact(parts, micro_batches, step: int, totals: EpochTotals) -> tor
     with _no_sync(parts):
         for x, y, _idx in micro_batches:
             for s in range(0, len(y), chunk):
-                loss, nonfinite = _forward_loss(parts, x[s:s + chunk], y[s:s + chunk], step, totals)
+                loss, nonfinite = _forward_loss(parts, x[s : s + chunk], y[s : s + chunk], step, totals)
                 parts.precision.backward(loss)
                 # BatchNorm statistics follow the same tree as the gradients
                 stats = [m.stat_sum.clone() for m in bns]
@@ -137,9 +149,9 @@ def _backward_exact(parts, micro_batches, step: int, totals: EpochTotals) -> tor
                 tree.add(take_grads(params) + stats)
                 bad = bad + nonfinite
     summed = tree.result()
-    for m, st in zip(bns, summed[len(params):]):
+    for m, st in zip(bns, summed[len(params) :]):
         m.stat_sum.copy_(st)
     num_chunks = parts.shard.global_batch // chunk
-    for q, g in zip(params, reduce_across_processes(summed[:len(params)], num_chunks)):
+    for q, g in zip(params, reduce_across_processes(summed[: len(params)], num_chunks)):
         q.grad = g
     return bad

@@ -1,5 +1,6 @@
 """Why a run stops (``StopReason``), and the stop requests from outside it: SIGUSR1 / SIGTERM
 (Slurm preemption), SIGINT (Ctrl-C) or a STOP file in the run directory."""
+
 from __future__ import annotations
 
 import enum
@@ -8,11 +9,11 @@ from pathlib import Path
 
 
 class StopReason(enum.Enum):
-    FINISHED = "finished"                  # train.epochs or train.max_steps done
+    FINISHED = "finished"  # train.epochs or train.max_steps done
     REQUESTED = "requested by a callback"  # run.request_stop()
-    TARGET = "eval.target_acc reached"     # eval.stop_at_target
-    SIGNAL = "signal"                      # SIGTERM, SIGUSR1 (Slurm preemption), SIGINT (Ctrl-C)
-    STOP_FILE = "STOP file"                # a file named STOP in the run directory
+    TARGET = "eval.target_acc reached"  # eval.stop_at_target
+    SIGNAL = "signal"  # SIGTERM, SIGUSR1 (Slurm preemption), SIGINT (Ctrl-C)
+    STOP_FILE = "STOP file"  # a file named STOP in the run directory
 
     @property
     def preempts(self) -> bool:
@@ -34,7 +35,7 @@ class StopRequest:
         self.stop_file = stop_file if poll_file else None
         self.signalled = None
         self.say = say
-        self._old = {}
+        self._old: dict = {}
 
     def __enter__(self):
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
@@ -49,8 +50,10 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signalled = signal.Signals(signum).name
         if signum == signal.SIGINT and self.say is not None:
-            self.say("cifar-dist: Ctrl-C: stopping at the next checkpointable step (within 10 steps); "
-                     "press Ctrl-C again to abort at once")
+            self.say(
+                "cifar-dist: Ctrl-C: stopping at the next checkpointable step (within 10 steps); "
+                "press Ctrl-C again to abort at once"
+            )
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
