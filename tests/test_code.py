@@ -88,7 +88,8 @@ def _package_modules() -> dict[str, Path]:
 
 
 def import_graph(modules: dict) -> dict[str, set[str]]:
-    """Module -> the cifar_dist modules it imports anywhere in its source (top level or inside functions)."""
+    """Module -> the cifar_dist modules it imports anywhere in its source (top level or inside
+    functions), but for the names of types imported under ``if TYPE_CHECKING:``."""
 
     def owner(name):
         while name and name not in modules:
@@ -98,7 +99,16 @@ def import_graph(modules: dict) -> dict[str, set[str]]:
     graph = {m: set() for m in modules}
     for module, path in modules.items():
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        type_only = {  # `if TYPE_CHECKING:` imports name types for annotations; nothing runs them
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+            for n in ast.walk(block)
+        }
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
