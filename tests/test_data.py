@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 
 import numpy as np
@@ -17,34 +16,7 @@ from cifar_dist.data.loaders import GpuLoader, TorchLoader, eval_batches
 from cifar_dist.data.sharding import eval_range
 from cifar_dist.errors import ConfigError, DataError
 
-
-def write_batch(path, n=20, **extra):
-    rng = np.random.default_rng(0)
-    d = {
-        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-        b"labels": list(rng.integers(0, 10, n).tolist()),
-        b"batch_label": b"x",
-    }
-    d.update(extra)
-    with open(path, "wb") as f:
-        pickle.dump(d, f, protocol=2)
-    return d
-
-
-def fake_cifar(root, n=20):
-    folder = root / FOLDER
-    folder.mkdir(parents=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        write_batch(folder / name, n)
-    return root
-
-
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+from helpers import _Payload, fake_cifar, write_batch
 
 
 def test_reader_returns_images_and_labels(tmp_path):

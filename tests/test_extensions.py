@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 import yaml
-from test_loop import build, fit
 
 from conftest import BIN, REPO, SMOKE, base_env, cli_here, free_port, run, summary
+from helpers import build, fit
 
 USER_CODE = '''
 import json, os

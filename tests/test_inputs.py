@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REF_ARGS, SMOKE, cli, rewind, torchrun
-from test_data import _Payload, fake_cifar
+from helpers import _Payload, fake_cifar
 
 pytestmark = pytest.mark.slow
 STEPS = REF_ARGS[2:]  # the shared reference run's settings (conftest.REF_ARGS)

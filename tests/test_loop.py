@@ -13,39 +13,16 @@ import shutil
 import pytest
 import torch
 
-from cifar_dist.config.loading import load_config
-from cifar_dist.distributed.accelerator import make_accelerator
 from cifar_dist.errors import NonFiniteError
 from cifar_dist.storage.state import TrainState
 from cifar_dist.trainer import loop
-from cifar_dist.trainer.build import build_data, build_parts, resolve_run_precision, restore
-from cifar_dist.trainer.callbacks import Callbacks
+from cifar_dist.trainer.build import restore
 from cifar_dist.trainer.control import CONTROL_EVERY
 from cifar_dist.trainer.progress import progress_bars
 from cifar_dist.trainer.step import EpochTotals, train_step
 from cifar_dist.trainer.stopping import StopReason
 
-from conftest import REPO
-
-SMOKE = REPO / "configs" / "smoke.yaml"
-# 512 images in batches of 64: 8 steps per epoch, 16 in the 2 epochs of the smoke recipe.
-SMALL = ["data.synthetic_train=512", "data.synthetic_test=256", "run.progress=false", "run.plots=false"]
-SPE = 8
-
-
-def build(run_dir, *overrides, callbacks=()):
-    """The Parts of `cifar-dist train` for the smoke recipe, built in this process."""
-    cfg = load_config(SMOKE, [*SMALL, *overrides])
-    resolve_run_precision(cfg)
-    cfg.run.out_dir = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(cfg)
-    shard, train_set, eval_set, _ = build_data(cfg, accelerator)
-    return build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, callbacks=Callbacks(callbacks))
-
-
-def fit(parts, state=None):
-    return loop.Trainer(parts, state or TrainState(), progress_bars(False)).fit()
+from helpers import SPE, build, fit
 
 
 def weights(parts) -> dict:

@@ -357,10 +357,10 @@ def test_a_full_disk_at_the_end_leaves_no_summary_a_sweep_would_trust(small_disk
 def test_every_writer_fails_in_one_line_on_a_full_disk_and_keeps_the_old_file(small_disk):
     """summary.json, config.yaml and plots each on a real full disk: EnvironmentFault naming the
     file; an earlier version of the file stays whole; no temporary file is left."""
-    import faults
-
     from cifar_dist.errors import EnvironmentFault
     from cifar_dist.storage.files import write_json_atomic
+
+    import faults
 
     run_dir = small_disk / "run"
     run_dir.mkdir()

@@ -10,7 +10,14 @@ import torch
 import torch.distributed as dist
 
 from cifar_dist.config.registry import PRECISIONS
-from cifar_dist.distributed.launcher import env_rank, launcher_world_size, local_world_size, using_deepspeed
+from cifar_dist.distributed.launcher import (
+    env_rank,
+    launcher_world_size,
+    local_world_size,
+    master_address,
+    restart_attempt,
+    using_deepspeed,
+)
 from cifar_dist.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -107,19 +114,12 @@ def init_restarted_process_group(timeout: timedelta) -> bool:
     the same store, with the attempt as a prefix; Accelerate then uses that group.
     Returns whether it did.
     """
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if (
-        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-        or not attempt.isdigit()
-        or int(attempt) == 0
-        or launcher_world_size() < 2
-        or dist.is_initialized()
-    ):
+    attempt = restart_attempt()
+    if not attempt or launcher_world_size() < 2 or dist.is_initialized():
         return False
     world = launcher_world_size()
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
-    )
+    host, port = master_address()
+    store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
     backend = "nccl" if torch.cuda.is_available() else "xccl" if has_accelerator() else "gloo"
     dist.init_process_group(
         backend,

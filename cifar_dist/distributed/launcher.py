@@ -1,9 +1,10 @@
-"""The launcher's view of the world, read from its environment variables before any set-up.
+"""The launcher's view of the world, read from its environment variables before any set-up:
+the one place that reads them.
 
-torchrun and Accelerate set WORLD_SIZE / RANK, Slurm's srun SLURM_STEP_NUM_TASKS /
-SLURM_PROCID, MPI launchers their own; Accelerate's DeepSpeed configs set
-ACCELERATE_USE_DEEPSPEED. Nothing here imports torch, so bad input can be refused
-before the heavy imports.
+torchrun and Accelerate set WORLD_SIZE / RANK / LOCAL_RANK / LOCAL_WORLD_SIZE, Slurm's srun
+SLURM_STEP_NUM_TASKS / SLURM_PROCID, MPI launchers their own; torchrun's agent its restart
+count; Accelerate's DeepSpeed configs ACCELERATE_USE_DEEPSPEED. Nothing here imports torch,
+so bad input can be refused before the heavy imports.
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ def local_world_size() -> int:
     """How many processes the launcher started on this node (LOCAL_WORLD_SIZE; 1 if none)."""
     value = os.environ.get("LOCAL_WORLD_SIZE", "1")
     return int(value) if value.isdigit() else 1
+
+
+def restart_attempt() -> int:
+    """Which attempt of a torchrun job this is, when its agent keeps one store for all attempts
+    (0: the first, or not under torchrun's agent)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return 0
+    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return int(value) if value.isdigit() else 0
+
+
+def master_address() -> tuple[str, int]:
+    """The rendezvous host and port the launcher set (MASTER_ADDR, MASTER_PORT)."""
+    return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
 
 
 def using_deepspeed() -> bool:

@@ -1,10 +1,10 @@
-"""The wiring of a run: what the loop needs, built once, in one order.
+"""Building a run: what the loop needs, built once, in one order, the one way every run is built.
 
 ``build_parts`` seeds, builds the model, prepares it for the launcher
 (``prepare_model``), and adds the loader, the evaluator, the checkpointer,
 the precision policy and the callbacks. ``Parts`` holds no run-time state:
-where training stands is ``loop.TrainState``; the loop's own state is
-``loop.Trainer``'s.
+where training stands is ``storage.state.TrainState``; the loop's own state is
+``trainer.loop.Trainer``'s.
 """
 
 from __future__ import annotations

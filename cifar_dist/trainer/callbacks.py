@@ -5,11 +5,12 @@
 
 A callback is a class with any of these methods (``Callback`` gives no-op defaults):
 
-    on_train_start(run)               before the first step; ``run`` is the loop (``loop.Trainer``):
+    on_train_start(run)               before the first step; ``run`` is the loop (``trainer.loop.Trainer``):
                                       run.cfg, run.state, run.rank, run.world, run.run_dir,
                                       run.model, run.optimizer, run.request_stop()
     on_step_start(step)               before optimizer step ``step`` (global, from 0)
     on_loss(loss, step) -> loss       each micro-batch's loss before backward; returns the loss to use
+                                      (None: the loss as it was)
     on_step_end(step, metrics)        after the step; metrics: "lr", and "train_loss" (the epoch's
                                       running mean) on the steps where the loop read the device
     on_checkpoint_staged(path, step)  a checkpoint is written to ``path``, not yet committed
