@@ -1,15 +1,9 @@
-"""The paper's modified ResNet ("seed_resnet"), ResNet-9 and ResNet-18; ``build_model(cfg)``.
+"""Group BatchNorm: BatchNorm that gives the same statistics whatever the number of processes.
 
-seed_resnet is exactly the paper's network (Figure 1, 4,916,284 parameters):
-3x3 stem 3->66 + BN + ReLU, BasicBlocks in stages of [3, 4, 3] at
-[66, 132, 264] channels with strides 1/2/2, adaptive average pooling, Linear
-264->10, convolutions without bias. ReLU and flatten are functional so the
-per-layer summary lists the same rows as the paper's torchsummary table.
-
-Every BatchNorm is a ``GroupBatchNorm2d``: it normalizes over fixed-size
-groups of samples and leaves the running-statistics update to
-``sync_bn_statistics`` after each optimizer step, so the same groups and the
-same running statistics exist whatever the number of processes.
+``GroupBatchNorm2d`` normalizes over fixed-size groups of samples and records each forward's
+batch statistics; ``sync_bn_statistics`` then averages them over forwards and processes in one
+collective after each optimizer step (the control collective carries the loop's flags too), so
+the same groups and the same running statistics exist for 1 or 64 processes.
 """
 
 from __future__ import annotations
