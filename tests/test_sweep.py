@@ -49,6 +49,27 @@ def sweep(out, *extra, check=True, timeout=900):
     )
 
 
+def parallel_sweep(out, *extra) -> list:
+    """The command of a --parallel 2 sweep of the seeds and GRID into ``out``."""
+    return [
+        sys.executable,
+        "-m",
+        "cifar_dist.cli",
+        "sweep",
+        "--config",
+        SMOKE,
+        "--seeds",
+        "2",
+        *GRID,
+        "--out",
+        out,
+        "--parallel",
+        "2",
+        *ARGS,
+        *extra,
+    ]
+
+
 def weights(run_dir) -> bytes:
     return (run_dir / "model.safetensors").read_bytes()
 
@@ -118,22 +139,7 @@ def test_a_killed_parallel_sweep_resumes_to_the_sequential_results(sequential, s
     """--parallel 2 on CPU (the smoke recipe fixes run.threads=1), killed while members are
     half-way: the same command again skips what is done and resumes the rest."""
     out = tmp_path / "parallel"
-    cmd = [
-        sys.executable,
-        "-m",
-        "cifar_dist.cli",
-        "sweep",
-        "--config",
-        SMOKE,
-        "--seeds",
-        "2",
-        *GRID,
-        "--out",
-        out,
-        "--parallel",
-        "2",
-        *ARGS,
-    ]
+    cmd = parallel_sweep(out)
     proc = spawn(cmd)
     deadline = time.time() + 600
     while not any(
@@ -188,23 +194,7 @@ def test_sigterm_to_a_parallel_sweep_stops_its_members_with_a_checkpoint_and_a_r
     from conftest import FAULT_ARG, fault_env
 
     out = tmp_path / "stopped"
-    cmd = [
-        sys.executable,
-        "-m",
-        "cifar_dist.cli",
-        "sweep",
-        "--config",
-        SMOKE,
-        "--seeds",
-        "2",
-        *GRID,
-        "--out",
-        out,
-        "--parallel",
-        "2",
-        *ARGS,
-        FAULT_ARG,
-    ]
+    cmd = parallel_sweep(out, FAULT_ARG)
     proc = spawn(cmd, env=fault_env("wait@15"))
     deadline = time.time() + 600
 
