@@ -27,30 +27,8 @@ GRID = ["train.lr=0.1,0.2"]
 NAMES = ["lr=0.1-seed=0", "lr=0.1-seed=1", "lr=0.2-seed=0", "lr=0.2-seed=1"]
 
 
-def sweep(out, *extra, check=True, timeout=900):
-    return run(
-        [
-            sys.executable,
-            "-m",
-            "cifar_dist.cli",
-            "sweep",
-            "--config",
-            SMOKE,
-            "--seeds",
-            "2",
-            *GRID,
-            "--out",
-            out,
-            *ARGS,
-            *extra,
-        ],
-        check=check,
-        timeout=timeout,
-    )
-
-
-def parallel_sweep(out, *extra) -> list:
-    """The command of a --parallel 2 sweep of the seeds and GRID into ``out``."""
+def sweep_command(out, *extra) -> list:
+    """`cifar-dist sweep` of the seeds and GRID into ``out`` (``extra``: options and overrides)."""
     return [
         sys.executable,
         "-m",
@@ -63,11 +41,18 @@ def parallel_sweep(out, *extra) -> list:
         *GRID,
         "--out",
         out,
-        "--parallel",
-        "2",
         *ARGS,
         *extra,
     ]
+
+
+def sweep(out, *extra, check=True, timeout=900):
+    return run(sweep_command(out, *extra), check=check, timeout=timeout)
+
+
+def parallel_sweep(out, *extra) -> list:
+    """The command of a --parallel 2 sweep of the seeds and GRID into ``out``."""
+    return sweep_command(out, "--parallel", "2", *extra)
 
 
 def weights(run_dir) -> bytes:
