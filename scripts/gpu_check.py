@@ -118,7 +118,7 @@ def sync_check(out: Path, data_root: str | None, dry: bool, steps: int = 50) -> 
     from cifar_dist.trainer.control import Control
     from cifar_dist.trainer.step import EpochTotals
 
-    overrides = ["train.epochs=100", "run.progress=false", "run.tensorboard=false"]
+    overrides = ["train.epochs=100", "run.progress=false", "run.trackers=[]"]
     overrides += ["data.synthetic=true"] if data_root is None else [f"data.root={data_root}"]
     overrides += TINY + ["train.batch_size=64", "run.compile=false"] if dry else []
     cfg = load_config(str(REPO / "configs" / "fast.yaml"), overrides)

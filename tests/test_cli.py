@@ -23,7 +23,7 @@ TINY = [
     "data.synthetic_test=128",
     "run.plots=false",
     "run.progress=false",
-    "run.tensorboard=false",
+    "run.trackers=[]",
 ]
 
 
@@ -211,7 +211,7 @@ def test_training_without_a_config_says_which_recipe_it_runs(tmp_path):
         "run.precision=fp32",
         "run.progress=false",
         "run.plots=false",
-        "run.tensorboard=false",
+        "run.trackers=[]",
     )
     assert res.returncode == 0, res.stderr
     assert res.stderr.splitlines()[0].startswith(

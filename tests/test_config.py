@@ -332,3 +332,47 @@ def test_a_model_and_a_key_are_each_added_in_one_place(monkeypatch):
     finally:
         MODELS.unregister("toy")
     assert "toy" not in MODELS and cli_here("config", "model.name=toy").returncode == 2
+
+
+def test_a_group_key_is_off_by_default_and_turned_on_by_a_mapping_or_one_of_its_keys(tmp_path):
+    assert load_config(None).train.ema is None and load_config(None).run.profile is None
+    from_file = load_config(write(tmp_path, "train:\n  ema: {decay: 0.99}\n"))
+    assert (from_file.train.ema.decay, from_file.train.ema.every_steps) == (0.99, 1)  # the rest: defaults
+    one_key = load_config(None, ["train.ema.warmup_steps=10"])
+    assert (one_key.train.ema.decay, one_key.train.ema.warmup_steps) == (0.999, 10)
+    assert load_config(None, ["run.profile=true"]).run.profile.steps == 3
+    on_in_file = write(tmp_path, "train:\n  ema: {decay: 0.9}\n", "on.yaml")
+    assert load_config(on_in_file, ["train.ema=null"]).train.ema is None  # the command line turns it off
+    # the saved config of a run reads back the same
+    saved = write(tmp_path, yaml.safe_dump(one_key.to_dict()), "saved.yaml")
+    assert load_config(saved).train.ema == one_key.train.ema
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.ema.decay=1", "train.ema.decay: must be < 1, got 1.0"),
+        ("train.ema.decay=0", "train.ema.decay: must be > 0, got 0.0"),
+        ("train.ema.decay=-0.5", "train.ema.decay: must be > 0"),
+        ("train.ema.beta=0.9", "unknown key 'train.ema.beta' (keys: decay, every_steps, warmup_steps)"),
+        ("train.ema=3", "train.ema: expected a mapping of keys, true or null, got 3"),
+        ("train.ema={every_steps: 0}", "train.ema.every_steps: must be >= 1, got 0"),
+        ("eval.tta=flip_rotate", "eval.tta: must be one of none, flip, flip_translate, got 'flip_rotate'"),
+        ("train.no_decay=[norm, bn]", "train.no_decay: must be one of norm, bias, got 'bn'"),
+        ("train.lookahead.alpha=0", "train.lookahead.alpha: must be > 0"),
+        ("run.profile.steps=0", "run.profile.steps: must be >= 1"),
+        ("train.lr.max=1", "unknown key 'train.lr.max'"),
+        ("run.tensorboard=false", "run.tensorboard is now run.trackers"),
+        ("eval.use_ema=true", "eval.use_ema: needs train.ema"),
+    ],
+)
+def test_bad_group_and_choice_values_exit_2_in_one_line(override, fragment):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(None, [override])
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_eval_tta_keeps_true_and_false_as_aliases():
+    assert load_config(None, ["eval.tta=true"]).eval.tta == "flip"
+    assert load_config(None, ["eval.tta=false"]).eval.tta == "none"
+    assert load_config(None, ["eval.tta=flip_translate"]).eval.tta == "flip_translate"

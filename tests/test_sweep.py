@@ -21,7 +21,7 @@ ARGS = [
     "train.max_steps=40",
     "checkpoint.every_steps=10",
     "run.plots=false",
-    "run.tensorboard=false",
+    "run.trackers=[]",
 ]
 GRID = ["train.lr=0.1,0.2"]
 NAMES = ["lr=0.1-seed=0", "lr=0.1-seed=1", "lr=0.2-seed=0", "lr=0.2-seed=1"]

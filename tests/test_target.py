@@ -11,7 +11,7 @@ QUICK = [
     "data.synthetic_test=256",
     "run.plots=false",
     "run.progress=false",
-    "run.tensorboard=false",
+    "run.trackers=[]",
     "train.epochs=4",
 ]
 

@@ -62,7 +62,7 @@ def row_config(base, row: Row, world: int):
     cfg.train.batch_size, cfg.train.accum_steps, cfg.train.exact_reduce = row.batch * world, 1, False
     cfg.train.max_steps, cfg.data.workers = 0, row.workers
     cfg.data.loader = row.loader if row.loader != "synthetic" else "gpu"
-    cfg.run.progress, cfg.run.tensorboard = False, False
+    cfg.run.progress, cfg.run.trackers = False, []
     return cfg
 
 

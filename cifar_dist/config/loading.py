@@ -19,7 +19,15 @@ from typing import Any, Literal
 import yaml
 
 from cifar_dist.config.plugins import is_spec
-from cifar_dist.config.schema import MAX_INT, SECTION_CLASSES, Config, choices, field_type, new_config
+from cifar_dist.config.schema import (
+    MAX_INT,
+    SECTION_CLASSES,
+    Config,
+    choices,
+    field_type,
+    group_class,
+    new_config,
+)
 from cifar_dist.errors import ConfigError
 
 
@@ -57,12 +65,13 @@ def _coerce(value: Any, kind, key: str, where: str):
     raise AssertionError(f"{key}: a key of type {kind} cannot be read")
 
 
-def _check_range(value, section: str, f, key: str, where: str) -> None:
+def _check_range(value, section, f, key: str, where: str) -> None:
     meta = f.metadata
     allowed = choices(section, f)
-    if allowed is not None and value not in allowed and not (meta.get("specs") and is_spec(value)):
-        extra = " or package.module:factory" if meta.get("specs") else ""
-        raise ConfigError(f"{where}: {key}: must be one of {', '.join(allowed)}{extra}, got {show(value)}")
+    for item in value if isinstance(value, list) else [value]:
+        if allowed is not None and item not in allowed and not (meta.get("specs") and is_spec(item)):
+            extra = " or package.module:factory" if meta.get("specs") else ""
+            raise ConfigError(f"{where}: {key}: must be one of {', '.join(allowed)}{extra}, got {show(item)}")
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and isinstance(value, (int, float)):
         if value < lo or (meta.get("min_exclusive") and value == lo):
@@ -70,8 +79,44 @@ def _check_range(value, section: str, f, key: str, where: str) -> None:
             raise ConfigError(f"{where}: {key}: must be {op} {lo}, got {show(value)}")
     if hi is None and isinstance(value, int) and not isinstance(value, bool):
         hi = MAX_INT  # every integer key: a value past int64 overflows wherever it is used
-    if hi is not None and isinstance(value, (int, float)) and value > hi:
-        raise ConfigError(f"{where}: {key}: must be <= {hi:,}, got {show(value)}")
+    if hi is not None and isinstance(value, (int, float)):
+        if value > hi or (meta.get("max_exclusive") and value == hi):
+            op = "<" if meta.get("max_exclusive") else "<="
+            raise ConfigError(f"{where}: {key}: must be {op} {hi:,}, got {show(value)}")
+
+
+def _typed(value: Any, owner, f, key: str, where: str):
+    """``value`` for the key ``f`` of ``owner`` (a section name or a group class), checked."""
+    aliases = f.metadata.get("aliases") or {}
+    if isinstance(value, bool) and value in aliases:  # eval.tta=true: the old spelling of flip
+        value = aliases[value]
+    value = _coerce(value, field_type(owner, f), key, where)
+    _check_range(value, owner, f, key, where)
+    return value
+
+
+def _group(value: Any, group, key: str, where: str):
+    """A group's value: null/false (off), true (every default) or a mapping of its keys."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return group()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key}: expected a mapping of keys, true or null, got {show(value)}")
+    out = group()
+    for name, v in value.items():
+        _set_in_group(out, f"{key}.{name}", str(name), v, where)
+    return out
+
+
+def _set_in_group(obj, key: str, name: str, value: Any, where: str) -> None:
+    fields = {g.name: g for g in dataclasses.fields(obj)}
+    if name not in fields:
+        raise ConfigError(f"{where}: unknown key {show(key)} (keys: {', '.join(fields)})")
+    setattr(obj, name, _typed(value, type(obj), fields[name], key, where))
+
+
+RENAMED = {"run.tensorboard": "run.trackers ([tensorboard], or [] for none)"}
 
 
 def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
@@ -80,15 +125,27 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
             raise ConfigError(f"{where}: name: expected a string, got {show(value)}")
         cfg.name = value
         return
-    section, _, name = key.partition(".")
+    if key in RENAMED:
+        raise ConfigError(f"{where}: {key} is now {RENAMED[key]}")
+    section, _, rest = key.partition(".")
+    name, _, sub = rest.partition(".")
     if section not in SECTION_CLASSES or not name:
         raise ConfigError(f"{where}: unknown key {show(key)}")
     fields = {f.name: f for f in dataclasses.fields(SECTION_CLASSES[section])}
     if name not in fields:
         raise ConfigError(f"{where}: unknown key {show(key)}")
-    value = _coerce(value, field_type(section, fields[name]), key, where)
-    _check_range(value, section, fields[name], key, where)
-    setattr(getattr(cfg, section), name, value)
+    group = group_class(section, fields[name])
+    holder = getattr(cfg, section)
+    if group is None:
+        if sub:
+            raise ConfigError(f"{where}: unknown key {show(key)}")
+        setattr(holder, name, _typed(value, section, fields[name], key, where))
+    elif not sub:
+        setattr(holder, name, _group(value, group, key, where))
+    else:  # one key of a group: turns the group on
+        if getattr(holder, name) is None:
+            setattr(holder, name, group())
+        _set_in_group(getattr(holder, name), key, sub, value, where)
 
 
 def _flatten(tree: dict, where: str, prefix: str = "") -> dict:
@@ -264,6 +321,11 @@ def validate(cfg: Config, origin: dict | None = None) -> None:
             ("train.exact_reduce", "run.precision"),
             "train.exact_reduce: not with run.precision=fp16 (loss scaling)",
         )
+    check(
+        not (cfg.eval.use_ema and t.ema is None),
+        ("eval.use_ema", "train.ema"),
+        "eval.use_ema: needs train.ema (e.g. train.ema.decay=0.999)",
+    )
     check(
         not (d.val_split and d.synthetic),
         ("data.val_split", "data.synthetic"),

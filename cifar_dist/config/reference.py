@@ -10,7 +10,7 @@ import dataclasses
 
 import yaml
 
-from cifar_dist.config.schema import SECTION_CLASSES, choices
+from cifar_dist.config.schema import SECTION_CLASSES, choices, group_class
 
 
 def reference_markdown() -> str:
@@ -23,16 +23,23 @@ def reference_markdown() -> str:
     for section, cls in SECTION_CLASSES.items():
         out += [f"**{section}**", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
-            factory = f.default_factory
-            default = factory() if callable(factory) else f.default
-            meaning = f.metadata["help"]
-            allowed = choices(section, f)
-            if allowed:
-                user = " / package.module:name" if f.metadata.get("specs") else ""
-                meaning += " (" + " / ".join(allowed) + user + ")"
-            if not f.metadata.get("result", True):
-                meaning += "; *result-free*"
-            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-            out.append(f"| `{section}.{f.name}` | `{shown}` | {meaning.replace('|', '/')} |")
+            out.append(_row(section, f, f"{section}.{f.name}"))
+            group = group_class(section, f)
+            for g in dataclasses.fields(group) if group else ():  # its keys, with their defaults when on
+                out.append(_row(group, g, f"{section}.{f.name}.{g.name}", free=not f.metadata.get("result", True)))
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _row(owner, f, key: str, free: bool = False) -> str:
+    factory = f.default_factory
+    default = factory() if callable(factory) else f.default
+    meaning = f.metadata["help"]
+    allowed = choices(owner, f)
+    if allowed:
+        user = " / package.module:name" if f.metadata.get("specs") else ""
+        meaning += " (" + " / ".join(allowed) + user + ")"
+    if free or not f.metadata.get("result", True):
+        meaning += "; *result-free*"
+    shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+    return f"| `{key}` | `{shown}` | {meaning.replace('|', '/')} |"

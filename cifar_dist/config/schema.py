@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
@@ -29,29 +30,73 @@ def _f(
     min=None,
     max=None,
     min_exclusive=False,
+    max_exclusive=False,
     result=True,
     registry: Registry | None = None,
     also: tuple = (),
     specs: bool = False,
+    aliases: dict | None = None,
 ):
     """A dataclass field with its help line and validation rules. ``result=False``: the key does
     not change what is trained or measured (where files go, how they are read, what is shown),
     so a resumed run may change it and ``compare`` groups runs that differ in it. ``registry``:
     the names the key accepts, with ``also`` (e.g. "auto") and, with ``specs``, user code as
-    ``package.module:name``."""
+    ``package.module:name``; ``aliases``: values read as others (``{True: "flip"}``)."""
     meta = {
         "help": help,
         "min": min,
         "max": max,
         "min_exclusive": min_exclusive,
+        "max_exclusive": max_exclusive,
         "result": result,
         "registry": registry,
         "also": also,
         "specs": specs,
+        "aliases": aliases or {},
     }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# Groups: a key whose value is a mapping of keys of its own. Off (null) by default; a mapping,
+# or any of its keys on the command line (``train.ema.decay=0.99``), turns it on with the
+# defaults below for the keys not given; ``true`` turns it on with every default.
+
+
+@dataclass
+class EmaConfig:
+    decay: float = _f(
+        0.999,
+        "weight the average keeps at each update, in (0, 1)",
+        min=0,
+        max=1,
+        min_exclusive=True,
+        max_exclusive=True,
+    )
+    every_steps: int = _f(1, "update the average every N optimizer steps", min=1, max=1_000_000)
+    warmup_steps: int = _f(
+        0, "for the first N optimizer steps the average is a plain copy of the weights (decay 0)", min=0
+    )
+
+
+@dataclass
+class LookaheadConfig:
+    k: int = _f(5, "fast optimizer steps between two updates of the slow weights", min=1, max=100_000)
+    alpha: float = _f(
+        0.5, "the slow weights move this fraction of the way to the fast ones", min=0, max=1, min_exclusive=True
+    )
+
+
+@dataclass
+class ProfileConfig:
+    start_step: int = _f(
+        5, "first profiled optimizer step (global, from 0); the step before it warms the profiler up", min=1
+    )
+    steps: int = _f(3, "optimizer steps recorded", min=1, max=1_000)
+
+
+GROUP_CLASSES = (EmaConfig, LookaheadConfig, ProfileConfig)
 
 
 @dataclass
@@ -141,6 +186,15 @@ class TrainConfig:
         "sum gradients of model.bn_group-sized chunks in a fixed tree: bitwise the "
         "same weights for any power-of-two process count (slower)",
     )
+    no_decay: list[Literal["norm", "bias"]] = _f(
+        [], "parameters trained without weight decay: norm (BatchNorm weights and biases), bias (every bias)"
+    )
+    ema: EmaConfig | None = _f(
+        None, "an exponential moving average of the weights and BatchNorm buffers, kept in fp32 (null = off)"
+    )
+    lookahead: LookaheadConfig | None = _f(
+        None, "Lookahead: slow weights pulled toward the optimizer's weights every k steps (null = off)"
+    )
 
 
 @dataclass
@@ -168,7 +222,24 @@ class RunConfig:
         True, "TF32 tensor cores for fp32 matrix products and convolutions on GPUs (off under run.deterministic)"
     )
     threads: int = _f(0, "CPU threads per process (0 = PyTorch's default)", min=0, max=4096, result=False)
-    tensorboard: bool = _f(True, "write TensorBoard logs when tensorboard is installed", result=False)
+    trackers: list[str] = _f(
+        ["tensorboard"],
+        "experiment trackers, through Accelerate: tensorboard, wandb, mlflow, aim, clearml, dvclive, "
+        "comet_ml, ... ([] = none; each is installed by the user); rank 0 logs",
+        result=False,
+    )
+    log_every_steps: int = _f(
+        0,
+        "also send the training loss to the trackers every N optimizer steps, at the loop's control reads "
+        "(0 = the epoch rows only)",
+        min=0,
+        result=False,
+    )
+    profile: ProfileConfig | None = _f(
+        None,
+        "torch.profiler over a few training steps: traces per rank in <run dir>/profile/ (null = off)",
+        result=False,
+    )
     progress: bool = _f(True, "show a progress bar", result=False)
     plots: bool = _f(True, "draw plots/*.png at the end (cifar-dist report RUN_DIR draws them later)", result=False)
     callbacks: list[str] = _f(
@@ -186,7 +257,14 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every_epochs: int = _f(1, "evaluate every N epochs (the last epoch is always evaluated)", min=1, result=False)
-    tta: bool = _f(False, "flip test-time augmentation at the final evaluation")
+    tta: Literal["none", "flip", "flip_translate"] = _f(
+        "none",
+        "test-time augmentation: the logits averaged over the image and its mirror (flip), and over "
+        "their translations by 2 pixels (flip_translate); true and false read as flip and none",
+        aliases={True: "flip", False: "none"},
+    )
+    tta_every_epoch: bool = _f(False, "use eval.tta at every evaluation, not only at the final one")
+    use_ema: bool = _f(False, "evaluate the EMA weights (needs train.ema); model.safetensors holds them")
     target_acc: float = _f(
         0.0, "test accuracy to time (0 = off): summary.json gets time_to_target_s and epochs_to_target", min=0, max=1
     )
@@ -228,15 +306,26 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def field_type(section: str, f: dataclasses.Field):
-    """The declared type of a key (``int``, ``list[float]``, ``Literal["a", "b"]``, ...)."""
-    return _hints(SECTION_CLASSES[section])[f.name]
+def field_type(section, f: dataclasses.Field):
+    """The declared type of a key (``int``, ``list[float]``, ``Literal["a", "b"]``, ...) of a
+    section (by name) or of a group (by class)."""
+    return _hints(SECTION_CLASSES[section] if isinstance(section, str) else section)[f.name]
 
 
-def choices(section: str, f: dataclasses.Field) -> tuple | None:
-    """The values a key accepts when they are a closed set: its Literal's, or its registry's names
-    (and ``also``); None for an open key."""
+def group_class(section, f: dataclasses.Field):
+    """The group class of a key whose value is a mapping of keys (``EmaConfig`` for train.ema),
+    else None."""
     t = field_type(section, f)
+    args = typing.get_args(t) if typing.get_origin(t) in (typing.Union, types.UnionType) else (t,)
+    return next((a for a in args if a in GROUP_CLASSES), None)
+
+
+def choices(section, f: dataclasses.Field) -> tuple | None:
+    """The values a key (or each item of a list key) accepts when they are a closed set: its
+    Literal's, or its registry's names (and ``also``); None for an open key."""
+    t = field_type(section, f)
+    if typing.get_origin(t) is list:
+        (t,) = typing.get_args(t)
     if typing.get_origin(t) is Literal:
         return typing.get_args(t)
     registry = f.metadata.get("registry")
@@ -246,9 +335,16 @@ def choices(section: str, f: dataclasses.Field) -> tuple | None:
 def result_free_keys() -> frozenset[str]:
     """The keys (and ``name``) that do not change what a run trains or measures: a resumed run may
     change them, and ``compare`` puts runs that differ only in them (and the seed) together."""
-    return frozenset(
-        {"name"} | {f"{section}.{f.name}" for section, f in iter_fields() if not f.metadata.get("result", True)}
-    )
+    keys = {"name"}
+    for section, f in iter_fields():
+        free = not f.metadata.get("result", True)
+        if free:
+            keys.add(f"{section}.{f.name}")
+        group = group_class(section, f)
+        for g in dataclasses.fields(group) if group else ():
+            if free or not g.metadata.get("result", True):
+                keys.add(f"{section}.{f.name}.{g.name}")
+    return frozenset(keys)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -106,7 +106,7 @@ def _train(
 
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
-        parts.metrics = MetricsLog(run_dir, cfg.run.tensorboard, state.history)
+        parts.metrics = MetricsLog(run_dir, "tensorboard" in cfg.run.trackers, state.history)
         (run_dir / "STOP").unlink(missing_ok=True)
     print0(
         f"{cfg.name}: {cfg.model.name} ({count_parameters(parts.model):,} parameters) on {world} x "
@@ -128,7 +128,8 @@ def _train(
 
     evaluator = parts.evaluator
     assert evaluator is not None  # a training run always has one
-    final = evaluator.last if (evaluator.last and not cfg.eval.tta) else evaluator.run(tta=cfg.eval.tta)
+    tta = cfg.eval.tta != "none"
+    final = evaluator.last if (evaluator.last and not tta) else evaluator.run(tta=tta)
     summary = _summary(cfg, parts, trainer, final, eval_name, wall=time.time() - started)
     callbacks.on_train_end(summary)
     if rank == 0:
@@ -292,7 +293,7 @@ def _write_results(run_dir: Path, cfg: Config, parts: build.Parts, summary: dict
         parts.metrics.close()
     print0(
         f"{summary['eval_set']} accuracy {100 * final['acc']:.2f}% ({final['count']} images"
-        f"{', flip TTA' if cfg.eval.tta else ''}); {summary['wall_time_s']:.1f} s; results in {run_dir}"
+        f"{', flip TTA' if cfg.eval.tta != 'none' else ''}); {summary['wall_time_s']:.1f} s; results in {run_dir}"
     )
 
 
