@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from scipy import stats as st
 from cifar_dist.errors import UserError
 from cifar_dist.experiments import stats
 from cifar_dist.experiments.compare import add_compare_arguments, run_compare
+
+from conftest import run
 
 
 def _config(lr=0.001, seed=0, out_dir="", workers=2, name="default"):
@@ -154,6 +157,13 @@ def test_degenerate_samples():
         ref = st.ttest_ind(*one_flat, equal_var=False).pvalue
     assert stats.welch_p_value(*one_flat) == pytest.approx(ref, abs=1e-10)
     assert stats.mannwhitney_p_value([2.0, 2.0], [2.0, 2.0, 2.0]) == 1.0
+
+
+@pytest.mark.slow
+def test_the_command_line_does_not_import_scipy_until_compare_computes():
+    """scipy.stats takes about a second to import; every command builds the parser, which imports compare."""
+    code = "import sys; from cifar_dist.cli.main import build_parser; build_parser(); print('scipy' in sys.modules)"
+    assert run([sys.executable, "-c", code]).stdout.strip() == "False"
 
 
 # --- compare ---

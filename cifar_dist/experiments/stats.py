@@ -11,13 +11,24 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import stats as st
+
+if TYPE_CHECKING:
+    from scipy.stats import PermutationMethod
 
 EXACT_MAX_N = 8  # Mann-Whitney: up to this many values per group, the exact p over all splits
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0  # a fixed seed: compare.md is the same every time it is written
+
+
+def _scipy_stats():
+    """scipy.stats, imported on first use: the import takes about a second, and every cifar-dist
+    command imports this module (compare's arguments are part of the command line)."""
+    from scipy import stats
+
+    return stats
 
 
 def mean(xs: Sequence[float]) -> float:
@@ -44,7 +55,7 @@ def mean_ci(xs: Sequence[float], level: float = 0.95) -> tuple[float, float] | N
     if n < 2:
         return None
     m = mean(xs)
-    half = float(st.t.ppf(0.5 + level / 2.0, n - 1)) * std(xs) / math.sqrt(n)
+    half = float(_scipy_stats().t.ppf(0.5 + level / 2.0, n - 1)) * std(xs) / math.sqrt(n)
     return m - half, m + half
 
 
@@ -60,17 +71,17 @@ def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
     with warnings.catch_warnings():
         # a group of equal values has no variance, which scipy flags as a loss of precision
         warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
-        return float(st.ttest_ind(a, b, equal_var=False).pvalue)
+        return float(_scipy_stats().ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def mannwhitney_method(a: Sequence[float], b: Sequence[float]) -> str | st.PermutationMethod:
+def mannwhitney_method(a: Sequence[float], b: Sequence[float]) -> str | PermutationMethod:
     """How mannwhitney_p_value computes its p: exactly, over all C(n+m, n) ways to split the
     values into two groups of these sizes, when neither group has more than EXACT_MAX_N values
     (correct with ties, unlike scipy's method='exact', and where scipy's default falls back to
     the normal approximation: 0.16 for [1, 2, 2] versus [2, 4, 5], whose exact p is 0.30); the
     normal approximation with tie correction for larger groups."""
     if max(len(a), len(b)) <= EXACT_MAX_N:
-        return st.PermutationMethod(n_resamples=np.inf)
+        return _scipy_stats().PermutationMethod(n_resamples=np.inf)
     return "asymptotic"
 
 
@@ -80,7 +91,7 @@ def mannwhitney_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
     2 values. Note the floor of small samples: at n = 3 per group no p is below 0.1."""
     if len(a) < 2 or len(b) < 2:
         return None
-    return float(st.mannwhitneyu(a, b, alternative="two-sided", method=mannwhitney_method(a, b)).pvalue)
+    return float(_scipy_stats().mannwhitneyu(a, b, alternative="two-sided", method=mannwhitney_method(a, b)).pvalue)
 
 
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
@@ -117,15 +128,19 @@ def bootstrap_diff_ci(
         with warnings.catch_warnings():
             # BCa's failure is a warning and NaN; the NaN is checked below
             warnings.simplefilter("ignore")
-            ci = st.bootstrap(
-                (a, b),
-                _mean_difference,
-                n_resamples=BOOTSTRAP_RESAMPLES,
-                vectorized=True,
-                confidence_level=level,
-                method=method,
-                rng=np.random.default_rng(seed),
-            ).confidence_interval
+            ci = (
+                _scipy_stats()
+                .bootstrap(
+                    (a, b),
+                    _mean_difference,
+                    n_resamples=BOOTSTRAP_RESAMPLES,
+                    vectorized=True,
+                    confidence_level=level,
+                    method=method,
+                    rng=np.random.default_rng(seed),
+                )
+                .confidence_interval
+            )
         if not (math.isnan(ci.low) or math.isnan(ci.high)):
             break
     return float(ci.low), float(ci.high), method
