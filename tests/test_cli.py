@@ -34,22 +34,69 @@ def test_version_and_doctor_print_what_a_bug_report_needs():
     assert res.returncode == 0 and res.stdout.strip() == f"cifar-dist {cifar_dist.__version__}"
     res = cli_here("doctor", "--config", SMOKE)
     assert res.returncode == 0, res.stderr
-    fields = [line.split()[0] for line in res.stdout.splitlines()]
+    facts, _, env = res.stdout.partition("\n\n")
+    fields = [line.split()[0] for line in facts.splitlines()]
     for field in (
         "cifar_dist",
         "python",
+        "platform",
         "torch",
         "accelerate",
         "deepspeed",
         "ffcv",
+        "numpy",
         "CUDA",
         "CPU",
+        "accelerator",
+        "memory",
         "CIFAR-10",
         "Slurm",
     ):
         assert field in fields, res.stdout
     assert "synthetic" in res.stdout  # the smoke recipe needs no files
     assert all(f"{cmd} " in res.stdout for cmd in ("sbatch", "srun", "scontrol"))
+    assert "accelerate command " in facts and "accelerate config " in facts
+    # torch.utils.collect_env's report comes last, after the default accelerate config if there is one
+    assert "\ntorch.utils.collect_env:\nPyTorch version: " in res.stdout and "Traceback" not in res.stdout
+
+
+def test_doctor_reports_a_failing_or_hanging_collect_env_in_one_line(monkeypatch):
+    import threading
+
+    import torch.utils.collect_env
+
+    from cifar_dist.cli import doctor
+
+    def broken():
+        raise RuntimeError("no locale\nsecond line")
+
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", broken)
+    assert doctor.torch_env() == "not available: RuntimeError: no locale"
+    release = threading.Event()
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: release.wait(30) and "late")
+    try:
+        assert doctor.torch_env(timeout_s=0.2) == "not available: not finished after 0.2 s (a command it runs hangs)"
+    finally:
+        release.set()
+
+
+def test_doctor_shows_the_default_accelerate_config(tmp_path):
+    from cifar_dist.cli.doctor import accelerate_config
+
+    path = tmp_path / "default_config.yaml"
+    line, settings = accelerate_config(path)
+    assert line.startswith(f"none at {path}") and settings == []
+    path.write_text(
+        yaml.safe_dump(
+            {"distributed_type": "MULTI_GPU", "num_processes": 8, "mixed_precision": "bf16"}, sort_keys=False
+        )
+    )
+    assert accelerate_config(path) == (
+        str(path),
+        ["  distributed_type: MULTI_GPU", "  num_processes: 8", "  mixed_precision: bf16"],
+    )
+    path.write_text("[not: a mapping")
+    assert accelerate_config(path) == (f"{path}: unreadable (ParserError)", [])
 
 
 def test_overrides_may_come_before_between_and_after_options(tmp_path):

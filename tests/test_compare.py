@@ -6,14 +6,18 @@ import argparse
 import json
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
 import yaml
+from scipy import stats as st
 
 from cifar_dist.errors import UserError
 from cifar_dist.experiments import stats
 from cifar_dist.experiments.compare import add_compare_arguments, run_compare
+
+from conftest import run
 
 
 def _config(lr=0.001, seed=0, out_dir="", workers=2, name="default"):
@@ -74,50 +78,37 @@ def compare(*dirs, out=None):
 
 # --- statistics ---
 
-
-def test_t_cdf_against_closed_forms():
-    for t in (-7.0, -1.0, 0.3, 1.0, 2.5, 40.0):
-        assert stats.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-14)
-        assert stats.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-14)
-    for df in (1, 2, 3.7, 10, 100):
-        assert stats.t_cdf(0.0, df) == 0.5
-        assert stats.t_cdf(1.3, df) + stats.t_cdf(-1.3, df) == pytest.approx(1.0, abs=1e-15)
-    assert stats.t_cdf(1.96, 1e7) == pytest.approx(0.9750021048517795, abs=1e-7)  # the normal limit
+A = [91.2, 92.5, 90.7, 91.9, 92.1]
+B = [90.4, 91.0, 90.6, 89.8, 91.6]
 
 
-def test_t_quantile_against_known_values():
-    # The quoted reference values (scipy's) agree to ~1e-10; the closed forms to ~1e-14.
-    assert stats.t_quantile(0.975, 1) == pytest.approx(12.706204736174707, rel=1e-12)
-    assert stats.t_quantile(0.975, 2) == pytest.approx(4.302652729911275, rel=1e-9)
-    assert stats.t_quantile(0.975, 10) == pytest.approx(2.2281388519649385, rel=1e-9)
-    assert stats.t_quantile(0.975, 1) == pytest.approx(1 / math.tan(0.025 * math.pi), rel=1e-13)
-    assert stats.t_quantile(0.975, 2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-13)
-    assert stats.t_quantile(0.5, 4) == 0.0
-    assert stats.t_quantile(0.025, 10) == pytest.approx(-stats.t_quantile(0.975, 10), rel=1e-14)
-    for df in (1, 3, 5.52, 30):
-        for p in (0.6, 0.9, 0.995):
-            assert stats.t_cdf(stats.t_quantile(p, df), df) == pytest.approx(p, abs=1e-13)
-
-
-def test_mean_std_and_ci():
+def test_mean_std_and_ci_match_scipy():
     xs = [91.2, 92.5, 90.7]
     assert stats.mean(xs) == pytest.approx(np.mean(xs), rel=1e-15)
-    assert stats.std(xs) == pytest.approx(np.std(xs, ddof=1), rel=1e-14)
+    assert stats.std(xs) == pytest.approx(np.std(xs, ddof=1), rel=1e-15)
     assert stats.std([3.0]) == 0.0
     assert stats.mean_ci([3.0]) is None
+    assert stats.mean_ci([3.0, 3.0]) == (3.0, 3.0)  # scipy's t.interval gives NaN here
     lo, hi = stats.mean_ci(xs)
-    half = 4.302652729911275 * np.std(xs, ddof=1) / math.sqrt(3)
-    assert lo == pytest.approx(np.mean(xs) - half, rel=1e-9)
-    assert hi == pytest.approx(np.mean(xs) + half, rel=1e-9)
+    assert (lo, hi) == pytest.approx(st.t.interval(0.95, 2, loc=np.mean(xs), scale=st.sem(xs)), rel=1e-14)
+    half = 4.302652729911275 * np.std(xs, ddof=1) / math.sqrt(3)  # t_{0.975, 2}, a table value
+    assert (lo, hi) == pytest.approx((np.mean(xs) - half, np.mean(xs) + half), rel=1e-12)
 
 
-def _two_sided_p_by_integration(t, df):
-    """1 - 2 * the integral of Student's t density from 0 to |t| (Simpson's rule): independent of betainc."""
-    x = np.linspace(0.0, abs(t), 200_001)
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    y = c * (1 + x * x / df) ** (-(df + 1) / 2)
-    h = x[1] - x[0]
-    return 1.0 - 2.0 * h / 3 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum())
+def test_p_values_match_scipy():
+    assert stats.welch_p_value(A, B) == pytest.approx(st.ttest_ind(A, B, equal_var=False).pvalue, abs=1e-10)
+    assert stats.welch_p_value(B, A) == stats.welch_p_value(A, B)
+    exact = st.PermutationMethod(n_resamples=np.inf)
+    p = stats.mannwhitney_p_value(A, B)
+    assert p == pytest.approx(st.mannwhitneyu(A, B, alternative="two-sided", method=exact).pvalue, abs=1e-10)
+    # no ties here: the same as scipy's exact distribution of U
+    assert p == pytest.approx(st.mannwhitneyu(A, B, alternative="two-sided", method="exact").pvalue, abs=1e-10)
+    # with a tie, exact over all 20 splits of 3 + 3 values: 6 are as extreme
+    assert stats.mannwhitney_p_value([1.0, 2.0, 2.0], [2.0, 4.0, 5.0]) == pytest.approx(0.3, abs=1e-12)
+    big_a, big_b = A * 2, [x - 0.3 for x in B * 2]  # 10 values each: the normal approximation
+    assert stats.mannwhitney_p_value(big_a, big_b) == pytest.approx(
+        st.mannwhitneyu(big_a, big_b, alternative="two-sided", method="asymptotic").pvalue, abs=1e-10
+    )
 
 
 def test_welch_p_value_by_hand():
@@ -127,19 +118,52 @@ def test_welch_p_value_by_hand():
     df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 4)  # Welch-Satterthwaite: 5.5208
     assert t == pytest.approx(-2.2514363231593691)
     assert df == pytest.approx(5.5207877461706783)
-    p = stats.welch_p_value(a, b)
-    # 0.069133593192392413 (40-digit mpmath); Simpson's rule on the density agrees.
-    assert p == pytest.approx(0.0691335931923924, rel=1e-12)
-    assert p == pytest.approx(_two_sided_p_by_integration(t, df), rel=1e-10)
-    assert stats.welch_p_value(b, a) == p
+    # 0.069133593192392413 (40-digit mpmath)
+    assert stats.welch_p_value(a, b) == pytest.approx(0.0691335931923924, rel=1e-12)
 
 
-def test_welch_edge_cases():
-    assert stats.welch_p_value([1.0], [1.0, 2.0]) is None
+def test_bootstrap_interval_matches_scipy_and_repeats():
+    def diff(x, y, axis=-1):
+        return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+    low, high, method = stats.bootstrap_diff_ci(A, B)
+    ref = st.bootstrap((A, B), diff, n_resamples=9999, method="BCa", rng=np.random.default_rng(0))
+    assert method == "BCa"
+    assert (low, high) == pytest.approx((ref.confidence_interval.low, ref.confidence_interval.high), rel=1e-12)
+    assert low < np.mean(A) - np.mean(B) < high
+    assert stats.bootstrap_diff_ci(A, B) == (low, high, method)  # a fixed seed: the same every time
+    # equal values in both groups: BCa is undefined, the percentile interval is the difference itself
+    assert stats.bootstrap_diff_ci([90.0, 90.0], [89.0, 89.0, 89.0]) == pytest.approx((1.0, 1.0, "percentile"))
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04; the last is raised to 0.06 (monotone)
+    assert stats.holm([0.04, 0.01, 0.03]) == pytest.approx([0.06, 0.03, 0.06], abs=1e-15)
+    # 0.02 * 3 = 0.06; 0.5 * 2 = 1.0 (capped at 1); 0.6 * 1 = 0.6, raised to 1.0
+    assert stats.holm([0.5, 0.02, 0.6]) == pytest.approx([1.0, 0.06, 1.0], abs=1e-15)
+    assert stats.holm([0.04, None, 0.01, 0.03]) == pytest.approx([0.06, None, 0.03, 0.06], abs=1e-15)  # m = 3
+    assert stats.holm([0.7, 0.4]) == [0.8, 0.8]
+    assert stats.holm([]) == []
+
+
+def test_degenerate_samples():
+    for fn in (stats.welch_p_value, stats.mannwhitney_p_value, stats.bootstrap_diff_ci):
+        assert fn([1.0], [1.0, 2.0]) is None
     assert stats.welch_p_value([2.0, 2.0], [2.0, 2.0, 2.0]) == 1.0
     assert stats.welch_p_value([2.0, 2.0], [3.0, 3.0]) == 0.0
     assert stats.welch_p_value([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 1.0
-    assert 0.0 < stats.welch_p_value([2.0, 2.0], [1.0, 3.0, 5.0]) < 1.0  # one group without variance
+    one_flat = [2.0, 2.0], [1.0, 3.0, 5.0]  # one group without variance: an ordinary test
+    with pytest.warns(RuntimeWarning, match="Precision loss"):  # scipy's warning, which stats keeps quiet
+        ref = st.ttest_ind(*one_flat, equal_var=False).pvalue
+    assert stats.welch_p_value(*one_flat) == pytest.approx(ref, abs=1e-10)
+    assert stats.mannwhitney_p_value([2.0, 2.0], [2.0, 2.0, 2.0]) == 1.0
+
+
+@pytest.mark.slow
+def test_the_command_line_does_not_import_scipy_until_compare_computes():
+    """scipy.stats takes about a second to import; every command builds the parser, which imports compare."""
+    code = "import sys; from cifar_dist.cli.main import build_parser; build_parser(); print('scipy' in sys.modules)"
+    assert run([sys.executable, "-c", code]).stdout.strip() == "False"
 
 
 # --- compare ---
@@ -180,8 +204,13 @@ def test_groups_by_everything_but_the_seed(tmp_path, capsys):
     assert report["not_finished"] == [str(sweep / "lr0.003-s9"), str(sweep / "never-started")]
     (pair,) = report["pairs"]
     assert report["pairs_scope"] == "all"
-    assert pair["p_value"] == pytest.approx(stats.welch_p_value([90, 92, 91], [85, 87, 88]), rel=1e-9)
+    a, b = list(100 * np.array(accs[0.001])), list(100 * np.array(accs[0.003]))
+    assert pair["p_value"] == pytest.approx(st.ttest_ind(a, b, equal_var=False).pvalue, abs=1e-10)
+    assert pair["p_holm"] == pair["p_value"]  # one comparison: nothing to adjust
     assert pair["diff_pct"] == pytest.approx(91.0 - 86.0 - 2 / 3)
+    assert pair["diff_ci95_bootstrap"] == pytest.approx(stats.bootstrap_diff_ci(a, b)[:2], rel=1e-12)
+    assert pair["bootstrap_method"] == "BCa"
+    assert (report["test"], report["p_adjustment"], report["comparisons_adjusted"]) == ("welch", "holm", 1)
 
     md = (sweep / "compare.md").read_text()
     assert "train.lr=0.003" in md and "Welch" in md and "not finished" in md.lower()
@@ -189,6 +218,57 @@ def test_groups_by_everything_but_the_seed(tmp_path, capsys):
     assert (sweep / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert out.startswith(md) and "compare.json" in out.splitlines()[-1]
+
+
+THREE = {0.001: [0.90, 0.92, 0.91, 0.915], 0.002: [0.85, 0.87, 0.88, 0.86], 0.003: [0.905, 0.89, 0.912, 0.90]}
+
+
+def _three_configurations(path):
+    for lr, values in THREE.items():
+        for seed, acc in enumerate(values):
+            make_run(path / f"lr{lr}-s{seed}", acc, lr=lr, seed=seed)
+    return [list(100 * np.array(v)) for v in THREE.values()]
+
+
+def test_three_configurations_welch_holm_adjusted(tmp_path):
+    c1, c2, c3 = _three_configurations(tmp_path / "runs")
+    report = compare(tmp_path / "runs", out=tmp_path / "out")
+    assert [(p["a"], p["b"]) for p in report["pairs"]] == [
+        ("train.lr=0.001", "train.lr=0.002"),
+        ("train.lr=0.001", "train.lr=0.003"),
+        ("train.lr=0.002", "train.lr=0.003"),
+    ]
+    p12, p13, p23 = (st.ttest_ind(x, y, equal_var=False).pvalue for x, y in ((c1, c2), (c1, c3), (c2, c3)))
+    assert [p["p_value"] for p in report["pairs"]] == pytest.approx([p12, p13, p23], abs=1e-10)
+    # Holm by hand: p12 < p23 < p13, multiplied by 3, 2 and 1 (already increasing, all below 1)
+    assert p12 < p23 < p13 and 3 * p12 < 2 * p23 < p13 < 1
+    assert [p["p_holm"] for p in report["pairs"]] == pytest.approx([3 * p12, p13, 2 * p23], abs=1e-10)
+    for pair, (x, y) in zip(report["pairs"], ((c1, c2), (c1, c3), (c2, c3))):
+        assert pair["diff_pct"] == pytest.approx(np.mean(x) - np.mean(y), rel=1e-12)
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "## Welch's t-test of the test-accuracy difference (every pair)" in md
+    assert "| p-value | p (Holm) |" in md and "adjusted for the 3 comparisons" in md and "bootstrap" in md
+
+
+def test_three_configurations_mann_whitney_holm_adjusted(tmp_path):
+    c1, c2, c3 = _three_configurations(tmp_path / "runs")
+    ap = argparse.ArgumentParser()
+    add_compare_arguments(ap)
+    assert (
+        run_compare(ap.parse_args([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--test", "mannwhitney"]))
+        == 0
+    )
+    report = json.loads((tmp_path / "out" / "compare.json").read_text())
+    exact = st.PermutationMethod(n_resamples=np.inf)
+    p12, p13, p23 = (st.mannwhitneyu(x, y, method=exact).pvalue for x, y in ((c1, c2), (c1, c3), (c2, c3)))
+    assert [p["p_value"] for p in report["pairs"]] == pytest.approx([p12, p13, p23], abs=1e-10)
+    # 4 against 4 values, no ties: 2 of the 70 splits separate the groups completely
+    assert p12 == p23 == pytest.approx(2 / 70) and p13 == pytest.approx(16 / 70)
+    # Holm by hand: the two smallest times 3 and 2 (0.0857, 0.0571: the second raised to 0.0857), p13 times 1
+    assert [p["p_holm"] for p in report["pairs"]] == pytest.approx([3 * p12, 16 / 70, 3 * p12], abs=1e-10)
+    assert report["test"] == "mannwhitney" and report["comparisons_adjusted"] == 3
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "## Mann–Whitney U test (two-sided) of the test-accuracy difference (every pair)" in md
 
 
 def test_single_configuration_is_named_and_targets_are_counted(tmp_path):
@@ -217,7 +297,8 @@ def test_many_configurations_are_tested_against_the_first(tmp_path):
     assert len(report["configurations"]) == 7 and report["pairs_scope"] == "versus_first"
     first = report["configurations"][0]["label"]
     assert len(report["pairs"]) == 6 and all(p["a"] == first for p in report["pairs"])
-    assert all(p["p_value"] == 1.0 for p in report["pairs"])
+    assert all(p["p_value"] == 1.0 and p["p_holm"] == 1.0 for p in report["pairs"])  # 6 * 1.0, capped at 1
+    assert report["comparisons_adjusted"] == 6
 
 
 def test_single_run_has_no_interval(tmp_path):

@@ -1,19 +1,33 @@
-"""`cifar-dist doctor`: what this machine offers cifar_dist, the first thing to paste into a bug report."""
+"""`cifar-dist doctor`: what this machine offers cifar_dist, the first thing to paste into a bug report.
+
+One line per fact (versions, devices, data, Slurm, and what `accelerate env` reports: the
+accelerator, memory, the accelerate command and its default config), then the default
+config itself and torch.utils.collect_env's report: one paste answers a maintainer's first
+questions, and those Accelerate's and PyTorch's bug reports ask.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import sys
+import threading
 from importlib import metadata
+from pathlib import Path
 
 import torch
+import yaml
 
 import cifar_dist
 from cifar_dist.config.loading import load_config, resolve_data_root
 from cifar_dist.data.cifar import FOLDER, MD5, file_digest
 from cifar_dist.runtime.hardware import bf16_speedup, cpu_flags, cpu_model, has_bf16_units
 from cifar_dist.trainer.precision import CpuBf16, resolve_precision
+
+# torch.utils.collect_env runs nvidia-smi, pip, gcc, ... without a timeout of its own: a stuck
+# driver would hang doctor, so the report is given up after this many seconds.
+COLLECT_ENV_TIMEOUT_S = 60.0
 
 
 def _version(package: str) -> str:
@@ -90,6 +104,72 @@ def _data(config: str | None) -> tuple[str, str]:
     return "CIFAR-10", f"{folder}: {kind}"
 
 
+def _accelerator() -> str:
+    """The device type torch would train on here (what `accelerate env` calls the PyTorch accelerator)."""
+    try:
+        device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    except AttributeError:  # torch < 2.6 has no torch.accelerator
+        device = torch.device("cuda") if torch.cuda.is_available() else None
+    return device.type if device is not None else "none (CPU only)"
+
+
+def _memory() -> str:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every system names these
+        return "unknown"
+    return f"{total / 2**30:.1f} GiB"
+
+
+def accelerate_config_path() -> Path | None:
+    """Where `accelerate launch` without --config_file looks for its config (from
+    accelerate itself: HF_HOME and XDG_CACHE_HOME move it); None if this accelerate does not say."""
+    try:
+        from accelerate.commands.config.config_args import default_config_file
+    except ImportError:
+        return None
+    return Path(default_config_file)
+
+
+def accelerate_config(path: Path | None) -> tuple[str, list[str]]:
+    """The doctor line for accelerate's default config and, if there is one, its settings."""
+    if path is None:
+        return "location unknown to this accelerate version", []
+    if not path.is_file():
+        return f"none at {path} (accelerate launch without --config_file uses its own defaults)", []
+    try:
+        data = yaml.safe_load(path.read_text())  # YAML, or the older JSON, which YAML reads too
+    except (OSError, yaml.YAMLError) as e:
+        return f"{path}: unreadable ({type(e).__name__})", []
+    if not isinstance(data, dict):
+        return f"{path}: not a mapping of settings", []
+    return str(path), [f"  {k}: {v}" for k, v in data.items()]
+
+
+def torch_env(timeout_s: float | None = None) -> str:
+    """torch.utils.collect_env's report, or one line saying why there is none: it failed, or it
+    ran past ``timeout_s`` (default COLLECT_ENV_TIMEOUT_S) and is left running in the background."""
+    limit = COLLECT_ENV_TIMEOUT_S if timeout_s is None else timeout_s
+    result: dict[str, str] = {}
+
+    def collect() -> None:
+        try:
+            from torch.utils.collect_env import get_pretty_env_info
+
+            result["text"] = get_pretty_env_info()
+        except Exception as e:  # whatever breaks in it must not hide the rest of doctor's report
+            result["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+    worker = threading.Thread(target=collect, name="collect_env", daemon=True)
+    worker.start()
+    worker.join(limit)
+    if "text" in result:
+        return result["text"].rstrip()
+    if "error" in result:
+        return f"not available: {result['error']}"
+    return f"not available: not finished after {limit:g} s (a command it runs hangs)"
+
+
 def doctor(config: str | None = None) -> list[tuple[str, str]]:
 
     rows = [
@@ -99,9 +179,26 @@ def doctor(config: str | None = None) -> list[tuple[str, str]]:
     ]
     rows += [(name, _version(name)) for name in ("torch", "accelerate", "deepspeed", "ffcv", "torchvision", "numpy")]
     rows += _devices()
+    rows += [
+        ("accelerator", _accelerator()),
+        ("memory", _memory()),
+        ("accelerate command", shutil.which("accelerate") or "not on PATH"),
+        ("accelerate config", accelerate_config(accelerate_config_path())[0]),
+    ]
     rows.append(_data(config))
     rows.append(_slurm())
     return rows
+
+
+def report(config: str | None = None) -> str:
+    """All that doctor prints: the facts, one per line, then accelerate's default config (if
+    there is one) and torch.utils.collect_env's report, each under a heading."""
+    text = format_rows(doctor(config))
+    path = accelerate_config_path()
+    settings = accelerate_config(path)[1]
+    if settings:
+        text += f"\n\naccelerate default config ({path}):\n" + "\n".join(settings)
+    return text + "\n\ntorch.utils.collect_env:\n" + torch_env()
 
 
 def format_rows(rows: list[tuple[str, str]]) -> str:

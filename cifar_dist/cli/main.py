@@ -127,9 +127,9 @@ def _config(args):
 
 
 def _doctor(args):
-    from cifar_dist.cli.doctor import doctor, format_rows
+    from cifar_dist.cli.doctor import report
 
-    print(format_rows(doctor(args.config)))
+    print(report(args.config))
     return 0
 
 
@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run_plan",
     )
 
-    p = sub.add_parser("doctor", help="versions, devices, data and Slurm: what to paste into a bug report")
+    p = sub.add_parser(
+        "doctor", help="versions, devices, data, Slurm, accelerate's and torch's environment: for a bug report"
+    )
     p.add_argument("--config", help="the recipe whose data location to check (default: the built-in defaults)")
     p.set_defaults(fn=_doctor)
     return ap

@@ -3,7 +3,9 @@
 Runs whose configs differ only in keys that do not change what is trained (the
 seed, where the output goes, how the data is loaded, ...) form one configuration;
 each configuration gets its final test accuracy as mean, std, min, max and a 95%
-confidence interval of the mean, and every pair a Welch's t-test p-value.
+confidence interval of the mean, and every pair the difference of the means with its
+bootstrap 95% interval and the p-value of a test (Welch's t, or Mann-Whitney U with
+--test mannwhitney), raw and Holm-adjusted for the number of pairs tested.
 Writes compare.md, compare.json and compare.png.
 """
 
@@ -27,10 +29,15 @@ from cifar_dist.storage.plots import epoch_axis, pyplot, save_figure
 IGNORED_KEYS = result_free_keys() | {"run.seed"}
 MAX_ALL_PAIRS = 6  # above this many configurations, each is tested against the first only
 _ABSENT = "<absent>"
+# --test: the p-value of each pair, and how compare.md names the test
+TESTS = {
+    "welch": (stats.welch_p_value, "Welch's t-test"),
+    "mannwhitney": (stats.mannwhitney_p_value, "Mann–Whitney U test (two-sided)"),
+}
 
 
 def add_compare_arguments(ap: argparse.ArgumentParser) -> None:
-    """The arguments of `cifar-dist compare`: DIR... and --out."""
+    """The arguments of `cifar-dist compare`: DIR..., --out and --test."""
     ap.add_argument(
         "dirs", nargs="+", metavar="DIR", help="run directories, or directories holding runs (a sweep directory, runs/)"
     )
@@ -39,6 +46,13 @@ def add_compare_arguments(ap: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="where compare.md/.json/.png go (default: the first DIR if it is a sweep "
         "directory, else ./compare-<time>)",
+    )
+    ap.add_argument(
+        "--test",
+        choices=sorted(TESTS),
+        default="welch",
+        help="the test of each pair's difference: Welch's t-test (default) or the Mann-Whitney U test, "
+        "which assumes no normal distribution; either is Holm-adjusted for the number of pairs",
     )
 
 
@@ -212,24 +226,36 @@ def _data_name(data) -> str:
     )
 
 
-def pair_tests(configs: list[dict], runs_by_label: dict[str, list[float]]) -> tuple[str, list[dict]]:
-    """Welch's t-tests of the test-accuracy difference: every pair, or each versus the first
-    when there are more than MAX_ALL_PAIRS configurations. Returns (scope, pairs)."""
+def pair_tests(
+    configs: list[dict], runs_by_label: dict[str, list[float]], test: str = "welch"
+) -> tuple[str, list[dict]]:
+    """The test-accuracy difference of every pair, or of each versus the first when there are
+    more than MAX_ALL_PAIRS configurations: the difference of the means with its bootstrap
+    95% interval, and the p-value of ``test`` (a key of TESTS), raw and Holm-adjusted over the
+    pairs that could be tested. Returns (scope, pairs)."""
     labels = [c["label"] for c in configs]
     if len(labels) > MAX_ALL_PAIRS:
         scope, pairs = "versus_first", [(labels[0], b) for b in labels[1:]]
     else:
         scope, pairs = "all", [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
     means = {c["label"]: c["test_acc_pct"]["mean"] for c in configs}
-    return scope, [
-        {
-            "a": a,
-            "b": b,
-            "diff_pct": means[a] - means[b],
-            "p_value": stats.welch_p_value(runs_by_label[a], runs_by_label[b]),
-        }
-        for a, b in pairs
-    ]
+    p_value = TESTS[test][0]
+    out = []
+    for a, b in pairs:
+        ci = stats.bootstrap_diff_ci(runs_by_label[a], runs_by_label[b])
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "diff_pct": means[a] - means[b],
+                "diff_ci95_bootstrap": list(ci[:2]) if ci else None,
+                "bootstrap_method": ci[2] if ci else None,
+                "p_value": p_value(runs_by_label[a], runs_by_label[b]),
+            }
+        )
+    for pair, adjusted in zip(out, stats.holm([p["p_value"] for p in out])):
+        pair["p_holm"] = adjusted
+    return scope, out
 
 
 def _num(v, fmt: str = ".2f") -> str:
@@ -242,6 +268,39 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
         "|" + "|".join("---" for _ in header) + "|",
         *("| " + " | ".join(r) + " |" for r in rows),
     ]
+
+
+def _pairs_section(report: dict) -> list[str]:
+    scope = "each versus the first" if report["pairs_scope"] == "versus_first" else "every pair"
+    tested = report["comparisons_adjusted"]
+    boot = report["bootstrap"]
+    lines = ["", f"## {TESTS[report['test']][1]} of the test-accuracy difference ({scope})", ""]
+    rows = []
+    for p in report["pairs"]:
+        ci = p["diff_ci95_bootstrap"]
+        ci_text = "– (n < 2)" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+        if p["bootstrap_method"] == "percentile":
+            ci_text += " (percentile)"
+        rows.append(
+            [
+                p["a"],
+                p["b"],
+                f"{p['diff_pct']:+.2f}",
+                ci_text,
+                "– (n < 2)" if p["p_value"] is None else f"{p['p_value']:.3g}",
+                "–" if p["p_holm"] is None else f"{p['p_holm']:.3g}",
+            ]
+        )
+    lines += _table(["A", "B", "A − B (points)", "95% CI of A − B (bootstrap)", "p-value", "p (Holm)"], rows)
+    lines += [
+        "",
+        f"p (Holm): the p-values adjusted for the {tested} comparison{'s' * (tested != 1)} in this table "
+        "(Holm–Bonferroni): calling different every pair whose p (Holm) is below 0.05 keeps the chance of "
+        "any false call among them below 5%. 95% CI of A − B: a bootstrap interval of the difference of the "
+        f"means, each configuration's seeds resampled ({boot['resamples']} resamples, seed {boot['seed']}; BCa, "
+        "or percentile where BCa is undefined); with few seeds it tends to be too narrow.",
+    ]
+    return lines
 
 
 def to_markdown(report: dict) -> str:
@@ -281,20 +340,7 @@ def to_markdown(report: dict) -> str:
         rows.append(row)
     lines += _table(header, rows)
     if report["pairs"]:
-        scope = "each versus the first" if report["pairs_scope"] == "versus_first" else "every pair"
-        lines += ["", f"## Welch's t-test of the test-accuracy difference ({scope})", ""]
-        lines += _table(
-            ["A", "B", "A − B (points)", "p-value"],
-            [
-                [
-                    p["a"],
-                    p["b"],
-                    f"{p['diff_pct']:+.2f}",
-                    "– (n < 2)" if p["p_value"] is None else f"{p['p_value']:.3g}",
-                ]
-                for p in report["pairs"]
-            ],
-        )
+        lines += _pairs_section(report)
     lines += ["", "## Runs", ""]
     lines += _table(
         ["configuration", "run directory", "seed", "test acc"],
@@ -363,10 +409,14 @@ def run_compare(args) -> int:
         )
     groups = group_runs(runs)
     configs = [summarize(g) for g in groups]
-    scope, pairs = pair_tests(configs, {c["label"]: c["test_acc_pct"]["per_seed"] for c in configs})
+    scope, pairs = pair_tests(configs, {c["label"]: c["test_acc_pct"]["per_seed"] for c in configs}, args.test)
     report = {
         "configurations": configs,
         "pairs_scope": scope,
+        "test": args.test,
+        "p_adjustment": "holm",
+        "comparisons_adjusted": sum(p["p_value"] is not None for p in pairs),
+        "bootstrap": {"level": 0.95, "resamples": stats.BOOTSTRAP_RESAMPLES, "seed": stats.BOOTSTRAP_SEED},
         "pairs": pairs,
         "not_finished": unfinished,
         "invalid": invalid,
