@@ -27,6 +27,7 @@ from cifar_dist.config.overrides import parse_with_overrides
 from cifar_dist.distributed.launcher import env_rank, rank_prefix, using_deepspeed
 from cifar_dist.errors import ConfigError, RunDirError, guarded, say
 from cifar_dist.runtime.malloc import tune_malloc
+from cifar_dist.storage.trackers import check_trackers
 from cifar_dist.trainer.callbacks import load_callbacks
 
 
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             "epochs, without its colour jitter and rotation (`cifar-dist config` prints them; configs/seed.yaml "
             "is the paper's recipe, configs/cpu_quick.yaml a CPU demo)"
         )
+    check_trackers(cfg.run.trackers)  # a tracker not installed: one line, before anything is written
     user_callbacks = load_callbacks(cfg.run.callbacks).items  # a bad name fails here, before anything is written
     from cifar_dist.trainer.run import train  # the training stack: heavy, so only for valid input
 

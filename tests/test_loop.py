@@ -197,7 +197,7 @@ def test_resume_from_a_mid_epoch_checkpoint_gives_the_same_weights_and_history(t
     assert (state.epoch, state.step_in_epoch, state.global_step) == (0, 5, 5)
     state = fit(resumed, state)
     assert all(torch.equal(v, weights(resumed)[k]) for k, v in weights(full).items())
-    timing = ("epoch_time_s", "images_per_s")
+    timing = ("epoch_time_s", "images_per_s", "tflops_per_s", "mfu", "peak_memory_gb")  # measured, not trained
     assert [{k: v for k, v in r.items() if k not in timing} for r in state.history] == [
         {k: v for k, v in r.items() if k not in timing} for r in history
     ]
@@ -236,19 +236,26 @@ def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
 )
 def test_the_step_reads_the_device_once_per_control_interval(tmp_path, overrides, steps):
     """On a GPU each host read of a device value stalls the step; cifar_dist reads the
-    flags, the loss and the skip count once every CONTROL_EVERY steps, in one transfer.
+    flags, the loss and the skip count once every CONTROL_EVERY steps, in one transfer (and
+    the trackers get the loss from that read).
     Counted here (tests/sync_count.py) over the steady steps 1 to steps-2: the first
     step copies constants to the device once, the last one ends the run."""
     from sync_count import SyncCounter
+
+    from cifar_dist.storage.metrics import MetricsLog
+    from cifar_dist.storage.trackers import Trackers
 
     counter = SyncCounter()
     parts = build(
         tmp_path / "run",
         "data.synthetic_train=2048",
         f"train.max_steps={steps}",
+        "run.log_every_steps=10",
         *overrides,
         callbacks=[AroundSteps(before=lambda p, step: setattr(counter, "context", step))],
     )
+    # with a tracker (the running loss every 10 steps) and the rows' FLOP/s, MFU and memory
+    parts.metrics = MetricsLog(parts.run_dir, [], Trackers.start(["tensorboard"], parts.run_dir, "t", {}, 0))
     with counter:
         fit(parts)
     steady = [(step, what, where) for step, what, where in counter.calls if step is not None and 1 <= step <= steps - 2]

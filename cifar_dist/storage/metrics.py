@@ -1,37 +1,30 @@
-"""Metrics sinks (JSONL, TensorBoard) and an honest clock. Rank 0 writes."""
+"""``metrics.jsonl``, the source of truth of a run's epoch rows (rank 0 writes), and its one reader."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-
-from torch.utils.tensorboard import SummaryWriter
 
 from cifar_dist.errors import UserError, say
 from cifar_dist.storage.files import write_text_atomic
 
 
 class MetricsLog:
-    """One flat dict per epoch into ``metrics.jsonl`` and, when installed, TensorBoard.
+    """One flat dict per epoch into ``metrics.jsonl``, then to the run's trackers
+    (``storage.trackers``).
 
     The file is rewritten whole (temporary file, rename) with every row, so a full disk
     never leaves a torn or empty file; it is small (one line per epoch).
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool, history: list[dict] | None = None):
+    def __init__(self, run_dir: Path, history: list[dict] | None = None, trackers=None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.history = list(history or [])
+        self.trackers = trackers
         # A resumed run rewrites the file from the checkpoint's history, so an epoch logged
         # after that checkpoint never appears twice. A fresh run writes it at its first row.
         if self.history:
             self._rewrite()
-        self.tb = None
-        if tensorboard:
-            try:
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except ImportError:
-                self.tb = None
 
     def _rewrite(self) -> None:
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
@@ -39,15 +32,17 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         self.history.append(row)
         self._rewrite()
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "epoch" and math.isfinite(v):
-                    self.tb.add_scalar(k, v, row["epoch"])
-            self.tb.flush()
+        if self.trackers is not None:
+            self.trackers.log_row(row)
+
+    def log_loss(self, loss: float, step: int) -> None:
+        """A running training loss between rows: to the trackers only (the rows hold the epoch's)."""
+        if self.trackers is not None:
+            self.trackers.log_loss(loss, step)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def read_metrics(run_dir: Path, warn: bool = True) -> list[dict]:

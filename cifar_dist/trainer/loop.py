@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import time
 
-from cifar_dist.distributed.collectives import all_reduce_sum, print0
+import torch
+
+from cifar_dist.distributed.collectives import all_reduce_max, all_reduce_sum, print0
 from cifar_dist.errors import say
 from cifar_dist.model.optim import lr_at
 from cifar_dist.storage.state import LOSS_UNIT, TrainState
@@ -25,6 +27,7 @@ from cifar_dist.trainer.build import Parts, graph_count
 from cifar_dist.trainer.control import Control
 from cifar_dist.trainer.step import EpochTotals, train_step
 from cifar_dist.trainer.stopping import StopReason, StopRequest
+from cifar_dist.trainer.throughput import Throughput, peak_memory_gb
 
 
 class EpochRun:
@@ -41,11 +44,15 @@ class EpochRun:
             desc=f"epoch {self.number}/{epochs}",
         )
 
-    def row(self, parts: Parts, state: TrainState) -> dict:
-        """The epoch's metrics row: training loss and accuracy over all ranks, speed, learning rate."""
+    def row(self, parts: Parts, state: TrainState, throughput: Throughput) -> dict:
+        """The epoch's metrics row: training loss and accuracy over all ranks, speed, learning
+        rate, FLOP/s and MFU per device, and the most memory any process used."""
         elapsed = time.perf_counter() - self.start
-        loss, correct, count = all_reduce_sum(self.totals.stacked()).tolist()
+        sums = all_reduce_sum(self.totals.stacked())
+        memory = all_reduce_max(torch.tensor([peak_memory_gb(parts.device)], device=sums.device, dtype=sums.dtype))
+        loss, correct, count, peak_gb = torch.cat([sums, memory]).tolist()  # one host read
         count = max(count, 1.0)
+        images_per_s = self.steps_run * self.images / max(elapsed, 1e-9)
         return {
             "epoch": self.number,
             "step": state.global_step,
@@ -53,7 +60,9 @@ class EpochRun:
             "train_acc": correct / count,
             "lr": lr_at(max(state.global_step - 1, 0), parts.cfg.train, self.steps),
             "epoch_time_s": elapsed,
-            "images_per_s": self.steps_run * self.images / max(elapsed, 1e-9),
+            "images_per_s": images_per_s,
+            **throughput.figures(images_per_s / parts.shard.world),
+            "peak_memory_gb": peak_gb,
             "skipped_steps": state.skipped_steps,
         }
 
@@ -79,6 +88,8 @@ class Trainer:
             skipped_steps=state.skipped_steps,
         )
         self.graphs_after_warmup: int | None = None  # compiled graphs after the first epoch
+        self.throughput = Throughput.measure(parts.cfg, parts.device)
+        self.loss_logged_at = state.global_step  # the step of the last training loss sent to the trackers
 
     @property
     def preempted(self) -> bool:
@@ -141,14 +152,23 @@ class Trainer:
             state.skipped_steps = reading.skipped
             metrics["train_loss"] = reading.loss_sum * LOSS_UNIT / max(epoch.totals.count, 1)
             epoch.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
+            self._log_loss(metrics["train_loss"])
             if reading.stop_votes > 0:
                 self.request_stop(StopReason.SIGNAL if self.stop.signalled else StopReason.STOP_FILE)
         return metrics
 
+    def _log_loss(self, loss: float) -> None:
+        """At a control read: the running training loss to the trackers, every
+        ``run.log_every_steps`` steps (the read is already there: no extra one)."""
+        every, step = self.cfg.run.log_every_steps, self.state.global_step
+        if every and self.parts.metrics is not None and step // every > self.loss_logged_at // every:
+            self.loss_logged_at = step
+            self.parts.metrics.log_loss(loss, step)
+
     def _end_epoch(self, epoch: EpochRun) -> None:
         """The epoch's row, an evaluation when due, the log, then an epoch-end checkpoint when due."""
         parts, state = self.parts, self.state
-        row = epoch.row(parts, state)
+        row = epoch.row(parts, state, self.throughput)
         complete = state.step_in_epoch >= epoch.steps
         if complete:
             state.epoch, state.step_in_epoch = epoch.number, 0
@@ -179,4 +199,6 @@ def epoch_line(row: dict) -> str:
     if "test_acc" in row:
         parts += [f"test loss {row['test_loss']:.4f}", f"test acc {100 * row['test_acc']:.2f}%"]
     parts += [f"lr {row['lr']:.3g}", f"{row['epoch_time_s']:.1f} s", f"{row['images_per_s']:.0f} img/s"]
+    if row.get("mfu") is not None:
+        parts.append(f"MFU {100 * row['mfu']:.1f}%")
     return " | ".join(parts)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cifar_dist.config.schema import Config
+from cifar_dist.config.schema import Config, flatten
 from cifar_dist.data import data_identity
 from cifar_dist.distributed.accelerator import is_deepspeed, make_accelerator
 from cifar_dist.distributed.collectives import barrier, print0, share_from_main, world_info
@@ -30,6 +30,7 @@ from cifar_dist.storage.files import write_json_atomic
 from cifar_dist.storage.metrics import MetricsLog
 from cifar_dist.storage.rundir import RunDir, default_run_dir, save_config
 from cifar_dist.storage.state import TrainState
+from cifar_dist.storage.trackers import Trackers, tracker_places
 from cifar_dist.trainer import build
 from cifar_dist.trainer.callbacks import Callbacks, StopAtTarget, time_to_target
 from cifar_dist.trainer.loop import Trainer
@@ -106,7 +107,12 @@ def _train(
 
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
-        parts.metrics = MetricsLog(run_dir, "tensorboard" in cfg.run.trackers, state.history)
+        trackers = Trackers.start(
+            cfg.run.trackers, run_dir, cfg.name, flatten(cfg.to_dict()), state.global_step, state.history
+        )
+        parts.metrics = MetricsLog(run_dir, state.history, trackers)
+        if cfg.run.trackers:
+            print0(f"trackers: {tracker_places(cfg.run.trackers, run_dir)}")
         (run_dir / "STOP").unlink(missing_ok=True)
     print0(
         f"{cfg.name}: {cfg.model.name} ({count_parameters(parts.model):,} parameters) on {world} x "
@@ -145,6 +151,8 @@ def _stopped(trainer: Trainer, rundir, rank: int, world: int) -> int:
     the resume command; SIGTERM, SIGUSR1, the STOP file: exit 0, marked PREEMPTED (under Slurm,
     rank 0 requeues the job)."""
     step, why = trainer.state.global_step, trainer.stop.reason
+    if trainer.parts.metrics is not None:
+        trainer.parts.metrics.close()
     if why == "SIGINT":
         print0(
             f"stopped by Ctrl-C at step {step}; checkpoint written; resume with: {resume_command(rundir.path, world)}"
