@@ -36,6 +36,7 @@ import math
 import os
 import struct
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from cifar_dist.config.plugins import import_object, is_spec
@@ -114,7 +115,7 @@ class Trackers:
 
     @classmethod
     def start(
-        cls, names: list[str], run_dir: Path, project: str, config: dict, step: int, history: list[dict] = ()
+        cls, names: list[str], run_dir: Path, project: str, config: dict, step: int, history: Sequence[dict] = ()
     ) -> Trackers:
         """Start each tracker in ``run_dir``, where training starts at global step ``step`` with
         the rows ``history`` behind it (a resumed run: its checkpoint's; 0 and none for a new
@@ -214,7 +215,7 @@ def wandb_records(path: Path):
         pieces += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
+            record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
             try:
                 record.ParseFromString(pieces)
             except Exception:  # a record cut short
