@@ -95,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
             "train.exact_reduce: DeepSpeed reduces gradients itself; "
             "set train.exact_reduce=false to train with DeepSpeed"
         )
+    averaged = "train.ema" if cfg.train.ema is not None else "train.lookahead" if cfg.train.lookahead else None
+    if using_deepspeed() and averaged:  # the engine's optimizer updates weights of its own, partitioned
+        raise ConfigError(f"{averaged}: not with DeepSpeed (its engine owns the weights); set {averaged}=null")
     if args.config is None and not args.resume and env_rank() == 0:
         say(
             "cifar-dist: no --config: training the built-in defaults: the paper's model and optimizer for 60 "
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             "is the paper's recipe, configs/cpu_quick.yaml a CPU demo)"
         )
     check_trackers(cfg.run.trackers)  # a tracker not installed: one line, before anything is written
-    user_callbacks = load_callbacks(cfg.run.callbacks).items  # a bad name fails here, before anything is written
+    user_callbacks = load_callbacks(cfg.run.callbacks)  # a bad name fails here, before anything is written
     from cifar_dist.trainer.run import train  # the training stack: heavy, so only for valid input
 
     return train(cfg, args.resume, args.overwrite, user_callbacks)

@@ -218,6 +218,8 @@ def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
     [
         (["run.precision=fp32"], 22),
         (["run.precision=bf16"], 22),
+        # the weight averages update on the device, due by the host's step count alone
+        (["run.precision=fp32", "train.ema.every_steps=2", "train.ema.warmup_steps=3", "train.lookahead.k=3"], 22),
         (["data.loader=gpu", "run.precision=fp32", "data.color_jitter=0.1", "data.rotation=10"], 22),
         (["data.loader=gpu", "run.precision=bf16", "data.color_jitter=0.1", "data.rotation=10"], 22),
         # fused kernels, as optimizer_impl=auto picks on GPUs: GradScaler then skips without a host read
@@ -232,7 +234,14 @@ def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
             12,
         ),
     ],
-    ids=["torch-fp32", "torch-bf16", "gpu-fp32-jitter-rotation", "gpu-bf16-jitter-rotation", "torch-fp16-fused"],
+    ids=[
+        "torch-fp32",
+        "torch-bf16",
+        "torch-fp32-ema-lookahead",
+        "gpu-fp32-jitter-rotation",
+        "gpu-bf16-jitter-rotation",
+        "torch-fp16-fused",
+    ],
 )
 def test_the_step_reads_the_device_once_per_control_interval(tmp_path, overrides, steps):
     """On a GPU each host read of a device value stalls the step; cifar_dist reads the

@@ -2,11 +2,13 @@
 
 A checkpoint is ``checkpoints/step_XXXXXXXX/`` holding ``model.safetensors``,
 ``optimizer.pt`` (tensors only: loaded with ``weights_only=True``), ``state.json``
-(where training stands) and, written last, ``manifest.json``: the size and SHA-256
-of every other file. It is written under a temporary name and renamed into place
-only when complete, so a crash mid-write leaves a ``.tmp-*`` directory that is
-never picked up. A checkpoint whose files do not match its manifest (a flipped bit,
-a truncated or replaced file) or whose state.json does not parse is damaged:
+(where training stands), the files of the run's weight averages and stateful callbacks
+when it has them (``ema.safetensors``, ``lookahead.safetensors``, ``callbacks.json``) and,
+written last, ``manifest.json``: the size and SHA-256 of every other file. It is
+written under a temporary name and renamed into place only when complete, so a crash
+mid-write leaves a ``.tmp-*`` directory that is never picked up. A checkpoint whose
+files do not match its manifest (a flipped bit, a truncated or replaced file) or whose
+state.json does not parse is damaged:
 ``latest_checkpoint`` skips it for the previous intact one, saying so, and refuses
 when none is intact. Weights are read through safetensors, which cannot execute code.
 """
@@ -60,6 +62,12 @@ def _save_safetensors(state: dict, path: Path) -> None:
         save_file(state, str(path))
     except SafetensorError as e:
         raise OSError(str(e).replace("Error while serializing: ", "")) from None
+
+
+def write_tensors(tensors: dict, path: Path) -> None:
+    """A dict of tensors as a safetensors file (contiguous CPU copies), inside a checkpoint
+    being staged; a failed write is an OSError."""
+    _save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:

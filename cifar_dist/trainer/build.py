@@ -2,13 +2,14 @@
 
 ``build_parts`` seeds, builds the model, prepares it for the launcher
 (``prepare_model``), and adds the loader, the evaluator, the checkpointer,
-the precision policy and the callbacks. ``Parts`` holds no run-time state:
+the precision policy, the weight averages and the callbacks. ``Parts`` holds no run-time state:
 where training stands is ``storage.state.TrainState``; the loop's own state is
 ``trainer.loop.Trainer``'s.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from cifar_dist.model.resnet import build_model
 from cifar_dist.runtime.seeding import seed_everything
 from cifar_dist.storage.checkpoint import CheckpointWriter, load_optimizer_state, load_weights, read_state
 from cifar_dist.storage.metrics import MetricsLog
+from cifar_dist.trainer.averaging import WeightAverages
 from cifar_dist.trainer.callbacks import Callbacks
 from cifar_dist.trainer.checkpointer import Checkpointer
 from cifar_dist.trainer.evaluation import Evaluator
@@ -51,12 +53,18 @@ class Parts:
     evaluator: Evaluator | None = None
     checkpointer: Checkpointer = field(default_factory=lambda: Checkpointer(None))  # None: never saves
     callbacks: Callbacks = field(default_factory=Callbacks)
+    averages: WeightAverages = field(default_factory=WeightAverages)  # EMA, Lookahead (train.ema, .lookahead)
     metrics: MetricsLog | None = None  # rank 0 only
     stop_file: Path | None = None
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The module whose weights are evaluated and exported: the EMA's with eval.use_ema."""
+        return self.averages.ema.module if self.cfg.eval.use_ema and self.averages.ema else self.model
 
 
 def graph_count() -> int:
@@ -90,10 +98,9 @@ def prepare_model(cfg: Config, accelerator, model, build_optimizer, wrap: bool =
     # weights), so there only the activations are channels_last (the inputs are).
     if cfg.run.channels_last and not deepspeed:
         model = model.to(memory_format=torch.channels_last)
-    mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
 
     def compiled(module):
-        return torch.compile(module, mode=mode) if cfg.run.compile else module
+        return compile_module(cfg, module)
 
     optimizer = build_optimizer(model.parameters(), cfg.train, accelerator.device)
     if not wrap:
@@ -109,6 +116,12 @@ def prepare_model(cfg: Config, accelerator, model, build_optimizer, wrap: bool =
         # (On PyTorch >= 2.13 this property sets forward_sync_buffers, the current name.)
         wrapped.broadcast_buffers = False
     return model, compiled(model), compiled(wrapped), optimizer
+
+
+def compile_module(cfg: Config, module):
+    """``module`` compiled as run.compile and run.compile_mode say (itself when not compiling)."""
+    mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
+    return torch.compile(module, mode=mode) if cfg.run.compile else module
 
 
 def resolve_run_precision(cfg: Config, warn: bool = True) -> None:
@@ -172,10 +185,15 @@ def build_parts(
     ``eval_set`` None: no evaluator. ``run_dir`` None: nothing is saved. ``wrap=False``: this
     process's model alone, without the launcher's DDP or DeepSpeed wrapper."""
     model = build_model_seeded(cfg) if model is None else model
+    # the EMA's module: a copy taken before prepare_model moves, wraps or hooks the model
+    ema_module = copy.deepcopy(model) if cfg.train.ema is not None else None
     model, eval_model, train_model, optimizer = prepare_model(cfg, accelerator, model, build_optimizer, wrap=wrap)
     loader = loader or build_train_loader(cfg, train_set, shard, accelerator.device)
     deepspeed = wrap and is_deepspeed(accelerator)
     precision = Precision(cfg.run.precision, accelerator.device, accelerator if deepspeed else None)
+    averages = WeightAverages.build(cfg, model, ema_module)
+    if cfg.eval.use_ema and averages.ema is not None:
+        eval_model = compile_module(cfg, averages.ema.module)
     evaluator = (
         Evaluator(cfg, eval_model, eval_set, accelerator.device, precision, train_model)
         if eval_set is not None
@@ -197,6 +215,7 @@ def build_parts(
         evaluator=evaluator,
         checkpointer=Checkpointer(writer, cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs),
         callbacks=callbacks or Callbacks(),
+        averages=averages,
         stop_file=run_dir / "STOP" if run_dir is not None else None,
     )
 
@@ -211,4 +230,6 @@ def restore(parts: Parts, ckpt: Path):
         load_weights(ckpt / "model.safetensors", parts.model)
         parts.optimizer.load_state_dict(load_optimizer_state(ckpt / "optimizer.pt"))
     parts.precision.load_state_dict(state.scaler)
+    parts.averages.load(ckpt)
+    parts.callbacks.load_state(ckpt)
     return state

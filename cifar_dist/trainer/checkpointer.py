@@ -2,7 +2,8 @@
 
 The file format (weights, optimizer, state.json, manifest, atomic commit, retention) is
 ``storage.checkpoint.CheckpointWriter``'s; this decides when a checkpoint is due and
-runs the save across ranks.
+runs the save across ranks. Rank 0 adds the weight averages' files and the callbacks' state
+(``trainer.averaging``, ``trainer.callbacks``), which every rank holds the same.
 """
 
 from __future__ import annotations
@@ -68,7 +69,12 @@ class Checkpointer:
         def write():
             try:
                 if rank == 0:
-                    writer.write_local(tmp, parts.model, parts.optimizer, record)
+                    if parts.deepspeed:  # its engine saved the weights and optimizer
+                        writer.write_state(tmp, record)
+                    else:
+                        writer.write_local(tmp, parts.model, parts.optimizer, record)
+                    parts.averages.save(tmp)
+                    parts.callbacks.save_state(tmp)
             except OSError as e:
                 writer.abort(tmp)
                 raise EnvironmentFault(
@@ -79,9 +85,7 @@ class Checkpointer:
         if parts.deepspeed:
             parts.accelerator.save_state(str(tmp), safe_serialization=True)
             barrier()
-            share_from_main(lambda: writer.write_state(tmp, record))
-        else:
-            share_from_main(write)
+        share_from_main(write)
         parts.callbacks.on_checkpoint_staged(tmp, step)
         final = share_from_main(lambda: writer.commit(tmp, step))
         barrier()

@@ -1,8 +1,9 @@
 """The training loop: the same for every launcher, in one ``fit`` that reads top to bottom.
 
 Each step is followed by what its components find due: the control collective and, when
-due, its host read (``Control.after_step``); a mid-epoch checkpoint
-(``Checkpointer.maybe_save_mid_epoch``); the callbacks. Each epoch ends with its metrics row,
+due, its host read (``Control.after_step``); the weight averages (``WeightAverages.after_step``);
+the callbacks; a mid-epoch checkpoint (``Checkpointer.maybe_save_mid_epoch``), which so holds
+the averages and the callbacks' state of the step it is taken at. Each epoch ends with its metrics row,
 an evaluation when due (``Evaluator.maybe_run``) and an epoch-end checkpoint when due. The
 run ends for one ``StopReason``, the same way for each kind:
 
@@ -117,10 +118,11 @@ class Trainer:
                     metrics = self._control(
                         epoch, bad, must_read=ends_epoch or parts.checkpointer.due_mid_epoch(state.global_step)
                     )
+                    parts.averages.after_step(state.global_step)  # EMA, Lookahead: after the BN sync
+                    callbacks.on_step_end(state.global_step - 1, metrics)  # before a checkpoint saves their state
                     parts.checkpointer.maybe_save_mid_epoch(
                         parts, state, epoch.totals, ends_epoch, stopping=self.preempted
                     )
-                    callbacks.on_step_end(state.global_step - 1, metrics)
                     if ends_epoch or self.stop_reason is not None:
                         break
                 epoch.bar.close()

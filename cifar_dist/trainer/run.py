@@ -94,7 +94,8 @@ def _train(
     built_in = [EstimatedTime()] + (
         [StopAtTarget(cfg.eval.target_acc)] if cfg.eval.stop_at_target and cfg.eval.target_acc else []
     )
-    callbacks = Callbacks([*user_callbacks, *built_in])
+    user = user_callbacks if isinstance(user_callbacks, Callbacks) else Callbacks(user_callbacks)
+    callbacks = user.plus(built_in)  # the user's named by their run.callbacks spec
     parts = build.build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, model, callbacks)
     state = TrainState()
     if ckpt is not None:
@@ -257,6 +258,7 @@ def _summary(cfg: Config, parts: build.Parts, trainer: Trainer, final: dict, eva
         "eval_set": eval_name,
         "eval_images": final["count"],
         "tta": cfg.eval.tta,
+        "weights": "ema" if parts.evaluated is not parts.model else "model",  # evaluated and exported
         "per_class_acc": final["per_class_acc"],
         "epochs": state.epoch,
         "steps": state.global_step,
@@ -288,7 +290,7 @@ def _summary(cfg: Config, parts: build.Parts, trainer: Trainer, final: dict, eva
 def _write_results(run_dir: Path, cfg: Config, parts: build.Parts, summary: dict, final: dict) -> None:
     """Rank 0: the weights, the confusion matrix, the plots and, last, summary.json (a run with a
     summary.json is finished: a sweep skips it). Each file is written whole or not at all."""
-    save_weights(parts.model, run_dir / "model.safetensors")
+    save_weights(parts.evaluated, run_dir / "model.safetensors")
     write_json_atomic(
         run_dir / "confusion_matrix.json",
         {"classes": list(plots.CLASSES), "rows_true_cols_pred": final["confusion"]},
