@@ -38,11 +38,11 @@ def param_groups(model: torch.nn.Module, train_cfg) -> list:
             ):
                 undecayed.add(id(p))
     params = list(model.parameters())  # each shared parameter once
-    groups = [
-        {"params": [p for p in params if id(p) not in undecayed]},
-        {"params": [p for p in params if id(p) in undecayed], "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]  # a group without parameters is refused by DeepSpeed
+    decayed = [p for p in params if id(p) not in undecayed]
+    free = [p for p in params if id(p) in undecayed]
+    # An empty group is left out: a model with nothing no_decay names keeps one group.
+    groups: list[dict] = [{"params": decayed}] if decayed else []
+    return groups + ([{"params": free, "weight_decay": 0.0}] if free else [])
 
 
 def build_optimizer(params, train_cfg, device="cpu") -> torch.optim.Optimizer:
