@@ -90,3 +90,114 @@ def test_fused_and_foreach_optimizers_agree(name):
         results.append([q.detach() for q in params])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _small_net():
+    """A conv with a bias, BatchNorm and a linear layer: every kind of parameter no_decay names."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, bias=True),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 2 * 2, 10),
+    )
+
+
+@pytest.mark.parametrize(
+    "groups, undecayed",
+    [
+        ([], []),
+        (["norm"], ["1.weight", "1.bias"]),
+        (["bias"], ["0.bias", "1.bias", "3.bias"]),
+        (["norm", "bias"], ["0.bias", "1.weight", "1.bias", "3.bias"]),
+    ],
+)
+def test_no_decay_builds_a_group_of_its_parameters_once(groups, undecayed):
+    from cifar_dist.model.optim import param_groups
+
+    net = _small_net()
+    t = load_config(None, [f"train.no_decay={groups}"]).train
+    built = param_groups(net, t)
+    names = {id(p): n for n, p in net.named_parameters()}
+    if not groups:  # the paper's recipe: the parameters themselves, one group, as before no_decay
+        assert built == list(net.parameters())
+        return
+    assert [sorted(names[id(p)] for p in g["params"]) for g in built] == [
+        sorted(set(names.values()) - set(undecayed)),
+        sorted(undecayed),
+    ]
+    assert "weight_decay" not in built[0] and built[1]["weight_decay"] == 0.0
+
+
+def test_no_decay_norm_finds_every_batchnorm_of_the_paper_model():
+    from cifar_dist.model.optim import param_groups
+    from cifar_dist.model.resnet import build_model
+
+    model = build_model(load_config(REPO / "configs" / "smoke.yaml").model)
+    t = load_config(None, ["train.no_decay=[norm]"]).train
+    decayed, undecayed = param_groups(model, t)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(".bn" in f".{names[id(p)]}" or "shortcut.1" in names[id(p)] for p in undecayed["params"])
+    assert all(p.dim() > 1 or names[id(p)] == "linear.bias" for p in decayed["params"])
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(undecayed["params"]) == 2 * len(bn) > 0
+
+
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_no_decay_parameters_do_not_decay_in_a_step(name, impl):
+    """A step with zero gradients: only weight decay moves a parameter, so the decayed ones
+    move and the norm and bias ones stay put, with every optimizer and kernel; every group
+    follows the one learning rate."""
+    from cifar_dist.model.optim import param_groups, set_lr
+
+    net = _small_net()
+    t = load_config(
+        None,
+        [f"train.optimizer={name}", f"train.optimizer_impl={impl}", "train.no_decay=[norm, bias]", "train.lr=0.1"],
+    ).train
+    t.weight_decay = 0.01
+    opt = build_optimizer(param_groups(net, t), t, "cpu")
+    assert bool(opt.defaults.get("fused")) == (impl == "fused")
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    set_lr(opt, 0.05)
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.05]
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in net.named_parameters():
+        if n.endswith("bias") or n.startswith("1."):
+            assert torch.equal(p, before[n]), n
+        else:
+            assert not torch.equal(p, before[n]), n
+    if name == "sgd":  # by hand: the first buffer is wd * w, Nesterov steps by (1 + momentum) of it
+        torch.testing.assert_close(net[0].weight, before["0.weight"] * (1 - 0.05 * 0.01 * (1 + 0.9)))
+    if name == "adamw":  # decoupled: w * (1 - lr * wd), the Adam part is 0 for a zero gradient
+        torch.testing.assert_close(net[0].weight, before["0.weight"] * (1 - 0.05 * 0.01))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_deepspeed_keeps_the_no_decay_groups(tmp_path):
+    """DeepSpeed ZeRO-2 takes the optimizer with its groups: its weights after 16 steps with
+    train.no_decay are DDP's with the same groups (a large weight decay makes a lost group show:
+    it moves the BatchNorm weights by about 0.4 in these steps)."""
+    pytest.importorskip("deepspeed")
+    from conftest import SMOKE, accelerate_launch, load_weights, max_diff, torchrun
+
+    args = [
+        "--config",
+        SMOKE,
+        "train.exact_reduce=false",  # refused under DeepSpeed
+        "data.synthetic_train=512",
+        "train.max_steps=16",
+        "train.weight_decay=0.05",
+        "train.no_decay=[norm, bias]",
+        "run.progress=false",
+        "run.plots=false",
+    ]
+    torchrun(2, "--out", tmp_path / "ddp", *args)
+    res = accelerate_launch("deepspeed_zero2.yaml", 2, "--out", tmp_path / "ds", *args, module=True)
+    assert "DeepSpeed ZeRO-2" in res.stdout
+    assert max_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / "ds")) <= 1e-4

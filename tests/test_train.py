@@ -59,7 +59,7 @@ def test_run_directory_holds_everything(smoke_run):
         "per_class_acc",
     ):
         assert key in s, key
-    assert (s["epochs"], s["steps"], s["world_size"], s["tta"]) == (2, 32, 1, True)
+    assert (s["epochs"], s["steps"], s["world_size"], s["tta"], s["tta_views"]) == (2, 32, 1, "flip", 2)
     assert s["test_acc"] > 0.3  # it learned something (chance is 0.1)
     from cifar_dist.data import CLASSES
 
@@ -68,7 +68,7 @@ def test_run_directory_holds_everything(smoke_run):
     cm = json.loads((out / "confusion_matrix.json").read_text())["rows_true_cols_pred"]
     assert sum(map(sum, cm)) == 1024
     assert len(list((out / "checkpoints").iterdir())) == 2  # checkpoint.keep
-    assert "test accuracy" in res.stdout
+    assert "test accuracy" in res.stdout and "flip TTA: 2 views" in res.stdout
 
 
 def test_same_seed_gives_identical_weights(smoke_run, tmp_path):

@@ -93,15 +93,15 @@ def _eval(args):
     load_weights(weights, model)
     model = model.to(device).eval()
     _, eval_set, name = build_datasets(cfg)
-    result = evaluate_model(model, eval_set, cfg, device, tta=args.tta)
-    print(
-        f"{name} accuracy {100 * result['acc']:.2f}% on {result['count']} images"
-        f"{' (flip TTA)' if args.tta else ''}, loss {result['loss']:.4f}"
-    )
+    tta = args.tta or "none"
+    result = evaluate_model(model, eval_set, cfg, device, tta=tta)
+    views = "" if tta == "none" else f" ({tta} TTA: {result['views']} views)"
+    print(f"{name} accuracy {100 * result['acc']:.2f}% on {result['count']} images{views}, loss {result['loss']:.4f}")
     for cls, acc in result["per_class_acc"].items():
         print(f"  {cls:>10}: {100 * acc:.2f}%")
     tag = "" if what == "final weights" else f"-{weights.parent.name}"
-    out = run_dir / f"eval{tag}{'_tta' if args.tta else ''}.json"
+    suffix = {"none": "", "flip": "_tta"}.get(tta, f"_tta_{tta}")  # eval_tta.json: flip, as before the modes
+    out = run_dir / f"eval{tag}{suffix}.json"
     write_json_atomic(out, {"weights": str(weights), **result})
     (run_dir / "plots").mkdir(exist_ok=True)
     plot_confusion(
@@ -111,6 +111,15 @@ def _eval(args):
     )
     print(f"written {out}")
     return 0
+
+
+def _tta_modes() -> tuple:
+    """eval.tta's modes, from the schema (the one list of them)."""
+    from cifar_dist.config.schema import EvalConfig, choices
+
+    modes = choices(EvalConfig, EvalConfig.__dataclass_fields__["tta"])
+    assert modes is not None
+    return modes
 
 
 def _config(args):
@@ -192,7 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a run directory (its final weights, else its newest checkpoint), a checkpoint directory "
         "(RUN/checkpoints/step_N) or a .safetensors file; the run's config.yaml is used",
     )
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument(
+        "--tta",
+        nargs="?",
+        const="flip",
+        choices=_tta_modes(),
+        help="test-time augmentation (as eval.tta): flip averages the logits of the image and its mirror "
+        "(bare --tta), flip_translate of those and their one-pixel shifts (6 views)",
+    )
     p.add_argument(
         "--trust-code",
         action="store_true",
@@ -258,11 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _bare_tta(argv: list[str]) -> list[str]:
+    """``eval --tta key=value``: the bare flag (flip) and an override after it, which argparse
+    would otherwise read as the flag's mode."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--tta" and i + 1 < len(argv) and "=" in argv[i + 1]:
+            out.append("flip")
+    return out
+
+
 def main(argv=None) -> int:
     from cifar_dist.runtime.malloc import tune_malloc
 
     tune_malloc()
-    args = parse_with_overrides(build_parser(), argv)
+    args = parse_with_overrides(build_parser(), _bare_tta(sys.argv[1:] if argv is None else list(argv)))
     return guarded(args.fn, args, rank_prefix)
 
 

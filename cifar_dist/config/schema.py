@@ -187,7 +187,10 @@ class TrainConfig:
         "same weights for any power-of-two process count (slower)",
     )
     no_decay: list[Literal["norm", "bias"]] = _f(
-        [], "parameters trained without weight decay: norm (BatchNorm weights and biases), bias (every bias)"
+        [],
+        "parameters trained with weight decay 0 (a parameter group of their own): norm (the weights and "
+        "biases of BatchNorm and other normalization layers), bias (every parameter named bias: conv, "
+        "linear and norm biases); the rest keep train.weight_decay",
     )
     ema: EmaConfig | None = _f(
         None, "an exponential moving average of the weights and BatchNorm buffers, kept in fp32 (null = off)"
@@ -259,11 +262,15 @@ class EvalConfig:
     every_epochs: int = _f(1, "evaluate every N epochs (the last epoch is always evaluated)", min=1, result=False)
     tta: Literal["none", "flip", "flip_translate"] = _f(
         "none",
-        "test-time augmentation: the logits averaged over the image and its mirror (flip), and over "
-        "their translations by 2 pixels (flip_translate); true and false read as flip and none",
+        "test-time augmentation, the logits averaged over views: flip, the image and its mirror (1/2 "
+        "each, 2 forward passes); flip_translate, airbench's: those two (1/4 each) and the image shifted "
+        "by 1 pixel down-right and by 1 up-left (reflect padding), each with its mirror (1/8 each; 6 "
+        "forward passes); true and false read as flip and none",
         aliases={True: "flip", False: "none"},
     )
-    tta_every_epoch: bool = _f(False, "use eval.tta at every evaluation, not only at the final one")
+    tta_every_epoch: bool = _f(
+        False, "use eval.tta at every evaluation (metrics.jsonl's test_acc), not only at the final one"
+    )
     use_ema: bool = _f(False, "evaluate the EMA weights (needs train.ema); model.safetensors holds them")
     target_acc: float = _f(
         0.0, "test accuracy to time (0 = off): summary.json gets time_to_target_s and epochs_to_target", min=0, max=1

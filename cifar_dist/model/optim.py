@@ -16,8 +16,38 @@ def use_fused(train_cfg, device) -> bool:
     return train_cfg.optimizer_impl == "fused"
 
 
+# Normalization layers whose affine weights and biases ``train.no_decay: [norm]`` leaves
+# undecayed: BatchNorm (and GroupBatchNorm2d, SyncBatchNorm, InstanceNorm, all _NormBase),
+# and the GroupNorm and LayerNorm a user's model may hold.
+NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def param_groups(model: torch.nn.Module, train_cfg) -> list:
+    """The optimizer's parameters, built once: with ``train.no_decay`` empty, the model's
+    parameters as one group (the paper's recipe, unchanged); else a group of the parameters
+    named by ``no_decay`` (norm: every parameter of a normalization layer; bias: every
+    parameter named ``bias``) with weight_decay 0, and one of the rest with
+    ``train.weight_decay``. Each keeps the model's parameter order."""
+    if not train_cfg.no_decay:
+        return list(model.parameters())
+    undecayed: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if ("norm" in train_cfg.no_decay and isinstance(module, NORM_LAYERS)) or (
+                "bias" in train_cfg.no_decay and name == "bias"
+            ):
+                undecayed.add(id(p))
+    params = list(model.parameters())  # each shared parameter once
+    decayed = [p for p in params if id(p) not in undecayed]
+    free = [p for p in params if id(p) in undecayed]
+    # An empty group is left out: a model with nothing no_decay names keeps one group.
+    groups: list[dict] = [{"params": decayed}] if decayed else []
+    return groups + ([{"params": free, "weight_decay": 0.0}] if free else [])
+
+
 def build_optimizer(params, train_cfg, device="cpu") -> torch.optim.Optimizer:
-    """Adam (L2 in the gradient, as the paper), AdamW, or SGD with (Nesterov) momentum."""
+    """Adam (L2 in the gradient, as the paper), AdamW, or SGD with (Nesterov) momentum, over
+    ``params``: parameters, or the groups of ``param_groups`` (a group's own weight_decay wins)."""
     t = train_cfg
     kernels = {"fused": True} if use_fused(t, device) else {}
     if t.optimizer == "adam":
@@ -66,5 +96,6 @@ def lr_at(step: int, train_cfg, steps_per_epoch: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every parameter group follows the one schedule (no_decay groups differ in decay alone)."""
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -22,7 +22,7 @@ from cifar_dist.distributed.accelerator import configure_deepspeed, is_deepspeed
 from cifar_dist.distributed.collectives import world_info
 from cifar_dist.distributed.launcher import env_rank
 from cifar_dist.errors import ConfigError, UserError, say
-from cifar_dist.model.optim import build_optimizer
+from cifar_dist.model.optim import build_optimizer, param_groups
 from cifar_dist.model.resnet import build_model
 from cifar_dist.runtime.seeding import seed_everything
 from cifar_dist.storage.checkpoint import CheckpointWriter, load_optimizer_state, load_weights, read_state
@@ -102,7 +102,7 @@ def prepare_model(cfg: Config, accelerator, model, build_optimizer, wrap: bool =
     def compiled(module):
         return compile_module(cfg, module)
 
-    optimizer = build_optimizer(model.parameters(), cfg.train, accelerator.device)
+    optimizer = build_optimizer(param_groups(model, cfg.train), cfg.train, accelerator.device)
     if not wrap:
         return model, compiled(model), compiled(model), optimizer
     if deepspeed:

@@ -1,14 +1,17 @@
-"""Evaluation: loss, accuracy and confusion matrix, each image counted once on any number of processes."""
+"""Evaluation: loss, accuracy and confusion matrix, each image counted once on any number of
+processes; the test-time augmentation of ``eval.tta`` (its views: ``data.tta``)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import TYPE_CHECKING
 
 import torch
 
 from cifar_dist.data import CLASSES, eval_batches, normalize
+from cifar_dist.data.tta import VIEWS, tta_views
 from cifar_dist.distributed.collectives import all_reduce_sum, world_info
 from cifar_dist.model.loss import smoothed_cross_entropy
 
@@ -23,6 +26,12 @@ class Evaluator:
         self.cfg, self.model, self.eval_set, self.device = cfg, eval_model, eval_set, device
         self.precision, self.train_model = precision, train_model
         self.last: dict | None = None  # the latest result
+        self.plain_time_s: float | None = None  # seconds of the latest evaluation without TTA
+
+    @property
+    def epoch_tta(self) -> str:
+        """The mode of the per-epoch evaluations: ``eval.tta`` with ``eval.tta_every_epoch``, else plain."""
+        return self.cfg.eval.tta if self.cfg.eval.tta_every_epoch else "none"
 
     def due(self, epochs_done: int, last: bool) -> bool:
         """After the ``epochs_done``-th epoch: every ``eval.every_epochs``, and at the end."""
@@ -31,22 +40,36 @@ class Evaluator:
     def maybe_run(self, epochs_done: int, last: bool) -> dict | None:
         """Evaluate after an epoch when due; ``last`` keeps the result it returns (None: not due)."""
         self.last = None
-        return self.run() if self.due(epochs_done, last) else None
+        return self.run(self.epoch_tta) if self.due(epochs_done, last) else None
 
-    def run(self, tta: bool = False) -> dict:
+    def run(self, tta: str = "none") -> dict:
+        if self.device.type == "cuda":  # the clock starts when the training work queued before is done
+            torch.cuda.synchronize(self.device)
+        started = time.perf_counter()
         self.last = evaluate_model(
             self.model, self.eval_set, self.cfg, self.device, self.precision.autocast, tta, inputs=self.precision.inputs
         )
+        # evaluate_model ends reading its sums on the host: the device is done, the time is honest.
+        self.last["eval_time_s"] = time.perf_counter() - started
+        if tta == "none":
+            self.plain_time_s = self.last["eval_time_s"]
         self.train_model.train()
         return self.last
+
+    def final(self) -> dict:
+        """The run's final evaluation, with ``eval.tta``: the last epoch's when it used that mode."""
+        if self.last is not None and self.last["tta"] == self.cfg.eval.tta:
+            return self.last
+        return self.run(self.cfg.eval.tta)
 
 
 @torch.no_grad()
 def evaluate_model(
-    model, eval_set, cfg, device, autocast=contextlib.nullcontext, tta: bool = False, inputs=lambda x: x
+    model, eval_set, cfg, device, autocast=contextlib.nullcontext, tta: str = "none", inputs=lambda x: x
 ) -> dict:
     """Loss, accuracy and confusion matrix over the whole evaluation set, each
-    sample counted exactly once whatever the number of processes."""
+    sample counted exactly once whatever the number of processes; the logits are
+    averaged over the views of ``tta`` (none, flip, flip_translate)."""
     rank, world = world_info()
     k = 10
     model.eval()
@@ -56,9 +79,7 @@ def evaluate_model(
     for x, y, valid in eval_batches(eval_set, rank, world, batch, device):
         x = inputs(normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last))
         with autocast():
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
+            logits = tta_logits(model, x, tta, cfg.run.channels_last)
         losses = smoothed_cross_entropy(
             logits, y, cfg.train.label_smoothing, cfg.train.smoothing_form, reduction="none"
         )
@@ -72,6 +93,21 @@ def evaluate_model(
         "loss": float(stats[-1]) / max(total, 1),
         "acc": float(confusion.diag().sum()) / max(total, 1),
         "count": total,
+        "tta": tta,
+        "views": VIEWS[tta],
         "confusion": confusion.tolist(),
         "per_class_acc": dict(zip(CLASSES, (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist())),
     }
+
+
+def tta_logits(model, x: torch.Tensor, tta: str, channels_last: bool = False) -> torch.Tensor:
+    """The fp32 logits of ``x`` averaged over the views of ``tta`` with their weights, summed
+    in a fixed order; ``none`` is the plain forward pass."""
+    total = None
+    for weight, view in tta_views(x, tta, channels_last):
+        logits = model(view).float()
+        if tta == "none":
+            return logits
+        total = weight * logits if total is None else total + weight * logits
+    assert total is not None
+    return total

@@ -135,8 +135,7 @@ def _train(
 
     evaluator = parts.evaluator
     assert evaluator is not None  # a training run always has one
-    tta = cfg.eval.tta != "none"
-    final = evaluator.last if (evaluator.last and not tta) else evaluator.run(tta=tta)
+    final = evaluator.final()
     summary = _summary(cfg, parts, trainer, final, eval_name, wall=time.time() - started)
     callbacks.on_train_end(summary)
     if rank == 0:
@@ -259,6 +258,9 @@ def _summary(cfg: Config, parts: build.Parts, trainer: Trainer, final: dict, eva
         "eval_images": final["count"],
         "tta": cfg.eval.tta,
         "weights": "ema" if parts.evaluated is not parts.model else "model",  # evaluated and exported
+        "tta_views": final["views"],  # forward passes per image of the final evaluation
+        "final_eval_time_s": final["eval_time_s"],
+        "plain_eval_time_s": parts.evaluator.plain_time_s if parts.evaluator else None,  # latest without TTA
         "per_class_acc": final["per_class_acc"],
         "epochs": state.epoch,
         "steps": state.global_step,
@@ -303,8 +305,13 @@ def _write_results(run_dir: Path, cfg: Config, parts: build.Parts, summary: dict
         parts.metrics.close()
     print0(
         f"{summary['eval_set']} accuracy {100 * final['acc']:.2f}% ({final['count']} images"
-        f"{', flip TTA' if cfg.eval.tta != 'none' else ''}); {summary['wall_time_s']:.1f} s; results in {run_dir}"
+        f"{_tta_in_words(summary)}); {summary['wall_time_s']:.1f} s; results in {run_dir}"
     )
+
+
+def _tta_in_words(summary: dict) -> str:
+    """The final console line's words for the TTA mode (", flip_translate TTA: 6 views"); none: nothing."""
+    return "" if summary["tta"] == "none" else f", {summary['tta']} TTA: {summary['tta_views']} views"
 
 
 def _after_preemption(run_dir: Path, rank: int) -> None:
