@@ -43,6 +43,10 @@ def test_run_directory_holds_everything(smoke_run):
     for r in rows:
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "images_per_s"):
             assert key in r and r[key] == r[key]
+        # the bench's FLOP count over this epoch's speed; MFU a fraction (or unknown), memory in GB
+        assert r["tflops_per_s"] > 0 and (r["mfu"] is None or 0 < r["mfu"] <= 1)
+        assert 0.05 < r["peak_memory_gb"] < 64
+        assert (f"MFU {100 * r['mfu']:.1f}%" in res.stdout) == (r["mfu"] is not None)
     s = summary(out)
     for key in (
         "test_acc",
