@@ -186,7 +186,8 @@ def summarize(prof, steps: int) -> dict:
     counts: dict[str, int] = {}
     for e in events:
         counts[e.name] = counts.get(e.name, 0) + 1
-    memcpy = sum(n for name, n in counts.items() if "memcpy" in name.lower())
+    # the transfers themselves, on the device's streams (not the host's cudaMemcpyAsync calls)
+    memcpy = sum(1 for e in events if e.device_type != cpu and "memcpy" in e.name.lower())
     syncs = {name: counts.get(name, 0) for name in SYNC_NAMES}
     return {
         "steps": steps,
