@@ -14,6 +14,8 @@ recorded in OUT/report.md whatever the others do:
           for the device only at the amortized control reads
   bench   plain fp32 eager baseline; bf16 + channels_last, compiled and not;
           batches 128 and 512; torch and gpu loaders
+  profile one bf16 channels_last row under `bench --profile`: the CUDA trace, the device
+          time of the kernels and the memory snapshot must be there
   epoch   one timed epoch of configs/fast.yaml, with its test accuracy
   --full  the paper's 60-epoch recipe and the full configs/fast.yaml run
 """
@@ -175,6 +177,25 @@ def _accuracy_line(run: Path) -> str:
     )
 
 
+def _profile_check(bench: Path, cuda: bool) -> dict:
+    """The profiled row's files: on CUDA its kernels' device time and its memory snapshot."""
+    row = json.loads((bench / "bench.json").read_text())["rows"][0]
+    folder = bench / row["profile"]
+    summary = json.loads((folder / "profile_summary.json").read_text())["ranks"]["0"]
+    shares = ", ".join(f"{k} {100 * v['share']:.0f}%" for k, v in summary["ranges"].items())
+    line = f"{row['profile']}: {summary['step_ms']:.1f} ms/step ({shares}); snapshot {summary['memory_snapshot']}"
+    missing = []
+    if not (folder / "rank0.pt.trace.json.gz").is_file():
+        missing.append("trace")
+    if cuda and not summary["top_ops_by_self_device"]:
+        missing.append("CUDA kernel times")
+    if cuda and not (folder / "memory_snapshot_rank0.pickle").is_file():
+        missing.append("memory snapshot")
+    if missing:
+        return {"rc": "missing " + ", ".join(missing), "last_line": line}
+    return {"last_line": line}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("step", nargs="?", choices=("all", "sync"), default="all")
@@ -245,6 +266,28 @@ def main(argv=None) -> int:
         ),
         420,
     )
+    if steps.run(
+        "profile",
+        _cli(
+            "bench",
+            "--config",
+            REPO / "configs" / "fast.yaml",
+            "--out",
+            out / "profile-bench",
+            "--no-baseline",
+            "--precision",
+            "bf16",
+            "--channels-last",
+            "on",
+            "--batch-sizes",
+            "64" if args.dry_run else "512",
+            "--profile",
+            *(["--warmup", "1", "--steps", "2", "--repeats", "1"] if args.dry_run else []),
+            *tiny,
+        ),
+        300,
+    ):
+        steps.results[-1].update(_profile_check(out / "profile-bench", cuda=bool(info["gpus"])))
     if have_data:
         epoch = ["train.epochs=1"] + (
             ["train.max_steps=4", "train.batch_size=64", "run.compile=false"] if args.dry_run else []

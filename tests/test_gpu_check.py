@@ -58,9 +58,11 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path, cifar_root):
         timeout=500,
     )
     report = json.loads((out / "report.json").read_text())
-    assert [s["step"] for s in report["steps"]] == ["sync", "bench", "epoch", "paper-60-epochs", "fast-full"]
+    assert [s["step"] for s in report["steps"]] == ["sync", "bench", "profile", "epoch", "paper-60-epochs", "fast-full"]
     assert all(s["rc"] == 0 for s in report["steps"]), report["steps"]
     bench = json.loads((out / "bench" / "bench.json").read_text())
     assert len(bench["rows"]) == 2 + 8  # 2 baselines; compile off/on x 2 batches x torch/gpu loaders
     assert json.loads((out / "sync.json").read_text())["control_reads"] == 5
+    profiled = out / "profile-bench" / "profile" / "eager_bf16_channels_last_b64_synthetic"
+    assert (profiled / "rank0.pt.trace.json.gz").is_file() and (profiled / "profile_summary.json").is_file()
     assert "test accuracy" in (out / "report.md").read_text() and "| bench | ok |" in res.stdout

@@ -55,6 +55,12 @@ def add_bench_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported")
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch baseline")
     ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after its timed repeats, profile each row (not the baseline) over run.profile.steps steps "
+        "(default 3): a trace per rank in OUT/profile/<row>/ (docs/observability.md)",
+    )
+    ap.add_argument(
         "--loader-only", action="store_true", help="time the input pipelines alone (images/s of each loader), no model"
     )
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.name=resnet9")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from cifar_dist.bench.timing import Clock, figures, forever, peak_memory, time_steps
+from cifar_dist.config.schema import ProfileConfig
 from cifar_dist.data import Shard
 from cifar_dist.distributed.collectives import world_info
 from cifar_dist.trainer.build import build_model_seeded, build_parts, graph_count, resolve_run_precision
 from cifar_dist.trainer.control import Control
+from cifar_dist.trainer.profiling import profile_steps
 from cifar_dist.trainer.step import EpochTotals, train_step
 
 
@@ -36,6 +39,11 @@ class Row:
         if self.loader in ("torch", "ffcv"):
             parts.append(f"w{self.workers}")
         return " ".join(parts)
+
+    @property
+    def slug(self) -> str:
+        """The label as a folder name (the row's profile)."""
+        return self.label.replace(" ", "_")
 
 
 class SyntheticLoader:
@@ -74,9 +82,11 @@ def steady_step(parts, control, micro, step: int, totals: EpochTotals) -> bool:
     return control.after_step(bad, step + 1, totals.loss) is not None
 
 
-def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) -> dict:
+def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool, profile: Path | None = None) -> dict:
     """Time the framework's training step for one row; ``distributed=False`` runs
-    rank 0's model alone, unwrapped: the single-process reference.
+    rank 0's model alone, unwrapped: the single-process reference. ``profile``: the
+    benchmark's folder; after the timed repeats (which it does not slow down) the same steps
+    are profiled into ``<profile>/profile/<row slug>/`` (``run.profile.steps`` of them).
 
     Each step is what the training loop runs: ``train_step`` and the control
     collective after it (BatchNorm statistics and flags), with the flags read on
@@ -115,4 +125,8 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool) 
     fig = figures(timing, args.steps, cfg.train.batch_size, world, peak_memory(device))
     fig["precision_used"] = cfg.run.precision
     fig["compiled_graphs"] = graph_count() - graphs_before if cfg.run.compile else 0
+    if profile is not None:
+        steps = (cfg.run.profile or ProfileConfig()).steps
+        where = profile_steps(step, lambda: next(stream), profile, row.slug, steps, device)
+        fig["profile"] = str(where.relative_to(profile))
     return fig

@@ -62,6 +62,8 @@ def run_bench(args) -> int:
     for b in args.batch_sizes:
         if base.model.bn_group and b % base.model.bn_group:
             raise ConfigError(f"--batch-sizes: {b} is not a multiple of model.bn_group={base.model.bn_group}")
+    if args.profile and args.loader_only:
+        raise ConfigError("--profile: profiles the model's rows; --loader-only has none")
     if base.run.threads:
         torch.set_num_threads(base.run.threads)
     accelerator = make_accelerator(base)
@@ -133,7 +135,7 @@ def run_bench(args) -> int:
                 )
         for row in matrix:
             print0(f"{row.label} ...")
-            fig = measure_row(base, row, accelerator, data, args, distributed=True)
+            fig = measure_row(base, row, accelerator, data, args, True, out if args.profile else None)
             used = fig["precision_used"]
             fig.update(_mfu(fig, flops, peaks.get(used) or device_peak(device, name, used, tf32)))
             if world > 1:
@@ -164,6 +166,8 @@ def run_bench(args) -> int:
         plot_bench(result, out / "bench.png")
         print(table)
         print(f"written {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+        if args.profile:
+            print(f"profiles (one folder per row, a trace per rank): {out / 'profile'}; see docs/observability.md")
     accelerator.end_training()
     return 0
 

@@ -17,6 +17,7 @@ from cifar_dist.distributed.collectives import all_reduce_sum
 from cifar_dist.distributed.exact import tree_all_reduce
 from cifar_dist.errors import NonFiniteError
 from cifar_dist.model.batchnorm import sync_bn_statistics
+from cifar_dist.trainer.profiling import span
 
 CONTROL_EVERY = 10  # steps between host reads of the stop / non-finite flags
 
@@ -72,12 +73,13 @@ class Control:
         every ``CONTROL_EVERY`` steps and whenever ``must_read`` (before a checkpoint, at the end
         of an epoch). Returns the reading, or None between reads."""
         reading = self.due(steps_done, must_read)
-        flags = torch.stack([bad, self.yes if reading and stop_asked() else self.no])
-        summed = sync_bn_statistics(self.model, self.reduce, extra=flags)
-        self.first_bad = torch.where((summed[0] > 0) & (self.first_bad < 0), self.step, self.first_bad)
-        self.votes = summed[1]
-        self.step += 1
-        return self.read(loss_sum, where) if reading else None
+        with span("control"):
+            flags = torch.stack([bad, self.yes if reading and stop_asked() else self.no])
+            summed = sync_bn_statistics(self.model, self.reduce, extra=flags)
+            self.first_bad = torch.where((summed[0] > 0) & (self.first_bad < 0), self.step, self.first_bad)
+            self.votes = summed[1]
+            self.step += 1
+            return self.read(loss_sum, where) if reading else None
 
     def read(self, loss_sum: torch.Tensor, where: str = "") -> Reading:
         """One device-to-host transfer; raises NonFiniteError if any step so far was not finite."""

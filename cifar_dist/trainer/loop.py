@@ -26,6 +26,7 @@ from cifar_dist.model.optim import lr_at
 from cifar_dist.storage.state import LOSS_UNIT, TrainState
 from cifar_dist.trainer.build import Parts, graph_count
 from cifar_dist.trainer.control import Control
+from cifar_dist.trainer.profiling import RunProfile, data_waits
 from cifar_dist.trainer.step import EpochTotals, train_step
 from cifar_dist.trainer.stopping import StopReason, StopRequest
 from cifar_dist.trainer.throughput import Throughput, peak_memory_gb
@@ -91,6 +92,7 @@ class Trainer:
         self.graphs_after_warmup: int | None = None  # compiled graphs after the first epoch
         self.throughput = Throughput.measure(parts.cfg, parts.device)
         self.loss_logged_at = state.global_step  # the step of the last training loss sent to the trackers
+        self.profile = RunProfile(self.cfg.run.profile, parts.run_dir, parts.device, state.global_step, self.max_steps)
 
     @property
     def preempted(self) -> bool:
@@ -105,12 +107,12 @@ class Trainer:
     def fit(self) -> TrainState:
         """Train until a ``StopReason``; returns the state where training stands."""
         parts, state, callbacks = self.parts, self.state, self.parts.callbacks
-        with self.stop:
+        with self.stop, self.profile:
             callbacks.on_train_start(self)
             while self.stop_reason is None:
                 epoch, ends_epoch = EpochRun(parts, state, self.progress, self.cfg.train.epochs), False
                 state.partial = {}
-                for micro in parts.loader.iter_epoch(state.epoch, state.step_in_epoch):
+                for micro in data_waits(parts.loader.iter_epoch(state.epoch, state.step_in_epoch)):
                     callbacks.on_step_start(state.global_step)
                     bad = train_step(parts, micro, state.global_step, epoch.totals)
                     self._advance(epoch)
@@ -123,6 +125,7 @@ class Trainer:
                     parts.checkpointer.maybe_save_mid_epoch(
                         parts, state, epoch.totals, ends_epoch, stopping=self.preempted
                     )
+                    self.profile.after_step(state.global_step)
                     if ends_epoch or self.stop_reason is not None:
                         break
                 epoch.bar.close()

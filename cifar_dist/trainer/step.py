@@ -19,6 +19,7 @@ from cifar_dist.model.batchnorm import GroupBatchNorm2d
 from cifar_dist.model.loss import smoothed_cross_entropy
 from cifar_dist.model.optim import lr_at, set_lr
 from cifar_dist.storage.state import LOSS_UNIT
+from cifar_dist.trainer.profiling import span
 
 if TYPE_CHECKING:
     from cifar_dist.trainer.build import Parts
@@ -78,28 +79,30 @@ def train_step(parts: Parts, micro_batches, step: int, totals: EpochTotals) -> t
     set_lr(parts.optimizer, lr_at(step, cfg.train, parts.loader.steps_per_epoch))
     backward = _backward_exact if cfg.train.exact_reduce else _backward_ddp
     bad = backward(parts, micro_batches, step, totals)
-    if not parts.deepspeed:  # DeepSpeed clips (its config) and keeps the gradients partitioned
-        parts.precision.unscale(parts.optimizer)
-        grads = [q.grad for q in parts.model.parameters() if q.grad is not None]
-        if cfg.train.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.train.grad_clip)
-        else:
-            norm = torch.stack(torch._foreach_norm(grads)).norm() if grads else torch.zeros((), device=parts.device)
-        if cfg.run.precision != "fp16":  # under fp16 the scaler skips such steps instead
-            bad = bad + (~torch.isfinite(norm)).float()
-    parts.precision.step(parts.optimizer)
-    parts.optimizer.zero_grad(set_to_none=True)
+    with span("optimizer"):
+        if not parts.deepspeed:  # DeepSpeed clips (its config) and keeps the gradients partitioned
+            parts.precision.unscale(parts.optimizer)
+            grads = [q.grad for q in parts.model.parameters() if q.grad is not None]
+            if cfg.train.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.train.grad_clip)
+            else:
+                norm = torch.stack(torch._foreach_norm(grads)).norm() if grads else torch.zeros((), device=parts.device)
+            if cfg.run.precision != "fp16":  # under fp16 the scaler skips such steps instead
+                bad = bad + (~torch.isfinite(norm)).float()
+        parts.precision.step(parts.optimizer)
+        parts.optimizer.zero_grad(set_to_none=True)
     return bad
 
 
 def _forward_loss(parts: Parts, x, y, step: int, totals: EpochTotals):
     cfg = parts.cfg
-    x = parts.precision.inputs(normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last))
-    with parts.precision.autocast():
-        logits = parts.train_model(x)
-    loss = smoothed_cross_entropy(logits, y, cfg.train.label_smoothing, cfg.train.smoothing_form)
-    loss = parts.callbacks.on_loss(loss, step)
-    totals.add(loss, logits, y)
+    with span("forward+loss"):
+        x = parts.precision.inputs(normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last))
+        with parts.precision.autocast():
+            logits = parts.train_model(x)
+        loss = smoothed_cross_entropy(logits, y, cfg.train.label_smoothing, cfg.train.smoothing_form)
+        loss = parts.callbacks.on_loss(loss, step)
+        totals.add(loss, logits, y)
     return loss, (~torch.isfinite(loss.detach())).float()
 
 
@@ -125,7 +128,8 @@ def _backward_ddp(parts: Parts, micro_batches, step: int, totals: EpochTotals) -
         with sync:
             loss, nonfinite = _forward_loss(parts, x, y, step, totals)
             # DeepSpeed divides by its accumulation steps itself.
-            parts.precision.backward(loss if parts.deepspeed else loss / accum)
+            with span("backward"):  # DDP's gradient all-reduce runs inside it
+                parts.precision.backward(loss if parts.deepspeed else loss / accum)
         bad = bad + nonfinite
     return bad
 
@@ -141,7 +145,8 @@ def _backward_exact(parts: Parts, micro_batches, step: int, totals: EpochTotals)
         for x, y, _idx in micro_batches:
             for s in range(0, len(y), chunk):
                 loss, nonfinite = _forward_loss(parts, x[s : s + chunk], y[s : s + chunk], step, totals)
-                parts.precision.backward(loss)
+                with span("backward"):
+                    parts.precision.backward(loss)
                 # BatchNorm statistics follow the same tree as the gradients
                 stats = [m.stat_sum.clone() for m in bns]
                 for m in bns:
@@ -152,6 +157,8 @@ def _backward_exact(parts: Parts, micro_batches, step: int, totals: EpochTotals)
     for m, st in zip(bns, summed[len(params) :]):
         m.stat_sum.copy_(st)
     num_chunks = parts.shard.global_batch // chunk
-    for q, g in zip(params, reduce_across_processes(summed[: len(params)], num_chunks)):
+    with span("backward"):  # the gradients' all-reduce, which DDP runs inside the backward
+        reduced = reduce_across_processes(summed[: len(params)], num_chunks)
+    for q, g in zip(params, reduced):
         q.grad = g
     return bad
