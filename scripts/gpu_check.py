@@ -16,7 +16,8 @@ recorded in OUT/report.md whatever the others do:
           batches 128 and 512; torch and gpu loaders
   profile one bf16 channels_last row under `bench --profile`: the CUDA trace, the device
           time of the kernels and the memory snapshot must be there
-  epoch   one timed epoch of configs/fast.yaml, with its test accuracy
+  epoch   one timed epoch of configs/fast.yaml (EMA, Lookahead, flip-and-translate TTA,
+          the TensorBoard tracker), with its test accuracy, MFU and peak memory
   --full  the paper's 60-epoch recipe and the full configs/fast.yaml run
 """
 
@@ -170,10 +171,15 @@ def _find_archive(given: str | None) -> Path | None:
 
 
 def _accuracy_line(run: Path) -> str:
+    """The run's result, with its last epoch's training MFU and peak memory (metrics.jsonl)."""
     s = json.loads((run / "summary.json").read_text())
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    mfu = "n/a" if last.get("mfu") is None else f"{100 * last['mfu']:.1f}%"
     return (
-        f"{run.name}: test accuracy {100 * s['test_acc']:.2f}% after {s['epochs']} epochs, "
-        f"{s['wall_time_s']:.0f} s wall, {s['images_per_s']:,.0f} img/s on {s['device']}"
+        f"{run.name}: test accuracy {100 * s['test_acc']:.2f}% after {s['epochs']} epochs "
+        f"({s['weights']} weights, {s['tta']} TTA), {s['wall_time_s']:.0f} s wall, "
+        f"{s['images_per_s']:,.0f} img/s on {s['device']}; last epoch MFU {mfu}, "
+        f"peak memory {last.get('peak_memory_gb', 0):.2f} GB"
     )
 
 

@@ -240,12 +240,19 @@ def test_the_ema_is_the_same_bits_on_1_2_and_4_processes_and_is_what_eval_use_em
         assert summary(tmp_path / p)["test_acc"] == summary(tmp_path / "p1")["test_acc"]
 
 
+def _evaluations(run_dir) -> list[tuple]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["epoch"], r["test_loss"], r["test_acc"]) for r in rows]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_kill_9_then_resume_with_ema_lookahead_and_a_stateful_callback_is_byte_identical(tmp_path):
+def test_kill_9_then_resume_with_ema_lookahead_tta_and_a_stateful_callback_is_byte_identical(tmp_path):
     """Checkpoints every 6 steps; SIGKILL before step 21 (mid-epoch 2); --resume from 18: the
-    weights, the EMA, the slow weights and the callback's state end as in an uninterrupted run."""
+    weights, the EMA, the slow weights, the callback's state and every flip-and-translate TTA
+    evaluation end as in an uninterrupted run."""
     args = ["--config", SMOKE, *AVERAGED, "train.max_steps=24", "checkpoint.every_steps=6", "checkpoint.keep=10"]
+    args += ["eval.tta=flip_translate", "eval.tta_every_epoch=true"]
     args.append(FAULT_ARG.replace("]", ",tally:Tally]"))
     cli("train", "--out", tmp_path / "reference", *args, env=fault_env(""))
     out = tmp_path / "run"
@@ -259,3 +266,6 @@ def test_kill_9_then_resume_with_ema_lookahead_and_a_stateful_callback_is_byte_i
         assert (tmp_path / "reference" / name).read_bytes() == (out / name).read_bytes(), name
     assert (tmp_path / "reference" / final / STATE_FILE).read_bytes() == (out / final / STATE_FILE).read_bytes()
     assert summary(out)["weights"] == "model"
+    reference = _evaluations(tmp_path / "reference")
+    assert _evaluations(out) == reference and [epoch for epoch, _, _ in reference] == [1, 2]
+    assert summary(out)["tta_views"] == 6 and summary(out)["test_acc"] == summary(tmp_path / "reference")["test_acc"]

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import SMOKE, cli, rewind, torchrun
+from conftest import BIN, REPO, SMOKE, cli, free_port, rewind, run, torchrun
 
 RUN = ["--config", SMOKE, "data.synthetic_train=512", "run.progress=false", "run.plots=false"]
 SUMMARY_KEYS = {
@@ -175,3 +175,38 @@ def test_bench_profile_profiles_each_row_after_its_timing(tmp_path):
         summary = check_window(out / r["profile"])
         assert summary["steps"] == 3 and summary["first_step"] is None
     assert f"profiles (one folder per row, a trace per rank): {out / 'profile'}" in res.stdout
+
+
+@pytest.mark.slow
+def test_bench_profile_in_two_processes_writes_a_trace_per_rank(tmp_path):
+    out = tmp_path / "bench"
+    launch = [BIN / "accelerate", "launch", "--config_file", REPO / "launch" / "cpu.yaml", "--num_processes", "2"]
+    run(
+        [
+            *launch,
+            "--main_process_port",
+            free_port(),
+            "-m",
+            "cifar_dist.bench",
+            "--config",
+            SMOKE,
+            "--out",
+            out,
+            "--no-baseline",
+            "--batch-sizes",
+            "32",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--profile",
+            "model.widths=[8]",
+            "model.blocks=[1]",
+        ]
+    )
+    (row,) = json.loads((out / "bench.json").read_text())["rows"]
+    summary = check_window(out / row["profile"], ranks=(0, 1))
+    for figures in summary["ranks"].values():  # the control collective runs in every profiled step
+        assert figures["collectives"]["calls"] > 0

@@ -365,6 +365,14 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def flatten_keys(d: dict) -> dict:
+    """{"train": {"lr": 1, "ema": {"decay": 0.9}}} -> {"train.lr": 1, "train.ema": {"decay": 0.9}}:
+    one entry per key of a section, a group's value whole (how ``compare`` names what differs)."""
+    return {f"{section}.{k}": v for section, keys in d.items() if isinstance(keys, dict) for k, v in keys.items()} | {
+        k: v for k, v in d.items() if not isinstance(v, dict)
+    }
+
+
 def iter_fields():
     """Yield (section, dataclass field) for every leaf key, in declaration order."""
     for section, cls in SECTION_CLASSES.items():

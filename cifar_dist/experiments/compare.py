@@ -17,8 +17,10 @@ import math
 import time
 from pathlib import Path
 
+import yaml
+
 from cifar_dist.config.loading import read_yaml
-from cifar_dist.config.schema import flatten, result_free_keys
+from cifar_dist.config.schema import flatten_keys, result_free_keys
 from cifar_dist.errors import UserError
 from cifar_dist.experiments import stats
 from cifar_dist.storage.metrics import read_metrics
@@ -82,7 +84,7 @@ def _read_run(path: Path) -> dict:
         invalid = f"test_acc is {str(summary.get('test_acc', 'missing'))[:40]}, not a number in [0, 1]"
     config = read_yaml(path / "config.yaml")  # read as data: nothing it names is imported
     curve = {row["epoch"]: 100.0 * row["test_acc"] for row in read_metrics(path) if valid_accuracy(row.get("test_acc"))}
-    return {"dir": str(path), "config": flatten(config), "summary": summary, "curve": curve, "invalid": invalid}
+    return {"dir": str(path), "config": flatten_keys(config), "summary": summary, "curve": curve, "invalid": invalid}
 
 
 def _looks_like_run(path: Path) -> bool:
@@ -149,7 +151,10 @@ def group_runs(runs: list[dict]) -> list[dict]:
 
 
 def _fmt_value(v) -> str:
-    return v if isinstance(v, str) else json.dumps(v)
+    """A value as a key=value override writes it: flip, 0.98, [norm, bias], {decay: 0.98}, null."""
+    if isinstance(v, str):
+        return v
+    return yaml.safe_dump(v, default_flow_style=True, sort_keys=False, width=1_000).strip().removesuffix("...").strip()
 
 
 def _mean_of(values: list) -> float | None:
