@@ -186,9 +186,12 @@ def test_kill_9_and_resume_leave_one_point_per_epoch_in_every_tracker(tmp_path, 
     """4 epochs of 8 steps, a checkpoint every 2 epochs: killed in epoch 4, after epoch 3's row
     went out, the run resumes from step 16 and trains epoch 3 again. Every tracker then holds
     each epoch once, equal to metrics.jsonl, and the running loss once per 10 steps."""
-    # Each command from scratch, as a user runs them: a process forked from this one would share
-    # the W&B service this process started for the tests above, which still holds the killed run.
+    # Each command from scratch, as a user runs them: W&B hands the service it starts to child
+    # processes (WANDB_SERVICE) and MLflow its store (MLFLOW_TRACKING_URI), and the in-process tests
+    # above started both in this process (a shared W&B service would still hold the killed run).
     monkeypatch.setenv("CIFAR_DIST_TEST_COLD", "1")
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out, env = tmp_path / "run", fault_env("kill@28", WANDB_MODE="offline")
     res = cli("train", "--config", SMOKE, "--out", out, *TRACKED, FAULT_ARG, env=env, check=False)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
@@ -213,3 +216,15 @@ def test_a_named_tracker_that_is_not_installed_exits_2_in_one_line(tmp_path):
         "cifar-dist: run.trackers: aim is not installed: pip install aim (or leave aim out of run.trackers)"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_each_run_of_a_process_keeps_its_own_mlflow_store(tmp_path, monkeypatch):
+    """MLflow exports the store it is set to (MLFLOW_TRACKING_URI); a second run in the same
+    process still writes to its own run directory, not to the first run's."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("a", "b"):
+        trackers = Trackers.start(["mlflow"], tmp_path / name, "t", {}, step=0)
+        trackers.log_row({"epoch": 1, "step": 8, "train_loss": 1.0 if name == "a" else 2.0})
+        trackers.close()
+    assert mlflow_points(tmp_path / "a", "train_loss") == [(8, 1.0)]
+    assert mlflow_points(tmp_path / "b", "train_loss") == [(8, 2.0)]

@@ -56,6 +56,9 @@ PACKAGES = {
     "trackio": "trackio",
 }
 PIP_NAMES = {"comet_ml": "comet-ml"}
+# MLflow exports the store it is given to the environment (for child processes): the ones set
+# here for earlier runs of this process are not the user's.
+_MLFLOW_URIS_SET: set[str] = set()
 LEDGER = "trackers.json"  # the run ids of the trackers that continue a run
 ROW_KEY, LOSS_KEY = "epoch", "train_loss_running"  # a key every row has; the running loss
 
@@ -282,8 +285,11 @@ def _make(name: str, run_dir: Path, project: str, ledger: dict, resumed_at: int 
         for quiet in ("mlflow", "alembic"):  # the store's set-up narrates each table it creates
             logging.getLogger(quiet).setLevel(logging.WARNING)
 
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+        given = os.environ.get("MLFLOW_TRACKING_URI")
+        if not given or given in _MLFLOW_URIS_SET:  # the user's store, else the run directory's
+            uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+            _MLFLOW_URIS_SET.add(uri)
+            mlflow.set_tracking_uri(uri)
         return cls(
             experiment_name=project,
             logging_dir=str((run_dir / "mlflow").resolve()),
