@@ -53,6 +53,8 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 # 512 images in batches of 64: 8 steps per epoch, 16 in the 2 epochs of the smoke recipe.
 SMALL = ["data.synthetic_train=512", "data.synthetic_test=256", "run.progress=false", "run.plots=false"]
 SPE = 8
+# A bench of the smoke model timed as briefly as it runs: one warm-up step, one repeat of two.
+TINY_BENCH = ["--warmup", "1", "--steps", "2", "--repeats", "1", "model.widths=[8]", "model.blocks=[1]"]
 
 
 def build(run_dir, *overrides, callbacks=()):

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from conftest import REPO, cli
+from helpers import TINY_BENCH
 
 pytestmark = pytest.mark.slow
 
@@ -75,15 +76,8 @@ def _bench(out, *args):
         "--out",
         out,
         "--no-baseline",
-        "--warmup",
-        "1",
-        "--steps",
-        "2",
-        "--repeats",
-        "1",
         *args,
-        "model.widths=[8]",
-        "model.blocks=[1]",
+        *TINY_BENCH,
     )
     return json.loads((out / "bench.json").read_text())["rows"]
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import BIN, REPO, SMOKE, cli, free_port, rewind, run, torchrun
+from helpers import TINY_BENCH
 
 RUN = ["--config", SMOKE, "data.synthetic_train=512", "run.progress=false", "run.plots=false"]
 SUMMARY_KEYS = {
@@ -147,25 +148,8 @@ def test_run_profile_in_two_processes_writes_a_trace_per_rank(tmp_path):
 @pytest.mark.slow
 def test_bench_profile_profiles_each_row_after_its_timing(tmp_path):
     out = tmp_path / "bench"
-    res = cli(
-        "bench",
-        "--config",
-        SMOKE,
-        "--out",
-        out,
-        "--no-baseline",
-        "--batch-sizes",
-        "16,32",
-        "--warmup",
-        "1",
-        "--steps",
-        "2",
-        "--repeats",
-        "1",
-        "--profile",
-        "model.widths=[8]",
-        "model.blocks=[1]",
-    )
+    bench = ["--config", SMOKE, "--out", out, "--no-baseline", "--batch-sizes", "16,32"]
+    res = cli("bench", *bench, "--profile", *TINY_BENCH)
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [r["profile"] for r in rows] == [
         "profile/eager_fp32_NCHW_b16_synthetic",
@@ -181,31 +165,8 @@ def test_bench_profile_profiles_each_row_after_its_timing(tmp_path):
 def test_bench_profile_in_two_processes_writes_a_trace_per_rank(tmp_path):
     out = tmp_path / "bench"
     launch = [BIN / "accelerate", "launch", "--config_file", REPO / "launch" / "cpu.yaml", "--num_processes", "2"]
-    run(
-        [
-            *launch,
-            "--main_process_port",
-            free_port(),
-            "-m",
-            "cifar_dist.bench",
-            "--config",
-            SMOKE,
-            "--out",
-            out,
-            "--no-baseline",
-            "--batch-sizes",
-            "32",
-            "--warmup",
-            "1",
-            "--steps",
-            "2",
-            "--repeats",
-            "1",
-            "--profile",
-            "model.widths=[8]",
-            "model.blocks=[1]",
-        ]
-    )
+    bench = ["-m", "cifar_dist.bench", "--config", SMOKE, "--out", out, "--no-baseline", "--batch-sizes", "32"]
+    run([*launch, "--main_process_port", free_port(), *bench, "--profile", *TINY_BENCH])
     (row,) = json.loads((out / "bench.json").read_text())["rows"]
     summary = check_window(out / row["profile"], ranks=(0, 1))
     for figures in summary["ranks"].values():  # the control collective runs in every profiled step
