@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -263,6 +264,19 @@ def accelerate_launch(config_file, nproc, *args, env=None, module=False, **kw):
         env=env,
         **kw,
     )
+
+
+def assert_refused_by_its_ranks(stderr: str, line: str, nproc: int = 2) -> None:
+    """A launch whose ranks each refuse with ``cifar-dist: rank R: LINE`` and exit 2. The first
+    rank to exit is the launcher's root cause; the launcher stops the others with SIGTERM,
+    possibly before they print, so every refusal printed is checked and at least one must be."""
+    prefix = "cifar-dist: rank "
+    printed = [ln for ln in stderr.splitlines() if ln.startswith(prefix)]
+    assert printed, stderr[-3000:]
+    expected = {f"{prefix}{rank}: {line}" for rank in range(nproc)}
+    assert set(printed) <= expected and len(set(printed)) == len(printed), printed  # once per rank at most
+    cause = re.search(r"exitcode +: 2 .*\n\s*error_file.*\n\s*traceback : (.*)", stderr)
+    assert cause and cause.group(1) in printed, stderr[-3000:]
 
 
 def load_weights(run_dir) -> dict:
