@@ -143,6 +143,38 @@ def test_no_decay_norm_finds_every_batchnorm_of_the_paper_model():
     assert len(undecayed["params"]) == 2 * len(bn) > 0
 
 
+@pytest.mark.parametrize(
+    "norm",
+    [
+        lambda: torch.nn.BatchNorm1d(4),
+        lambda: torch.nn.SyncBatchNorm(4),
+        lambda: torch.nn.InstanceNorm1d(4, affine=True),
+        lambda: torch.nn.GroupNorm(2, 4),
+        lambda: torch.nn.LayerNorm(4),
+        lambda: torch.nn.RMSNorm(4),
+    ],
+    ids=["batch", "sync_batch", "instance", "group", "layer", "rms"],
+)
+def test_no_decay_norm_finds_each_kind_of_normalization_layer(norm):
+    """A user's model may normalize any way torch does; ``norm`` leaves each one's affine
+    parameters undecayed and the linear weight decayed."""
+    from cifar_dist.model.optim import param_groups
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), norm())
+    decayed, undecayed = param_groups(net, load_config(None, ["train.no_decay=[norm]"]).train)
+    assert decayed["params"] == [net[0].weight]
+    assert undecayed["params"] == list(net[1].parameters()) and len(undecayed["params"]) >= 1
+
+
+def test_no_decay_norm_finds_the_projects_group_batchnorm():
+    from cifar_dist.model.batchnorm import GroupBatchNorm2d
+    from cifar_dist.model.optim import param_groups
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), GroupBatchNorm2d(4, group=2))
+    decayed, undecayed = param_groups(net, load_config(None, ["train.no_decay=[norm]"]).train)
+    assert decayed["params"] == [net[0].weight] and undecayed["params"] == list(net[1].parameters())
+
+
 @pytest.mark.parametrize("impl", ["foreach", "fused"])
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_no_decay_parameters_do_not_decay_in_a_step(name, impl):

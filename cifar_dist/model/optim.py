@@ -17,9 +17,21 @@ def use_fused(train_cfg, device) -> bool:
 
 
 # Normalization layers whose affine weights and biases ``train.no_decay: [norm]`` leaves
-# undecayed: BatchNorm (and GroupBatchNorm2d, SyncBatchNorm, InstanceNorm, all _NormBase),
-# and the GroupNorm and LayerNorm a user's model may hold.
-NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+# undecayed, by their public classes: BatchNorm (GroupBatchNorm2d is a BatchNorm2d; a lazy
+# one becomes its class once built), SyncBatchNorm, InstanceNorm, and the GroupNorm,
+# LayerNorm and RMSNorm a user's model may hold.
+NORM_LAYERS = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+    torch.nn.RMSNorm,
+)
 
 
 def param_groups(model: torch.nn.Module, train_cfg) -> list:
