@@ -101,6 +101,33 @@ def _state(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def test_the_bench_step_updates_the_ema_and_lookahead_as_training_does(tmp_path):
+    """`cifar-dist bench train.ema.decay=...` times the averages too: its step, fed the same
+    batches, leaves the same bits as 5 steps of the training loop."""
+    from cifar_dist.bench.rows import steady_step
+    from cifar_dist.trainer.control import Control
+    from cifar_dist.trainer.step import EpochTotals
+
+    args = ("train.max_steps=5", "train.ema.decay=0.5", "train.lookahead.k=2")
+    trained = build(tmp_path / "loop", *args)
+    fit(trained)
+    benched = build(tmp_path / "bench", *args)
+    control = Control(benched.model, benched.precision, benched.device, collective=False)
+    totals = EpochTotals.start(benched.device)
+    for step, micro in zip(range(5), benched.loader.iter_epoch(0)):
+        steady_step(benched, control, micro, step, totals)
+    ema = benched.averages.ema.module.state_dict()
+    for a, b in [
+        (trained.averages.ema.module.state_dict(), ema),
+        (trained.averages.lookahead.state_dict(), benched.averages.lookahead.state_dict()),
+        (trained.model.state_dict(), benched.model.state_dict()),
+    ]:
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    assert not all(torch.equal(ema[k], v) for k, v in benched.model.state_dict().items())  # an average, not a copy
+
+
 def test_eval_use_ema_evaluates_the_ema_weights_and_leaves_training_alone(tmp_path):
     """The same EMA run evaluated on its training weights and on its EMA weights: the training
     weights and BatchNorm state are the same bits either way, and each accuracy is that of the

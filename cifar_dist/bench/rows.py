@@ -76,10 +76,13 @@ def row_config(base, row: Row, world: int):
 
 def steady_step(parts, control, micro, step: int, totals: EpochTotals) -> bool:
     """Step ``step`` as the training loop runs it away from epoch boundaries: ``train_step``,
-    the control collective, and the host read every ``CONTROL_EVERY`` steps. Returns whether
-    the host read the device."""
+    the control collective, the host read every ``CONTROL_EVERY`` steps, and the weight
+    averages (``train.ema``, ``train.lookahead``) when they are on. Returns whether the host
+    read the device."""
     bad = train_step(parts, micro, step, totals)
-    return control.after_step(bad, step + 1, totals.loss) is not None
+    read = control.after_step(bad, step + 1, totals.loss) is not None
+    parts.averages.after_step(step + 1)
+    return read
 
 
 def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool, profile: Path | None = None) -> dict:
