@@ -136,6 +136,12 @@ class Window:
         every = [figures] * self.world
         if self.world > 1:  # every rank reaches the end of the window at the same step
             dist.all_gather_object(every, figures)
+        blind = [str(r) for r, f in enumerate(every) if self.cuda and not f["top_ops_by_self_device"]]
+        if blind:  # CUPTI did not start (its messages are above): a trace of host time only
+            print0(
+                f"profile {self.name}: rank {', '.join(blind)} recorded no CUDA kernel time (the profiler's "
+                "CUPTI did not start; see its messages above): the device columns are empty"
+            )
         if rank == 0:
             write_json_atomic(
                 self.dir / "profile_summary.json",
