@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import os
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,10 @@ SYNC_NAMES = (
     "aten::item",
     "aten::_local_scalar_dense",
 )
+
+# KINETO_LOG_LEVEL above every level kineto prints (its USDT lines, the highest, are 5); read
+# once, when the process first profiles.
+KINETO_SILENT = "6"
 
 _recording = False  # a window of this process records (warm-up included)
 _OFF = contextlib.nullcontext()
@@ -78,6 +83,8 @@ class Window:
 
     def start(self) -> None:
         global _recording
+        if not self.cuda:  # kineto's lines on a CPU are noise (an ERROR that it found no GPU); the user's level wins
+            os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_SILENT)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         prof = torch.profiler.profile(
             activities=activities,
