@@ -243,6 +243,27 @@ def test_resume_alone_takes_the_saved_config_and_a_conflict_names_both_values(tm
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.05
 
 
+def test_a_resume_names_a_changed_group_whole_and_lets_a_result_free_group_change():
+    """train.ema turned off, or its decay changed, is one difference of the group, shown as an
+    override writes it; run.profile (result-free) may come and go."""
+    from dataclasses import asdict
+
+    from cifar_dist.storage.rundir import _short, config_changes
+
+    def config(*overrides):
+        return asdict(load_config(SMOKE, list(overrides)))
+
+    saved = config("train.ema.decay=0.9")
+    assert [(k, _short(a), _short(b)) for k, a, b in config_changes(saved, config())] == [
+        ("train.ema", "{decay: 0.9, every_steps: 1, warmup_steps: 0}", "null")
+    ]
+    assert [k for k, _, _ in config_changes(saved, config("train.ema.decay=0.8", "train.lr=0.5"))] == [
+        "train.ema",
+        "train.lr",
+    ]
+    assert config_changes(saved, config("train.ema.decay=0.9", "run.profile.steps=2", "run.trackers=[]")) == []
+
+
 def test_training_without_a_config_says_which_recipe_it_runs(tmp_path):
     res = cli_here(
         "train",

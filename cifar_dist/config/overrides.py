@@ -1,4 +1,5 @@
-"""Command lines that accept ``key=value`` overrides anywhere: before, between and after options.
+"""``key=value`` overrides: command lines that accept them anywhere (before, between and after
+options), and a value written as an override writes it.
 
 argparse stops filling an ``nargs='*'`` positional at the first option, so
 ``train --config F a.b=1 --out D c.d=2`` would leave ``c.d=2`` unrecognized;
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
@@ -18,3 +21,12 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv=None) -> argparse
     if extra:
         args.overrides = [*(args.overrides or []), *extra]
     return args
+
+
+def override_text(value) -> str:
+    """``value`` as the right side of a ``key=value`` override: flip, 0.98, [norm, bias],
+    {decay: 0.98, every_steps: 1}, null (how messages and tables show a config value)."""
+    if isinstance(value, str):
+        return value
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1_000)
+    return text.strip().removesuffix("...").strip()

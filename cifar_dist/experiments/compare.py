@@ -17,9 +17,8 @@ import math
 import time
 from pathlib import Path
 
-import yaml
-
 from cifar_dist.config.loading import read_yaml
+from cifar_dist.config.overrides import override_text
 from cifar_dist.config.schema import flatten_keys, result_free_keys
 from cifar_dist.errors import UserError
 from cifar_dist.experiments import stats
@@ -145,16 +144,9 @@ def group_runs(runs: list[dict]) -> list[dict]:
         cfg = group[0]["config"]
         name = str(cfg.get("name") or group[0]["summary"].get("config") or Path(group[0]["dir"]).name)
         differs = {k: cfg.get(k, _ABSENT) for k in differing}
-        label = ", ".join(f"{k}={_fmt_value(v)}" for k, v in differs.items()) if len(members) > 1 else name
+        label = ", ".join(f"{k}={override_text(v)}" for k, v in differs.items()) if len(members) > 1 else name
         out.append({"label": label, "differs": differs, "name": name, "runs": group})
     return out
-
-
-def _fmt_value(v) -> str:
-    """A value as a key=value override writes it: flip, 0.98, [norm, bias], {decay: 0.98}, null."""
-    if isinstance(v, str):
-        return v
-    return yaml.safe_dump(v, default_flow_style=True, sort_keys=False, width=1_000).strip().removesuffix("...").strip()
 
 
 def _mean_of(values: list) -> float | None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from cifar_dist.config.loading import read_yaml
-from cifar_dist.config.schema import Config, flatten, result_free_keys
+from cifar_dist.config.overrides import override_text
+from cifar_dist.config.schema import Config, flatten_keys, result_free_keys
 from cifar_dist.errors import RunDirError
 from cifar_dist.storage.checkpoint import latest_checkpoint, list_checkpoints
 from cifar_dist.storage.files import write_text_atomic
@@ -36,18 +37,25 @@ _ABSENT = "(absent)"
 
 def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """(key, saved value, new value) of every key whose value differs and would change the
-    result of a resumed run."""
-    a, b = flatten(saved), flatten(current)
+    result of a resumed run; a group (train.ema) is one key, its value whole or null."""
+    a, b = flatten_keys(saved), flatten_keys(current)
     return [
         (k, a.get(k, _ABSENT), b.get(k, _ABSENT))
         for k in sorted(set(a) | set(b))
-        if a.get(k, _ABSENT) != b.get(k, _ABSENT) and k not in RESUMABLE_CHANGES
+        if k not in RESUMABLE_CHANGES and _result_part(k, a.get(k, _ABSENT)) != _result_part(k, b.get(k, _ABSENT))
     ]
 
 
+def _result_part(key: str, value):
+    """What of ``value`` changes the result: a group's sub-keys that do."""
+    if isinstance(value, dict):
+        return {sub: v for sub, v in value.items() if f"{key}.{sub}" not in RESUMABLE_CHANGES}
+    return value
+
+
 def _short(value) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    text = value if value is _ABSENT else override_text(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class RunDir:
