@@ -169,6 +169,37 @@ def test_wandb_and_mlflow_skip_what_the_ledger_says_they_received(tmp_path, monk
     assert wandb_points(tmp_path, "train_loss_running")[1] == [(10, 2.5), (20, 2.0), (30, 1.5)]
 
 
+@pytest.mark.parametrize(
+    "damage, warning",
+    [
+        ("{bad", r"trackers.json: unreadable \(Expecting property name.*\); the trackers start new runs"),
+        ("[1]", r"trackers.json: unreadable \(expected an object, got list\); the trackers start new runs"),
+        ('{"mlflow_run_id": 5}', r"trackers.json: mlflow_run_id: 5 is not a run id; that tracker starts a new run"),
+        ('{"mlflow_run_id": "abc"}', r"trackers.json: mlflow_run_id: run abc is not in sqlite:///.*; a new MLflow"),
+    ],
+    ids=["not_json", "not_an_object", "not_an_id", "not_in_the_store"],
+)
+def test_a_damaged_ledger_is_warned_about_and_the_tracker_starts_a_new_run(tmp_path, monkeypatch, damage, warning):
+    """A resume whose trackers.json cannot be trusted says so and starts a new MLflow run with
+    the checkpoint's rows; the earlier run keeps its points, and training goes on."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rows = [{"epoch": e, "step": 8 * e, "train_loss": 3.0 - e} for e in (1, 2)]
+    first = Trackers.start(["mlflow"], tmp_path, "t", {}, step=0)
+    for row in rows:
+        first.log_row(row)
+    first.close()
+    before = json.loads((tmp_path / "trackers.json").read_text())["mlflow_run_id"]
+    (tmp_path / "trackers.json").write_text(damage)
+    with pytest.warns(UserWarning, match=warning):
+        again = Trackers.start(["mlflow"], tmp_path, "t", {}, step=16, history=rows)
+    again.log_row({"epoch": 3, "step": 24, "train_loss": 0.0})
+    again.close()
+    assert json.loads((tmp_path / "trackers.json").read_text())["mlflow_run_id"] != before
+    assert mlflow_points(tmp_path, "train_loss") == [(8, 2.0), (16, 1.0), (24, 0.0)]
+    (tmp_path / "trackers.json").write_text(json.dumps({"mlflow_run_id": before}))
+    assert mlflow_points(tmp_path, "train_loss") == [(8, 2.0), (16, 1.0)]  # the earlier run, as it was
+
+
 TRACKED = [
     "run.trackers=[tensorboard, wandb, mlflow]",
     "run.log_every_steps=10",

@@ -34,8 +34,10 @@ import importlib.util
 import json
 import math
 import os
+import re
 import struct
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,6 +62,8 @@ PIP_NAMES = {"comet_ml": "comet-ml"}
 # here for earlier runs of this process are not the user's.
 _MLFLOW_URIS_SET: set[str] = set()
 LEDGER = "trackers.json"  # the run ids of the trackers that continue a run
+LEDGER_KEYS = ("wandb_id", "mlflow_run_id")
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # W&B's and MLflow's ids (also a folder name: nothing else)
 ROW_KEY, LOSS_KEY = "epoch", "train_loss_running"  # a key every row has; the running loss
 
 
@@ -243,13 +247,36 @@ def tracker_places(names: list[str], run_dir: Path) -> str:
 
 
 def _read_ledger(path: Path) -> dict:
-    """``trackers.json`` of an earlier start: run ids and how far each kind of point was sent.
-    Missing or unreadable: a fresh ledger (the trackers then start new runs)."""
+    """``trackers.json`` of an earlier start: the tracker run ids it continues. An unreadable
+    file or a value that is no run id is warned about and left out: those trackers start new
+    runs (metrics.jsonl, the run's record, is untouched)."""
     try:
         ledger = json.loads(path.read_text())
-    except (OSError, ValueError):
+        if not isinstance(ledger, dict):
+            raise ValueError(f"expected an object, got {type(ledger).__name__}")
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{path}: unreadable ({e}); the trackers start new runs", stacklevel=2)
         return {}
-    return ledger if isinstance(ledger, dict) else {}
+    kept = {}
+    for key in LEDGER_KEYS:
+        value = ledger.get(key)
+        if isinstance(value, str) and RUN_ID.fullmatch(value):
+            kept[key] = value
+        elif value is not None:
+            warnings.warn(f"{path}: {key}: {value!r} is not a run id; that tracker starts a new run", stacklevel=2)
+    return kept
+
+
+def _mlflow_has_run(run_id: str) -> bool:
+    """Whether the MLflow store set now holds run ``run_id`` (one it lost, or another store)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def _make(name: str, run_dir: Path, project: str, ledger: dict, resumed_at: int | None):
@@ -290,6 +317,12 @@ def _make(name: str, run_dir: Path, project: str, ledger: dict, resumed_at: int 
             uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
             _MLFLOW_URIS_SET.add(uri)
             mlflow.set_tracking_uri(uri)
+        if "mlflow_run_id" in ledger and not _mlflow_has_run(ledger["mlflow_run_id"]):
+            warnings.warn(
+                f"{run_dir / LEDGER}: mlflow_run_id: run {ledger.pop('mlflow_run_id')} is not in "
+                f"{mlflow.get_tracking_uri()}; a new MLflow run starts",
+                stacklevel=2,
+            )
         return cls(
             experiment_name=project,
             logging_dir=str((run_dir / "mlflow").resolve()),
