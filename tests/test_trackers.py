@@ -98,6 +98,8 @@ def test_a_tracker_not_installed_or_unknown_is_refused_in_one_line(monkeypatch):
         check_trackers(["cifar_dist.errors:ConfigError"])
     with pytest.raises(ConfigError, match="cannot import 'no_such_module'"):
         check_trackers(["no_such_module:Tracker"])
+    with pytest.raises(ConfigError, match=r"^run.trackers: tensorboard is named twice; name each tracker once$"):
+        check_trackers(["tensorboard", "mlflow", "tensorboard"])
 
 
 class ListTracker(GeneralTracker):

@@ -69,7 +69,11 @@ ROW_KEY, LOSS_KEY = "epoch", "train_loss_running"  # a key every row has; the ru
 
 def check_trackers(names: list[str]) -> None:
     """Refuse, before any set-up, a tracker that is unknown or whose package is not installed
-    (one line, exit 2); a ``package.module:Class`` must name one of Accelerate's GeneralTracker."""
+    (one line, exit 2); a ``package.module:Class`` must name one of Accelerate's GeneralTracker.
+    A tracker named twice would log every point twice (two TensorBoard writers, one folder)."""
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"run.trackers: {twice} is named twice; name each tracker once")
     for name in names:
         if is_spec(name):
             _custom_class(name)
