@@ -245,7 +245,8 @@ def test_resume_alone_takes_the_saved_config_and_a_conflict_names_both_values(tm
 
 def test_a_resume_names_a_changed_group_whole_and_lets_a_result_free_group_change():
     """train.ema turned off, or its decay changed, is one difference of the group, shown as an
-    override writes it; run.profile (result-free) may come and go."""
+    override writes it; run.profile (result-free) may come and go, eval.tta may change when only
+    the final evaluation uses it."""
     from dataclasses import asdict
 
     from cifar_dist.storage.rundir import _short, config_changes
@@ -262,6 +263,12 @@ def test_a_resume_names_a_changed_group_whole_and_lets_a_result_free_group_chang
         "train.lr",
     ]
     assert config_changes(saved, config("train.ema.decay=0.9", "run.profile.steps=2", "run.trackers=[]")) == []
+    # the final evaluation's TTA may change, unless every epoch's evaluation uses it
+    assert config_changes(config("eval.tta=flip"), config("eval.tta=flip_translate")) == []
+    every = config("eval.tta=flip", "eval.tta_every_epoch=true")
+    assert config_changes(every, config("eval.tta=flip_translate", "eval.tta_every_epoch=true")) == [
+        ("eval.tta", "flip", "flip_translate")
+    ]
 
 
 def test_training_without_a_config_says_which_recipe_it_runs(tmp_path):

@@ -24,7 +24,8 @@ from cifar_dist.storage.metrics import read_metrics
 
 # Keys that may change between a run and its resumption: those that do not change the result
 # (config.result_free_keys, shared with `compare`), plus the step cap (a run may be extended or
-# cut short) and the final evaluation's TTA (it comes after the last step).
+# cut short) and the final evaluation's TTA (it comes after the last step; config_changes keeps it
+# fixed when every epoch is evaluated with it).
 RESUMABLE_CHANGES = result_free_keys() | {"train.max_steps", "eval.tta"}
 
 
@@ -37,12 +38,15 @@ _ABSENT = "(absent)"
 
 def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """(key, saved value, new value) of every key whose value differs and would change the
-    result of a resumed run; a group (train.ema) is one key, its value whole or null."""
+    result of a resumed run; a group (train.ema) is one key, its value whole or null. ``eval.tta``
+    may change unless every epoch is evaluated with it (``eval.tta_every_epoch``)."""
     a, b = flatten_keys(saved), flatten_keys(current)
+    fixed = {"eval.tta"} if a.get("eval.tta_every_epoch") else set()
     return [
         (k, a.get(k, _ABSENT), b.get(k, _ABSENT))
         for k in sorted(set(a) | set(b))
-        if k not in RESUMABLE_CHANGES and _result_part(k, a.get(k, _ABSENT)) != _result_part(k, b.get(k, _ABSENT))
+        if (k not in RESUMABLE_CHANGES or k in fixed)
+        and _result_part(k, a.get(k, _ABSENT)) != _result_part(k, b.get(k, _ABSENT))
     ]
 
 
