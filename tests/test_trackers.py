@@ -63,6 +63,14 @@ def mlflow_points(run_dir: Path, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(ledger["mlflow_run_id"], key))
 
 
+def mlflow_params(run_dir: Path) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    ledger = json.loads((run_dir / "trackers.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+    return client.get_run(ledger["mlflow_run_id"]).data.params
+
+
 def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -186,20 +194,36 @@ def test_a_damaged_ledger_is_warned_about_and_the_tracker_starts_a_new_run(tmp_p
     the checkpoint's rows; the earlier run keeps its points, and training goes on."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     rows = [{"epoch": e, "step": 8 * e, "train_loss": 3.0 - e} for e in (1, 2)]
-    first = Trackers.start(["mlflow"], tmp_path, "t", {}, step=0)
+    first = Trackers.start(["mlflow"], tmp_path, "t", {"train.lr": 0.1}, step=0)
     for row in rows:
         first.log_row(row)
     first.close()
     before = json.loads((tmp_path / "trackers.json").read_text())["mlflow_run_id"]
     (tmp_path / "trackers.json").write_text(damage)
     with pytest.warns(UserWarning, match=warning):
-        again = Trackers.start(["mlflow"], tmp_path, "t", {}, step=16, history=rows)
+        again = Trackers.start(["mlflow"], tmp_path, "t", {"train.lr": 0.1}, step=16, history=rows)
     again.log_row({"epoch": 3, "step": 24, "train_loss": 0.0})
     again.close()
     assert json.loads((tmp_path / "trackers.json").read_text())["mlflow_run_id"] != before
     assert mlflow_points(tmp_path, "train_loss") == [(8, 2.0), (16, 1.0), (24, 0.0)]
+    assert mlflow_params(tmp_path) == {"train.lr": "0.1"}  # a new run: the config again
     (tmp_path / "trackers.json").write_text(json.dumps({"mlflow_run_id": before}))
     assert mlflow_points(tmp_path, "train_loss") == [(8, 2.0), (16, 1.0)]  # the earlier run, as it was
+
+
+def test_the_config_goes_once_to_each_tracker_run(tmp_path, monkeypatch):
+    """A continued run has the config already (MLflow refuses a parameter logged again with
+    another value: here a result-free key a resume changed); a tracker added on a resume
+    starts a new run, which gets it."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ListTracker.logged = []
+    first = Trackers.start(["mlflow"], tmp_path, "t", {"run.progress": True}, step=0)
+    first.log_row({"epoch": 1, "step": 8, "train_loss": 2.0})
+    first.close()
+    again = Trackers.start(["mlflow", "test_trackers:ListTracker"], tmp_path, "t", {"run.progress": False}, step=8)
+    again.close()
+    assert mlflow_params(tmp_path) == {"run.progress": "True"}
+    assert ListTracker.logged == [("config", {"run.progress": False})]
 
 
 TRACKED = [

@@ -63,7 +63,7 @@ PIP_NAMES = {"comet_ml": "comet-ml"}
 _MLFLOW_URIS_SET: set[str] = set()
 LEDGER = "trackers.json"  # the run ids of the trackers that continue a run
 LEDGER_KEYS = ("wandb_id", "mlflow_run_id")
-RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # W&B's and MLflow's ids (also a folder name: nothing else)
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # W&B's and MLflow's ids; W&B's names folders: nothing path-like
 ROW_KEY, LOSS_KEY = "epoch", "train_loss_running"  # a key every row has; the running loss
 
 
@@ -133,19 +133,21 @@ class Trackers:
         one). A run directory with a ``trackers.json`` was started before: its tracker runs
         are continued, and each is sent the rows of ``history`` it does not hold (W&B can lose
         the last seconds of an offline run to a kill -9; a tracker added on a resume starts
-        with the run's rows so far)."""
+        with the run's rows so far). Each tracker run that is new gets the config; a continued
+        one has it already."""
         run_dir = Path(run_dir)
         if not names:
             return cls([], [])
         first = not (run_dir / LEDGER).exists()
         ledger = {} if first else _read_ledger(run_dir / LEDGER)
-        trackers = [_make(name, run_dir, project, ledger, None if first else step) for name in names]
+        made = [_make(name, run_dir, project, ledger, None if first else step) for name in names]
+        trackers = [tracker for tracker, _ in made]
         held = [{"rows": -1, "loss": -1} if first else _held(t, run_dir, step, ledger) for t in trackers]
         for tracker in trackers:
             tracker.start()
-        if first:  # the config is logged once, by the run's first start
-            values = config_values(config)
-            for tracker in trackers:
+        values = config_values(config)
+        for tracker, continues in made:  # the config once per tracker run: a continued one has it
+            if not continues:
                 tracker.store_init_configuration(values)
         for tracker in trackers:
             if tracker.name == "mlflow":
@@ -285,19 +287,21 @@ def _mlflow_has_run(run_id: str) -> bool:
 
 def _make(name: str, run_dir: Path, project: str, ledger: dict, resumed_at: int | None):
     """One of Accelerate's trackers (not started), set up to write in ``run_dir`` and to continue
-    the tracker run of an earlier start."""
+    the tracker run of an earlier start, and whether it does (else its run is new)."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     if is_spec(name):
         cls = _custom_class(name)
-        return cls(project, str(run_dir / "trackers")) if cls.requires_logging_directory else cls(project)
+        return (cls(project, str(run_dir / "trackers")) if cls.requires_logging_directory else cls(project)), False
     cls = LOGGER_TYPE_TO_CLASS[name]
     if name == "tensorboard":  # the run directory's tensorboard/ folder
         purge = {"purge_step": resumed_at + 1} if resumed_at is not None else {}
-        return cls("tensorboard", str(run_dir), **purge)
+        continues = resumed_at is not None and any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        return cls("tensorboard", str(run_dir), **purge), continues
     if name == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")  # the run's opening lines say where it writes
+        continues = "wandb_id" in ledger
         run_id = ledger.get("wandb_id") or uuid.uuid4().hex[:12]
         ledger["wandb_id"] = run_id
         return cls(
@@ -307,7 +311,7 @@ def _make(name: str, run_dir: Path, project: str, ledger: dict, resumed_at: int 
             dir=str(run_dir),
             name=run_dir.name,
             group=project,
-        )
+        ), continues
     if name == "mlflow":
         import logging
 
@@ -327,12 +331,13 @@ def _make(name: str, run_dir: Path, project: str, ledger: dict, resumed_at: int 
                 f"{mlflow.get_tracking_uri()}; a new MLflow run starts",
                 stacklevel=2,
             )
-        return cls(
+        tracker = cls(
             experiment_name=project,
             logging_dir=str((run_dir / "mlflow").resolve()),
             run_id=ledger.get("mlflow_run_id"),
             run_name=run_dir.name,
         )
+        return tracker, "mlflow_run_id" in ledger
     if cls.requires_logging_directory:
-        return cls(project, str(run_dir / name))
-    return cls(project)
+        return cls(project, str(run_dir / name)), False
+    return cls(project), False
