@@ -152,6 +152,26 @@ def test_eval_use_ema_evaluates_the_ema_weights_and_leaves_training_alone(tmp_pa
     assert on.evaluator.last["loss"] != off.evaluator.last["loss"]  # decay 0.5: other weights
 
 
+def test_eval_of_a_checkpoint_of_a_use_ema_run_evaluates_its_ema(tmp_path):
+    """`cifar-dist eval` gives the run's own figure for a checkpoint, as for the final weights:
+    the EMA that eval.use_ema evaluated, not the training weights beside it (named as a file,
+    those are what it evaluates)."""
+    out = tmp_path / "run"
+    args = ("--config", SMOKE, "--out", out, "data.synthetic_train=256", "data.synthetic_test=128")
+    args += ("train.max_steps=4", "checkpoint.every_steps=4", "train.ema.decay=0.5", "eval.use_ema=true")
+    res = cli_here("train", *args, "run.progress=false", "run.plots=false")
+    assert res.returncode == 0, res.stderr
+    final = summary(out)["test_acc"]
+    ckpt = out / "checkpoints" / "step_00000004"
+    for where, said in [(out, "final weights"), (ckpt, "checkpoint step_00000004: its EMA weights (eval.use_ema)")]:
+        res = cli_here("eval", "--checkpoint", where)
+        assert res.returncode == 0 and f"evaluating {said} of {out}" in res.stdout, res.stdout + res.stderr
+    assert json.loads((out / "eval.json").read_text())["acc"] == final
+    assert json.loads((out / "eval-step_00000004.json").read_text())["acc"] == final
+    res = cli_here("eval", "--checkpoint", ckpt / "model.safetensors")
+    assert res.returncode == 0 and "evaluating weights model.safetensors of" in res.stdout, res.stdout
+
+
 def test_a_resume_continues_the_ema_lookahead_and_callback_state_exactly(tmp_path):
     """A mid-epoch checkpoint holds ema.safetensors, lookahead.safetensors and callbacks.json
     (in its manifest); resuming from it ends with the uninterrupted run's bits in all of them."""
