@@ -152,10 +152,10 @@ def test_eval_use_ema_evaluates_the_ema_weights_and_leaves_training_alone(tmp_pa
     assert on.evaluator.last["loss"] != off.evaluator.last["loss"]  # decay 0.5: other weights
 
 
-def test_eval_of_a_checkpoint_of_a_use_ema_run_evaluates_its_ema(tmp_path):
-    """`cifar-dist eval` gives the run's own figure for a checkpoint, as for the final weights:
-    the EMA that eval.use_ema evaluated, not the training weights beside it (named as a file,
-    those are what it evaluates)."""
+def test_eval_and_load_model_of_a_checkpoint_of_a_use_ema_run_take_its_ema(tmp_path):
+    """`cifar-dist eval` and `load_model` give the run's own weights for a checkpoint, as for
+    the final weights: the EMA that eval.use_ema evaluated, not the training weights beside it
+    (named as a file, those are what they take)."""
     out = tmp_path / "run"
     args = ("--config", SMOKE, "--out", out, "data.synthetic_train=256", "data.synthetic_test=128")
     args += ("train.max_steps=4", "checkpoint.every_steps=4", "train.ema.decay=0.5", "eval.use_ema=true")
@@ -170,6 +170,13 @@ def test_eval_of_a_checkpoint_of_a_use_ema_run_evaluates_its_ema(tmp_path):
     assert json.loads((out / "eval-step_00000004.json").read_text())["acc"] == final
     res = cli_here("eval", "--checkpoint", ckpt / "model.safetensors")
     assert res.returncode == 0 and "evaluating weights model.safetensors of" in res.stdout, res.stdout
+    from safetensors.torch import load_file
+
+    from cifar_dist.storage.checkpoint import load_model
+
+    for where, file in [(ckpt, ckpt / EMA_FILE), (ckpt / "model.safetensors", ckpt / "model.safetensors")]:
+        loaded, saved = load_model(where).state_dict(), load_file(file)
+        assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved), where
 
 
 def test_a_resume_continues_the_ema_lookahead_and_callback_state_exactly(tmp_path):

@@ -76,10 +76,9 @@ def _eval(args):
     from cifar_dist.data import build_datasets
     from cifar_dist.errors import CheckpointError
     from cifar_dist.model.resnet import build_model
-    from cifar_dist.storage.checkpoint import load_weights, locate_weights
+    from cifar_dist.storage.checkpoint import evaluated_weights, load_weights, locate_weights
     from cifar_dist.storage.files import write_json_atomic
     from cifar_dist.storage.plots import plot_confusion
-    from cifar_dist.trainer.averaging import EMA_FILE
     from cifar_dist.trainer.evaluation import evaluate_model
 
     weights, config, what = locate_weights(Path(args.checkpoint))
@@ -87,10 +86,7 @@ def _eval(args):
         raise CheckpointError(f"{config}: missing; eval needs the run's config.yaml")
     cfg = load_config(config, args.overrides)  # the run's own config; overrides such as data.root on top
     require_trust(cfg.model.name, config, args.trust_code)
-    ema = weights.parent / EMA_FILE  # a checkpoint's; the run's final weights are the EMA already
-    if cfg.eval.use_ema and ema.is_file() and not Path(args.checkpoint).is_file():
-        # a checkpoint's model.safetensors holds the training weights; the run evaluated its EMA
-        weights, what = ema, f"{what}: its EMA weights (eval.use_ema)"
+    weights, what = evaluated_weights(weights, what, cfg, named=Path(args.checkpoint).is_file())
     run_dir = config.parent
     print(f"evaluating {what} of {run_dir}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -36,6 +36,7 @@ from cifar_dist.storage.state import TrainState, parse_state
 
 _NAME = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
+EMA_FILE = "ema.safetensors"  # a checkpoint's EMA of the weights (train.ema; trainer.averaging writes it)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -130,11 +131,12 @@ def load_model(path, device="cpu", trust_code: bool = False):
     code (``package.module:factory``) is refused unless ``trust_code=True``: a run directory
     received from elsewhere must not become a way to run code.
     """
-    weights, config, _ = locate_weights(Path(path))
+    weights, config, what = locate_weights(Path(path))
     if not config.is_file():
         raise CheckpointError(f"{config}: missing; load_model needs the run's config.yaml")
     cfg = load_config(config)
     require_trust(cfg.model.name, config, trust_code)
+    weights, _ = evaluated_weights(weights, what, cfg, named=Path(path).is_file())
     model = build_model(cfg.model)
     load_weights(weights, model)
     return model.to(device).eval()
@@ -172,6 +174,17 @@ def locate_weights(path) -> tuple[Path, Path, str]:
             f"newest checkpoint {ckpt.name} (the run has no final weights yet)",
         )
     raise CheckpointError(f"{path}: no model.safetensors and no checkpoint (is it a run directory?)")
+
+
+def evaluated_weights(weights: Path, what: str, cfg, named: bool) -> tuple[Path, str]:
+    """The weights the run evaluated where ``locate_weights`` found ``weights`` (described by
+    ``what``): with ``eval.use_ema``, a checkpoint's EMA, since its model.safetensors holds the
+    training weights (the run's final model.safetensors is the EMA already). A file the user
+    ``named`` is what it is."""
+    ema = weights.parent / EMA_FILE
+    if cfg.eval.use_ema and not named and ema.is_file():
+        return ema, f"{what}: its EMA weights (eval.use_ema)"
+    return weights, what
 
 
 def _config_beside(folder: Path) -> Path:

@@ -26,9 +26,8 @@ import torch
 
 from cifar_dist.config.schema import Config, EmaConfig, LookaheadConfig
 from cifar_dist.errors import CheckpointError
-from cifar_dist.storage.checkpoint import check_compatible, load_weights, write_tensors
+from cifar_dist.storage.checkpoint import EMA_FILE, check_compatible, load_weights, write_tensors
 
-EMA_FILE = "ema.safetensors"
 LOOKAHEAD_FILE = "lookahead.safetensors"
 
 
