@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from cifar_dist.runtime.hardware import peak_memory_bytes
+
 
 def percentile(values, q):
     s = sorted(values)
@@ -41,11 +43,8 @@ def time_steps(step_fn, next_batch, clock, warmup: int, steps: int, repeats: int
 
 
 def peak_memory(device) -> float:
-    import resource
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
+    """The process's peak memory in MiB (``runtime.hardware.peak_memory_bytes``)."""
+    return peak_memory_bytes(device) / 2**20
 
 
 def forever(loader):

@@ -1,4 +1,5 @@
-"""What the hardware can do: peak FLOP/s for MFU, and whether a CPU computes bf16 fast.
+"""What the hardware can do: peak FLOP/s for MFU, whether a CPU computes bf16 fast, and the
+most memory a process has used.
 
 Peaks come from a table by device name, else are measured. The table holds
 vendors' dense (no sparsity) peaks per device, in TFLOP/s: bf16/fp16 on tensor
@@ -23,6 +24,7 @@ import contextlib
 import fcntl
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -130,6 +132,14 @@ def mfu(achieved_flops: float, peak_flops: float | None) -> float | None:
 
 
 # --- measurements cached per machine -------------------------------------------------------------
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory: on CUDA the most allocated since the last
+    ``torch.cuda.reset_peak_memory_stats``, elsewhere the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def cache_dir() -> Path:

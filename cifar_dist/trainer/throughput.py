@@ -11,7 +11,6 @@ nothing is added to the step.
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from cifar_dist.distributed.collectives import share_from_main
 from cifar_dist.model.layer_table import count_flops
 from cifar_dist.model.resnet import build_model
-from cifar_dist.runtime.hardware import device_peak, mfu
+from cifar_dist.runtime.hardware import device_peak, mfu, peak_memory_bytes
 from cifar_dist.runtime.provenance import device_name
 
 
@@ -57,8 +56,7 @@ def peak_memory_gb(device: torch.device) -> float:
     """This process's peak memory, in GB (1e9 bytes): on CUDA the most allocated since the last
     call (so each epoch row has its own), elsewhere the process's peak resident set so far (the
     kernel keeps no per-epoch figure)."""
+    peak = peak_memory_bytes(device)
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        return peak / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+    return peak / 1e9
