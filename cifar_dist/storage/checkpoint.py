@@ -52,11 +52,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def state_dict_of(model: torch.nn.Module) -> dict:
-    """Contiguous CPU copies of the model's persistent state (safetensors wants them)."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-
-
 def _save_safetensors(state: dict, path: Path) -> None:
     """safetensors' save_file, with its I/O failures (disk full, file too large) as OSError."""
     try:
@@ -66,8 +61,8 @@ def _save_safetensors(state: dict, path: Path) -> None:
 
 
 def write_tensors(tensors: dict, path: Path) -> None:
-    """A dict of tensors as a safetensors file (contiguous CPU copies), inside a checkpoint
-    being staged; a failed write is an OSError."""
+    """A dict of tensors (a model's state dict, an average's) as a safetensors file of
+    contiguous CPU copies (safetensors wants them); a failed write is an OSError."""
     _save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)
 
 
@@ -76,7 +71,7 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
-        _save_safetensors(state_dict_of(model), tmp)
+        write_tensors(model.state_dict(), tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except OSError as e:
@@ -94,13 +89,14 @@ def load_weights(path: str | os.PathLike, model: torch.nn.Module | None = None) 
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     if model is not None:
-        check_compatible(state, model, path)
+        check_compatible(state, model.state_dict(), path)
         model.load_state_dict(state, strict=True)
     return state
 
 
-def check_compatible(state: dict, model: torch.nn.Module, source) -> None:
-    own = model.state_dict()
+def check_compatible(state: dict, own: dict, source) -> None:
+    """``state`` (read from ``source``) has exactly the keys of ``own`` (a model's state dict,
+    or slow weights), each of its shape; else a CheckpointError naming the first misfit."""
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
     if missing or extra:
@@ -291,7 +287,7 @@ class CheckpointWriter:
 
     def write_local(self, tmp: Path, model, optimizer, state: dict) -> None:
         """Model, optimizer and state of a single-process or DDP run into ``tmp``."""
-        _save_safetensors(state_dict_of(model), tmp / "model.safetensors")
+        write_tensors(model.state_dict(), tmp / "model.safetensors")
         try:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         except RuntimeError as e:  # torch's zip writer reports a failed write this way

@@ -38,7 +38,7 @@ class WeightEma:
         self.cfg = cfg
         self.module = module.float().requires_grad_(False)
         own, source = self.module.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
-        check_compatible(own, model, "train.ema")
+        check_compatible(own, model.state_dict(), "train.ema")
         floats = [k for k, v in own.items() if v.is_floating_point()]
         others = [k for k in own if k not in floats]
         self.averaged, self.followed = [own[k] for k in floats], [source[k] for k in floats]
@@ -82,13 +82,8 @@ class Lookahead:
         return dict(zip(self.names, self.slow))
 
     def load_state_dict(self, state: dict, source) -> None:
-        missing = [n for n in self.names if n not in state]
-        extra = [n for n in state if n not in self.names]
-        if missing or extra:
-            raise CheckpointError(f"{source}: slow weights do not fit this model ({(missing or extra)[0]})")
+        check_compatible(state, self.state_dict(), source)
         for name, slow in zip(self.names, self.slow):
-            if tuple(state[name].shape) != tuple(slow.shape):
-                raise CheckpointError(f"{source}: {name} has shape {tuple(state[name].shape)}")
             slow.copy_(state[name])
 
 
