@@ -47,12 +47,12 @@ def _coerce(value: Any, kind, key: str, where: str):
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
         return value
-    if kind is float:
+    if kind is float or kind == int | float:  # int | float: a count that may be fractional, kept as written
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         if not math.isfinite(value):
             raise bad("a finite number")
-        return float(value)
+        return float(value) if kind is float else value
     if kind is str:
         if not isinstance(value, str):
             raise bad("a string")

@@ -48,6 +48,7 @@ MODELS = Registry(
         "seed_resnet": "cifar_dist.model.resnet:seed_resnet",
         "resnet9": "cifar_dist.model.resnet:resnet9",
         "resnet18": "cifar_dist.model.resnet:resnet18",
+        "airbench94": "cifar_dist.model.airbench:airbench94",
     },
 )
 # data.loader: a class with from_config(cfg, train_set, shard, device) -> data.Loader

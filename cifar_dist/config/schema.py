@@ -86,6 +86,17 @@ class LookaheadConfig:
     alpha: float = _f(
         0.5, "the slow weights move this fraction of the way to the fast ones", min=0, max=1, min_exclusive=True
     )
+    ramp_power: float = _f(
+        0.0,
+        "with p > 0 the fraction falls from 1 at step 0 to alpha at the schedule's last step as "
+        "1 - (1 - alpha) (step / steps)^p (airbench: 3); 0: alpha at every update",
+        min=0,
+        max=100,
+    )
+    buffers: bool = _f(False, "average the BatchNorm running statistics too (airbench), not only the parameters")
+    end_on_slow: bool = _f(
+        False, "after the run's last step the model takes the slow weights (airbench), whatever the step count"
+    )
 
 
 @dataclass
@@ -117,8 +128,19 @@ class DataConfig:
         min=0,
         max=10_000_000,
     )
-    crop_padding: int = _f(4, "random crop with this zero padding, in pixels (0 = off)", min=0, max=32)
-    flip: bool = _f(True, "random horizontal flip")
+    crop_padding: int = _f(4, "random crop of an image padded by this many pixels (0 = off)", min=0, max=32)
+    crop_pad_mode: Literal["zeros", "reflect"] = _f(
+        "zeros",
+        "what the crop's padding holds: zeros (torchvision's RandomCrop) or the image mirrored at its "
+        "border (reflect: airbench's translate)",
+    )
+    flip: Literal["none", "random", "alternating"] = _f(
+        "random",
+        "horizontal flip: random (each image, each epoch, with probability 1/2); alternating (each "
+        "image flipped in every other epoch, whether in the first one at random: airbench's); none. "
+        "true and false read as random and none",
+        aliases={True: "random", False: "none"},
+    )
     cutout: int = _f(0, "side of the random cutout square, in pixels (0 = off)", min=0, max=32)
     color_jitter: float = _f(
         0.0,
@@ -150,11 +172,20 @@ class ModelConfig:
     )
     bn_momentum: float = _f(0.1, "BatchNorm running-statistics momentum", min=0, max=1)
     sync_bn: bool = _f(False, "SyncBatchNorm across processes (GPU only)")
+    whiten_bias_epochs: int = _f(
+        3, "airbench94: epochs in which the whitening layer's bias trains (it is frozen after them)", min=0
+    )
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(60, "training epochs", min=1, max=1_000_000)
+    epochs: int | float = _f(
+        60,
+        "training epochs; a fraction ends the last epoch early, after ceil(epochs x steps per epoch) steps in all",
+        min=0,
+        min_exclusive=True,
+        max=1_000_000,
+    )
     batch_size: int = _f(128, "GLOBAL batch in images, split evenly across processes", min=1, max=1 << 20)
     accum_steps: int = _f(1, "micro-batches per optimizer step in each process", min=1, max=1 << 16)
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no cap)", min=0)
@@ -174,6 +205,20 @@ class TrainConfig:
         "step", "the LR changes every optimizer step, or once per epoch like the paper's LambdaLR"
     )
     warmup_epochs: float = _f(5.0, "warm-up (warmup_cosine) or rise (onecycle) length, in epochs", min=0)
+    lr_start_factor: float = _f(
+        0.0, "onecycle: the learning rate rises from train.lr x this (airbench: 0.2)", min=0, max=1
+    )
+    lr_end_factor: float = _f(
+        0.0, "onecycle: the learning rate falls to train.lr x this at the end (airbench: 0.07)", min=0, max=1
+    )
+    norm_lr_scale: float = _f(
+        1.0,
+        "the learning rate of normalization layers' parameters is train.lr x this, and their weight decay "
+        "train.weight_decay / this, so that each step decays them as much as the rest (airbench's "
+        "BatchNorm bias scaler: 64)",
+        min=0,
+        min_exclusive=True,
+    )
     milestones: list[int] = _f([30, 45], "step schedule: epochs at which the LR is multiplied by gamma")
     gamma: float = _f(0.1, "step schedule: LR factor at each milestone", min=0)
     label_smoothing: float = _f(0.1, "label smoothing epsilon", min=0, max=1)

@@ -1,7 +1,8 @@
 """The one augmentation definition every loader shares.
 
 Every random decision is a pure function of (seed, epoch, global sample
-index, stream): a counter-based integer hash, computed the same way on any
+index, stream) (an alternating flip: of the sample's coin in epoch 0 and the
+epoch's parity): a counter-based integer hash, computed the same way on any
 device, never a generator whose state depends on the rank, the worker or the
 order in which batches are drawn. Crop, flip and cutout are pure indexing, so
 the torch, ffcv and gpu loaders deliver identical uint8 pixels.
@@ -64,22 +65,29 @@ class AugmentSpec:
     """What to apply, read from the data config; the same for every loader."""
 
     crop_padding: int = 0
-    flip: bool = False
+    flip: str = "none"  # none | random | alternating
     cutout: int = 0
     color_jitter: float = 0.0
     rotation: float = 0.0
     fill: tuple = (125, 123, 114)  # cutout fill: the mean pixel, 0 after normalization
+    crop_pad_mode: str = "zeros"  # zeros | reflect
 
     @classmethod
     def from_config(cls, data_cfg) -> AugmentSpec:
         fill = tuple(int(round(m * 255)) for m in data_cfg.mean)
         return cls(
-            data_cfg.crop_padding, data_cfg.flip, data_cfg.cutout, data_cfg.color_jitter, data_cfg.rotation, fill
+            data_cfg.crop_padding,
+            data_cfg.flip,
+            data_cfg.cutout,
+            data_cfg.color_jitter,
+            data_cfg.rotation,
+            fill,
+            data_cfg.crop_pad_mode,
         )
 
     @property
     def active(self) -> bool:
-        return bool(self.crop_padding or self.flip or self.cutout or self.color_jitter or self.rotation)
+        return bool(self.crop_padding or self.flip != "none" or self.cutout or self.color_jitter or self.rotation)
 
 
 def augment(x: torch.Tensor, index: torch.Tensor, epoch: int, seed: int, spec: AugmentSpec) -> torch.Tensor:
@@ -89,10 +97,9 @@ def augment(x: torch.Tensor, index: torch.Tensor, epoch: int, seed: int, spec: A
     if index.device != x.device:  # ffcv's host indices on a GPU batch; the gpu loader's are there already
         index = index.to(x.device, non_blocking=True)
     if spec.crop_padding:
-        x = random_crop(x, index, epoch, seed, spec.crop_padding)
-    if spec.flip:
-        flip = rand_int(seed, epoch, index, FLIP, 2).bool()
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+        x = random_crop(x, index, epoch, seed, spec.crop_padding, spec.crop_pad_mode == "reflect")
+    if spec.flip != "none":
+        x = torch.where(flips(index, epoch, seed, spec.flip).view(-1, 1, 1, 1), x.flip(3), x)
     if spec.color_jitter:
         x = color_jitter(x, index, epoch, seed, spec.color_jitter)
     if spec.rotation:
@@ -102,17 +109,35 @@ def augment(x: torch.Tensor, index: torch.Tensor, epoch: int, seed: int, spec: A
     return x
 
 
-def random_crop(x, index, epoch, seed, pad: int):
-    """torchvision's RandomCrop(32, padding=pad): zero padding, offsets uniform in [0, 2*pad]."""
+def flips(index, epoch: int, seed: int, mode: str) -> torch.Tensor:
+    """Which samples are mirrored in ``epoch`` (bool, one per ``index``). random: a fresh coin per
+    (epoch, sample); alternating: the sample's coin of epoch 0, inverted in every odd epoch, so
+    each sample is mirrored in exactly one of any two consecutive epochs."""
+    if mode == "alternating":
+        return rand_int(seed, 0, index, FLIP, 2).bool() ^ bool(epoch % 2)
+    return rand_int(seed, epoch, index, FLIP, 2).bool()
+
+
+def random_crop(x, index, epoch, seed, pad: int, reflect: bool = False):
+    """torchvision's RandomCrop(32, padding=pad): offsets uniform in [0, 2*pad] of the image padded
+    by ``pad`` pixels, zeros or (``reflect``) the image mirrored at its border (airbench's
+    translate). Pure indexing: the same pixels on every device, for any dtype."""
     b, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
     dy = rand_int(seed, epoch, index, CROP_Y, 2 * pad + 1)
     dx = rand_int(seed, epoch, index, CROP_X, 2 * pad + 1)
     rows = (dy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1)
     cols = (dx.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w)
     bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
     ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
-    return padded[bi, ci, rows, cols]
+    if reflect:  # padded coordinate p is image coordinate p - pad, mirrored back inside [0, n)
+        return x[bi, ci, _reflect(rows - pad, h), _reflect(cols - pad, w)]
+    return F.pad(x, (pad, pad, pad, pad))[bi, ci, rows, cols]
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Coordinates mirrored at the border without repeating the edge (torch's 'reflect' padding),
+    for pads shorter than the image."""
+    return (n - 1) - ((n - 1) - i.abs()).abs()
 
 
 def cutout(x, index, epoch, seed, size: int, fill):

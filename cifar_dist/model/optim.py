@@ -35,26 +35,42 @@ NORM_LAYERS = (
 
 
 def param_groups(model: torch.nn.Module, train_cfg) -> list:
-    """The optimizer's parameters, built once: with ``train.no_decay`` empty, the model's
-    parameters as one group (the paper's recipe, unchanged); else a group of the parameters
-    named by ``no_decay`` (norm: every parameter of a normalization layer; bias: every
-    parameter named ``bias``) with weight_decay 0, and one of the rest with
-    ``train.weight_decay``. Each keeps the model's parameter order."""
-    if not train_cfg.no_decay:
+    """The optimizer's parameters, built once: with ``train.no_decay`` empty and
+    ``train.norm_lr_scale`` 1, the model's parameters as one group (the paper's recipe,
+    unchanged). Otherwise groups by what sets a parameter apart: ``no_decay`` names it (norm:
+    every parameter of a normalization layer; bias: every parameter named ``bias``), which gives
+    it weight_decay 0; it belongs to a normalization layer while ``norm_lr_scale`` is not 1,
+    which gives it ``lr_scale`` (read by ``set_lr``) and weight_decay / that scale. Each group
+    keeps the model's parameter order; an empty group is left out."""
+    scale = train_cfg.norm_lr_scale
+    if not train_cfg.no_decay and scale == 1.0:
         return list(model.parameters())
     undecayed: set[int] = set()
+    norms: set[int] = set()
     for module in model.modules():
+        is_norm = isinstance(module, NORM_LAYERS)
         for name, p in module.named_parameters(recurse=False):
-            if ("norm" in train_cfg.no_decay and isinstance(module, NORM_LAYERS)) or (
-                "bias" in train_cfg.no_decay and name == "bias"
-            ):
+            if is_norm:
+                norms.add(id(p))
+            if ("norm" in train_cfg.no_decay and is_norm) or ("bias" in train_cfg.no_decay and name == "bias"):
                 undecayed.add(id(p))
+    scaled = norms if scale != 1.0 else set()
+    groups: list[dict] = []
     params = list(model.parameters())  # each shared parameter once
-    decayed = [p for p in params if id(p) not in undecayed]
-    free = [p for p in params if id(p) in undecayed]
-    # An empty group is left out: a model with nothing no_decay names keeps one group.
-    groups: list[dict] = [{"params": decayed}] if decayed else []
-    return groups + ([{"params": free, "weight_decay": 0.0}] if free else [])
+    for is_scaled in (False, True):
+        for decayed in (True, False):
+            members = [p for p in params if (id(p) in scaled) == is_scaled and (id(p) not in undecayed) == decayed]
+            if not members:
+                continue
+            group: dict = {"params": members}
+            if not decayed:
+                group["weight_decay"] = 0.0
+            elif is_scaled:
+                group["weight_decay"] = train_cfg.weight_decay / scale
+            if is_scaled:
+                group["lr_scale"] = scale
+            groups.append(group)
+    return groups
 
 
 def build_optimizer(params, train_cfg, device="cpu") -> torch.optim.Optimizer:
@@ -78,29 +94,37 @@ def build_optimizer(params, train_cfg, device="cpu") -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {t.optimizer!r}")
 
 
+def schedule_steps(train_cfg, steps_per_epoch: int) -> int:
+    """Optimizer steps in ``train.epochs`` epochs: ceil(epochs x steps per epoch), so that a
+    fractional epoch count (airbench's 9.9) ends inside the last epoch."""
+    return math.ceil(train_cfg.epochs * steps_per_epoch - 1e-9)
+
+
 def lr_at(step: int, train_cfg, steps_per_epoch: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based); depends on nothing else.
 
     With ``schedule_unit: epoch`` the rate is constant within an epoch and
     follows the epoch index, like the paper's LambdaLR stepped once per epoch
-    (so its first epoch runs at lr 0). The horizon is always ``train.epochs``;
-    ``train.max_steps`` only stops early.
+    (so its first epoch runs at lr 0). The horizon is always ``train.epochs``
+    (``schedule_steps``); ``train.max_steps`` only stops early.
     """
     t = train_cfg
     if t.schedule_unit == "epoch":
         pos, warm, total = step // steps_per_epoch, t.warmup_epochs, t.epochs
     else:
-        pos, warm, total = step, t.warmup_epochs * steps_per_epoch, t.epochs * steps_per_epoch
+        pos, warm, total = step, t.warmup_epochs * steps_per_epoch, schedule_steps(t, steps_per_epoch)
     if t.schedule == "constant":
         return t.lr
     if t.schedule == "warmup_cosine":
         if pos < warm:
             return t.lr * pos / warm
         return t.lr * 0.5 * (1.0 + math.cos(math.pi * (pos - warm) / max(total - warm, 1e-12)))
-    if t.schedule == "onecycle":  # triangular: 0 -> lr at the end of warm-up -> 0 at the end
+    if t.schedule == "onecycle":  # triangular: lr x start -> lr at the end of warm-up -> lr x end
+        start, end = t.lr_start_factor, t.lr_end_factor
         if pos < warm:
-            return t.lr * pos / warm
-        return t.lr * max(0.0, (total - pos) / max(total - warm, 1e-12))
+            return t.lr * (start + (1.0 - start) * pos / warm)
+        frac = min(1.0, (pos - warm) / max(total - warm, 1e-12))
+        return t.lr * (1.0 - (1.0 - end) * frac)
     if t.schedule == "step":
         epoch = step // steps_per_epoch
         return t.lr * t.gamma ** bisect.bisect_right(sorted(t.milestones), epoch)
@@ -108,6 +132,7 @@ def lr_at(step: int, train_cfg, steps_per_epoch: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every parameter group follows the one schedule (no_decay groups differ in decay alone)."""
+    """Every parameter group follows the one schedule, times its ``lr_scale`` (``param_groups``:
+    the normalization layers' under ``train.norm_lr_scale``)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -11,7 +11,7 @@ from cifar_dist.config.loading import load_config
 from cifar_dist.data import train_images
 from cifar_dist.data.cifar import CLASSES
 from cifar_dist.errors import UserError
-from cifar_dist.model.optim import lr_at
+from cifar_dist.model.optim import lr_at, schedule_steps
 from cifar_dist.storage.files import write_bytes_atomic
 from cifar_dist.storage.metrics import read_metrics
 
@@ -92,7 +92,7 @@ def lr_schedule(cfg: Config, points: int = 400) -> tuple[list[float], list[float
     steps_per_epoch = train_images(cfg) // cfg.train.batch_size
     if steps_per_epoch < 1:
         return None
-    total = cfg.train.epochs * steps_per_epoch
+    total = schedule_steps(cfg.train, steps_per_epoch)
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     stride = max(1, total // points)

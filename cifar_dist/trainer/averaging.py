@@ -8,7 +8,11 @@ slow weights, updated on the device after optimizer steps, and their checkpoint 
                model, so evaluating it (``eval.use_ema``) is running that copy: the training
                weights and their BatchNorm state are never touched.
     Lookahead  after every ``train.lookahead.k``-th step: slow <- slow + alpha * (fast - slow),
-               then fast <- slow (the parameters; the optimizer keeps its state).
+               then fast <- slow (the parameters, and the BatchNorm running statistics with
+               ``buffers``; the optimizer keeps its state). With ``ramp_power`` p, alpha falls
+               from 1 to ``alpha`` over the schedule as 1 - (1 - alpha) (step / steps)^p;
+               with ``end_on_slow`` the model takes the slow weights after the run's last step
+               (airbench's "Lookahead with decay": k 5, alpha 1 - 0.95^5, p 3, both on).
 
 Both follow the weights, which are the same on every rank, so every rank keeps the same
 averages and nothing is communicated. Whether an update is due is decided from the host's step
@@ -26,6 +30,7 @@ import torch
 
 from cifar_dist.config.schema import Config, EmaConfig, LookaheadConfig
 from cifar_dist.errors import CheckpointError
+from cifar_dist.model.optim import schedule_steps
 from cifar_dist.storage.checkpoint import EMA_FILE, check_compatible, load_weights, write_tensors
 
 LOOKAHEAD_FILE = "lookahead.safetensors"
@@ -63,19 +68,32 @@ class WeightEma:
 
 
 class Lookahead:
-    """Slow weights (fp32, on the device) that the model's parameters return to every k steps."""
+    """Slow weights (fp32, on the device) that the model's parameters (and, with ``buffers``, its
+    BatchNorm running statistics) return to every k steps. ``schedule_steps``: the horizon of
+    ``ramp_power``; ``last_step``: the run's last step, after which ``end_on_slow`` applies."""
 
-    def __init__(self, cfg: LookaheadConfig, model: torch.nn.Module):
-        self.cfg = cfg
-        named = list(model.named_parameters())
+    def __init__(self, cfg: LookaheadConfig, model: torch.nn.Module, schedule_steps: int = 1, last_step: int = 0):
+        self.cfg, self.schedule_steps, self.last_step = cfg, max(schedule_steps, 1), last_step
+        named: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
+        if cfg.buffers:
+            named += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
         self.names = [n for n, _ in named]
         self.fast: list[torch.Tensor] = [p for _, p in named]
         self.slow = [p.detach().clone().float() for p in self.fast]
 
+    def alpha_at(self, steps_done: int) -> float:
+        """The fraction of the way the slow weights move at the update after step ``steps_done``."""
+        c = self.cfg
+        if c.ramp_power == 0:
+            return c.alpha
+        return 1.0 - (1.0 - c.alpha) * min(steps_done / self.schedule_steps, 1.0) ** c.ramp_power
+
     @torch.no_grad()
     def after_step(self, steps_done: int) -> None:
-        if steps_done % self.cfg.k == 0:
-            torch._foreach_lerp_(self.slow, self.fast, self.cfg.alpha)
+        due, ends = steps_done % self.cfg.k == 0, self.cfg.end_on_slow and steps_done == self.last_step
+        if due:
+            torch._foreach_lerp_(self.slow, self.fast, self.alpha_at(steps_done))
+        if due or ends:
             torch._foreach_copy_(self.fast, self.slow)
 
     def state_dict(self) -> dict:
@@ -94,10 +112,13 @@ class WeightAverages:
         self.ema, self.lookahead = ema, lookahead
 
     @classmethod
-    def build(cls, cfg: Config, model: torch.nn.Module, ema_module: torch.nn.Module | None) -> WeightAverages:
+    def build(
+        cls, cfg: Config, model: torch.nn.Module, ema_module: torch.nn.Module | None, steps_per_epoch: int = 1
+    ) -> WeightAverages:
         """The averages of ``model`` (prepared: on its device, maybe channels_last) as ``cfg``
         asks. ``ema_module``: a copy of the network taken before ``prepare_model`` (nothing
-        wrapped, patched or hooked), to hold the EMA."""
+        wrapped, patched or hooked), to hold the EMA. ``steps_per_epoch``: the loader's, for
+        Lookahead's ramp and last step."""
         train, ema = cfg.train, None
         if train.ema is not None:
             assert ema_module is not None
@@ -105,7 +126,10 @@ class WeightAverages:
             if cfg.run.channels_last:
                 module = module.to(memory_format=torch.channels_last)
             ema = WeightEma(train.ema, model, module)
-        lookahead = Lookahead(train.lookahead, model) if train.lookahead is not None else None
+        lookahead = None
+        if train.lookahead is not None:
+            horizon = schedule_steps(train, steps_per_epoch)
+            lookahead = Lookahead(train.lookahead, model, horizon, train.max_steps or horizon)
         return cls(ema, lookahead)
 
     def after_step(self, steps_done: int) -> None:

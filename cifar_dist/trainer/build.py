@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from cifar_dist.config.schema import Config
-from cifar_dist.data import Loader, Shard, build_datasets, build_train_loader
+from cifar_dist.data import Loader, Shard, build_datasets, build_train_loader, normalize
 from cifar_dist.distributed.accelerator import configure_deepspeed, is_deepspeed
 from cifar_dist.distributed.collectives import world_info
 from cifar_dist.distributed.launcher import env_rank
@@ -166,6 +166,18 @@ def build_model_seeded(cfg: Config) -> torch.nn.Module:
     return build_model(cfg.model)
 
 
+def init_from_data(cfg: Config, model: torch.nn.Module, train_set) -> None:
+    """A model whose initial weights depend on the training data says so with an
+    ``init_from_data(images)`` method (airbench94's whitening layer): it is given the first
+    ``model.init_images`` training images (all without that attribute) as the model sees them
+    (normalized, fp32, NCHW, unaugmented), the same on every process. A resumed run then loads
+    the checkpoint's weights over them."""
+    hook = getattr(model, "init_from_data", None)
+    if hook is not None:
+        images = train_set.images[: getattr(model, "init_images", len(train_set))]
+        hook(normalize(images, cfg.data.mean, cfg.data.std, channels_last=False))
+
+
 def build_parts(
     cfg: Config,
     accelerator,
@@ -185,13 +197,15 @@ def build_parts(
     ``eval_set`` None: no evaluator. ``run_dir`` None: nothing is saved. ``wrap=False``: this
     process's model alone, without the launcher's DDP or DeepSpeed wrapper."""
     model = build_model_seeded(cfg) if model is None else model
+    if train_set is not None:
+        init_from_data(cfg, model, train_set)
     # the EMA's module: a copy taken before prepare_model moves, wraps or hooks the model
     ema_module = copy.deepcopy(model) if cfg.train.ema is not None else None
     model, eval_model, train_model, optimizer = prepare_model(cfg, accelerator, model, build_optimizer, wrap=wrap)
     loader = loader or build_train_loader(cfg, train_set, shard, accelerator.device)
     deepspeed = wrap and is_deepspeed(accelerator)
     precision = Precision(cfg.run.precision, accelerator.device, accelerator if deepspeed else None)
-    averages = WeightAverages.build(cfg, model, ema_module)
+    averages = WeightAverages.build(cfg, model, ema_module, loader.steps_per_epoch)
     if cfg.eval.use_ema and averages.ema is not None:
         eval_model = compile_module(cfg, averages.ema.module)
     evaluator = (

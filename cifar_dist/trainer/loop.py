@@ -22,7 +22,7 @@ import torch
 
 from cifar_dist.distributed.collectives import all_reduce_max, all_reduce_sum, print0
 from cifar_dist.errors import say
-from cifar_dist.model.optim import lr_at
+from cifar_dist.model.optim import lr_at, schedule_steps
 from cifar_dist.storage.state import LOSS_UNIT, TrainState
 from cifar_dist.trainer.build import Parts, graph_count
 from cifar_dist.trainer.control import Control
@@ -35,7 +35,7 @@ from cifar_dist.trainer.throughput import Throughput, peak_memory_gb
 class EpochRun:
     """One epoch as it runs: its number, running sums, clock and progress bar."""
 
-    def __init__(self, parts: Parts, state: TrainState, progress, epochs: int):
+    def __init__(self, parts: Parts, state: TrainState, progress, epochs: float):
         self.number, self.steps = state.epoch + 1, parts.loader.steps_per_epoch
         self.totals = EpochTotals.start(parts.device, state.partial, carries_partial=parts.shard.rank == 0)
         self.start, self.steps_run = time.perf_counter(), 0
@@ -43,7 +43,7 @@ class EpochRun:
         self.bar = progress(
             total=self.steps * self.images,
             initial=state.step_in_epoch * self.images,
-            desc=f"epoch {self.number}/{epochs}",
+            desc=f"epoch {self.number}/{epochs:g}",
         )
 
     def row(self, parts: Parts, state: TrainState, throughput: Throughput) -> dict:
@@ -78,7 +78,7 @@ class Trainer:
         self.cfg, self.model, self.optimizer = parts.cfg, parts.model, parts.optimizer
         self.rank, self.world, self.run_dir = parts.shard.rank, parts.shard.world, parts.run_dir
         train = parts.cfg.train
-        self.max_steps = train.max_steps or train.epochs * parts.loader.steps_per_epoch
+        self.max_steps = train.max_steps or schedule_steps(train, parts.loader.steps_per_epoch)
         self.stop = StopRequest(parts.stop_file, poll_file=self.rank == 0, say=say if self.rank == 0 else None)
         self.stop_reason: StopReason | None = None
         self.control = Control(

@@ -79,6 +79,8 @@ def train_step(parts: Parts, micro_batches, step: int, totals: EpochTotals) -> t
     set_lr(parts.optimizer, lr_at(step, cfg.train, parts.loader.steps_per_epoch))
     backward = _backward_exact if cfg.train.exact_reduce else _backward_ddp
     bad = backward(parts, micro_batches, step, totals)
+    for p in frozen_parameters(parts.model, step // parts.loader.steps_per_epoch):
+        p.grad = None  # the optimizer skips a parameter without a gradient: no momentum, no decay
     with span("optimizer"):
         if not parts.deepspeed:  # DeepSpeed clips (its config) and keeps the gradients partitioned
             parts.precision.unscale(parts.optimizer)
@@ -92,6 +94,14 @@ def train_step(parts: Parts, micro_batches, step: int, totals: EpochTotals) -> t
         parts.precision.step(parts.optimizer)
         parts.optimizer.zero_grad(set_to_none=True)
     return bad
+
+
+def frozen_parameters(model: torch.nn.Module, epoch: int) -> list[torch.Tensor]:
+    """The parameters a model freezes in ``epoch`` (from 0) by its ``frozen_parameters(epoch)``
+    (airbench94's whitening bias after its first epochs); none for a model without it. They keep
+    ``requires_grad``, so that DDP's gradient buckets stay the same in every epoch."""
+    hook = getattr(model, "frozen_parameters", None)
+    return list(hook(epoch)) if hook is not None else []
 
 
 def _forward_loss(parts: Parts, x, y, step: int, totals: EpochTotals):
@@ -137,7 +147,7 @@ def _backward_ddp(parts: Parts, micro_batches, step: int, totals: EpochTotals) -
 def _backward_exact(parts: Parts, micro_batches, step: int, totals: EpochTotals) -> torch.Tensor:
     """Gradients of fixed-size chunks, summed in a fixed tree (see ``exact``)."""
     chunk = parts.cfg.model.bn_group
-    params = list(parts.model.parameters())
+    params = [p for p in parts.model.parameters() if p.requires_grad]  # a frozen one gets no gradient
     bns = [m for m in parts.model.modules() if isinstance(m, GroupBatchNorm2d)]
     tree = TreeSum()
     bad = torch.zeros((), device=parts.device)
