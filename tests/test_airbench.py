@@ -26,7 +26,7 @@ from cifar_dist.model.resnet import build_model, count_parameters
 from cifar_dist.trainer.averaging import LOOKAHEAD_FILE, Lookahead
 from cifar_dist.trainer.build import restore
 
-from conftest import FAULT_ARG, REPO, SMOKE, cli, fault_env, summary, torchrun
+from conftest import FAULT_ARG, REPO, SMOKE, base_env, cli, fault_env, summary, torchrun
 from helpers import SPE, build, fit
 
 RECIPE = REPO / "configs" / "airbench94.yaml"
@@ -326,3 +326,14 @@ def test_kill_9_then_resume_with_the_pieces_is_byte_identical(tmp_path):
         (r["epoch"], r["step"], r["test_acc"]) for r in ref
     ]
     assert summary(out)["test_acc"] == summary(tmp_path / "reference")["test_acc"]
+
+
+@pytest.mark.slow
+def test_airbench94_under_deepspeed_is_refused_in_one_line(tmp_path):
+    args = ["--config", SMOKE, "--out", tmp_path / "ds", *PIECES, "train.lookahead=null", "train.exact_reduce=false"]
+    res = cli("train", *args, env=base_env(ACCELERATE_USE_DEEPSPEED="true"), check=False)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        "cifar-dist: model.name: airbench94 stops training some parameters after a few epochs, which "
+        "DeepSpeed's engine cannot do; train it without DeepSpeed"
+    )

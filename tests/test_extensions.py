@@ -87,7 +87,9 @@ def test_bad_callbacks_and_models_are_refused_in_one_line(tmp_path, user_code):
         "run.callbacks=[user_code:Missing]": "run.callbacks: 'user_code' has no 'Missing'",
         "run.callbacks=[no_colon]": "run.callbacks: 'no_colon' is not of the form package.module:Class",
         "model.name=user_code:not_a_model": "model.name: user_code:not_a_model returned str, not a torch.nn.Module",
-        "model.name=resnet99": "model.name: must be one of seed_resnet, resnet9, resnet18, airbench94 or package.module:factory",
+        "model.name=resnet99": (
+            "model.name: must be one of seed_resnet, resnet9, resnet18, airbench94 or package.module:factory"
+        ),
     }
     for override, message in cases.items():
         res = cli_here("train", "--config", SMOKE, "--out", out, "--overwrite", override, *QUICK)

@@ -221,6 +221,23 @@ def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
         # the weight averages update on the device, due by the host's step count alone
         (["run.precision=fp32", "train.ema.every_steps=2", "train.ema.warmup_steps=3", "train.lookahead.k=3"], 22),
         (["data.loader=gpu", "run.precision=fp32", "data.color_jitter=0.1", "data.rotation=10"], 22),
+        # airbench94's network and pieces: a frozen whitening bias (0 epochs of training), per-group
+        # learning rates, Lookahead with its ramp, buffers and last step, alternating flip, reflect crop
+        (
+            [
+                "run.precision=fp32",
+                "model.name=airbench94",
+                "model.whiten_bias_epochs=0",
+                "train.norm_lr_scale=64",
+                "train.lookahead.k=3",
+                "train.lookahead.ramp_power=3",
+                "train.lookahead.buffers=true",
+                "train.lookahead.end_on_slow=true",
+                "data.flip=alternating",
+                "data.crop_pad_mode=reflect",
+            ],
+            22,
+        ),
         (["data.loader=gpu", "run.precision=bf16", "data.color_jitter=0.1", "data.rotation=10"], 22),
         # fused kernels, as optimizer_impl=auto picks on GPUs: GradScaler then skips without a host read
         (
@@ -239,6 +256,7 @@ def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
         "torch-bf16",
         "torch-fp32-ema-lookahead",
         "gpu-fp32-jitter-rotation",
+        "torch-fp32-airbench94",
         "gpu-bf16-jitter-rotation",
         "torch-fp16-fused",
     ],

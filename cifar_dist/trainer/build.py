@@ -32,6 +32,7 @@ from cifar_dist.trainer.callbacks import Callbacks
 from cifar_dist.trainer.checkpointer import Checkpointer
 from cifar_dist.trainer.evaluation import Evaluator
 from cifar_dist.trainer.precision import CpuBf16, Precision, gpu_capability, resolve_precision
+from cifar_dist.trainer.step import frozen_parameters
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -201,6 +202,11 @@ def build_parts(
         init_from_data(cfg, model, train_set)
     # the EMA's module: a copy taken before prepare_model moves, wraps or hooks the model
     ema_module = copy.deepcopy(model) if cfg.train.ema is not None else None
+    if wrap and is_deepspeed(accelerator) and frozen_parameters(model, 2**31):
+        raise ConfigError(
+            f"model.name: {cfg.model.name} stops training some parameters after a few epochs, which DeepSpeed's "
+            "engine cannot do; train it without DeepSpeed"
+        )
     model, eval_model, train_model, optimizer = prepare_model(cfg, accelerator, model, build_optimizer, wrap=wrap)
     loader = loader or build_train_loader(cfg, train_set, shard, accelerator.device)
     deepspeed = wrap and is_deepspeed(accelerator)
