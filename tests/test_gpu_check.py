@@ -58,7 +58,15 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path, cifar_root):
         timeout=500,
     )
     report = json.loads((out / "report.json").read_text())
-    assert [s["step"] for s in report["steps"]] == ["sync", "bench", "profile", "epoch", "paper-60-epochs", "fast-full"]
+    assert [s["step"] for s in report["steps"]] == [
+        "sync",
+        "bench",
+        "profile",
+        "epoch",
+        "airbench94",
+        "paper-60-epochs",
+        "fast-full",
+    ]
     assert all(s["rc"] == 0 for s in report["steps"]), report["steps"]
     bench = json.loads((out / "bench" / "bench.json").read_text())
     assert len(bench["rows"]) == 2 + 8  # 2 baselines; compile off/on x 2 batches x torch/gpu loaders

@@ -214,7 +214,7 @@ class TrainConfig:
     norm_lr_scale: float = _f(
         1.0,
         "the learning rate of normalization layers' parameters is train.lr x this, and their weight decay "
-        "train.weight_decay / this, so that each step decays them as much as the rest (airbench's "
+        "train.weight_decay / this, so that an SGD or AdamW step decays them as much as the rest (airbench's "
         "BatchNorm bias scaler: 64)",
         min=0,
         min_exclusive=True,
