@@ -14,6 +14,10 @@ PYTHONPATH (conftest.fault_args / fault_env), and configured by FAULT_INJECT=KIN
     fill      fill the run directory's file system before step STEP (conftest.small_disk: a real
               full disk for every later write)
     fillend   the same when training has ended, before the results are written (STEP unused)
+    killend   SIGKILL when training has ended and the final evaluation is done, before the
+              results are written (STEP unused)
+    termend   SIGTERM there (what a scheduler sends to preempt the job)
+    intend    SIGINT there (Ctrl-C), and intend2 two of them (Ctrl-C pressed twice)
 
 RANK limits the fault to one rank. A fault fires in the first attempt only: a process
 restarted by torchrun (--max-restarts) runs clean.
@@ -28,7 +32,12 @@ import time
 from cifar_dist.trainer.callbacks import Callback
 
 VAR = "FAULT_INJECT"
-KINDS = ("raise", "kill", "killsave", "nan", "overflow", "wait", "sigint", "sigint2", "fill", "fillend")
+KINDS = (
+    *("raise", "kill", "killsave", "nan", "overflow", "wait", "sigint", "sigint2", "fill"),
+    *("fillend", "killend", "termend", "intend", "intend2"),
+)
+AT_END = {"killend": [signal.SIGKILL], "termend": [signal.SIGTERM], "intend": [signal.SIGINT]}
+AT_END["intend2"] = AT_END["intend"] * 2
 
 
 def parse(spec: str) -> tuple[str, int, int | None]:
@@ -74,8 +83,11 @@ class Inject(Callback):
                 time.sleep(0.1)
 
     def on_train_end(self, summary) -> None:
-        if self.fault is not None and self.fault[0] == "fillend":
+        kind = self.fault[0] if self.fault is not None else None
+        if kind == "fillend":
             fill(self.run.run_dir)
+        for sig in AT_END.get(kind, []):
+            os.kill(os.getpid(), sig)
 
     def on_loss(self, loss, step: int):
         if self._here(step, "nan"):

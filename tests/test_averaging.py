@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,6 +178,49 @@ def test_eval_and_load_model_of_a_checkpoint_of_a_use_ema_run_take_its_ema(tmp_p
     for where, file in [(ckpt, ckpt / EMA_FILE), (ckpt / "model.safetensors", ckpt / "model.safetensors")]:
         loaded, saved = load_model(where).state_dict(), load_file(file)
         assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved), where
+
+
+def test_eval_evaluates_what_its_command_line_asks_or_refuses_in_one_line(tmp_path):
+    """eval.use_ema=true/false picks the EMA or the training weights wherever the run keeps them
+    (a run that evaluated its training weights: the EMA from its last checkpoint); eval.tta is
+    taken like --tta; where the weights asked for are not there, a key eval would ignore, or
+    --tta and eval.tta disagreeing: one line, exit 2, nothing written."""
+    out = tmp_path / "run"
+    args = ("--config", SMOKE, "--out", out, "data.synthetic_train=256", "data.synthetic_test=128")
+    args += ("train.max_steps=4", "checkpoint.every_steps=4", "train.ema.decay=0.5", "run.progress=false")
+    assert cli_here("train", *args, "run.plots=false").returncode == 0
+    ckpt = out / "checkpoints" / "step_00000004"
+
+    def acc(*argv):
+        res = cli_here("eval", "--checkpoint", *argv)
+        assert res.returncode == 0, res.stderr
+        written = Path(res.stdout.strip().splitlines()[-1].removeprefix("written "))
+        return res.stdout.splitlines()[0], json.loads(written.read_text())["acc"]
+
+    said, training = acc(out, "eval.use_ema=false")
+    assert said == f"evaluating final weights (training) of {out}" and training == summary(out)["test_acc"]
+    said, ema = acc(out, "eval.use_ema=true")
+    assert said == f"evaluating newest checkpoint step_00000004: its EMA weights (eval.use_ema=true) of {out}"
+    assert ema == acc(ckpt / EMA_FILE)[1] and ema != training  # decay 0.5 after 4 steps: other weights
+    assert acc(ckpt, "eval.use_ema=false")[1] == training
+    assert (out / "eval-step_00000004-ema.json").is_file() and (out / "eval-training.json").is_file()
+    res = cli_here("eval", "--checkpoint", out, "eval.tta=flip")
+    assert "(flip TTA: 2 views)" in res.stdout and (out / "eval_tta.json").is_file(), res.stdout
+
+    plain = tmp_path / "plain"
+    no_ema = [a for a in args[4:] if not a.startswith("train.ema")]
+    assert cli_here("train", *args[:3], plain, *no_ema, "run.plots=false").returncode == 0
+    before = sorted(p.name for p in plain.rglob("*"))
+    for argv, line in [
+        ((plain, "eval.use_ema=true"), "eval.use_ema: needs train.ema"),
+        ((ckpt / "model.safetensors", "eval.use_ema=true"), "a named weights file is evaluated as it is"),
+        ((plain, "train.lr=0.5"), "train.lr: eval evaluates the run's saved weights with its config"),
+        ((plain, "model.widths=[8]"), "model.widths: eval evaluates"),
+        ((plain, "--tta", "flip_translate", "eval.tta=flip"), "--tta flip_translate and eval.tta=flip disagree"),
+    ]:
+        res = cli_here("eval", "--checkpoint", *argv)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and line in res.stderr, res.stderr
+    assert sorted(p.name for p in plain.rglob("*")) == before
 
 
 def test_a_resume_continues_the_ema_lookahead_and_callback_state_exactly(tmp_path):

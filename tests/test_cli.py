@@ -271,6 +271,29 @@ def test_a_resume_names_a_changed_group_whole_and_lets_a_result_free_group_chang
     ]
 
 
+def test_a_result_free_key_that_changes_the_result_of_a_config_is_held_fixed_there():
+    """eval.every_epochs is result-free, except when eval.target_acc is set: the evaluations
+    then time the target and, with eval.stop_at_target, end the run. There --resume refuses a
+    change of it and compare keeps runs that differ in it apart; elsewhere both let it go."""
+    from dataclasses import asdict
+
+    from cifar_dist.config.schema import RESULT_WHEN, flatten_keys, result_free_keys
+    from cifar_dist.experiments.compare import group_runs
+    from cifar_dist.storage.rundir import config_changes
+
+    def config(*overrides):
+        return asdict(load_config(SMOKE, list(overrides)))
+
+    assert {key for key, _, _ in RESULT_WHEN} <= result_free_keys()
+    target = ("eval.target_acc=0.9", "eval.stop_at_target=true")
+    for fixed, extra in [(False, ()), (True, target), (True, target[:1])]:
+        a, b = config(*extra), config("eval.every_epochs=2", *extra)
+        assert bool(config_changes(a, b)) == fixed and bool(config_changes(b, a)) == fixed
+        runs = [{"config": flatten_keys(c), "summary": {}, "dir": f"r{i}"} for i, c in enumerate((a, b))]
+        assert len(group_runs(runs)) == (2 if fixed else 1)
+    assert config_changes(config(*target), config(*target, "run.plots=false", "checkpoint.keep=5")) == []
+
+
 def test_training_without_a_config_says_which_recipe_it_runs(tmp_path):
     res = cli_here(
         "train",

@@ -334,3 +334,95 @@ def test_a_callback_hook_that_returns_nothing_changes_nothing(tmp_path):
     fit(logged)
     assert logger.seen[:2] == [0, 0] and logger.seen[-1] == 2  # every chunk of every step (exact reduce)
     assert all(torch.equal(v, weights(logged)[k]) for k, v in weights(plain).items())
+
+
+TIMING = ("epoch_time_s", "images_per_s", "tflops_per_s", "mfu", "peak_memory_gb")  # measured, not trained
+
+
+def _trained(history) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
+
+
+def _ckpt(parts, step: int):
+    return parts.run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def test_a_run_that_has_ended_trains_no_further_step_and_a_longer_max_steps_continues_it_exactly(tmp_path):
+    """A run that ended at train.max_steps=11 (3 steps into epoch 2), resumed from its last
+    checkpoint, trains nothing: no step, no row, no checkpoint. Resumed with train.max_steps=14
+    it goes on, and its weights and rows equal a run of 14 steps: the end-of-run checkpoint kept
+    the unfinished epoch's sums, so epoch 2 has one row, over all its steps."""
+    longer = build(tmp_path / "longer", "train.max_steps=14")
+    expected = fit(longer).history
+    short = build(tmp_path / "short", "train.max_steps=11")
+    state = fit(short)
+    assert state.ended == StopReason.FINISHED.value and [r["epoch"] for r in state.history] == [1, 2]
+
+    again = build(tmp_path / "again", "train.max_steps=11")
+    state = restore(again, _ckpt(short, 11))
+    assert state.partial["count"] == 3 * 64  # the unfinished epoch's sums
+    before = weights(again)
+    trainer = loop.Trainer(again, state, progress_bars(False))
+    assert trainer.ended is StopReason.FINISHED
+    state = trainer.fit()
+    assert state.global_step == 11 and len(state.history) == 2 and checkpoint_steps(again.run_dir) == []
+    assert all(torch.equal(v, weights(again)[k]) for k, v in before.items())
+
+    extended = build(tmp_path / "extended", "train.max_steps=14")
+    trainer = loop.Trainer(extended, restore(extended, _ckpt(short, 11)), progress_bars(False))
+    assert trainer.ended is None
+    state = trainer.fit()
+    assert state.global_step == 14 and _trained(state.history) == _trained(expected)
+    assert all(torch.equal(v, weights(extended)[k]) for k, v in weights(longer).items())
+
+
+class StopAfter:
+    """A callback: ends the run (``run.request_stop()``) after step ``step``."""
+
+    def __init__(self, step: int):
+        self.step, self.run = step, None
+
+    def on_train_start(self, run):
+        self.run = run
+
+    def on_step_end(self, step, metrics):
+        if step + 1 == self.step:
+            self.run.request_stop()
+
+
+@pytest.mark.parametrize("ends", [StopReason.REQUESTED, StopReason.TARGET])
+def test_a_run_ended_early_stays_ended_when_resumed(tmp_path, ends):
+    """Ended by a callback's request_stop (after step 5, inside epoch 1) or by
+    eval.stop_at_target (a target every evaluation meets: after epoch 1): the end is recorded
+    in the checkpoint's state, and a resume trains no further step though train.epochs is not
+    done."""
+    from cifar_dist.trainer.callbacks import StopAtTarget
+
+    stopper, steps = (StopAfter(5), 5) if ends is StopReason.REQUESTED else (StopAtTarget(0.0001), SPE)
+    parts = build(tmp_path / "run", callbacks=[stopper])
+    state = fit(parts)
+    assert state.global_step == steps and state.ended == ends.value
+    resumed = build(tmp_path / "resumed")
+    trainer = loop.Trainer(resumed, restore(resumed, _ckpt(parts, steps)), progress_bars(False))
+    assert trainer.ended is ends
+    assert trainer.fit().global_step == steps and checkpoint_steps(resumed.run_dir) == []
+
+
+def test_a_stop_asked_while_the_run_starts_up_stops_it_before_its_first_step(tmp_path):
+    """A SIGTERM recorded before the loop began (building, compiling): no step is trained, the
+    run stops as preempted, and nothing is checkpointed (it had trained nothing)."""
+    from cifar_dist.trainer.stopping import StopRequest
+
+    parts = build(tmp_path / "run")
+    stop = StopRequest(None)
+    stop.signalled = "SIGTERM"
+    trainer = loop.Trainer(parts, TrainState(), progress_bars(False), stop)
+    state = trainer.fit()
+    assert trainer.stop_reason is StopReason.SIGNAL and trainer.preempted
+    assert state.global_step == 0 and state.history == [] and checkpoint_steps(parts.run_dir) == []
+
+
+def test_state_endings_are_the_stop_reasons_that_end_a_run():
+    from cifar_dist.storage.state import ENDINGS
+
+    assert set(ENDINGS) == {""} | {r.value for r in StopReason if not r.preempts}

@@ -37,6 +37,7 @@ from conftest import (
 pytestmark = pytest.mark.slow
 EVERY = 12  # the shared reference run (conftest.REF_ARGS): checkpoints at 12, 24, 32 (epoch end), 36, 48
 STEPS = REF_ARGS[2:]  # its settings, after "--config SMOKE"
+REF_ARGS_NO_STEPS = [a for a in STEPS if not a.startswith(("train.max_steps=", "data.synthetic_train="))]
 
 
 def _checkpoint_steps(run_dir) -> list[int]:
@@ -375,3 +376,69 @@ def test_every_writer_fails_in_one_line_on_a_full_disk_and_keeps_the_old_file(sm
     assert res.returncode == 1 and res.stderr.strip().startswith(f"cifar-dist: {run_dir / 'plots'}")
     assert "No space left on device" in res.stderr
     assert _zero_byte_files(run_dir) == [] and not list(run_dir.rglob(".tmp-*"))
+
+
+def _files(run_dir) -> dict:
+    """Every file of a run directory but its lock: bytes and modification time."""
+    return {
+        p.relative_to(run_dir): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+@pytest.mark.parametrize(
+    "how, overrides, step",
+    [
+        ("train.max_steps", (), 48),  # the reference run: 48 steps, inside epoch 2
+        ("train.epochs", ("data.synthetic_train=512", "train.epochs=1"), 8),
+        ("eval.stop_at_target", ("data.synthetic_train=512", "eval.target_acc=0.0001", "eval.stop_at_target=true"), 8),
+    ],
+)
+def test_a_finished_run_resumed_stays_as_it_is(reference, tmp_path, how, overrides, step):
+    """`--resume` on a run that has finished (what slurm/train.sh does whenever its job runs
+    again) says so and exits 0; no file of the run is written again, no step is trained."""
+    import shutil
+
+    out = tmp_path / "run"
+    if overrides:
+        cli("train", "--config", SMOKE, "--out", out, *REF_ARGS_NO_STEPS, *overrides)
+    else:
+        shutil.copytree(reference, out)
+    before = _files(out)
+    res = cli("train", "--out", out, "--resume")
+    reason = "eval.target_acc reached" if how == "eval.stop_at_target" else "finished"
+    assert res.stdout.strip().splitlines()[-1] == f"{out}: already finished ({reason}, step {step}); nothing to do"
+    assert _files(out) == before and summary(out)["steps"] == step
+
+
+@pytest.mark.parametrize("fault, code", [("killend", -signal.SIGKILL), ("termend", 0), ("intend", 0), ("intend2", 130)])
+def test_a_stop_after_the_last_checkpoint_ends_with_the_uninterrupted_runs_results(reference, tmp_path, fault, code):
+    """A signal once training has ended (the last checkpoint written, the final evaluation
+    done, the results not yet written). SIGTERM (a scheduler preempting) or one Ctrl-C: the
+    results are written all the same, exit 0, not marked PREEMPTED. SIGKILL, or Ctrl-C twice:
+    no results; `--resume` then trains no step and writes the uninterrupted run's results."""
+    out = tmp_path / "run"
+    res = cli("train", "--config", SMOKE, "--out", out, *STEPS, FAULT_ARG, env=fault_env(f"{fault}@0"), check=False)
+    assert res.returncode == code, res.stderr[-3000:]
+    assert not (out / "PREEMPTED").exists() and _checkpoint_steps(out)[-1] == 48
+    if code == 0:
+        name = "SIGTERM" if fault == "termend" else "SIGINT"
+        assert f"cifar-dist: {name}: training has ended; writing the results first" in res.stderr
+    else:
+        assert not (out / "summary.json").exists()
+        if fault == "intend2":
+            assert res.stderr.strip().splitlines()[-1] == (
+                f"cifar-dist: interrupted; newest checkpoint step_00000048 kept, resume with: "
+                f"cifar-dist train --out {out} --resume"
+            )
+        res = cli("train", "--out", out, "--resume", env=fault_env(""))
+        assert "training ended at step 48 (finished); writing its results" in res.stdout
+    assert (reference / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    ours, theirs = summary(out), summary(reference)
+    assert (ours["steps"], ours["test_acc"], ours["test_loss"]) == (48, theirs["test_acc"], theirs["test_loss"])
+    assert [r["train_loss"] for r in json_rows(out)] == [r["train_loss"] for r in json_rows(reference)]
+
+
+def json_rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -74,19 +74,24 @@ def _eval(args):
     from cifar_dist.config.loading import load_config
     from cifar_dist.config.plugins import require_trust
     from cifar_dist.data import build_datasets
-    from cifar_dist.errors import CheckpointError
+    from cifar_dist.errors import CheckpointError, ConfigError
     from cifar_dist.model.resnet import build_model
     from cifar_dist.storage.checkpoint import evaluated_weights, load_weights, locate_weights
     from cifar_dist.storage.files import write_json_atomic
     from cifar_dist.storage.plots import plot_confusion
     from cifar_dist.trainer.evaluation import evaluate_model
 
+    asked = _eval_overrides(args.overrides)
     weights, config, what = locate_weights(Path(args.checkpoint))
     if not config.is_file():
         raise CheckpointError(f"{config}: missing; eval needs the run's config.yaml")
+    saved = load_config(config)
     cfg = load_config(config, args.overrides)  # the run's own config; overrides such as data.root on top
     require_trust(cfg.model.name, config, args.trust_code)
-    weights, what = evaluated_weights(weights, what, cfg, named=Path(args.checkpoint).is_file())
+    use_ema = cfg.eval.use_ema if "eval.use_ema" in asked else None
+    weights, what = evaluated_weights(weights, what, saved, named=Path(args.checkpoint).is_file(), use_ema=use_ema)
+    if "eval.tta" in asked and args.tta and args.tta != cfg.eval.tta:
+        raise ConfigError(f"--tta {args.tta} and eval.tta={cfg.eval.tta} disagree; give one of them")
     run_dir = config.parent
     print(f"evaluating {what} of {run_dir}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,13 +99,15 @@ def _eval(args):
     load_weights(weights, model)
     model = model.to(device).eval()
     _, eval_set, name = build_datasets(cfg)
-    tta = args.tta or "none"
+    tta = args.tta or (cfg.eval.tta if "eval.tta" in asked else "none")
     result = evaluate_model(model, eval_set, cfg, device, tta=tta)
     views = "" if tta == "none" else f" ({tta} TTA: {result['views']} views)"
     print(f"{name} accuracy {100 * result['acc']:.2f}% on {result['count']} images{views}, loss {result['loss']:.4f}")
     for cls, acc in result["per_class_acc"].items():
         print(f"  {cls:>10}: {100 * acc:.2f}%")
-    tag = "" if what == "final weights" else f"-{weights.parent.name}"
+    tag = "" if weights.parent == run_dir else f"-{weights.parent.name}"
+    if use_ema is not None:  # the weights asked for: eval-ema.json, eval-step_N-training.json
+        tag += "-ema" if use_ema else "-training"
     suffix = {"none": "", "flip": "_tta"}.get(tta, f"_tta_{tta}")  # eval_tta.json: flip, as before the modes
     out = run_dir / f"eval{tag}{suffix}.json"
     write_json_atomic(out, {"weights": str(weights), **result})
@@ -112,6 +119,26 @@ def _eval(args):
     )
     print(f"written {out}")
     return 0
+
+
+# What an evaluation of saved weights takes from the command line: the data (where the images
+# are, which ones, how they are read), the test-time augmentation, which weights (EMA or the
+# training weights), the memory layout. Any other key would change nothing it computes.
+EVAL_KEYS = ("data.", "eval.tta", "eval.use_ema", "run.channels_last")
+
+
+def _eval_overrides(overrides) -> set:
+    """The keys of ``eval``'s overrides; one that eval would ignore is refused in one line."""
+    from cifar_dist.errors import ConfigError
+
+    keys = {item.split("=", 1)[0].strip() for item in overrides or []}
+    for key in sorted(keys):
+        if not (key.startswith(EVAL_KEYS[0]) or key in EVAL_KEYS[1:]):
+            raise ConfigError(
+                f"{key}: eval evaluates the run's saved weights with its config, and this key would change "
+                "nothing it computes (it takes data.*, eval.tta, eval.use_ema and run.channels_last)"
+            )
+    return keys
 
 
 def _tta_modes() -> tuple:

@@ -10,7 +10,7 @@ import dataclasses
 
 import yaml
 
-from cifar_dist.config.schema import SECTION_CLASSES, choices, group_class
+from cifar_dist.config.schema import RESULT_WHEN, SECTION_CLASSES, choices, group_class
 
 
 def reference_markdown() -> str:
@@ -18,6 +18,7 @@ def reference_markdown() -> str:
     out = [
         "Keys marked *result-free* do not change what a run trains or measures: `--resume` may",
         "change them, and `cifar-dist compare` groups runs that differ only in them (and the seed).",
+        *(f"`{key}` is not result-free {why}." for key, _, why in RESULT_WHEN),
         "",
     ]
     for section, cls in SECTION_CLASSES.items():

@@ -399,6 +399,24 @@ def result_free_keys() -> frozenset[str]:
     return frozenset(keys)
 
 
+# Result-free keys that change the result in some configurations: (key, when, why). There,
+# --resume refuses a change of the key and compare keeps runs that differ in it apart.
+RESULT_WHEN = (
+    (
+        "eval.every_epochs",
+        lambda flat: bool(flat.get("eval.target_acc")),
+        "when eval.target_acc is set: the evaluations time the target (time_to_target_s) and, with "
+        "eval.stop_at_target, end the run",
+    ),
+)
+
+
+def result_keys_in(flat: dict) -> frozenset[str]:
+    """The result-free keys that do change the result of the configuration ``flat`` (its
+    ``flatten_keys``): RESULT_WHEN's."""
+    return frozenset(key for key, when, _ in RESULT_WHEN if when(flat))
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """{"train": {"lr": 1}} -> {"train.lr": 1}."""
     out = {}

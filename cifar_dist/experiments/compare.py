@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cifar_dist.config.loading import read_yaml
 from cifar_dist.config.overrides import override_text
-from cifar_dist.config.schema import flatten_keys, result_free_keys
+from cifar_dist.config.schema import flatten_keys, result_free_keys, result_keys_in
 from cifar_dist.errors import UserError
 from cifar_dist.experiments import stats
 from cifar_dist.storage.metrics import read_metrics
@@ -132,12 +132,12 @@ def group_runs(runs: list[dict]) -> list[dict]:
     """Configurations, in order of first appearance: {label, differs, name, runs}."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        ident = {k: v for k, v in run["config"].items() if k not in IGNORED_KEYS}
+        ident = {k: v for k, v in run["config"].items() if k not in _ignored(run["config"])}
         groups.setdefault(json.dumps(ident, sort_keys=True, default=str), []).append(run)
     members = list(groups.values())
     keys: list[str] = []
     for group in members:
-        keys += [k for k in group[0]["config"] if k not in IGNORED_KEYS and k not in keys]
+        keys += [k for k in group[0]["config"] if k not in _ignored(group[0]["config"]) and k not in keys]
     differing = [k for k in keys if len({json.dumps(g[0]["config"].get(k, _ABSENT), default=str) for g in members}) > 1]
     out = []
     for group in members:
@@ -147,6 +147,11 @@ def group_runs(runs: list[dict]) -> list[dict]:
         label = ", ".join(f"{k}={override_text(v)}" for k, v in differs.items()) if len(members) > 1 else name
         out.append({"label": label, "differs": differs, "name": name, "runs": group})
     return out
+
+
+def _ignored(flat: dict) -> frozenset[str]:
+    """IGNORED_KEYS, less the result-free keys that change this configuration's result."""
+    return IGNORED_KEYS - result_keys_in(flat)
 
 
 def _mean_of(values: list) -> float | None:

@@ -172,15 +172,39 @@ def locate_weights(path) -> tuple[Path, Path, str]:
     raise CheckpointError(f"{path}: no model.safetensors and no checkpoint (is it a run directory?)")
 
 
-def evaluated_weights(weights: Path, what: str, cfg, named: bool) -> tuple[Path, str]:
-    """The weights the run evaluated where ``locate_weights`` found ``weights`` (described by
-    ``what``): with ``eval.use_ema``, a checkpoint's EMA, since its model.safetensors holds the
-    training weights (the run's final model.safetensors is the EMA already). A file the user
-    ``named`` is what it is."""
-    ema = weights.parent / EMA_FILE
-    if cfg.eval.use_ema and not named and ema.is_file():
-        return ema, f"{what}: its EMA weights (eval.use_ema)"
-    return weights, what
+def evaluated_weights(weights: Path, what: str, cfg, named: bool, use_ema: bool | None = None) -> tuple[Path, str]:
+    """The weights to evaluate where ``locate_weights`` found ``weights`` (described by
+    ``what``). ``use_ema`` None: the weights the run evaluated (with ``cfg.eval.use_ema``, a
+    checkpoint's EMA, since its model.safetensors holds the training weights; the run's final
+    model.safetensors is the EMA already). ``use_ema`` True or False, as a user asked: the
+    EMA, or the training weights, wherever the run keeps them, or a CheckpointError saying
+    why they are not there. A file the user ``named`` is what it is."""
+    if use_ema is None:
+        ema = weights.parent / EMA_FILE
+        if cfg.eval.use_ema and not named and ema.is_file():
+            return ema, f"{what}: its EMA weights (eval.use_ema)"
+        return weights, what
+    if named:
+        raise CheckpointError(
+            f"{weights}: eval.use_ema chooses between a run's weights; a named weights file is evaluated "
+            "as it is (name its run or checkpoint, or drop eval.use_ema)"
+        )
+    kind = "EMA" if use_ema else "training"
+    folder = weights.parent
+    if what == "final weights":
+        if bool(cfg.eval.use_ema) == use_ema:  # its final model.safetensors holds what it evaluated
+            return weights, f"final weights ({kind})"
+        ckpt = latest_checkpoint(folder)
+        if ckpt is None:
+            raise CheckpointError(
+                f"{folder}: no {kind} weights: its final model.safetensors holds the "
+                f"{'EMA' if cfg.eval.use_ema else 'training'} weights and no checkpoint is left"
+            )
+        folder, what = ckpt, f"newest checkpoint {ckpt.name}"
+    chosen = folder / (EMA_FILE if use_ema else "model.safetensors")
+    if not chosen.is_file():
+        raise CheckpointError(f"{folder}: no {kind} weights ({chosen.name}; the run trained without train.ema)")
+    return chosen, f"{what.split(' (')[0]}: its {kind} weights (eval.use_ema={str(use_ema).lower()})"
 
 
 def _config_beside(folder: Path) -> Path:

@@ -16,7 +16,7 @@ import yaml
 
 from cifar_dist.config.loading import read_yaml
 from cifar_dist.config.overrides import override_text
-from cifar_dist.config.schema import Config, flatten_keys, result_free_keys
+from cifar_dist.config.schema import Config, flatten_keys, result_free_keys, result_keys_in
 from cifar_dist.errors import RunDirError
 from cifar_dist.storage.checkpoint import latest_checkpoint, list_checkpoints
 from cifar_dist.storage.files import write_text_atomic
@@ -39,9 +39,10 @@ _ABSENT = "(absent)"
 def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """(key, saved value, new value) of every key whose value differs and would change the
     result of a resumed run; a group (train.ema) is one key, its value whole or null. ``eval.tta``
-    may change unless every epoch is evaluated with it (``eval.tta_every_epoch``)."""
+    may change unless every epoch is evaluated with it (``eval.tta_every_epoch``); a result-free
+    key may not where it changes the result (``config.schema.RESULT_WHEN``)."""
     a, b = flatten_keys(saved), flatten_keys(current)
-    fixed = {"eval.tta"} if a.get("eval.tta_every_epoch") else set()
+    fixed = ({"eval.tta"} if a.get("eval.tta_every_epoch") else set()) | result_keys_in(a) | result_keys_in(b)
     return [
         (k, a.get(k, _ABSENT), b.get(k, _ABSENT))
         for k in sorted(set(a) | set(b))

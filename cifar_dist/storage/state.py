@@ -25,8 +25,11 @@ class TrainState:
     scaler: dict = field(default_factory=dict)  # fp16 loss-scaler state
     world_size: int = 0  # processes of the run that wrote this state (0: not recorded)
     segments: list = field(default_factory=list)  # [{"world_size", "from_step"}]: each (re)start of the run
+    ended: str = ""  # why training ended at this state, when it did (a StopReason's value; "" while it goes on)
 
 
+# TrainState.ended: the values of trainer.stopping.StopReason that end a run (not a preemption)
+ENDINGS = ("", "finished", "requested by a callback", "eval.target_acc reached")
 _INT = {"epoch", "step_in_epoch", "global_step", "skipped_steps", "world_size"}
 _PARTIAL = {"loss_units": int, "correct": int, "count": int}
 
@@ -70,6 +73,8 @@ def parse_state(data, source) -> TrainState:
         raise bad("partial: expected {} or whole numbers loss_units, correct and count")
     if not isinstance(data.get("scaler", {}), dict):
         raise bad("scaler: expected an object")
+    if data.get("ended", "") not in ENDINGS:
+        raise bad(f"ended: expected one of {', '.join(map(repr, ENDINGS))}, got {str(data['ended'])[:40]!r}")
     state = TrainState(**data)
     if state.partial and state.partial["correct"] > state.partial["count"]:
         raise bad("partial: more correct predictions than images")

@@ -43,11 +43,13 @@ class Checkpointer:
             return None
         return self.save(parts, state, partial=totals.over_ranks())
 
-    def maybe_save_at_epoch_end(self, parts: Parts, state: TrainState, complete: bool, ending: bool) -> Path | None:
-        """After an epoch: at the end of the run (however it ends) and after every
-        ``every_epochs``-th complete epoch."""
+    def maybe_save_at_epoch_end(
+        self, parts: Parts, state: TrainState, complete: bool, ending: bool, partial: dict | None = None
+    ) -> Path | None:
+        """After an epoch: at the end of the run (however it ends; ``partial``: the sums of an
+        epoch it ends inside) and after every ``every_epochs``-th complete epoch."""
         if ending or (self.every_epochs and complete and state.epoch % self.every_epochs == 0):
-            return self.save(parts, state)
+            return self.save(parts, state, partial=partial)
         return None
 
     def save(self, parts: Parts, state: TrainState, partial: dict | None = None) -> Path | None:

@@ -8,7 +8,10 @@ an evaluation when due (``Evaluator.maybe_run``) and an epoch-end checkpoint whe
 run ends for one ``StopReason``, the same way for each kind:
 
     FINISHED, REQUESTED, TARGET   the epoch is closed (its row, an evaluation), a checkpoint is
-                                  written, then the run's final evaluation and its results
+                                  written that records the end (``TrainState.ended``, with an
+                                  unfinished epoch's sums), then the run's final evaluation and
+                                  its results. A run resumed from it trains no further step
+                                  (``Trainer.ended``), unless train.max_steps now lies further on
     SIGNAL, STOP_FILE             (preemption, Ctrl-C, the STOP file) a checkpoint is written where
                                   the run stands, mid-epoch with the epoch's sums; nothing else:
                                   ``--resume`` continues it exactly
@@ -73,14 +76,19 @@ class Trainer:
     """Trains ``parts`` from ``state``; what callbacks receive as ``run``. Only the trainer
     changes ``state``."""
 
-    def __init__(self, parts: Parts, state: TrainState, progress):
+    def __init__(self, parts: Parts, state: TrainState, progress, stop: StopRequest | None = None):
         self.parts, self.state, self.progress = parts, state, progress
         self.cfg, self.model, self.optimizer = parts.cfg, parts.model, parts.optimizer
         self.rank, self.world, self.run_dir = parts.shard.rank, parts.shard.world, parts.run_dir
         train = parts.cfg.train
         self.max_steps = train.max_steps or schedule_steps(train, parts.loader.steps_per_epoch)
-        self.stop = StopRequest(parts.stop_file, poll_file=self.rank == 0, say=say if self.rank == 0 else None)
-        self.stop_reason: StopReason | None = None
+        # the run's own StopRequest (installed since its start-up), or one for this loop alone
+        self.stop = stop or StopRequest(None, say=say if self.rank == 0 else None)
+        self.stop.stop_file = parts.stop_file if self.rank == 0 else None  # rank 0 alone polls the file
+        self.ended = self._ended_before()
+        if self.ended is None:
+            self._reopen_epoch()
+        self.stop_reason: StopReason | None = self.ended  # a run that has ended trains no further step
         self.control = Control(
             parts.model,
             parts.precision,
@@ -93,6 +101,26 @@ class Trainer:
         self.throughput = Throughput.measure(parts.cfg, parts.device)
         self.loss_logged_at = state.global_step  # the step of the last training loss sent to the trackers
         self.profile = RunProfile(self.cfg.run.profile, parts.run_dir, parts.device, state.global_step, self.max_steps)
+
+    def _ended_before(self) -> StopReason | None:
+        """Why the run had ended at the state it starts from, if it had: its steps or epochs done
+        (a longer train.max_steps lets a finished run go on), or an earlier end it recorded
+        (eval.stop_at_target, a callback's request_stop)."""
+        state = self.state
+        if state.global_step >= self.max_steps or state.epoch >= self.cfg.train.epochs:
+            return StopReason.FINISHED
+        if state.ended and state.ended != StopReason.FINISHED.value:
+            return StopReason(state.ended)
+        return None
+
+    def _reopen_epoch(self) -> None:
+        """A run that ended inside an epoch and goes on (a longer train.max_steps): the epoch's
+        row goes (the checkpoint kept its sums), so that the row written when it ends covers it
+        all, as in a run that never stopped."""
+        state = self.state
+        state.ended = ""
+        if state.step_in_epoch and state.history and state.history[-1]["epoch"] == state.epoch + 1:
+            state.history.pop()
 
     @property
     def preempted(self) -> bool:
@@ -108,7 +136,10 @@ class Trainer:
         """Train until a ``StopReason``; returns the state where training stands."""
         parts, state, callbacks = self.parts, self.state, self.parts.callbacks
         with self.stop, self.profile:
+            self.stop.phase = "train"
             callbacks.on_train_start(self)
+            if self.stop_reason is None and self._stop_asked_before_start():
+                self.request_stop(StopReason.SIGNAL if self.stop.signalled else StopReason.STOP_FILE)
             while self.stop_reason is None:
                 epoch, ends_epoch = EpochRun(parts, state, self.progress, self.cfg.train.epochs), False
                 state.partial = {}
@@ -133,6 +164,12 @@ class Trainer:
                     break  # stopped mid-epoch: its checkpoint holds the epoch's sums; no row yet
                 self._end_epoch(epoch)
         return state
+
+    def _stop_asked_before_start(self) -> bool:
+        """A stop asked while the run started up (any rank's vote: one collective, before the
+        first step); the loop then stops where it stands, before it trains a step."""
+        asked = torch.tensor([float(self.stop.requested())], device=self.parts.device)
+        return bool(all_reduce_max(asked).item())
 
     def _advance(self, epoch: EpochRun) -> None:
         self.state.global_step += 1
@@ -189,7 +226,13 @@ class Trainer:
             parts.metrics.log(row)
         print0(epoch_line(row))
         parts.callbacks.on_epoch_end(row)  # may end the run (run.request_stop())
-        parts.checkpointer.maybe_save_at_epoch_end(parts, state, complete, ending=self.stop_reason is not None)
+        ending = self.stop_reason is not None
+        partial = None
+        if ending and not self.preempted:
+            state.ended = self.stop_reason.value
+            if not complete:  # the epoch's sums, for a run extended later (train.max_steps)
+                partial = epoch.totals.over_ranks()
+        parts.checkpointer.maybe_save_at_epoch_end(parts, state, complete, ending=ending, partial=partial)
         if self.graphs_after_warmup is None:
             self.graphs_after_warmup = graph_count()
 

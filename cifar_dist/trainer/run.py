@@ -6,6 +6,7 @@ then calls ``train``.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -34,6 +35,7 @@ from cifar_dist.storage.trackers import Trackers, tracker_places
 from cifar_dist.trainer import build
 from cifar_dist.trainer.callbacks import Callbacks, StopAtTarget, time_to_target
 from cifar_dist.trainer.loop import Trainer
+from cifar_dist.trainer.stopping import StopRequest
 from cifar_dist.trainer.progress import (
     EstimatedTime,
     long_cpu_run_warning,
@@ -44,7 +46,16 @@ from cifar_dist.trainer.progress import (
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, user_callbacks=()) -> int:
-    """Train as ``cfg`` says; returns the exit code (0; 130 after Ctrl-C). Raises UserError for bad input."""
+    """Train as ``cfg`` says; returns the exit code (0; 130 after Ctrl-C). Raises UserError for bad input.
+
+    The run's signal handlers are installed from its first line to its last (``StopRequest``:
+    what a signal does in each phase)."""
+    with StopRequest(None) as stop:
+        return _open_and_train(cfg, resume, overwrite, user_callbacks, stop)
+
+
+def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, stop: StopRequest) -> int:
+    """Build the data and model, open the run directory, then the run (``_train``)."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     build.resolve_run_precision(cfg)
@@ -54,6 +65,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, user_callb
 
     accelerator = make_accelerator(cfg)
     rank, world = world_info()
+    stop.say = say if rank == 0 else None
     # run.precision=auto on CPUs rests on a probe; every rank takes rank 0's choice
     cfg.run.precision = share_from_main(lambda: cfg.run.precision)
     shard, train_set, eval_set, eval_name = build.build_data(cfg, accelerator)
@@ -80,13 +92,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, user_callb
             ckpt,
             user_callbacks,
             started,
+            stop,
         )
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop installed its handler
         raise _interrupted(rundir, rank, world) from None
 
 
 def _train(
-    cfg, resume, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt, user_callbacks, started
+    cfg, resume, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt, user_callbacks, started, stop
 ) -> int:
     """The run itself, once its directory is open: build, restore, train, write the results."""
     rank, world = world_info()
@@ -104,6 +117,14 @@ def _train(
         _check_world_change(cfg, state, shard, parts.deepspeed, ckpt)
     elif resume:
         print0(f"{run_dir}: no checkpoint yet, starting from the beginning")
+    trainer = Trainer(parts, state, progress_bars(cfg.run.progress and rank == 0), stop)
+    if trainer.ended is not None:
+        if share_from_main(lambda: _results_of_step(run_dir, state.global_step)):
+            print0(f"{run_dir}: already finished ({trainer.ended.value}, step {state.global_step}); nothing to do")
+            rundir.close()
+            accelerator.end_training()
+            return 0
+        print0(f"training ended at step {state.global_step} ({trainer.ended.value}); writing its results")
     state.segments.append({"world_size": world, "from_step": state.global_step})
 
     if rank == 0:
@@ -126,12 +147,12 @@ def _train(
         f"steps/epoch, {len(train_set):,} train / {len(eval_set):,} {eval_name} images; run dir {run_dir}"
     )
 
-    trainer = Trainer(parts, state, progress_bars(cfg.run.progress and rank == 0))
-    if rank == 0 and parts.device.type == "cpu" and not parts.deepspeed:
+    if rank == 0 and parts.device.type == "cpu" and not parts.deepspeed and trainer.ended is None:
         _announce_long_cpu_run(parts, trainer)
     state = trainer.fit()
     if trainer.preempted:
         return _stopped(trainer, rundir, rank, world)
+    stop.phase = "finish"  # a signal from here on is noted; the results are still written
 
     evaluator = parts.evaluator
     assert evaluator is not None  # a training run always has one
@@ -144,6 +165,15 @@ def _train(
     rundir.close()
     accelerator.end_training()
     return 0
+
+
+def _results_of_step(run_dir: Path, step: int) -> bool:
+    """Whether ``run_dir`` holds the results (summary.json) of training that ended at ``step``."""
+    try:
+        written = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(written, dict) and written.get("steps") == step
 
 
 def _stopped(trainer: Trainer, rundir, rank: int, world: int) -> int:

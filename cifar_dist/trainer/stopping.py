@@ -22,42 +22,64 @@ class StopReason(enum.Enum):
 
 
 class StopRequest:
-    """Installs the signal handlers while training; ``requested()`` says whether to stop.
+    """Installs the signal handlers for a whole run; ``requested()`` says whether to stop.
 
-    SIGTERM, SIGUSR1 and a first SIGINT (Ctrl-C) ask the run to stop at its next
-    control read, after a checkpoint; a second SIGINT aborts at once
-    (KeyboardInterrupt), as Ctrl-C does anywhere else. Only ``poll_file`` ranks look
-    for the STOP file (rank 0: no file-system call on every rank), and only when the
-    loop is about to read its flags.
+    What a signal does depends on the run's ``phase``:
+
+    ``start``  (building, before the first step) SIGTERM and SIGUSR1 are recorded: the loop
+               stops before its first step, as preempted; SIGINT aborts at once
+               (KeyboardInterrupt), as Ctrl-C does anywhere else.
+    ``train``  SIGTERM, SIGUSR1 and a first SIGINT (Ctrl-C) ask the run to stop at its next
+               control read, after a checkpoint; a second SIGINT aborts at once.
+    ``finish`` (training has ended: the final evaluation, the results) SIGTERM, SIGUSR1 and a
+               first SIGINT are recorded and the results still written; a second SIGINT aborts
+               at once, and ``--resume`` then does the final evaluation alone.
+
+    Only ``poll_file`` ranks look for the STOP file (rank 0: no file-system call on every
+    rank), and only when the loop is about to read its flags.
     """
 
     def __init__(self, stop_file: Path | None, poll_file: bool = True, say=None):
         self.stop_file = stop_file if poll_file else None
         self.signalled = None
         self.say = say
+        self.phase = "start"
         self._old: dict = {}
+        self._depth = 0
 
     def __enter__(self):
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
+        """Install the handlers (entered again, as the run and its loop both do: nothing more)."""
+        self._depth += 1
+        if self._depth == 1:
+            for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
         return self
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signalled == "SIGINT":
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and (self.phase == "start" or self.signalled == "SIGINT"):
             raise KeyboardInterrupt
-        self.signalled = signal.Signals(signum).name
-        if signum == signal.SIGINT and self.say is not None:
+        self.signalled = name
+        if self.say is None:
+            return
+        if self.phase == "finish":
+            again = "; press Ctrl-C again to abort at once (--resume then evaluates)" if name == "SIGINT" else ""
+            self.say(f"cifar-dist: {name}: training has ended; writing the results first{again}")
+        elif signum == signal.SIGINT:
             self.say(
                 "cifar-dist: Ctrl-C: stopping at the next checkpointable step (within 10 steps); "
                 "press Ctrl-C again to abort at once"
             )
 
     def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+            self._old = {}
 
     def requested(self) -> bool:
         """A signal arrived, or the STOP file exists."""
