@@ -238,8 +238,11 @@ def test_resume_alone_takes_the_saved_config_and_a_conflict_names_both_values(tm
     ]
     assert (out / "model.safetensors").read_bytes() == before
     res = cli_here("train", "--out", out, "--resume", "run.progress=false")  # a result-free key may change
+    assert res.returncode == 0 and res.stdout.strip().endswith("already finished (finished, step 2); nothing to do")
+    res = cli_here("train", "--out", out, "--resume", "run.progress=false", "train.max_steps=3")  # extended
     assert res.returncode == 0, res.stderr
     assert "resuming from" in res.stdout and "smoke:" in res.stdout  # the saved recipe, by name
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.05
 
 

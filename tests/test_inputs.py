@@ -197,3 +197,63 @@ def test_two_runs_on_one_run_directory(victim):
         f"cifar-dist: {victim}: run directory is in use by pid {os.getpid()}; wait for it or choose another --out"
     )
     assert _snapshot(victim) == before
+
+
+LINKED_FILES = [".lock", "metrics.jsonl", "summary.json", "model.safetensors", "confusion_matrix.json", "config.yaml"]
+
+
+def test_nothing_is_written_through_a_symbolic_link_in_a_run_or_sweep_directory(reference, tmp_path):
+    """A received run directory whose files are links to a file of the user's outside it: the
+    resumed run replaces each link with a file of its own and the outside file keeps its bytes.
+    A folder cifar-dist writes into (checkpoints/, plots/, a sweep's logs/ and members) that is
+    a link: refused in one line, nothing written. compare's and eval's outputs, and every atomic
+    write (PREEMPTED, bench.json, plan --json), replace a link the same way."""
+    from cifar_dist.storage.files import create_new, write_text_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file\n")
+    out = rewind(reference, tmp_path / "run", step=36)
+    config = tmp_path / "config_outside.yaml"  # read by the resume: a link to a valid config
+    config.write_bytes((out / "config.yaml").read_bytes())
+    for name in LINKED_FILES:
+        (out / name).unlink(missing_ok=True)
+        (out / name).symlink_to(config if name == "config.yaml" else victim)
+    cli("train", "--out", out, "--resume", "train.max_steps=48", "run.plots=true")
+    assert victim.read_text() == "the user's own file\n"
+    assert config.read_bytes() == (reference / "config.yaml").read_bytes()
+    assert not any((out / name).is_symlink() for name in LINKED_FILES)
+    assert (out / "summary.json").is_file() and (out / "plots" / "loss.png").is_file()
+
+    for name in ("compare.md", "compare.json", "eval.json"):
+        (out / name).symlink_to(victim)
+    assert cli("compare", out, "--out", out).returncode == 0
+    assert cli("eval", "--checkpoint", out).returncode == 0
+    assert victim.read_text() == "the user's own file\n" and not (out / "eval.json").is_symlink()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for folder in ("plots", "checkpoints"):
+        run = rewind(reference, tmp_path / f"run_{folder}", step=36)
+        shutil.rmtree(run / folder, ignore_errors=True)
+        (run / folder).symlink_to(elsewhere, target_is_directory=True)
+        line = _one_line(cli("train", "--out", run, "--resume", "run.plots=true", check=False))
+        assert (
+            line == f"cifar-dist: {run / folder}: a symbolic link; cifar-dist writes nothing through links (remove it)"
+        )
+    assert list(elsewhere.iterdir()) == []
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "logs").symlink_to(elsewhere, target_is_directory=True)
+    args = ("sweep", "--config", SMOKE, "--out", sweep, "data.synthetic_train=256", "train.max_steps=1")
+    assert _one_line(cli(*args, check=False)).endswith(
+        f"{sweep / 'logs'}: a symbolic link; cifar-dist writes nothing through links (remove it)"
+    )
+    assert list(elsewhere.iterdir()) == []
+
+    for write in (lambda p: write_text_atomic(p, "new"), lambda p: create_new(p).close()):
+        link = tmp_path / "link"
+        link.unlink(missing_ok=True)
+        link.symlink_to(victim)
+        write(link)
+        assert not link.is_symlink() and victim.read_text() == "the user's own file\n"

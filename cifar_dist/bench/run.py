@@ -45,6 +45,7 @@ from cifar_dist.model.resnet import build_model, count_parameters
 from cifar_dist.runtime.hardware import device_peak, mfu
 from cifar_dist.runtime.provenance import device_name, git_sha, versions
 from cifar_dist.runtime.seeding import apply_tf32
+from cifar_dist.storage.files import write_text_atomic
 
 
 def run_bench(args) -> int:
@@ -160,9 +161,9 @@ def run_bench(args) -> int:
             "repeats": args.repeats,
             "rows": rows,
         }
-        (out / "bench.json").write_text(json.dumps(result, indent=1))
+        write_text_atomic(out / "bench.json", json.dumps(result, indent=1))
         table = bench_table(result)
-        (out / "bench.md").write_text(table + "\n")
+        write_text_atomic(out / "bench.md", table + "\n")
         plot_bench(result, out / "bench.png")
         print(table)
         print(f"written {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")

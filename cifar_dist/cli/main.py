@@ -77,7 +77,7 @@ def _eval(args):
     from cifar_dist.errors import CheckpointError, ConfigError
     from cifar_dist.model.resnet import build_model
     from cifar_dist.storage.checkpoint import evaluated_weights, load_weights, locate_weights
-    from cifar_dist.storage.files import write_json_atomic
+    from cifar_dist.storage.files import own_folder, write_json_atomic
     from cifar_dist.storage.plots import plot_confusion
     from cifar_dist.trainer.evaluation import evaluate_model
 
@@ -111,7 +111,7 @@ def _eval(args):
     suffix = {"none": "", "flip": "_tta"}.get(tta, f"_tta_{tta}")  # eval_tta.json: flip, as before the modes
     out = run_dir / f"eval{tag}{suffix}.json"
     write_json_atomic(out, {"weights": str(weights), **result})
-    (run_dir / "plots").mkdir(exist_ok=True)
+    own_folder(run_dir / "plots")
     plot_confusion(
         result["confusion"],
         run_dir / "plots" / f"confusion_matrix_eval{tag}.png",

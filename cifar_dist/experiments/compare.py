@@ -22,6 +22,7 @@ from cifar_dist.config.overrides import override_text
 from cifar_dist.config.schema import flatten_keys, result_free_keys, result_keys_in
 from cifar_dist.errors import UserError
 from cifar_dist.experiments import stats
+from cifar_dist.storage.files import write_text_atomic
 from cifar_dist.storage.metrics import read_metrics
 from cifar_dist.storage.plots import epoch_axis, pyplot, save_figure
 
@@ -434,8 +435,8 @@ def run_compare(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(report)
     files = out / "compare.md", out / "compare.json", out / "compare.png"
-    files[0].write_text(markdown)
-    files[1].write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_text_atomic(files[0], markdown)
+    write_text_atomic(files[1], json.dumps(report, indent=1, default=str) + "\n")
     plot_curves(groups, files[2], title=", ".join(Path(d).name for d in args.dirs)[:80])
     print(markdown, end="")
     print(f"written {files[0]}, {files[1]}, {files[2]}")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from cifar_dist.errors import UserError
+from cifar_dist.storage.files import write_text_atomic
 
 PAPER_PARAMS = 4_916_284  # the paper's modified ResNet (`cifar-dist summary`)
 PAPER_BATCH = 128  # the batch the paper's recipe was tuned at (configs/seed.yaml)
@@ -331,7 +332,8 @@ def run_plan(args) -> int:
         "independent one-GPU runs instead (a sweep)."
     )
     if args.json:
-        Path(args.json).write_text(
+        write_text_atomic(
+            args.json,
             json.dumps(
                 {
                     "images_per_s": images_per_s,
@@ -345,6 +347,6 @@ def run_plan(args) -> int:
                     "target_efficiency": TARGET,
                 },
                 indent=1,
-            )
+            ),
         )
     return 0

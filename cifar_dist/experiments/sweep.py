@@ -35,7 +35,7 @@ import torch
 from cifar_dist.config.loading import load_config
 from cifar_dist.errors import ConfigError, UserError
 from cifar_dist.experiments.compare import valid_accuracy
-from cifar_dist.storage.files import write_json_atomic
+from cifar_dist.storage.files import no_link, own_folder, write_json_atomic, write_text_atomic
 
 
 def read_sweep_file(path: Path) -> dict:
@@ -202,6 +202,7 @@ class Sweep:
         except OSError as e:
             raise UserError(f"{self.path}: cannot create the sweep directory ({e.strerror or e})") from None
         for m in self.members:  # a state is derived from the member's directory, never trusted from the file
+            no_link(self.member_dir(m))  # a member trains only in a folder of the sweep's own
             if finished_run(self.member_dir(m)):
                 m.state = "done"
             else:  # never finished, or failed: (re)run it
@@ -218,11 +219,10 @@ class Sweep:
 
     def write_array(self) -> int:
         """array/<index>.args for slurm/sweep.sh: slurm/train.sh's arguments, one per line."""
-        folder = self.path / "array"
-        folder.mkdir(exist_ok=True)
+        folder = own_folder(self.path / "array")
         for m in self.members:
             lines = [self.config or "", *m.overrides, f"run.out_dir={self.member_dir(m).resolve()}"]
-            (folder / f"{m.index}.args").write_text("\n".join(lines) + "\n")
+            write_text_atomic(folder / f"{m.index}.args", "\n".join(lines) + "\n")
         return len(self.members)
 
 
@@ -294,8 +294,7 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
     failed members and the signal that stopped the sweep (None if none did): then the running
     members were stopped with a checkpoint and stay pending, to be resumed by a re-run."""
     todo = [m for m in sweep.members if m.state == "pending"]
-    logs = sweep.path / "logs"
-    logs.mkdir(exist_ok=True)
+    logs = own_folder(sweep.path / "logs")
     free, total = _slots(parallel), len(sweep.members)
     running: dict[int, tuple] = {}  # member index -> (process, member, slot, start time, log file)
     done_before = total - len(todo)
@@ -311,7 +310,7 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
                     # a member under a Slurm allocation must never requeue the job: the sweep owns it
                     env = dict(os.environ, CIFAR_DIST_REQUEUE="0", **{k: v for k, v in slot.items() if k != "threads"})
                     threads = [f"run.threads={slot['threads']}"] if "threads" in slot and not user_threads else []
-                    log = open(logs / f"{m.name}.log", "a")
+                    log = open(no_link(logs / f"{m.name}.log"), "a")
                     cmd = [sys.executable, "-m", "cifar_dist.train", *sweep.train_args(m), *threads]
                     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
                     running[m.index] = (proc, m, slot, time.time(), log)

@@ -32,6 +32,7 @@ from cifar_dist.config.loading import load_config
 from cifar_dist.config.plugins import require_trust
 from cifar_dist.errors import CheckpointError, EnvironmentFault, say
 from cifar_dist.model.resnet import build_model
+from cifar_dist.storage.files import own_folder
 from cifar_dist.storage.state import TrainState, parse_state
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -71,6 +72,7 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
+        tmp.unlink(missing_ok=True)  # safetensors would write through a link of that name
         write_tensors(model.state_dict(), tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
@@ -107,6 +109,14 @@ def check_compatible(state: dict, own: dict, source) -> None:
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{source}: {k} has shape {tuple(state[k].shape)}, this model needs {tuple(v.shape)}")
+
+
+def _remove(path: Path) -> None:
+    """A checkpoint folder deleted; a link in its place is removed, never followed."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -302,9 +312,11 @@ class CheckpointWriter:
 
     def begin(self, step: int) -> Path:
         """A fresh temporary directory for the checkpoint of ``step`` (rank 0 calls this)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        own_folder(self.root)
         tmp = self.root / f".tmp-step_{step:08d}"
-        if tmp.exists():
+        if tmp.is_symlink():
+            tmp.unlink()
+        elif tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
         return tmp
@@ -330,16 +342,16 @@ class CheckpointWriter:
             if f.is_file():
                 _fsync_file(f)
         final = self.root / f"step_{step:08d}"
-        if final.exists():  # the same step saved again (e.g. after a resume)
+        if final.exists() or final.is_symlink():  # the same step saved again (e.g. after a resume)
             old = self.root / f".old-{final.name}-{time.time_ns()}"
             os.rename(final, old)
             os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.rename(tmp, final)
         _fsync_dir(self.root)
         for stale in list_checkpoints(self.root.parent)[: -self.keep]:
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
         return final
 
     def abort(self, tmp: Path) -> None:

@@ -4,6 +4,11 @@ Each file is written to a temporary name beside it, flushed to disk and renamed 
 target: a reader sees the old file or the new one, never a part. A failure (disk full,
 read-only or missing folder, a file where a folder belongs) is one EnvironmentFault line
 naming the file; the temporary file is removed.
+
+Nothing is written through a symbolic link inside the directory a user named (a run or sweep
+directory received from elsewhere could point one anywhere): the rename replaces a link at
+the target, the temporary file is created new (never opened through a link), and a folder
+cifar-dist makes there (``own_folder``) is refused when it is a link.
 """
 
 from __future__ import annotations
@@ -12,14 +17,44 @@ import json
 import os
 from pathlib import Path
 
-from cifar_dist.errors import EnvironmentFault
+from cifar_dist.errors import EnvironmentFault, UserError
+
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+
+
+def no_link(path) -> Path:
+    """``path``, refused in one line (exit 2) when it is a symbolic link."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UserError(f"{path}: a symbolic link; cifar-dist writes nothing through links (remove it)")
+    return path
+
+
+def own_folder(path) -> Path:
+    """A folder cifar-dist writes into inside one the user named (plots/, checkpoints/,
+    logs/, ...): made when missing, refused when it is a symbolic link."""
+    path = no_link(path)
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as e:
+        raise EnvironmentFault(f"{path}: cannot make the folder: {e.strerror or e}") from None
+    return path
+
+
+def create_new(path):
+    """``path`` opened for writing as a new file, after removing a link or file of that name:
+    a binary file object; never opened through a link."""
+    path = Path(path)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    return os.fdopen(os.open(path, _NEW, 0o644), "wb")
 
 
 def write_bytes_atomic(path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with create_new(tmp) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

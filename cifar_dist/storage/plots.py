@@ -12,7 +12,7 @@ from cifar_dist.data import train_images
 from cifar_dist.data.cifar import CLASSES
 from cifar_dist.errors import UserError
 from cifar_dist.model.optim import lr_at, schedule_steps
-from cifar_dist.storage.files import write_bytes_atomic
+from cifar_dist.storage.files import own_folder, write_bytes_atomic
 from cifar_dist.storage.metrics import read_metrics
 
 if TYPE_CHECKING:
@@ -146,8 +146,7 @@ def draw_run(run_dir: Path) -> list[Path]:
     rows = read_metrics(run_dir)
     if not rows:
         raise UserError(f"{run_dir}: no metrics.jsonl with any epoch; is this a run directory?")
-    out = run_dir / "plots"
-    out.mkdir(exist_ok=True)
+    out = own_folder(run_dir / "plots")
     cfg = _run_config(run_dir)
     name = f"{run_dir.name} ({cfg.name}, {cfg.model.name})" if cfg else run_dir.name
     made = [out / "loss.png", out / "accuracy.png"]

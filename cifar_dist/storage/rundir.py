@@ -19,7 +19,7 @@ from cifar_dist.config.overrides import override_text
 from cifar_dist.config.schema import Config, flatten_keys, result_free_keys, result_keys_in
 from cifar_dist.errors import RunDirError
 from cifar_dist.storage.checkpoint import latest_checkpoint, list_checkpoints
-from cifar_dist.storage.files import write_text_atomic
+from cifar_dist.storage.files import no_link, write_text_atomic
 from cifar_dist.storage.metrics import read_metrics
 
 # Keys that may change between a run and its resumption: those that do not change the result
@@ -27,6 +27,10 @@ from cifar_dist.storage.metrics import read_metrics
 # cut short) and the final evaluation's TTA (it comes after the last step; config_changes keeps it
 # fixed when every epoch is evaluated with it).
 RESUMABLE_CHANGES = result_free_keys() | {"train.max_steps", "eval.tta"}
+
+
+# The folders a run writes into inside its directory: a link in their place is refused.
+RUN_FOLDERS = ("checkpoints", "plots", "profile", "tensorboard", "trackers", "mlflow", "wandb")
 
 
 def default_run_dir(name: str) -> Path:
@@ -88,6 +92,8 @@ class RunDir:
             raise RunDirError(f"{self.path}: cannot create the run directory ({e.strerror or e})") from None
         self._lock()
         try:
+            for folder in RUN_FOLDERS:  # refused now, not after training
+                no_link(self.path / folder)
             return self._use(config, resume, overwrite)
         except BaseException:
             self._unlock()
@@ -152,8 +158,11 @@ class RunDir:
         return not self.path.exists()
 
     def _lock(self) -> None:
+        lock = self.path / ".lock"
         try:
-            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            if lock.is_symlink():  # never opened through a link: a new file of our own replaces it
+                lock.unlink()
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:
             raise RunDirError(f"{self.path}: cannot write in the run directory ({e.strerror or e})") from None
         try:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from cifar_dist.config.plugins import import_object, is_spec
 from cifar_dist.errors import ConfigError
-from cifar_dist.storage.files import write_json_atomic
+from cifar_dist.storage.files import no_link, write_json_atomic
 
 # Accelerate's tracker names and the module each needs (and its pip name where it differs).
 PACKAGES = {
@@ -138,6 +138,9 @@ class Trackers:
         run_dir = Path(run_dir)
         if not names:
             return cls([], [])
+        for folder in {"trackers", *names}:  # where they write: never through a link
+            if not is_spec(folder):
+                no_link(run_dir / folder)
         first = not (run_dir / LEDGER).exists()
         ledger = {} if first else _read_ledger(run_dir / LEDGER)
         made = [_make(name, run_dir, project, ledger, None if first else step) for name in names]

@@ -226,10 +226,10 @@ class Trainer:
             parts.metrics.log(row)
         print0(epoch_line(row))
         parts.callbacks.on_epoch_end(row)  # may end the run (run.request_stop())
-        ending = self.stop_reason is not None
-        partial = None
-        if ending and not self.preempted:
-            state.ended = self.stop_reason.value
+        reason = self.stop_reason
+        ending, partial = reason is not None, None
+        if reason is not None and not reason.preempts:
+            state.ended = reason.value
             if not complete:  # the epoch's sums, for a run extended later (train.max_steps)
                 partial = epoch.totals.over_ranks()
         parts.checkpointer.maybe_save_at_epoch_end(parts, state, complete, ending=ending, partial=partial)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, record_function
 
 from cifar_dist.distributed.collectives import print0, world_info
-from cifar_dist.storage.files import write_json_atomic
+from cifar_dist.storage.files import create_new, own_folder, write_json_atomic, write_text_atomic
 
 # The ranges of one step, in the order they run; profile_summary.json gives each one's share.
 RANGES = ("data", "forward+loss", "backward", "optimizer", "control")
@@ -91,7 +91,8 @@ class Window:
             schedule=torch.profiler.schedule(wait=0, warmup=1, active=self.steps, repeat=1),
             on_trace_ready=self._write,
         )
-        self.dir.mkdir(parents=True, exist_ok=True)
+        own_folder(self.dir.parent)
+        own_folder(self.dir)
         prof.start()
         self.prof = prof
         _recording = True
@@ -126,16 +127,18 @@ class Window:
         recorded = max(self.done - 1, 0)
         rank = self.rank
         trace = self.dir / f"rank{rank}.pt.trace.json"
+        trace.unlink(missing_ok=True)  # never written through a link of that name
         prof.export_chrome_trace(str(trace))
-        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+        with open(trace, "rb") as src, create_new(f"{trace}.gz") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as dst:
             shutil.copyfileobj(src, dst)
         trace.unlink()
         sort = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=TABLE_ROWS)
-        (self.dir / f"ops_rank{rank}.txt").write_text(table + "\n")
+        write_text_atomic(self.dir / f"ops_rank{rank}.txt", table + "\n")
         figures = summarize(prof, recorded)
         if self.cuda:
             snapshot = self.dir / f"memory_snapshot_rank{rank}.pickle"
+            snapshot.unlink(missing_ok=True)  # never written through a link of that name
             torch.cuda.memory._dump_snapshot(str(snapshot))
             figures["memory_snapshot"] = snapshot.name
         else:

@@ -27,7 +27,7 @@ from cifar_dist.runtime.provenance import device_name, git_sha, versions
 from cifar_dist.runtime.seeding import apply_tf32, set_determinism
 from cifar_dist.storage import plots
 from cifar_dist.storage.checkpoint import list_checkpoints, save_weights
-from cifar_dist.storage.files import write_json_atomic
+from cifar_dist.storage.files import write_json_atomic, write_text_atomic
 from cifar_dist.storage.metrics import MetricsLog
 from cifar_dist.storage.rundir import RunDir, default_run_dir, save_config
 from cifar_dist.storage.state import TrainState
@@ -35,7 +35,6 @@ from cifar_dist.storage.trackers import Trackers, tracker_places
 from cifar_dist.trainer import build
 from cifar_dist.trainer.callbacks import Callbacks, StopAtTarget, time_to_target
 from cifar_dist.trainer.loop import Trainer
-from cifar_dist.trainer.stopping import StopRequest
 from cifar_dist.trainer.progress import (
     EstimatedTime,
     long_cpu_run_warning,
@@ -43,6 +42,7 @@ from cifar_dist.trainer.progress import (
     seconds_per_image,
     write_line,
 )
+from cifar_dist.trainer.stopping import StopRequest
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, user_callbacks=()) -> int:
@@ -354,7 +354,7 @@ def _after_preemption(run_dir: Path, rank: int) -> None:
     The requeue comes after the barrier, as it ends every process of the job.
     """
     if rank == 0:
-        (run_dir / "PREEMPTED").write_text(str(time.time()))
+        write_text_atomic(run_dir / "PREEMPTED", str(time.time()))
     barrier()
     if rank != 0:
         return
