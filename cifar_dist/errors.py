@@ -96,6 +96,15 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None, 
         say(f"cifar-dist: {rank}warning from {os.path.basename(str(filename))}:{lineno}: {category.__name__}: {text}")
 
 
+def _out_of_memory(e: Exception) -> bool:
+    """A device or host allocation that failed (torch.OutOfMemoryError, or the RuntimeError of
+    a CPU allocator: "DefaultCPUAllocator: not enough memory")."""
+    if type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("not enough memory" in text or "out of memory" in text.lower())
+
+
 def guarded(fn, args, rank_prefix: Callable[[], str] = lambda: "") -> int:
     """Run the command ``fn(args)``: user errors and environment faults become one line
     and an exit code (2 and 1); a bug names the rank and shows its traceback. ``rank_prefix``
@@ -117,7 +126,24 @@ def guarded(fn, args, rank_prefix: Callable[[], str] = lambda: "") -> int:
         fail(str(e), e.exit_code, rank_prefix())
     except KeyboardInterrupt:
         fail("interrupted", 130, rank_prefix())
+    except MemoryError:
+        fail(
+            "out of memory (host): a smaller model or batch (train.batch_size, train.accum_steps) fits",
+            1,
+            rank_prefix(),
+        )
+    except BrokenPipeError:  # the reader of stdout left (`cifar-dist plan | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a program that SIGPIPE ended
     except Exception as e:
-        say(f"cifar-dist: {rank_prefix()}crashed: {type(e).__name__}: {e}")
-        raise
+        if _out_of_memory(e):
+            fail(
+                f"out of memory: {str(e).splitlines()[0][:160]}; a smaller model or batch "
+                "(train.batch_size, train.accum_steps) fits",
+                1,
+                rank_prefix(),
+            )
+        else:
+            say(f"cifar-dist: {rank_prefix()}crashed: {type(e).__name__}: {e}")
+            raise
     return 1

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from cifar_dist.config.loading import load_config
+from cifar_dist.config.numbers import OneLineParser
 from cifar_dist.config.overrides import parse_with_overrides
 from cifar_dist.distributed.launcher import env_rank, rank_prefix, using_deepspeed
 from cifar_dist.errors import ConfigError, RunDirError, guarded, say
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     tune_malloc()
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="python -m cifar_dist.train",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

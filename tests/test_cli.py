@@ -424,3 +424,110 @@ def test_sweep_members_get_one_directory_per_value_and_a_damaged_sweep_file_is_n
         f"cifar-dist: {out / 'sweep.json'}: not a sweep file (config, members with name and overrides); remove it "
         "to plan the sweep again"
     )
+
+
+NUMBERS = {  # each numeric option of bench and plan, and values none of them can use
+    ("bench", "--steps"): ["0", "-1", "nan", "2.5"],
+    ("bench", "--warmup"): ["-1", "inf"],
+    ("bench", "--repeats"): ["0", "-3"],
+    ("bench", "--batch-sizes"): ["0", "-4", "64,0", ","],
+    ("bench", "--workers"): ["-1"],
+    ("plan", "--images-per-s"): ["0", "-5", "nan", "inf", "-inf"],
+    ("plan", "--batch"): ["0", "-1"],
+    ("plan", "--params"): ["0"],
+    ("plan", "--reduce-bytes"): ["0", "-2"],
+    ("plan", "--gpus"): ["0,2", "-1", ",", "two"],
+    ("plan", "--overlap"): ["1.5", "-0.1", "nan"],
+}
+
+
+@pytest.mark.parametrize("command, option", list(NUMBERS))
+def test_every_numeric_argument_refuses_what_no_command_can_use_in_one_line(command, option, tmp_path):
+    """Zero, negative, NaN, infinity, a fraction where a count is meant, an empty list: one
+    line naming the option and the value, exit 2, before anything runs or is written."""
+    for value in NUMBERS[command, option]:
+        res = cli_here(command, f"{option}={value}", "--out" if command == "bench" else "--json", tmp_path / "out")
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, (value, res.stderr)
+        assert lines[0].startswith(f"cifar-dist: {command}: argument {option}: expected ")
+        assert any(repr(part) in lines[0] for part in [value, *value.split(",")])  # the value, or its bad item
+        assert not (tmp_path / "out").exists()
+
+
+def test_an_output_file_whose_folder_is_missing_or_that_is_a_folder_is_one_line(tmp_path):
+    for path, line in [
+        (
+            tmp_path / "no" / "plan.json",
+            f"--json {tmp_path / 'no' / 'plan.json'}: folder {tmp_path / 'no'} does not exist",
+        ),
+        (tmp_path, f"--json {tmp_path}: is a directory; name a file"),
+    ]:
+        res = cli_here("plan", "--json", path)
+        assert res.returncode == 2 and res.stderr.strip() == f"cifar-dist: {line}"
+
+
+def test_a_damaged_archive_is_one_line_naming_it(tmp_path):
+    """prepare --from-archive with a cut-off gzip, a folder, labels that are not numbers and
+    an image that is not one: DataError, exit 2, one line."""
+    import io
+    import tarfile
+
+    def archive(name, files):
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as tar:
+            for member, data in files.items():
+                info = tarfile.TarInfo(f"cifar/{member}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return path
+
+    labels = b"0\n" * 50_000
+    whole = archive("whole.tar.gz", {"train_labels.txt": labels, "test_labels.txt": b"0\n" * 10_000})
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole.read_bytes()[:200])
+    cases = [
+        (cut, "cannot read the archive"),
+        (tmp_path, "cannot read the archive"),
+        (archive("words.tar.gz", {"train_labels.txt": b"cat\n" * 5}), "train_labels.txt: expected whole-number labels"),
+        (
+            archive("notjpeg.tar.gz", {"train_labels.txt": labels, "train/airplane/0000.jpg": b"not a jpeg"}),
+            "train/airplane/0000.jpg: not a readable image",
+        ),
+    ]
+    for path, fragment in cases:
+        res = cli_here("prepare", "--from-archive", path, "--root", tmp_path / "root")
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and fragment in lines[0], res.stderr
+
+
+def test_an_unknown_command_or_option_is_one_line():
+    for argv, fragment in [
+        (["nosuchcmd"], "argument command: invalid choice: 'nosuchcmd'"),
+        (["plan", "--nosuch"], "unrecognized arguments: --nosuch"),
+        (["bench", "--steps"], "argument --steps: expected one argument"),
+    ]:
+        res = cli_here(*argv)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and fragment in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda: __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        lambda: RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 61 GB."),
+        lambda: MemoryError(),
+    ],
+)
+def test_running_out_of_memory_is_one_line_and_exit_1(error, capsys):
+    """A model or batch too large for the device or the host: one line naming it and what to
+    shrink, exit 1, no traceback (a real allocation that large could bring the test machine down)."""
+    from cifar_dist.errors import guarded
+
+    def command(args):
+        raise error()
+
+    with pytest.raises(SystemExit) as stop:
+        guarded(command, None)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 1 and len(lines) == 1
+    assert lines[0].startswith("cifar-dist: out of memory") and "train.batch_size" in lines[0]

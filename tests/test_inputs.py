@@ -16,7 +16,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import REF_ARGS, SMOKE, assert_refused_by_its_ranks, cli, rewind, torchrun
+from conftest import FAULT_ARG, REF_ARGS, SMOKE, assert_refused_by_its_ranks, cli, fault_env, rewind, torchrun
 from helpers import _Payload, fake_cifar
 
 pytestmark = pytest.mark.slow
@@ -257,3 +257,42 @@ def test_nothing_is_written_through_a_symbolic_link_in_a_run_or_sweep_directory(
         link.symlink_to(victim)
         write(link)
         assert not link.is_symlink() and victim.read_text() == "the user's own file\n"
+
+
+def test_a_folder_where_a_run_writes_a_file_is_refused_before_training(reference, tmp_path):
+    for name in ("summary.json", "metrics.jsonl", "model.safetensors"):
+        out = rewind(reference, tmp_path / name, step=36)
+        (out / name).unlink(missing_ok=True)
+        (out / name).mkdir()
+        before = _snapshot(out)
+        line = _one_line(cli("train", "--out", out, "--resume", check=False))
+        assert line == f"cifar-dist: {out / name}: a folder where the run writes a file; remove it"
+        assert _snapshot(out) == before  # nothing trained, nothing written
+
+
+def test_a_failure_before_the_first_checkpoint_leaves_no_half_run_behind(tmp_path):
+    """A NaN at step 0 of a fresh run (found at the first control read, before any checkpoint):
+    exit 1, one line that says the directory it made is gone, so the same --out starts again."""
+    out = tmp_path / "run"
+    res = cli("train", "--config", SMOKE, "--out", out, *STEPS, FAULT_ARG, env=fault_env("nan@0"), check=False)
+    assert res.returncode == 1, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("cifar-dist: ") and last.endswith(f"; nothing to keep, {out} removed"), last
+    assert not out.exists()
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`cifar-dist plan | head -1`: no traceback, the exit status of a program SIGPIPE ended."""
+    import subprocess
+
+    from conftest import BIN
+
+    res = subprocess.run(
+        f"{BIN / 'cifar-dist'} plan --gpus 8,16,32,64,128,256,512 | head -c 10 >/dev/null; echo ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.stderr == "" and res.stdout.strip() in ("0", "141"), res.stderr

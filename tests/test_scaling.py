@@ -168,11 +168,17 @@ def test_plan_defaults_print_every_preset_and_gpu_count(tmp_path, capsys):
     assert len(plan["rows"]) == 12 and plan["batch"] == 512 and set(plan["largest_efficient"]) == set(PRESETS)
 
 
-def test_plan_refuses_bad_input():
+def test_plan_refuses_bad_input(tmp_path):
+    """Bad numbers are refused as the arguments are read (test_cli.py has every option); a
+    bench.json whose numbers no plan can use, when it is read."""
+    for argv in (("--gpus", "8,x"), ("--overlap", "1.5"), ("--images-per-s", "nan")):
+        with pytest.raises(SystemExit):
+            _parse(*argv)
+    bench = tmp_path / "bench.json"
+    row = {"label": "r", "baseline": False, "images_per_s_per_device": -3.0, "settings": {"batch": 256}}
+    bench.write_text(json.dumps({"hardware": {"parameters": 10, "device_type": "cuda"}, "rows": [row]}))
     with pytest.raises(UserError):
-        run_plan(_parse("--gpus", "8,x"))
-    with pytest.raises(UserError):
-        run_plan(_parse("--overlap", "1.5"))
+        run_plan(_parse("--bench", str(bench)))
 
 
 def test_plan_takes_the_benched_models_parameters_and_device(tmp_path, capsys):

@@ -165,6 +165,35 @@ def test_plan_only_writes_the_slurm_array_and_refuses_a_different_sweep_in_the_s
     assert res.returncode == 2 and "holds a different sweep" in res.stderr
 
 
+def test_a_sweep_killed_with_sigkill_leaves_no_member_training_and_its_rerun_finishes(sequential, spawn, tmp_path):
+    """SIGKILL to a --parallel 2 sweep whose members hold at step 15: the members, in sessions
+    of their own, get SIGTERM as their parent dies, checkpoint and exit (no orphan trains on);
+    the same command run again at once waits for any member still stopping instead of calling
+    it failed, and finishes with the sequential sweep's weights."""
+    import signal
+
+    import psutil
+
+    from conftest import FAULT_ARG, fault_env
+
+    out = tmp_path / "killed"
+    cmd = parallel_sweep(out, FAULT_ARG)
+    proc = spawn(cmd, env=fault_env("wait@15"))
+    deadline = time.time() + 600
+    while sum("waiting for a stop request" in p.read_text() for p in (out / "logs").glob("*.log")) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    members = [c for c in psutil.Process(proc.pid).children() if "cifar_dist.train" in " ".join(c.cmdline())]
+    assert len(members) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    res = run(cmd, env=fault_env(""))  # at once: the old members may still be writing their checkpoints
+    assert "4 of 4 members done, 0 failed" in res.stdout, res.stdout
+    assert not any(m.is_running() and m.status() != psutil.STATUS_ZOMBIE for m in members)
+    for name in NAMES:
+        assert weights(out / name) == weights(sequential[0] / name), name
+
+
 def test_sigterm_to_a_parallel_sweep_stops_its_members_with_a_checkpoint_and_a_rerun_finishes(
     sequential, spawn, tmp_path
 ):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from cifar_dist.bench.args import add_bench_arguments
+from cifar_dist.config.numbers import OneLineParser
 from cifar_dist.config.overrides import parse_with_overrides
 from cifar_dist.distributed.launcher import rank_prefix
 from cifar_dist.errors import guarded
@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     from cifar_dist.bench import run  # the training stack: heavy, after the arguments are read
 
     tune_malloc()
-    ap = argparse.ArgumentParser(prog="python -m cifar_dist.bench", description=run.__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m cifar_dist.bench", description=run.__doc__.split("\n\n")[0])
     add_bench_arguments(ap)
     return guarded(run.run_bench, parse_with_overrides(ap, argv), rank_prefix)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cifar_dist.config.numbers import count
+
 
 def _list(kind):
     def parse(text: str):
@@ -14,9 +16,12 @@ def _list(kind):
                 raise argparse.ArgumentTypeError(f"expected on/off values, got {text!r}")
             return [table[i] for i in items]
         try:
-            return [kind(i) for i in items]
+            values = [kind(i) for i in items]
         except ValueError:
             raise argparse.ArgumentTypeError(f"cannot read {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one value, got {text!r}")
+        return values
 
     return parse
 
@@ -34,7 +39,7 @@ def add_bench_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--precision", type=_list(str), default=["fp32"], metavar="fp32,bf16,fp16")
     ap.add_argument("--channels-last", type=_list(bool), default=[False], metavar="off,on")
     ap.add_argument(
-        "--batch-sizes", type=_list(int), default=[128], metavar="128,256", help="images per device per step"
+        "--batch-sizes", type=_list(count(1)), default=[128], metavar="128,256", help="images per device per step"
     )
     ap.add_argument(
         "--loaders",
@@ -45,14 +50,14 @@ def add_bench_arguments(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument(
         "--workers",
-        type=_list(int),
+        type=_list(count(0)),
         default=None,
         metavar="0,2",
         help="loader workers (default: data.workers of the config)",
     )
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are reported")
+    ap.add_argument("--warmup", type=count(0), default=3, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--steps", type=count(1), default=10, help="timed steps per repeat")
+    ap.add_argument("--repeats", type=count(1), default=3, help="timed repeats; medians are reported")
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch baseline")
     ap.add_argument(
         "--profile",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import cifar_dist
+from cifar_dist.config.numbers import OneLineParser
 from cifar_dist.config.overrides import parse_with_overrides
 from cifar_dist.distributed.launcher import rank_prefix
 from cifar_dist.errors import guarded
@@ -187,7 +188,7 @@ def _command(sub, name: str, help: str, add_arguments, module: str, function: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cifar-dist", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="cifar-dist", description=__doc__.split("\n\n")[0])
     ap.add_argument("--version", action="version", version=f"cifar-dist {cifar_dist.__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 

@@ -23,6 +23,9 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 MAX_INT = 2**63 - 1  # the largest integer any key takes (int64), unless the key says less
 
 
+FLOAT32_MAX = 3.4e38  # a float key without a bound of its own stays below float32's largest value
+
+
 def _f(
     default,
     help,
@@ -42,6 +45,8 @@ def _f(
     so a resumed run may change it and ``compare`` groups runs that differ in it. ``registry``:
     the names the key accepts, with ``also`` (e.g. "auto") and, with ``specs``, user code as
     ``package.module:name``; ``aliases``: values read as others (``{True: "flip"}``)."""
+    if max is None and isinstance(default, float):  # what the float32 tensors it becomes can hold
+        max = FLOAT32_MAX
     meta = {
         "help": help,
         "min": min,

@@ -16,6 +16,7 @@ import io
 import os
 import pickle
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +38,17 @@ def _members(archive: Path) -> dict[str, bytes]:
                     name = m.name.split("/", 1)[1] if "/" in m.name else m.name
                     out[name] = f.read()
             return out
-    except (OSError, tarfile.TarError) as e:
-        raise DataError(f"{archive}: cannot read the archive: {e}") from None
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as e:  # missing, a folder, cut short, damaged
+        raise DataError(f"{archive}: cannot read the archive: {str(e) or type(e).__name__}") from None
 
 
 def _labels(members: dict, name: str, archive: Path) -> list[int]:
     if name not in members:
         raise DataError(f"{archive}: no {name}; expected a CIFAR-10 JPEG archive")
-    labels = [int(v) for v in members[name].split()]
+    try:
+        labels = [int(v) for v in members[name].split()]
+    except ValueError:
+        raise DataError(f"{archive}: {name}: expected whole-number labels") from None
     if any(not 0 <= v < len(CLASSES) for v in labels):
         raise DataError(f"{archive}: {name}: labels must be 0..9")
     return labels
@@ -60,7 +64,10 @@ def _images(members: dict, split: str, labels: list[int], archive: Path) -> np.n
         path = f"{split}/{CLASSES[c]}/{taken[c]:04d}.jpg"
         if path not in members:
             raise DataError(f"{archive}: {path} missing (the labels name more images than the archive holds)")
-        image = np.asarray(Image.open(io.BytesIO(members[path])).convert("RGB"), np.uint8)
+        try:
+            image = np.asarray(Image.open(io.BytesIO(members[path])).convert("RGB"), np.uint8)
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for a damaged image
+            raise DataError(f"{archive}: {path}: not a readable image ({type(e).__name__})") from None
         if image.shape != (32, 32, 3):
             raise DataError(f"{archive}: {path}: expected 32 x 32 pixels, got {image.shape[1]} x {image.shape[0]}")
         rows[i] = image.transpose(2, 0, 1).reshape(-1)

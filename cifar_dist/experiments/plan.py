@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from cifar_dist.config.numbers import count, real
 from cifar_dist.errors import UserError
-from cifar_dist.storage.files import write_text_atomic
+from cifar_dist.storage.files import no_missing_folder, write_text_atomic
 
 PAPER_PARAMS = 4_916_284  # the paper's modified ResNet (`cifar-dist summary`)
 PAPER_BATCH = 128  # the batch the paper's recipe was tuned at (configs/seed.yaml)
@@ -243,25 +244,34 @@ def format_table(rows: list[dict], overlap: float) -> str:
     return "\n".join(lines)
 
 
+def _gpu_counts(text: str) -> list[int]:
+    """--gpus: comma-separated whole numbers >= 1."""
+    one = count(1)
+    counts = [one(t) for t in str(text).split(",") if t.strip()]
+    if not counts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU counts, got {text!r}")
+    return counts
+
+
 def add_plan_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of `cifar-dist plan`."""
     ap.add_argument(
         "--images-per-s",
-        type=float,
+        type=real(0),
         help="measured single-GPU training images/s at --batch "
         f"(default: {ASSUMED_IMAGES_PER_S:,.0f}, an assumption for the paper's model on an H100-class GPU)",
     )
     ap.add_argument("--bench", metavar="PATH", help="take images/s and batch from a bench.json (its fastest row)")
-    ap.add_argument("--batch", type=int, help="per-GPU batch (default 512, or the --bench row's)")
+    ap.add_argument("--batch", type=count(1), help="per-GPU batch (default 512, or the --bench row's)")
     ap.add_argument(
-        "--params", type=int, help="parameters (default: the benched model's with --bench, else the paper's model)"
+        "--params", type=count(1), help="parameters (default: the benched model's with --bench, else the paper's model)"
     )
-    ap.add_argument("--reduce-bytes", type=int, default=4, help="bytes per gradient element (4 fp32, 2 bf16)")
-    ap.add_argument("--gpus", default="8,16,64,256", help="comma-separated GPU counts")
+    ap.add_argument("--reduce-bytes", type=count(1), default=4, help="bytes per gradient element (4 fp32, 2 bf16)")
+    ap.add_argument("--gpus", type=_gpu_counts, default="8,16,64,256", help="comma-separated GPU counts")
     ap.add_argument("--interconnect", default="all", choices=[*PRESETS, "all"])
     ap.add_argument(
         "--overlap",
-        type=float,
+        type=real(0, 1, low_open=False),
         help="share of the compute that hides the all-reduce "
         "(default 2/3, the backward pass; the no-overlap column is always shown)",
     )
@@ -287,12 +297,11 @@ def run_plan(args) -> int:
         source = "an ASSUMPTION for the paper's model on an H100-class GPU, not a measurement"
     batch = batch or 512
     overlap = BACKWARD_SHARE if args.overlap is None else args.overlap
-    try:
-        gpus = [int(g) for g in str(args.gpus).split(",")]
-    except ValueError as e:
-        raise UserError(f"--gpus {args.gpus}: expected comma-separated integers") from e
-    if images_per_s <= 0 or batch <= 0 or params <= 0 or min(gpus) < 1 or not 0 <= overlap <= 1:
-        raise UserError("plan: images/s, --batch, --params and --gpus must be positive, --overlap within [0, 1]")
+    gpus = args.gpus if isinstance(args.gpus, list) else _gpu_counts(args.gpus)
+    if not (math.isfinite(images_per_s) and images_per_s > 0 and batch > 0 and params > 0):  # a bench.json's
+        raise UserError(f"{args.bench}: its images/s, batch or parameters are not positive numbers")
+    if args.json:
+        no_missing_folder(args.json, "--json")
     links = list(PRESETS.values()) if args.interconnect == "all" else [PRESETS[args.interconnect]]
     nbytes = params * args.reduce_bytes
     rows = [plan_point(link, n, images_per_s, batch, nbytes, overlap) for link in links for n in gpus]

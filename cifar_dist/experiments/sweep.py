@@ -36,6 +36,7 @@ from cifar_dist.config.loading import load_config
 from cifar_dist.errors import ConfigError, UserError
 from cifar_dist.experiments.compare import valid_accuracy
 from cifar_dist.storage.files import no_link, own_folder, write_json_atomic, write_text_atomic
+from cifar_dist.storage.rundir import lock_holder
 
 
 def read_sweep_file(path: Path) -> dict:
@@ -310,9 +311,17 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
                     # a member under a Slurm allocation must never requeue the job: the sweep owns it
                     env = dict(os.environ, CIFAR_DIST_REQUEUE="0", **{k: v for k, v in slot.items() if k != "threads"})
                     threads = [f"run.threads={slot['threads']}"] if "threads" in slot and not user_threads else []
+                    _wait_for_earlier_member(sweep.member_dir(m), m, signals)
                     log = open(no_link(logs / f"{m.name}.log"), "a")
                     cmd = [sys.executable, "-m", "cifar_dist.train", *sweep.train_args(m), *threads]
-                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                    proc = subprocess.Popen(
+                        cmd,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        start_new_session=True,
+                        preexec_fn=_stop_with_parent(os.getpid()),
+                    )
                     running[m.index] = (proc, m, slot, time.time(), log)
                     print(f"[{m.index + 1}/{total}] {m.name}: started", flush=True)
                 if signals.received is not None and not forwarded:
@@ -339,6 +348,41 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
             for proc, *_ in running.values():
                 proc.wait()
     return [m for m in sweep.members if m.state == "failed"], signals.received
+
+
+def _stop_with_parent(sweep_pid: int):
+    """For a member's process (apart from the terminal's process group, so that a Ctrl-C there
+    reaches the sweep alone): SIGTERM when the sweep dies, even by SIGKILL (Linux's parent-death
+    signal), so that no member trains on as an orphan; it checkpoints and exits as preempted,
+    and the sweep's re-run resumes it."""
+
+    def arm() -> None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: the sweep's own handlers are all there is
+            return
+        if os.getppid() != sweep_pid:  # the sweep died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+MEMBER_WAIT_S = 30 * 60  # the longest a re-run waits for a member of a dead sweep to let go
+
+
+def _wait_for_earlier_member(run_dir: Path, m: Member, signals) -> None:
+    """A member's directory still held by a process (a member of an earlier sweep that was
+    killed, stopping at its next checkpoint): wait for it rather than fail the member."""
+    holder = lock_holder(run_dir)
+    if holder is None:
+        return
+    print(f"{m.name}: {run_dir} is still held by pid {holder} (an earlier sweep's member); waiting", flush=True)
+    deadline = time.time() + MEMBER_WAIT_S
+    while lock_holder(run_dir) is not None and time.time() < deadline and signals.received is None:
+        time.sleep(0.5)
 
 
 def _record(sweep: Sweep, m: Member, code: int, started: float, logs: Path, stopped: bool, total: int) -> None:

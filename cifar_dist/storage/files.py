@@ -30,6 +30,16 @@ def no_link(path) -> Path:
     return path
 
 
+def no_missing_folder(path, option: str) -> Path:
+    """An output file a user named (``option``): its folder must exist and it must not be a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a directory; name a file")
+    if not path.parent.is_dir():
+        raise UserError(f"{option} {path}: folder {path.parent} does not exist")
+    return path
+
+
 def own_folder(path) -> Path:
     """A folder cifar-dist writes into inside one the user named (plots/, checkpoints/,
     logs/, ...): made when missing, refused when it is a symbolic link."""

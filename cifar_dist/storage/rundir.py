@@ -31,6 +31,34 @@ RESUMABLE_CHANGES = result_free_keys() | {"train.max_steps", "eval.tta"}
 
 # The folders a run writes into inside its directory: a link in their place is refused.
 RUN_FOLDERS = ("checkpoints", "plots", "profile", "tensorboard", "trackers", "mlflow", "wandb")
+# The files it writes there: a folder in their place is refused at the start, not after training.
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "model.safetensors",
+    "confusion_matrix.json",
+    "trackers.json",
+)
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid holding ``run_dir``'s lock (a run training there now), else None. Only looks:
+    the lock is taken for a moment and let go."""
+    lock = Path(run_dir) / ".lock"
+    if not lock.is_file() or lock.is_symlink():
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 64).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+    return None
 
 
 def default_run_dir(name: str) -> Path:
@@ -94,6 +122,9 @@ class RunDir:
         try:
             for folder in RUN_FOLDERS:  # refused now, not after training
                 no_link(self.path / folder)
+            for name in RUN_FILES:
+                if (self.path / name).is_dir():
+                    raise RunDirError(f"{self.path / name}: a folder where the run writes a file; remove it")
             return self._use(config, resume, overwrite)
         except BaseException:
             self._unlock()

@@ -20,7 +20,7 @@ from cifar_dist.config.schema import Config, flatten
 from cifar_dist.data import data_identity
 from cifar_dist.distributed.accelerator import is_deepspeed, make_accelerator
 from cifar_dist.distributed.collectives import barrier, print0, share_from_main, world_info
-from cifar_dist.errors import CheckpointError, Interrupted, say
+from cifar_dist.errors import CheckpointError, Interrupted, TrainingFault, say
 from cifar_dist.model.layer_table import count_flops
 from cifar_dist.model.resnet import count_parameters
 from cifar_dist.runtime.provenance import device_name, git_sha, versions
@@ -96,6 +96,10 @@ def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, 
         )
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop installed its handler
         raise _interrupted(rundir, rank, world) from None
+    except TrainingFault as e:  # before the first checkpoint, a run it created leaves nothing behind
+        if rank == 0 and rundir.discard_unstarted():
+            e.args = (f"{e}; nothing to keep, {rundir.path} removed",)
+        raise
 
 
 def _train(
