@@ -9,7 +9,7 @@ from cifar_dist.config.loading import load_config
 from cifar_dist.config.schema import Config, iter_fields
 from cifar_dist.errors import ConfigError
 
-from conftest import REPO, cli_here
+from conftest import REPO, SMOKE, cli_here
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -376,3 +376,19 @@ def test_eval_tta_keeps_true_and_false_as_aliases():
     assert load_config(None, ["eval.tta=true"]).eval.tta == "flip"
     assert load_config(None, ["eval.tta=false"]).eval.tta == "none"
     assert load_config(None, ["eval.tta=flip_translate"]).eval.tta == "flip_translate"
+
+
+def test_the_collective_timeout_is_a_key_that_reaches_the_process_group():
+    """run.collective_timeout_s (600 s unless set) is the timeout the Accelerator's process group
+    is started with; it is result-free (a resume may change it)."""
+    from datetime import timedelta
+
+    from cifar_dist.config.schema import result_free_keys
+    from cifar_dist.distributed.accelerator import make_accelerator
+
+    assert load_config(SMOKE, []).run.collective_timeout_s == 600
+    accelerator = make_accelerator(load_config(SMOKE, ["run.collective_timeout_s=42"]))
+    assert accelerator.init_handler.timeout == timedelta(seconds=42)
+    assert "run.collective_timeout_s" in result_free_keys()
+    with pytest.raises(ConfigError, match="run.collective_timeout_s"):
+        load_config(SMOKE, ["run.collective_timeout_s=0"])

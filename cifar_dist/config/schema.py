@@ -275,6 +275,14 @@ class RunConfig:
         True, "TF32 tensor cores for fp32 matrix products and convolutions on GPUs (off under run.deterministic)"
     )
     threads: int = _f(0, "CPU threads per process (0 = PyTorch's default)", min=0, max=4096, result=False)
+    collective_timeout_s: int = _f(
+        600,
+        "seconds a collective (and the process group's start) waits for every process before the job "
+        "fails naming it: long enough for the slowest rank's checkpoint write or evaluation",
+        min=1,
+        max=86_400,
+        result=False,
+    )
     trackers: list[str] = _f(
         ["tensorboard"],
         "experiment trackers, through Accelerate: tensorboard, wandb, mlflow, aim, clearml, dvclive, "

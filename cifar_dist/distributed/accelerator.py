@@ -59,8 +59,9 @@ def has_accelerator() -> bool:
     return bool(xpu is not None and xpu.is_available())
 
 
-def make_accelerator(cfg: Config, timeout_s: int = 600):
-    """The Accelerator for this run: DDP (or DeepSpeed when launched with its config)."""
+def make_accelerator(cfg: Config):
+    """The Accelerator for this run: DDP (or DeepSpeed when launched with its config); its
+    collectives wait ``run.collective_timeout_s`` for every process."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
@@ -69,6 +70,7 @@ def make_accelerator(cfg: Config, timeout_s: int = 600):
             "model.sync_bn: SyncBatchNorm only runs on GPUs; on CPU use "
             "model.bn_group for results independent of the process count"
         )
+    timeout_s = cfg.run.collective_timeout_s
     if torch.cuda.is_available():
         check_gpu_count(local_world_size(), torch.cuda.device_count())
     # Gradients live in DDP's buckets (no copy in and out of them each step). Buffers are not
