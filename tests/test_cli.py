@@ -531,3 +531,23 @@ def test_running_out_of_memory_is_one_line_and_exit_1(error, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 1 and len(lines) == 1
     assert lines[0].startswith("cifar-dist: out of memory") and "train.batch_size" in lines[0]
+
+
+def test_a_folder_whose_path_is_not_utf8_is_refused_at_the_start_in_one_line(tmp_path):
+    """A run, sweep, compare or bench folder named with bytes that are not UTF-8 (a file
+    system allows them; plots, trackers and summaries cannot name them): one line, exit 2,
+    before anything is trained or written, for every command that makes or reads one."""
+    import os
+
+    bad = tmp_path / os.fsdecode(b"run\xff")
+    line = f"cifar-dist: {tmp_path}/run\\udcff: the path is not valid UTF-8; choose a folder whose name is"
+    for argv in [
+        ("train", "--config", SMOKE, "--out", bad, *TINY),
+        ("sweep", "--config", SMOKE, "--out", bad, "--plan-only"),
+        ("compare", tmp_path, "--out", bad),
+        ("eval", "--checkpoint", bad),
+        ("plan", "--json", bad),
+    ]:
+        res = cli_here(*argv)
+        assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], (argv, res.stderr)
+    assert sorted(os.listdir(tmp_path)) == []

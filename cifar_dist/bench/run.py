@@ -45,7 +45,7 @@ from cifar_dist.model.resnet import build_model, count_parameters
 from cifar_dist.runtime.hardware import device_peak, mfu
 from cifar_dist.runtime.provenance import device_name, git_sha, versions
 from cifar_dist.runtime.seeding import apply_tf32
-from cifar_dist.storage.files import write_text_atomic
+from cifar_dist.storage.files import utf8_path, write_text_atomic
 
 
 def run_bench(args) -> int:
@@ -78,6 +78,7 @@ def run_bench(args) -> int:
         else share_from_main(lambda: Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
     )
     if rank == 0:
+        utf8_path(out.absolute())
         out.mkdir(parents=True, exist_ok=True)
     workers = args.workers or [base.data.workers]
     data = None

@@ -22,7 +22,7 @@ from cifar_dist.config.overrides import override_text
 from cifar_dist.config.schema import flatten_keys, result_free_keys, result_keys_in
 from cifar_dist.errors import UserError
 from cifar_dist.experiments import stats
-from cifar_dist.storage.files import write_text_atomic
+from cifar_dist.storage.files import utf8_path, write_text_atomic
 from cifar_dist.storage.metrics import read_metrics
 from cifar_dist.storage.plots import epoch_axis, pyplot, save_figure
 
@@ -403,6 +403,8 @@ def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
 def run_compare(args) -> int:
     """Compare the runs in ``args.dirs``; write compare.md/.json/.png to ``args.out``; print the Markdown.
     Returns 0; bad input raises UserError."""
+    if args.out:
+        utf8_path(Path(args.out).absolute())
     runs, unfinished = collect_runs(args.dirs)
     invalid = [{"dir": r["dir"], "reason": r["invalid"]} for r in runs if r["invalid"]]
     runs = [r for r in runs if not r["invalid"]]
@@ -430,6 +432,7 @@ def run_compare(args) -> int:
         out = Path(args.dirs[0])
     else:
         out = Path(f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    utf8_path(out.absolute())
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)

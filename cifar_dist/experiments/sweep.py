@@ -35,7 +35,7 @@ import torch
 from cifar_dist.config.loading import load_config
 from cifar_dist.errors import ConfigError, UserError
 from cifar_dist.experiments.compare import valid_accuracy
-from cifar_dist.storage.files import no_link, own_folder, write_json_atomic, write_text_atomic
+from cifar_dist.storage.files import no_link, own_folder, utf8_path, write_json_atomic, write_text_atomic
 from cifar_dist.storage.rundir import lock_holder
 
 
@@ -198,6 +198,7 @@ class Sweep:
                 raise UserError(f"{self.file}: holds a different sweep (config or grid); choose another --out")
             for m, old in zip(self.members, saved["members"]):
                 m.exit_code, m.wall_time_s = old.get("exit_code"), old.get("wall_time_s")
+        utf8_path(self.path.absolute())
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -32,7 +32,7 @@ from cifar_dist.config.loading import load_config
 from cifar_dist.config.plugins import require_trust
 from cifar_dist.errors import CheckpointError, EnvironmentFault, say
 from cifar_dist.model.resnet import build_model
-from cifar_dist.storage.files import own_folder
+from cifar_dist.storage.files import own_folder, utf8_path
 from cifar_dist.storage.state import TrainState, parse_state
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -154,6 +154,7 @@ def locate_weights(path) -> tuple[Path, Path, str]:
     (``checkpoints/step_N``) or a ``.safetensors`` file. Anything else is a CheckpointError
     naming the path."""
     path = Path(path)
+    utf8_path(path.absolute())
     if not path.exists():
         raise CheckpointError(f"{path}: not found")
     if path.is_file():

@@ -30,9 +30,21 @@ def no_link(path) -> Path:
     return path
 
 
+def utf8_path(path) -> Path:
+    """``path``, refused in one line (exit 2) when it is not valid UTF-8: a run, sweep or
+    output folder every later step (plots, trackers, summaries) can name."""
+    path = Path(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        raise UserError(f"{shown}: the path is not valid UTF-8; choose a folder whose name is") from None
+    return path
+
+
 def no_missing_folder(path, option: str) -> Path:
     """An output file a user named (``option``): its folder must exist and it must not be a folder."""
-    path = Path(path)
+    path = utf8_path(path)
     if path.is_dir():
         raise UserError(f"{option} {path}: is a directory; name a file")
     if not path.parent.is_dir():

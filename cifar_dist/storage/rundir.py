@@ -19,7 +19,7 @@ from cifar_dist.config.overrides import override_text
 from cifar_dist.config.schema import Config, flatten_keys, result_free_keys, result_keys_in
 from cifar_dist.errors import RunDirError
 from cifar_dist.storage.checkpoint import latest_checkpoint, list_checkpoints
-from cifar_dist.storage.files import no_link, write_text_atomic
+from cifar_dist.storage.files import no_link, utf8_path, write_text_atomic
 from cifar_dist.storage.metrics import read_metrics
 
 # Keys that may change between a run and its resumption: those that do not change the result
@@ -111,6 +111,7 @@ class RunDir:
         Every refusal leaves the directory as it was (bar its lock file)."""
         if resume and overwrite:
             raise RunDirError("--resume and --overwrite exclude each other")
+        utf8_path(self.path.absolute())
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{self.path}: exists and is not a directory; choose another --out")
         self.created = not self.has_content()
