@@ -8,7 +8,7 @@ DIR holds cifar-10-batches-py/. The recipe is the one the config trains (Keller 
 airbench94, arXiv 2404.00498): the 2x2 patch-whitening layer, three conv groups at 64/256/256,
 SGD with Nesterov momentum at batch 1024, BatchNorm biases at 64x the learning rate, label
 smoothing 0.2, alternating flip and translate-by-2 with reflect padding, Lookahead with a
-cubic ramp, flip-and-translate test-time augmentation. fp32 unless --bf16 (CPU autocast).
+cubic ramp, flip-and-translate test-time augmentation. fp32 unless --bf16 (CPU autocast); eager unless --compile.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=0, help="time this many steps only (0: the whole recipe)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only on CPUs with bf16 units)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the network (the first steps compile)")
     args = ap.parse_args()
 
     def autocast():
@@ -128,6 +129,7 @@ def main() -> None:
     lr, wd = 11.5 / 1024 / (1 + 1 / (1 - momentum)), 0.0153 / (1 + 1 / (1 - momentum))
     net = make_net()
     init_whitening(net[0], x_train[:5000])
+    forward = torch.compile(net) if args.compile else net
     norm_biases = [
         p for n, p in net.named_parameters() if p.requires_grad and isinstance(_owner(net, n), nn.BatchNorm2d)
     ]
@@ -170,7 +172,7 @@ def main() -> None:
             for g in opt.param_groups:
                 g["lr"] = lr * g["scale"] * factor(step)
             with autocast():
-                loss = F.cross_entropy(net(xb), y_train[idx], label_smoothing=0.2, reduction="sum")
+                loss = F.cross_entropy(forward(xb), y_train[idx], label_smoothing=0.2, reduction="sum")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -193,7 +193,8 @@ def _stopped(trainer: Trainer, rundir, rank: int, world: int) -> int:
         )
         rundir.close()
         return 130
-    print0(f"stopped by {why} at step {step}; checkpoint written, resume with --resume")
+    kept = "checkpoint written" if step else "nothing trained yet"  # stopped while it started up
+    print0(f"stopped by {why} at step {step}; {kept}, resume with --resume")
     _after_preemption(rundir.path, rank)
     return 0
 
