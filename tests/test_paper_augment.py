@@ -138,7 +138,7 @@ def test_jitter_applies_the_four_ops_in_each_images_keyed_order(monkeypatch, str
 
     The reference applies torchvision's ops to each image in that order at the drawn factors.
     torchvision's grayscale stands in for augment._gray, so that only draws and order are checked
-    here (the grayscale weights are the xfails above). The order matters even at the paper's s = 0.1:
+    here (the grayscale weights are tested above). The order matters even at the paper's s = 0.1:
     the same factors in reverse order change every image."""
     monkeypatch.setattr(augment, "_gray", lambda t: TF.rgb_to_grayscale(t))
     x = _images(len(INDEX))

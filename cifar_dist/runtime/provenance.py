@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -10,7 +11,10 @@ from pathlib import Path
 import torch
 
 
+@functools.cache
 def git_sha() -> str:
+    """The commit of the code this process runs: read once (a run asks at its start), so that a
+    commit made while a long run trains does not become its summary's."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(

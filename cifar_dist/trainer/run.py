@@ -62,6 +62,7 @@ def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, 
     set_determinism(cfg.run.deterministic, compiling=cfg.run.compile)
     apply_tf32(cfg.run)
     started = time.time()
+    git_sha()  # the code's commit as the run starts (summary.json's git_sha)
 
     accelerator = make_accelerator(cfg)
     rank, world = world_info()
