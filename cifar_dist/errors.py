@@ -97,9 +97,9 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None, 
 
 
 def _out_of_memory(e: Exception) -> bool:
-    """A device or host allocation that failed (torch.OutOfMemoryError, or the RuntimeError of
-    a CPU allocator: "DefaultCPUAllocator: not enough memory")."""
-    if type(e).__name__ == "OutOfMemoryError":
+    """A device or host allocation that failed (torch.OutOfMemoryError, Python's MemoryError, or
+    the RuntimeError of a CPU allocator: "DefaultCPUAllocator: not enough memory")."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return True
     text = str(e)
     return isinstance(e, RuntimeError) and ("not enough memory" in text or "out of memory" in text.lower())
@@ -126,19 +126,13 @@ def guarded(fn, args, rank_prefix: Callable[[], str] = lambda: "") -> int:
         fail(str(e), e.exit_code, rank_prefix())
     except KeyboardInterrupt:
         fail("interrupted", 130, rank_prefix())
-    except MemoryError:
-        fail(
-            "out of memory (host): a smaller model or batch (train.batch_size, train.accum_steps) fits",
-            1,
-            rank_prefix(),
-        )
     except BrokenPipeError:  # the reader of stdout left (`cifar-dist plan | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # as a program that SIGPIPE ended
     except Exception as e:
         if _out_of_memory(e):
             fail(
-                f"out of memory: {str(e).splitlines()[0][:160]}; a smaller model or batch "
+                f"out of memory: {(str(e) or 'host').splitlines()[0][:160]}; a smaller model or batch "
                 "(train.batch_size, train.accum_steps) fits",
                 1,
                 rank_prefix(),

@@ -432,7 +432,6 @@ def run_compare(args) -> int:
         out = Path(args.dirs[0])
     else:
         out = Path(f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    utf8_path(out.absolute())
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)

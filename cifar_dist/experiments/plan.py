@@ -297,7 +297,7 @@ def run_plan(args) -> int:
         source = "an ASSUMPTION for the paper's model on an H100-class GPU, not a measurement"
     batch = batch or 512
     overlap = BACKWARD_SHARE if args.overlap is None else args.overlap
-    gpus = args.gpus if isinstance(args.gpus, list) else _gpu_counts(args.gpus)
+    gpus = args.gpus  # a list: argparse applies _gpu_counts to the default too
     if not (math.isfinite(images_per_s) and images_per_s > 0 and batch > 0 and params > 0):  # a bench.json's
         raise UserError(f"{args.bench}: its images/s, batch or parameters are not positive numbers")
     if args.json:

@@ -315,10 +315,7 @@ class CheckpointWriter:
         """A fresh temporary directory for the checkpoint of ``step`` (rank 0 calls this)."""
         own_folder(self.root)
         tmp = self.root / f".tmp-step_{step:08d}"
-        if tmp.is_symlink():
-            tmp.unlink()
-        elif tmp.exists():
-            shutil.rmtree(tmp)
+        _remove(tmp)  # a write cut short, or a link of that name
         tmp.mkdir()
         return tmp
 
