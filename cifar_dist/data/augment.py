@@ -1,13 +1,7 @@
-"""The one augmentation definition every loader shares.
+"""The augmentation every loader shares, on uint8 [B, 3, 32, 32] batches.
 
-Every random decision is a pure function of (seed, epoch, global sample
-index, stream) (an alternating flip: of the sample's coin in epoch 0 and the
-epoch's parity): a counter-based integer hash, computed the same way on any
-device, never a generator whose state depends on the rank, the worker or the
-order in which batches are drawn. Crop, flip and cutout are pure indexing, so
-the torch, ffcv and gpu loaders deliver identical uint8 pixels.
-
-Batches are uint8 [B, 3, 32, 32] in and out.
+Every random decision is a counter-based hash of (seed, epoch, global sample index,
+stream), the same on any device and for any rank or worker (docs/data.md).
 """
 
 from __future__ import annotations
@@ -110,18 +104,16 @@ def augment(x: torch.Tensor, index: torch.Tensor, epoch: int, seed: int, spec: A
 
 
 def flips(index, epoch: int, seed: int, mode: str) -> torch.Tensor:
-    """Which samples are mirrored in ``epoch`` (bool, one per ``index``). random: a fresh coin per
-    (epoch, sample); alternating: the sample's coin of epoch 0, inverted in every odd epoch, so
-    each sample is mirrored in exactly one of any two consecutive epochs."""
+    """Which samples are mirrored in ``epoch`` (bool per ``index``); alternating inverts the
+    sample's epoch-0 coin in odd epochs."""
     if mode == "alternating":
         return rand_int(seed, 0, index, FLIP, 2).bool() ^ bool(epoch % 2)
     return rand_int(seed, epoch, index, FLIP, 2).bool()
 
 
 def random_crop(x, index, epoch, seed, pad: int, reflect: bool = False):
-    """torchvision's RandomCrop(32, padding=pad): offsets uniform in [0, 2*pad] of the image padded
-    by ``pad`` pixels, zeros or (``reflect``) the image mirrored at its border (airbench's
-    translate). Pure indexing: the same pixels on every device, for any dtype."""
+    """torchvision's RandomCrop(32, padding=pad), zero or (``reflect``) mirrored padding; pure
+    indexing, so the same pixels on every device."""
     b, c, h, w = x.shape
     dy = rand_int(seed, epoch, index, CROP_Y, 2 * pad + 1)
     dx = rand_int(seed, epoch, index, CROP_X, 2 * pad + 1)
@@ -135,8 +127,7 @@ def random_crop(x, index, epoch, seed, pad: int, reflect: bool = False):
 
 
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
-    """Coordinates mirrored at the border without repeating the edge (torch's 'reflect' padding),
-    for pads shorter than the image."""
+    """Coordinates mirrored at the border without repeating the edge (torch's 'reflect' padding)."""
     return (n - 1) - ((n - 1) - i.abs()).abs()
 
 

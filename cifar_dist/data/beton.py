@@ -1,11 +1,5 @@
-"""FFCV .beton files of CIFAR-10: written once (idempotent), verified before use.
-
-Each file stores raw RGB pixels (exact round trip), the label and the sample's
-index. ``manifest.json`` next to them records, per file, the sample count, a
-fingerprint of the images and labels it was written from, its size and its
-sha256; a file that does not match is reported, never read: FFCV reading a
-truncated or damaged file can crash or hang.
-"""
+"""FFCV .beton files of CIFAR-10 (raw pixels, label, sample index): written once, verified
+against ``manifest.json`` before use, since FFCV reading a damaged file can crash or hang."""
 
 from __future__ import annotations
 
@@ -29,11 +23,8 @@ FFCV_HELP = (
 
 
 def require_ffcv():
-    """Import FFCV, or say how to install it. Importing FFCV sets the calling thread's
-    torch threads to 1 (ffcv.pipeline.compiler, at import); the count is put back, or
-    training would run on one core and round differently from the other loaders
-    (FfcvLoader does the same after FFCV's Loader sets it again)."""
-
+    """Import FFCV, or say how to install it; restores torch's thread count, which FFCV's
+    import sets to 1 (docs/data.md)."""
     threads = torch.get_num_threads()
     try:
         import ffcv.loader  # noqa: F401

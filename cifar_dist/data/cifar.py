@@ -1,8 +1,7 @@
 """CIFAR-10 files: a safe reader for the torchvision layout, checks, and synthetic data.
 
-The batch files are pickles. Unpickling is restricted to what a CIFAR batch
-holds (a dict of numpy arrays, lists, ints and strings): any other global, such
-as ``os.system`` in a crafted file, is refused before it can run.
+The batch files are pickles; unpickling allows only the globals a CIFAR batch names, so a
+crafted file's ``os.system`` is refused before it runs.
 """
 
 from __future__ import annotations
@@ -116,8 +115,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def file_digest(path: Path, algorithm: str) -> str:
-    """Hex digest of a file, read in 4 MiB chunks (md5 of CIFAR batches, sha256 of .beton files);
-    computed once per file version (path, size, modification time)."""
+    """Hex digest of a file, cached per (path, size, modification time)."""
     st = Path(path).stat()
     return _digest(str(path), st.st_size, st.st_mtime_ns, algorithm)
 
@@ -133,15 +131,15 @@ def _digest(path: str, size: int, mtime_ns: int, algorithm: str) -> str:
 
 def check_md5(folder: Path, names, warn: bool = True) -> list[str]:
     """Names whose md5 differs from the official download's; warns once about them (``warn``)."""
-    differ = [n for n in names if n in MD5 and file_digest(folder / n, "md5") != MD5[n]]
-    if differ and warn:
+    mismatched = [n for n in names if n in MD5 and file_digest(folder / n, "md5") != MD5[n]]
+    if mismatched and warn:
         warnings.warn(
-            f"{folder}: {', '.join(differ)} differ from the official CIFAR-10 "
+            f"{folder}: {', '.join(mismatched)} differ from the official CIFAR-10 "
             "checksums: a rebuilt or modified copy, so accuracies on it are not the official "
             "files' (summary.json records which data a result is on)",
             stacklevel=2,
         )
-    return differ
+    return mismatched
 
 
 def missing_files_message(root: Path) -> str:
@@ -169,11 +167,8 @@ def load_cifar10(root: Path, train: bool, verify: bool = True) -> ImageSet:
 
 
 def synthetic_cifar(n: int, split_seed: int, num_classes: int = 10) -> ImageSet:
-    """Learnable random CIFAR-shaped data: a smooth colour template per class plus noise.
-
-    The templates are the same for every split (seed 0); ``split_seed``
-    draws the labels and the noise, so train and test differ.
-    """
+    """Learnable CIFAR-shaped data: a smooth colour template per class (seed 0) plus noise;
+    ``split_seed`` draws the labels and noise, so train and test differ."""
     templates = torch.rand(num_classes, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     templates = torch.nn.functional.interpolate(templates, size=32, mode="bilinear", align_corners=False)
     g = torch.Generator().manual_seed(split_seed)

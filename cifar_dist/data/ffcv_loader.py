@@ -1,11 +1,7 @@
-"""data.loader=ffcv: FFCV reads and decodes, our order and augmentation keep the run reproducible.
+"""data.loader=ffcv: FFCV reads and decodes in our sample order; our augmentation runs after.
 
-FFCV's own random operations are not reproducible even with a seed, so none
-is used. FFCV visits the samples in our order (a TraversalOrder that returns
-this rank's slice of the epoch's global permutation, from the resume step
-on), its JIT-compiled pipeline decodes raw pixels, labels and each sample's
-stored index, and the shared augmentation runs on the training device keyed
-by (seed, epoch, index), exactly as in the torch and gpu loaders.
+FFCV's own random operations are not reproducible even with a seed, so none is used; the
+stored index of each sample proves the order.
 """
 
 from __future__ import annotations
@@ -27,11 +23,8 @@ def _order_class():
     from ffcv.traversal_order.base import TraversalOrder
 
     class GlobalOrder(TraversalOrder):
-        """This rank's samples of an epoch, in the framework's global order.
-
-        FFCV 1.0.2 accepts a custom order only as an instance that it calls
-        with the loader, so the instance binds itself when called.
-        """
+        """This rank's samples of an epoch in the global order; binds itself when FFCV calls
+        it with the loader (FFCV 1.0.2 takes a custom order only as such an instance)."""
 
         def __init__(self, n: int, seed: int, shard: Shard):
             self.n, self.order_seed, self.shard = n, seed, shard
@@ -87,8 +80,7 @@ class FfcvLoader:
                 "index": [IntDecoder(), ToTensor(), Squeeze()],
             },
         )
-        # FFCV's Loader sets torch's threads to its worker count, in __init__ and in
-        # every __iter__: training would run on that many cores (and round differently).
+        # FFCV's Loader resets torch's threads in __init__ and every __iter__ (docs/data.md).
         self._threads = threads
         torch.set_num_threads(threads)
         if self._loader.reader.num_samples != self.n:
@@ -98,21 +90,21 @@ class FfcvLoader:
         self._order.start_step = start_step
         self._loader.next_epoch = epoch
         expected = self._order.sample_order(epoch)
-        micro, pos = [], 0
+        micro_batches, pos = [], 0
         batches = iter(self._loader)
         torch.set_num_threads(self._threads)
         for images, labels, index in batches:
             # FFCV recycles its output buffers: everything kept is copied.
             b = len(labels)
-            want = torch.from_numpy(expected[pos : pos + b].astype(np.int64))
+            expected_index = torch.from_numpy(expected[pos : pos + b].astype(np.int64))
             pos += b
             index = index.to(torch.int64, copy=True)
-            if not torch.equal(index, want):  # the stored index proves the order
+            if not torch.equal(index, expected_index):  # the stored index proves the order
                 raise DataError("ffcv loader: samples arrived out of order")
             x = images.permute(0, 3, 1, 2).contiguous().to(self.device, non_blocking=True)
             x = augment(x, index, epoch, self.seed, self.spec)
             y = labels.to(torch.int64, copy=True).to(self.device, non_blocking=True)
-            micro.append((x, y, index))
-            if len(micro) == self.shard.accum:
-                yield micro
-                micro = []
+            micro_batches.append((x, y, index))
+            if len(micro_batches) == self.shard.accum:
+                yield micro_batches
+                micro_batches = []

@@ -1,14 +1,6 @@
-"""CIFAR-10 from a JPEG archive: ``{train,test}/<class>/NNNN.jpg`` plus label-order files.
-
-Some machines have no route to the official download but carry a JPEG copy of
-CIFAR-10 (``cifar10-jpeg.tar.gz``: quality 75, lossy). This turns it into the
-standard ``cifar-10-batches-py`` layout the rest of the project reads. The
-training order follows ``train_labels.txt`` (image k is the next unused image
-of class ``train_labels[k]``), so the labels and order match the official
-files; the pixels do not (JPEG), and ``summary.json`` says so (md5 check).
-
-    cifar-dist prepare --root DATA --from-archive cifar10-jpeg.tar.gz
-"""
+"""``cifar-dist prepare --from-archive``: the ``cifar-10-batches-py`` layout from a JPEG copy
+(docs/data.md). Image k is the next unused image of class ``train_labels[k]``, so labels and
+order match the official files; the pixels do not."""
 
 from __future__ import annotations
 

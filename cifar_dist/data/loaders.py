@@ -1,9 +1,6 @@
 """Training loaders (torch DataLoader, device-resident) and the evaluation batches.
 
-A training loader yields, for each optimizer step, this process's list of
-micro-batches ``(images uint8 [b,3,32,32], labels, indices)`` on the training
-device. Which samples, and how each is augmented, follows from (seed, epoch,
-global index) alone (``sharding`` and ``augment``), so the loaders are
+Samples and augmentation follow from (seed, epoch, global index) alone, so the loaders are
 interchangeable and a resumed epoch continues at the exact next sample.
 """
 
@@ -72,11 +69,8 @@ class Loader(Protocol):
 
 
 class TorchLoader:
-    """torch DataLoader over host memory; augmentation runs in the workers.
-
-    One DataLoader serves every epoch, so its workers persist (no new processes each
-    epoch); its sampler is told the epoch and the first step before each pass. On a GPU
-    the batches come in pinned memory and are copied without blocking the host."""
+    """torch DataLoader over host memory, augmenting in its workers; one DataLoader serves
+    every epoch so the workers persist (its sampler is told each epoch and first step)."""
 
     name = "torch"
 
@@ -101,12 +95,12 @@ class TorchLoader:
 
     def iter_epoch(self, epoch: int, start_step: int = 0):
         self._keys.epoch, self._keys.start = epoch, start_step  # read in this process by the iterator
-        micro = []
+        micro_batches = []
         for x, y, idx in self._loader:
-            micro.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx))
-            if len(micro) == self.shard.accum:
-                yield micro
-                micro = []
+            micro_batches.append((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx))
+            if len(micro_batches) == self.shard.accum:
+                yield micro_batches
+                micro_batches = []
 
 
 class GpuLoader:
@@ -128,20 +122,17 @@ class GpuLoader:
     def iter_epoch(self, epoch: int, start_step: int = 0):
         order = epoch_order(self.seed, epoch, self.n).to(self.device)
         for step in range(start_step, self.steps_per_epoch):
-            micro = []
+            micro_batches = []
             for pos in self.shard.step_positions(step):
                 idx = order[pos]
                 x = augment(self.images[idx], idx, epoch, self.seed, self.spec)
-                micro.append((x, self.labels[idx], idx))
-            yield micro
+                micro_batches.append((x, self.labels[idx], idx))
+            yield micro_batches
 
 
 def eval_batches(data: ImageSet, rank: int, world: int, batch: int, device):
-    """This rank's share of ``data`` in fixed-size batches: (x uint8, y, valid).
-
-    The last batch is padded to ``batch`` (so a compiled model sees one shape);
-    ``valid`` says how many of its rows are real. Every sample is counted once.
-    """
+    """This rank's share of ``data`` as (x uint8, y, valid rows); the last batch is padded to
+    ``batch`` so a compiled model sees one shape."""
     start, stop = eval_range(len(data), rank, world)
     for s in range(start, stop, batch):
         e = min(s + batch, stop)
@@ -156,7 +147,7 @@ def eval_batches(data: ImageSet, rank: int, world: int, batch: int, device):
 
 @functools.lru_cache(maxsize=16)
 def _pixel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean and std in pixel units, [1,3,1,1] on ``device``: copied there once, not every step."""
+    """mean and std in pixel units, [1,3,1,1] on ``device``, copied there once."""
     m = device_constant(mean, torch.float32, device).view(1, 3, 1, 1) * 255
     s = device_constant(std, torch.float32, device).view(1, 3, 1, 1) * 255
     return m, s

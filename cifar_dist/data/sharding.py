@@ -1,10 +1,6 @@
-"""Which samples each process sees: the global batch, split by rank and micro-batch.
-
-Step ``s`` of an epoch takes global positions [s*B, (s+1)*B) of that epoch's
-order; rank ``r`` of ``W`` takes the r-th contiguous slice of B/W, cut into
-``accum`` micro-batches. The same global batch is formed for any W, and the
-last incomplete global batch of an epoch is dropped.
-"""
+"""Which samples each process sees: step ``s`` takes positions [s*B, (s+1)*B) of the epoch's
+order, rank ``r`` of ``W`` its r-th slice of B/W, cut into ``accum`` micro-batches; the same
+global batch for any W, the last incomplete one dropped."""
 
 from __future__ import annotations
 
