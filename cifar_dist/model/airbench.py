@@ -1,16 +1,6 @@
-"""airbench94's network ("airbench94"): Keller Jordan's 94%-in-3.29-seconds CIFAR-10 net.
-
-From the paper's description (arXiv 2404.00498, 94.01% mean over 1,000 runs on the original
-CIFAR-10 files with its recipe, ``configs/airbench94.yaml``): a 2x2 patch-whitening
-convolution 3->24 whose frozen weights are the eigenvectors of the training images' 2x2 patch
-covariance scaled by their inverse square-root eigenvalues (both signs), its bias trained for
-the first ``model.whiten_bias_epochs`` epochs only; GELU; three conv groups (conv, 2x2
-max-pool, BatchNorm, GELU, conv, BatchNorm, GELU) at 64/256/256 channels whose 3x3 convs start
-as identities on their first input channels; a 3x3 max-pool; a bias-free linear head; logits
-scaled by 1/9. BatchNorm has no learned scale (its weight is frozen at 1) and eps 1e-12.
-
-1,971,352 trained parameters (1,971,640 with the frozen whitening weights; the BatchNorm
-weights, frozen at 1, are 1,152 more).
+"""airbench94's network (arXiv 2404.00498: 94.01% mean over 1,000 runs with its recipe,
+``configs/airbench94.yaml``); the layers are listed in docs/reproducing.md. 1,971,352 trained
+parameters, plus 288 frozen whitening weights and 1,152 BatchNorm weights frozen at 1.
 """
 
 from __future__ import annotations
@@ -78,22 +68,20 @@ class AirbenchNet(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor) -> None:
-        """Set the whitening weights from normalized training images [N, 3, 32, 32] (the trainer
-        gives the first ``init_images``). Computed in float64 on the CPU, so every process and every
-        device gets the same bits."""
+        """Set the whitening weights from the first ``init_images`` normalized training images;
+        float64 on the CPU, so every process and device gets the same bits."""
         self.whiten.weight.copy_(whitening_weights(images).to(self.whiten.weight))
 
     def frozen_parameters(self, epoch: int) -> list[torch.Tensor]:
-        """Parameters that take no optimizer step in ``epoch`` (from 0): the whitening bias
-        after its first ``whiten_bias_epochs`` epochs."""
+        """Parameters that take no step in ``epoch`` (from 0): the whitening bias after
+        ``whiten_bias_epochs``."""
         bias = self.whiten.bias
         return [bias] if bias is not None and epoch >= self.whiten_bias_epochs else []
 
 
 def whitening_weights(images: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
-    """[2 * 3 * 4, 3, 2, 2] filters: the eigenvectors of the (uncentred) covariance of every 2x2
-    patch of ``images``, largest eigenvalue first, each divided by sqrt(eigenvalue + eps), then
-    the same filters negated."""
+    """[24, 3, 2, 2] filters: eigenvectors of the uncentred 2x2-patch covariance, largest first,
+    each divided by sqrt(eigenvalue + eps), then the same negated."""
     x = images.detach().to("cpu", torch.float64)
     c, k = x.shape[1], WHITEN_PATCH
     patches = x.unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)

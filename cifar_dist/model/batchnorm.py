@@ -1,10 +1,5 @@
-"""Group BatchNorm: BatchNorm that gives the same statistics whatever the number of processes.
-
-``GroupBatchNorm2d`` normalizes over fixed-size groups of samples and records each forward's
-batch statistics; ``sync_bn_statistics`` then averages them over forwards and processes in one
-collective after each optimizer step (the control collective carries the loop's flags too), so
-the same groups and the same running statistics exist for 1 or 64 processes.
-"""
+"""Group BatchNorm: the same groups and running statistics for 1 or 64 processes
+(``model.bn_group``, docs/distributed.md)."""
 
 from __future__ import annotations
 
@@ -16,14 +11,8 @@ import torch.nn.functional as F
 
 
 class GroupBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that normalizes over groups of ``group`` samples (0 = whole batch).
-
-    In training it records the batch statistics of each forward (the mean of
-    its groups' means and unbiased variances) in non-persistent buffers;
-    ``sync_bn_statistics`` averages them over forwards and processes and
-    applies the momentum update once per optimizer step. The state dict is a
-    plain BatchNorm2d's, so weights load into ``nn.BatchNorm2d`` too.
-    """
+    """BatchNorm2d over groups of ``group`` samples (0 = whole batch); records each forward's
+    statistics for ``sync_bn_statistics``. Its state dict is a plain BatchNorm2d's."""
 
     stat_sum: torch.Tensor  # this step's summed (mean, variance) per channel: [2, C]
     stat_count: torch.Tensor  # forwards that added to it
@@ -39,8 +28,8 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         self.register_buffer("stat_count", torch.zeros(()), persistent=False)
 
     def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """weight and bias in fp32: DeepSpeed's bf16/fp16 engines cast the parameters but not
-        the running statistics, and BatchNorm runs in fp32 whatever the activations' dtype."""
+        """weight and bias in fp32: DeepSpeed's bf16/fp16 engines cast them but not the running
+        statistics."""
         if self.weight.dtype == torch.float32:
             return self.weight, self.bias
         return self.weight.float(), self.bias.float()
@@ -67,12 +56,8 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         return y
 
     def _group_forward(self, x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor):
-        """Normalize each of ``groups`` contiguous sample groups by its own statistics.
-
-        Statistics come from one contiguous reduction per layout and are folded
-        with the affine parameters into a per-group scale and shift (fp32).
-        Returns the output and the groups' mean of means and of unbiased variances.
-        """
+        """Normalize each of ``groups`` contiguous sample groups by its own statistics; returns
+        the output and the groups' mean of means and of unbiased variances."""
         n, c, h, w = x.shape
         g = n // groups
         xf = x.float()
@@ -88,9 +73,8 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
 
 
 class _BNLayout:
-    """Where each GroupBatchNorm2d's numbers sit in the flat tensor of one step's
-    statistics, built once per model and device: the per-step update is then a fixed
-    handful of operations, however many BatchNorm layers the model has."""
+    """Where each layer's statistics sit in one step's flat tensor, built once per model and
+    device so the update is a fixed handful of operations at any depth."""
 
     def __init__(self, layers: list[GroupBatchNorm2d], device: torch.device):
         self.layers, self.device = layers, device
@@ -98,8 +82,8 @@ class _BNLayout:
         self.total = sum(self.sizes)
         # the layer of every statistic, to spread the layers' counts over their statistics
         self.owner = torch.repeat_interleave(torch.arange(len(layers)), torch.tensor(self.sizes)).to(device)
-        moms = [m.momentum for m in layers]
-        self.momentum: float | torch.Tensor = moms[0] if len(set(moms)) == 1 else torch.tensor(moms).to(device)
+        momenta = [m.momentum for m in layers]
+        self.momentum: float | torch.Tensor = momenta[0] if len(set(momenta)) == 1 else torch.tensor(momenta).to(device)
         self.running = [m.running_mean for m in layers] + [m.running_var for m in layers]
 
 
@@ -128,14 +112,9 @@ def _layout(model: nn.Module) -> _BNLayout | None:
 
 @torch.no_grad()
 def sync_bn_statistics(model: nn.Module, all_reduce=None, extra: torch.Tensor | None = None):
-    """Apply the recorded batch statistics to the running statistics.
-
-    ``all_reduce`` sums a tensor in place across processes (None: one
-    process). Every process ends with the same running statistics: the
-    momentum update with the average over all forwards of all processes.
-    ``extra`` (a small float tensor) rides along in the same collective and
-    is returned summed, so per-step control flags cost no extra round trip.
-    """
+    """Momentum-update the running statistics with the average over all forwards of all
+    processes (``all_reduce``: an in-place sum, None for one process). ``extra`` rides along
+    in the same collective and is returned summed, so control flags cost no round trip."""
     layout = _layout(model)
     layers = layout.layers if layout is not None else []
     pieces = [m.stat_sum.view(-1) for m in layers] + [m.stat_count.view(1) for m in layers]

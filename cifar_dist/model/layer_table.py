@@ -18,11 +18,8 @@ def _display_name(module: nn.Module) -> str:
 
 
 def layer_table(model: nn.Module, image_size: int = 32) -> list[tuple[str, list[int], int]]:
-    """(layer, output shape, own parameters) in forward-completion order, like torchsummary.
-
-    Containers (Sequential, ModuleList) and the model itself get no row;
-    a module's parameter count excludes its children's.
-    """
+    """(layer, output shape, own parameters) in forward-completion order, like torchsummary;
+    containers and the model itself get no row."""
     rows: list[tuple[str, list[int], int]] = []
     hooks = []
 

@@ -1,4 +1,4 @@
-"""Optimizers, the learning rate as a pure function of the global step, and the loss."""
+"""The training loss: label-smoothed cross entropy in the paper's or PyTorch's form."""
 
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ import torch.nn.functional as F
 def smoothed_cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, eps: float, form: str, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Label-smoothed cross entropy (mean over the batch, or per sample), in fp32.
-
-    ``paper``: 1 - eps on the true class and eps/(K-1) on each other class
-    (the paper's SmoothCrossEntropyLoss); ``torch``: PyTorch's eps/K on every class.
-    """
+    """Label-smoothed cross entropy in fp32: ``paper`` puts eps/(K-1) on each wrong class (its
+    SmoothCrossEntropyLoss), ``torch`` eps/K on every class."""
     logits = logits.float()
     if form == "torch" or eps == 0:
         return F.cross_entropy(logits, target, label_smoothing=eps, reduction=reduction)

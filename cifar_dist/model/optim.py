@@ -1,4 +1,4 @@
-"""Optimizers, the learning rate as a pure function of the global step, and the loss."""
+"""Optimizers with their parameter groups, and the learning rate as a pure function of the step."""
 
 from __future__ import annotations
 
@@ -9,17 +9,15 @@ import torch
 
 
 def use_fused(train_cfg, device) -> bool:
-    """``train.optimizer_impl``: auto fuses on GPUs, where one kernel per step replaces many
-    and GradScaler hands the skip decision to the kernel instead of reading it on the host."""
+    """``train.optimizer_impl``: auto fuses on GPUs, where one kernel replaces many and
+    GradScaler's skip decision stays on the device."""
     if train_cfg.optimizer_impl == "auto":
         return torch.device(device).type == "cuda"
     return train_cfg.optimizer_impl == "fused"
 
 
-# Normalization layers whose affine weights and biases ``train.no_decay: [norm]`` leaves
-# undecayed, by their public classes: BatchNorm (GroupBatchNorm2d is a BatchNorm2d; a lazy
-# one becomes its class once built), SyncBatchNorm, InstanceNorm, and the GroupNorm,
-# LayerNorm and RMSNorm a user's model may hold.
+# What ``train.no_decay: [norm]`` counts as a normalization layer (GroupBatchNorm2d is a
+# BatchNorm2d; a lazy one becomes its class once built).
 NORM_LAYERS = (
     torch.nn.BatchNorm1d,
     torch.nn.BatchNorm2d,
@@ -35,13 +33,9 @@ NORM_LAYERS = (
 
 
 def param_groups(model: torch.nn.Module, train_cfg) -> list:
-    """The optimizer's parameters, built once: with ``train.no_decay`` empty and
-    ``train.norm_lr_scale`` 1, the model's parameters as one group (the paper's recipe,
-    unchanged). Otherwise groups by what sets a parameter apart: ``no_decay`` names it (norm:
-    every parameter of a normalization layer; bias: every parameter named ``bias``), which gives
-    it weight_decay 0; it belongs to a normalization layer while ``norm_lr_scale`` is not 1,
-    which gives it ``lr_scale`` (read by ``set_lr``) and weight_decay / that scale. Each group
-    keeps the model's parameter order; an empty group is left out."""
+    """The optimizer's parameters: one group by default (the paper's), else groups for
+    ``train.no_decay`` (weight_decay 0) and ``train.norm_lr_scale`` (``lr_scale``, weight_decay /
+    scale), each in the model's parameter order."""
     scale = train_cfg.norm_lr_scale
     if not train_cfg.no_decay and scale == 1.0:
         return list(model.parameters())
@@ -74,8 +68,7 @@ def param_groups(model: torch.nn.Module, train_cfg) -> list:
 
 
 def build_optimizer(params, train_cfg, device="cpu") -> torch.optim.Optimizer:
-    """Adam (L2 in the gradient, as the paper), AdamW, or SGD with (Nesterov) momentum, over
-    ``params``: parameters, or the groups of ``param_groups`` (a group's own weight_decay wins)."""
+    """Adam (L2 in the gradient, as the paper), AdamW, or SGD with (Nesterov) momentum."""
     t = train_cfg
     kernels = {"fused": True} if use_fused(t, device) else {}
     if t.optimizer == "adam":
@@ -95,19 +88,14 @@ def build_optimizer(params, train_cfg, device="cpu") -> torch.optim.Optimizer:
 
 
 def schedule_steps(train_cfg, steps_per_epoch: int) -> int:
-    """Optimizer steps in ``train.epochs`` epochs: ceil(epochs x steps per epoch), so that a
-    fractional epoch count (airbench's 9.9) ends inside the last epoch."""
+    """Optimizer steps in ``train.epochs``, rounded up so a fractional count (airbench's 9.9)
+    ends inside the last epoch."""
     return math.ceil(train_cfg.epochs * steps_per_epoch - 1e-9)
 
 
 def lr_at(step: int, train_cfg, steps_per_epoch: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based); depends on nothing else.
-
-    With ``schedule_unit: epoch`` the rate is constant within an epoch and
-    follows the epoch index, like the paper's LambdaLR stepped once per epoch
-    (so its first epoch runs at lr 0). The horizon is always ``train.epochs``
-    (``schedule_steps``); ``train.max_steps`` only stops early.
-    """
+    """The learning rate of optimizer step ``step`` (0-based); depends on nothing else. The
+    horizon is always ``train.epochs``: ``train.max_steps`` only stops early."""
     t = train_cfg
     if t.schedule_unit == "epoch":
         pos, warm, total = step // steps_per_epoch, t.warmup_epochs, t.epochs
@@ -132,7 +120,6 @@ def lr_at(step: int, train_cfg, steps_per_epoch: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every parameter group follows the one schedule, times its ``lr_scale`` (``param_groups``:
-    the normalization layers' under ``train.norm_lr_scale``)."""
+    """Set every parameter group's rate to ``lr`` times its ``lr_scale``."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

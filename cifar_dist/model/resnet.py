@@ -1,15 +1,6 @@
-"""The paper's modified ResNet ("seed_resnet"), ResNet-9 and ResNet-18; ``build_model(cfg)``.
-
-seed_resnet is exactly the paper's network (Figure 1, 4,916,284 parameters):
-3x3 stem 3->66 + BN + ReLU, BasicBlocks in stages of [3, 4, 3] at
-[66, 132, 264] channels with strides 1/2/2, adaptive average pooling, Linear
-264->10, convolutions without bias. ReLU and flatten are functional so the
-per-layer summary lists the same rows as the paper's torchsummary table.
-
-Every BatchNorm is a ``GroupBatchNorm2d``: it normalizes over fixed-size
-groups of samples and leaves the running-statistics update to
-``sync_bn_statistics`` after each optimizer step, so the same groups and the
-same running statistics exist whatever the number of processes.
+"""The paper's modified ResNet ("seed_resnet", 4,916,284 parameters), ResNet-9 and ResNet-18;
+``build_model(cfg)``. ReLU and flatten are functional so the per-layer summary lists the
+paper's torchsummary rows; every BatchNorm is a ``GroupBatchNorm2d``.
 """
 
 from __future__ import annotations
@@ -92,11 +83,8 @@ class Residual(nn.Module):
 
 
 class GlobalMaxPool(nn.Module):
-    """The maximum over height and width, (N, C, H, W) -> (N, C, 1, 1).
-
-    The same values as ``nn.AdaptiveMaxPool2d(1)``, whose CUDA backward has no
-    deterministic implementation (``run.deterministic`` would raise on a GPU);
-    ``amax``'s backward is deterministic (ties share the gradient)."""
+    """``nn.AdaptiveMaxPool2d(1)`` via ``amax``, whose CUDA backward is deterministic (ties
+    share the gradient)."""
 
     def forward(self, x):
         return x.amax(dim=(2, 3), keepdim=True)
@@ -142,12 +130,8 @@ def resnet9(model_cfg, num_classes: int, norm) -> nn.Module:
 
 
 def build_model(model_cfg, num_classes: int = 10, norm=None) -> nn.Module:
-    """The model named by ``model.name``, with group BatchNorm of ``model.bn_group``
-    (``norm``: another normalization layer, given the channel count, e.g. nn.BatchNorm2d).
-
-    ``model.name`` may also name a factory, ``"package.module:function"``, called
-    as ``function(model_cfg, num_classes)``; it must return an ``nn.Module``.
-    """
+    """The model named by ``model.name`` (or a ``"package.module:function"`` factory called as
+    ``function(model_cfg, num_classes)``), with group BatchNorm unless ``norm`` is given."""
 
     def bn(c):
         return GroupBatchNorm2d(c, group=model_cfg.bn_group, momentum=model_cfg.bn_momentum)
