@@ -1,21 +1,6 @@
-"""What the hardware can do: peak FLOP/s for MFU, whether a CPU computes bf16 fast, and the
-most memory a process has used.
-
-Peaks come from a table by device name, else are measured. The table holds
-vendors' dense (no sparsity) peaks per device, in TFLOP/s: bf16/fp16 on tensor
-cores, tf32 on tensor cores for fp32 work while TF32 is on (``run.tf32``), and
-plain FP32 otherwise. A device not in the table (or a precision it does not
-list) gets its peak measured: the best of a few matrix products in that
-precision, within about a second, an honest lower bound of what the hardware
-can do.
-
-CPUs differ: those with AMX or AVX-512 bf16 units run bf16 convolutions faster
-than fp32; others emulate bf16 and run it several times slower. The CPU flags
-say which kind a CPU is, and a probe of a fraction of a second confirms it.
-
-Measurements are cached per machine (``$CIFAR_DIST_CACHE_DIR/probes.json``,
-default ``~/.cache/cifar_dist``), keyed by the CPU or GPU, the PyTorch version
-and the thread count, so each is taken once.
+"""What the hardware can do: peak FLOP/s for MFU (a table of vendors' dense peaks, else
+measured), whether a CPU computes bf16 fast, and a process's peak memory. Measurements are
+cached per machine, PyTorch version and thread count (docs/benchmarks.md#reading-mfu).
 """
 
 from __future__ import annotations
@@ -89,11 +74,9 @@ def _matmul_seconds(n: int, dtype, device: torch.device, repeats: int, budget_s:
 def measured_peak(
     device: torch.device, precision: str, n: int | None = None, repeats: int = 5, budget_s: float = PEAK_PROBE_S
 ) -> float:
-    """The best FLOP/s of a square matrix product in ``precision`` on ``device``, within about
-    ``budget_s`` seconds. On a GPU n = 8192 (a smaller product leaves launch overhead in the
-    figure). On a CPU the size grows from 256 until one product takes 20 ms (at most 2048), so
-    a precision the CPU emulates (bf16 without bf16 units: 0.2 GFLOP/s seen) costs no more
-    than one that is fast."""
+    """The best FLOP/s of a square matrix product in ``precision``, within about ``budget_s``;
+    n = 8192 on a GPU (less leaves launch overhead in), grown from 256 on a CPU until one
+    product takes 20 ms, so an emulated precision costs no more than a fast one."""
     dtype = _DTYPE["fp32" if precision == "tf32" else precision]
     if device.type == "cpu" and precision == "fp16":
         dtype = torch.bfloat16  # CPU fp16 matmul is emulated; bf16 is the native half type
@@ -107,10 +90,8 @@ def measured_peak(
 
 
 def device_peak(device: torch.device, device_name: str, precision: str, tf32: bool = False) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from: 'table', 'table (TF32)' or 'measured').
-
-    ``tf32``: fp32 work runs on TF32 tensor cores (a GPU with TF32 on), so its peak is
-    the TF32 one; dividing by the plain FP32 peak could give an MFU above 100%."""
+    """(peak FLOP/s, 'table', 'table (TF32)' or 'measured'); with ``tf32`` on a GPU fp32 work
+    takes the TF32 peak, else MFU could exceed 100%."""
     key = "tf32" if precision == "fp32" and tf32 and device.type == "cuda" else precision
     peak = table_peak(device_name, key) if device.type == "cuda" else None
     if peak is not None:
@@ -123,9 +104,7 @@ def device_peak(device: torch.device, device_name: str, precision: str, tf32: bo
 
 
 def mfu(achieved_flops: float, peak_flops: float | None) -> float | None:
-    """Model FLOP utilization, achieved / peak, or None where it cannot be trusted: no peak, or
-    a peak below what was achieved (a measured matrix-product peak can be slower than the
-    convolution kernels of the same precision, so an MFU above 100% means the peak is wrong)."""
+    """achieved / peak, or None without a peak or when above 100% (the peak is then wrong)."""
     if not peak_flops or peak_flops <= 0 or achieved_flops > peak_flops:
         return None
     return achieved_flops / peak_flops
@@ -135,8 +114,7 @@ def mfu(achieved_flops: float, peak_flops: float | None) -> float | None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """This process's peak memory: on CUDA the most allocated since the last
-    ``torch.cuda.reset_peak_memory_stats``, elsewhere the process's peak resident set."""
+    """Peak memory: on CUDA the most allocated since the last reset, elsewhere the peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -147,9 +125,8 @@ def cache_dir() -> Path:
 
 
 def cached(key: str, measure):
-    """The value cached under ``key``, else ``measure()``, stored for next time. Processes of
-    one machine take turns (a file lock), so the ranks of a run measure once and agree. A cache
-    that cannot be read or written only costs the measurement."""
+    """The value cached under ``key``, else ``measure()`` stored for next time; a file lock
+    makes a run's ranks measure once and agree."""
     path = cache_dir() / "probes.json"
     with contextlib.ExitStack() as stack:
         try:
@@ -213,8 +190,7 @@ def has_bf16_units(flags) -> bool:
 
 
 def _conv_seconds(bf16: bool, channels_last: bool, budget_s: float) -> float:
-    """Best time of a forward and backward of two 3x3 convolutions (a ResNet block's work) on
-    32 images of 32 channels at 16 x 16, in fp32 or under bf16 autocast."""
+    """Best time of forward + backward of two 3x3 convolutions (a ResNet block) in fp32 or bf16."""
     g = torch.Generator().manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1)
@@ -236,8 +212,7 @@ def _conv_seconds(bf16: bool, channels_last: bool, budget_s: float) -> float:
 
 
 def bf16_speedup(channels_last: bool = True) -> float:
-    """fp32 time over bf16 time of a small convolution block on this CPU (> 1: bf16 is faster),
-    measured once per machine, PyTorch version and thread count (a few tenths of a second)."""
+    """fp32 time over bf16 time of a small convolution block on this CPU (> 1: bf16 is faster)."""
     key = (
         f"bf16_speedup|{cpu_model()}|{'units' if has_bf16_units(cpu_flags()) else 'no units'}|"
         f"torch {torch.__version__}|threads {torch.get_num_threads()}|channels_last {channels_last}"

@@ -1,14 +1,5 @@
-"""Keep freed memory in the process instead of returning it to the OS (glibc only).
-
-PyTorch's CPU tensors of more than 128 KiB are mmap'd and unmapped on every
-allocation, so each training step pays for fresh page faults. On virtual
-machines page faults can cost 100x more than usual (measured here: an 16 MB
-multiply took 6-320 ms instead of 1.3 ms). Raising glibc's mmap and trim
-thresholds makes freed blocks reusable: the effect of the MALLOC_MMAP_THRESHOLD_
-and MALLOC_TRIM_THRESHOLD_ environment variables, applied by the training and
-benchmark entry points (importing cifar_dist changes nothing process-wide).
-Set CIFAR_DIST_MALLOC_TUNING=0 to leave malloc alone.
-"""
+"""Keep freed memory in the process instead of returning it to the OS (glibc only), sparing
+each step fresh page faults; why, and CIFAR_DIST_MALLOC_TUNING=0, in docs/benchmarks.md."""
 
 from __future__ import annotations
 

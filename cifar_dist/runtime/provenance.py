@@ -1,4 +1,4 @@
-"""Seeding, deterministic flags, and a record of the environment a result came from."""
+"""Where a result came from: the code's commit, the library versions and the device's name."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 
 @functools.cache
 def git_sha() -> str:
-    """The commit of the code this process runs: read once (a run asks at its start), so that a
-    commit made while a long run trains does not become its summary's."""
+    """The commit of the running code, read once so a commit made during a long run is not its
+    summary's."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(

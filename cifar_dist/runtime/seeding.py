@@ -1,4 +1,4 @@
-"""Seeding, deterministic flags, and a record of the environment a result came from."""
+"""Seeding, deterministic algorithms and TF32: the switches that decide a run's numerics."""
 
 from __future__ import annotations
 
@@ -10,12 +10,8 @@ import torch
 
 
 def set_determinism(deterministic: bool, compiling: bool = False) -> None:
-    """Deterministic algorithms when asked; otherwise let cudnn pick the fastest.
-
-    torch.use_deterministic_algorithms also sets inductor's flag, which imports
-    the compiler stack (16 s on a slow CPU); without torch.compile only the
-    eager flag matters, so it is set directly.
-    """
+    """Deterministic algorithms when asked, else cudnn's fastest. Without torch.compile only the
+    eager flag is set: the public call imports the compiler stack (16 s on a slow CPU)."""
     if deterministic:
         # cuBLAS needs this before its first use to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -41,8 +37,8 @@ def set_tf32(allowed: bool) -> None:
 
 
 def apply_tf32(run_cfg) -> bool:
-    """``run.tf32`` on a GPU (off under ``run.deterministic``); returns whether fp32 work
-    now runs on TF32 tensor cores. Without a GPU nothing is changed."""
+    """``run.tf32`` on a GPU (off under ``run.deterministic``); returns whether fp32 work now
+    runs on TF32 tensor cores."""
     if not torch.cuda.is_available():
         return False
     allowed = run_cfg.tf32 and not run_cfg.deterministic
@@ -51,8 +47,7 @@ def apply_tf32(run_cfg) -> bool:
 
 
 def seed_everything(seed: int) -> None:
-    """Seeds the global generators (used for weight initialization only: data
-    order and augmentation are keyed on the seed directly)."""
+    """Seed the global generators, which only weight initialization uses."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
