@@ -1,4 +1,4 @@
-"""Accelerator construction, collectives, and rank-0 helpers (the launcher's variables: ``launcher``)."""
+"""Collectives that are no-ops for one process, and the rank-0 helpers built on them."""
 
 from __future__ import annotations
 
@@ -35,11 +35,8 @@ def print0(*args, **kwargs) -> None:
 
 
 def share_from_main(fn):
-    """Run ``fn`` on rank 0 and give every rank its result; an error there is raised everywhere.
-
-    Keeps the ranks in step when rank 0 refuses something (a locked run
-    directory, say): nobody is left waiting at the next collective.
-    """
+    """Run ``fn`` on rank 0 and give every rank its result; an error there is raised everywhere,
+    so no rank is left waiting at the next collective."""
     rank, world = world_info()
     result, error = None, None
     if rank == 0:
@@ -50,9 +47,9 @@ def share_from_main(fn):
     if world > 1:
         box = [result, None if error is None else (type(error), str(error))]
         dist.broadcast_object_list(box, src=0)
-        result, err = box
-        if err is not None and error is None:
-            error = err[0](err[1])
+        result, shared_error = box
+        if shared_error is not None and error is None:
+            error = shared_error[0](shared_error[1])
     if error is not None:
         raise error
     return result

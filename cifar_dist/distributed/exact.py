@@ -1,17 +1,8 @@
-"""Exact gradient reduction: bitwise the same weights for any power-of-two process count.
-
-Float addition is not associative, so a gradient summed over 64 samples on one
-process and over 2 x 32 on two processes differs in its last bits, and early
-training amplifies such differences a thousandfold within tens of steps
-(measured here on the smoke model: 1e-7 after 10 steps, 1e-2 after 35).
-
-With ``train.exact_reduce`` the global batch is cut into chunks of
-``model.bn_group`` samples. Each chunk is one forward and backward on its own,
-so its gradient does not depend on where it was computed. Chunk gradients
-are then summed in one fixed balanced binary tree over the global chunk order:
-each process sums its aligned subtree, the processes' partial sums are
-gathered and summed in rank order, and the total is divided by the (power of
-two) chunk count, an exact operation. Same chunks, same tree, same bits.
+"""Exact gradient reduction (``train.exact_reduce``): bitwise the same weights for any
+power-of-two process count (docs/distributed.md). Each ``model.bn_group`` chunk's gradient is
+computed on its own, then summed in one balanced binary tree over the global chunk order (each
+process its aligned subtree, then the partial sums in rank order) and divided by the
+power-of-two chunk count, which is exact.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""The launcher's view of the world, read from its environment variables before any set-up:
-the one place that reads them.
-
-torchrun and Accelerate set WORLD_SIZE / RANK / LOCAL_RANK / LOCAL_WORLD_SIZE, Slurm's srun
-SLURM_STEP_NUM_TASKS / SLURM_PROCID, MPI launchers their own; torchrun's agent its restart
-count; Accelerate's DeepSpeed configs ACCELERATE_USE_DEEPSPEED. Nothing here imports torch,
-so bad input can be refused before the heavy imports.
+"""The launcher's view of the world (torchrun, Accelerate, Slurm, MPI), from its environment
+variables: the one place that reads them. Nothing here imports torch, so bad input is refused
+before the heavy imports.
 """
 
 from __future__ import annotations
@@ -42,8 +38,8 @@ def local_world_size() -> int:
 
 
 def restart_attempt() -> int:
-    """Which attempt of a torchrun job this is, when its agent keeps one store for all attempts
-    (0: the first, or not under torchrun's agent)."""
+    """Which attempt of a torchrun job this is when its agent keeps one store for all attempts
+    (else 0)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return 0
     value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -61,8 +57,7 @@ def using_deepspeed() -> bool:
 
 
 def rank_prefix() -> str:
-    """'rank N: ' when several processes run (from torch.distributed once it is set up, else from
-    the launcher's variables), '' for one: what a one-line error or warning starts with."""
+    """'rank N: ' when several processes run, '' for one: how a one-line error or warning starts."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return f"rank {dist.get_rank()}: "
