@@ -1,16 +1,5 @@
-"""Checkpoints: atomic directories with a manifest of digests, the newest intact one wins, safe loading.
-
-A checkpoint is ``checkpoints/step_XXXXXXXX/`` holding ``model.safetensors``,
-``optimizer.pt`` (tensors only: loaded with ``weights_only=True``), ``state.json``
-(where training stands), the files of the run's weight averages and stateful callbacks
-when it has them (``ema.safetensors``, ``lookahead.safetensors``, ``callbacks.json``) and,
-written last, ``manifest.json``: the size and SHA-256 of every other file. It is
-written under a temporary name and renamed into place only when complete, so a crash
-mid-write leaves a ``.tmp-*`` directory that is never picked up. A checkpoint whose
-files do not match its manifest (a flipped bit, a truncated or replaced file) or whose
-state.json does not parse is damaged:
-``latest_checkpoint`` skips it for the previous intact one, saying so, and refuses
-when none is intact. Weights are read through safetensors, which cannot execute code.
+"""Checkpoints: atomic ``checkpoints/step_N/`` directories with a manifest of digests, the
+newest intact one wins, safe loading (layout and guarantees: docs/runs.md, reliability.md).
 """
 
 from __future__ import annotations
@@ -62,8 +51,8 @@ def _save_safetensors(state: dict, path: Path) -> None:
 
 
 def write_tensors(tensors: dict, path: Path) -> None:
-    """A dict of tensors (a model's state dict, an average's) as a safetensors file of
-    contiguous CPU copies (safetensors wants them); a failed write is an OSError."""
+    """A dict of tensors as a safetensors file of contiguous CPU copies; a failed write is an
+    OSError."""
     _save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)
 
 
@@ -96,17 +85,17 @@ def load_weights(path: str | os.PathLike, model: torch.nn.Module | None = None) 
     return state
 
 
-def check_compatible(state: dict, own: dict, source) -> None:
-    """``state`` (read from ``source``) has exactly the keys of ``own`` (a model's state dict,
-    or slow weights), each of its shape; else a CheckpointError naming the first misfit."""
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
+def check_compatible(state: dict, expected: dict, source) -> None:
+    """``state`` (read from ``source``) has exactly the keys and shapes of ``expected``; else a
+    CheckpointError naming the first misfit."""
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
     if missing or extra:
         what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
         raise CheckpointError(
             f"{source}: weights do not fit this model ({what}; {len(missing)} missing, {len(extra)} unexpected keys)"
         )
-    for k, v in own.items():
+    for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{source}: {k} has shape {tuple(state[k].shape)}, this model needs {tuple(v.shape)}")
 
@@ -129,14 +118,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_model(path, device="cpu", trust_code: bool = False):
-    """A trained model ready for inference, from a run directory (its final weights, else its
-    newest checkpoint), a checkpoint directory or a ``model.safetensors`` file.
-
-    The architecture comes from the run's ``config.yaml``; the weights are read through
-    safetensors (no code can run from the file). A config whose ``model.name`` names user
-    code (``package.module:factory``) is refused unless ``trust_code=True``: a run directory
-    received from elsewhere must not become a way to run code.
-    """
+    """A trained model in eval mode from a run directory, a checkpoint directory or a
+    ``.safetensors`` file; user code named by its config runs only with ``trust_code``."""
     weights, config, what = locate_weights(Path(path))
     if not config.is_file():
         raise CheckpointError(f"{config}: missing; load_model needs the run's config.yaml")
@@ -149,10 +132,8 @@ def load_model(path, device="cpu", trust_code: bool = False):
 
 
 def locate_weights(path) -> tuple[Path, Path, str]:
-    """(weights file, the run's config.yaml, what they are in words) for ``path``: a run
-    directory (its final weights, else its newest checkpoint), a checkpoint directory
-    (``checkpoints/step_N``) or a ``.safetensors`` file. Anything else is a CheckpointError
-    naming the path."""
+    """(weights file, the run's config.yaml, what they are in words) for a run directory (final
+    weights, else the newest checkpoint), a checkpoint directory or a ``.safetensors`` file."""
     path = Path(path)
     utf8_path(path.absolute())
     if not path.exists():
@@ -184,12 +165,9 @@ def locate_weights(path) -> tuple[Path, Path, str]:
 
 
 def evaluated_weights(weights: Path, what: str, cfg, named: bool, use_ema: bool | None = None) -> tuple[Path, str]:
-    """The weights to evaluate where ``locate_weights`` found ``weights`` (described by
-    ``what``). ``use_ema`` None: the weights the run evaluated (with ``cfg.eval.use_ema``, a
-    checkpoint's EMA, since its model.safetensors holds the training weights; the run's final
-    model.safetensors is the EMA already). ``use_ema`` True or False, as a user asked: the
-    EMA, or the training weights, wherever the run keeps them, or a CheckpointError saying
-    why they are not there. A file the user ``named`` is what it is."""
+    """(weights, description) to evaluate: with ``use_ema`` None those the run evaluated (a
+    checkpoint's EMA under ``eval.use_ema``: its model.safetensors holds the training weights),
+    else the EMA or training weights wherever the run keeps them (docs/runs.md)."""
     if use_ema is None:
         ema = weights.parent / EMA_FILE
         if cfg.eval.use_ema and not named and ema.is_file():
@@ -254,9 +232,8 @@ def write_manifest(folder: Path) -> None:
 
 
 def check_checkpoint(ckpt: Path) -> str | None:
-    """None for an intact checkpoint, else what is wrong with it, naming the file: a file that
-    differs from the manifest, is missing from it or is not in it, or a state.json that does
-    not validate. A checkpoint of an earlier format (no manifest) is checked by its state alone."""
+    """None for an intact checkpoint, else what is wrong, naming the file; one without a
+    manifest (an earlier format) is checked by its state alone."""
     ckpt = Path(ckpt)
     manifest = ckpt / MANIFEST
     if manifest.exists():
@@ -282,9 +259,8 @@ def check_checkpoint(ckpt: Path) -> str | None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest intact checkpoint (None when there is none at all). A damaged one is skipped
-    with one warning line naming what is wrong; when checkpoints exist but none is intact, a
-    CheckpointError says so and nothing is changed."""
+    """The newest intact checkpoint, skipping damaged ones with a warning; None when there are
+    none, a CheckpointError when none is intact."""
     found = list_checkpoints(run_dir)
     for ckpt in reversed(found):
         problem = check_checkpoint(ckpt)
@@ -333,8 +309,7 @@ class CheckpointWriter:
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
     def commit(self, tmp: Path, step: int) -> Path:
-        """Write the manifest of ``tmp``, make it the checkpoint of ``step`` (atomic rename),
-        then prune old ones."""
+        """Write ``tmp``'s manifest, rename it into place as ``step``'s checkpoint, prune old ones."""
         write_manifest(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():

@@ -1,14 +1,6 @@
-"""Writing the files a run leaves behind so that a failed write never leaves a torn or empty file.
-
-Each file is written to a temporary name beside it, flushed to disk and renamed over the
-target: a reader sees the old file or the new one, never a part. A failure (disk full,
-read-only or missing folder, a file where a folder belongs) is one EnvironmentFault line
-naming the file; the temporary file is removed.
-
-Nothing is written through a symbolic link inside the directory a user named (a run or sweep
-directory received from elsewhere could point one anywhere): the rename replaces a link at
-the target, the temporary file is created new (never opened through a link), and a folder
-cifar-dist makes there (``own_folder``) is refused when it is a link.
+"""Atomic file writes (temporary file, fsync, rename), a failure being one EnvironmentFault line
+naming the file; nothing is written through a symbolic link inside a folder the user named,
+since a received run directory could point one anywhere (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -31,8 +23,7 @@ def no_link(path) -> Path:
 
 
 def utf8_path(path) -> Path:
-    """``path``, refused in one line (exit 2) when it is not valid UTF-8: a run, sweep or
-    output folder every later step (plots, trackers, summaries) can name."""
+    """``path``, refused in one line (exit 2) unless valid UTF-8, so every later step can name it."""
     path = Path(path)
     try:
         str(path).encode("utf-8")
@@ -53,8 +44,8 @@ def no_missing_folder(path, option: str) -> Path:
 
 
 def own_folder(path) -> Path:
-    """A folder cifar-dist writes into inside one the user named (plots/, checkpoints/,
-    logs/, ...): made when missing, refused when it is a symbolic link."""
+    """A folder cifar-dist writes into inside one the user named: made when missing, refused
+    when it is a symbolic link."""
     path = no_link(path)
     try:
         path.mkdir(exist_ok=True)
@@ -64,8 +55,7 @@ def own_folder(path) -> Path:
 
 
 def create_new(path):
-    """``path`` opened for writing as a new file, after removing a link or file of that name:
-    a binary file object; never opened through a link."""
+    """``path`` opened ("wb") as a new file after removing a link or file of that name."""
     path = Path(path)
     if path.is_symlink() or path.exists():
         path.unlink()

@@ -20,8 +20,7 @@ if TYPE_CHECKING:
 
 
 def save_figure(fig, path, **kwargs) -> None:
-    """``fig.savefig`` to a temporary file renamed over ``path``: a full disk leaves no torn
-    picture, and the failure is one line naming the file."""
+    """``fig.savefig`` written atomically: a full disk leaves no torn picture."""
     import io
 
     buffer = io.BytesIO()
@@ -55,10 +54,10 @@ def _curve(rows, keys, labels, ylabel, path, title, scale=1.0, schedule=None):
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
     epochs = []
     for key, label in zip(keys, labels):
-        pts = [(r["epoch"], r[key] * scale) for r in rows if isinstance(r.get(key), (int, float))]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
-            epochs += [e for e, _ in pts]
+        points = [(r["epoch"], r[key] * scale) for r in rows if isinstance(r.get(key), (int, float))]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+            epochs += [e for e, _ in points]
     epoch_axis(ax, epochs)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -78,7 +77,6 @@ def _curve(rows, keys, labels, ylabel, path, title, scale=1.0, schedule=None):
 
 def _run_config(run_dir: Path):
     """The run's config (None when config.yaml is missing or does not load)."""
-
     try:
         return load_config(run_dir / "config.yaml")
     except UserError:
@@ -86,9 +84,7 @@ def _run_config(run_dir: Path):
 
 
 def lr_schedule(cfg: Config, points: int = 400) -> tuple[list[float], list[float]] | None:
-    """(epochs, learning rates) of the run's schedule, at up to ``points`` steps: the LR is a pure
-    function of the step and the config."""
-
+    """(epochs, learning rates) of the run's schedule at up to ``points`` steps."""
     steps_per_epoch = train_images(cfg) // cfg.train.batch_size
     if steps_per_epoch < 1:
         return None
@@ -149,14 +145,14 @@ def draw_run(run_dir: Path) -> list[Path]:
     out = own_folder(run_dir / "plots")
     cfg = _run_config(run_dir)
     name = f"{run_dir.name} ({cfg.name}, {cfg.model.name})" if cfg else run_dir.name
-    made = [out / "loss.png", out / "accuracy.png"]
-    _curve(rows, ["train_loss", "test_loss"], ["train", "test"], "loss", made[0], f"loss: {name}")
+    drawn = [out / "loss.png", out / "accuracy.png"]
+    _curve(rows, ["train_loss", "test_loss"], ["train", "test"], "loss", drawn[0], f"loss: {name}")
     _curve(
         rows,
         ["train_acc", "test_acc"],
         ["train", "test"],
         "accuracy (%)",
-        made[1],
+        drawn[1],
         f"accuracy and learning rate: {name}",
         scale=100,
         schedule=lr_schedule(cfg) if cfg else None,
@@ -164,6 +160,6 @@ def draw_run(run_dir: Path) -> list[Path]:
     cm_path = run_dir / "confusion_matrix.json"
     if cm_path.is_file():
         matrix = read_confusion(cm_path)
-        made.append(out / "confusion_matrix.png")
-        plot_confusion(matrix, made[-1], title=f"confusion matrix: {name}")
-    return made
+        drawn.append(out / "confusion_matrix.png")
+        plot_confusion(matrix, drawn[-1], title=f"confusion matrix: {name}")
+    return drawn

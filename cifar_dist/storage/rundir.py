@@ -22,10 +22,7 @@ from cifar_dist.storage.checkpoint import latest_checkpoint, list_checkpoints
 from cifar_dist.storage.files import no_link, utf8_path, write_text_atomic
 from cifar_dist.storage.metrics import read_metrics
 
-# Keys that may change between a run and its resumption: those that do not change the result
-# (config.result_free_keys, shared with `compare`), plus the step cap (a run may be extended or
-# cut short) and the final evaluation's TTA (it comes after the last step; config_changes keeps it
-# fixed when every epoch is evaluated with it).
+# Keys a resume may change: the result-free ones, the step cap and the final evaluation's TTA.
 RESUMABLE_CHANGES = result_free_keys() | {"train.max_steps", "eval.tta"}
 
 
@@ -43,8 +40,7 @@ RUN_FILES = (
 
 
 def lock_holder(run_dir: Path) -> str | None:
-    """The pid holding ``run_dir``'s lock (a run training there now), else None. Only looks:
-    the lock is taken for a moment and let go."""
+    """The pid holding ``run_dir``'s lock (a run training there now), else None."""
     lock = Path(run_dir) / ".lock"
     if not lock.is_file() or lock.is_symlink():
         return None
@@ -69,10 +65,8 @@ _ABSENT = "(absent)"
 
 
 def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
-    """(key, saved value, new value) of every key whose value differs and would change the
-    result of a resumed run; a group (train.ema) is one key, its value whole or null. ``eval.tta``
-    may change unless every epoch is evaluated with it (``eval.tta_every_epoch``); a result-free
-    key may not where it changes the result (``config.schema.RESULT_WHEN``)."""
+    """(key, saved value, new value) of every differing key that would change a resumed run's
+    result: ``eval.tta`` under ``eval.tta_every_epoch``, result-free keys under ``RESULT_WHEN``."""
     a, b = flatten_keys(saved), flatten_keys(current)
     fixed = ({"eval.tta"} if a.get("eval.tta_every_epoch") else set()) | result_keys_in(a) | result_keys_in(b)
     return [
@@ -107,8 +101,8 @@ class RunDir:
         return self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir())
 
     def open(self, config: dict, resume: bool, overwrite: bool):
-        """Create or reuse the directory; return the checkpoint to resume from (or None).
-        Every refusal leaves the directory as it was (bar its lock file)."""
+        """Create or reuse the directory; return the checkpoint to resume from (or None). A refusal
+        leaves the directory as it was, bar its lock file."""
         if resume and overwrite:
             raise RunDirError("--resume and --overwrite exclude each other")
         utf8_path(self.path.absolute())
@@ -180,9 +174,8 @@ class RunDir:
             )
 
     def discard_unstarted(self) -> bool:
-        """Remove the directory of a run that this process created and that never reached a
-        checkpoint (an aborted start), so that the same ``--out`` can be used again. Returns
-        whether it did; a directory with a checkpoint or a summary is never touched."""
+        """Remove the directory this process created if no checkpoint or summary reached it, so the
+        same ``--out`` works again; returns whether it did."""
         if not self.created or list_checkpoints(self.path) or (self.path / "summary.json").exists():
             return False
         self._unlock()
@@ -219,5 +212,4 @@ class RunDir:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

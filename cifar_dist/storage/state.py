@@ -1,8 +1,5 @@
-"""Where training stands: what every checkpoint's state.json holds, and its validation.
-
-A state.json is read back only through ``parse_state``: every key known, every value of
-its type and range, or one CheckpointError line naming the file and the key.
-"""
+"""Where training stands: what every checkpoint's state.json holds, read back only through
+``parse_state``, which names the file and key of anything invalid."""
 
 from __future__ import annotations
 
@@ -39,43 +36,42 @@ def _is_int(v) -> bool:
 
 
 def parse_state(data, source) -> TrainState:
-    """A TrainState from a state.json's parsed contents; anything of the wrong shape is a
-    CheckpointError naming ``source`` and the key."""
+    """A TrainState from a state.json's parsed contents, else a CheckpointError."""
 
-    def bad(what):
+    def invalid(what):
         return CheckpointError(f"{source}: {what}")
 
     if not isinstance(data, dict):
-        raise bad(f"expected a JSON object, got {type(data).__name__}")
+        raise invalid(f"expected a JSON object, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(TrainState)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise bad(f"unknown key {str(unknown[0])[:40]!r}")
+        raise invalid(f"unknown key {str(unknown[0])[:40]!r}")
     for key in _INT & set(data):
         if not _is_int(data[key]) or data[key] < 0 or (key == "world_size" and data[key] < 1):
-            raise bad(
+            raise invalid(
                 f"{key}: expected a whole number >= {1 if key == 'world_size' else 0}, got {str(data[key])[:40]!r}"
             )
     for key in ("history", "segments"):
         if key in data and not (isinstance(data[key], list) and all(isinstance(r, dict) for r in data[key])):
-            raise bad(f"{key}: expected a list of objects")
+            raise invalid(f"{key}: expected a list of objects")
     for row in data.get("history", []):
         if not _is_int(row.get("epoch")) or not all(isinstance(v, (int, float, type(None))) for v in row.values()):
-            raise bad("history: a row without a whole epoch number, or with a value that is not a number")
+            raise invalid("history: a row without a whole epoch number, or with a value that is not a number")
     for seg in data.get("segments", []):
         if set(seg) != {"world_size", "from_step"} or not all(_is_int(v) and v >= 0 for v in seg.values()):
-            raise bad("segments: expected objects of world_size and from_step")
+            raise invalid("segments: expected objects of world_size and from_step")
     partial = data.get("partial", {})
     if not isinstance(partial, dict) or (
         partial
         and (set(partial) != set(_PARTIAL) or not all(_is_int(partial[k]) and partial[k] >= 0 for k in _PARTIAL))
     ):
-        raise bad("partial: expected {} or whole numbers loss_units, correct and count")
+        raise invalid("partial: expected {} or whole numbers loss_units, correct and count")
     if not isinstance(data.get("scaler", {}), dict):
-        raise bad("scaler: expected an object")
+        raise invalid("scaler: expected an object")
     if data.get("ended", "") not in ENDINGS:
-        raise bad(f"ended: expected one of {', '.join(map(repr, ENDINGS))}, got {str(data['ended'])[:40]!r}")
+        raise invalid(f"ended: expected one of {', '.join(map(repr, ENDINGS))}, got {str(data['ended'])[:40]!r}")
     state = TrainState(**data)
     if state.partial and state.partial["correct"] > state.partial["count"]:
-        raise bad("partial: more correct predictions than images")
+        raise invalid("partial: more correct predictions than images")
     return state
