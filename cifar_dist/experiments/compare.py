@@ -1,12 +1,6 @@
-"""`cifar-dist compare`: statistics over many runs, grouped into configurations.
-
-Runs whose configs differ only in keys that do not change what is trained (the
-seed, where the output goes, how the data is loaded, ...) form one configuration;
-each configuration gets its final test accuracy as mean, std, min, max and a 95%
-confidence interval of the mean, and every pair the difference of the means with its
-bootstrap 95% interval and the p-value of a test (Welch's t, or Mann-Whitney U with
---test mannwhitney), raw and Holm-adjusted for the number of pairs tested.
-Writes compare.md, compare.json and compare.png.
+"""`cifar-dist compare`: final test accuracies of many runs grouped into configurations, with
+intervals and Holm-adjusted tests of every pair; writes compare.md, .json and .png
+(docs/sweeps.md#compare-runs).
 """
 
 from __future__ import annotations
@@ -26,8 +20,7 @@ from cifar_dist.storage.files import utf8_path, write_text_atomic
 from cifar_dist.storage.metrics import read_metrics
 from cifar_dist.storage.plots import epoch_axis, pyplot, save_figure
 
-# Keys that may differ between runs of one configuration: the seed, and those that do not change
-# the result (config.result_free_keys, shared with --resume).
+# Keys that may differ between runs of one configuration.
 IGNORED_KEYS = result_free_keys() | {"run.seed"}
 MAX_ALL_PAIRS = 6  # above this many configurations, each is tested against the first only
 _ABSENT = "<absent>"
@@ -76,8 +69,8 @@ def valid_accuracy(value) -> bool:
 
 
 def _read_run(path: Path) -> dict:
-    """One finished run: its flattened config, summary and per-epoch test accuracy. A run whose
-    test_acc is not a finite number in [0, 1] gets an ``invalid`` reason (it is not counted)."""
+    """One finished run: flattened config, summary, per-epoch test accuracy, and an ``invalid``
+    reason when its test_acc cannot be counted."""
     summary = _read_json(path / "summary.json")
     invalid = None
     if not valid_accuracy(summary.get("test_acc")):
@@ -101,9 +94,8 @@ def _sweep_members(path: Path) -> list[Path]:
 
 
 def collect_runs(dirs: list[str]) -> tuple[list[dict], list[str]]:
-    """The finished runs in ``dirs`` (each a run directory or a directory of runs) and the
-    paths of the unfinished ones (no summary.json). Raises UserError for a directory that
-    does not exist or holds no finished run."""
+    """The finished runs in ``dirs`` (run directories or directories of runs) and the paths of
+    unfinished ones; a UserError for a directory without a finished run."""
     runs, unfinished, seen = [], [], set()
     for d in dirs:
         path = Path(d)
@@ -165,9 +157,8 @@ def _seed_of(run: dict):
 
 
 def per_seed(runs: list[dict]) -> tuple[list[float], dict]:
-    """One accuracy (in %) per distinct seed, the mean of the runs that share it, and the seeds
-    that several runs share ({seed: [dirs]}). Runs of one seed repeat one experiment: counting
-    each would shrink the interval without any new evidence."""
+    """One accuracy (%) per distinct seed, and {seed: [dirs]} of shared seeds: runs of one seed
+    repeat one experiment, so counting each would shrink the interval without new evidence."""
     by_seed: dict = {}
     for r in runs:
         by_seed.setdefault(json.dumps(_seed_of(r), default=str), []).append(r)
@@ -177,8 +168,7 @@ def per_seed(runs: list[dict]) -> tuple[list[float], dict]:
 
 
 def summarize(group: dict) -> dict:
-    """The numbers of one configuration (accuracies in %), as they go into compare.json: n is the
-    number of distinct seeds, and the 95% interval is clipped to [0, 100]."""
+    """One configuration's numbers as compare.json holds them (accuracies in %)."""
     runs = group["runs"]
     accs = [100.0 * r["summary"]["test_acc"] for r in runs]
     seeds, shared = per_seed(runs)
@@ -232,10 +222,8 @@ def _data_name(data) -> str:
 def pair_tests(
     configs: list[dict], runs_by_label: dict[str, list[float]], test: str = "welch"
 ) -> tuple[str, list[dict]]:
-    """The test-accuracy difference of every pair, or of each versus the first when there are
-    more than MAX_ALL_PAIRS configurations: the difference of the means with its bootstrap
-    95% interval, and the p-value of ``test`` (a key of TESTS), raw and Holm-adjusted over the
-    pairs that could be tested. Returns (scope, pairs)."""
+    """(scope, pairs): every pair's, or beyond MAX_ALL_PAIRS each versus the first's, difference
+    of means with its bootstrap interval and ``test``'s p-value, raw and Holm-adjusted."""
     labels = [c["label"] for c in configs]
     if len(labels) > MAX_ALL_PAIRS:
         scope, pairs = "versus_first", [(labels[0], b) for b in labels[1:]]
@@ -364,10 +352,9 @@ def to_markdown(report: dict) -> str:
 
 def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
     """Mean test accuracy per configuration over the epochs where it was recorded, with a min-max band."""
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    drawn, all_epochs = False, []
+    any_curve, all_epochs = False, []
     for g in groups:
         epochs = sorted({e for r in g["runs"] for e in r["curve"]})
         if not epochs:
@@ -381,8 +368,8 @@ def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
             label=f"{g['label']} (n={len(g['runs'])})",
         )
         ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
-        drawn = True
-    if drawn:
+        any_curve = True
+    if any_curve:
         ax.legend(fontsize="small")
     else:
         ax.text(
@@ -401,8 +388,7 @@ def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
 
 
 def run_compare(args) -> int:
-    """Compare the runs in ``args.dirs``; write compare.md/.json/.png to ``args.out``; print the Markdown.
-    Returns 0; bad input raises UserError."""
+    """Compare the runs in ``args.dirs``, write compare.md/.json/.png and print the Markdown."""
     if args.out:
         utf8_path(Path(args.out).absolute())
     runs, unfinished = collect_runs(args.dirs)

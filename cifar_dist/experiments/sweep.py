@@ -1,19 +1,9 @@
-"""`cifar-dist sweep`: many seeds and settings as independent runs, compared with honest statistics.
+"""`cifar-dist sweep`: every combination of ``key=v1,v2`` values times every seed as an
+independent run directory, trained as by hand; the same command again resumes it.
 
-    cifar-dist sweep --config configs/fast.yaml --seeds 5 train.lr=0.1,0.2 --out runs/lr-sweep
-    cifar-dist sweep --config configs/fast.yaml --seeds 0,1,2,3,4,5,6,7 --parallel 8   # one GPU each
-    cifar-dist sweep --config configs/fast.yaml --seeds 8 --out runs/s --plan-only    # then a Slurm array:
-    sbatch --array=0-7 slurm/sweep.sh runs/s
-    cifar-dist compare runs/lr-sweep
+    cifar-dist sweep --config configs/fast.yaml --seeds 5 train.lr=0.1,0.2 --out runs/lr --parallel 8
 
-Every combination of the listed values (``key=v1,v2``; a value may itself be a list,
-``model.widths=[32,64],[64,128]``) times every seed is a member: a normal run
-directory under the sweep directory, named by its settings (``lr=0.1-seed=3``),
-trained by the same entry point as a run started by hand with the same config and
-overrides, so its result is that run's. ``sweep.json`` lists the members and their
-state. Running the same command again resumes the sweep: finished members are
-skipped, interrupted ones continue from their newest checkpoint. A member that
-fails is recorded with its exit code and last error line; the others go on.
+Plans for Slurm arrays, and the rest, in docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -40,8 +30,7 @@ from cifar_dist.storage.rundir import lock_holder
 
 
 def read_sweep_file(path: Path) -> dict:
-    """sweep.json, checked for its shape: a config (a path or null) and members, each with a name
-    and a list of overrides; anything else is a UserError naming the file."""
+    """sweep.json, checked for its shape (config, members with name and overrides)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -65,9 +54,7 @@ def read_sweep_file(path: Path) -> dict:
 
 
 def finished_run(run_dir: Path) -> float | None:
-    """The test accuracy of a finished run (a summary.json with a valid test_acc), else None:
-    an empty or torn summary.json does not make a member done."""
-
+    """The test accuracy of a finished run (a summary.json with a valid test_acc), else None."""
     try:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
     except (OSError, ValueError):
@@ -135,10 +122,8 @@ def _hashed(readable: str, exact: list[str]) -> str:
 
 
 def member_names(readable: list[str], exact: list[list[str]]) -> list[str]:
-    """Directory names, one-to-one in the members' exact overrides: each member's readable form
-    (``lr=0.1-seed=3``), except where that form is longer than ``MAX_NAME`` or shared with
-    another member (the readable form drops characters: ``name=a/b`` and ``name=a_b`` read
-    alike), which get the form cut short plus a hash of their exact overrides."""
+    """Directory names, one per member: the readable form (``lr=0.1-seed=3``), or, where it is too
+    long or shared (``a/b`` and ``a_b`` read alike), that form cut short plus a hash."""
     counts: dict[str, int] = {}
     for r in readable:
         counts[r] = counts.get(r, 0) + 1
@@ -185,8 +170,8 @@ class Sweep:
         return self.path / m.name
 
     def open(self) -> None:
-        """Create the directory, or check that the one there holds this same sweep; refresh states
-        (a member with a summary.json is done; any other is to run, failed ones again)."""
+        """Create the directory or check it holds this same sweep; refresh states from the members'
+        directories."""
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"{self.path}: exists and is not a directory; choose another --out")
         if self.file.is_file():
@@ -252,9 +237,7 @@ def _last_error(log: Path) -> str:
 
 
 def _check_members(config: str | None, members: list[Member]) -> dict[int, str]:
-    """Each member's config, checked before anything runs: {index: error} for the bad ones.
-    When every member fails the same way (a bad file, an unknown key), that is the error."""
-
+    """{index: error} of members whose config does not load; raised when all fail alike."""
     refused = {}
     for m in members:
         try:
@@ -267,10 +250,8 @@ def _check_members(config: str | None, members: list[Member]) -> dict[int, str]:
 
 
 class _Signals:
-    """SIGTERM, SIGINT and SIGHUP to the sweep, caught while it runs members: the first is
-    forwarded to every running member (SIGHUP as SIGTERM, which a member also answers with a
-    checkpoint), and no further member starts. Members run in sessions of their own, so a
-    signal to the sweep's process group (Ctrl-C in a terminal) reaches them once, through here."""
+    """Catches SIGTERM, SIGINT and SIGHUP while members run, for ``run_members`` to forward once
+    (members have sessions of their own, so a terminal's Ctrl-C reaches them only this way)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -292,12 +273,11 @@ class _Signals:
 
 
 def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[Member], int | None]:
-    """Train every member not done yet (and not refused), ``parallel`` at a time. Returns the
-    failed members and the signal that stopped the sweep (None if none did): then the running
-    members were stopped with a checkpoint and stay pending, to be resumed by a re-run."""
+    """Train every pending member, ``parallel`` at a time; returns the failed members and the
+    signal that stopped the sweep (None if none did)."""
     todo = [m for m in sweep.members if m.state == "pending"]
     logs = own_folder(sweep.path / "logs")
-    free, total = _slots(parallel), len(sweep.members)
+    idle_slots, total = _slots(parallel), len(sweep.members)
     running: dict[int, tuple] = {}  # member index -> (process, member, slot, start time, log file)
     done_before = total - len(todo)
     print(
@@ -307,8 +287,8 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
         forwarded = False
         try:
             while (todo and signals.received is None) or running:
-                while todo and free and signals.received is None:
-                    m, slot = todo.pop(0), free.pop(0)
+                while todo and idle_slots and signals.received is None:
+                    m, slot = todo.pop(0), idle_slots.pop(0)
                     # a member under a Slurm allocation must never requeue the job: the sweep owns it
                     env = dict(os.environ, CIFAR_DIST_REQUEUE="0", **{k: v for k, v in slot.items() if k != "threads"})
                     threads = [f"run.threads={slot['threads']}"] if "threads" in slot and not user_threads else []
@@ -341,7 +321,7 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
                         continue
                     log.close()
                     del running[index]
-                    free.append(slot)
+                    idle_slots.append(slot)
                     _record(sweep, m, proc.returncode, started, logs, stopped=forwarded, total=total)
         finally:  # an error in the sweep itself: leave no member running
             for proc, *_ in running.values():
@@ -352,10 +332,8 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
 
 
 def _stop_with_parent(sweep_pid: int):
-    """For a member's process (apart from the terminal's process group, so that a Ctrl-C there
-    reaches the sweep alone): SIGTERM when the sweep dies, even by SIGKILL (Linux's parent-death
-    signal), so that no member trains on as an orphan; it checkpoints and exits as preempted,
-    and the sweep's re-run resumes it."""
+    """A member's preexec: SIGTERM when the sweep dies, even by SIGKILL (Linux's parent-death
+    signal), so no member trains on as an orphan."""
 
     def arm() -> None:
         try:
@@ -375,8 +353,7 @@ MEMBER_WAIT_S = 30 * 60  # the longest a re-run waits for a member of a dead swe
 
 
 def _wait_for_earlier_member(run_dir: Path, m: Member, signals) -> None:
-    """A member's directory still held by a process (a member of an earlier sweep that was
-    killed, stopping at its next checkpoint): wait for it rather than fail the member."""
+    """Wait, rather than fail, while a killed earlier sweep's member still holds the directory."""
     holder = lock_holder(run_dir)
     if holder is None:
         return
@@ -387,8 +364,7 @@ def _wait_for_earlier_member(run_dir: Path, m: Member, signals) -> None:
 
 
 def _record(sweep: Sweep, m: Member, code: int, started: float, logs: Path, stopped: bool, total: int) -> None:
-    """What a member's exit means: done (a valid summary.json), stopped by the sweep's signal
-    (pending again: a re-run resumes it), or failed (its last error line)."""
+    """Record a member's exit as done, stopped by the sweep's signal (pending again) or failed."""
     m.exit_code, m.wall_time_s = code, round(time.time() - started, 1)
     acc = finished_run(sweep.member_dir(m))
     if code == 0 and acc is not None:
@@ -429,7 +405,6 @@ def add_sweep_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run_sweep(args) -> int:
-
     if args.parallel < 1:
         raise ConfigError(f"--parallel: must be >= 1, got {args.parallel}")
     members = expand(args.overrides, parse_seeds(args.seeds))
