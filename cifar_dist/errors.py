@@ -1,9 +1,6 @@
-"""Errors a user can cause (exit 2) and faults of the environment or of training (exit 1).
-
-The command line prints their one-line message, naming the rank when there
-are several processes. This module imports nothing heavy, so bad input is
-reported before torch is even loaded.
-"""
+"""Errors a user can cause (exit 2) and faults of the environment or of training (exit 1), each
+printed as one line naming the rank; nothing heavy is imported, so bad input is reported
+before torch loads."""
 
 import os
 import sys
@@ -55,17 +52,15 @@ class Interrupted(Exception):
 
 
 def say(line: str) -> None:
-    """``line`` and its newline on stderr in one write: the lines of several ranks that
-    share a pipe never run into each other (print writes the text and the newline apart)."""
+    """``line`` and its newline on stderr in one write, so ranks sharing a pipe never interleave
+    (print writes the text and the newline apart)."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 
 def fail(message: str, code: int, rank: str = "") -> None:
-    """One line on stderr, after ``rank`` ("rank N: " when there are several), then exit. Under torchrun
-    (and `accelerate launch` with several processes) the line also goes into the launcher's
-    error file, so its closing report shows it as the failure's cause: such a launcher exits 1
-    whatever its workers' codes, and without the file it would only say "exitcode: 2"."""
+    """One line on stderr after ``rank``, then exit; under torchrun it also goes into the
+    launcher's error file, whose closing report would otherwise say only "exitcode: 2"."""
     line = f"cifar-dist: {rank}{message}"
     say(line)
     _tell_the_launcher(line)
@@ -87,8 +82,8 @@ def _tell_the_launcher(line: str) -> None:
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None, rank: str = "") -> None:
-    """A warning as one line on stderr, without Python's echo of the source line: ours as
-    "cifar-dist: warning: ...", another package's with its category and origin."""
+    """A warning as one line on stderr without Python's echo of the source line; another
+    package's names its category and origin."""
     text = " ".join(str(message).split())
     if "cifar_dist" in str(filename):
         say(f"cifar-dist: {rank}warning: {text}")
@@ -97,8 +92,8 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None, 
 
 
 def _out_of_memory(e: Exception) -> bool:
-    """A device or host allocation that failed (torch.OutOfMemoryError, Python's MemoryError, or
-    the RuntimeError of a CPU allocator: "DefaultCPUAllocator: not enough memory")."""
+    """A failed device or host allocation: OutOfMemoryError, MemoryError, or a CPU allocator's
+    RuntimeError ("not enough memory")."""
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return True
     text = str(e)
@@ -106,10 +101,8 @@ def _out_of_memory(e: Exception) -> bool:
 
 
 def guarded(fn, args, rank_prefix: Callable[[], str] = lambda: "") -> int:
-    """Run the command ``fn(args)``: user errors and environment faults become one line
-    and an exit code (2 and 1); a bug names the rank and shows its traceback. ``rank_prefix``
-    names this process among several ("rank 1: "; the launcher's environment says which:
-    ``distributed.launcher.rank_prefix``)."""
+    """Run the command ``fn(args)``: user errors and faults become one line and exit 2 or 1; a bug
+    names the rank (``rank_prefix``, "rank 1: ") and shows its traceback."""
     import warnings
 
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")

@@ -1,9 +1,5 @@
-"""`cifar-dist doctor`: what this machine offers cifar_dist, the first thing to paste into a bug report.
-
-One line per fact (versions, devices, data, Slurm, and what `accelerate env` reports: the
-accelerator, memory, the accelerate command and its default config), then the default
-config itself and torch.utils.collect_env's report: one paste answers a maintainer's first
-questions, and those Accelerate's and PyTorch's bug reports ask.
+"""`cifar-dist doctor`: what this machine offers cifar_dist, one fact per line, then accelerate's
+default config and torch.utils.collect_env's report: one paste for a bug report (docs/runs.md).
 """
 
 from __future__ import annotations
@@ -25,8 +21,7 @@ from cifar_dist.data.cifar import FOLDER, MD5, file_digest
 from cifar_dist.runtime.hardware import bf16_speedup, cpu_flags, cpu_model, has_bf16_units
 from cifar_dist.trainer.precision import CpuBf16, resolve_precision
 
-# torch.utils.collect_env runs nvidia-smi, pip, gcc, ... without a timeout of its own: a stuck
-# driver would hang doctor, so the report is given up after this many seconds.
+# collect_env runs nvidia-smi, pip, gcc, ... with no timeout of its own: a stuck driver would hang doctor.
 COLLECT_ENV_TIMEOUT_S = 60.0
 
 
@@ -38,7 +33,6 @@ def _version(package: str) -> str:
 
 
 def _devices() -> list[tuple[str, str]]:
-
     rows = [("CUDA available", f"yes, CUDA {torch.version.cuda}" if torch.cuda.is_available() else "no")]
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
@@ -91,7 +85,6 @@ def _slurm() -> tuple[str, str]:
 
 
 def _data(config: str | None) -> tuple[str, str]:
-
     cfg = load_config(config)
     if cfg.data.synthetic:
         return "CIFAR-10", "synthetic (data.synthetic: true): no files needed"
@@ -99,8 +92,8 @@ def _data(config: str | None) -> tuple[str, str]:
     missing = [n for n in MD5 if not (folder / n).is_file()]
     if missing:
         return "CIFAR-10", f"missing in {folder} ({len(missing)} files); run `cifar-dist prepare`"
-    differ = [n for n in MD5 if file_digest(folder / n, "md5") != MD5[n]]
-    kind = "the official files" if not differ else "a rebuilt or modified copy (md5 differs from the official)"
+    mismatched = [n for n in MD5 if file_digest(folder / n, "md5") != MD5[n]]
+    kind = "the official files" if not mismatched else "a rebuilt or modified copy (md5 differs from the official)"
     return "CIFAR-10", f"{folder}: {kind}"
 
 
@@ -122,8 +115,8 @@ def _memory() -> str:
 
 
 def accelerate_config_path() -> Path | None:
-    """Where `accelerate launch` without --config_file looks for its config (from
-    accelerate itself: HF_HOME and XDG_CACHE_HOME move it); None if this accelerate does not say."""
+    """Where `accelerate launch` without --config_file looks for its config, as accelerate says
+    (HF_HOME and XDG_CACHE_HOME move it); None if it does not."""
     try:
         from accelerate.commands.config.config_args import default_config_file
     except ImportError:
@@ -147,8 +140,8 @@ def accelerate_config(path: Path | None) -> tuple[str, list[str]]:
 
 
 def torch_env(timeout_s: float | None = None) -> str:
-    """torch.utils.collect_env's report, or one line saying why there is none: it failed, or it
-    ran past ``timeout_s`` (default COLLECT_ENV_TIMEOUT_S) and is left running in the background."""
+    """torch.utils.collect_env's report, or one line saying why not: it failed, or ran past
+    ``timeout_s`` and was left running in the background."""
     limit = COLLECT_ENV_TIMEOUT_S if timeout_s is None else timeout_s
     result: dict[str, str] = {}
 
@@ -171,7 +164,6 @@ def torch_env(timeout_s: float | None = None) -> str:
 
 
 def doctor(config: str | None = None) -> list[tuple[str, str]]:
-
     rows = [
         ("cifar_dist", cifar_dist.__version__),
         ("python", sys.version.split()[0]),
@@ -191,8 +183,7 @@ def doctor(config: str | None = None) -> list[tuple[str, str]]:
 
 
 def report(config: str | None = None) -> str:
-    """All that doctor prints: the facts, one per line, then accelerate's default config (if
-    there is one) and torch.utils.collect_env's report, each under a heading."""
+    """All that doctor prints: the facts, then accelerate's default config and collect_env's report."""
     text = format_rows(doctor(config))
     path = accelerate_config_path()
     settings = accelerate_config(path)[1]
