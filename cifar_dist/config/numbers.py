@@ -1,6 +1,5 @@
-"""Numbers on a command line: argparse types that refuse, naming the option, what no command
-can use (zero where a count must be positive, a negative, NaN, infinity), so that a bad
-number is one line and exit 2 before anything runs, never a traceback or a table of NaNs."""
+"""argparse types that refuse, naming the option, numbers no command can use (a zero count, a
+negative, NaN, infinity): one line and exit 2 before anything runs."""
 
 from __future__ import annotations
 
@@ -27,15 +26,15 @@ def count(minimum: int = 1):
 def real(low: float = 0.0, high: float = math.inf, low_open: bool = True):
     """A finite number in (low, high] (``low_open``) or [low, high]."""
     span = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high < math.inf else None
-    want = f"a finite number in {span}" if span else f"a finite number {'>' if low_open else '>='} {low:g}"
+    expected = f"a finite number in {span}" if span else f"a finite number {'>' if low_open else '>='} {low:g}"
 
     def parse(text: str) -> float:
         try:
             value = float(str(text).strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
-            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     parse.__name__ = "real"
@@ -43,8 +42,7 @@ def real(low: float = 0.0, high: float = math.inf, low_open: bool = True):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose error is one line, ``cifar-dist: COMMAND: MESSAGE``, exit 2
-    (argparse's own prints the usage first)."""
+    """An ArgumentParser whose error is one line, ``cifar-dist: COMMAND: MESSAGE``, exit 2."""
 
     def error(self, message: str):
         command = self.prog.removeprefix("cifar-dist").strip()

@@ -1,10 +1,6 @@
-"""``key=value`` overrides: command lines that accept them anywhere (before, between and after
-options), and a value written as an override writes it.
-
-argparse stops filling an ``nargs='*'`` positional at the first option, so
-``train --config F a.b=1 --out D c.d=2`` would leave ``c.d=2`` unrecognized;
-here every leftover ``key=value`` joins the overrides, in the order given.
-"""
+"""``key=value`` overrides anywhere on a command line, and a value written as one. argparse stops
+filling an ``nargs='*'`` positional at the first option, so leftover ``key=value`` arguments
+join the overrides in the order given."""
 
 from __future__ import annotations
 
@@ -24,8 +20,7 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv=None) -> argparse
 
 
 def override_text(value) -> str:
-    """``value`` as the right side of a ``key=value`` override: flip, 0.98, [norm, bias],
-    {decay: 0.98, every_steps: 1}, null (how messages and tables show a config value)."""
+    """``value`` as the right side of an override (``[norm, bias]``, ``null``), as messages show it."""
     if isinstance(value, str):
         return value
     text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1_000)

@@ -14,9 +14,8 @@ def is_spec(text: str) -> bool:
 
 
 def require_trust(model_name: str, source, trust_code: bool) -> None:
-    """Refuse to import the user code that a config read from ``source`` (a received run
-    directory's config.yaml) names in ``model.name``, unless the user said they trust it.
-    Built-in names need no trust: only ``package.module:factory`` runs code."""
+    """Refuse user code named in ``model.name`` of a config read from ``source`` (a received
+    run directory's) unless the user trusts it."""
     if is_spec(model_name) and not trust_code:
         module = model_name.partition(":")[0]
         raise ConfigError(

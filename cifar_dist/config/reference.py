@@ -1,8 +1,5 @@
-"""The configuration reference: every key with its default and meaning, as Markdown.
-
-`cifar-dist config --reference` prints it; docs/configuration.md carries it (a test
-keeps the two equal).
-"""
+"""The configuration reference as Markdown: `cifar-dist config --reference` prints it, and
+docs/configuration.md carries it (a test keeps the two equal)."""
 
 from __future__ import annotations
 

@@ -2,9 +2,8 @@
 
 A key's type (``int``, ``list[float]``, ``Literal[...]``) is what its values are checked
 against; ``registry=`` names the registry of the names it accepts (``config.registry``);
-``result=False`` marks a key that does not change what a run trains or measures. Everything
-else (loading, validation, the reference, which keys a resume may change, how ``compare``
-groups runs) is derived from these declarations. Adding a key is adding a field here.
+``result=False`` marks a key that changes nothing a run trains or measures. Loading,
+validation, the reference, resume and ``compare`` derive from these declarations.
 """
 
 from __future__ import annotations
@@ -64,9 +63,7 @@ def _f(
     return field(default=default, metadata=meta)
 
 
-# Groups: a key whose value is a mapping of keys of its own. Off (null) by default; a mapping,
-# or any of its keys on the command line (``train.ema.decay=0.99``), turns it on with the
-# defaults below for the keys not given; ``true`` turns it on with every default.
+# Groups: keys whose value is a mapping of keys, off (null) by default (docs/averaging.md).
 
 
 @dataclass
@@ -361,8 +358,7 @@ SECTION_CLASSES = {
 
 
 def new_config() -> Config:
-    """A config of defaults, of the section classes as registered now (a test may add a section
-    class with a key of its own: everything reads the sections from ``SECTION_CLASSES``)."""
+    """A config of defaults of the section classes in ``SECTION_CLASSES`` now (a test may add one)."""
     return Config(**{section: cls() for section, cls in SECTION_CLASSES.items()})
 
 
@@ -372,14 +368,12 @@ def _hints(cls) -> dict:
 
 
 def field_type(section, f: dataclasses.Field):
-    """The declared type of a key (``int``, ``list[float]``, ``Literal["a", "b"]``, ...) of a
-    section (by name) or of a group (by class)."""
+    """The declared type of a key of a section (by name) or of a group (by class)."""
     return _hints(SECTION_CLASSES[section] if isinstance(section, str) else section)[f.name]
 
 
 def group_class(section, f: dataclasses.Field):
-    """The group class of a key whose value is a mapping of keys (``EmaConfig`` for train.ema),
-    else None."""
+    """The group class of a key (``EmaConfig`` for train.ema), else None."""
     t = field_type(section, f)
     args = typing.get_args(t) if typing.get_origin(t) in (typing.Union, types.UnionType) else (t,)
     return next((a for a in args if a in GROUP_CLASSES), None)
@@ -398,8 +392,7 @@ def choices(section, f: dataclasses.Field) -> tuple | None:
 
 
 def result_free_keys() -> frozenset[str]:
-    """The keys (and ``name``) that do not change what a run trains or measures: a resumed run may
-    change them, and ``compare`` puts runs that differ only in them (and the seed) together."""
+    """The keys (and ``name``) that change nothing a run trains or measures."""
     keys = {"name"}
     for section, f in iter_fields():
         free = not f.metadata.get("result", True)
@@ -425,8 +418,7 @@ RESULT_WHEN = (
 
 
 def result_keys_in(flat: dict) -> frozenset[str]:
-    """The result-free keys that do change the result of the configuration ``flat`` (its
-    ``flatten_keys``): RESULT_WHEN's."""
+    """RESULT_WHEN's keys that change the result of the ``flatten_keys`` configuration ``flat``."""
     return frozenset(key for key, when, _ in RESULT_WHEN if when(flat))
 
 
