@@ -115,8 +115,7 @@ def _memory() -> str:
 
 
 def accelerate_config_path() -> Path | None:
-    """Where `accelerate launch` without --config_file looks for its config, as accelerate says
-    (HF_HOME and XDG_CACHE_HOME move it); None if it does not."""
+    """Where `accelerate launch` looks for its default config (HF_HOME moves it), or None."""
     try:
         from accelerate.commands.config.config_args import default_config_file
     except ImportError:
@@ -140,8 +139,7 @@ def accelerate_config(path: Path | None) -> tuple[str, list[str]]:
 
 
 def torch_env(timeout_s: float | None = None) -> str:
-    """torch.utils.collect_env's report, or one line saying why not: it failed, or ran past
-    ``timeout_s`` and was left running in the background."""
+    """torch.utils.collect_env's report, or one line saying why not (it failed, or ran past ``timeout_s``)."""
     limit = COLLECT_ENV_TIMEOUT_S if timeout_s is None else timeout_s
     result: dict[str, str] = {}
 

@@ -14,8 +14,7 @@ def is_spec(text: str) -> bool:
 
 
 def require_trust(model_name: str, source, trust_code: bool) -> None:
-    """Refuse user code named in ``model.name`` of a config read from ``source`` (a received
-    run directory's) unless the user trusts it."""
+    """Refuse user code named in ``model.name`` of a received config (``source``) unless trusted."""
     if is_spec(model_name) and not trust_code:
         module = model_name.partition(":")[0]
         raise ConfigError(

@@ -104,16 +104,14 @@ def augment(x: torch.Tensor, index: torch.Tensor, epoch: int, seed: int, spec: A
 
 
 def flips(index, epoch: int, seed: int, mode: str) -> torch.Tensor:
-    """Which samples are mirrored in ``epoch`` (bool per ``index``); alternating inverts the
-    sample's epoch-0 coin in odd epochs."""
+    """Which samples are mirrored in ``epoch``; alternating inverts each one's epoch-0 coin in odd epochs."""
     if mode == "alternating":
         return rand_int(seed, 0, index, FLIP, 2).bool() ^ bool(epoch % 2)
     return rand_int(seed, epoch, index, FLIP, 2).bool()
 
 
 def random_crop(x, index, epoch, seed, pad: int, reflect: bool = False):
-    """torchvision's RandomCrop(32, padding=pad), zero or (``reflect``) mirrored padding; pure
-    indexing, so the same pixels on every device."""
+    """torchvision's RandomCrop(32, padding=pad), zero or mirrored padding, by pure indexing."""
     b, c, h, w = x.shape
     dy = rand_int(seed, epoch, index, CROP_Y, 2 * pad + 1)
     dx = rand_int(seed, epoch, index, CROP_X, 2 * pad + 1)

@@ -23,8 +23,7 @@ FFCV_HELP = (
 
 
 def require_ffcv():
-    """Import FFCV, or say how to install it; restores torch's thread count, which FFCV's
-    import sets to 1 (docs/data.md)."""
+    """Import FFCV, or say how to install it; restores the torch thread count its import resets."""
     threads = torch.get_num_threads()
     try:
         import ffcv.loader  # noqa: F401

@@ -58,8 +58,7 @@ def _worker_init(_):
 
 
 class Loader(Protocol):
-    """What the training loop asks of an input pipeline: this process's micro-batches of every
-    step of an epoch, each ``(uint8 images, labels, global sample indices)`` on the device."""
+    """An input pipeline: each step's micro-batches ``(uint8 images, labels, sample indices)``."""
 
     steps_per_epoch: int
 

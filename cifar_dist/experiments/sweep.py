@@ -170,8 +170,7 @@ class Sweep:
         return self.path / m.name
 
     def open(self) -> None:
-        """Create the directory or check it holds this same sweep; refresh states from the members'
-        directories."""
+        """Create the directory or check it holds this sweep; refresh states from the members' folders."""
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"{self.path}: exists and is not a directory; choose another --out")
         if self.file.is_file():

@@ -73,8 +73,7 @@ class AirbenchNet(nn.Module):
         self.whiten.weight.copy_(whitening_weights(images).to(self.whiten.weight))
 
     def frozen_parameters(self, epoch: int) -> list[torch.Tensor]:
-        """Parameters that take no step in ``epoch`` (from 0): the whitening bias after
-        ``whiten_bias_epochs``."""
+        """Parameters with no step in ``epoch``: the whitening bias after ``whiten_bias_epochs``."""
         bias = self.whiten.bias
         return [bias] if bias is not None and epoch >= self.whiten_bias_epochs else []
 

@@ -28,8 +28,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         self.register_buffer("stat_count", torch.zeros(()), persistent=False)
 
     def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """weight and bias in fp32: DeepSpeed's bf16/fp16 engines cast them but not the running
-        statistics."""
+        """weight and bias in fp32 (DeepSpeed's bf16/fp16 engines cast them, not the statistics)."""
         if self.weight.dtype == torch.float32:
             return self.weight, self.bias
         return self.weight.float(), self.bias.float()

@@ -83,8 +83,7 @@ class Residual(nn.Module):
 
 
 class GlobalMaxPool(nn.Module):
-    """``nn.AdaptiveMaxPool2d(1)`` via ``amax``, whose CUDA backward is deterministic (ties
-    share the gradient)."""
+    """``nn.AdaptiveMaxPool2d(1)`` via ``amax``, whose CUDA backward is deterministic."""
 
     def forward(self, x):
         return x.amax(dim=(2, 3), keepdim=True)

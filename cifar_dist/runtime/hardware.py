@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-# name fragment -> {precision: dense peak TFLOP/s}. Looked up in this order, so a
-# longer name comes before any name it contains (H100 NVL before H100, L40S and L40
-# before L4, A100 and A10G before A10).
+# name fragment -> {precision: dense peak TFLOP/s}, looked up in order: a longer name comes
+# before any name it contains (H100 NVL before H100, L40S before L4, A10G before A10).
 PEAK_TFLOPS = {
     "H200 NVL": {"bf16": 835.0, "fp16": 835.0, "tf32": 418.0, "fp32": 60.0},
     "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},

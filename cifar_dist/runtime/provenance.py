@@ -13,8 +13,7 @@ import torch
 
 @functools.cache
 def git_sha() -> str:
-    """The commit of the running code, read once so a commit made during a long run is not its
-    summary's."""
+    """The commit of the running code, read once: a commit made during a run is not its summary's."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(

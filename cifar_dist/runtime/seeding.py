@@ -37,8 +37,7 @@ def set_tf32(allowed: bool) -> None:
 
 
 def apply_tf32(run_cfg) -> bool:
-    """``run.tf32`` on a GPU (off under ``run.deterministic``); returns whether fp32 work now
-    runs on TF32 tensor cores."""
+    """``run.tf32`` on a GPU, off under ``run.deterministic``; whether fp32 now runs on TF32 cores."""
     if not torch.cuda.is_available():
         return False
     allowed = run_cfg.tf32 and not run_cfg.deterministic

@@ -51,8 +51,7 @@ def _save_safetensors(state: dict, path: Path) -> None:
 
 
 def write_tensors(tensors: dict, path: Path) -> None:
-    """A dict of tensors as a safetensors file of contiguous CPU copies; a failed write is an
-    OSError."""
+    """A dict of tensors as a safetensors file of contiguous CPU copies (a failed write: OSError)."""
     _save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)
 
 
@@ -86,8 +85,7 @@ def load_weights(path: str | os.PathLike, model: torch.nn.Module | None = None) 
 
 
 def check_compatible(state: dict, expected: dict, source) -> None:
-    """``state`` (read from ``source``) has exactly the keys and shapes of ``expected``; else a
-    CheckpointError naming the first misfit."""
+    """``state`` has exactly the keys and shapes of ``expected``, else a CheckpointError."""
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     if missing or extra:

@@ -44,8 +44,7 @@ def no_missing_folder(path, option: str) -> Path:
 
 
 def own_folder(path) -> Path:
-    """A folder cifar-dist writes into inside one the user named: made when missing, refused
-    when it is a symbolic link."""
+    """A folder cifar-dist writes into inside the user's: made when missing, refused if a link."""
     path = no_link(path)
     try:
         path.mkdir(exist_ok=True)

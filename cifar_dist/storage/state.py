@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from cifar_dist.errors import CheckpointError
 
-LOSS_UNIT = 2.0**-24  # the training-loss sums are whole multiples of this (see trainer.step.EpochTotals)
+LOSS_UNIT = 2.0**-24  # the training-loss sums are whole multiples of this (see trainer.epoch.EpochTotals)
 
 
 @dataclass
