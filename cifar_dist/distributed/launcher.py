@@ -38,7 +38,7 @@ def local_world_size() -> int:
 
 
 def restart_attempt() -> int:
-    """Which attempt of a torchrun job this is when its agent keeps one store for all (else 0)."""
+    """Which attempt of a torchrun job this is when torchrun keeps one store for all (else 0)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return 0
     value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

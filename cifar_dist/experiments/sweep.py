@@ -250,7 +250,7 @@ def _check_members(config: str | None, members: list[Member]) -> dict[int, str]:
 
 class _Signals:
     """Catches SIGTERM, SIGINT and SIGHUP while members run, for ``run_members`` to forward once
-    (members have sessions of their own, so a terminal's Ctrl-C reaches them only this way)."""
+    (members run in process groups of their own, so a terminal's Ctrl-C reaches them only so)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
