@@ -22,11 +22,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from cifar_dist.config.loading import load_config
+from cifar_dist.config.loading import load_config, validate
 from cifar_dist.config.numbers import OneLineParser
 from cifar_dist.config.overrides import parse_with_overrides
 from cifar_dist.distributed.launcher import env_rank, rank_prefix, using_deepspeed
-from cifar_dist.errors import ConfigError, RunDirError, guarded, say
+from cifar_dist.errors import RunDirError, guarded, say
 from cifar_dist.runtime.malloc import tune_malloc
 from cifar_dist.storage.trackers import check_trackers
 from cifar_dist.trainer.callbacks import load_callbacks
@@ -91,14 +91,8 @@ def run(args: argparse.Namespace) -> int:
     Everything a user can get wrong is refused before the training stack (torch, Accelerate)
     is imported, which is why that import comes late: a bad config is one line at once."""
     cfg = resolve_config(args)
-    if using_deepspeed() and cfg.train.exact_reduce:  # every rank refuses at once, before any set-up
-        raise ConfigError(
-            "train.exact_reduce: DeepSpeed reduces gradients itself; "
-            "set train.exact_reduce=false to train with DeepSpeed"
-        )
-    averaged = "train.ema" if cfg.train.ema is not None else "train.lookahead" if cfg.train.lookahead else None
-    if using_deepspeed() and averaged:  # the engine's optimizer updates weights of its own, partitioned
-        raise ConfigError(f"{averaged}: not with DeepSpeed (its engine owns the weights); set {averaged}=null")
+    if using_deepspeed():  # every rank refuses at once, before any set-up
+        validate(cfg, deepspeed=True)
     if args.config is None and not args.resume and env_rank() == 0:
         say(
             "cifar-dist: no --config: training the built-in defaults: the paper's model and optimizer for 60 "

@@ -115,12 +115,11 @@ def sync_check(out: Path, data_root: str | None, dry: bool, steps: int = 50) -> 
 
     import torch
 
-    from cifar_dist.bench.rows import steady_step
     from cifar_dist.config.loading import load_config
     from cifar_dist.distributed.accelerator import make_accelerator
-    from cifar_dist.trainer.build import build_data, build_parts, resolve_run_precision
-    from cifar_dist.trainer.control import Control
-    from cifar_dist.trainer.step import EpochTotals
+    from cifar_dist.trainer.build import build_data, resolve_run_precision
+    from cifar_dist.trainer.epoch import EpochTotals
+    from cifar_dist.trainer.trainer import Trainer
 
     overrides = ["train.epochs=100", "run.progress=false", "run.trackers=[]"]
     overrides += ["data.synthetic=true"] if data_root is None else [f"data.root={data_root}"]
@@ -129,26 +128,25 @@ def sync_check(out: Path, data_root: str | None, dry: bool, steps: int = 50) -> 
     resolve_run_precision(cfg)
     accelerator = make_accelerator(cfg)
     shard, train_set, eval_set, _ = build_data(cfg, accelerator)
-    parts = build_parts(cfg, accelerator, shard, train_set, eval_set, out / "sync-run")
-    totals = EpochTotals.start(parts.device)
-    control = Control(parts.model, parts.precision, parts.device, 0, cfg.train.exact_reduce)
-    stream, warmup, done, reads = parts.loader.iter_epoch(0), 3 * 10, 0, 0
-    cuda = parts.device.type == "cuda"
+    trainer = Trainer(cfg, accelerator, shard, train_set, eval_set, out / "sync-run")
+    totals = EpochTotals.start(trainer.device)
+    stream, warmup, done, reads = trainer.loader.iter_epoch(0), 3 * 10, 0, 0
+    cuda = trainer.device.type == "cuda"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i in range(warmup + steps):
             if i == warmup and cuda:
-                torch.cuda.synchronize(parts.device)
+                torch.cuda.synchronize(trainer.device)
                 caught.clear()
                 torch.cuda.set_sync_debug_mode("warn")
-            read = steady_step(parts, control, next(stream), done, totals)
             done += 1
+            read = trainer.steady_step(next(stream), done, totals)
             reads += read and i >= warmup
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
     waits = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
     result = {
-        "device": str(parts.device),
+        "device": str(trainer.device),
         "steps": steps,
         "control_reads": reads,
         "host_waits": len(waits),

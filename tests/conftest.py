@@ -218,7 +218,7 @@ def _warm():
                 "safetensors.torch",
                 "cifar_dist.cli.main",
                 "cifar_dist.train",
-                "cifar_dist.trainer.loop",
+                "cifar_dist.trainer.trainer",
                 "cifar_dist.storage.plots",
             ]
         )

@@ -66,6 +66,7 @@ class Inject(Callback):
         return kind in kinds and step == at and (rank is None or rank == self.run.rank)
 
     def on_step_start(self, step: int) -> None:
+        step -= 1  # a spec's STEP counts the steps done before it; the loop numbers steps from 1
         if self._here(step, "raise"):
             raise RuntimeError(f"injected fault at step {step}")
         if self._here(step, "kill"):
@@ -90,6 +91,7 @@ class Inject(Callback):
             os.kill(os.getpid(), sig)
 
     def on_loss(self, loss, step: int):
+        step -= 1  # as in on_step_start
         if self._here(step, "nan"):
             return loss * float("nan")
         if self._here(step, "overflow"):  # the same value, gradients 1e30 times larger

@@ -12,10 +12,9 @@ from cifar_dist.config.loading import load_config
 from cifar_dist.data.cifar import FOLDER
 from cifar_dist.distributed.accelerator import make_accelerator
 from cifar_dist.storage.state import TrainState
-from cifar_dist.trainer import loop
-from cifar_dist.trainer.build import build_data, build_parts, resolve_run_precision
+from cifar_dist.trainer.build import build_data, resolve_run_precision
 from cifar_dist.trainer.callbacks import Callbacks
-from cifar_dist.trainer.progress import progress_bars
+from cifar_dist.trainer.trainer import Trainer
 
 from conftest import REPO
 
@@ -58,15 +57,24 @@ TINY_BENCH = ["--warmup", "1", "--steps", "2", "--repeats", "1", "model.widths=[
 
 
 def build(run_dir, *overrides, callbacks=()):
-    """The Parts of `cifar-dist train` for the smoke recipe, built in this process."""
+    """The Trainer of `cifar-dist train` for the smoke recipe, built in this process."""
     cfg = load_config(SMOKE, [*SMALL, *overrides])
     resolve_run_precision(cfg)
     cfg.run.out_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
     shard, train_set, eval_set, _ = build_data(cfg, accelerator)
-    return build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, callbacks=Callbacks(callbacks))
+    return Trainer(cfg, accelerator, shard, train_set, eval_set, run_dir, callbacks=Callbacks(callbacks))
 
 
-def fit(parts, state=None):
-    return loop.Trainer(parts, state or TrainState(), progress_bars(False)).fit()
+def restore(trainer, ckpt):
+    """Load checkpoint ``ckpt`` into ``trainer``; returns the TrainState it holds."""
+    return trainer.restore(ckpt)
+
+
+def fit(trainer, state=None):
+    """Train ``trainer`` from ``state`` (a fresh state when None) to its end."""
+    state = TrainState() if state is None else state
+    if state is not trainer.state:
+        trainer.start_from(state)
+    return trainer.fit()

@@ -24,10 +24,9 @@ from cifar_dist.model.airbench import AirbenchNet, whitening_weights
 from cifar_dist.model.optim import build_optimizer, lr_at, param_groups, schedule_steps, set_lr
 from cifar_dist.model.resnet import build_model, count_parameters
 from cifar_dist.trainer.averaging import LOOKAHEAD_FILE, Lookahead
-from cifar_dist.trainer.build import restore
 
 from conftest import FAULT_ARG, REPO, SMOKE, base_env, cli, fault_env, summary, torchrun
-from helpers import SPE, build, fit
+from helpers import SPE, build, fit, restore
 
 RECIPE = REPO / "configs" / "airbench94.yaml"
 # The recipe's pieces on the smoke set-up (synthetic data, batch 64, BatchNorm groups of 16 and
@@ -155,7 +154,7 @@ def test_the_whitening_bias_trains_in_its_epochs_only_and_the_batchnorm_biases_a
     assert {id(p) for p in scaled[0]["params"]} == bn_biases | {
         id(m.weight) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
     }
-    from cifar_dist.trainer.step import frozen_parameters
+    from cifar_dist.trainer.build import frozen_parameters
 
     assert frozen_parameters(model, 0) == [] and frozen_parameters(model, 1) == [model.whiten.bias]
     assert frozen_parameters(torch.nn.Linear(2, 2), 5) == []

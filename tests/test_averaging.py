@@ -18,12 +18,11 @@ from cifar_dist.config.schema import LookaheadConfig
 from cifar_dist.errors import CheckpointError, ConfigError
 from cifar_dist.model.resnet import build_model
 from cifar_dist.trainer.averaging import EMA_FILE, LOOKAHEAD_FILE, Lookahead
-from cifar_dist.trainer.build import restore
 from cifar_dist.trainer.callbacks import STATE_FILE, Callbacks
 from cifar_dist.trainer.evaluation import evaluate_model
 
 from conftest import FAULT_ARG, SMOKE, accelerate_launch, cli, cli_here, fault_env, summary, torchrun
-from helpers import build, fit
+from helpers import build, fit, restore
 
 
 class Recorder:
@@ -105,18 +104,15 @@ def _state(module) -> dict:
 def test_the_bench_step_updates_the_ema_and_lookahead_as_training_does(tmp_path):
     """`cifar-dist bench train.ema.decay=...` times the averages too: its step, fed the same
     batches, leaves the same bits as 5 steps of the training loop."""
-    from cifar_dist.bench.rows import steady_step
-    from cifar_dist.trainer.control import Control
-    from cifar_dist.trainer.step import EpochTotals
+    from cifar_dist.trainer.epoch import EpochTotals
 
     args = ("train.max_steps=5", "train.ema.decay=0.5", "train.lookahead.k=2")
     trained = build(tmp_path / "loop", *args)
     fit(trained)
     benched = build(tmp_path / "bench", *args)
-    control = Control(benched.model, benched.precision, benched.device, collective=False)
     totals = EpochTotals.start(benched.device)
-    for step, micro in zip(range(5), benched.loader.iter_epoch(0)):
-        steady_step(benched, control, micro, step, totals)
+    for step, micro in zip(range(1, 6), benched.loader.iter_epoch(0)):
+        benched.steady_step(micro, step, totals)
     ema = benched.averages.ema.module.state_dict()
     for a, b in [
         (trained.averages.ema.module.state_dict(), ema),
@@ -272,23 +268,23 @@ class Counter:
 def test_callback_state_is_saved_under_each_name_and_restored(tmp_path):
     """Named by spec (or module:qualname), repeats numbered; stateless callbacks write nothing;
     a state JSON cannot hold is one line naming the callback."""
-    Callbacks([Plain()]).save_state(tmp_path)
+    Callbacks([Plain()]).save(tmp_path)
     assert not (tmp_path / STATE_FILE).exists()
     saved = Callbacks([Counter(3), Plain(), Counter(5)], ["pkg.hooks:Counter", "pkg:Plain", "pkg.hooks:Counter"])
-    saved.save_state(tmp_path)
+    saved.save(tmp_path)
     assert json.loads((tmp_path / STATE_FILE).read_text()) == {
         "pkg.hooks:Counter": {"n": 3},
         "pkg.hooks:Counter#2": {"n": 5},
     }
     a, b, extra = Counter(), Counter(), Counter()
-    Callbacks([a, b], ["pkg.hooks:Counter", "pkg.hooks:Counter"]).plus([extra]).load_state(tmp_path)
+    Callbacks([a, b], ["pkg.hooks:Counter", "pkg.hooks:Counter"]).plus([extra]).load(tmp_path)
     assert (a.n, b.n, extra.n) == (3, 5, 0)  # test_averaging:Counter was not saved: starts fresh
     assert Callbacks([Counter()]).names == ["test_averaging:Counter"]
     with pytest.raises(ConfigError, match=r"^run.callbacks: x:Bad: state_dict\(\) returned what JSON cannot hold"):
-        Callbacks([Counter(object())], ["x:Bad"]).save_state(tmp_path)
+        Callbacks([Counter(object())], ["x:Bad"]).save(tmp_path)
     (tmp_path / STATE_FILE).write_text("[1]")
     with pytest.raises(CheckpointError, match="callbacks.json: unreadable"):
-        saved.load_state(tmp_path)
+        saved.load(tmp_path)
 
 
 @pytest.mark.parametrize("key", ["train.ema.decay=0.99", "train.lookahead.k=4"])

@@ -20,14 +20,14 @@ from cifar_dist import Callback
 
 
 class StopAtStep(Callback):
-    """Stops the run after step 5; records every hook it saw, per rank."""
+    """Stops the run after step 6 (steps are counted from 1); records every hook it saw, per rank."""
 
     def on_train_start(self, run):
         self.run, self.seen = run, []
 
     def on_step_end(self, step, metrics):
         self.seen.append(("step", step, metrics["lr"]))
-        if step == 5:
+        if step == 6:
             self.run.request_stop()
 
     def on_epoch_end(self, row):
@@ -73,7 +73,7 @@ def test_a_callback_stops_the_run_after_the_step_it_asks_at(tmp_path, user_code)
     parts = build(tmp_path / "run", callbacks=callbacks.items)
     state = fit(parts)
     seen = callbacks.items[0].seen
-    assert state.global_step == 6 and [s for kind, s, _ in seen if kind == "step"] == list(range(6))
+    assert state.global_step == 6 and [s for kind, s, _ in seen if kind == "step"] == list(range(1, 7))
     assert seen[-1][0] == "epoch" and seen[-1][1] == 6 and seen[-1][2] is not None  # evaluated like a last epoch
     assert (tmp_path / "run" / "checkpoints" / "step_00000006").is_dir()
 
@@ -139,7 +139,7 @@ def test_a_user_model_and_callback_train_on_one_and_two_processes(tmp_path, user
         assert s["parameters"] == 314 and s["steps"] == 6 and s["world_size"] == ranks
         hooks = [json.loads((out / f"hooks-rank{r}.json").read_text()) for r in range(ranks)]
         assert all(h == hooks[0] for h in hooks)  # every rank saw the same hooks and values
-        assert [s for kind, s, _ in hooks[0] if kind == "step"] == list(range(6))
+        assert [s for kind, s, _ in hooks[0] if kind == "step"] == list(range(1, 7))
         assert hooks[0][-1] == ["end", 6, s["test_acc"]]
 
 

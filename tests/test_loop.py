@@ -1,4 +1,4 @@
-"""The training loop in this process: trainer.step.train_step and trainer.loop.Trainer.fit on the smoke model,
+"""The training loop in this process: Trainer.train_step and Trainer.fit on the smoke model,
 no subprocess. The learning rate at every step, the non-finite check, the checkpoint
 schedule, stop requests, resume and evaluation counting, each in a second or two; the
 end-to-end tests keep only what a real process (or several) can show."""
@@ -14,15 +14,11 @@ import pytest
 import torch
 
 from cifar_dist.errors import NonFiniteError
-from cifar_dist.storage.state import TrainState
-from cifar_dist.trainer import loop
-from cifar_dist.trainer.build import restore
 from cifar_dist.trainer.control import CONTROL_EVERY
-from cifar_dist.trainer.progress import progress_bars
-from cifar_dist.trainer.step import EpochTotals, train_step
+from cifar_dist.trainer.epoch import EpochTotals
 from cifar_dist.trainer.stopping import StopReason
 
-from helpers import SPE, build, fit
+from helpers import SPE, build, fit, restore
 
 
 def weights(parts) -> dict:
@@ -47,22 +43,22 @@ class AroundSteps:
         self.before, self.after, self.parts = before, after, None
 
     def on_train_start(self, run):
-        self.parts = run.parts
+        self.parts = run
 
-    def on_step_start(self, step):
+    def on_step_start(self, step):  # ``before``/``after`` get the step's index from 0
         if self.before is not None:
-            self.before(self.parts, step)
+            self.before(self.parts, step - 1)
 
     def on_step_end(self, step, metrics):
         if self.after is not None:
-            self.after(self.parts, step)
+            self.after(self.parts, step - 1)
 
 
 class LrLog(list):
-    """A callback: (step, learning rate the optimizer stepped with) for every step fit runs."""
+    """A callback: (step index from 0, learning rate the optimizer stepped with) for every step fit runs."""
 
     def on_step_end(self, step, metrics):
-        self.append((step, metrics["lr"]))
+        self.append((step - 1, metrics["lr"]))
 
 
 @pytest.fixture
@@ -91,16 +87,16 @@ def test_train_step_returns_a_device_flag_updates_the_weights_and_clears_gradien
     before = weights(parts)
     totals = EpochTotals.start(parts.device)
     micro = next(iter(parts.loader.iter_epoch(0)))
-    bad = train_step(parts, micro, 0, totals)
+    bad = parts.train_step(micro, 1, totals)
     assert isinstance(bad, torch.Tensor) and bad.dim() == 0 and bad.device == parts.device
     assert float(bad) == 0.0 and totals.count == 64
     assert all(q.grad is None for q in parts.model.parameters())
     # step 0 of the one-cycle schedule runs at lr 0: nothing may move yet
     assert all(torch.equal(before[k], v) for k, v in weights(parts).items() if "weight" in k)
-    bad = train_step(parts, micro, 1, totals)
+    bad = parts.train_step(micro, 2, totals)
     assert any(not torch.equal(before[k], v) for k, v in weights(parts).items() if "weight" in k)
     poison(parts.model)
-    assert float(train_step(parts, micro, 2, totals)) > 0
+    assert float(parts.train_step(micro, 3, totals)) > 0
 
 
 def test_fit_steps_the_one_cycle_schedule_at_every_step_and_after_a_resume(tmp_path, lr_log):
@@ -152,14 +148,14 @@ def test_epoch_checkpoints_follow_every_epochs(tmp_path, commits):
 
 
 def test_a_nan_stops_fit_naming_its_step_before_any_checkpoint_holds_it(tmp_path, commits):
-    """A NaN weight before step 4 (the 5th step): the check due with checkpoint 6 reads the
-    flag first, so only checkpoint 3 exists, and it is finite."""
+    """A NaN weight before the 5th step (step 5: steps are counted from 1): the check due with
+    checkpoint 6 reads the flag first, so only checkpoint 3 exists, and it is finite."""
     parts = build(
         tmp_path / "run",
         "checkpoint.every_steps=3",
         callbacks=[AroundSteps(before=lambda p, step: poison(p.model) if step == 4 else None)],
     )
-    with pytest.raises(NonFiniteError, match=r"became NaN/Inf at step 4 \(epoch 1\)"):
+    with pytest.raises(NonFiniteError, match=r"became NaN/Inf at step 5 \(epoch 1\)"):
         fit(parts)
     assert commits == [3] and checkpoint_steps(parts.run_dir) == [3]
     from safetensors.torch import load_file
@@ -175,9 +171,9 @@ def test_a_stop_request_checkpoints_at_the_next_control_read_and_resuming_gives_
     fit(reference)
     parts = build(
         tmp_path / "run",
-        callbacks=[AroundSteps(before=lambda p, step: p.stop_file.write_text("") if step == 8 else None)],
+        callbacks=[AroundSteps(before=lambda p, step: p.stop.stop_file.write_text("") if step == 8 else None)],
     )
-    trainer = loop.Trainer(parts, TrainState(), progress_bars(False))
+    trainer = parts
     state = trainer.fit()
     assert trainer.stop_reason is StopReason.STOP_FILE
     assert CONTROL_EVERY == 10 and state.global_step == 10
@@ -332,7 +328,7 @@ def test_a_callback_hook_that_returns_nothing_changes_nothing(tmp_path):
     fit(plain)
     logged = build(tmp_path / "logged", "train.max_steps=3", callbacks=[logger])
     fit(logged)
-    assert logger.seen[:2] == [0, 0] and logger.seen[-1] == 2  # every chunk of every step (exact reduce)
+    assert logger.seen[:2] == [1, 1] and logger.seen[-1] == 3  # every chunk of every step (exact reduce)
     assert all(torch.equal(v, weights(logged)[k]) for k, v in weights(plain).items())
 
 
@@ -362,14 +358,15 @@ def test_a_run_that_has_ended_trains_no_further_step_and_a_longer_max_steps_cont
     state = restore(again, _ckpt(short, 11))
     assert state.partial["count"] == 3 * 64  # the unfinished epoch's sums
     before = weights(again)
-    trainer = loop.Trainer(again, state, progress_bars(False))
+    trainer = again
     assert trainer.ended is StopReason.FINISHED
     state = trainer.fit()
     assert state.global_step == 11 and len(state.history) == 2 and checkpoint_steps(again.run_dir) == []
     assert all(torch.equal(v, weights(again)[k]) for k, v in before.items())
 
     extended = build(tmp_path / "extended", "train.max_steps=14")
-    trainer = loop.Trainer(extended, restore(extended, _ckpt(short, 11)), progress_bars(False))
+    trainer = extended
+    restore(extended, _ckpt(short, 11))
     assert trainer.ended is None
     state = trainer.fit()
     assert state.global_step == 14 and _trained(state.history) == _trained(expected)
@@ -386,7 +383,7 @@ class StopAfter:
         self.run = run
 
     def on_step_end(self, step, metrics):
-        if step + 1 == self.step:
+        if step == self.step:
             self.run.request_stop()
 
 
@@ -403,7 +400,8 @@ def test_a_run_ended_early_stays_ended_when_resumed(tmp_path, ends):
     state = fit(parts)
     assert state.global_step == steps and state.ended == ends.value
     resumed = build(tmp_path / "resumed")
-    trainer = loop.Trainer(resumed, restore(resumed, _ckpt(parts, steps)), progress_bars(False))
+    trainer = resumed
+    restore(resumed, _ckpt(parts, steps))
     assert trainer.ended is ends
     assert trainer.fit().global_step == steps and checkpoint_steps(resumed.run_dir) == []
 
@@ -411,12 +409,9 @@ def test_a_run_ended_early_stays_ended_when_resumed(tmp_path, ends):
 def test_a_stop_asked_while_the_run_starts_up_stops_it_before_its_first_step(tmp_path):
     """A SIGTERM recorded before the loop began (building, compiling): no step is trained, the
     run stops as preempted, and nothing is checkpointed (it had trained nothing)."""
-    from cifar_dist.trainer.stopping import StopRequest
-
     parts = build(tmp_path / "run")
-    stop = StopRequest(None)
-    stop.signalled = "SIGTERM"
-    trainer = loop.Trainer(parts, TrainState(), progress_bars(False), stop)
+    parts.stop.signalled = "SIGTERM"
+    trainer = parts
     state = trainer.fit()
     assert trainer.stop_reason is StopReason.SIGNAL and trainer.preempted
     assert state.global_step == 0 and state.history == [] and checkpoint_steps(parts.run_dir) == []

@@ -171,7 +171,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     res = cli("train", "--config", SMOKE, "--out", out, *STEPS, FAULT_ARG, env=fault_env("nan@21"), check=False)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1] == (
-        "cifar-dist: loss or gradients became NaN/Inf at step 21 (epoch 1); the last good checkpoint is kept"
+        # nan@21: the loss of the 22nd step (steps are counted from 1)
+        "cifar-dist: loss or gradients became NaN/Inf at step 22 (epoch 1); the last good checkpoint is kept"
     )
     # checkpoint 24 fell due after the NaN, before the flags' regular read at step 30: not written
     assert _checkpoint_steps(out) == [12]

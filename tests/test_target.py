@@ -64,8 +64,8 @@ def test_the_estimate_is_timed_between_control_reads(monkeypatch):
     lines = []
     eta = progress.EstimatedTime(lines.append)
     eta.on_train_start(SimpleNamespace(rank=0, max_steps=1000, parts=SimpleNamespace(device=torch.device("cpu"))))
-    for step in range(20):
-        eta.on_step_end(step, {"lr": 0.1, **({"train_loss": 2.0} if (step + 1) % 10 == 0 else {})})
+    for step in range(1, 21):
+        eta.on_step_end(step, {"lr": 0.1, **({"train_loss": 2.0} if step % 10 == 0 else {})})
     assert lines == [
         "estimated time to finish: 2 h 43 min for 980 more steps (10 s/step over steps 10-20; evaluation not included)"
     ]

@@ -12,10 +12,10 @@ from cifar_dist.bench.timing import Clock, figures, forever, peak_memory, time_s
 from cifar_dist.config.schema import ProfileConfig
 from cifar_dist.data import Shard
 from cifar_dist.distributed.collectives import world_info
-from cifar_dist.trainer.build import build_model_seeded, build_parts, graph_count, resolve_run_precision
-from cifar_dist.trainer.control import Control
+from cifar_dist.trainer.build import build_model_seeded, graph_count, resolve_run_precision
+from cifar_dist.trainer.epoch import EpochTotals
 from cifar_dist.trainer.profiling import profile_steps
-from cifar_dist.trainer.step import EpochTotals, train_step
+from cifar_dist.trainer.trainer import Trainer
 
 
 @dataclass(frozen=True)
@@ -74,24 +74,13 @@ def row_config(base, row: Row, world: int):
     return cfg
 
 
-def steady_step(parts, control, micro, step: int, totals: EpochTotals) -> bool:
-    """Step ``step`` as the training loop runs it away from epoch boundaries: ``train_step``,
-    the control collective, the host read every ``CONTROL_EVERY`` steps, and the weight
-    averages (``train.ema``, ``train.lookahead``) when they are on. Returns whether the host
-    read the device."""
-    bad = train_step(parts, micro, step, totals)
-    read = control.after_step(bad, step + 1, totals.loss) is not None
-    parts.averages.after_step(step + 1)
-    return read
-
-
 def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool, profile: Path | None = None) -> dict:
     """Time the framework's training step for one row; ``distributed=False`` runs
     rank 0's model alone, unwrapped: the single-process reference. ``profile``: the
     benchmark's folder; after the timed repeats (which it does not slow down) the same steps
     are profiled into ``<profile>/profile/<row slug>/`` (``run.profile.steps`` of them).
 
-    Each step is what the training loop runs: ``train_step`` and the control
+    Each step is what the training loop runs (``Trainer.steady_step``): the step and the control
     collective after it (BatchNorm statistics and flags), with the flags read on
     the host every ``CONTROL_EVERY`` steps. A compiled row starts from a fresh
     compile state, so its figure does not depend on the rows before it.
@@ -106,17 +95,14 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool, 
     graphs_before = graph_count()
     shard = Shard(rank, world, cfg.train.batch_size)
     synthetic = SyntheticLoader(shard, device) if row.loader == "synthetic" else None
-    parts = build_parts(
-        cfg, accelerator, shard, data, None, None, build_model_seeded(cfg), loader=synthetic, wrap=distributed
-    )
+    trainer = Trainer(cfg, accelerator, shard, data, model=build_model_seeded(cfg), loader=synthetic, wrap=distributed)
     totals = EpochTotals.start(device)
-    control = Control(parts.model, parts.precision, device, collective=distributed)
     done = [0]
-    stream = forever(parts.loader)
+    stream = forever(trainer.loader)
 
-    def step(micro):
-        steady_step(parts, control, micro, done[0], totals)
+    def step(batch):
         done[0] += 1
+        trainer.steady_step(batch, done[0], totals)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

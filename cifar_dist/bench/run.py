@@ -4,9 +4,9 @@
     cifar-dist bench --loader-only --loaders torch,gpu,ffcv --workers 0,2
     accelerate launch --config_file launch/cpu.yaml --num_processes 2 -m cifar_dist.bench --out runs/bench2
 
-Each row runs the framework's own training step (``trainer.step.train_step``) on the
+Each row runs the framework's own training step (``Trainer.steady_step``) on the
 configured model, built by the same function as training
-(``trainer.build.build_parts``), followed by the same control work as the training
+(``trainer.Trainer``), followed by the same control work as the training
 loop (the BatchNorm/flag collective, a host read every ``CONTROL_EVERY``
 steps). Warm-up steps (and compilation) are not timed; each repeat times
 ``--steps`` steps between two device synchronizations (throughput, as in

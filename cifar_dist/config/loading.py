@@ -271,15 +271,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return cfg
 
 
-def validate(cfg: Config, origin: dict | None = None) -> None:
-    """Checks that involve more than one key; an error names where the keys' values came from."""
-    origin = origin or {}
+def validate(cfg: Config, origin: dict | None = None, *, deepspeed: bool = False, auto_precision: bool = False) -> None:
+    """Every rule that involves more than one key, each once; an error names where the keys'
+    values came from. Run when a config is loaded, again under a DeepSpeed launcher (before
+    any set-up) and once ``run.precision: auto`` is resolved (``auto_precision``). Rules on the
+    launch or the machine live where that is known: the world size (``data.Shard``,
+    ``trainer.build.build_data``), a GPU (``model.sync_bn``), the model (``trainer.Trainer``)."""
 
     def check(ok: bool, keys: tuple, message: str) -> None:
-        if not ok:
-            places = [origin[k] for k in keys if k in origin]
-            where = "command line" if "command line" in places else places[0] if places else "defaults"
-            raise ConfigError(f"{where}: {message}")
+        if ok:
+            return
+        if origin is None:  # a config checked again, after loading: its places are not known here
+            raise ConfigError(message)
+        places = [origin[k] for k in keys if k in origin]
+        where = "command line" if "command line" in places else places[0] if places else "defaults"
+        raise ConfigError(f"{where}: {message}")
 
     m, d, t = cfg.model, cfg.data, cfg.train
     for spec in cfg.run.callbacks:
@@ -316,10 +322,11 @@ def validate(cfg: Config, origin: dict | None = None) -> None:
             f"train.exact_reduce: train.batch_size / model.bn_group must be a power of two, "
             f"got {t.batch_size} / {m.bn_group}",
         )
+        chose = "; run.precision=auto chose fp16 on this GPU" if auto_precision else ""
         check(
             cfg.run.precision != "fp16",
             ("train.exact_reduce", "run.precision"),
-            "train.exact_reduce: not with run.precision=fp16 (loss scaling)",
+            f"train.exact_reduce: not with run.precision=fp16 (loss scaling{chose}); set run.precision=fp32 or bf16",
         )
     check(
         not (cfg.eval.use_ema and t.ema is None),
@@ -331,6 +338,42 @@ def validate(cfg: Config, origin: dict | None = None) -> None:
         ("data.val_split", "data.synthetic"),
         "data.val_split: not available with data.synthetic",
     )
+    images = d.synthetic_train if d.synthetic else CIFAR_TRAIN_IMAGES
+    check(
+        d.val_split < images,
+        ("data.val_split",),
+        f"data.val_split: {d.val_split} leaves no training images of {images}",
+    )
+    check(
+        d.subset <= images - d.val_split,
+        ("data.subset", "data.val_split"),
+        f"data.subset: {d.subset} is more than the {images - d.val_split} training images",
+    )
+    check(
+        t.batch_size <= train_images(cfg),
+        ("train.batch_size", "data.subset", "data.val_split", "data.synthetic_train"),
+        f"train.batch_size: {t.batch_size} is larger than the {train_images(cfg)} training images",
+    )
+    if deepspeed:
+        check(
+            not t.exact_reduce,
+            ("train.exact_reduce",),
+            "train.exact_reduce: DeepSpeed reduces gradients itself; "
+            "set train.exact_reduce=false to train with DeepSpeed",
+        )
+        for key, on in (("train.ema", t.ema is not None), ("train.lookahead", t.lookahead is not None)):
+            # the engine's optimizer updates weights of its own, partitioned
+            check(not on, (key,), f"{key}: not with DeepSpeed (its engine owns the weights); set {key}=null")
+
+
+CIFAR_TRAIN_IMAGES = 50_000
+
+
+def train_images(cfg: Config) -> int:
+    """How many images one training epoch draws from, from the config alone (no file is read)."""
+    d = cfg.data
+    n = (d.synthetic_train if d.synthetic else CIFAR_TRAIN_IMAGES) - d.val_split
+    return min(n, d.subset) if d.subset else n
 
 
 def resolve_data_root(cfg: Config) -> Path:

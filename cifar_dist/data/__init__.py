@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cifar_dist.config.loading import resolve_data_root
+from cifar_dist.config.loading import resolve_data_root, train_images  # noqa: F401 (data.train_images)
 from cifar_dist.config.registry import LOADERS
 from cifar_dist.config.schema import Config
 from cifar_dist.data.cifar import CLASSES, FOLDER, MD5, ImageSet, check_md5, file_digest, load_cifar10, synthetic_cifar
@@ -34,29 +34,14 @@ def build_datasets(cfg: Config) -> tuple[ImageSet, ImageSet, str]:
         train, test = load_cifar10(root, train=True, verify=False), load_cifar10(root, train=False, verify=False)
         if env_rank() == 0:  # one warning, from one process, for a copy that is not the official one
             check_md5(root / FOLDER, list(MD5))
-    if d.val_split:
-        if d.val_split >= len(train):
-            raise ConfigError(f"data.val_split: {d.val_split} leaves no training images of {len(train)}")
+    if d.val_split:  # config.loading.validate checked the sizes
         n = len(train) - d.val_split
         train, test, name = train.slice(0, n), train.slice(n, len(train)), "val"
     else:
         name = "test"
     if d.subset:
-        if d.subset > len(train):
-            raise ConfigError(f"data.subset: {d.subset} is more than the {len(train)} training images")
         train = train.slice(0, d.subset)
-    if len(train) < cfg.train.batch_size:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(train)} training images")
     return train, test, name
-
-
-def train_images(cfg: Config) -> int:
-    """How many images one training epoch draws from, from the config alone (no file is read):
-    what ``build_datasets`` gives for CIFAR-10's 50,000 or the synthetic set."""
-    d = cfg.data
-    n = d.synthetic_train if d.synthetic else 50_000
-    n -= d.val_split
-    return min(n, d.subset) if d.subset else n
 
 
 def data_identity(cfg: Config) -> dict:

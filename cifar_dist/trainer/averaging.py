@@ -106,7 +106,10 @@ class Lookahead:
 
 
 class WeightAverages:
-    """The run's EMA and Lookahead (either None when off), updated together after each step."""
+    """The run's EMA and Lookahead (either None when off), updated together after each step;
+    a checkpoint holds their files (``trainer.checkpointer.Stateful``)."""
+
+    collective = False
 
     def __init__(self, ema: WeightEma | None = None, lookahead: Lookahead | None = None):
         self.ema, self.lookahead = ema, lookahead

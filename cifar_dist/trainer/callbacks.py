@@ -1,42 +1,5 @@
-"""Callbacks: the public extension point of the training loop.
-
-    run:
-      callbacks: ["mypackage.hooks:EarlyStop"]   # imported at start, built with no arguments
-
-A callback is a class with any of these methods (``Callback`` gives no-op defaults):
-
-    on_train_start(run)               before the first step; ``run`` is the loop (``trainer.loop.Trainer``):
-                                      run.cfg, run.state, run.rank, run.world, run.run_dir,
-                                      run.model, run.optimizer, run.request_stop()
-    on_step_start(step)               before optimizer step ``step`` (global, from 0)
-    on_loss(loss, step) -> loss       each micro-batch's loss before backward; returns the loss to use
-                                      (None: the loss as it was)
-    on_step_end(step, metrics)        after the step; metrics: "lr", and "train_loss" (the epoch's
-                                      running mean) on the steps where the loop read the device
-    on_checkpoint_staged(path, step)  a checkpoint is written to ``path``, not yet committed
-    on_epoch_end(row)                 the epoch's metrics row (with test_acc when it was evaluated)
-    on_train_end(summary)             the run's summary (summary.json's contents)
-
-Every rank runs every callback. What changes the run (the loss ``on_loss`` returns,
-a ``run.request_stop()``) must be the same on every rank, or the ranks' collectives fall
-out of step; decide from values every rank shares (the metrics rows and the summary are
-the same on all ranks). A requested stop ends the run after the current step: it is
-evaluated, checkpointed and summarized like any finished run. Hooks get host values the
-loop already has, so a callback adds no host-device synchronization unless it makes one.
-
-A callback with state that a resumed run must continue defines both of
-
-    state_dict() -> state             JSON-able (numbers, strings, lists, dicts), asked on rank 0
-                                      at every checkpoint (after on_step_end / on_epoch_end of
-                                      its step)
-    load_state_dict(state)            on --resume, on every rank, before on_train_start
-
-Every checkpoint then holds ``callbacks.json``: each stateful callback's state under its
-name (its ``run.callbacks`` spec, ``package.module:Class``; the class's ``module:qualname``
-for one passed in code or built in; ``#2``, ``#3`` on repeats), covered by the manifest.
-A callback whose name is not in the checkpoint starts fresh; state of a callback no longer
-configured is ignored. Keep the state the same on every rank (rank 0's is restored to all).
-"""
+"""Callbacks: the public extension point of the training loop (``run.callbacks``). Their
+hooks, the rules every rank must keep and the state a resumed run continues: docs/extending.md."""
 
 from __future__ import annotations
 
@@ -73,7 +36,10 @@ def callback_name(callback) -> str:
 
 class Callbacks:
     """The run's callbacks, called in the configured order; a hook a callback lacks is skipped.
-    ``names``: what each one's state is saved under (default: ``callback_name``)."""
+    ``names``: what each one's state is saved under (default: ``callback_name``). A checkpoint
+    holds their states in ``callbacks.json`` (``trainer.checkpointer.Stateful``)."""
+
+    collective = False
 
     def __init__(self, items=(), names=None):
         self.items = list(items)
@@ -92,7 +58,7 @@ class Callbacks:
     def _stateful(self):
         return [(n, c) for n, c in zip(self.names, self.items) if callable(getattr(c, "state_dict", None))]
 
-    def save_state(self, folder: Path) -> None:
+    def save(self, folder: Path) -> None:
         """``callbacks.json`` in checkpoint ``folder`` when any callback has state (rank 0)."""
         stateful = self._stateful()
         if not stateful:
@@ -105,7 +71,7 @@ class Callbacks:
                 raise ConfigError(f"run.callbacks: {name}: state_dict() returned what JSON cannot hold ({e})") from None
         (Path(folder) / STATE_FILE).write_text(json.dumps(states, indent=1, sort_keys=True))
 
-    def load_state(self, folder: Path) -> None:
+    def load(self, folder: Path) -> None:
         """Give each stateful callback its state from checkpoint ``folder`` (every rank)."""
         path = Path(folder) / STATE_FILE
         if not path.is_file():
@@ -120,17 +86,12 @@ class Callbacks:
             if name in states and callable(load):
                 load(states[name])
 
-    def _each(self, hook: str, *args) -> None:
+    def call(self, hook: str, *args) -> None:
+        """Each callback's ``hook`` in the configured order; a callback without it is skipped."""
         for callback in self.items:
             method = getattr(callback, hook, None)
             if callable(method):
                 method(*args)
-
-    def on_train_start(self, run) -> None:
-        self._each("on_train_start", run)
-
-    def on_step_start(self, step: int) -> None:
-        self._each("on_step_start", step)
 
     def on_loss(self, loss, step: int):
         """Each callback's ``on_loss`` in turn; one that returns None leaves the loss as it was."""
@@ -140,18 +101,6 @@ class Callbacks:
                 changed = method(loss, step)
                 loss = loss if changed is None else changed
         return loss
-
-    def on_step_end(self, step: int, metrics: dict) -> None:
-        self._each("on_step_end", step, metrics)
-
-    def on_checkpoint_staged(self, path, step: int) -> None:
-        self._each("on_checkpoint_staged", path, step)
-
-    def on_epoch_end(self, row: dict) -> None:
-        self._each("on_epoch_end", row)
-
-    def on_train_end(self, summary: dict) -> None:
-        self._each("on_train_end", summary)
 
 
 def load_callbacks(specs) -> Callbacks:

@@ -1,94 +1,126 @@
-"""When the loop saves, and how every rank takes part in one atomic checkpoint.
-
-The file format (weights, optimizer, state.json, manifest, atomic commit, retention) is
-``storage.checkpoint.CheckpointWriter``'s; this decides when a checkpoint is due and
-runs the save across ranks. Rank 0 adds the weight averages' files and the callbacks' state
-(``trainer.averaging``, ``trainer.callbacks``), which every rank holds the same.
-"""
+"""When the loop saves, and the save itself: every rank takes part in one atomic checkpoint of
+``state.json`` and each stateful component's files (the format: ``storage.checkpoint``)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from cifar_dist.distributed.collectives import barrier, share_from_main, world_info
+import torch
+
+from cifar_dist.config.schema import CheckpointConfig
+from cifar_dist.distributed.collectives import barrier, share_from_main
 from cifar_dist.errors import EnvironmentFault
+from cifar_dist.storage.checkpoint import (
+    CheckpointWriter,
+    load_optimizer_state,
+    load_weights,
+    read_state,
+    write_tensors,
+)
+from cifar_dist.storage.state import TrainState
 
-if TYPE_CHECKING:
-    from cifar_dist.storage.state import TrainState
-    from cifar_dist.trainer.build import Parts
-    from cifar_dist.trainer.step import EpochTotals
+
+class Stateful(Protocol):
+    """What a checkpoint holds of a component: files it writes into the checkpoint's folder (on
+    rank 0; on every rank when ``collective``) and reads back on every rank."""
+
+    collective: bool
+
+    def save(self, folder: Path) -> None: ...
+    def load(self, folder: Path) -> None: ...
+
+
+class Weights:
+    """The model's weights and the optimizer's state, of a run without DeepSpeed."""
+
+    collective = False
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def save(self, folder: Path) -> None:
+        write_tensors(self.model.state_dict(), folder / "model.safetensors")
+        try:
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        except RuntimeError as e:  # torch's zip writer reports a failed write this way
+            raise OSError(f"optimizer.pt: {str(e).strip().splitlines()[0][:200]}") from None
+
+    def load(self, folder: Path) -> None:
+        load_weights(folder / "model.safetensors", self.model)
+        self.optimizer.load_state_dict(load_optimizer_state(folder / "optimizer.pt"))
+
+
+class DeepSpeedWeights:
+    """DeepSpeed's engine: its weights and partitioned optimizer state, which every rank saves."""
+
+    collective = True
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def save(self, folder: Path) -> None:
+        self.accelerator.save_state(str(folder), safe_serialization=True)
+
+    def load(self, folder: Path) -> None:
+        self.accelerator.load_state(str(folder))
 
 
 class Checkpointer:
-    """Owns the checkpoint schedule and the save. ``writer`` None: this run never saves (a
-    benchmark, a test). The trainer's TrainState is never changed here: a save serializes a
-    copy, with the epoch's partial sums, the loss scaler and the world size added."""
+    """The checkpoint schedule and the save of ``components`` ({name: Stateful}). ``run_dir``
+    None: this run never saves (a benchmark). ``on_staged(folder, step)``: called on every rank
+    once a checkpoint is written, before it is committed."""
 
-    def __init__(self, writer, every_steps: int = 0, every_epochs: int = 0):
-        self.writer, self.every_steps, self.every_epochs = writer, every_steps, every_epochs
+    def __init__(self, run_dir: Path | None, cfg: CheckpointConfig, components: dict, on_staged=None):
+        self.writer = CheckpointWriter(run_dir, cfg.keep) if run_dir is not None else None
+        self.every_steps, self.every_epochs = cfg.every_steps, cfg.every_epochs
+        self.components: dict[str, Stateful] = components
+        self.on_staged = on_staged
 
-    def due_mid_epoch(self, steps_done: int) -> bool:
+    def due(self, steps_done: int) -> bool:
         """Whether ``checkpoint.every_steps`` falls after ``steps_done`` steps."""
         return bool(self.every_steps) and steps_done % self.every_steps == 0
 
-    def maybe_save_mid_epoch(
-        self, parts: Parts, state: TrainState, totals: EpochTotals, ends_epoch: bool, stopping: bool
-    ) -> Path | None:
-        """After a step inside an epoch: every ``every_steps`` steps, and when the run stops there
-        (a signal or the STOP file); the epoch's running sums go with it. At an epoch's last step
-        the epoch-end checkpoint is the one (``maybe_save_at_epoch_end``)."""
-        if ends_epoch or not (stopping or self.due_mid_epoch(state.global_step)):
-            return None
-        return self.save(parts, state, partial=totals.over_ranks())
+    def due_after_epoch(self, epochs_done: int, complete: bool) -> bool:
+        """Whether ``checkpoint.every_epochs`` falls after a complete epoch."""
+        return bool(self.every_epochs) and complete and epochs_done % self.every_epochs == 0
 
-    def maybe_save_at_epoch_end(
-        self, parts: Parts, state: TrainState, complete: bool, ending: bool, partial: dict | None = None
-    ) -> Path | None:
-        """After an epoch: at the end of the run (however it ends; ``partial``: the sums of an
-        epoch it ends inside) and after every ``every_epochs``-th complete epoch."""
-        if ending or (self.every_epochs and complete and state.epoch % self.every_epochs == 0):
-            return self.save(parts, state, partial=partial)
-        return None
-
-    def save(self, parts: Parts, state: TrainState, partial: dict | None = None) -> Path | None:
-        """Checkpoint ``state`` (with an interrupted epoch's ``partial`` sums over all ranks)."""
+    def save(self, record: dict) -> Path | None:
+        """Checkpoint ``record`` (state.json: a TrainState with the epoch's partial sums, the loss
+        scaler and the world size) and every component's files."""
         if self.writer is None:
             return None
-        writer = self.writer
-        rank, world = world_info()
-        record = {
-            **asdict(state),
-            "partial": partial or {},
-            "scaler": parts.precision.state_dict(),
-            "world_size": world,
-        }
-        step = state.global_step
-        tmp = share_from_main(lambda: writer.begin(step))
+        writer, step = self.writer, record["global_step"]
+        folder = share_from_main(lambda: writer.begin(step))
         barrier()
+        for component in self.components.values():
+            if component.collective:
+                component.save(folder)
+                barrier()
 
         def write():
             try:
-                if rank == 0:
-                    if parts.deepspeed:  # its engine saved the weights and optimizer
-                        writer.write_state(tmp, record)
-                    else:
-                        writer.write_local(tmp, parts.model, parts.optimizer, record)
-                    parts.averages.save(tmp)
-                    parts.callbacks.save_state(tmp)
+                writer.write_state(folder, record)
+                for component in self.components.values():
+                    if not component.collective:
+                        component.save(folder)
             except OSError as e:
-                writer.abort(tmp)
+                writer.abort(folder)
                 raise EnvironmentFault(
-                    f"{tmp.parent}: cannot write checkpoint of step {step}: "
+                    f"{folder.parent}: cannot write checkpoint of step {step}: "
                     f"{e.strerror or e}; the previous checkpoint is intact"
                 ) from None
 
-        if parts.deepspeed:
-            parts.accelerator.save_state(str(tmp), safe_serialization=True)
-            barrier()
         share_from_main(write)
-        parts.callbacks.on_checkpoint_staged(tmp, step)
-        final = share_from_main(lambda: writer.commit(tmp, step))
+        if self.on_staged is not None:
+            self.on_staged(folder, step)
+        final = share_from_main(lambda: writer.commit(folder, step))
         barrier()
         return final
+
+    def load(self, ckpt: Path) -> TrainState:
+        """Every component's state from checkpoint ``ckpt``; returns the TrainState it holds."""
+        state = read_state(ckpt)
+        for component in self.components.values():
+            component.load(ckpt)
+        return state

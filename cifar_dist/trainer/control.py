@@ -1,11 +1,5 @@
-"""The control work after every step, the same in training and in the benchmark.
-
-Each step ends with one collective that carries the BatchNorm statistics, the
-step's non-finite flag and, on a step whose flags will be read, this rank's stop
-request. The flags stay on the device; the host reads them in one transfer every
-``CONTROL_EVERY`` steps, and on any step where the loop must know (before a
-checkpoint, at the end of an epoch). Between reads no step waits for the device.
-"""
+"""The flags each step leaves on the device (non-finite, stop votes) and their amortized host
+read: every ``CONTROL_EVERY`` steps, and whenever the loop must know (docs/reproducibility)."""
 
 from __future__ import annotations
 
@@ -13,11 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cifar_dist.distributed.collectives import all_reduce_sum
-from cifar_dist.distributed.exact import tree_all_reduce
 from cifar_dist.errors import NonFiniteError
-from cifar_dist.model.batchnorm import sync_bn_statistics
-from cifar_dist.trainer.profiling import span
 
 CONTROL_EVERY = 10  # steps between host reads of the stop / non-finite flags
 
@@ -32,25 +22,15 @@ class Reading:
 
 
 class Control:
-    """Device-side flags of the running loop and their amortized host read."""
+    """Device-side flags of the running loop; ``flags`` go into the step's one collective (the
+    BatchNorm statistics sync), ``record`` takes them back summed over the ranks."""
 
-    def __init__(
-        self,
-        model,
-        precision,
-        device,
-        global_step: int = 0,
-        exact_reduce: bool = False,
-        collective: bool = True,
-        skipped_steps: int = 0,
-    ):
-        self.model, self.precision = model, precision
+    def __init__(self, precision, device, steps_done: int = 0, skipped_steps: int = 0):
+        self.precision = precision
         # the precision counts skips since it was built; a resumed run adds the earlier ones
         self.skipped_before = skipped_steps - int(precision.skipped_count())
-        # ``collective=False``: this process alone (the benchmark's single-process reference)
-        self.reduce = None if not collective else tree_all_reduce if exact_reduce else all_reduce_sum
-        self.first_bad = torch.full((), -1.0, device=device)  # the first non-finite step, -1: none
-        self.step = torch.full((), float(global_step), device=device)
+        self.first_nonfinite = torch.full((), -1.0, device=device)  # the step it happened at, -1: none
+        self.step = torch.full((), float(steps_done), device=device)
         self.no, self.yes = torch.zeros((), device=device), torch.ones((), device=device)
         self.votes = self.no
 
@@ -59,35 +39,25 @@ class Control:
         """Whether the flags are read after ``steps_done`` optimizer steps."""
         return must or steps_done % CONTROL_EVERY == 0
 
-    def after_step(
-        self,
-        bad: torch.Tensor,
-        steps_done: int,
-        loss_sum: torch.Tensor,
-        must_read: bool = False,
-        stop_asked=lambda: False,
-        where: str = "",
-    ) -> Reading | None:
-        """The step's collective (BatchNorm statistics, non-finite flag and, on a step whose flags
-        will be read, this rank's stop vote: ``stop_asked()``), then the host read when it is due:
-        every ``CONTROL_EVERY`` steps and whenever ``must_read`` (before a checkpoint, at the end
-        of an epoch). Returns the reading, or None between reads."""
-        reading = self.due(steps_done, must_read)
-        with span("control"):
-            flags = torch.stack([bad, self.yes if reading and stop_asked() else self.no])
-            summed = sync_bn_statistics(self.model, self.reduce, extra=flags)
-            self.first_bad = torch.where((summed[0] > 0) & (self.first_bad < 0), self.step, self.first_bad)
-            self.votes = summed[1]
-            self.step += 1
-            return self.read(loss_sum, where) if reading else None
+    def flags(self, nonfinite: torch.Tensor, stop_vote: bool) -> torch.Tensor:
+        """This rank's flags of the step just run, to be summed over the ranks."""
+        return torch.stack([nonfinite, self.yes if stop_vote else self.no])
+
+    def record(self, summed: torch.Tensor, loss_sum: torch.Tensor, read: bool, where: str = "") -> Reading | None:
+        """Keep the summed flags of the step just run; with ``read``, the host read."""
+        self.step += 1  # the number of the step just run, counted from 1
+        first = (summed[0] > 0) & (self.first_nonfinite < 0)
+        self.first_nonfinite = torch.where(first, self.step, self.first_nonfinite)
+        self.votes = summed[1]
+        return self.read(loss_sum, where) if read else None
 
     def read(self, loss_sum: torch.Tensor, where: str = "") -> Reading:
         """One device-to-host transfer; raises NonFiniteError if any step so far was not finite."""
-        bad_at, loss, votes, skipped = torch.stack(
-            [self.first_bad, loss_sum.float(), self.votes.float(), self.precision.skipped_count().float()]
+        nonfinite_at, loss, votes, skipped = torch.stack(
+            [self.first_nonfinite, loss_sum.float(), self.votes.float(), self.precision.skipped_count().float()]
         ).tolist()
-        if bad_at >= 0:
+        if nonfinite_at >= 0:
             raise NonFiniteError(
-                f"loss or gradients became NaN/Inf at step {int(bad_at)}{where}; the last good checkpoint is kept"
+                f"loss or gradients became NaN/Inf at step {int(nonfinite_at)}{where}; the last good checkpoint is kept"
             )
         return Reading(loss, votes, self.skipped_before + int(skipped))

@@ -79,7 +79,7 @@ class EstimatedTime(Callback):
     def on_step_end(self, step: int, metrics: dict) -> None:
         if self.done or "train_loss" not in metrics:  # only at control reads
             return
-        now, steps = time.perf_counter(), step + 1
+        now, steps = time.perf_counter(), step
         if self.mark is None:
             self.mark = (steps, now)
             return

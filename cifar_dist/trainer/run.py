@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cifar_dist.config.schema import Config, flatten
+from cifar_dist.config.schema import Config
 from cifar_dist.data import data_identity
 from cifar_dist.distributed.accelerator import is_deepspeed, make_accelerator
 from cifar_dist.distributed.collectives import barrier, print0, share_from_main, world_info
@@ -28,13 +28,10 @@ from cifar_dist.runtime.seeding import apply_tf32, set_determinism
 from cifar_dist.storage import plots
 from cifar_dist.storage.checkpoint import list_checkpoints, save_weights
 from cifar_dist.storage.files import write_json_atomic, write_text_atomic
-from cifar_dist.storage.metrics import MetricsLog
 from cifar_dist.storage.rundir import RunDir, default_run_dir, save_config
 from cifar_dist.storage.state import TrainState
-from cifar_dist.storage.trackers import Trackers, tracker_places
 from cifar_dist.trainer import build
 from cifar_dist.trainer.callbacks import Callbacks, StopAtTarget, time_to_target
-from cifar_dist.trainer.loop import Trainer
 from cifar_dist.trainer.progress import (
     EstimatedTime,
     long_cpu_run_warning,
@@ -43,6 +40,7 @@ from cifar_dist.trainer.progress import (
     write_line,
 )
 from cifar_dist.trainer.stopping import StopRequest
+from cifar_dist.trainer.trainer import Trainer
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, user_callbacks=()) -> int:
@@ -55,7 +53,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, user_callb
 
 
 def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, stop: StopRequest) -> int:
-    """Build the data and model, open the run directory, then the run (``_train``)."""
+    """Build the data and model, open the run directory, then build the Trainer and train."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     build.resolve_run_precision(cfg)
@@ -80,21 +78,24 @@ def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, 
     ckpt = share_from_main(lambda: rundir.open(cfg.to_dict(), resume, overwrite))
     barrier()
     try:
-        return _train(
-            cfg,
-            resume,
-            accelerator,
-            shard,
-            train_set,
-            eval_set,
-            eval_name,
-            model,
-            rundir,
-            ckpt,
-            user_callbacks,
-            started,
-            stop,
+        built_in = [EstimatedTime()] + (
+            [StopAtTarget(cfg.eval.target_acc)] if cfg.eval.stop_at_target and cfg.eval.target_acc else []
         )
+        user = user_callbacks if isinstance(user_callbacks, Callbacks) else Callbacks(user_callbacks)
+        callbacks = user.plus(built_in)  # the user's named by their run.callbacks spec
+        progress = progress_bars(cfg.run.progress and rank == 0)
+        trainer = Trainer(
+            cfg, accelerator, shard, train_set, eval_set, run_dir, model=model, callbacks=callbacks, stop=stop,
+            progress=progress,
+        )  # fmt: skip
+        if ckpt is not None:
+            state = trainer.restore(ckpt)
+            print0(f"resuming from {ckpt} (epoch {state.epoch + 1}, step {state.global_step})")
+            _check_world_change(cfg, state, shard, trainer.deepspeed, ckpt)
+        elif resume:
+            print0(f"{run_dir}: no checkpoint yet, starting from the beginning")
+        images = f"{len(train_set):,} train / {len(eval_set):,} {eval_name} images"
+        return _train(trainer, rundir, eval_name, images, started)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop installed its handler
         raise _interrupted(rundir, rank, world) from None
     except TrainingFault as e:  # before the first checkpoint, a run it created leaves nothing behind
@@ -103,72 +104,48 @@ def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, 
         raise
 
 
-def _train(
-    cfg, resume, accelerator, shard, train_set, eval_set, eval_name, model, rundir, ckpt, user_callbacks, started, stop
-) -> int:
-    """The run itself, once its directory is open: build, restore, train, write the results."""
-    rank, world = world_info()
-    run_dir = rundir.path
-    built_in = [EstimatedTime()] + (
-        [StopAtTarget(cfg.eval.target_acc)] if cfg.eval.stop_at_target and cfg.eval.target_acc else []
-    )
-    user = user_callbacks if isinstance(user_callbacks, Callbacks) else Callbacks(user_callbacks)
-    callbacks = user.plus(built_in)  # the user's named by their run.callbacks spec
-    parts = build.build_parts(cfg, accelerator, shard, train_set, eval_set, run_dir, model, callbacks)
-    state = TrainState()
-    if ckpt is not None:
-        state = build.restore(parts, ckpt)
-        print0(f"resuming from {ckpt} (epoch {state.epoch + 1}, step {state.global_step})")
-        _check_world_change(cfg, state, shard, parts.deepspeed, ckpt)
-    elif resume:
-        print0(f"{run_dir}: no checkpoint yet, starting from the beginning")
-    trainer = Trainer(parts, state, progress_bars(cfg.run.progress and rank == 0), stop)
+def _train(trainer: Trainer, rundir: RunDir, eval_name: str, images: str, started: float) -> int:
+    """The run itself, once its Trainer is built: train, then write the results."""
+    cfg, state, run_dir, world = trainer.cfg, trainer.state, rundir.path, trainer.world
     if trainer.ended is not None:
         if share_from_main(lambda: _results_of_step(run_dir, state.global_step)):
             print0(f"{run_dir}: already finished ({trainer.ended.value}, step {state.global_step}); nothing to do")
             rundir.close()
-            accelerator.end_training()
+            trainer.accelerator.end_training()
             return 0
         print0(f"training ended at step {state.global_step} ({trainer.ended.value}); writing its results")
     state.segments.append({"world_size": world, "from_step": state.global_step})
-
-    if rank == 0:
+    if trainer.rank == 0:
         save_config(cfg, run_dir / "config.yaml")
-        trackers = Trackers.start(
-            cfg.run.trackers, run_dir, cfg.name, flatten(cfg.to_dict()), state.global_step, state.history
-        )
-        parts.metrics = MetricsLog(run_dir, state.history, trackers)
-        if cfg.run.trackers:
-            print0(f"trackers: {tracker_places(cfg.run.trackers, run_dir)}")
         (run_dir / "STOP").unlink(missing_ok=True)
     print0(
-        f"{cfg.name}: {cfg.model.name} ({count_parameters(parts.model):,} parameters) on {world} x "
-        f"{accelerator.device.type}, {_mode_in_words(accelerator, world)}, {cfg.run.precision}"
+        f"{cfg.name}: {cfg.model.name} ({count_parameters(trainer.model):,} parameters) on {world} x "
+        f"{trainer.device.type}, {_mode_in_words(trainer.accelerator, world)}, {cfg.run.precision}"
         f"{', compiled' if cfg.run.compile else ''}{', channels_last' if cfg.run.channels_last else ''}"
     )
+    shard = trainer.shard
     print0(
         f"batch {cfg.train.batch_size} global = {world} x {shard.per_process} per process "
-        f"= {world} x {cfg.train.accum_steps} x {shard.micro} micro; {parts.loader.steps_per_epoch} "
-        f"steps/epoch, {len(train_set):,} train / {len(eval_set):,} {eval_name} images; run dir {run_dir}"
+        f"= {world} x {cfg.train.accum_steps} x {shard.micro} micro; {trainer.loader.steps_per_epoch} "
+        f"steps/epoch, {images}; run dir {run_dir}"
     )
-
-    if rank == 0 and parts.device.type == "cpu" and not parts.deepspeed and trainer.ended is None:
-        _announce_long_cpu_run(parts, trainer)
+    if trainer.rank == 0 and trainer.device.type == "cpu" and not trainer.deepspeed and trainer.ended is None:
+        _announce_long_cpu_run(trainer)
     state = trainer.fit()
     if trainer.preempted:
-        return _stopped(trainer, rundir, rank, world)
-    stop.phase = "finish"  # a signal from here on is noted; the results are still written
+        return _stopped(trainer, rundir, trainer.rank, world)
+    trainer.stop.phase = "finish"  # a signal from here on is noted; the results are still written
 
-    evaluator = parts.evaluator
+    evaluator = trainer.evaluator
     assert evaluator is not None  # a training run always has one
     final = evaluator.final()
-    summary = _summary(cfg, parts, trainer, final, eval_name, wall=time.time() - started)
-    callbacks.on_train_end(summary)
-    if rank == 0:
-        _write_results(run_dir, cfg, parts, summary, final)
+    summary = _summary(trainer, final, eval_name, wall=time.time() - started)
+    trainer.callbacks.call("on_train_end", summary)
+    if trainer.rank == 0:
+        _write_results(trainer, summary, final)
     barrier()
     rundir.close()
-    accelerator.end_training()
+    trainer.accelerator.end_training()
     return 0
 
 
@@ -186,8 +163,8 @@ def _stopped(trainer: Trainer, rundir, rank: int, world: int) -> int:
     the resume command; SIGTERM, SIGUSR1, the STOP file: exit 0, marked PREEMPTED (under Slurm,
     rank 0 requeues the job)."""
     step, why = trainer.state.global_step, trainer.stop.reason
-    if trainer.parts.metrics is not None:
-        trainer.parts.metrics.close()
+    if trainer.metrics is not None:
+        trainer.metrics.close()
     if why == "SIGINT":
         print0(
             f"stopped by Ctrl-C at step {step}; checkpoint written; resume with: {resume_command(rundir.path, world)}"
@@ -256,16 +233,16 @@ def _interrupted(rundir, rank: int, world: int):
     return Interrupted(f"interrupted before the first checkpoint; {resume_command(rundir.path, world)} starts it again")
 
 
-def _announce_long_cpu_run(parts: build.Parts, trainer: Trainer) -> None:
+def _announce_long_cpu_run(trainer: Trainer) -> None:
     """Before the first step: a CPU run that will train for more than an hour says so, with the
     demo to try instead (timed on a copy of the model, counted in FLOPs when it is long)."""
     steps_left = trainer.max_steps - trainer.state.global_step
-    batch = parts.cfg.model.bn_group or min(parts.shard.micro, 8)  # BatchNorm groups must be whole
-    per_image = seconds_per_image(parts.model, parts.precision, parts.cfg.run.channels_last, batch)
-    if long_cpu_run_warning(steps_left, parts.shard.per_process, per_image) is None:
+    batch = trainer.cfg.model.bn_group or min(trainer.shard.micro, 8)  # BatchNorm groups must be whole
+    per_image = seconds_per_image(trainer.model, trainer.precision, trainer.cfg.run.channels_last, batch)
+    if long_cpu_run_warning(steps_left, trainer.shard.per_process, per_image) is None:
         return
-    flops = count_flops(parts.model, train=True)
-    line = long_cpu_run_warning(steps_left, parts.shard.per_process, per_image, flops)
+    flops = count_flops(trainer.model, train=True)
+    line = long_cpu_run_warning(steps_left, trainer.shard.per_process, per_image, flops)
     if line:
         write_line(line)
 
@@ -280,9 +257,9 @@ def _mode_in_words(accelerator, world: int) -> str:
     return f"DDP over {dist.get_backend()}" if dist.is_initialized() else f"{kind} ({world} processes)"
 
 
-def _summary(cfg: Config, parts: build.Parts, trainer: Trainer, final: dict, eval_name: str, wall: float) -> dict:
+def _summary(trainer: Trainer, final: dict, eval_name: str, wall: float) -> dict:
     """summary.json: the run's results, the same on every rank."""
-    state, world = trainer.state, parts.shard.world
+    cfg, state, world = trainer.cfg, trainer.state, trainer.world
     train_time = sum(r["epoch_time_s"] for r in state.history)
     images = sum(r["images_per_s"] * r["epoch_time_s"] for r in state.history)
     ips = images / train_time if train_time else 0.0
@@ -293,10 +270,10 @@ def _summary(cfg: Config, parts: build.Parts, trainer: Trainer, final: dict, eva
         "eval_set": eval_name,
         "eval_images": final["count"],
         "tta": cfg.eval.tta,
-        "weights": "ema" if parts.evaluated is not parts.model else "model",  # evaluated and exported
+        "weights": "ema" if trainer.evaluated is not trainer.model else "model",  # evaluated and exported
         "tta_views": final["views"],  # forward passes per image of the final evaluation
         "final_eval_time_s": final["eval_time_s"],
-        "plain_eval_time_s": parts.evaluator.plain_time_s if parts.evaluator else None,  # latest without TTA
+        "plain_eval_time_s": trainer.evaluator.plain_time_s if trainer.evaluator else None,  # latest without TTA
         "per_class_acc": final["per_class_acc"],
         "epochs": state.epoch,
         "steps": state.global_step,
@@ -307,7 +284,7 @@ def _summary(cfg: Config, parts: build.Parts, trainer: Trainer, final: dict, eva
         "images_per_s": ips,
         "images_per_s_per_device": ips / world,
         "skipped_steps": state.skipped_steps,
-        "parameters": count_parameters(parts.model),
+        "parameters": count_parameters(trainer.model),
         "compiled_graphs": build.graph_count() if compiled else None,
         "recompiles_after_warmup": (
             build.graph_count() - trainer.graphs_after_warmup
@@ -319,16 +296,18 @@ def _summary(cfg: Config, parts: build.Parts, trainer: Trainer, final: dict, eva
         "config": cfg.name,
         "git_sha": git_sha(),
         "versions": versions(),
-        "device": device_name(parts.device),
+        "device": device_name(trainer.device),
         "data": share_from_main(lambda: data_identity(cfg)),  # hashed by rank 0 alone, which checked the md5
         **time_to_target(state.history, cfg.eval.target_acc),
     }
 
 
-def _write_results(run_dir: Path, cfg: Config, parts: build.Parts, summary: dict, final: dict) -> None:
+def _write_results(trainer: Trainer, summary: dict, final: dict) -> None:
     """Rank 0: the weights, the confusion matrix, the plots and, last, summary.json (a run with a
     summary.json is finished: a sweep skips it). Each file is written whole or not at all."""
-    save_weights(parts.evaluated, run_dir / "model.safetensors")
+    run_dir, cfg = trainer.run_dir, trainer.cfg
+    assert run_dir is not None
+    save_weights(trainer.evaluated, run_dir / "model.safetensors")
     write_json_atomic(
         run_dir / "confusion_matrix.json",
         {"classes": list(plots.CLASSES), "rows_true_cols_pred": final["confusion"]},
@@ -337,8 +316,8 @@ def _write_results(run_dir: Path, cfg: Config, parts: build.Parts, summary: dict
     if cfg.run.plots:
         plots.draw_run(run_dir)
     write_json_atomic(run_dir / "summary.json", summary)
-    if parts.metrics is not None:
-        parts.metrics.close()
+    if trainer.metrics is not None:
+        trainer.metrics.close()
     print0(
         f"{summary['eval_set']} accuracy {100 * final['acc']:.2f}% ({final['count']} images"
         f"{_tta_in_words(summary)}); {summary['wall_time_s']:.1f} s; results in {run_dir}"

@@ -1,0 +1,415 @@
+"""The Trainer: builds and owns a run's components and trains them, one step at a time.
+
+Training, the benchmark and the GPU check all build a run this way. ``fit`` reads top to
+bottom; the components each decide whether they are due (docs/code-map.md walks through it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from cifar_dist.config.schema import Config, flatten
+from cifar_dist.data import Loader, Shard, build_train_loader, normalize
+from cifar_dist.distributed.accelerator import is_deepspeed
+from cifar_dist.distributed.collectives import all_reduce_max, all_reduce_sum, print0
+from cifar_dist.distributed.exact import TreeSum, reduce_across_processes, take_grads, tree_all_reduce
+from cifar_dist.errors import ConfigError, say
+from cifar_dist.model.batchnorm import GroupBatchNorm2d, sync_bn_statistics
+from cifar_dist.model.loss import smoothed_cross_entropy
+from cifar_dist.model.optim import lr_at, schedule_steps, set_lr
+from cifar_dist.storage.metrics import MetricsLog
+from cifar_dist.storage.state import LOSS_UNIT, TrainState
+from cifar_dist.storage.trackers import Trackers, tracker_places
+from cifar_dist.trainer.averaging import WeightAverages
+from cifar_dist.trainer.build import (
+    build_model_seeded,
+    compile_module,
+    frozen_parameters,
+    graph_count,
+    init_from_data,
+    prepare_model,
+)
+from cifar_dist.trainer.callbacks import Callbacks
+from cifar_dist.trainer.checkpointer import Checkpointer, DeepSpeedWeights, Weights
+from cifar_dist.trainer.control import Control
+from cifar_dist.trainer.epoch import EpochRun, EpochTotals, epoch_line
+from cifar_dist.trainer.evaluation import Evaluator
+from cifar_dist.trainer.precision import Precision
+from cifar_dist.trainer.profiling import RunProfile, data_waits, span
+from cifar_dist.trainer.progress import progress_bars
+from cifar_dist.trainer.stopping import StopReason, StopRequest
+from cifar_dist.trainer.throughput import Throughput
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+class Trainer:
+    """A run's components, built from its config, and the loop that trains them; what callbacks
+    receive as ``run``. Only the trainer changes ``state``. Steps are counted from 1: step k is
+    the k-th optimizer step, and ``state.global_step`` the steps done."""
+
+    # the run
+    cfg: Config
+    accelerator: Accelerator
+    shard: Shard  # this process's share of the global batch
+    run_dir: Path | None  # None: a run that writes nothing (the benchmark)
+    # the model and its update
+    model: torch.nn.Module  # the plain module: its parameters are the weights
+    train_model: torch.nn.Module  # compiled, wrapped by DDP or DeepSpeed
+    optimizer: torch.optim.Optimizer
+    precision: Precision  # autocast, backward, loss scaler
+    deepspeed: bool  # DeepSpeed's engine runs the model (and owns precision, clipping)
+    # data and evaluation
+    loader: Loader
+    evaluator: Evaluator | None  # None: no evaluation set
+    # around each step
+    control: Control
+    averages: WeightAverages  # train.ema, train.lookahead
+    callbacks: Callbacks
+    checkpointer: Checkpointer
+    stop: StopRequest
+    metrics: MetricsLog | None  # rank 0 of a run with a directory, once fit starts
+    # where training stands
+    state: TrainState
+    stop_reason: StopReason | None
+
+    def __init__(
+        self,
+        cfg: Config,
+        accelerator,
+        shard: Shard,
+        train_set,
+        eval_set=None,
+        run_dir: Path | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        callbacks: Callbacks | None = None,
+        loader: Loader | None = None,
+        wrap: bool = True,
+        stop: StopRequest | None = None,
+        progress=None,
+    ):
+        """``model``: from ``build_model_seeded`` (built here if None). ``loader``: batches to use
+        instead of a loader of ``train_set`` (the benchmark's). ``wrap=False``: this process's
+        model alone, without the launcher's DDP or DeepSpeed wrapper and with no collective."""
+        self.cfg, self.accelerator, self.shard, self.run_dir = cfg, accelerator, shard, run_dir
+        self.rank, self.world = shard.rank, shard.world
+        model = build_model_seeded(cfg) if model is None else model
+        if train_set is not None:
+            init_from_data(cfg, model, train_set)
+        ema_module = copy.deepcopy(model) if cfg.train.ema is not None else None  # before it is wrapped
+        self.deepspeed = wrap and is_deepspeed(accelerator)
+        if self.deepspeed and frozen_parameters(model, 2**31):  # a fact of the model: known once it is built
+            raise ConfigError(
+                f"model.name: {cfg.model.name} stops training some parameters after a few epochs, which "
+                "DeepSpeed's engine cannot do; train it without DeepSpeed"
+            )
+        self.model, eval_model, self.train_model, self.optimizer = prepare_model(cfg, accelerator, model, wrap=wrap)
+        self.loader = loader or build_train_loader(cfg, train_set, shard, self.device)
+        self.precision = Precision(cfg.run.precision, self.device, accelerator if self.deepspeed else None)
+        self.averages = WeightAverages.build(cfg, self.model, ema_module, self.loader.steps_per_epoch)
+        if cfg.eval.use_ema and self.averages.ema is not None:
+            eval_model = compile_module(cfg, self.averages.ema.module)
+        self.evaluator = (
+            Evaluator(cfg, eval_model, eval_set, self.device, self.precision, self.train_model)
+            if eval_set is not None
+            else None
+        )
+        self.callbacks = callbacks or Callbacks()
+        weights = DeepSpeedWeights(accelerator) if self.deepspeed else Weights(self.model, self.optimizer)
+        # what a checkpoint holds besides state.json: a new stateful component is one more entry
+        components = {"weights": weights, "averages": self.averages, "callbacks": self.callbacks}
+        staged = lambda folder, step: self.callbacks.call("on_checkpoint_staged", folder, step)  # noqa: E731
+        self.checkpointer = Checkpointer(run_dir, cfg.checkpoint, components, on_staged=staged)
+        self.stop = stop or StopRequest(None, say=say if self.rank == 0 else None)
+        self.stop.stop_file = run_dir / "STOP" if run_dir is not None and self.rank == 0 else None
+        self.progress = progress or progress_bars(False)
+        # None: this process alone (the benchmark's reference); exact_reduce sums in a fixed tree
+        self.reduce = None if not wrap else tree_all_reduce if cfg.train.exact_reduce else all_reduce_sum
+        self.max_steps = cfg.train.max_steps or schedule_steps(cfg.train, self.loader.steps_per_epoch)
+        self.metrics = None
+        self.graphs_after_warmup: int | None = None  # compiled graphs after the first epoch
+        self.start_from(TrainState())
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The module whose weights are evaluated and exported: the EMA's with eval.use_ema."""
+        return self.averages.ema.module if self.cfg.eval.use_ema and self.averages.ema else self.model
+
+    def start_from(self, state: TrainState) -> None:
+        """Train on from ``state``: a fresh run's, or a checkpoint's (``restore``)."""
+        self.state = state
+        self.control = Control(self.precision, self.device, state.global_step, state.skipped_steps)
+        self.loss_logged_at = state.global_step  # the step of the last running loss sent to the trackers
+        self.ended = self._ended_before()
+        self.stop_reason = self.ended  # a run that has ended trains no further step
+        if self.ended is None:
+            self._reopen_epoch()
+
+    def restore(self, ckpt: Path) -> TrainState:
+        """Load checkpoint ``ckpt`` into every component and train on from its state."""
+        state = self.checkpointer.load(ckpt)
+        self.precision.load_state_dict(state.scaler)
+        self.start_from(state)
+        return state
+
+    def _ended_before(self) -> StopReason | None:
+        """Why the run had ended at the state it starts from: its steps or epochs done (a longer
+        train.max_steps lets a finished run go on), or an earlier end it recorded."""
+        state = self.state
+        if state.global_step >= self.max_steps or state.epoch >= self.cfg.train.epochs:
+            return StopReason.FINISHED
+        if state.ended and state.ended != StopReason.FINISHED.value:
+            return StopReason(state.ended)
+        return None
+
+    def _reopen_epoch(self) -> None:
+        """A run that ended inside an epoch and goes on (a longer train.max_steps): the epoch's row
+        goes (the checkpoint kept its sums), so the row written when it ends covers it all."""
+        state = self.state
+        state.ended = ""
+        if state.step_in_epoch and state.history and state.history[-1]["epoch"] == state.epoch + 1:
+            state.history.pop()
+
+    @property
+    def preempted(self) -> bool:
+        """Stopping to be resumed later (a signal, the STOP file)."""
+        return self.stop_reason is not None and self.stop_reason.preempts
+
+    def request_stop(self, reason: StopReason = StopReason.REQUESTED) -> None:
+        """End the run after the current step, as if it were the last (same on every rank)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    # the loop
+
+    def fit(self) -> TrainState:
+        """Train until a ``StopReason``; returns the state where training stands. The one place
+        that decides a stop is ``_after_step``'s control read and ``_end_epoch``."""
+        state = self.state
+        self._open_metrics()
+        self.throughput = Throughput.measure(self.cfg, self.device)
+        profile = RunProfile(self.cfg.run.profile, self.run_dir, self.device, state.global_step, self.max_steps)
+        with self.stop, profile:
+            self.stop.phase = "train"
+            self.callbacks.call("on_train_start", self)
+            if self.stop_reason is None and self._stop_asked_before_start():
+                self.request_stop(StopReason.SIGNAL if self.stop.signalled else StopReason.STOP_FILE)
+            while self.stop_reason is None:
+                steps = self.loader.steps_per_epoch
+                epoch = EpochRun(state, steps, self.shard, self.device, self.progress, self.cfg.train.epochs)
+                state.partial = {}
+                for batch in data_waits(self.loader.iter_epoch(state.epoch, state.step_in_epoch)):
+                    step = state.global_step + 1
+                    self.callbacks.call("on_step_start", step)
+                    nonfinite = self.train_step(batch, step, epoch.totals)
+                    epoch.advance(state)
+                    ends_epoch = state.step_in_epoch >= epoch.steps or step >= self.max_steps
+                    metrics = self._after_step(step, nonfinite, epoch, ends_epoch)
+                    self.callbacks.call("on_step_end", step, metrics)  # before a checkpoint saves their state
+                    # at an epoch's last step, the epoch-end checkpoint is the one
+                    if not ends_epoch and (self.preempted or self.checkpointer.due(step)):
+                        self.checkpointer.save(self._record(partial=epoch.totals.over_ranks()))
+                    profile.after_step(step)
+                    if ends_epoch or self.stop_reason is not None:
+                        break
+                epoch.bar.close()
+                if self.preempted and not ends_epoch:
+                    break  # stopped mid-epoch: its checkpoint holds the epoch's sums; no row yet
+                self._end_epoch(epoch)
+        return state
+
+    def _open_metrics(self) -> None:
+        """Rank 0 of a run with a directory: metrics.jsonl and the trackers, from the state's rows."""
+        if self.metrics is not None or self.run_dir is None or self.rank != 0:
+            return
+        cfg = self.cfg
+        trackers = Trackers.start(
+            cfg.run.trackers, self.run_dir, cfg.name, flatten(cfg.to_dict()), self.state.global_step, self.state.history
+        )
+        self.metrics = MetricsLog(self.run_dir, self.state.history, trackers)
+        if cfg.run.trackers:
+            print0(f"trackers: {tracker_places(cfg.run.trackers, self.run_dir)}")
+
+    def _stop_asked_before_start(self) -> bool:
+        """A stop asked while the run started up (any rank's vote: one collective, before the
+        first step); the loop then stops where it stands."""
+        asked = torch.tensor([float(self.stop.requested())], device=self.device)
+        return bool(all_reduce_max(asked).item())
+
+    def _after_step(self, step: int, nonfinite: torch.Tensor, epoch: EpochRun, ends_epoch: bool) -> dict:
+        """What follows every step: the BatchNorm statistics sync, which carries the control flags
+        in the same collective; the host read when due (a non-finite step raises there, a stop
+        vote of any rank sets the stop reason); the weight averages. Returns the step's metrics."""
+        metrics = {"lr": self.optimizer.param_groups[0]["lr"]}
+        read = Control.due(step, must=ends_epoch or self.checkpointer.due(step))
+        with span("control"):
+            flags = self.control.flags(nonfinite, stop_vote=read and self.stop.requested())
+            summed = sync_bn_statistics(self.model, self.reduce, extra=flags)
+            reading = self.control.record(summed, epoch.totals.loss, read, where=f" (epoch {epoch.number})")
+        if reading is not None:
+            self.state.skipped_steps = reading.skipped
+            metrics["train_loss"] = reading.loss_sum * LOSS_UNIT / max(epoch.totals.count, 1)
+            epoch.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
+            self._log_loss(metrics["train_loss"], step)
+            if reading.stop_votes > 0:
+                self.request_stop(StopReason.SIGNAL if self.stop.signalled else StopReason.STOP_FILE)
+        self.averages.after_step(step)  # EMA, Lookahead: of the weights with synced statistics
+        return metrics
+
+    def _log_loss(self, loss: float, step: int) -> None:
+        """At a control read: the running training loss to the trackers, every
+        ``run.log_every_steps`` steps (the read is already there: no extra one)."""
+        every = self.cfg.run.log_every_steps
+        if every and self.metrics is not None and step // every > self.loss_logged_at // every:
+            self.loss_logged_at = step
+            self.metrics.log_loss(loss, step)
+
+    def steady_step(self, batch, step: int, totals: EpochTotals) -> bool:
+        """Step ``step`` as ``fit`` runs it away from epoch boundaries, without callbacks or
+        checkpoints (the benchmark's step). Returns whether the host read the device."""
+        nonfinite = self.train_step(batch, step, totals)
+        read = Control.due(step)
+        with span("control"):
+            summed = sync_bn_statistics(self.model, self.reduce, extra=self.control.flags(nonfinite, False))
+            self.control.record(summed, totals.loss, read)
+        self.averages.after_step(step)
+        return read
+
+    def _end_epoch(self, epoch: EpochRun) -> None:
+        """The epoch's row, an evaluation when due, the log, then an epoch-end checkpoint when due."""
+        state = self.state
+        row = epoch.row(state, self.cfg.train, self.throughput)
+        complete = state.step_in_epoch >= epoch.steps
+        if complete:
+            state.epoch, state.step_in_epoch = epoch.number, 0
+        if state.global_step >= self.max_steps or state.epoch >= self.cfg.train.epochs:
+            if self.stop_reason is None or self.preempted:  # a stop asked at the very end: just finish
+                self.stop_reason = StopReason.FINISHED
+        last = self.stop_reason is not None and not self.preempted
+        result = self.evaluator.maybe_run(epoch.number, last) if self.evaluator is not None else None
+        if result is not None:
+            row.update(test_loss=result["loss"], test_acc=result["acc"])
+        state.history.append(row)
+        if self.metrics is not None:
+            self.metrics.log(row)
+        print0(epoch_line(row))
+        self.callbacks.call("on_epoch_end", row)  # may end the run (run.request_stop())
+        reason, partial = self.stop_reason, None
+        if reason is not None and not reason.preempts:
+            state.ended = reason.value
+            if not complete:  # the epoch's sums, for a run extended later (train.max_steps)
+                partial = epoch.totals.over_ranks()
+        if reason is not None or self.checkpointer.due_after_epoch(state.epoch, complete):
+            self.checkpointer.save(self._record(partial))
+        if self.graphs_after_warmup is None:
+            self.graphs_after_warmup = graph_count()
+
+    def _record(self, partial: dict | None = None) -> dict:
+        """What a checkpoint's state.json holds: the state, with an interrupted epoch's sums over
+        all ranks, the loss scaler and the world size (the state itself is not changed)."""
+        return {
+            **dataclasses.asdict(self.state),
+            "partial": partial or {},
+            "scaler": self.precision.state_dict(),
+            "world_size": self.world,
+        }
+
+    # one optimizer step
+
+    def train_step(self, batch, step: int, totals: EpochTotals) -> torch.Tensor:
+        """Optimizer step ``step`` over this process's micro-batches; returns its non-finite flag
+        (a 0-dim device tensor: nothing here reads a device value on the host)."""
+        cfg = self.cfg
+        set_lr(self.optimizer, lr_at(step - 1, cfg.train, self.loader.steps_per_epoch))
+        backward = self._backward_exact if cfg.train.exact_reduce else self._backward_ddp
+        nonfinite = backward(batch, step, totals)
+        for p in frozen_parameters(self.model, (step - 1) // self.loader.steps_per_epoch):
+            p.grad = None  # the optimizer skips a parameter without a gradient: no momentum, no decay
+        with span("optimizer"):
+            if not self.deepspeed:  # DeepSpeed clips (its config) and keeps the gradients partitioned
+                self.precision.unscale(self.optimizer)
+                grads = [q.grad for q in self.model.parameters() if q.grad is not None]
+                if cfg.train.grad_clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+                elif grads:
+                    norm = torch.stack(torch._foreach_norm(grads)).norm()
+                else:
+                    norm = torch.zeros((), device=self.device)
+                if cfg.run.precision != "fp16":  # under fp16 the scaler skips such steps instead
+                    nonfinite = nonfinite + (~torch.isfinite(norm)).float()
+            self.precision.step(self.optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
+        return nonfinite
+
+    def _forward_loss(self, x, y, step: int, totals: EpochTotals):
+        cfg = self.cfg
+        with span("forward+loss"):
+            x = self.precision.inputs(normalize(x, cfg.data.mean, cfg.data.std, cfg.run.channels_last))
+            with self.precision.autocast():
+                logits = self.train_model(x)
+            loss = smoothed_cross_entropy(logits, y, cfg.train.label_smoothing, cfg.train.smoothing_form)
+            loss = self.callbacks.on_loss(loss, step)
+            totals.add(loss, logits, y)
+        return loss, (~torch.isfinite(loss.detach())).float()
+
+    def _no_sync(self):
+        """DDP's ``no_sync()``, not Accelerate's: that one does nothing for one process, though
+        `accelerate launch --num_processes 1` still wraps the model in DDP, whose reduce into its
+        buckets then overwrote the chunk gradients the exact path aliases there."""
+        if self.deepspeed:
+            return contextlib.nullcontext()  # DeepSpeed keeps its own accumulation
+        return getattr(self.train_model, "no_sync", contextlib.nullcontext)()
+
+    def _backward_ddp(self, batch, step: int, totals: EpochTotals) -> torch.Tensor:
+        """Gradients averaged by DDP (or DeepSpeed): fast; equal across process counts up to
+        float summation order."""
+        accum = len(batch)
+        nonfinite = torch.zeros((), device=self.device)
+        for i, (x, y, _idx) in enumerate(batch):
+            with contextlib.nullcontext() if i == accum - 1 else self._no_sync():
+                loss, flag = self._forward_loss(x, y, step, totals)
+                with span("backward"):  # DDP's gradient all-reduce runs inside it
+                    # DeepSpeed divides by its accumulation steps itself
+                    self.precision.backward(loss if self.deepspeed else loss / accum)
+            nonfinite = nonfinite + flag
+        return nonfinite
+
+    def _backward_exact(self, batch, step: int, totals: EpochTotals) -> torch.Tensor:
+        """Gradients of fixed-size chunks, summed in a fixed tree (``distributed.exact``)."""
+        chunk = self.cfg.model.bn_group
+        params = [p for p in self.model.parameters() if p.requires_grad]  # a frozen one gets no gradient
+        bns = [m for m in self.model.modules() if isinstance(m, GroupBatchNorm2d)]
+        tree = TreeSum()
+        nonfinite = torch.zeros((), device=self.device)
+        with self._no_sync():
+            for x, y, _idx in batch:
+                for s in range(0, len(y), chunk):
+                    loss, flag = self._forward_loss(x[s : s + chunk], y[s : s + chunk], step, totals)
+                    with span("backward"):
+                        self.precision.backward(loss)
+                    # BatchNorm statistics follow the same tree as the gradients
+                    stats = [m.stat_sum.clone() for m in bns]
+                    for m in bns:
+                        m.stat_sum.zero_()
+                    tree.add(take_grads(params) + stats)
+                    nonfinite = nonfinite + flag
+        summed = tree.result()
+        for m, st in zip(bns, summed[len(params) :]):
+            m.stat_sum.copy_(st)
+        with span("backward"):  # the gradients' all-reduce, which DDP runs inside the backward
+            reduced = reduce_across_processes(summed[: len(params)], self.shard.global_batch // chunk)
+        for q, g in zip(params, reduced):
+            q.grad = g
+        return nonfinite
