@@ -183,7 +183,7 @@ def test_launch_configs_assume_no_gpu_count():
 @pytest.mark.parametrize("capability, expected", [(None, "fp32"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
 def test_precision_auto_follows_the_gpu_generation(capability, expected):
     """auto: fp32 on CPUs, fp16 with loss scaling before bf16 tensor cores (V100: 7.0), bf16 from 8.0."""
-    from cifar_dist.trainer.precision import resolve_precision
+    from cifar_dist.runtime.hardware import resolve_precision
 
     assert resolve_precision("auto", capability) == (expected, None)
     assert resolve_precision("fp32", capability) == ("fp32", None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cifar_dist.runtime import hardware
-from cifar_dist.trainer.precision import CpuBf16, resolve_precision
+from cifar_dist.runtime.hardware import CpuBf16, resolve_precision
 
 AVX2_ONLY = "fpu sse sse2 avx fma avx2 bmi2"  # an AMD EPYC without bf16 units
 AVX512_BF16 = AVX2_ONLY + " avx512f avx512_bf16"  # AMD Zen 4, Intel Cooper Lake

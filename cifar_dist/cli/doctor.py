@@ -18,8 +18,7 @@ import yaml
 import cifar_dist
 from cifar_dist.config.loading import load_config, resolve_data_root
 from cifar_dist.data.cifar import FOLDER, MD5, file_digest
-from cifar_dist.runtime.hardware import bf16_speedup, cpu_flags, cpu_model, has_bf16_units
-from cifar_dist.trainer.precision import CpuBf16, resolve_precision
+from cifar_dist.runtime.hardware import CpuBf16, bf16_speedup, cpu_flags, cpu_model, has_bf16_units, resolve_precision
 
 # collect_env runs nvidia-smi, pip, gcc, ... with no timeout of its own: a stuck driver would hang doctor.
 COLLECT_ENV_TIMEOUT_S = 60.0

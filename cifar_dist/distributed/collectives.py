@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -28,10 +30,18 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
-def print0(*args, **kwargs) -> None:
-    """Print on rank 0 only (every rank-0 side effect goes through a helper like this)."""
-    if world_info()[0] == 0:
-        print(*args, **kwargs, flush=True)
+def print0(line: str) -> None:
+    """The run's log: ``line`` on stdout, from rank 0 only, without breaking a progress bar.
+    (Errors and warnings go to stderr in one write: ``errors.say``.)"""
+    if world_info()[0] != 0:
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(line, flush=True)
+        return
+    tqdm.write(line)
+    sys.stdout.flush()
 
 
 def share_from_main(fn):

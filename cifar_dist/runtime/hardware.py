@@ -11,6 +11,8 @@ import json
 import os
 import resource
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -222,3 +224,54 @@ def bf16_speedup(channels_last: bool = True) -> float:
             return _conv_seconds(False, channels_last, 0.25) / _conv_seconds(True, channels_last, 0.25)
 
     return cached(key, measure)
+
+
+@dataclass
+class CpuBf16:
+    """What a CPU offers bf16: arithmetic units (from its flags) and the measured speed-up over
+    fp32 (``speedup()``, called only when the choice needs it)."""
+
+    units: bool
+    speedup: Callable[[], float]
+
+    @classmethod
+    def of_this_cpu(cls, channels_last: bool) -> CpuBf16:
+
+        return cls(has_bf16_units(cpu_flags()), lambda: bf16_speedup(channels_last))
+
+
+def resolve_precision(
+    requested: str, capability: tuple[int, int] | None, cpu: CpuBf16 | None = None
+) -> tuple[str, str | None]:
+    """(precision to run, a warning or None) on a GPU of CUDA compute ``capability``, or on a
+    CPU (``capability`` None) that offers bf16 as ``cpu`` says (None: treated as no bf16 units).
+
+    auto: bf16 from Ampere (8.0) on, fp16 with loss scaling before (the paper's V100 is 7.0);
+    on a CPU bf16 only where it has bf16 units (AMX, AVX-512 bf16) and a probe measured bf16
+    at least ``BF16_FASTER`` times faster than fp32, else fp32. An explicit bf16 that this
+    device runs slowly is kept, with a warning that says how slow."""
+
+    if capability is None:
+        cpu = cpu or CpuBf16(False, lambda: 0.0)
+        if requested == "auto":
+            return ("bf16" if cpu.units and cpu.speedup() >= BF16_FASTER else "fp32"), None
+        if requested == "bf16":
+            speedup = cpu.speedup()
+            if speedup < 1.0:
+                kind = (
+                    "has bf16 units, yet" if cpu.units else "has no bf16 units (no AMX or AVX-512 bf16 in its flags):"
+                )
+                return "bf16", (
+                    f"run.precision=bf16 on a CPU that {kind} bf16 ran {1 / speedup:.1f}x slower "
+                    "than fp32 in a probe here; run.precision=auto or fp32 is faster"
+                )
+        return requested, None
+    if requested == "auto":
+        return ("bf16" if tuple(capability) >= (8, 0) else "fp16"), None
+    if requested == "bf16" and tuple(capability) < (8, 0):
+        major, minor = capability
+        return "bf16", (
+            f"run.precision=bf16 on a GPU of compute capability {major}.{minor}: it has no bf16 "
+            "tensor cores (they came with 8.0); fp16 or auto is much faster there"
+        )
+    return requested, None

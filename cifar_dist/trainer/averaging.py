@@ -1,26 +1,7 @@
-"""Weight averages of a run: an exponential moving average (EMA) of the weights and Lookahead's
-slow weights, updated on the device after optimizer steps, and their checkpoint files.
-
-    EMA        ema <- decay * ema + (1 - decay) * w   after every ``train.ema.every_steps``-th
-               step; after each of the first ``warmup_steps`` steps a plain copy of w. The
-               parameters and the BatchNorm running statistics are averaged, in fp32; integer
-               buffers (num_batches_tracked) are copied. The average lives in a copy of the
-               model, so evaluating it (``eval.use_ema``) is running that copy: the training
-               weights and their BatchNorm state are never touched.
-    Lookahead  after every ``train.lookahead.k``-th step: slow <- slow + alpha * (fast - slow),
-               then fast <- slow (the parameters, and the BatchNorm running statistics with
-               ``buffers``; the optimizer keeps its state). With ``ramp_power`` p, alpha falls
-               from 1 to ``alpha`` over the schedule as 1 - (1 - alpha) (step / steps)^p;
-               with ``end_on_slow`` the model takes the slow weights after the run's last step
-               (airbench's "Lookahead with decay": k 5, alpha 1 - 0.95^5, p 3, both on).
-
-Both follow the weights, which are the same on every rank, so every rank keeps the same
-averages and nothing is communicated. Whether an update is due is decided from the host's step
-count alone, and an update is a few foreach kernels: no host read, no loop over parameters.
-The loop updates them after the step's BatchNorm statistics are synchronized and before any
-checkpoint of that step, which saves them (``ema.safetensors``, ``lookahead.safetensors``), so
-a resumed run continues them bit for bit.
-"""
+"""Weight averages of a run, updated on the device after optimizer steps: an EMA of the weights
+(in a copy of the model, so ``eval.use_ema`` evaluates that copy) and Lookahead's slow weights.
+Every rank keeps the same averages, with no communication and no host read; the formulas and
+airbench's "Lookahead with decay" are in docs/averaging.md."""
 
 from __future__ import annotations
 

@@ -14,8 +14,9 @@ from cifar_dist.distributed.launcher import env_rank
 from cifar_dist.errors import UserError, say
 from cifar_dist.model.optim import build_optimizer, param_groups
 from cifar_dist.model.resnet import build_model
+from cifar_dist.runtime.hardware import CpuBf16, resolve_precision
 from cifar_dist.runtime.seeding import seed_everything
-from cifar_dist.trainer.precision import CpuBf16, gpu_capability, resolve_precision
+from cifar_dist.trainer.precision import gpu_capability
 
 
 def graph_count() -> int:

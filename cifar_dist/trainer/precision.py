@@ -1,24 +1,15 @@
-"""Mixed precision owned by the run, not by process-global state.
-
-fp32, bf16 (autocast) or fp16 (autocast + gradient scaler; steps with
-non-finite gradients are skipped and counted). BatchNorm stays in fp32: its
-statistics are computed in fp32 (``GroupBatchNorm2d``) and autocast keeps
-batch_norm in fp32. Owning it here lets one process run several precisions
-(the benchmark does). Under DeepSpeed, whose engine owns precision, the
-Accelerator's autocast and backward are used instead.
-"""
+"""Mixed precision owned by the run, not by process-global state (so the benchmark runs several
+in one process): autocast, and for fp16 a gradient scaler whose skipped steps are counted on the
+device. Under DeepSpeed, whose engine owns precision, the Accelerator's autocast and backward."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from cifar_dist.config.registry import PRECISIONS
 from cifar_dist.distributed.launcher import local_rank
-from cifar_dist.runtime.hardware import BF16_FASTER, bf16_speedup, cpu_flags, has_bf16_units
 
 # run.precision -> autocast dtype, from the registry of precisions (fp32: no autocast)
 DTYPES = {
@@ -26,57 +17,6 @@ DTYPES = {
     for name in PRECISIONS.names()
     if PRECISIONS.entry(name)["dtype"]
 }
-
-
-@dataclass
-class CpuBf16:
-    """What a CPU offers bf16: arithmetic units (from its flags) and the measured speed-up over
-    fp32 (``speedup()``, called only when the choice needs it)."""
-
-    units: bool
-    speedup: Callable[[], float]
-
-    @classmethod
-    def of_this_cpu(cls, channels_last: bool) -> CpuBf16:
-
-        return cls(has_bf16_units(cpu_flags()), lambda: bf16_speedup(channels_last))
-
-
-def resolve_precision(
-    requested: str, capability: tuple[int, int] | None, cpu: CpuBf16 | None = None
-) -> tuple[str, str | None]:
-    """(precision to run, a warning or None) on a GPU of CUDA compute ``capability``, or on a
-    CPU (``capability`` None) that offers bf16 as ``cpu`` says (None: treated as no bf16 units).
-
-    auto: bf16 from Ampere (8.0) on, fp16 with loss scaling before (the paper's V100 is 7.0);
-    on a CPU bf16 only where it has bf16 units (AMX, AVX-512 bf16) and a probe measured bf16
-    at least ``BF16_FASTER`` times faster than fp32, else fp32. An explicit bf16 that this
-    device runs slowly is kept, with a warning that says how slow."""
-
-    if capability is None:
-        cpu = cpu or CpuBf16(False, lambda: 0.0)
-        if requested == "auto":
-            return ("bf16" if cpu.units and cpu.speedup() >= BF16_FASTER else "fp32"), None
-        if requested == "bf16":
-            speedup = cpu.speedup()
-            if speedup < 1.0:
-                kind = (
-                    "has bf16 units, yet" if cpu.units else "has no bf16 units (no AMX or AVX-512 bf16 in its flags):"
-                )
-                return "bf16", (
-                    f"run.precision=bf16 on a CPU that {kind} bf16 ran {1 / speedup:.1f}x slower "
-                    "than fp32 in a probe here; run.precision=auto or fp32 is faster"
-                )
-        return requested, None
-    if requested == "auto":
-        return ("bf16" if tuple(capability) >= (8, 0) else "fp16"), None
-    if requested == "bf16" and tuple(capability) < (8, 0):
-        major, minor = capability
-        return "bf16", (
-            f"run.precision=bf16 on a GPU of compute capability {major}.{minor}: it has no bf16 "
-            "tensor cores (they came with 8.0); fp16 or auto is much faster there"
-        )
-    return requested, None
 
 
 def gpu_capability() -> tuple[int, int] | None:

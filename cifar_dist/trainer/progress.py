@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
 
+from cifar_dist.distributed.collectives import print0
 from cifar_dist.trainer.callbacks import Callback
 
 
@@ -38,17 +38,6 @@ def progress_bars(enabled: bool):
     return _Silent
 
 
-def write_line(text: str) -> None:
-    """A line on stdout that does not break a running progress bar."""
-    try:
-        from tqdm.auto import tqdm
-
-        tqdm.write(text)
-        sys.stdout.flush()
-    except ImportError:
-        print(text, flush=True)
-
-
 def duration(seconds: float) -> str:
     """3725 -> '1 h 02 min', 95 -> '1 min 35 s', 7.2 -> '7 s'."""
     seconds = int(round(seconds))
@@ -71,7 +60,7 @@ class EstimatedTime(Callback):
     MIN_STEPS = 5  # steps between the two reads the estimate is timed over
 
     def __init__(self, say=None):
-        self.say, self.mark, self.done = say or write_line, None, False
+        self.say, self.mark, self.done = say or print0, None, False
 
     def on_train_start(self, run):
         self.run = run

@@ -37,7 +37,6 @@ from cifar_dist.trainer.progress import (
     long_cpu_run_warning,
     progress_bars,
     seconds_per_image,
-    write_line,
 )
 from cifar_dist.trainer.stopping import StopRequest
 from cifar_dist.trainer.trainer import Trainer
@@ -244,7 +243,7 @@ def _announce_long_cpu_run(trainer: Trainer) -> None:
     flops = count_flops(trainer.model, train=True)
     line = long_cpu_run_warning(steps_left, trainer.shard.per_process, per_image, flops)
     if line:
-        write_line(line)
+        print0(line)
 
 
 def _mode_in_words(accelerator, world: int) -> str:

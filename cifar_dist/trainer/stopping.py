@@ -22,22 +22,9 @@ class StopReason(enum.Enum):
 
 
 class StopRequest:
-    """Installs the signal handlers for a whole run; ``requested()`` says whether to stop.
-
-    What a signal does depends on the run's ``phase``:
-
-    ``start``  (building, before the first step) SIGTERM and SIGUSR1 are recorded: the loop
-               stops before its first step, as preempted; SIGINT aborts at once
-               (KeyboardInterrupt), as Ctrl-C does anywhere else.
-    ``train``  SIGTERM, SIGUSR1 and a first SIGINT (Ctrl-C) ask the run to stop at its next
-               control read, after a checkpoint; a second SIGINT aborts at once.
-    ``finish`` (training has ended: the final evaluation, the results) SIGTERM, SIGUSR1 and a
-               first SIGINT are recorded and the results still written; a second SIGINT aborts
-               at once, and ``--resume`` then does the final evaluation alone.
-
-    Only ``poll_file`` ranks look for the STOP file (rank 0: no file-system call on every
-    rank), and only when the loop is about to read its flags.
-    """
+    """Installs the signal handlers for a whole run; ``requested()`` says whether to stop. What a
+    signal does depends on the run's ``phase`` (start, train, finish: docs/runs.md). Only
+    ``poll_file`` ranks look for the STOP file, and only when the loop reads its flags."""
 
     def __init__(self, stop_file: Path | None, poll_file: bool = True, say=None):
         self.stop_file = stop_file if poll_file else None
