@@ -54,7 +54,7 @@ def test_bench_writes_every_figure_and_counts_the_papers_flops(tmp_path):
     assert result["hardware"]["device"]
     rows = result["rows"]
     assert [r["baseline"] for r in rows] == [True, False, False]
-    assert result["hardware"]["parameters"] == 4_916_284  # what `cifar-dist plan --bench` reads
+    assert result["hardware"]["parameters"] == 4_916_284  # what `scripts/plan.py --bench` reads
     for r in rows:
         for key in FIELDS:
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (r["label"], key)

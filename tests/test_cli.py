@@ -426,18 +426,12 @@ def test_sweep_members_get_one_directory_per_value_and_a_damaged_sweep_file_is_n
     )
 
 
-NUMBERS = {  # each numeric option of bench and plan, and values none of them can use
+NUMBERS = {  # each numeric option of bench, and values none of them can use (scripts/plan.py's: test_scaling.py)
     ("bench", "--steps"): ["0", "-1", "nan", "2.5"],
     ("bench", "--warmup"): ["-1", "inf"],
     ("bench", "--repeats"): ["0", "-3"],
     ("bench", "--batch-sizes"): ["0", "-4", "64,0", ","],
     ("bench", "--workers"): ["-1"],
-    ("plan", "--images-per-s"): ["0", "-5", "nan", "inf", "-inf"],
-    ("plan", "--batch"): ["0", "-1"],
-    ("plan", "--params"): ["0"],
-    ("plan", "--reduce-bytes"): ["0", "-2"],
-    ("plan", "--gpus"): ["0,2", "-1", ",", "two"],
-    ("plan", "--overlap"): ["1.5", "-0.1", "nan"],
 }
 
 
@@ -446,24 +440,12 @@ def test_every_numeric_argument_refuses_what_no_command_can_use_in_one_line(comm
     """Zero, negative, NaN, infinity, a fraction where a count is meant, an empty list: one
     line naming the option and the value, exit 2, before anything runs or is written."""
     for value in NUMBERS[command, option]:
-        res = cli_here(command, f"{option}={value}", "--out" if command == "bench" else "--json", tmp_path / "out")
+        res = cli_here(command, f"{option}={value}", "--out", tmp_path / "out")
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1, (value, res.stderr)
         assert lines[0].startswith(f"cifar-dist: {command}: argument {option}: expected ")
         assert any(repr(part) in lines[0] for part in [value, *value.split(",")])  # the value, or its bad item
         assert not (tmp_path / "out").exists()
-
-
-def test_an_output_file_whose_folder_is_missing_or_that_is_a_folder_is_one_line(tmp_path):
-    for path, line in [
-        (
-            tmp_path / "no" / "plan.json",
-            f"--json {tmp_path / 'no' / 'plan.json'}: folder {tmp_path / 'no'} does not exist",
-        ),
-        (tmp_path, f"--json {tmp_path}: is a directory; name a file"),
-    ]:
-        res = cli_here("plan", "--json", path)
-        assert res.returncode == 2 and res.stderr.strip() == f"cifar-dist: {line}"
 
 
 def test_a_damaged_archive_is_one_line_naming_it(tmp_path):
@@ -503,7 +485,6 @@ def test_a_damaged_archive_is_one_line_naming_it(tmp_path):
 def test_an_unknown_command_or_option_is_one_line():
     for argv, fragment in [
         (["nosuchcmd"], "argument command: invalid choice: 'nosuchcmd'"),
-        (["plan", "--nosuch"], "unrecognized arguments: --nosuch"),
         (["bench", "--steps"], "argument --steps: expected one argument"),
     ]:
         res = cli_here(*argv)
@@ -546,7 +527,6 @@ def test_a_folder_whose_path_is_not_utf8_is_refused_at_the_start_in_one_line(tmp
         ("sweep", "--config", SMOKE, "--out", bad, "--plan-only"),
         ("compare", tmp_path, "--out", bad),
         ("eval", "--checkpoint", bad),
-        ("plan", "--json", bad),
     ]:
         res = cli_here(*argv)
         assert res.returncode == 2 and res.stderr.strip().splitlines() == [line], (argv, res.stderr)

@@ -207,7 +207,7 @@ def test_nothing_is_written_through_a_symbolic_link_in_a_run_or_sweep_directory(
     resumed run replaces each link with a file of its own and the outside file keeps its bytes.
     A folder cifar-dist writes into (checkpoints/, plots/, a sweep's logs/ and members) that is
     a link: refused in one line, nothing written. compare's and eval's outputs, and every atomic
-    write (PREEMPTED, bench.json, plan --json), replace a link the same way."""
+    write (PREEMPTED, bench.json, scripts/plan.py --json), replace a link the same way."""
     from cifar_dist.storage.files import create_new, write_text_atomic
 
     victim = tmp_path / "victim.txt"
@@ -282,13 +282,14 @@ def test_a_failure_before_the_first_checkpoint_leaves_no_half_run_behind(tmp_pat
 
 
 def test_a_reader_that_leaves_early_ends_the_command_quietly():
-    """`cifar-dist plan | head -1`: no traceback, the exit status of a program SIGPIPE ended."""
+    """`python scripts/plan.py | head -1`: no traceback, the exit status of a program SIGPIPE ended."""
     import subprocess
 
-    from conftest import BIN
+    from conftest import BIN, REPO
 
     res = subprocess.run(
-        f"{BIN / 'cifar-dist'} plan --gpus 8,16,32,64,128,256,512 | head -c 10 >/dev/null; echo ${{PIPESTATUS[0]}}",
+        f"{BIN / 'python'} {REPO / 'scripts' / 'plan.py'} --gpus 8,16,32,64,128,256,512 | head -c 10 >/dev/null; "
+        "echo ${PIPESTATUS[0]}",
         shell=True,
         executable="/bin/bash",
         capture_output=True,

@@ -1,13 +1,23 @@
-"""`cifar-dist plan`: the scaling formula by hand, its inverse, bench.json input and the printed table."""
+"""scripts/plan.py: the scaling formula by hand, its inverse, bench.json input, the printed table
+and its one-line refusals."""
 
 import argparse
+import contextlib
+import io
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from cifar_dist.errors import UserError
-from cifar_dist.experiments.plan import (
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plan.py"
+sys.path.insert(0, str(SCRIPT.parent))  # a script, not part of the package
+from plan import (  # noqa: E402
     PRESETS,
     add_plan_arguments,
     allreduce_time,
@@ -15,6 +25,7 @@ from cifar_dist.experiments.plan import (
     compute_time,
     efficiency,
     largest_efficient,
+    main,
     plan_point,
     read_bench,
     run_plan,
@@ -215,3 +226,64 @@ def test_plan_takes_the_benched_models_parameters_and_device(tmp_path, capsys):
     (tmp_path / "list.json").write_text("[]")
     with pytest.raises(UserError, match="not a bench.json"):
         read_bench(tmp_path / "list.json")
+
+
+def plan_here(*args) -> tuple[int, str]:
+    """``python scripts/plan.py ARGS`` in this process: its exit code and stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as stop:
+            code = stop.code
+    return code, err.getvalue()
+
+
+def test_the_script_runs_as_a_script():
+    res = subprocess.run([sys.executable, SCRIPT, "--gpus", "8"], capture_output=True, text=True, check=True)
+    assert "Rule: the largest GPU count" in res.stdout
+
+
+NUMBERS = {  # each numeric option, and values none of them can use
+    "--images-per-s": ["0", "-5", "nan", "inf", "-inf"],
+    "--batch": ["0", "-1"],
+    "--params": ["0"],
+    "--reduce-bytes": ["0", "-2"],
+    "--gpus": ["0,2", "-1", ",", "two"],
+    "--overlap": ["1.5", "-0.1", "nan"],
+}
+
+
+@pytest.mark.parametrize("option", list(NUMBERS))
+def test_every_numeric_argument_refuses_what_no_command_can_use_in_one_line(option, tmp_path):
+    """Zero, negative, NaN, infinity, a fraction where a count is meant, an empty list: one
+    line naming the option and the value, exit 2, before anything runs or is written."""
+    for value in NUMBERS[option]:
+        code, err = plan_here(f"{option}={value}", "--json", tmp_path / "out")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, (value, err)
+        assert lines[0].startswith(f"cifar-dist: scripts/plan.py: argument {option}: expected ")
+        assert any(repr(part) in lines[0] for part in [value, *value.split(",")])  # the value, or its bad item
+        assert not (tmp_path / "out").exists()
+
+
+def test_an_output_file_whose_folder_is_missing_or_that_is_a_folder_is_one_line(tmp_path):
+    for path, line in [
+        (
+            tmp_path / "no" / "plan.json",
+            f"--json {tmp_path / 'no' / 'plan.json'}: folder {tmp_path / 'no'} does not exist",
+        ),
+        (tmp_path, f"--json {tmp_path}: is a directory; name a file"),
+    ]:
+        code, err = plan_here("--json", path)
+        assert code == 2 and err.strip() == f"cifar-dist: {line}"
+
+
+def test_an_unknown_option_or_a_path_that_is_not_utf8_is_one_line(tmp_path):
+    code, err = plan_here("--nosuch")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "unrecognized arguments: --nosuch" in err, err
+    bad = tmp_path / os.fsdecode(b"run\xff")
+    line = f"cifar-dist: {tmp_path}/run\\udcff: the path is not valid UTF-8; choose a folder whose name is"
+    code, err = plan_here("--json", bad)
+    assert code == 2 and err.strip().splitlines() == [line], err
+    assert sorted(os.listdir(tmp_path)) == []

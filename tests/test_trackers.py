@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import math
 import signal
+import struct
 from pathlib import Path
 
 import pytest
 from accelerate.tracking import GeneralTracker
 
 from cifar_dist.errors import ConfigError
-from cifar_dist.storage.trackers import Trackers, check_trackers, loggable, wandb_records
+from cifar_dist.storage.trackers import Trackers, check_trackers, loggable
 
 from conftest import FAULT_ARG, base_env, cli, fault_env
 from helpers import SMOKE
@@ -38,6 +39,34 @@ def tensorboard_points(run_dir: Path, key: str) -> list[tuple[int, float]]:
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()  # purges what a resumed writer's purge_step hides, as TensorBoard shows it
     return [(e.step, e.value) for e in events.Scalars(key)] if key in events.Tags()["scalars"] else []
+
+
+def wandb_records(path: Path):
+    """The protobuf records of a W&B run file: a 7-byte header, then LevelDB-log chunks in
+    32 KiB blocks (each: CRC, length, type; type 1 is a whole record, 2 to 4 its pieces). A
+    torn tail (a killed writer) ends the scan."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pieces = Path(path).read_bytes(), 32768, 7, b""
+    if data[:4] != b":W&B":
+        return
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        if pos + 7 + length > len(data):
+            return
+        pieces += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
+            try:
+                record.ParseFromString(pieces)
+            except Exception:  # a record cut short
+                return
+            pieces = b""
+            yield record
 
 
 def wandb_points(run_dir: Path, key: str) -> tuple[set, list[tuple[int, float]]]:

@@ -1,4 +1,4 @@
-"""The `cifar-dist` command: train, sweep, compare, eval, summary, prepare, report, bench, plan, config, doctor.
+"""The `cifar-dist` command: train, sweep, compare, eval, summary, prepare, report, bench, config, doctor.
 
 `key=value` config overrides may come before, between or after the options."""
 
@@ -194,7 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cifar_dist.bench.args import add_bench_arguments
     from cifar_dist.experiments.compare import add_compare_arguments
-    from cifar_dist.experiments.plan import add_plan_arguments
     from cifar_dist.experiments.sweep import add_sweep_arguments
 
     _command(
@@ -285,14 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_arguments,
         "cifar_dist.bench.run",
         "run_bench",
-    )
-    _command(
-        sub,
-        "plan",
-        "on paper: how many GPUs one run uses well, and when a sweep packs them better",
-        add_plan_arguments,
-        "cifar_dist.experiments.plan",
-        "run_plan",
     )
 
     p = sub.add_parser(

@@ -11,21 +11,16 @@ loss as ``train_loss_running``, all at the global step. What phones home is offl
 the user says otherwise: W&B runs with ``WANDB_MODE=offline`` unless WANDB_MODE is set,
 MLflow writes to ``sqlite:///<run dir>/mlflow.db`` unless MLFLOW_TRACKING_URI is set.
 
-A resumed run continues the same tracker run, and sends a point only where the tracker does
-not hold one at that step yet (what it holds is read from the tracker itself, so a kill -9
-between a point and the checkpoint neither doubles nor loses it):
+A resumed run continues the same tracker run and never sends a point twice:
 
     tensorboard   the writer purges every event after the checkpoint's step (``purge_step``),
                   and the resumed run logs those steps again, as it trains them again
-    wandb         the same run id (kept in ``trackers.json``) with ``resume="allow"``; offline,
-                  each start writes one directory (``wandb sync`` joins them into the run), and
-                  the steps the earlier ones hold are not sent again; online, W&B itself
-                  ignores a step below the run's
-    mlflow        the same run id (kept in ``trackers.json``); the steps its store holds for
-                  the rows and the running loss are not sent again
+    wandb, mlflow the same run id, and the last step of rows and of running losses it was sent,
+                  in ``trackers.json``; a resumed run sends only later steps (the mark is written
+                  before the point goes out: a kill -9 between the two loses it, never doubles it).
+                  W&B writes a step when the next one comes: after a kill -9 its last is sent again
     others        a new tracker run for each start
-    and each is sent the checkpoint's rows it lacks (W&B offline keeps up to 15 s of points in
-    memory, which a kill -9 loses: the rows come back this way, the running losses do not)
+    and a tracker run that is new on a resume is sent the checkpoint's rows first.
 """
 
 from __future__ import annotations
@@ -35,7 +30,6 @@ import json
 import math
 import os
 import re
-import struct
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -61,10 +55,11 @@ PIP_NAMES = {"comet_ml": "comet-ml"}
 # MLflow exports the store it is given to the environment (for child processes): the ones set
 # here for earlier runs of this process are not the user's.
 _MLFLOW_URIS_SET: set[str] = set()
-LEDGER = "trackers.json"  # the run ids of the trackers that continue a run
+LEDGER = "trackers.json"  # the run ids of the trackers that continue a run, and what each was sent
 LEDGER_KEYS = ("wandb_id", "mlflow_run_id")
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # W&B's and MLflow's ids; W&B's names folders: nothing path-like
-ROW_KEY, LOSS_KEY = "epoch", "train_loss_running"  # a key every row has; the running loss
+LOSS_KEY = "train_loss_running"
+NOTHING = {"rows": -1, "loss": -1}  # the last step of each kind of point a tracker holds
 
 
 def check_trackers(names: list[str]) -> None:
@@ -121,8 +116,8 @@ class Trackers:
     """The run's trackers on rank 0 (none elsewhere, or with ``run.trackers: []``), each with
     the last step of each kind of point (rows, loss) it already holds."""
 
-    def __init__(self, trackers: list, held: list[dict]):
-        self.trackers, self.held = trackers, held
+    def __init__(self, trackers: list, held: list[dict], ledger: dict | None = None, path: Path | None = None):
+        self.trackers, self.held, self.ledger, self.path = trackers, held, ledger or {}, path
 
     @classmethod
     def start(
@@ -131,10 +126,8 @@ class Trackers:
         """Start each tracker in ``run_dir``, where training starts at global step ``step`` with
         the rows ``history`` behind it (a resumed run: its checkpoint's; 0 and none for a new
         one). A run directory with a ``trackers.json`` was started before: its tracker runs
-        are continued, and each is sent the rows of ``history`` it does not hold (W&B can lose
-        the last seconds of an offline run to a kill -9; a tracker added on a resume starts
-        with the run's rows so far). Each tracker run that is new gets the config; a continued
-        one has it already."""
+        are continued, past the steps they were sent. A tracker run that is new gets the config
+        and the rows of ``history`` (a tracker added on a resume starts with the run's rows)."""
         run_dir = Path(run_dir)
         if not names:
             return cls([], [])
@@ -145,7 +138,7 @@ class Trackers:
         ledger = {} if first else _read_ledger(run_dir / LEDGER)
         made = [_make(name, run_dir, project, ledger, None if first else step) for name in names]
         trackers = [tracker for tracker, _ in made]
-        held = [{"rows": -1, "loss": -1} if first else _held(t, run_dir, step, ledger) for t in trackers]
+        held = [_sent(ledger, tracker.name, step) if continues else dict(NOTHING) for tracker, continues in made]
         for tracker in trackers:
             tracker.start()
         values = config_values(config)
@@ -155,8 +148,8 @@ class Trackers:
         for tracker in trackers:
             if tracker.name == "mlflow":
                 ledger["mlflow_run_id"] = tracker.active_run.info.run_id
-        write_json_atomic(run_dir / LEDGER, ledger)
-        self = cls(trackers, held)
+        self = cls(trackers, held, ledger, run_dir / LEDGER)
+        self._write_ledger()
         for row in history:
             self.log_row(row)
         return self
@@ -170,74 +163,37 @@ class Trackers:
         self._log("loss", loggable({LOSS_KEY: loss}), step)
 
     def _log(self, kind: str, values: dict, step: int) -> None:
-        for tracker, held in zip(self.trackers, self.held):
-            if values and step > held[kind]:
-                tracker.log(values, step=step)
+        due = [(tracker, held) for tracker, held in zip(self.trackers, self.held) if values and step > held[kind]]
+        for _, held in due:
+            held[kind] = step
+        if due:  # marked before it goes out: a kill -9 in between loses the point, never doubles it
+            self._write_ledger()
+        for tracker, _ in due:
+            tracker.log(values, step=step)
+
+    def _write_ledger(self, closed: bool = False) -> None:
+        if self.path is not None:
+            sent = {tracker.name: held for tracker, held in zip(self.trackers, self.held)}
+            write_json_atomic(self.path, {**self.ledger, "sent": sent, "closed": closed})
 
     def close(self) -> None:
         for tracker in self.trackers:
             tracker.finish()
+        if self.trackers:
+            self._write_ledger(closed=True)
         self.trackers, self.held = [], []
 
 
-def _held(tracker, run_dir: Path, step: int, ledger: dict) -> dict:
-    """The last step of rows and of running losses that ``tracker`` (not started yet) holds from
-    earlier starts."""
-    if tracker.name == "tensorboard":  # purged after ``step``
+def _sent(ledger: dict, name: str, step: int) -> dict:
+    """The last step of rows and of running losses that tracker ``name`` holds from earlier starts."""
+    if name == "tensorboard":  # purged after ``step``
         return {"rows": step, "loss": step}
-    if tracker.name == "wandb" and os.environ.get("WANDB_MODE") == "offline":
-        last = wandb_offline_last_step(run_dir, ledger.get("wandb_id", ""))
-        return {"rows": last, "loss": last}
-    if tracker.name == "mlflow" and ledger.get("mlflow_run_id"):
-        from mlflow.tracking import MlflowClient
-
-        client, run_id = MlflowClient(), ledger["mlflow_run_id"]
-        return {
-            kind: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
-            for kind, key in (("rows", ROW_KEY), ("loss", LOSS_KEY))
-        }
-    return {"rows": -1, "loss": -1}  # a new tracker run, or one that drops an earlier step itself
-
-
-def wandb_offline_last_step(run_dir: Path, run_id: str) -> int:
-    """The last history step of the offline W&B run ``run_id`` in ``run_dir/wandb``, over the
-    directories of earlier starts (-1: none). W&B keeps data in its ``.wandb`` files in
-    memory for up to 15 s, so a kill -9 can take the newest points with it: these files,
-    not what was sent, say what the run holds."""
-    last = -1
-    for path in sorted(Path(run_dir).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")):
-        for record in wandb_records(path):
-            if record.WhichOneof("record_type") == "history":
-                last = max(last, record.history.step.num)
-    return last
-
-
-def wandb_records(path: Path):
-    """The protobuf records of a W&B run file: a 7-byte header, then LevelDB-log chunks in
-    32 KiB blocks (each: CRC, length, type; type 1 is a whole record, 2 to 4 its pieces). A
-    torn tail (a killed writer) ends the scan."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, block, pos, pieces = Path(path).read_bytes(), 32768, 7, b""
-    if data[:4] != b":W&B":
-        return
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
-        if pos + 7 + length > len(data):
-            return
-        pieces += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
-            try:
-                record.ParseFromString(pieces)
-            except Exception:  # a record cut short
-                return
-            pieces = b""
-            yield record
+    sent = ledger.get("sent", {}).get(name)
+    sent = {kind: sent[kind] if isinstance(sent, dict) and type(sent.get(kind)) is int else -1 for kind in NOTHING}
+    if name == "wandb" and not ledger.get("closed"):  # W&B writes a step when the next one comes: a kill lost it
+        last = max(sent.values())
+        sent = {kind: min(at, last - 1) for kind, at in sent.items()}
+    return sent
 
 
 def tracker_places(names: list[str], run_dir: Path) -> str:
@@ -256,9 +212,9 @@ def tracker_places(names: list[str], run_dir: Path) -> str:
 
 
 def _read_ledger(path: Path) -> dict:
-    """``trackers.json`` of an earlier start: the tracker run ids it continues. An unreadable
-    file or a value that is no run id is warned about and left out: those trackers start new
-    runs (metrics.jsonl, the run's record, is untouched)."""
+    """``trackers.json`` of an earlier start: the tracker run ids it continues and the steps each
+    tracker was sent. An unreadable file or a value that is no run id is warned about and left
+    out: those trackers start new runs (metrics.jsonl, the run's record, is untouched)."""
     try:
         ledger = json.loads(path.read_text())
         if not isinstance(ledger, dict):
@@ -266,7 +222,7 @@ def _read_ledger(path: Path) -> dict:
     except (OSError, ValueError) as e:
         warnings.warn(f"{path}: unreadable ({e}); the trackers start new runs", stacklevel=2)
         return {}
-    kept = {}
+    kept = {key: ledger[key] for key in ("sent", "closed") if isinstance(ledger.get(key), (dict, bool))}
     for key in LEDGER_KEYS:
         value = ledger.get(key)
         if isinstance(value, str) and RUN_ID.fullmatch(value):
@@ -274,6 +230,15 @@ def _read_ledger(path: Path) -> dict:
         elif value is not None:
             warnings.warn(f"{path}: {key}: {value!r} is not a run id; that tracker starts a new run", stacklevel=2)
     return kept
+
+
+def _wandb_flush() -> dict:
+    """W&B writes its run file every 15 s by default, so a kill -9 would lose what it was sent
+    in that time (which ``trackers.json`` says it holds): every 0.05 s instead."""
+    import wandb
+
+    key = "x_transaction_log_flush_interval"  # older W&B versions lack it (and keep their own)
+    return {key: 0.05} if key in wandb.Settings.model_fields else {}
 
 
 def _mlflow_has_run(run_id: str) -> bool:
@@ -314,6 +279,7 @@ def _make(name: str, run_dir: Path, project: str, ledger: dict, resumed_at: int 
             dir=str(run_dir),
             name=run_dir.name,
             group=project,
+            settings=_wandb_flush(),
         ), continues
     if name == "mlflow":
         import logging

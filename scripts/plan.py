@@ -1,4 +1,7 @@
-"""`cifar-dist plan`: a paper model of data-parallel scaling (docs/scaling.md).
+"""A paper model of data-parallel scaling (docs/scaling.md): how many GPUs one run uses well.
+
+    python scripts/plan.py                                   # the paper's model, assumed throughput
+    python scripts/plan.py --bench runs/bench/bench.json     # your own `cifar-dist bench`'s figures
 
 Weak scaling: every GPU keeps the per-GPU batch, so N GPUs train on N x batch images
 per step. A step costs the compute t_c = batch / images_per_s plus a ring all-reduce
@@ -11,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from cifar_dist.config.numbers import count, real
-from cifar_dist.errors import UserError
+from cifar_dist.config.numbers import OneLineParser, count, real
+from cifar_dist.errors import UserError, guarded
 from cifar_dist.storage.files import no_missing_folder, write_text_atomic
 
 PAPER_PARAMS = 4_916_284  # the paper's modified ResNet (`cifar-dist summary`)
@@ -166,7 +170,7 @@ def check_against_measurement(
 
 
 class BenchFigure(NamedTuple):
-    """What `cifar-dist plan` takes from a bench.json: its fastest training row and what it ran on."""
+    """What the plan takes from a bench.json: its fastest training row and what it ran on."""
 
     images_per_s: float  # single-process images/s of that row
     batch: int  # its per-device batch
@@ -254,7 +258,7 @@ def _gpu_counts(text: str) -> list[int]:
 
 
 def add_plan_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options of `cifar-dist plan`."""
+    """The plan's options."""
     ap.add_argument(
         "--images-per-s",
         type=real(0),
@@ -279,7 +283,7 @@ def add_plan_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args) -> int:
-    """`cifar-dist plan`: print the table and the rule, optionally write them as JSON."""
+    """Print the table and the rule, optionally write them as JSON."""
     source = "given with --images-per-s"
     images_per_s, batch, params, device = args.images_per_s, args.batch, args.params, "GPU"
     if args.bench:
@@ -359,3 +363,13 @@ def run_plan(args) -> int:
             ),
         )
     return 0
+
+
+def main(argv=None) -> int:
+    ap = OneLineParser(prog="scripts/plan.py", description=__doc__.split("\n\n")[0])
+    add_plan_arguments(ap)
+    return guarded(run_plan, ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
