@@ -293,15 +293,6 @@ class CheckpointWriter:
         tmp.mkdir()
         return tmp
 
-    def write_local(self, tmp: Path, model, optimizer, state: dict) -> None:
-        """Model, optimizer and state of a single-process or DDP run into ``tmp``."""
-        write_tensors(model.state_dict(), tmp / "model.safetensors")
-        try:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        except RuntimeError as e:  # torch's zip writer reports a failed write this way
-            raise OSError(f"optimizer.pt: {str(e).strip().splitlines()[0][:200]}") from None
-        self.write_state(tmp, state)
-
     @staticmethod
     def write_state(tmp: Path, state: dict) -> None:
         (tmp / "state.json").write_text(json.dumps(state, indent=1))

@@ -78,6 +78,7 @@ class Trainer:
     metrics: MetricsLog | None  # rank 0 of a run with a directory, once fit starts
     # where training stands
     state: TrainState
+    ended: StopReason | None  # why the state it started from had ended, if it had
     stop_reason: StopReason | None
 
     def __init__(
@@ -188,15 +189,18 @@ class Trainer:
         return self.stop_reason is not None and self.stop_reason.preempts
 
     def request_stop(self, reason: StopReason = StopReason.REQUESTED) -> None:
-        """End the run after the current step, as if it were the last (same on every rank)."""
-        if self.stop_reason is None:
+        """End the run after the current step, as if it were the last (same on every rank). Every
+        stop goes through here; the end of training wins over a preemption asked at its last step."""
+        if self.stop_reason is None or (reason is StopReason.FINISHED and self.preempted):
             self.stop_reason = reason
+
+    def _asked_from_outside(self) -> StopReason:
+        return StopReason.SIGNAL if self.stop.signalled else StopReason.STOP_FILE
 
     # the loop
 
     def fit(self) -> TrainState:
-        """Train until a ``StopReason``; returns the state where training stands. The one place
-        that decides a stop is ``_after_step``'s control read and ``_end_epoch``."""
+        """Train until a ``StopReason`` (``request_stop``); returns the state where training stands."""
         state = self.state
         self._open_metrics()
         self.throughput = Throughput.measure(self.cfg, self.device)
@@ -205,7 +209,7 @@ class Trainer:
             self.stop.phase = "train"
             self.callbacks.call("on_train_start", self)
             if self.stop_reason is None and self._stop_asked_before_start():
-                self.request_stop(StopReason.SIGNAL if self.stop.signalled else StopReason.STOP_FILE)
+                self.request_stop(self._asked_from_outside())
             while self.stop_reason is None:
                 steps = self.loader.steps_per_epoch
                 epoch = EpochRun(state, steps, self.shard, self.device, self.progress, self.cfg.train.epochs)
@@ -264,7 +268,7 @@ class Trainer:
             epoch.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
             self._log_loss(metrics["train_loss"], step)
             if reading.stop_votes > 0:
-                self.request_stop(StopReason.SIGNAL if self.stop.signalled else StopReason.STOP_FILE)
+                self.request_stop(self._asked_from_outside())
         self.averages.after_step(step)  # EMA, Lookahead: of the weights with synced statistics
         return metrics
 
@@ -295,8 +299,7 @@ class Trainer:
         if complete:
             state.epoch, state.step_in_epoch = epoch.number, 0
         if state.global_step >= self.max_steps or state.epoch >= self.cfg.train.epochs:
-            if self.stop_reason is None or self.preempted:  # a stop asked at the very end: just finish
-                self.stop_reason = StopReason.FINISHED
+            self.request_stop(StopReason.FINISHED)
         last = self.stop_reason is not None and not self.preempted
         result = self.evaluator.maybe_run(epoch.number, last) if self.evaluator is not None else None
         if result is not None:
