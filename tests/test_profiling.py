@@ -15,20 +15,7 @@ from conftest import BIN, REPO, SMOKE, cli, free_port, rewind, run, torchrun
 from helpers import TINY_BENCH
 
 RUN = ["--config", SMOKE, "data.synthetic_train=512", "run.progress=false", "run.plots=false"]
-SUMMARY_KEYS = {
-    "steps",
-    "profiled_ms",
-    "step_ms",
-    "ranges",
-    "data_wait_ms_per_step",
-    "data_wait_share",
-    "top_ops_by_self_cpu",
-    "top_ops_by_self_device",
-    "collectives",
-    "copies",
-    "syncs",
-    "memory_snapshot",
-}
+SUMMARY_KEYS = {"step_ms", "ranges", "device_ms", "memory_snapshot"}
 
 
 def check_window(folder, ranks=(0,), ranges=None) -> dict:
@@ -46,7 +33,7 @@ def check_window(folder, ranks=(0,), ranges=None) -> dict:
     assert summary["world_size"] == len(ranks) and set(summary["ranks"]) == {str(r) for r in ranks}
     for figures in summary["ranks"].values():
         assert SUMMARY_KEYS <= set(figures), SUMMARY_KEYS - set(figures)
-        assert figures["profiled_ms"] > 0 and figures["top_ops_by_self_cpu"]
+        assert figures["step_ms"] > 0 and figures["device_ms"] == 0  # no device time on a CPU
         shares = [figures["ranges"][n]["share"] for n in ranges or RANGES]
         assert all(s > 0 for s in shares) and sum(shares) <= 1.0 + 1e-6, shares
         assert figures["memory_snapshot"].startswith("none: the device is cpu")
@@ -84,7 +71,7 @@ def test_a_window_writes_a_trace_with_the_ranges_an_ops_table_and_a_summary(tmp_
     folder = profile_steps(step, batch, tmp_path, "unit", 2, torch.device("cpu"))
     assert folder == tmp_path / "profile" / "unit"
     summary = check_window(folder, ranges=("data", "forward+loss", "backward", "optimizer"))
-    assert summary["name"] == "unit" and summary["steps"] == 2 and summary["ranks"]["0"]["steps"] == 2
+    assert summary["name"] == "unit" and summary["steps"] == 2
     assert not torch.autograd._profiler_enabled()
     # a window that fails writes nothing and leaves no profiler running
     window = Window(tmp_path, "failed", 2, torch.device("cpu"))
@@ -141,9 +128,7 @@ def test_run_profile_in_two_processes_writes_a_trace_per_rank(tmp_path):
     folder = out / "profile" / "train"
     assert res.stdout.count("profile of steps 1-2:") == 1  # rank 0 alone says where
     assert "gpuGetDeviceCount" not in res.stderr and "USDT:" not in res.stderr, res.stderr[-3000:]  # kineto, quiet
-    summary = check_window(folder, ranks=(0, 1))
-    for figures in summary["ranks"].values():  # the exact reduction's and the control's collectives
-        assert figures["collectives"]["calls"] > 0 and figures["collectives"]["share"] > 0
+    check_window(folder, ranks=(0, 1))
 
 
 @pytest.mark.slow
@@ -169,6 +154,4 @@ def test_bench_profile_in_two_processes_writes_a_trace_per_rank(tmp_path):
     bench = ["-m", "cifar_dist.bench", "--config", SMOKE, "--out", out, "--no-baseline", "--batch-sizes", "32"]
     run([*launch, "--main_process_port", free_port(), *bench, "--profile", *TINY_BENCH])
     (row,) = json.loads((out / "bench.json").read_text())["rows"]
-    summary = check_window(out / row["profile"], ranks=(0, 1))
-    for figures in summary["ranks"].values():  # the control collective runs in every profiled step
-        assert figures["collectives"]["calls"] > 0
+    check_window(out / row["profile"], ranks=(0, 1))
