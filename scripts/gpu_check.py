@@ -198,7 +198,7 @@ def _profile_check(bench: Path, cuda: bool) -> dict:
     missing = []
     if not (folder / "rank0.pt.trace.json.gz").is_file():
         missing.append("trace")
-    if cuda and not summary["top_ops_by_self_device"]:
+    if cuda and not summary["device_ms"]:
         missing.append("CUDA kernel times")
     if cuda and not (folder / "memory_snapshot_rank0.pickle").is_file():
         missing.append("memory snapshot")
