@@ -54,9 +54,9 @@ class SyntheticLoader:
     def __init__(self, shard, device, steps_per_epoch=10**9):
 
         g = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, 256, (shard.micro, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
-        self.y = torch.randint(0, 10, (shard.micro,), generator=g).to(device)
-        self.idx = torch.arange(shard.micro)
+        self.x = torch.randint(0, 256, (shard.micro_batch, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+        self.y = torch.randint(0, 10, (shard.micro_batch,), generator=g).to(device)
+        self.idx = torch.arange(shard.micro_batch)
         self.accum, self.steps_per_epoch = shard.accum, steps_per_epoch
 
     def iter_epoch(self, epoch, start_step=0):

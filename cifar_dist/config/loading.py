@@ -34,32 +34,32 @@ from cifar_dist.errors import ConfigError
 def _coerce(value: Any, kind, key: str, where: str):
     """Check ``value`` against the key's declared type; ints are accepted as floats."""
 
-    def bad(expected):
+    def refusal(expected):
         return ConfigError(f"{where}: {key}: expected {expected}, got {show(value)}")
 
     if typing.get_origin(kind) is Literal:
         kind = type(typing.get_args(kind)[0])  # the membership check is _check_range's
     if kind is bool:
         if not isinstance(value, bool):
-            raise bad("true or false")
+            raise refusal("true or false")
         return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
+            raise refusal("an integer")
         return value
     if kind is float or kind == int | float:  # int | float: a count that may be fractional, kept as written
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
+            raise refusal("a number")
         if not math.isfinite(value):
-            raise bad("a finite number")
+            raise refusal("a finite number")
         return float(value) if kind is float else value
     if kind is str:
         if not isinstance(value, str):
-            raise bad("a string")
+            raise refusal("a string")
         return value
     if typing.get_origin(kind) is list:
         if not isinstance(value, list):
-            raise bad("a list")
+            raise refusal("a list")
         (item,) = typing.get_args(kind)
         return [_coerce(v, item, key, where) for v in value]
     raise AssertionError(f"{key}: a key of type {kind} cannot be read")

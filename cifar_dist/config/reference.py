@@ -24,12 +24,14 @@ def reference_markdown() -> str:
             out.append(_row(section, f, f"{section}.{f.name}"))
             group = group_class(section, f)
             for g in dataclasses.fields(group) if group else ():  # its keys, with their defaults when on
-                out.append(_row(group, g, f"{section}.{f.name}.{g.name}", free=not f.metadata.get("result", True)))
+                out.append(
+                    _row(group, g, f"{section}.{f.name}.{g.name}", result_free=not f.metadata.get("result", True))
+                )
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
-def _row(owner, f, key: str, free: bool = False) -> str:
+def _row(owner, f, key: str, result_free: bool = False) -> str:
     factory = f.default_factory
     default = factory() if callable(factory) else f.default
     meaning = f.metadata["help"]
@@ -37,7 +39,7 @@ def _row(owner, f, key: str, free: bool = False) -> str:
     if allowed:
         user = " / package.module:name" if f.metadata.get("specs") else ""
         meaning += " (" + " / ".join(allowed) + user + ")"
-    if free or not f.metadata.get("result", True):
+    if result_free or not f.metadata.get("result", True):
         meaning += "; *result-free*"
     shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
     return f"| `{key}` | `{shown}` | {meaning.replace('|', '/')} |"

@@ -395,12 +395,12 @@ def result_free_keys() -> frozenset[str]:
     """The keys (and ``name``) that change nothing a run trains or measures."""
     keys = {"name"}
     for section, f in iter_fields():
-        free = not f.metadata.get("result", True)
-        if free:
+        result_free = not f.metadata.get("result", True)
+        if result_free:
             keys.add(f"{section}.{f.name}")
         group = group_class(section, f)
         for g in dataclasses.fields(group) if group else ():
-            if free or not g.metadata.get("result", True):
+            if result_free or not g.metadata.get("result", True):
                 keys.add(f"{section}.{f.name}.{g.name}")
     return frozenset(keys)
 

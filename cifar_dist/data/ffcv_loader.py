@@ -69,7 +69,7 @@ class FfcvLoader:
         to_gpu = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         self._loader = Loader(
             str(path),
-            batch_size=shard.micro,
+            batch_size=shard.micro_batch,
             num_workers=max(cfg.data.workers, 1),
             order=self._order,
             drop_last=False,

@@ -30,7 +30,7 @@ class Shard:
         return self.global_batch // self.world
 
     @property
-    def micro(self) -> int:
+    def micro_batch(self) -> int:
         return self.per_process // self.accum
 
     def steps_per_epoch(self, n: int) -> int:
@@ -39,7 +39,7 @@ class Shard:
     def step_positions(self, step: int) -> list[slice]:
         """Positions in the epoch order of this rank's micro-batches at ``step``."""
         base = step * self.global_batch + self.rank * self.per_process
-        return [slice(base + m * self.micro, base + (m + 1) * self.micro) for m in range(self.accum)]
+        return [slice(base + m * self.micro_batch, base + (m + 1) * self.micro_batch) for m in range(self.accum)]
 
     def rank_order(self, order: torch.Tensor) -> torch.Tensor:
         """This rank's sample indices of a whole epoch, in the order it visits them."""

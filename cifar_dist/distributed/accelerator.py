@@ -172,7 +172,7 @@ def configure_deepspeed(accelerator, shard, cfg: Config) -> None:
     """Give DeepSpeed the batch geometry (our loaders do not go through prepare()).
     (``train.exact_reduce`` is refused under DeepSpeed before any set-up: ``train.run``.)"""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    ds["train_micro_batch_size_per_gpu"] = shard.micro
+    ds["train_micro_batch_size_per_gpu"] = shard.micro_batch
     ds["gradient_accumulation_steps"] = shard.accum
     ds["train_batch_size"] = shard.global_batch
     ds["gradient_clipping"] = cfg.train.grad_clip

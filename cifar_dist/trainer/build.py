@@ -96,10 +96,10 @@ def build_data(cfg: Config, accelerator):
 
     rank, world = world_info()
     shard = Shard(rank, world, cfg.train.batch_size, cfg.train.accum_steps)
-    if cfg.model.bn_group and shard.micro % cfg.model.bn_group:
+    if cfg.model.bn_group and shard.micro_batch % cfg.model.bn_group:
         raise UserError(
             f"model.bn_group: {cfg.model.bn_group} does not divide the micro-batch of "
-            f"{shard.micro} images (train.batch_size {cfg.train.batch_size} / {world} "
+            f"{shard.micro_batch} images (train.batch_size {cfg.train.batch_size} / {world} "
             f"processes / train.accum_steps {cfg.train.accum_steps})"
         )
     if is_deepspeed(accelerator):

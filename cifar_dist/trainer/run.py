@@ -125,7 +125,7 @@ def _train(trainer: Trainer, rundir: RunDir, eval_name: str, images: str, starte
     shard = trainer.shard
     print0(
         f"batch {cfg.train.batch_size} global = {world} x {shard.per_process} per process "
-        f"= {world} x {cfg.train.accum_steps} x {shard.micro} micro; {trainer.loader.steps_per_epoch} "
+        f"= {world} x {cfg.train.accum_steps} x {shard.micro_batch} micro; {trainer.loader.steps_per_epoch} "
         f"steps/epoch, {images}; run dir {run_dir}"
     )
     if trainer.rank == 0 and trainer.device.type == "cpu" and not trainer.deepspeed and trainer.ended is None:
@@ -195,7 +195,7 @@ def _check_world_change(cfg: Config, state: TrainState, shard, deepspeed: bool, 
     if not cfg.model.bn_group:
         changes.append(
             f"BatchNorm normalizes over {cfg.train.batch_size // before // cfg.train.accum_steps} "
-            f"-> {shard.micro} images per process (model.bn_group=0)"
+            f"-> {shard.micro_batch} images per process (model.bn_group=0)"
         )
     if shard.rank == 0:
         say(
@@ -236,7 +236,7 @@ def _announce_long_cpu_run(trainer: Trainer) -> None:
     """Before the first step: a CPU run that will train for more than an hour says so, with the
     demo to try instead (timed on a copy of the model, counted in FLOPs when it is long)."""
     steps_left = trainer.max_steps - trainer.state.global_step
-    batch = trainer.cfg.model.bn_group or min(trainer.shard.micro, 8)  # BatchNorm groups must be whole
+    batch = trainer.cfg.model.bn_group or min(trainer.shard.micro_batch, 8)  # BatchNorm groups must be whole
     per_image = seconds_per_image(trainer.model, trainer.precision, trainer.cfg.run.channels_last, batch)
     if long_cpu_run_warning(steps_left, trainer.shard.per_process, per_image) is None:
         return
