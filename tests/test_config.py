@@ -307,7 +307,7 @@ def test_a_model_and_a_key_are_each_added_in_one_place(monkeypatch):
     class ToyTrain(schema.TrainConfig):
         warmup_steps: int = schema._f(0, "toy: a warm-up in steps", min=0, max=100)
 
-    MODELS.register("toy", toy)
+    MODELS["toy"] = toy
     try:
         monkeypatch.setitem(schema.SECTION_CLASSES, "train", ToyTrain)
         res = cli_here("config", "model.name=toy", "train.warmup_steps=7")
@@ -330,7 +330,7 @@ def test_a_model_and_a_key_are_each_added_in_one_place(monkeypatch):
         model = build_model(load_config(None, ["model.name=toy"]).model)
         assert isinstance(model[1], torch.nn.Linear) and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     finally:
-        MODELS.unregister("toy")
+        del MODELS["toy"]
     assert "toy" not in MODELS and cli_here("config", "model.name=toy").returncode == 2
 
 

@@ -37,7 +37,7 @@ from cifar_dist.bench.timing import Clock, figures, forever, time_steps
 from cifar_dist.config.loading import load_config
 from cifar_dist.config.registry import LOADERS, PRECISIONS
 from cifar_dist.data import Shard, build_datasets, build_train_loader
-from cifar_dist.distributed.accelerator import make_accelerator
+from cifar_dist.distributed.accelerator import make_accelerator, release_process_group
 from cifar_dist.distributed.collectives import barrier, print0, share_from_main, world_info
 from cifar_dist.errors import ConfigError
 from cifar_dist.model.layer_table import count_flops
@@ -53,13 +53,13 @@ def run_bench(args) -> int:
 
     base = load_config(args.config, args.overrides)
 
-    loaders = ("synthetic", *LOADERS.names())
+    loaders = ("synthetic", *LOADERS)
     for loader in args.loaders:
         if loader not in loaders:
             raise ConfigError(f"--loaders: unknown loader {loader!r} ({', '.join(loaders)})")
     for p in args.precision:
         if p not in PRECISIONS:
-            raise ConfigError(f"--precision: unknown precision {p!r} ({', '.join(PRECISIONS.names())})")
+            raise ConfigError(f"--precision: unknown precision {p!r} ({', '.join(PRECISIONS)})")
     for b in args.batch_sizes:
         if base.model.bn_group and b % base.model.bn_group:
             raise ConfigError(f"--batch-sizes: {b} is not a multiple of model.bn_group={base.model.bn_group}")
@@ -171,6 +171,7 @@ def run_bench(args) -> int:
         if args.profile:
             print(f"profiles (one folder per row, a trace per rank): {out / 'profile'}; see docs/observability.md")
     accelerator.end_training()
+    release_process_group()  # its gloo threads joined now, not in the interpreter's shutdown
     return 0
 
 

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cifar_dist.config.registry import LOADERS, MODELS, PRECISIONS, Registry
+from cifar_dist.config.registry import LOADERS, MODELS, PRECISIONS
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the paper's Normalize constants
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -34,7 +34,7 @@ def _f(
     min_exclusive=False,
     max_exclusive=False,
     result=True,
-    registry: Registry | None = None,
+    registry: dict | None = None,
     also: tuple = (),
     specs: bool = False,
     aliases: dict | None = None,
@@ -388,7 +388,7 @@ def choices(section, f: dataclasses.Field) -> tuple | None:
     if typing.get_origin(t) is Literal:
         return typing.get_args(t)
     registry = f.metadata.get("registry")
-    return (*f.metadata.get("also", ()), *registry.names()) if registry is not None else None
+    return (*f.metadata.get("also", ()), *registry) if registry is not None else None
 
 
 def result_free_keys() -> frozenset[str]:

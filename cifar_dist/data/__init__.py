@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cifar_dist.config.loading import resolve_data_root, train_images  # noqa: F401 (data.train_images)
-from cifar_dist.config.registry import LOADERS
+from cifar_dist.config.registry import LOADERS, load
 from cifar_dist.config.schema import Config
 from cifar_dist.data.cifar import CLASSES, FOLDER, MD5, ImageSet, check_md5, file_digest, load_cifar10, synthetic_cifar
 from cifar_dist.data.loaders import Loader, eval_batches, normalize
@@ -68,4 +68,4 @@ def build_train_loader(cfg: Config, train: ImageSet, shard: Shard, device) -> Lo
     """The input pipeline ``data.loader`` names (``config.registry.LOADERS``) over ``train``."""
     if cfg.data.loader not in LOADERS:
         raise ConfigError(f"data.loader: unknown loader {cfg.data.loader!r}")
-    return LOADERS.get(cfg.data.loader).from_config(cfg, train, shard, device)
+    return load(LOADERS[cfg.data.loader], "data.loader").from_config(cfg, train, shard, device)

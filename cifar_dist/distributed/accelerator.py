@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -65,6 +67,11 @@ def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    # Imported before any process group exists (DDP imports it later otherwise): its
+    # functions bind the default group as a default argument (group=group.WORLD), which
+    # would keep it alive past destroy_process_group() (release_process_group: the cost).
+    importlib.import_module("torch.distributed.nn.functional")
+
     if cfg.model.sync_bn and not has_accelerator():
         raise ConfigError(
             "model.sync_bn: SyncBatchNorm only runs on GPUs; on CPU use "
@@ -83,7 +90,7 @@ def make_accelerator(cfg: Config):
     # cifar_dist.trainer.precision owns autocast and loss scaling, except under DeepSpeed.
     kwargs: dict[str, Any] = {"mixed_precision": "no", "kwargs_handlers": handlers}
     if using_deepspeed():
-        kwargs["mixed_precision"] = PRECISIONS.entry(cfg.run.precision)["accelerate"]
+        kwargs["mixed_precision"] = PRECISIONS[cfg.run.precision]["accelerate"]
         if not has_accelerator():
             _skip_shm_comm_build()  # before anything starts DeepSpeed's communication backend
         if not has_accelerator() and launcher_world_size() > 1:
@@ -101,6 +108,15 @@ def make_accelerator(cfg: Config):
     accelerator = Accelerator(**kwargs)
     check_world(accelerator.num_processes)
     return accelerator
+
+
+def release_process_group() -> None:
+    """End this process's part in the process group while Python still runs: collected at the
+    interpreter's shutdown instead, a gloo worker that frees a finished collective's tensors
+    there aborts the process after a run that succeeded (docs/distributed.md)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def init_restarted_process_group(timeout: timedelta) -> bool:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cifar_dist.config.plugins import import_object, is_spec
-from cifar_dist.config.registry import MODELS
+from cifar_dist.config.registry import MODELS, load
 from cifar_dist.errors import ConfigError
 from cifar_dist.model.batchnorm import GroupBatchNorm2d
 
@@ -136,10 +136,10 @@ def build_model(model_cfg, num_classes: int = 10, norm=None) -> nn.Module:
         return GroupBatchNorm2d(c, group=model_cfg.bn_group, momentum=model_cfg.bn_momentum)
 
     if model_cfg.name in MODELS:
-        return MODELS.get(model_cfg.name)(model_cfg, num_classes, norm or bn)
+        return load(MODELS[model_cfg.name], "model.name")(model_cfg, num_classes, norm or bn)
     if not is_spec(model_cfg.name):
         raise ConfigError(
-            f"model.name: must be one of {', '.join(MODELS.names())} or package.module:factory, got {model_cfg.name!r}"
+            f"model.name: must be one of {', '.join(MODELS)} or package.module:factory, got {model_cfg.name!r}"
         )
     factory = import_object(model_cfg.name, "model.name")
     if not callable(factory):

@@ -12,11 +12,7 @@ from cifar_dist.config.registry import PRECISIONS
 from cifar_dist.distributed.launcher import local_rank
 
 # run.precision -> autocast dtype, from the registry of precisions (fp32: no autocast)
-DTYPES = {
-    name: getattr(torch, PRECISIONS.entry(name)["dtype"])
-    for name in PRECISIONS.names()
-    if PRECISIONS.entry(name)["dtype"]
-}
+DTYPES = {name: getattr(torch, p["dtype"]) for name, p in PRECISIONS.items() if p["dtype"]}
 
 
 def gpu_capability() -> tuple[int, int] | None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from cifar_dist.config.schema import Config
 from cifar_dist.data import data_identity
-from cifar_dist.distributed.accelerator import is_deepspeed, make_accelerator
+from cifar_dist.distributed.accelerator import is_deepspeed, make_accelerator, release_process_group
 from cifar_dist.distributed.collectives import barrier, print0, share_from_main, world_info
 from cifar_dist.errors import CheckpointError, Interrupted, TrainingFault, say
 from cifar_dist.model.layer_table import count_flops
@@ -48,7 +48,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, user_callb
     The run's signal handlers are installed from its first line to its last (``StopRequest``:
     what a signal does in each phase)."""
     with StopRequest(None) as stop:
-        return _open_and_train(cfg, resume, overwrite, user_callbacks, stop)
+        code = _open_and_train(cfg, resume, overwrite, user_callbacks, stop)
+    release_process_group()  # its threads joined now, not in the interpreter's shutdown
+    return code
 
 
 def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, stop: StopRequest) -> int:
