@@ -119,7 +119,7 @@ def guarded(fn, args, rank_prefix: Callable[[], str] = lambda: "") -> int:
         fail(str(e), e.exit_code, rank_prefix())
     except KeyboardInterrupt:
         fail("interrupted", 130, rank_prefix())
-    except BrokenPipeError:  # the reader of stdout left (`cifar-dist plan | head`): stop quietly
+    except BrokenPipeError:  # the reader of stdout left (`cifar-dist config | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # as a program that SIGPIPE ended
     except Exception as e:

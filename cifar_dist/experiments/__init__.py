@@ -1,1 +1,1 @@
-"""Many runs: sweeps, comparisons with their statistics, the data-parallel scaling plan."""
+"""Many runs: sweeps, and comparisons of them with their statistics."""
