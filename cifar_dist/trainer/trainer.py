@@ -258,10 +258,8 @@ class Trainer:
         vote of any rank sets the stop reason); the weight averages. Returns the step's metrics."""
         metrics = {"lr": self.optimizer.param_groups[0]["lr"]}
         read = Control.due(step, must=ends_epoch or self.checkpointer.due(step))
-        with span("control"):
-            flags = self.control.flags(nonfinite, stop_vote=read and self.stop.requested())
-            summed = sync_bn_statistics(self.model, self.reduce, extra=flags)
-            reading = self.control.record(summed, epoch.totals.loss, read, where=f" (epoch {epoch.number})")
+        vote = read and self.stop.requested()
+        reading = self._sync(nonfinite, vote, epoch.totals, read, where=f" (epoch {epoch.number})")
         if reading is not None:
             self.state.skipped_steps = reading.skipped
             metrics["train_loss"] = reading.loss_sum * LOSS_UNIT / max(epoch.totals.count, 1)
@@ -285,11 +283,16 @@ class Trainer:
         checkpoints (the benchmark's step). Returns whether the host read the device."""
         nonfinite = self.train_step(batch, step, totals)
         read = Control.due(step)
-        with span("control"):
-            summed = sync_bn_statistics(self.model, self.reduce, extra=self.control.flags(nonfinite, False))
-            self.control.record(summed, totals.loss, read)
+        self._sync(nonfinite, False, totals, read)
         self.averages.after_step(step)
         return read
+
+    def _sync(self, nonfinite, stop_vote: bool, totals: EpochTotals, read: bool, where: str = ""):
+        """The step's one collective: the BatchNorm statistics with the control flags; then the
+        host read when ``read`` (None otherwise)."""
+        with span("control"):
+            summed = sync_bn_statistics(self.model, self.reduce, extra=self.control.flags(nonfinite, stop_vote))
+            return self.control.record(summed, totals.loss, read, where)
 
     def _end_epoch(self, epoch: EpochRun) -> None:
         """The epoch's row, an evaluation when due, the log, then an epoch-end checkpoint when due."""
