@@ -18,7 +18,7 @@ import yaml
 import cifar_dist
 from cifar_dist.config.loading import load_config, resolve_data_root
 from cifar_dist.data.cifar import FOLDER, MD5, file_digest
-from cifar_dist.runtime.hardware import CpuBf16, bf16_speedup, cpu_flags, cpu_model, has_bf16_units, resolve_precision
+from cifar_dist.runtime.hardware import cpu_flags, cpu_model, has_bf16_units, resolve_precision
 
 # collect_env runs nvidia-smi, pip, gcc, ... with no timeout of its own: a stuck driver would hang doctor.
 COLLECT_ENV_TIMEOUT_S = 60.0
@@ -46,21 +46,16 @@ def _devices() -> list[tuple[str, str]]:
         )
 
     units = has_bf16_units(cpu_flags())
-    speedup = bf16_speedup()
-    auto, _ = resolve_precision("auto", None, CpuBf16(units, lambda: speedup))
+    auto, _ = resolve_precision("auto", None, units)
     rows.append(
         (
             "CPU",
             f"{cpu_model()}, {torch.get_num_threads()} threads, bf16 units "
-            f"{'yes' if units else 'no'}, bf16 {_times(speedup)} fp32 here (probe); "
+            f"{'yes (AMX or AVX-512 bf16)' if units else 'no (AVX2 alone: bf16 is several times slower)'}; "
             f"run.precision=auto picks {auto} on this CPU",
         )
     )
     return rows
-
-
-def _times(speedup: float) -> str:
-    return f"{speedup:.1f}x faster than" if speedup >= 1 else f"{1 / speedup:.1f}x slower than"
 
 
 def _slurm() -> tuple[str, str]:

@@ -263,8 +263,7 @@ class RunConfig:
         "auto",
         "compute precision; auto: bf16 on GPUs with bf16 tensor cores (compute "
         "capability >= 8.0), fp16 with loss scaling on older GPUs; on CPUs bf16 where "
-        "the CPU has bf16 units (AMX, AVX-512 bf16) and a sub-second probe finds it "
-        "faster than fp32, else fp32",
+        "the CPU has bf16 units (AMX, AVX-512 bf16), else fp32",
         registry=PRECISIONS,
         also=("auto",),
     )

@@ -1,6 +1,5 @@
 """What the hardware can do: peak FLOP/s for MFU (a table of vendors' dense peaks, else
-measured), whether a CPU computes bf16 fast, and a process's peak memory. Measurements are
-cached per machine, PyTorch version and thread count (docs/benchmarks.md#reading-mfu).
+measured and cached per machine), whether a CPU has bf16 units, and a process's peak memory.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ import json
 import os
 import resource
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -159,7 +156,6 @@ def cached(key: str, measure):
 # --- bf16 on CPUs ----------------------------------------------------------------------------------
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 arithmetic units
-BF16_FASTER = 1.15  # auto picks bf16 on a CPU only where the probe measured it this much faster
 
 
 def cpu_flags() -> set[str]:
@@ -190,81 +186,23 @@ def has_bf16_units(flags) -> bool:
     return any(f in flags for f in BF16_FLAGS)
 
 
-def _conv_seconds(bf16: bool, channels_last: bool, budget_s: float) -> float:
-    """Best time of forward + backward of two 3x3 convolutions (a ResNet block) in fp32 or bf16."""
-    g = torch.Generator().manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1)
-    )
-    x = torch.randn(32, 32, 16, 16, generator=g)
-    if channels_last:
-        net, x = net.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-    best, started = float("inf"), time.perf_counter()
-    for i in range(12):
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = net(x).float().sum()
-        out.backward()
-        if i:
-            best = min(best, time.perf_counter() - t0)
-        if i >= 2 and time.perf_counter() - started > budget_s:
-            break
-    return best
-
-
-def bf16_speedup(channels_last: bool = True) -> float:
-    """fp32 time over bf16 time of a small convolution block on this CPU (> 1: bf16 is faster)."""
-    key = (
-        f"bf16_speedup|{cpu_model()}|{'units' if has_bf16_units(cpu_flags()) else 'no units'}|"
-        f"torch {torch.__version__}|threads {torch.get_num_threads()}|channels_last {channels_last}"
-    )
-
-    def measure():
-        with torch.random.fork_rng(devices=[]):  # the run's seeded generators are left as they were
-            return _conv_seconds(False, channels_last, 0.25) / _conv_seconds(True, channels_last, 0.25)
-
-    return cached(key, measure)
-
-
-@dataclass
-class CpuBf16:
-    """What a CPU offers bf16: arithmetic units (from its flags) and the measured speed-up over
-    fp32 (``speedup()``, called only when the choice needs it)."""
-
-    units: bool
-    speedup: Callable[[], float]
-
-    @classmethod
-    def of_this_cpu(cls, channels_last: bool) -> CpuBf16:
-
-        return cls(has_bf16_units(cpu_flags()), lambda: bf16_speedup(channels_last))
-
-
 def resolve_precision(
-    requested: str, capability: tuple[int, int] | None, cpu: CpuBf16 | None = None
+    requested: str, capability: tuple[int, int] | None, cpu_units: bool = False
 ) -> tuple[str, str | None]:
     """(precision to run, a warning or None) on a GPU of CUDA compute ``capability``, or on a
-    CPU (``capability`` None) that offers bf16 as ``cpu`` says (None: treated as no bf16 units).
+    CPU (``capability`` None) with or without bf16 units (``has_bf16_units``).
 
     auto: bf16 from Ampere (8.0) on, fp16 with loss scaling before (the paper's V100 is 7.0);
-    on a CPU bf16 only where it has bf16 units (AMX, AVX-512 bf16) and a probe measured bf16
-    at least ``BF16_FASTER`` times faster than fp32, else fp32. An explicit bf16 that this
-    device runs slowly is kept, with a warning that says how slow."""
-
+    on a CPU bf16 where it has bf16 units, else fp32 (AVX2 alone runs bf16 several times
+    slower). An explicit bf16 that this device runs slowly is kept, with a warning."""
     if capability is None:
-        cpu = cpu or CpuBf16(False, lambda: 0.0)
         if requested == "auto":
-            return ("bf16" if cpu.units and cpu.speedup() >= BF16_FASTER else "fp32"), None
-        if requested == "bf16":
-            speedup = cpu.speedup()
-            if speedup < 1.0:
-                kind = (
-                    "has bf16 units, yet" if cpu.units else "has no bf16 units (no AMX or AVX-512 bf16 in its flags):"
-                )
-                return "bf16", (
-                    f"run.precision=bf16 on a CPU that {kind} bf16 ran {1 / speedup:.1f}x slower "
-                    "than fp32 in a probe here; run.precision=auto or fp32 is faster"
-                )
+            return ("bf16" if cpu_units else "fp32"), None
+        if requested == "bf16" and not cpu_units:
+            return "bf16", (
+                "run.precision=bf16 on a CPU without bf16 units (no AMX or AVX-512 bf16 in its flags), "
+                "where bf16 runs several times slower than fp32; run.precision=auto or fp32 is faster"
+            )
         return requested, None
     if requested == "auto":
         return ("bf16" if tuple(capability) >= (8, 0) else "fp16"), None

@@ -14,7 +14,7 @@ from cifar_dist.distributed.launcher import env_rank
 from cifar_dist.errors import UserError, say
 from cifar_dist.model.optim import build_optimizer, param_groups
 from cifar_dist.model.resnet import build_model
-from cifar_dist.runtime.hardware import CpuBf16, resolve_precision
+from cifar_dist.runtime.hardware import cpu_flags, has_bf16_units, resolve_precision
 from cifar_dist.runtime.seeding import seed_everything
 from cifar_dist.trainer.precision import gpu_capability
 
@@ -83,8 +83,8 @@ def resolve_run_precision(cfg: Config, warn: bool = True) -> None:
 
     requested = cfg.run.precision
     capability = gpu_capability()
-    cpu = CpuBf16.of_this_cpu(cfg.run.channels_last) if capability is None else None
-    cfg.run.precision, warning = resolve_precision(requested, capability, cpu)
+    units = capability is None and has_bf16_units(cpu_flags())
+    cfg.run.precision, warning = resolve_precision(requested, capability, units)
     if warning and warn and env_rank() == 0:
         say(f"cifar-dist: warning: {warning}")
     if cfg.run.precision != requested:

@@ -66,7 +66,7 @@ def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, 
     accelerator = make_accelerator(cfg)
     rank, world = world_info()
     stop.say = say if rank == 0 else None
-    # run.precision=auto on CPUs rests on a probe; every rank takes rank 0's choice
+    # every rank takes rank 0's choice of run.precision=auto (nodes may differ)
     cfg.run.precision = share_from_main(lambda: cfg.run.precision)
     shard, train_set, eval_set, eval_name = build.build_data(cfg, accelerator)
     model = build.build_model_seeded(cfg)  # a user's factory fails here, before the run directory is touched
