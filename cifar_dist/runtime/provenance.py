@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from cifar_dist.runtime.hardware import cpu_model
+
 
 @functools.cache
 def git_sha() -> str:
@@ -40,12 +42,4 @@ def versions() -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
