@@ -1,8 +1,8 @@
 """cifar_dist: reproducible CIFAR-10 training from one device to a Slurm cluster.
 
-What users import comes from here: ``load_model``, ``build_model``, ``Callback`` (the base of
-``run.callbacks``) and the config types a model factory receives (``ModelConfig``, ...). They
-are loaded when first used, so ``import cifar_dist`` imports nothing heavy and changes nothing.
+What users import comes from here: ``train``, ``predict``, ``load_model``, ``build_model``,
+``Callback`` (the base of ``run.callbacks``) and the config types a model factory receives
+(``ModelConfig``, ...) (docs/api.md). They are loaded when first used, so ``import cifar_dist`` imports nothing heavy and changes nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _PUBLIC = {
+    "train": "cifar_dist.train",  # the module, callable: cifar_dist.train(config, overrides, out)
+    "predict": "cifar_dist.inference.predict",
+    "TrainedModel": "cifar_dist.inference.predict",
+    "CifarClassifier": "cifar_dist.inference.hub",
     "load_model": "cifar_dist.storage.checkpoint",
     "Callback": "cifar_dist.trainer.callbacks",
     "build_model": "cifar_dist.model.resnet",
@@ -26,6 +30,10 @@ _PUBLIC = {
     "EvalConfig": "cifar_dist.config.schema",
 }
 __all__ = (
+    "train",
+    "predict",
+    "TrainedModel",
+    "CifarClassifier",
     "load_model",
     "Callback",
     "build_model",
@@ -46,5 +54,6 @@ def __getattr__(name: str):
     if name in _PUBLIC:
         import importlib
 
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
+        module = importlib.import_module(_PUBLIC[name])
+        return module if name == "train" else getattr(module, name)
     raise AttributeError(f"module 'cifar_dist' has no attribute {name!r}")

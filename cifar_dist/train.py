@@ -19,7 +19,11 @@ the same run (up to float summation order); ``--resume`` continues it exactly.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
+import types
+from dataclasses import dataclass
 from pathlib import Path
 
 from cifar_dist.config.loading import load_config, validate
@@ -91,19 +95,100 @@ def run(args: argparse.Namespace) -> int:
     Everything a user can get wrong is refused before the training stack (torch, Accelerate)
     is imported, which is why that import comes late: a bad config is one line at once."""
     cfg = resolve_config(args)
-    if using_deepspeed():  # every rank refuses at once, before any set-up
-        validate(cfg, deepspeed=True)
     if args.config is None and not args.resume and env_rank() == 0:
         say(
             "cifar-dist: no --config: training the built-in defaults: the paper's model and optimizer for 60 "
             "epochs, without its colour jitter and rotation (`cifar-dist config` prints them; configs/seed.yaml "
             "is the paper's recipe, configs/cpu_quick.yaml a CPU demo)"
         )
-    check_trackers(cfg.run.trackers)  # a tracker not installed: one line, before anything is written
-    user_callbacks = load_callbacks(cfg.run.callbacks)  # a bad name fails here, before anything is written
-    from cifar_dist.trainer.run import train  # the training stack: heavy, so only for valid input
+    return _train(cfg, args.resume, args.overwrite)
 
-    return train(cfg, args.resume, args.overwrite, user_callbacks)
+
+def _train(cfg, resume: bool, overwrite: bool, callbacks=()) -> int:
+    """What is left to check (DeepSpeed's rules on every rank, the trackers, the callbacks: before
+    anything is written), then the training stack: heavy, so imported for valid input only."""
+    if using_deepspeed():
+        validate(cfg, deepspeed=True)
+    check_trackers(cfg.run.trackers)
+    user_callbacks = load_callbacks(cfg.run.callbacks).plus(callbacks)
+    from cifar_dist.trainer.run import train as train_run
+
+    return train_run(cfg, resume, overwrite, user_callbacks)
+
+
+@dataclass
+class RunResult:
+    """What ``train`` returns: the run directory, its summary.json (None when the run was
+    stopped before its end) and the exit code the command would have given."""
+
+    run_dir: Path
+    summary: dict | None
+    code: int
+
+
+def train(
+    config: str | Path | None = None,
+    overrides=(),
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks=(),
+) -> RunResult:
+    """Train as `cifar-dist train --config CONFIG --out OUT OVERRIDES...` does, in this process,
+    with the same bits; ``callbacks``: Callback objects run after those of ``run.callbacks``. Bad input
+    raises ``cifar_dist.errors.UserError`` with the command's one-line message.
+
+    Runs as often as asked in one process: the process group, the signal handlers, the global
+    random generators, torch's thread count, deterministic-algorithm switch and compiled graphs
+    are put back as they were after each run."""
+    cfg = load_config(config, list(overrides))
+    if out is not None:
+        cfg.run.out_dir = str(out)
+    if not cfg.run.out_dir:
+        raise RunDirError("out: cifar_dist.train needs the run directory (out=... or run.out_dir)")
+    with _process_state_kept():
+        code = _train(cfg, resume, overwrite, callbacks)
+    run_dir = Path(cfg.run.out_dir)
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if code == 0 and summary_file.is_file() else None
+    return RunResult(run_dir, summary, code)
+
+
+@contextlib.contextmanager
+def _process_state_kept():
+    """Process-wide state a run changes, restored after it (a notebook's next cell sees none)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic)
+            torch.backends.cudnn.benchmark = benchmark
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            _reset_accelerate_and_compiler()
+
+
+def _reset_accelerate_and_compiler() -> None:
+    """Accelerate's process-wide state and torch.compile's caches, so that the next run builds
+    its own Accelerator and compiles from scratch, as a fresh process would."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    import torch._dynamo
+
+    torch._dynamo.reset()
 
 
 def main(argv=None) -> int:
@@ -116,6 +201,16 @@ def main(argv=None) -> int:
     add_train_arguments(ap)
     return guarded(run, parse_with_overrides(ap, argv), rank_prefix)
 
+
+class _CallableModule(types.ModuleType):
+    """``cifar_dist.train(...)`` is ``train(...)``: the package's name for it is this module's,
+    which every launcher runs."""
+
+    def __call__(self, *args, **kwargs) -> RunResult:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -168,7 +168,7 @@ LAYERS = (
     "data",
     "storage",
     "trainer",
-    "bench experiments",
+    "bench experiments inference",
     "train",
     "cli",
 )

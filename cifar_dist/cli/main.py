@@ -245,6 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/data")
     p.set_defaults(fn=_eval)
 
+    from cifar_dist.inference.commands import add_export_arguments, add_predict_arguments
+
+    _command(
+        sub,
+        "predict",
+        "classify image files with a trained model: top-k classes with probabilities",
+        add_predict_arguments,
+        "cifar_dist.inference.commands",
+        "run_predict",
+    )
+    _command(
+        sub,
+        "export",
+        "export a trained model (ONNX, TorchScript, ExportedProgram) checked against PyTorch, or share it",
+        add_export_arguments,
+        "cifar_dist.inference.commands",
+        "run_export",
+    )
+
     p = sub.add_parser("summary", help="per-layer table (the paper's Figure 1), parameters, FLOPs")
     p.add_argument("--config")
     p.add_argument(

@@ -380,3 +380,13 @@ def resolve_data_root(cfg: Config) -> Path:
     """``data.root``, else $CIFAR_DIST_DATA, else ~/.cache/cifar_dist."""
     root = cfg.data.root or os.environ.get("CIFAR_DIST_DATA") or "~/.cache/cifar_dist"
     return Path(root).expanduser()
+
+
+def config_from_dict(tree: dict, where: str) -> Config:
+    """A config from the nested form ``Config.to_dict()`` gives (config.json of a shared model),
+    validated; an error names ``where``."""
+    cfg = new_config()
+    for key, value in _flatten(tree, where).items():
+        _apply(cfg, key, value, where)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,1 @@
+"""Using what was trained: predictions on image files, exports, shareable weights."""

@@ -1,0 +1,180 @@
+"""Using what was trained: predict on image files, exports checked against PyTorch, the shared-model
+folder, and the Python API (``cifar_dist.train`` and ``cifar_dist.predict``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cifar_dist
+from cifar_dist.data import CLASSES, build_datasets, normalize
+from cifar_dist.inference import export as export_module
+from cifar_dist.inference.hub import CifarClassifier
+from cifar_dist.inference.predict import TrainedModel
+from cifar_dist.trainer.evaluation import evaluate_model
+
+from conftest import REF_ARGS, SMOKE, cli_here, load_weights, summary
+
+# REF_ARGS's overrides: the reference run of the end-to-end tests, trained here in this process
+SMOKE_OVERRIDES = [str(a) for a in REF_ARGS[2:]]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A smoke run (48 steps, 95% on its synthetic test set) trained in this process."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    result = cifar_dist.train(SMOKE, SMOKE_OVERRIDES, out)
+    assert result.code == 0 and result.summary["test_acc"] > 0.5
+    return out
+
+
+def _write_images(run_dir, folder, n=12):
+    """The run's first ``n`` test images as files, PNG and JPEG in turn; returns (paths, pixels
+    read back from each file) — a JPEG's pixels are not the array's, so eval sees the file's."""
+    _, test_set, _ = build_datasets(TrainedModel.load(run_dir).cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, pixels = [], []
+    for i in range(n):
+        path = folder / f"{i:02d}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(test_set.images[i].permute(1, 2, 0).numpy()).save(path, quality=90)
+        paths.append(path)
+        pixels.append(torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1))
+    return paths, torch.stack(pixels)
+
+
+def _eval_top1(run_dir, pixels: torch.Tensor) -> list[str]:
+    """What `cifar-dist eval` computes for these pixels: the run's model on its normalized input."""
+    trained = TrainedModel.load(run_dir)
+    cfg = trained.cfg
+    with torch.no_grad():
+        logits = trained.model(normalize(pixels, cfg.data.mean, cfg.data.std, cfg.run.channels_last))
+    return [CLASSES[i] for i in logits.argmax(1).tolist()]
+
+
+def test_predict_on_png_and_jpeg_files_gives_evals_top1(run_dir, tmp_path):
+    paths, pixels = _write_images(run_dir, tmp_path / "images")
+    res = cli_here("predict", run_dir, tmp_path / "images", "--json", "--top-k", "3")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["predictions"]
+    assert [r["file"] for r in rows] == [str(p) for p in paths]
+    assert [r["top_k"][0]["class"] for r in rows] == _eval_top1(run_dir, pixels)
+    for r in rows:
+        probs = [c["probability"] for c in r["top_k"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+    text = cli_here("predict", run_dir, paths[0], paths[1])
+    assert text.returncode == 0
+    assert text.stdout.splitlines()[0].startswith(f"{paths[0]}: ")
+
+
+def test_a_larger_image_is_center_cropped_and_resized_to_32(run_dir, tmp_path):
+    """A 96x64 image: its center 64x64 square, resized to 32x32 (docs/runs.md#predict)."""
+    from cifar_dist.inference.predict import read_image
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    expected = Image.fromarray(big[:, 16:80]).resize((32, 32), Image.Resampling.BICUBIC)
+    got = read_image(tmp_path / "big.png")
+    assert got.shape == (3, 32, 32) and got.dtype == torch.uint8
+    assert torch.equal(got, torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1))
+
+
+def test_bad_files_are_one_line_each_and_the_rest_is_predicted(run_dir, tmp_path):
+    paths, _ = _write_images(run_dir, tmp_path / "good", n=2)
+    (tmp_path / "text.png").write_text("not an image")
+    whole = paths[0].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "empty").mkdir()
+    bad = [tmp_path / "text.png", tmp_path / "cut.jpg", tmp_path / "empty", tmp_path / "missing.png"]
+    res = cli_here("predict", run_dir, *paths, *bad)
+    assert res.returncode == 0
+    assert len(res.stdout.splitlines()) == 2
+    *errors, timing = res.stderr.splitlines()
+    assert timing.startswith("2 images in ")
+    assert len(errors) == 4
+    assert errors[0] == f"cifar-dist: {tmp_path / 'text.png'}: not an image"
+    assert errors[1].startswith(f"cifar-dist: {tmp_path / 'cut.jpg'}: unreadable image (")
+    assert errors[2].startswith(f"cifar-dist: {tmp_path / 'empty'}: no image files in this folder")
+    assert errors[3] == f"cifar-dist: {tmp_path / 'missing.png'}: not found"
+
+    none = cli_here("predict", run_dir, *bad)
+    assert none.returncode == 2
+    assert none.stderr.splitlines()[-1] == "cifar-dist: no image could be predicted (4 paths skipped)"
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported_program"])
+@pytest.mark.parametrize("batch", [None, 64])
+def test_each_export_matches_pytorch_within_1e_4_with_the_same_accuracy(run_dir, tmp_path, fmt, batch):
+    if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime not installed: pip install 'cifar_dist[export]'")
+    out = tmp_path / f"model{export_module.FORMATS[fmt]}"
+    args = ["export", run_dir, "--format", fmt, "--out", out] + (["--batch-size", batch] if batch else [])
+    res = cli_here(*args)
+    assert res.returncode == 0, res.stderr
+    check = json.loads((tmp_path / f"{out.name}.check.json").read_text())
+    assert check["passed"] and check["max_abs_diff"] <= 1e-4
+    assert check["images"] == 1024 and check["accuracy_export"] == check["accuracy_pytorch"]
+    assert check["batch"] == ("dynamic" if batch is None else batch)
+    assert check["accuracy_pytorch"] == pytest.approx(summary(run_dir)["test_acc"], abs=1e-9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, f"{out.name}.check.json"])
+
+
+def test_an_export_that_fails_its_check_is_not_written(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_module, "TOLERANCE", -1.0)  # no export can pass
+    out = tmp_path / "model.pt2"
+    res = cli_here("export", run_dir, "--format", "exported_program", "--out", out)
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"cifar-dist: {out}: not written: the exported_program export's logits")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_shared_model_folder_loads_back_the_same_bits_and_accuracy(run_dir, tmp_path):
+    folder = tmp_path / "shared"
+    res = cli_here("export", run_dir, "--format", "hub", "--out", folder)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "config.yaml", "model.safetensors"]
+    card = (folder / "README.md").read_text()
+    assert "library_name: cifar_dist" in card and f"{100 * summary(run_dir)['test_acc']:.2f}%" in card
+
+    model = CifarClassifier.from_pretrained(folder)
+    run_weights = load_weights(run_dir)
+    loaded = model.model.state_dict()
+    assert loaded.keys() == run_weights.keys()
+    assert all(torch.equal(loaded[k], run_weights[k]) for k in loaded)
+    _, test_set, _ = build_datasets(model.cfg)
+    acc = evaluate_model(model.model, test_set, model.cfg, torch.device("cpu"))["acc"]
+    assert acc == summary(run_dir)["test_acc"]
+
+    again = tmp_path / "again"  # what from_pretrained loaded saves the same weights
+    model.save_pretrained(again)
+    assert (again / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+def test_the_python_predict_takes_arrays_files_and_a_run(run_dir, tmp_path):
+    paths, pixels = _write_images(run_dir, tmp_path / "images", n=4)
+    from_files = cifar_dist.predict(run_dir, paths)
+    hwc = pixels.permute(0, 2, 3, 1).numpy()  # CIFAR-10's own array layout
+    from_array = cifar_dist.predict(run_dir, hwc)
+    assert from_files.shape == (4, 10) and torch.equal(from_files, from_array)
+    assert [CLASSES[i] for i in from_files.argmax(1).tolist()] == _eval_top1(run_dir, pixels)
+    with pytest.raises(ValueError, match=r"images: uint8 N x 3 x 32 x 32 or N x 32 x 32 x 3 expected"):
+        cifar_dist.predict(run_dir, np.zeros((2, 28, 28), dtype=np.uint8))
+
+
+@pytest.mark.slow
+def test_train_twice_in_one_process_gives_the_cli_runs_bits(reference, tmp_path):
+    """The notebook case: two calls, each equal to the same run through the command line."""
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    for i in range(2):
+        result = cifar_dist.train(SMOKE, SMOKE_OVERRIDES, tmp_path / f"run{i}")
+        assert result.code == 0 and result.run_dir == tmp_path / f"run{i}"
+        assert result.summary == summary(result.run_dir)
+        assert (result.run_dir / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+    assert not torch.distributed.is_initialized()
