@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -178,3 +181,65 @@ def test_train_twice_in_one_process_gives_the_cli_runs_bits(reference, tmp_path)
         assert (result.run_dir / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.long
+@pytest.mark.timeout(2400)
+@pytest.mark.skipif(
+    os.environ.get("CIFAR_DIST_LONG") != "1",
+    reason="CIFAR_DIST_LONG=1 trains the CPU demo on real CIFAR-10 and checks every export on its 10,000 test images",
+)
+def test_exports_and_predict_on_the_real_cifar10_test_set(cifar_root, tmp_path):
+    """The checks on real images: each export over the 10,000 test images, and predict on them as
+    PNG files beside a plain PyTorch loop over the same pixels (figures printed, not asserted)."""
+    from cifar_dist.inference.predict import predict_files
+
+    from conftest import REPO, base_env, cli
+
+    run = tmp_path / "quick"
+    cli("train", "--config", REPO / "configs" / "cpu_quick.yaml", "--out", run, "run.progress=false",
+        env=base_env(CIFAR_DIST_DATA=cifar_root), timeout=1800)  # fmt: skip
+    acc = summary(run)["test_acc"]
+    for fmt in ["onnx", "torchscript", "exported_program"]:
+        out = tmp_path / f"model{export_module.FORMATS[fmt]}"
+        cli("export", run, "--format", fmt, "--out", out, env=base_env(CIFAR_DIST_DATA=cifar_root), timeout=1200)
+        check = json.loads((tmp_path / f"{out.name}.check.json").read_text())
+        print(
+            f"{fmt}: max |logit difference| {check['max_abs_diff']:.2e} over {check['images']} images, accuracy "
+            f"{100 * check['accuracy_export']:.2f}% (PyTorch {100 * check['accuracy_pytorch']:.2f}%)"
+        )
+        assert check["passed"] and check["images"] == 10000 and check["accuracy_pytorch"] == pytest.approx(acc)
+
+    trained = TrainedModel.load(run)
+    _, test_set, _ = build_datasets(trained.cfg)
+    folder = tmp_path / "png"
+    folder.mkdir()
+    for i in range(len(test_set)):
+        Image.fromarray(test_set.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
+    started = time.perf_counter()
+    rows, problems, model_s = predict_files(trained, [folder])
+    total_s = time.perf_counter() - started
+    cfg = trained.cfg
+    with torch.no_grad():  # the reference: a plain loop over the same pixels, already in memory
+        started = time.perf_counter()
+        for s in range(0, len(test_set), 256):
+            trained.model(normalize(test_set.images[s : s + 256], cfg.data.mean, cfg.data.std, cfg.run.channels_last))
+        plain_s = time.perf_counter() - started
+    right = sum(top[0][0] == CLASSES[int(y)] for (_, top), y in zip(rows, test_set.labels))
+    print(
+        f"predict: {len(rows)} PNG files in {total_s:.1f} s ({len(rows) / total_s:.0f} img/s with reading), "
+        f"the model {len(rows) / model_s:.0f} img/s; plain PyTorch loop {len(test_set) / plain_s:.0f} img/s; "
+        f"top-1 {100 * right / len(rows):.2f}%"
+    )
+    assert not problems and right / len(rows) == pytest.approx(acc)
+
+
+@pytest.mark.slow
+def test_the_python_api_example_runs_end_to_end(tmp_path):
+    """examples/python_api.py as a user runs it (on the smoke recipe here: seconds, not minutes)."""
+    from conftest import REPO, run
+
+    res = run([sys.executable, REPO / "examples" / "python_api.py", tmp_path, SMOKE], timeout=600)
+    assert "shared folder agrees: True" in res.stdout
+    assert sum(line.startswith("test_") for line in res.stdout.splitlines()) == 6
+    assert "model.onnx: logits within" in res.stdout or "onnxruntime" in res.stdout
