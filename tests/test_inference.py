@@ -124,6 +124,7 @@ def test_each_export_matches_pytorch_within_1e_4_with_the_same_accuracy(run_dir,
     assert check["passed"] and check["max_abs_diff"] <= 1e-4
     assert check["images"] == 1024 and check["accuracy_export"] == check["accuracy_pytorch"]
     assert check["batch"] == ("dynamic" if batch is None else batch)
+    assert check["batchnorm_folded"] == (fmt != "exported_program")
     assert check["accuracy_pytorch"] == pytest.approx(summary(run_dir)["test_acc"], abs=1e-9)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, f"{out.name}.check.json"])
 

@@ -63,7 +63,7 @@ def export(trained: TrainedModel, fmt: str, out: Path, batch_size: int | None = 
         record.update(
             format=fmt, file=out.name, input=INPUT, output="float32 N x 10 logits",
             batch="dynamic" if batch_size is None else batch_size, export_time_s=round(export_s, 2),
-            weights=trained.what,
+            weights=trained.what, batchnorm_folded=_batchnorm_folded(fmt, tmp, run),
         )  # fmt: skip
         if not record["passed"]:
             raise ExportError(
@@ -113,6 +113,17 @@ def _check(module, run, trained: TrainedModel, batch_size: int | None, limit: in
         "accuracy_export": right_export / max(count, 1),
         "passed": worst <= TOLERANCE and right_torch == right_export,
     }
+
+
+def _batchnorm_folded(fmt: str, path: Path, run) -> bool:
+    """Whether no BatchNorm op is left in the written graph."""
+    if fmt == "onnx":
+        import onnx
+
+        return all(node.op_type != "BatchNormalization" for node in onnx.load(str(path)).graph.node)
+    if fmt == "torchscript":
+        return "batch_norm" not in str(run.inlined_graph)
+    return False  # an ExportedProgram keeps the module's ops
 
 
 def _batch_dim(dynamic: bool):
