@@ -111,6 +111,22 @@ def test_bad_files_are_one_line_each_and_the_rest_is_predicted(run_dir, tmp_path
     assert none.stderr.splitlines()[-1] == "cifar-dist: no image could be predicted (4 paths skipped)"
 
 
+def test_predict_uses_the_ema_weights_of_a_run_that_evaluated_them(tmp_path):
+    """From a checkpoint of a run with eval.use_ema, whose model.safetensors holds the training
+    weights: the checkpoint's EMA weights, which the run evaluated, not those."""
+    from safetensors.torch import load_file
+
+    ema_args = ["train.max_steps=12", "train.ema.decay=0.9", "eval.use_ema=true", "checkpoint.every_steps=6"]
+    result = cifar_dist.train(SMOKE, [*SMOKE_OVERRIDES[:1], *ema_args, "run.plots=false"], tmp_path / "run")
+    ckpt = sorted((result.run_dir / "checkpoints").iterdir())[-1]
+    trained = TrainedModel.load(ckpt)
+    ema, training = load_file(ckpt / "ema.safetensors"), load_file(ckpt / "model.safetensors")
+    state = trained.model.state_dict()
+    assert all(torch.equal(state[k], ema[k]) for k in ema)
+    assert not all(torch.equal(state[k], training[k]) for k in training)
+    assert "EMA" in trained.what
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported_program"])
 @pytest.mark.parametrize("batch", [None, 64])
 def test_each_export_matches_pytorch_within_1e_4_with_the_same_accuracy(run_dir, tmp_path, fmt, batch):
