@@ -97,9 +97,12 @@ def _check(module, run, trained: TrainedModel, batch_size: int | None, limit: in
     if limit:
         eval_set = eval_set.slice(0, min(limit, len(eval_set)))
     worst, right_torch, right_export, count = 0.0, 0, 0, 0
-    for x, y, valid in eval_batches(eval_set, 0, 1, batch_size or 500, torch.device("cpu")):
+    cfg = trained.cfg
+    for x, y, valid in eval_batches(eval_set, 0, 1, batch_size or cfg.data.eval_batch_size, torch.device("cpu")):
         pixels = x.float()
-        ours, theirs = module(pixels)[:valid], run(pixels)[:valid]
+        # PyTorch's logits as the run evaluated: in its memory layout, which convolutions round by
+        layout = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+        ours, theirs = module(pixels.contiguous(memory_format=layout))[:valid], run(pixels)[:valid]
         worst = max(worst, float((ours - theirs).abs().max()))
         right_torch += int((ours.argmax(1) == y[:valid]).sum())
         right_export += int((theirs.argmax(1) == y[:valid]).sum())
