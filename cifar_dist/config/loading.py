@@ -1,10 +1,6 @@
-"""Typed configuration: defaults < YAML file < ``key=value`` arguments.
-
-Every field carries one line of help (with its unit) and, where it matters,
-its allowed values. Unknown keys, wrong types and invalid values raise
-``ConfigError`` with one line naming the key and where it came from; the
-command line turns that into exit code 2.
-"""
+"""Typed configuration: defaults < YAML file < ``key=value`` arguments. An unknown key, a wrong
+type or an invalid value is a one-line ``ConfigError`` naming the key and where it came from (exit
+code 2 on the command line)."""
 
 from __future__ import annotations
 
@@ -30,6 +26,12 @@ from cifar_dist.config.schema import (
 )
 from cifar_dist.errors import ConfigError
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of text; anything near this size is not one
+MAX_DEPTH = 8  # sections hold keys, keys hold values or short lists: 3 levels are used
+CIFAR_TRAIN_IMAGES = 50_000
+RENAMED = {"run.tensorboard": "run.trackers ([tensorboard], or [] for none)"}
+_SCALARS = {bool: "true or false", int: "an integer", str: "a string"}
+
 
 def _coerce(value: Any, kind, key: str, where: str):
     """Check ``value`` against the key's declared type; ints are accepted as floats."""
@@ -39,13 +41,9 @@ def _coerce(value: Any, kind, key: str, where: str):
 
     if typing.get_origin(kind) is Literal:
         kind = type(typing.get_args(kind)[0])  # the membership check is _check_range's
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise refusal("true or false")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise refusal("an integer")
+    if kind in _SCALARS:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise refusal(_SCALARS[kind])
         return value
     if kind is float or kind == int | float:  # int | float: a count that may be fractional, kept as written
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -53,10 +51,6 @@ def _coerce(value: Any, kind, key: str, where: str):
         if not math.isfinite(value):
             raise refusal("a finite number")
         return float(value) if kind is float else value
-    if kind is str:
-        if not isinstance(value, str):
-            raise refusal("a string")
-        return value
     if typing.get_origin(kind) is list:
         if not isinstance(value, list):
             raise refusal("a list")
@@ -72,17 +66,15 @@ def _check_range(value, section, f, key: str, where: str) -> None:
         if allowed is not None and item not in allowed and not (meta.get("specs") and is_spec(item)):
             extra = " or package.module:factory" if meta.get("specs") else ""
             raise ConfigError(f"{where}: {key}: must be one of {', '.join(allowed)}{extra}, got {show(item)}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and isinstance(value, (int, float)):
-        if value < lo or (meta.get("min_exclusive") and value == lo):
-            op = ">" if meta.get("min_exclusive") else ">="
-            raise ConfigError(f"{where}: {key}: must be {op} {lo}, got {show(value)}")
+    if not isinstance(value, (int, float)):
+        return
+    lo, hi, above, below = (meta.get(k) for k in ("min", "max", "min_exclusive", "max_exclusive"))
     if hi is None and isinstance(value, int) and not isinstance(value, bool):
         hi = MAX_INT  # every integer key: a value past int64 overflows wherever it is used
-    if hi is not None and isinstance(value, (int, float)):
-        if value > hi or (meta.get("max_exclusive") and value == hi):
-            op = "<" if meta.get("max_exclusive") else "<="
-            raise ConfigError(f"{where}: {key}: must be {op} {hi:,}, got {show(value)}")
+    if lo is not None and (value < lo or (above and value == lo)):
+        raise ConfigError(f"{where}: {key}: must be {'>' if above else '>='} {lo}, got {show(value)}")
+    if hi is not None and (value > hi or (below and value == hi)):
+        raise ConfigError(f"{where}: {key}: must be {'<' if below else '<='} {hi:,}, got {show(value)}")
 
 
 def _typed(value: Any, owner, f, key: str, where: str):
@@ -116,9 +108,6 @@ def _set_in_group(obj, key: str, name: str, value: Any, where: str) -> None:
     setattr(obj, name, _typed(value, type(obj), fields[name], key, where))
 
 
-RENAMED = {"run.tensorboard": "run.trackers ([tensorboard], or [] for none)"}
-
-
 def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
     if key == "name":
         if not isinstance(value, str):
@@ -129,16 +118,12 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: {key} is now {RENAMED[key]}")
     section, _, rest = key.partition(".")
     name, _, sub = rest.partition(".")
-    if section not in SECTION_CLASSES or not name:
+    fields = {f.name: f for f in dataclasses.fields(SECTION_CLASSES[section])} if section in SECTION_CLASSES else {}
+    group = group_class(section, fields[name]) if name in fields else None
+    if name not in fields or (sub and group is None):
         raise ConfigError(f"{where}: unknown key {show(key)}")
-    fields = {f.name: f for f in dataclasses.fields(SECTION_CLASSES[section])}
-    if name not in fields:
-        raise ConfigError(f"{where}: unknown key {show(key)}")
-    group = group_class(section, fields[name])
     holder = getattr(cfg, section)
     if group is None:
-        if sub:
-            raise ConfigError(f"{where}: unknown key {show(key)}")
         setattr(holder, name, _typed(value, section, fields[name], key, where))
     elif not sub:
         setattr(holder, name, _group(value, group, key, where))
@@ -163,12 +148,6 @@ def _flatten(tree: dict, where: str, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
-
-
-MAX_CONFIG_BYTES = 1 << 20  # a config is a page of text; anything near this size is not one
-
-
-MAX_DEPTH = 8  # sections hold keys, keys hold values or short lists: 3 levels are used
 
 
 def show(value, limit: int = 60) -> str:
@@ -201,8 +180,6 @@ class _ConfigLoader(yaml.SafeLoader):
 
 
 _ConfigLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-
-
 _ConfigLoader.add_implicit_resolver(  # 3e-4, 1E5, -2.5e+3: floats, as YAML 1.2 and Python read them
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
@@ -272,11 +249,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 def validate(cfg: Config, origin: dict | None = None, *, deepspeed: bool = False, auto_precision: bool = False) -> None:
-    """Every rule that involves more than one key, each once; an error names where the keys'
-    values came from. Run when a config is loaded, again under a DeepSpeed launcher (before
-    any set-up) and once ``run.precision: auto`` is resolved (``auto_precision``). Rules on the
-    launch or the machine live where that is known: the world size (``data.Shard``,
-    ``trainer.build.build_data``), a GPU (``model.sync_bn``), the model (``trainer.Trainer``)."""
+    """Every rule that involves more than one key, each once; an error names where the keys' values
+    came from. Run at loading, again under DeepSpeed and once ``run.precision: auto`` is resolved
+    (``auto_precision``). Rules on the launch, the machine or the model live where those are known."""
 
     def check(ok: bool, keys: tuple, message: str) -> None:
         if ok:
@@ -364,9 +339,6 @@ def validate(cfg: Config, origin: dict | None = None, *, deepspeed: bool = False
         for key, on in (("train.ema", t.ema is not None), ("train.lookahead", t.lookahead is not None)):
             # the engine's optimizer updates weights of its own, partitioned
             check(not on, (key,), f"{key}: not with DeepSpeed (its engine owns the weights); set {key}=null")
-
-
-CIFAR_TRAIN_IMAGES = 50_000
 
 
 def train_images(cfg: Config) -> int:

@@ -25,9 +25,9 @@ def require_trust(model_name: str, source, trust_code: bool) -> None:
 
 def import_object(spec: str, key: str):
     """The object ``spec`` names; any failure is a ConfigError naming ``key`` and ``spec``."""
-    module, sep, attr = spec.partition(":")
-    if not (sep and module and attr):
+    if not is_spec(spec):
         raise ConfigError(f"{key}: {spec!r} is not of the form package.module:name")
+    module, _, attr = spec.partition(":")
     try:
         obj = importlib.import_module(module)
     except Exception as e:  # ImportError, or the user's module failed while importing

@@ -1,10 +1,6 @@
-"""The names a config key accepts: models, input pipelines, precisions.
-
-Each maps a name to a ``"package.module:name"``, imported only when the name is used (so checking
-a config imports nothing heavy), or to plain facts. Adding a built-in is one line here; a test or
-a plugin adds an entry and the name is then accepted by the validation, listed by the reference
-and used by the run.
-"""
+"""The names a config key accepts: models, input pipelines, precisions. A name maps to a
+``"package.module:name"`` imported only when used (checking a config imports nothing heavy), or to
+plain facts; an entry added here is accepted, listed in the reference and used by the run."""
 
 from __future__ import annotations
 

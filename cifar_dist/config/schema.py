@@ -1,9 +1,6 @@
-"""The configuration schema: every key, once, with its type, default, help, range and role.
+"""The configuration schema: every key once, with its type, default, help and range.
 
-A key's type (``int``, ``list[float]``, ``Literal[...]``) is what its values are checked
-against; ``registry=`` names the registry of the names it accepts (``config.registry``);
-``result=False`` marks a key that changes nothing a run trains or measures. Loading,
-validation, the reference, resume and ``compare`` derive from these declarations.
+Loading, validation, the reference, resume and ``compare`` all derive from these declarations.
 """
 
 from __future__ import annotations
@@ -20,8 +17,6 @@ from cifar_dist.config.registry import LOADERS, MODELS, PRECISIONS
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the paper's Normalize constants
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 MAX_INT = 2**63 - 1  # the largest integer any key takes (int64), unless the key says less
-
-
 FLOAT32_MAX = 3.4e38  # a float key without a bound of its own stays below float32's largest value
 
 
@@ -31,27 +26,27 @@ def _f(
     *,
     min=None,
     max=None,
-    min_exclusive=False,
-    max_exclusive=False,
+    above=None,
+    below=None,
     result=True,
     registry: dict | None = None,
     also: tuple = (),
     specs: bool = False,
     aliases: dict | None = None,
 ):
-    """A dataclass field with its help line and validation rules. ``result=False``: the key does
-    not change what is trained or measured (where files go, how they are read, what is shown),
-    so a resumed run may change it and ``compare`` groups runs that differ in it. ``registry``:
-    the names the key accepts, with ``also`` (e.g. "auto") and, with ``specs``, user code as
-    ``package.module:name``; ``aliases``: values read as others (``{True: "flip"}``)."""
-    if max is None and isinstance(default, float):  # what the float32 tensors it becomes can hold
+    """A dataclass field with its help line and rules: ``min``/``max`` inclusive, ``above``/``below``
+    exclusive bounds. ``result=False``: the key changes nothing a run trains or measures, so a resume
+    may change it and ``compare`` groups runs that differ in it. ``registry``: the names it accepts,
+    with ``also`` (e.g. "auto") and, with ``specs``, ``package.module:name``; ``aliases``: values
+    read as others (``{True: "flip"}``)."""
+    if max is None and below is None and isinstance(default, float):  # what float32 tensors can hold
         max = FLOAT32_MAX
     meta = {
         "help": help,
-        "min": min,
-        "max": max,
-        "min_exclusive": min_exclusive,
-        "max_exclusive": max_exclusive,
+        "min": min if above is None else above,
+        "max": max if below is None else below,
+        "min_exclusive": above is not None,
+        "max_exclusive": below is not None,
         "result": result,
         "registry": registry,
         "also": also,
@@ -64,18 +59,9 @@ def _f(
 
 
 # Groups: keys whose value is a mapping of keys, off (null) by default (docs/averaging.md).
-
-
 @dataclass
 class EmaConfig:
-    decay: float = _f(
-        0.999,
-        "weight the average keeps at each update, in (0, 1)",
-        min=0,
-        max=1,
-        min_exclusive=True,
-        max_exclusive=True,
-    )
+    decay: float = _f(0.999, "weight the average keeps at each update, in (0, 1)", above=0, below=1)
     every_steps: int = _f(1, "update the average every N optimizer steps", min=1, max=1_000_000)
     warmup_steps: int = _f(
         0, "for the first N optimizer steps the average is a plain copy of the weights (decay 0)", min=0
@@ -85,9 +71,7 @@ class EmaConfig:
 @dataclass
 class LookaheadConfig:
     k: int = _f(5, "fast optimizer steps between two updates of the slow weights", min=1, max=100_000)
-    alpha: float = _f(
-        0.5, "the slow weights move this fraction of the way to the fast ones", min=0, max=1, min_exclusive=True
-    )
+    alpha: float = _f(0.5, "the slow weights move this fraction of the way to the fast ones", above=0, max=1)
     ramp_power: float = _f(
         0.0,
         "with p > 0 the fraction falls from 1 at step 0 to alpha at the schedule's last step as "
@@ -184,15 +168,14 @@ class TrainConfig:
     epochs: int | float = _f(
         60,
         "training epochs; a fraction ends the last epoch early, after ceil(epochs x steps per epoch) steps in all",
-        min=0,
-        min_exclusive=True,
+        above=0,
         max=1_000_000,
     )
     batch_size: int = _f(128, "GLOBAL batch in images, split evenly across processes", min=1, max=1 << 20)
     accum_steps: int = _f(1, "micro-batches per optimizer step in each process", min=1, max=1 << 16)
     max_steps: int = _f(0, "stop after this many optimizer steps (0 = no cap)", min=0)
     optimizer: Literal["adam", "adamw", "sgd"] = _f("adam", "optimizer")
-    lr: float = _f(1e-3, "peak learning rate", min=0, min_exclusive=True)
+    lr: float = _f(1e-3, "peak learning rate", above=0)
     weight_decay: float = _f(1e-4, "weight decay (L2 in the gradient for adam/sgd, decoupled for adamw)", min=0)
     momentum: float = _f(0.9, "sgd momentum", min=0, max=1)
     nesterov: bool = _f(True, "sgd: Nesterov momentum")
@@ -218,8 +201,7 @@ class TrainConfig:
         "the learning rate of normalization layers' parameters is train.lr x this, and their weight decay "
         "train.weight_decay / this, so that an SGD or AdamW step decays them as much as the rest (airbench's "
         "BatchNorm bias scaler: 64)",
-        min=0,
-        min_exclusive=True,
+        above=0,
     )
     milestones: list[int] = _f([30, 45], "step schedule: epochs at which the LR is multiplied by gamma")
     gamma: float = _f(0.1, "step schedule: LR factor at each milestone", min=0)
@@ -435,9 +417,8 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def flatten_keys(d: dict) -> dict:
     """{"train": {"lr": 1, "ema": {"decay": 0.9}}} -> {"train.lr": 1, "train.ema": {"decay": 0.9}}:
     one entry per key of a section, a group's value whole (how ``compare`` names what differs)."""
-    return {f"{section}.{k}": v for section, keys in d.items() if isinstance(keys, dict) for k, v in keys.items()} | {
-        k: v for k, v in d.items() if not isinstance(v, dict)
-    }
+    flat = {f"{section}.{k}": v for section, keys in d.items() if isinstance(keys, dict) for k, v in keys.items()}
+    return flat | {k: v for k, v in d.items() if not isinstance(v, dict)}
 
 
 def iter_fields():
