@@ -29,7 +29,8 @@ MANIFEST = "manifest.json"
 EMA_FILE = "ema.safetensors"  # a checkpoint's EMA of the weights (train.ema; trainer.averaging writes it)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder (a rename in it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -37,22 +38,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _save_safetensors(state: dict, path: Path) -> None:
-    """safetensors' save_file, with its I/O failures (disk full, file too large) as OSError."""
-    try:
-        save_file(state, str(path))
-    except SafetensorError as e:
-        raise OSError(str(e).replace("Error while serializing: ", "")) from None
+def _is_step_dir(path: Path) -> bool:
+    return bool(_NAME.match(path.name)) and path.parent.name == "checkpoints"
 
 
 def write_tensors(tensors: dict, path: Path) -> None:
     """A dict of tensors as a safetensors file of contiguous CPU copies (a failed write: OSError)."""
-    _save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as e:  # disk full, file too large
+        raise OSError(str(e).replace("Error while serializing: ", "")) from None
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -62,7 +57,7 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         tmp.unlink(missing_ok=True)  # safetensors would write through a link of that name
         write_tensors(model.state_dict(), tmp)
-        _fsync_file(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -139,8 +134,9 @@ def locate_weights(path) -> tuple[Path, Path, str]:
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: not a .safetensors weights file, a run directory or a checkpoint")
-        return path, _config_beside(path.parent), f"weights {path.name}"
-    if _NAME.match(path.name) and path.parent.name == "checkpoints":
+        run = path.parent.parent if _is_step_dir(path.parent) else path.parent
+        return path, run / "config.yaml", f"weights {path.name}"
+    if _is_step_dir(path):
         if not (path / "model.safetensors").is_file():
             raise CheckpointError(
                 f"{path}: no model.safetensors in this checkpoint (a DeepSpeed checkpoint holds "
@@ -154,11 +150,8 @@ def locate_weights(path) -> tuple[Path, Path, str]:
         return path / "model.safetensors", path / "config.yaml", "final weights"
     ckpt = latest_checkpoint(path)  # the newest intact one; damaged ones are named and skipped
     if ckpt is not None and (ckpt / "model.safetensors").is_file():
-        return (
-            ckpt / "model.safetensors",
-            path / "config.yaml",
-            f"newest checkpoint {ckpt.name} (the run has no final weights yet)",
-        )
+        what = f"newest checkpoint {ckpt.name} (the run has no final weights yet)"
+        return ckpt / "model.safetensors", path / "config.yaml", what
     raise CheckpointError(f"{path}: no model.safetensors and no checkpoint (is it a run directory?)")
 
 
@@ -192,13 +185,6 @@ def evaluated_weights(weights: Path, what: str, cfg, named: bool, use_ema: bool 
     if not chosen.is_file():
         raise CheckpointError(f"{folder}: no {kind} weights ({chosen.name}; the run trained without train.ema)")
     return chosen, f"{what.split(' (')[0]}: its {kind} weights (eval.use_ema={str(use_ema).lower()})"
-
-
-def _config_beside(folder: Path) -> Path:
-    """config.yaml of the run a weights file belongs to: beside it, or two levels up for a checkpoint's."""
-    if _NAME.match(folder.name) and folder.parent.name == "checkpoints":
-        return folder.parent.parent / "config.yaml"
-    return folder / "config.yaml"
 
 
 def read_state(ckpt: Path) -> TrainState:
@@ -237,8 +223,9 @@ def check_checkpoint(ckpt: Path) -> str | None:
     if manifest.exists():
         try:
             entries = json.loads(manifest.read_text())["files"]
-            assert isinstance(entries, dict) and all(isinstance(e, dict) for e in entries.values())
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        except (OSError, ValueError, KeyError, TypeError):
+            entries = None
+        if not (isinstance(entries, dict) and all(isinstance(e, dict) for e in entries.values())):
             return f"{manifest}: unreadable manifest"
         present = {str(p.relative_to(ckpt)) for p in _files(ckpt)}
         for name in sorted(set(entries) | present):
@@ -302,7 +289,7 @@ class CheckpointWriter:
         write_manifest(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
-                _fsync_file(f)
+                _fsync(f)
         final = self.root / f"step_{step:08d}"
         if final.exists() or final.is_symlink():  # the same step saved again (e.g. after a resume)
             old = self.root / f".old-{final.name}-{time.time_ns()}"
@@ -311,7 +298,7 @@ class CheckpointWriter:
             _remove(old)
         else:
             os.rename(tmp, final)
-        _fsync_dir(self.root)
+        _fsync(self.root)
         for stale in list_checkpoints(self.root.parent)[: -self.keep]:
             _remove(stale)
         return final

@@ -1,10 +1,10 @@
 """Atomic file writes (temporary file, fsync, rename), a failure being one EnvironmentFault line
-naming the file; nothing is written through a symbolic link inside a folder the user named,
-since a received run directory could point one anywhere (docs/reliability.md).
-"""
+naming the file; nothing is written through a symbolic link in a folder the user named, since a
+received run directory could point one anywhere (docs/reliability.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -71,10 +71,8 @@ def write_bytes_atomic(path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise EnvironmentFault(f"{path}: cannot write: {e.strerror or e}") from None
 
 

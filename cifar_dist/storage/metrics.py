@@ -10,12 +10,8 @@ from cifar_dist.storage.files import write_text_atomic
 
 
 class MetricsLog:
-    """One flat dict per epoch into ``metrics.jsonl``, then to the run's trackers
-    (``storage.trackers``).
-
-    The file is rewritten whole (temporary file, rename) with every row, so a full disk
-    never leaves a torn or empty file; it is small (one line per epoch).
-    """
+    """One flat dict per epoch into ``metrics.jsonl``, then to the run's trackers. The small file is
+    rewritten whole (temporary file, rename) at every row: a full disk never leaves it torn."""
 
     def __init__(self, run_dir: Path, history: list[dict] | None = None, trackers=None):
         self.path = Path(run_dir) / "metrics.jsonl"

@@ -3,6 +3,7 @@ learning-rate schedule, and the confusion matrix (Figure 2). Each names its run 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
 
 def save_figure(fig, path, **kwargs) -> None:
     """``fig.savefig`` written atomically: a full disk leaves no torn picture."""
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
     write_bytes_atomic(path, buffer.getvalue())
@@ -122,16 +121,8 @@ def read_confusion(path: Path) -> list[list[int]]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: unreadable ({str(e)[:80]})") from None
     k = len(CLASSES)
-    if not (
-        isinstance(matrix, list)
-        and len(matrix) == k
-        and all(
-            isinstance(row, list)
-            and len(row) == k
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row)
-            for row in matrix
-        )
-    ):
+    square = isinstance(matrix, list) and len(matrix) == k and all(isinstance(r, list) and len(r) == k for r in matrix)
+    if not square or not all(type(v) is int and v >= 0 for row in matrix for v in row):  # bools are not counts
         raise UserError(f"{path}: rows_true_cols_pred is not a {k} x {k} table of counts")
     return matrix
 

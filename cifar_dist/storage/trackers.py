@@ -1,27 +1,6 @@
-"""Experiment trackers (TensorBoard, W&B, MLflow, ...) through Accelerate's tracker layer.
-
-    run:
-      trackers: [tensorboard, wandb, mlflow]   # [] for none; package.module:Class for your own
-      log_every_steps: 50                      # also the training loss, at the loop's control reads
-
-Rank 0 logs: the run's flattened config once, when the run starts (not again on a resume),
-then every epoch row (``metrics.jsonl`` stays the source of truth; non-finite and null
-values are left out) and, every ``run.log_every_steps`` steps, the epoch's running training
-loss as ``train_loss_running``, all at the global step. What phones home is offline unless
-the user says otherwise: W&B runs with ``WANDB_MODE=offline`` unless WANDB_MODE is set,
-MLflow writes to ``sqlite:///<run dir>/mlflow.db`` unless MLFLOW_TRACKING_URI is set.
-
-A resumed run continues the same tracker run and never sends a point twice:
-
-    tensorboard   the writer purges every event after the checkpoint's step (``purge_step``),
-                  and the resumed run logs those steps again, as it trains them again
-    wandb, mlflow the same run id, and the last step of rows and of running losses it was sent,
-                  in ``trackers.json``; a resumed run sends only later steps (the mark is written
-                  before the point goes out: a kill -9 between the two loses it, never doubles it).
-                  W&B writes a step when the next one comes: after a kill -9 its last is sent again
-    others        a new tracker run for each start
-    and a tracker run that is new on a resume is sent the checkpoint's rows first.
-"""
+"""Experiment trackers (TensorBoard, W&B, MLflow, ...) through Accelerate's tracker layer: rank 0
+sends the config once per tracker run, every epoch row and the running loss, offline by default; a
+resume continues each tracker run and never sends a point twice (docs/observability.md)."""
 
 from __future__ import annotations
 
@@ -39,18 +18,8 @@ from cifar_dist.config.plugins import import_object, is_spec
 from cifar_dist.errors import ConfigError
 from cifar_dist.storage.files import no_link, write_json_atomic
 
-# Accelerate's tracker names and the module each needs (and its pip name where it differs).
-PACKAGES = {
-    "tensorboard": "tensorboard",
-    "wandb": "wandb",
-    "mlflow": "mlflow",
-    "aim": "aim",
-    "clearml": "clearml",
-    "dvclive": "dvclive",
-    "comet_ml": "comet_ml",
-    "swanlab": "swanlab",
-    "trackio": "trackio",
-}
+# Accelerate's tracker names, each also the module it needs (and its pip name, but for PIP_NAMES)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "clearml", "dvclive", "comet_ml", "swanlab", "trackio")
 PIP_NAMES = {"comet_ml": "comet-ml"}
 # MLflow exports the store it is given to the environment (for child processes): the ones set
 # here for earlier runs of this process are not the user's.
@@ -63,9 +32,8 @@ NOTHING = {"rows": -1, "loss": -1}  # the last step of each kind of point a trac
 
 
 def check_trackers(names: list[str]) -> None:
-    """Refuse, before any set-up, a tracker that is unknown or whose package is not installed
-    (one line, exit 2); a ``package.module:Class`` must name one of Accelerate's GeneralTracker.
-    A tracker named twice would log every point twice (two TensorBoard writers, one folder)."""
+    """Refuse, before any set-up, a tracker that is unknown, not installed or named twice (it would
+    log every point twice); a ``package.module:Class`` must be one of Accelerate's GeneralTracker."""
     twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
     if twice is not None:
         raise ConfigError(f"run.trackers: {twice} is named twice; name each tracker once")
@@ -73,13 +41,13 @@ def check_trackers(names: list[str]) -> None:
         if is_spec(name):
             _custom_class(name)
             continue
-        if name not in PACKAGES:
+        if name not in TRACKERS:
             raise ConfigError(
-                f"run.trackers: unknown tracker {name!r} (one of {', '.join(PACKAGES)}, or package.module:Class)"
+                f"run.trackers: unknown tracker {name!r} (one of {', '.join(TRACKERS)}, or package.module:Class)"
             )
-        if importlib.util.find_spec(PACKAGES[name]) is None:
+        if importlib.util.find_spec(name) is None:
             raise ConfigError(
-                f"run.trackers: {name} is not installed: pip install {PIP_NAMES.get(name, PACKAGES[name])} "
+                f"run.trackers: {name} is not installed: pip install {PIP_NAMES.get(name, name)} "
                 f"(or leave {name} out of run.trackers)"
             )
 
@@ -100,9 +68,7 @@ def loggable(values: dict) -> dict:
     for k, v in values.items():
         if isinstance(v, bool):
             out[k] = int(v)
-        elif isinstance(v, (int, float)) and math.isfinite(v):
-            out[k] = v
-        elif isinstance(v, str):
+        elif isinstance(v, str) or (isinstance(v, (int, float)) and math.isfinite(v)):
             out[k] = v
     return out
 
@@ -123,11 +89,9 @@ class Trackers:
     def start(
         cls, names: list[str], run_dir: Path, project: str, config: dict, step: int, history: Sequence[dict] = ()
     ) -> Trackers:
-        """Start each tracker in ``run_dir``, where training starts at global step ``step`` with
-        the rows ``history`` behind it (a resumed run: its checkpoint's; 0 and none for a new
-        one). A run directory with a ``trackers.json`` was started before: its tracker runs
-        are continued, past the steps they were sent. A tracker run that is new gets the config
-        and the rows of ``history`` (a tracker added on a resume starts with the run's rows)."""
+        """Start each tracker in ``run_dir``, where training starts at global step ``step`` after
+        the rows ``history``. The tracker runs a ``trackers.json`` names are continued past the steps
+        they were sent; a tracker run that is new gets the config and the rows of ``history``."""
         run_dir = Path(run_dir)
         if not names:
             return cls([], [])
@@ -139,13 +103,11 @@ class Trackers:
         made = [_make(name, run_dir, project, ledger, None if first else step) for name in names]
         trackers = [tracker for tracker, _ in made]
         held = [_sent(ledger, tracker.name, step) if continues else dict(NOTHING) for tracker, continues in made]
-        for tracker in trackers:
-            tracker.start()
         values = config_values(config)
-        for tracker, continues in made:  # the config once per tracker run: a continued one has it
-            if not continues:
+        for tracker, continues in made:
+            tracker.start()
+            if not continues:  # the config once per tracker run: a continued one has it
                 tracker.store_init_configuration(values)
-        for tracker in trackers:
             if tracker.name == "mlflow":
                 ledger["mlflow_run_id"] = tracker.active_run.info.run_id
         self = cls(trackers, held, ledger, run_dir / LEDGER)
@@ -198,14 +160,11 @@ def _sent(ledger: dict, name: str, step: int) -> dict:
 
 def tracker_places(names: list[str], run_dir: Path) -> str:
     """Where each tracker writes, in words, for the run's opening lines."""
+    mode = os.environ.get("WANDB_MODE", "offline")
+    sync = f"; wandb sync {run_dir}/wandb/offline-run-*" if mode == "offline" else ""
     where = {
         "tensorboard": f"tensorboard ({run_dir}/tensorboard; tensorboard --logdir {run_dir}/tensorboard)",
-        "wandb": f"wandb {os.environ.get('WANDB_MODE', 'offline')} ({run_dir}/wandb"
-        + (
-            f"; wandb sync {run_dir}/wandb/offline-run-*)"
-            if os.environ.get("WANDB_MODE", "offline") == "offline"
-            else ")"
-        ),
+        "wandb": f"wandb {mode} ({run_dir}/wandb{sync})",
         "mlflow": f"mlflow ({os.environ.get('MLFLOW_TRACKING_URI') or f'sqlite:///{run_dir}/mlflow.db'})",
     }
     return ", ".join(where.get(name, name) for name in names)
@@ -258,10 +217,8 @@ def _make(name: str, run_dir: Path, project: str, ledger: dict, resumed_at: int 
     the tracker run of an earlier start, and whether it does (else its run is new)."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-    if is_spec(name):
-        cls = _custom_class(name)
-        return (cls(project, str(run_dir / "trackers")) if cls.requires_logging_directory else cls(project)), False
-    cls = LOGGER_TYPE_TO_CLASS[name]
+    custom = is_spec(name)
+    cls = _custom_class(name) if custom else LOGGER_TYPE_TO_CLASS[name]
     if name == "tensorboard":  # the run directory's tensorboard/ folder
         purge = {"purge_step": resumed_at + 1} if resumed_at is not None else {}
         continues = resumed_at is not None and any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -307,6 +264,5 @@ def _make(name: str, run_dir: Path, project: str, ledger: dict, resumed_at: int 
             run_name=run_dir.name,
         )
         return tracker, "mlflow_run_id" in ledger
-    if cls.requires_logging_directory:
-        return cls(project, str(run_dir / name)), False
-    return cls(project), False
+    folder = run_dir / ("trackers" if custom else name)
+    return (cls(project, str(folder)) if cls.requires_logging_directory else cls(project)), False
