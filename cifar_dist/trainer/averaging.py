@@ -1,7 +1,6 @@
-"""Weight averages of a run, updated on the device after optimizer steps: an EMA of the weights
-(in a copy of the model, so ``eval.use_ema`` evaluates that copy) and Lookahead's slow weights.
-Every rank keeps the same averages, with no communication and no host read; the formulas and
-airbench's "Lookahead with decay" are in docs/averaging.md."""
+"""Weight averages updated on the device after optimizer steps: an EMA of the weights (in a copy of
+the model, which ``eval.use_ema`` evaluates) and Lookahead's slow weights. Every rank keeps the same,
+with no communication and no host read (the formulas: docs/averaging.md)."""
 
 from __future__ import annotations
 
@@ -29,23 +28,19 @@ class WeightEma:
         others = [k for k in own if k not in floats]
         self.averaged, self.followed = [own[k] for k in floats], [source[k] for k in floats]
         self.copied, self.copied_from = [own[k] for k in others], [source[k] for k in others]
-        self._copy()  # starts as the model's weights: step 0's average
-
-    @torch.no_grad()
-    def _copy(self) -> None:
-        torch._foreach_copy_(self.averaged, self.followed)
-        if self.copied:
-            torch._foreach_copy_(self.copied, self.copied_from)
+        self.after_step(0)  # starts as the model's weights: step 0's average
 
     @torch.no_grad()
     def after_step(self, steps_done: int) -> None:
         """Update after optimizer step number ``steps_done`` (from 1) when it is due."""
         if steps_done <= self.cfg.warmup_steps:
-            self._copy()
+            torch._foreach_copy_(self.averaged, self.followed)
         elif steps_done % self.cfg.every_steps == 0:
             torch._foreach_lerp_(self.averaged, self.followed, 1.0 - self.cfg.decay)
-            if self.copied:
-                torch._foreach_copy_(self.copied, self.copied_from)
+        else:
+            return
+        if self.copied:
+            torch._foreach_copy_(self.copied, self.copied_from)
 
 
 class Lookahead:
@@ -87,8 +82,7 @@ class Lookahead:
 
 
 class WeightAverages:
-    """The run's EMA and Lookahead (either None when off), updated together after each step;
-    a checkpoint holds their files (``trainer.checkpointer.Stateful``)."""
+    """The run's EMA and Lookahead (either None when off); a checkpoint holds their files (``Stateful``)."""
 
     collective = False
 
@@ -99,10 +93,7 @@ class WeightAverages:
     def build(
         cls, cfg: Config, model: torch.nn.Module, ema_module: torch.nn.Module | None, steps_per_epoch: int = 1
     ) -> WeightAverages:
-        """The averages of ``model`` (prepared: on its device, maybe channels_last) as ``cfg``
-        asks. ``ema_module``: a copy of the network taken before ``prepare_model`` (nothing
-        wrapped, patched or hooked), to hold the EMA. ``steps_per_epoch``: the loader's, for
-        Lookahead's ramp and last step."""
+        """The averages of the prepared ``model``; ``ema_module``: a copy taken before ``prepare_model``."""
         train, ema = cfg.train, None
         if train.ema is not None:
             assert ema_module is not None
@@ -117,28 +108,24 @@ class WeightAverages:
         return cls(ema, lookahead)
 
     def after_step(self, steps_done: int) -> None:
-        """After optimizer step ``steps_done`` (from 1): Lookahead first, then the EMA of the
-        weights the model then holds."""
+        """Lookahead first, then the EMA of the weights the model then holds."""
         if self.lookahead is not None:
             self.lookahead.after_step(steps_done)
         if self.ema is not None:
             self.ema.after_step(steps_done)
 
     def save(self, folder: Path) -> None:
-        """Their files in checkpoint ``folder`` (rank 0; every rank holds the same)."""
         if self.ema is not None:
             write_tensors(self.ema.module.state_dict(), Path(folder) / EMA_FILE)
         if self.lookahead is not None:
             write_tensors(self.lookahead.state_dict(), Path(folder) / LOOKAHEAD_FILE)
 
     def load(self, folder: Path) -> None:
-        """Restore them from checkpoint ``folder`` (every rank)."""
-        for average, name in ((self.ema, EMA_FILE), (self.lookahead, LOOKAHEAD_FILE)):
-            path = Path(folder) / name
+        ema, lookahead = Path(folder) / EMA_FILE, Path(folder) / LOOKAHEAD_FILE
+        for average, path in ((self.ema, ema), (self.lookahead, lookahead)):
             if average is not None and not path.is_file():
                 raise CheckpointError(f"{path}: missing (this checkpoint was written without its average)")
         if self.ema is not None:
-            load_weights(Path(folder) / EMA_FILE, self.ema.module)
+            load_weights(ema, self.ema.module)
         if self.lookahead is not None:
-            path = Path(folder) / LOOKAHEAD_FILE
-            self.lookahead.load_state_dict(load_weights(path), path)
+            self.lookahead.load_state_dict(load_weights(lookahead), lookahead)

@@ -29,45 +29,30 @@ def graph_count() -> int:
 
 
 def prepare_model(cfg: Config, accelerator, model, wrap: bool = True):
-    """The one place that orders build -> device -> channels_last -> wrap (DDP) -> compile.
-
-    Returns (plain model, evaluation model, training model, optimizer). The plain
-    model shares its parameters with the others, so it always holds the weights.
-    The wrapped DDP module is compiled (PyTorch's advice): Dynamo then splits the
-    graph at DDP's bucket boundaries and the gradient all-reduce overlaps the
-    backward pass. Evaluation gets a compiled module of its own, unwrapped (no
-    gradient sync) and with static shapes (eval_batches pads the last batch), so
-    switching between training and evaluation never recompiles. DeepSpeed runs its
-    own engine around the module, so there the module is compiled inside it.
-    ``wrap=False`` leaves the launcher's wrapper out: this process's model alone.
-    """
+    """The one place that orders build -> device -> channels_last -> wrap (DDP) -> compile; returns
+    (plain model, evaluation model, training model, optimizer), all sharing the plain model's parameters.
+    DDP is compiled wrapped, DeepSpeed's module inside its engine (docs/distributed.md says why)."""
     deepspeed = wrap and is_deepspeed(accelerator)
     model = model.to(accelerator.device)
     if cfg.model.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # Before prepare(), or DDP warns about gradient strides. DeepSpeed keeps its
-    # parameters in flat contiguous buffers (it cannot broadcast channels_last
-    # weights), so there only the activations are channels_last (the inputs are).
+    # Before prepare(), or DDP warns about gradient strides. DeepSpeed cannot broadcast channels_last
+    # weights (its flat buffers), so there only the activations (the inputs) are channels_last.
     if cfg.run.channels_last and not deepspeed:
         model = model.to(memory_format=torch.channels_last)
-
-    def compiled(module):
-        return compile_module(cfg, module)
-
     optimizer = build_optimizer(param_groups(model, cfg.train), cfg.train, accelerator.device)
     if not wrap:
-        return model, compiled(model), compiled(model), optimizer
+        return model, compile_module(cfg, model), compile_module(cfg, model), optimizer
     if deepspeed:
-        inner = compiled(model)
+        inner = compile_module(cfg, model)
         engine, optimizer = accelerator.prepare(inner, optimizer)
         return model, inner, engine, optimizer
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-        # No broadcast of buffers before each forward: the BatchNorm statistics are reduced
-        # by the control collective, so every rank's running statistics are already equal.
-        # (On PyTorch >= 2.13 this property sets forward_sync_buffers, the current name.)
+        # the control collective already makes every rank's BatchNorm statistics equal
+        # (on PyTorch >= 2.13 this property sets forward_sync_buffers, the current name)
         wrapped.broadcast_buffers = False
-    return model, compiled(model), compiled(wrapped), optimizer
+    return model, compile_module(cfg, model), compile_module(cfg, wrapped), optimizer
 
 
 def compile_module(cfg: Config, module):
@@ -93,7 +78,6 @@ def resolve_run_precision(cfg: Config, warn: bool = True) -> None:
 
 def build_data(cfg: Config, accelerator):
     """This process's share of the global batch and the datasets: (shard, train, eval, eval name)."""
-
     rank, world = world_info()
     shard = Shard(rank, world, cfg.train.batch_size, cfg.train.accum_steps)
     if cfg.model.bn_group and shard.micro_batch % cfg.model.bn_group:
@@ -110,17 +94,13 @@ def build_data(cfg: Config, accelerator):
 
 def build_model_seeded(cfg: Config) -> torch.nn.Module:
     """The run's model with its seeded initial weights (every process builds the same)."""
-
     seed_everything(cfg.run.seed)
     return build_model(cfg.model)
 
 
 def init_from_data(cfg: Config, model: torch.nn.Module, train_set) -> None:
-    """A model whose initial weights depend on the training data says so with an
-    ``init_from_data(images)`` method (airbench94's whitening layer): it is given the first
-    ``model.init_images`` training images (all without that attribute) as the model sees them
-    (normalized, fp32, NCHW, unaugmented), the same on every process. A resumed run then loads
-    the checkpoint's weights over them."""
+    """Call a model's ``init_from_data(images)`` (airbench94's whitening) with its first ``init_images``
+    training images (all without it), normalized, fp32, NCHW, unaugmented, the same on every process."""
     hook = getattr(model, "init_from_data", None)
     if hook is not None:
         images = train_set.images[: getattr(model, "init_images", len(train_set))]
@@ -128,8 +108,7 @@ def init_from_data(cfg: Config, model: torch.nn.Module, train_set) -> None:
 
 
 def frozen_parameters(model: torch.nn.Module, epoch: int) -> list[torch.Tensor]:
-    """The parameters a model freezes in ``epoch`` (from 0) by its ``frozen_parameters(epoch)``
-    (airbench94's whitening bias after its first epochs); none for a model without it. They keep
+    """The parameters a model's ``frozen_parameters(epoch)`` freezes in ``epoch`` (from 0); they keep
     ``requires_grad``, so that DDP's gradient buckets stay the same in every epoch."""
     hook = getattr(model, "frozen_parameters", None)
     return list(hook(epoch)) if hook is not None else []

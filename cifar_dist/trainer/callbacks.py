@@ -1,5 +1,4 @@
-"""Callbacks: the public extension point of the training loop (``run.callbacks``). Their
-hooks, the rules every rank must keep and the state a resumed run continues: docs/extending.md."""
+"""Callbacks: the public extension point of the training loop (``run.callbacks``; docs/extending.md)."""
 
 from __future__ import annotations
 
@@ -35,9 +34,7 @@ def callback_name(callback) -> str:
 
 
 class Callbacks:
-    """The run's callbacks, called in the configured order; a hook a callback lacks is skipped.
-    ``names``: what each one's state is saved under (default: ``callback_name``). A checkpoint
-    holds their states in ``callbacks.json`` (``trainer.checkpointer.Stateful``)."""
+    """The run's callbacks in order; ``names``: what each one's state is saved under in callbacks.json."""
 
     collective = False
 
@@ -55,21 +52,18 @@ class Callbacks:
         """These callbacks, then ``items`` (named by their class)."""
         return Callbacks([*self.items, *items], [*self.names, *(callback_name(c) for c in items)])
 
-    def _stateful(self):
-        return [(n, c) for n, c in zip(self.names, self.items) if callable(getattr(c, "state_dict", None))]
-
     def save(self, folder: Path) -> None:
         """``callbacks.json`` in checkpoint ``folder`` when any callback has state (rank 0)."""
-        stateful = self._stateful()
-        if not stateful:
-            return
         states = {}
-        for name, callback in stateful:
+        for name, callback in zip(self.names, self.items):
+            if not callable(getattr(callback, "state_dict", None)):
+                continue
             try:
                 states[name] = json.loads(json.dumps(callback.state_dict()))
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"run.callbacks: {name}: state_dict() returned what JSON cannot hold ({e})") from None
-        (Path(folder) / STATE_FILE).write_text(json.dumps(states, indent=1, sort_keys=True))
+        if states:
+            (Path(folder) / STATE_FILE).write_text(json.dumps(states, indent=1, sort_keys=True))
 
     def load(self, folder: Path) -> None:
         """Give each stateful callback its state from checkpoint ``folder`` (every rank)."""
@@ -86,26 +80,24 @@ class Callbacks:
             if name in states and callable(load):
                 load(states[name])
 
+    def _hooks(self, hook: str):
+        return [method for c in self.items if callable(method := getattr(c, hook, None))]
+
     def call(self, hook: str, *args) -> None:
         """Each callback's ``hook`` in the configured order; a callback without it is skipped."""
-        for callback in self.items:
-            method = getattr(callback, hook, None)
-            if callable(method):
-                method(*args)
+        for method in self._hooks(hook):
+            method(*args)
 
     def on_loss(self, loss, step: int):
         """Each callback's ``on_loss`` in turn; one that returns None leaves the loss as it was."""
-        for callback in self.items:
-            method = getattr(callback, "on_loss", None)
-            if callable(method):
-                changed = method(loss, step)
-                loss = loss if changed is None else changed
+        for method in self._hooks("on_loss"):
+            changed = method(loss, step)
+            loss = loss if changed is None else changed
         return loss
 
 
 def load_callbacks(specs) -> Callbacks:
     """Import and build ``run.callbacks``; a bad name is a ConfigError naming it."""
-
     items = []
     for spec in specs:
         cls = import_object(spec, "run.callbacks")
@@ -117,8 +109,7 @@ def load_callbacks(specs) -> Callbacks:
 
 
 def time_to_target(history: list[dict], target: float) -> dict:
-    """``time_to_target_s`` and ``epochs_to_target`` from the metrics rows (None when not reached;
-    {} when no target is set). An interrupted epoch counts with its fraction of steps."""
+    """``time_to_target_s`` and ``epochs_to_target`` from the rows (None: not reached; {}: no target)."""
     if not target:
         return {}
     elapsed = 0.0
@@ -130,9 +121,7 @@ def time_to_target(history: list[dict], target: float) -> dict:
 
 
 class StopAtTarget(Callback):
-    """Ends the run after the first evaluation at or above the target (same on every rank:
-    the evaluation is). Stateless: each epoch's row decides alone, and a run it stopped has
-    ended, so a resume has nothing of it to continue."""
+    """Ends the run after the first evaluation at or above the target; stateless (such a run has ended)."""
 
     def __init__(self, target: float):
         self.target = target

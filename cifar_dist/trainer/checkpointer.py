@@ -67,9 +67,7 @@ class DeepSpeedWeights:
 
 
 class Checkpointer:
-    """The checkpoint schedule and the save of ``components`` ({name: Stateful}). ``run_dir``
-    None: this run never saves (a benchmark). ``on_staged(folder, step)``: called on every rank
-    once a checkpoint is written, before it is committed."""
+    """The checkpoint schedule and the save of ``components`` ({name: Stateful}); none with ``run_dir`` None."""
 
     def __init__(self, run_dir: Path | None, cfg: CheckpointConfig, components: dict, on_staged=None):
         self.writer = CheckpointWriter(run_dir, cfg.keep) if run_dir is not None else None
@@ -78,16 +76,13 @@ class Checkpointer:
         self.on_staged = on_staged
 
     def due(self, steps_done: int) -> bool:
-        """Whether ``checkpoint.every_steps`` falls after ``steps_done`` steps."""
         return bool(self.every_steps) and steps_done % self.every_steps == 0
 
     def due_after_epoch(self, epochs_done: int, complete: bool) -> bool:
-        """Whether ``checkpoint.every_epochs`` falls after a complete epoch."""
         return bool(self.every_epochs) and complete and epochs_done % self.every_epochs == 0
 
     def save(self, record: dict) -> Path | None:
-        """Checkpoint ``record`` (state.json: a TrainState with the epoch's partial sums, the loss
-        scaler and the world size) and every component's files."""
+        """Checkpoint ``record`` (state.json) and every component's files."""
         if self.writer is None:
             return None
         writer, step = self.writer, record["global_step"]

@@ -22,8 +22,7 @@ class Reading:
 
 
 class Control:
-    """Device-side flags of the running loop; ``flags`` go into the step's one collective (the
-    BatchNorm statistics sync), ``record`` takes them back summed over the ranks."""
+    """Device-side flags of the loop: ``flags`` join the step's one collective, ``record`` takes them back."""
 
     def __init__(self, precision, device, steps_done: int = 0, skipped_steps: int = 0):
         self.precision = precision
@@ -32,7 +31,6 @@ class Control:
         self.first_nonfinite = torch.full((), -1.0, device=device)  # the step it happened at, -1: none
         self.step = torch.full((), float(steps_done), device=device)
         self.no, self.yes = torch.zeros((), device=device), torch.ones((), device=device)
-        self.votes = self.no
 
     @staticmethod
     def due(steps_done: int, must: bool = False) -> bool:
@@ -44,17 +42,14 @@ class Control:
         return torch.stack([nonfinite, self.yes if stop_vote else self.no])
 
     def record(self, summed: torch.Tensor, loss_sum: torch.Tensor, read: bool, where: str = "") -> Reading | None:
-        """Keep the summed flags of the step just run; with ``read``, the host read."""
+        """Keep the step's summed flags; with ``read``, the host read (raises NonFiniteError if any was not)."""
         self.step += 1  # the number of the step just run, counted from 1
         first = (summed[0] > 0) & (self.first_nonfinite < 0)
         self.first_nonfinite = torch.where(first, self.step, self.first_nonfinite)
-        self.votes = summed[1]
-        return self.read(loss_sum, where) if read else None
-
-    def read(self, loss_sum: torch.Tensor, where: str = "") -> Reading:
-        """One device-to-host transfer; raises NonFiniteError if any step so far was not finite."""
+        if not read:
+            return None
         nonfinite_at, loss, votes, skipped = torch.stack(
-            [self.first_nonfinite, loss_sum.float(), self.votes.float(), self.precision.skipped_count().float()]
+            [self.first_nonfinite, loss_sum.float(), summed[1].float(), self.precision.skipped_count().float()]
         ).tolist()
         if nonfinite_at >= 0:
             raise NonFiniteError(

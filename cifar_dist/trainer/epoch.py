@@ -1,4 +1,5 @@
-"""One epoch as it runs: its running sums on the device, its clock and progress bar, its row."""
+"""One epoch as it runs: its running sums on the device, its clock and progress bar, its row, and what
+the row says about the hardware (FLOP/s, MFU, peak memory: read where the loop waits anyway)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ from dataclasses import dataclass
 
 import torch
 
-from cifar_dist.distributed.collectives import all_reduce_max, all_reduce_sum
+from cifar_dist.distributed.collectives import all_reduce_max, all_reduce_sum, share_from_main
+from cifar_dist.model.layer_table import count_flops
 from cifar_dist.model.optim import lr_at
+from cifar_dist.model.resnet import build_model
+from cifar_dist.runtime.hardware import device_peak, mfu, peak_memory_bytes
+from cifar_dist.runtime.provenance import device_name
 from cifar_dist.storage.state import LOSS_UNIT, TrainState
-from cifar_dist.trainer.throughput import Throughput, peak_memory_gb
 
 
 @dataclass
 class EpochTotals:
-    """Running sums of an epoch's training loss and accuracy, on the device (no host sync).
-    The loss sum counts whole units of ``LOSS_UNIT``: integer sums do not depend on their order,
-    so the epoch's loss is the same bits for any process count and across a resume."""
+    """An epoch's running loss and accuracy sums, on the device. The loss counts whole ``LOSS_UNIT``s:
+    integer sums do not depend on their order, so they are the same bits for any process count."""
 
     loss: torch.Tensor  # int64, units of LOSS_UNIT
     correct: torch.Tensor  # int64
@@ -25,8 +28,7 @@ class EpochTotals:
 
     @classmethod
     def start(cls, device, partial: dict | None = None, carries_partial: bool = True) -> EpochTotals:
-        """Zero sums, or an interrupted epoch's sums over all ranks (state.json's ``partial``),
-        carried by one rank (``carries_partial``) so that the epoch's all-reduce counts them once."""
+        """Zero sums, or state.json's ``partial`` carried by one rank so that the all-reduce counts it once."""
         partial = partial if (partial and carries_partial) else {}
         return cls(
             torch.tensor(int(partial.get("loss_units", 0)), dtype=torch.int64, device=device),
@@ -41,8 +43,7 @@ class EpochTotals:
         self.count += target.numel()
 
     def stacked(self) -> torch.Tensor:
-        """(loss units, correct, count) as one float64 device tensor for one all-reduce: whole
-        numbers below 2^53, so their float64 sums are exact in any order."""
+        """(loss units, correct, count) in float64: whole numbers below 2^53, summed exactly in any order."""
         count = torch.tensor(float(self.count), dtype=torch.float64, device=self.loss.device)
         return torch.stack([self.loss.double(), self.correct.double(), count])
 
@@ -50,6 +51,48 @@ class EpochTotals:
         """The sums over all ranks, as state.json's ``partial`` holds them (one all-reduce, one read)."""
         loss, correct, count = (int(v) for v in all_reduce_sum(self.stacked()).tolist())
         return {"loss_units": loss, "correct": correct, "count": count}
+
+
+@dataclass
+class Throughput:
+    """FLOP/s and MFU of the rows: the bench's FLOP count and peak table, found once before the first
+    step on a fresh model with the random generators put back."""
+
+    flops_per_image: float | None  # forward + backward
+    peak_flops: float | None  # per device, in the run's precision
+    peak_source: str
+
+    @classmethod
+    def measure(cls, cfg, device: torch.device) -> Throughput:
+        """Rank 0 counts and looks up; every rank takes its figures (so the rows agree)."""
+
+        def find():
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                try:
+                    flops = count_flops(build_model(cfg.model), train=True)
+                except Exception:  # a user's model the counter cannot trace: MFU is then unknown
+                    flops = None
+                tf32 = cfg.run.tf32 and not cfg.run.deterministic
+                peak, source = device_peak(device, device_name(device), cfg.run.precision, tf32)
+            return flops, peak, source
+
+        return cls(*share_from_main(find))
+
+    def figures(self, images_per_s_per_device: float) -> dict:
+        """``tflops_per_s`` and ``mfu`` per device (None where the FLOPs or the peak are unknown)."""
+        if not self.flops_per_image:
+            return {"tflops_per_s": None, "mfu": None}
+        achieved = images_per_s_per_device * self.flops_per_image
+        return {"tflops_per_s": achieved / 1e12, "mfu": mfu(achieved, self.peak_flops)}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak memory in GB (1e9 bytes): on CUDA since the last call (each epoch row its
+    own), elsewhere the process's peak resident set so far (the kernel keeps no per-epoch figure)."""
+    peak = peak_memory_bytes(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak / 1e9
 
 
 class EpochRun:
@@ -67,19 +110,16 @@ class EpochRun:
         )
 
     def advance(self, state: TrainState) -> None:
-        """A step is done."""
         state.global_step += 1
         state.step_in_epoch += 1
         self.steps_run += 1
         self.bar.update(self.images)
 
     def row(self, state: TrainState, train_cfg, throughput: Throughput) -> dict:
-        """The epoch's metrics row: training loss and accuracy over all ranks, speed, learning
-        rate, FLOP/s and MFU per device, and the most memory any process used (one host read)."""
-        device = self.device
+        """The epoch's metrics row over all ranks (one host read); memory is the most any process used."""
         elapsed = time.perf_counter() - self.start
         sums = all_reduce_sum(self.totals.stacked())
-        memory = all_reduce_max(torch.tensor([peak_memory_gb(device)], device=sums.device, dtype=sums.dtype))
+        memory = all_reduce_max(torch.tensor([peak_memory_gb(self.device)], device=sums.device, dtype=sums.dtype))
         loss, correct, count, peak_gb = torch.cat([sums, memory]).tolist()
         count = max(count, 1.0)
         images_per_s = self.steps_run * self.images / max(elapsed, 1e-9)

@@ -28,19 +28,12 @@ class Evaluator:
         self.last: dict | None = None  # the latest result
         self.plain_time_s: float | None = None  # seconds of the latest evaluation without TTA
 
-    @property
-    def epoch_tta(self) -> str:
-        """The mode of the per-epoch evaluations: ``eval.tta`` with ``eval.tta_every_epoch``, else plain."""
-        return self.cfg.eval.tta if self.cfg.eval.tta_every_epoch else "none"
-
-    def due(self, epochs_done: int, last: bool) -> bool:
-        """After the ``epochs_done``-th epoch: every ``eval.every_epochs``, and at the end."""
-        return last or epochs_done % self.cfg.eval.every_epochs == 0
-
     def maybe_run(self, epochs_done: int, last: bool) -> dict | None:
-        """Evaluate after an epoch when due; ``last`` keeps the result it returns (None: not due)."""
+        """Evaluate after every ``eval.every_epochs``-th and the ``last`` epoch (None: not due)."""
         self.last = None
-        return self.run(self.epoch_tta) if self.due(epochs_done, last) else None
+        if not (last or epochs_done % self.cfg.eval.every_epochs == 0):
+            return None
+        return self.run(self.cfg.eval.tta if self.cfg.eval.tta_every_epoch else "none")
 
     def run(self, tta: str = "none") -> dict:
         if self.device.type == "cuda":  # the clock starts when the training work queued before is done
@@ -67,9 +60,7 @@ class Evaluator:
 def evaluate_model(
     model, eval_set, cfg, device, autocast=contextlib.nullcontext, tta: str = "none", inputs=lambda x: x
 ) -> dict:
-    """Loss, accuracy and confusion matrix over the whole evaluation set, each
-    sample counted exactly once whatever the number of processes; the logits are
-    averaged over the views of ``tta`` (none, flip, flip_translate)."""
+    """Loss, accuracy and confusion matrix, each image counted once; logits averaged over ``tta``'s views."""
     rank, world = world_info()
     k = 10
     model.eval()
@@ -101,8 +92,7 @@ def evaluate_model(
 
 
 def tta_logits(model, x: torch.Tensor, tta: str, channels_last: bool = False) -> torch.Tensor:
-    """The fp32 logits of ``x`` averaged over the views of ``tta`` with their weights, summed
-    in a fixed order; ``none`` is the plain forward pass."""
+    """The fp32 logits of ``x`` averaged over the weighted views of ``tta``, summed in a fixed order."""
     total = None
     for weight, view in tta_views(x, tta, channels_last):
         logits = model(view).float()

@@ -1,6 +1,5 @@
-"""Mixed precision owned by the run, not by process-global state (so the benchmark runs several
-in one process): autocast, and for fp16 a gradient scaler whose skipped steps are counted on the
-device. Under DeepSpeed, whose engine owns precision, the Accelerator's autocast and backward."""
+"""Mixed precision owned by the run, not by process-global state (the benchmark runs several in one
+process): autocast, and for fp16 a gradient scaler whose skipped steps are counted on the device."""
 
 from __future__ import annotations
 
@@ -19,17 +18,16 @@ def gpu_capability() -> tuple[int, int] | None:
     """Compute capability of this process's GPU (the launcher's LOCAL_RANK), None without one."""
     if not torch.cuda.is_available():
         return None
-    major, minor = torch.cuda.get_device_capability(min(local_rank(), torch.cuda.device_count() - 1))
-    return major, minor
+    return torch.cuda.get_device_capability(min(local_rank(), torch.cuda.device_count() - 1))
 
 
 class Precision:
+    """Autocast, backward and optimizer step in ``precision``; under DeepSpeed, the Accelerator's."""
+
     def __init__(self, precision: str, device: torch.device, accelerator=None):
         self.precision, self.device = precision, torch.device(device)
-        self.accelerator = accelerator  # set: DeepSpeed owns precision
-        self.scaler = None
-        if precision == "fp16" and accelerator is None:
-            self.scaler = torch.amp.GradScaler(self.device.type)
+        self.accelerator = accelerator
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" and accelerator is None else None
         # Steps skipped for overflowing gradients, counted on the device: reading the
         # scaler's scale on the host every step would synchronize with the GPU.
         self._skipped = torch.zeros((), device=self.device)
@@ -58,7 +56,6 @@ class Precision:
             loss.backward()
 
     def unscale(self, optimizer) -> None:
-        """Gradients in true units (before clipping or checks)."""
         if self.scaler is not None:
             self.scaler.unscale_(_plain(optimizer))
 

@@ -1,8 +1,6 @@
-"""torch.profiler over a few optimizer steps, for ``run.profile`` (``RunProfile``) and ``bench
---profile`` (``profile_steps``). Each rank writes its trace, ops table and (CUDA) memory snapshot
-into ``<out>/profile/<name>/``, rank 0 ``profile_summary.json``: the step time and each named
-range's share of it. The ranges (``span``) cost one flag test when nothing records.
-docs/observability.md describes the files and how to read them."""
+"""torch.profiler over a few optimizer steps, for ``run.profile`` (``RunProfile``) and ``bench --profile``
+(``profile_steps``), into ``<out>/profile/<name>/`` (the files: docs/observability.md). The named
+ranges (``span``) cost one flag test when nothing records."""
 
 from __future__ import annotations
 
@@ -28,13 +26,12 @@ _OFF = contextlib.nullcontext()
 
 
 def span(name: str):
-    """A ``record_function`` range named ``name`` while a window records; otherwise one shared
-    no-op context."""
+    """A ``record_function`` range named ``name`` while a window records; otherwise a shared no-op."""
     return record_function(name) if _recording else _OFF
 
 
 def data_waits(batches):
-    """``batches``, each wait for the next one inside a "data" range while a window records."""
+    """``batches``, each wait for the next one inside a "data" range."""
     it, end = iter(batches), object()
     while True:
         with span("data"):
@@ -45,8 +42,7 @@ def data_waits(batches):
 
 
 class Window:
-    """One window of this process: ``start`` (or ``with``), then ``step`` after each step (the
-    first is the warm-up), then ``close``. ``name`` is the folder under ``<out>/profile/``."""
+    """One profiler window: ``start`` (or ``with``), ``step`` after each step (the first warms up), ``close``."""
 
     def __init__(self, out: Path, name: str, steps: int, device: torch.device, first_step: int | None = None):
         self.dir, self.name, self.steps, self.device = Path(out) / "profile" / name, name, steps, device
@@ -58,8 +54,8 @@ class Window:
 
     def start(self) -> None:
         global _recording
-        if not self.cuda:  # kineto's lines on a CPU are noise (an ERROR that no GPU was found): 6 is above them all
-            os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the user's level wins; read at the first window
+        if not self.cuda:  # kineto's lines on a CPU are noise (an ERROR that no GPU was found); the user's level wins
+            os.environ.setdefault("KINETO_LOG_LEVEL", "6")
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         schedule = torch.profiler.schedule(wait=0, warmup=1, active=self.steps, repeat=1)
         own_folder(self.dir.parent)
@@ -127,8 +123,7 @@ class Window:
 
 
 def summarize(prof, steps: int) -> dict:
-    """One rank's figures, in milliseconds per recorded step: the step's host time, each range's
-    host time and share of it, and (CUDA) the time of the kernels and copies on the device."""
+    """One rank's ms per recorded step: the step's and each range's host time, the device's kernel time."""
     per_step = 1e-3 / max(steps, 1)  # µs over the window -> ms per step
     events = prof.events()
     step_ms = sum(e.cpu_time_total for e in events if e.name.startswith("ProfilerStep")) * per_step
@@ -143,8 +138,7 @@ def summarize(prof, steps: int) -> dict:
 
 
 def profile_steps(step_fn, next_batch, out: Path, name: str, steps: int, device: torch.device) -> Path:
-    """``step_fn(next_batch())`` once to warm the profiler up, then ``steps`` times recorded, into
-    ``<out>/profile/<name>/`` (the benchmark's rows); returns that folder."""
+    """``step_fn(next_batch())`` once to warm up, then ``steps`` times recorded; returns the folder."""
     with Window(out, name, steps, device) as window:
         for batch in data_waits(next_batch() for _ in range(steps + 1)):
             step_fn(batch)
@@ -153,9 +147,7 @@ def profile_steps(step_fn, next_batch, out: Path, name: str, steps: int, device:
 
 
 class RunProfile:
-    """``run.profile``: a window into ``<run dir>/profile/train/`` warmed up at global step
-    ``start_step - 1``; a run that starts past it (a resumed one) does not profile. The loop runs
-    inside ``with`` (which closes a window the run ended in) and calls ``after_step``."""
+    """``run.profile``'s window, warmed up at step ``start_step - 1``, around the loop (``after_step``)."""
 
     def __init__(self, cfg, run_dir: Path | None, device: torch.device, first_step: int, last_step: int):
         self.window: Window | None = None
@@ -177,7 +169,6 @@ class RunProfile:
         return self
 
     def after_step(self, steps_done: int) -> None:
-        """``steps_done`` optimizer steps are done: the global step of the next one."""
         if self.window is not None and self.window.prof is not None:
             self.window.step()
         elif self.window is not None and steps_done == self.warmup:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -10,32 +11,20 @@ from cifar_dist.distributed.collectives import print0
 from cifar_dist.trainer.callbacks import Callback
 
 
+class _Silent:
+    def __init__(self, **kw): ...
+    def update(self, n=1): ...
+    def set_postfix(self, **kw): ...
+    def close(self): ...
+
+
 def progress_bars(enabled: bool):
     """A factory of tqdm progress bars counting images (so they show images/s), or of silent stand-ins."""
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
+    if not enabled:
+        return _Silent
+    from tqdm.auto import tqdm
 
-            return lambda **kw: tqdm(
-                unit="img", unit_scale=True, mininterval=1.0, dynamic_ncols=True, leave=False, **kw
-            )
-        except ImportError:
-            pass
-
-    class _Silent:
-        def __init__(self, **kw):
-            pass
-
-        def update(self, n=1):
-            pass
-
-        def set_postfix(self, **kw):
-            pass
-
-        def close(self):
-            pass
-
-    return _Silent
+    return lambda **kw: tqdm(unit="img", unit_scale=True, mininterval=1.0, dynamic_ncols=True, leave=False, **kw)
 
 
 def duration(seconds: float) -> str:
@@ -49,13 +38,7 @@ def duration(seconds: float) -> str:
 
 
 class EstimatedTime(Callback):
-    """Prints, early in the run, how long the whole run will take.
-
-    Timed between two control reads (where the host has waited for the device, so the
-    figure is honest on a GPU), after the first one, which includes compilation and
-    warm-up. Evaluation is not included. Prints on rank 0 only. (A long CPU run is
-    announced before its first step: ``long_cpu_run_warning``.)
-    """
+    """Prints (rank 0) the run's time left, timed between two control reads after the first (warm-up)."""
 
     MIN_STEPS = 5  # steps between the two reads the estimate is timed over
 
@@ -68,22 +51,21 @@ class EstimatedTime(Callback):
     def on_step_end(self, step: int, metrics: dict) -> None:
         if self.done or "train_loss" not in metrics:  # only at control reads
             return
-        now, steps = time.perf_counter(), step
+        now = time.perf_counter()
         if self.mark is None:
-            self.mark = (steps, now)
+            self.mark = (step, now)
             return
         first, then = self.mark
-        if steps - first < self.MIN_STEPS:
+        if step - first < self.MIN_STEPS:
             return
         self.done = True
-        per_step = (now - then) / (steps - first)
-        left = max(self.run.max_steps - steps, 0)
-        if self.run.rank != 0 or left == 0:
-            return
-        self.say(
-            f"estimated time to finish: {duration(left * per_step)} for {left:,} more steps "
-            f"({per_step:.3g} s/step over steps {first}-{steps}; evaluation not included)"
-        )
+        per_step = (now - then) / (step - first)
+        left = max(self.run.max_steps - step, 0)
+        if self.run.rank == 0 and left > 0:
+            self.say(
+                f"estimated time to finish: {duration(left * per_step)} for {left:,} more steps "
+                f"({per_step:.3g} s/step over steps {first}-{step}; evaluation not included)"
+            )
 
 
 LONG_CPU_RUN_S = 3600  # a CPU run estimated to train longer than this is announced before it starts
@@ -91,11 +73,9 @@ DEMO = "cifar-dist train --config configs/cpu_quick.yaml"
 
 
 def seconds_per_image(model, precision, channels_last: bool, batch: int = 8) -> float:
-    """Seconds one training image costs this process: the best of two forward and backward
-    passes of a copy of ``model`` (eager, the run's precision) on ``batch`` random images, after
-    one warm-up. The run's model, its statistics and its random generators are left untouched."""
-    import copy
-
+    """Seconds one training image costs this process: the best of two forward and backward passes of
+    a copy of ``model`` on ``batch`` random images, after one warm-up; the run's model and generators
+    are left untouched."""
     probe = copy.deepcopy(model).train()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g)
@@ -115,8 +95,7 @@ def seconds_per_image(model, precision, channels_last: bool, batch: int = 8) -> 
 def long_cpu_run_warning(
     steps_left: int, images_per_step: int, per_image_s: float, flops_per_image: float | None = None
 ) -> str | None:
-    """The line that announces a CPU run of more than ``LONG_CPU_RUN_S`` before its first step
-    (None for a shorter one): the estimate, how it was made, and the demo to run instead."""
+    """The line announcing a CPU run longer than ``LONG_CPU_RUN_S`` (None for a shorter one)."""
     seconds = steps_left * images_per_step * per_image_s
     if seconds <= LONG_CPU_RUN_S:
         return None

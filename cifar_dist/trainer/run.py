@@ -1,8 +1,5 @@
-"""A training run, start to end: the Accelerator, the data and model, the run directory, the
-loop, and what the run leaves behind (weights, summary.json, plots), or its checkpoint when it
-is stopped. ``cifar_dist.train`` (the entry point of every launcher) checks the input first,
-then calls ``train``.
-"""
+"""A training run, start to end: the Accelerator, data and model, the run directory, the loop, and
+what the run leaves behind (weights, summary.json, plots), or its checkpoint when it is stopped."""
 
 from __future__ import annotations
 
@@ -32,29 +29,20 @@ from cifar_dist.storage.rundir import RunDir, default_run_dir, save_config
 from cifar_dist.storage.state import TrainState
 from cifar_dist.trainer import build
 from cifar_dist.trainer.callbacks import Callbacks, StopAtTarget, time_to_target
-from cifar_dist.trainer.progress import (
-    EstimatedTime,
-    long_cpu_run_warning,
-    progress_bars,
-    seconds_per_image,
-)
+from cifar_dist.trainer.progress import EstimatedTime, long_cpu_run_warning, progress_bars, seconds_per_image
 from cifar_dist.trainer.stopping import StopRequest
 from cifar_dist.trainer.trainer import Trainer
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, user_callbacks=()) -> int:
-    """Train as ``cfg`` says; returns the exit code (0; 130 after Ctrl-C). Raises UserError for bad input.
-
-    The run's signal handlers are installed from its first line to its last (``StopRequest``:
-    what a signal does in each phase)."""
-    with StopRequest(None) as stop:
+    """Train as ``cfg`` says; returns the exit code (0; 130 after Ctrl-C). Raises UserError for bad input."""
+    with StopRequest() as stop:
         code = _open_and_train(cfg, resume, overwrite, user_callbacks, stop)
     release_process_group()  # its threads joined now, not in the interpreter's shutdown
     return code
 
 
 def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, stop: StopRequest) -> int:
-    """Build the data and model, open the run directory, then build the Trainer and train."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     build.resolve_run_precision(cfg)
@@ -84,10 +72,9 @@ def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, 
         )
         user = user_callbacks if isinstance(user_callbacks, Callbacks) else Callbacks(user_callbacks)
         callbacks = user.plus(built_in)  # the user's named by their run.callbacks spec
-        progress = progress_bars(cfg.run.progress and rank == 0)
         trainer = Trainer(
             cfg, accelerator, shard, train_set, eval_set, run_dir, model=model, callbacks=callbacks, stop=stop,
-            progress=progress,
+            progress=progress_bars(cfg.run.progress and rank == 0),
         )  # fmt: skip
         if ckpt is not None:
             state = trainer.restore(ckpt)
@@ -106,7 +93,7 @@ def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, 
 
 
 def _train(trainer: Trainer, rundir: RunDir, eval_name: str, images: str, started: float) -> int:
-    """The run itself, once its Trainer is built: train, then write the results."""
+    """Train, then write the results."""
     cfg, state, run_dir, world = trainer.cfg, trainer.state, rundir.path, trainer.world
     if trainer.ended is not None:
         if share_from_main(lambda: _results_of_step(run_dir, state.global_step)):
@@ -134,7 +121,7 @@ def _train(trainer: Trainer, rundir: RunDir, eval_name: str, images: str, starte
         _announce_long_cpu_run(trainer)
     state = trainer.fit()
     if trainer.preempted:
-        return _stopped(trainer, rundir, trainer.rank, world)
+        return _stopped(trainer, rundir)
     trainer.stop.phase = "finish"  # a signal from here on is noted; the results are still written
 
     evaluator = trainer.evaluator
@@ -151,7 +138,7 @@ def _train(trainer: Trainer, rundir: RunDir, eval_name: str, images: str, starte
 
 
 def _results_of_step(run_dir: Path, step: int) -> bool:
-    """Whether ``run_dir`` holds the results (summary.json) of training that ended at ``step``."""
+    """Whether ``run_dir``'s summary.json is that of training that ended at ``step``."""
     try:
         written = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
@@ -159,29 +146,27 @@ def _results_of_step(run_dir: Path, step: int) -> bool:
     return isinstance(written, dict) and written.get("steps") == step
 
 
-def _stopped(trainer: Trainer, rundir, rank: int, world: int) -> int:
-    """A run stopped by a signal or the STOP file, its checkpoint written. Ctrl-C: exit 130 with
-    the resume command; SIGTERM, SIGUSR1, the STOP file: exit 0, marked PREEMPTED (under Slurm,
-    rank 0 requeues the job)."""
+def _stopped(trainer: Trainer, rundir: RunDir) -> int:
+    """Ctrl-C: exit 130 with the resume command; otherwise exit 0, marked PREEMPTED (Slurm requeues)."""
     step, why = trainer.state.global_step, trainer.stop.reason
     if trainer.metrics is not None:
         trainer.metrics.close()
     if why == "SIGINT":
         print0(
-            f"stopped by Ctrl-C at step {step}; checkpoint written; resume with: {resume_command(rundir.path, world)}"
+            f"stopped by Ctrl-C at step {step}; checkpoint written; resume with: "
+            f"{resume_command(rundir.path, trainer.world)}"
         )
         rundir.close()
         return 130
     kept = "checkpoint written" if step else "nothing trained yet"  # stopped while it started up
     print0(f"stopped by {why} at step {step}; {kept}, resume with --resume")
-    _after_preemption(rundir.path, rank)
+    _after_preemption(rundir.path, trainer.rank)
     return 0
 
 
 def _check_world_change(cfg: Config, state: TrainState, shard, deepspeed: bool, ckpt: Path) -> None:
-    """A checkpoint written by another number of processes: exact with ``train.exact_reduce``
-    (the same chunks summed in the same tree); otherwise allowed, with one line that says what
-    changes; refused under DeepSpeed, whose ZeRO state is split by process."""
+    """A checkpoint of another process count: exact with ``train.exact_reduce``; otherwise allowed with
+    a warning of what changes; refused under DeepSpeed, whose ZeRO state is split by process."""
     before, now = state.world_size, shard.world
     if not before or before == now:
         return
@@ -216,9 +201,7 @@ def resume_command(run_dir: Path, world: int) -> str:
 
 
 def _interrupted(rundir, rank: int, world: int):
-    """The one line (exit 130) of a run aborted by Ctrl-C: what was kept and how to go on.
-    A directory this run created and that holds no checkpoint yet is removed (rank 0), so the
-    same --out can be used again."""
+    """The one line (exit 130) of a run aborted by Ctrl-C; an empty directory it created is removed."""
     if rank != 0:
         return Interrupted("interrupted")
     checkpoints = list_checkpoints(rundir.path)
@@ -235,36 +218,32 @@ def _interrupted(rundir, rank: int, world: int):
 
 
 def _announce_long_cpu_run(trainer: Trainer) -> None:
-    """Before the first step: a CPU run that will train for more than an hour says so, with the
-    demo to try instead (timed on a copy of the model, counted in FLOPs when it is long)."""
-    steps_left = trainer.max_steps - trainer.state.global_step
+    """Before the first step: a CPU run longer than an hour says so, with the demo to try instead."""
+    steps_left, images = trainer.max_steps - trainer.state.global_step, trainer.shard.per_process
     batch = trainer.cfg.model.bn_group or min(trainer.shard.micro_batch, 8)  # BatchNorm groups must be whole
     per_image = seconds_per_image(trainer.model, trainer.precision, trainer.cfg.run.channels_last, batch)
-    if long_cpu_run_warning(steps_left, trainer.shard.per_process, per_image) is None:
-        return
-    flops = count_flops(trainer.model, train=True)
-    line = long_cpu_run_warning(steps_left, trainer.shard.per_process, per_image, flops)
-    if line:
-        print0(line)
+    line = long_cpu_run_warning(steps_left, images, per_image)
+    if line:  # only a long run is worth counting its FLOPs, which the line then gives
+        print0(long_cpu_run_warning(steps_left, images, per_image, count_flops(trainer.model, train=True)) or line)
 
 
 def _mode_in_words(accelerator, world: int) -> str:
     """How the processes work together, in words: "single process", "DDP over gloo", ..."""
-    kind = accelerator.distributed_type.value
     if is_deepspeed(accelerator):
         return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
     if world == 1:
         return "single process"
-    return f"DDP over {dist.get_backend()}" if dist.is_initialized() else f"{kind} ({world} processes)"
+    if dist.is_initialized():
+        return f"DDP over {dist.get_backend()}"
+    return f"{accelerator.distributed_type.value} ({world} processes)"
 
 
 def _summary(trainer: Trainer, final: dict, eval_name: str, wall: float) -> dict:
-    """summary.json: the run's results, the same on every rank."""
     cfg, state, world = trainer.cfg, trainer.state, trainer.world
     train_time = sum(r["epoch_time_s"] for r in state.history)
     images = sum(r["images_per_s"] * r["epoch_time_s"] for r in state.history)
     ips = images / train_time if train_time else 0.0
-    compiled = cfg.run.compile
+    graphs, warm = build.graph_count() if cfg.run.compile else None, trainer.graphs_after_warmup
     return {
         "test_acc": final["acc"],
         "test_loss": final["loss"],
@@ -286,12 +265,8 @@ def _summary(trainer: Trainer, final: dict, eval_name: str, wall: float) -> dict
         "images_per_s_per_device": ips / world,
         "skipped_steps": state.skipped_steps,
         "parameters": count_parameters(trainer.model),
-        "compiled_graphs": build.graph_count() if compiled else None,
-        "recompiles_after_warmup": (
-            build.graph_count() - trainer.graphs_after_warmup
-            if compiled and trainer.graphs_after_warmup is not None
-            else None
-        ),
+        "compiled_graphs": graphs,
+        "recompiles_after_warmup": graphs - warm if graphs is not None and warm is not None else None,
         "precision": cfg.run.precision,
         "seed": cfg.run.seed,
         "config": cfg.name,
@@ -304,47 +279,32 @@ def _summary(trainer: Trainer, final: dict, eval_name: str, wall: float) -> dict
 
 
 def _write_results(trainer: Trainer, summary: dict, final: dict) -> None:
-    """Rank 0: the weights, the confusion matrix, the plots and, last, summary.json (a run with a
-    summary.json is finished: a sweep skips it). Each file is written whole or not at all."""
+    """Rank 0: weights, confusion matrix, plots and, last, summary.json (which marks the run finished)."""
     run_dir, cfg = trainer.run_dir, trainer.cfg
     assert run_dir is not None
     save_weights(trainer.evaluated, run_dir / "model.safetensors")
-    write_json_atomic(
-        run_dir / "confusion_matrix.json",
-        {"classes": list(plots.CLASSES), "rows_true_cols_pred": final["confusion"]},
-        indent=None,
-    )
+    confusion = {"classes": list(plots.CLASSES), "rows_true_cols_pred": final["confusion"]}
+    write_json_atomic(run_dir / "confusion_matrix.json", confusion, indent=None)
     if cfg.run.plots:
         plots.draw_run(run_dir)
     write_json_atomic(run_dir / "summary.json", summary)
     if trainer.metrics is not None:
         trainer.metrics.close()
+    tta = "" if summary["tta"] == "none" else f", {summary['tta']} TTA: {summary['tta_views']} views"
     print0(
         f"{summary['eval_set']} accuracy {100 * final['acc']:.2f}% ({final['count']} images"
-        f"{_tta_in_words(summary)}); {summary['wall_time_s']:.1f} s; results in {run_dir}"
+        f"{tta}); {summary['wall_time_s']:.1f} s; results in {run_dir}"
     )
 
 
-def _tta_in_words(summary: dict) -> str:
-    """The final console line's words for the TTA mode (", flip_translate TTA: 6 views"); none: nothing."""
-    return "" if summary["tta"] == "none" else f", {summary['tta']} TTA: {summary['tta_views']} views"
-
-
 def _after_preemption(run_dir: Path, rank: int) -> None:
-    """Mark the run as preempted; under Slurm, rank 0 requeues the job.
-
-    No rank leaves before PREEMPTED exists: when the first process exits, a
-    launcher may tear the others down (srun --kill-on-bad-exit counts a task
-    Slurm sent TERM as failed), and a batch script that requeues on PREEMPTED
-    (slurm/train.sh, which sets CIFAR_DIST_REQUEUE=0) must then still find it.
-    The requeue comes after the barrier, as it ends every process of the job.
-    """
+    """Mark the run as preempted; under Slurm, rank 0 requeues the job. No rank leaves before PREEMPTED
+    exists: a launcher may tear the others down when the first exits (srun --kill-on-bad-exit), and
+    slurm/train.sh requeues on PREEMPTED. The requeue, which ends every process, follows the barrier."""
     if rank == 0:
         write_text_atomic(run_dir / "PREEMPTED", str(time.time()))
     barrier()
-    if rank != 0:
-        return
     job = os.environ.get("SLURM_JOB_ID")
-    if job and os.environ.get("CIFAR_DIST_REQUEUE", "1") == "1":
+    if rank == 0 and job and os.environ.get("CIFAR_DIST_REQUEUE", "1") == "1":
         res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         print(f"scontrol requeue {job}: {'ok' if res.returncode == 0 else res.stderr.strip()}", flush=True)

@@ -22,20 +22,18 @@ class StopReason(enum.Enum):
 
 
 class StopRequest:
-    """Installs the signal handlers for a whole run; ``requested()`` says whether to stop. What a
-    signal does depends on the run's ``phase`` (start, train, finish: docs/runs.md). Only
-    ``poll_file`` ranks look for the STOP file, and only when the loop reads its flags."""
+    """The run's signal handlers (what a signal does in each ``phase``: docs/runs.md) and the STOP file."""
 
-    def __init__(self, stop_file: Path | None, poll_file: bool = True, say=None):
-        self.stop_file = stop_file if poll_file else None
-        self.signalled = None
+    def __init__(self, say=None) -> None:
+        self.stop_file: Path | None = None  # set by the trainer on rank 0 of a run with a directory
+        self.signalled: str | None = None
         self.say = say
         self.phase = "start"
         self._old: dict = {}
         self._depth = 0
 
     def __enter__(self):
-        """Install the handlers (entered again, as the run and its loop both do: nothing more)."""
+        """Install the handlers (entered again, as the loop does inside the run: nothing more)."""
         self._depth += 1
         if self._depth == 1:
             for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):

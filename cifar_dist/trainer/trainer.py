@@ -1,8 +1,5 @@
-"""The Trainer: builds and owns a run's components and trains them, one step at a time.
-
-Training, the benchmark and the GPU check all build a run this way. ``fit`` reads top to
-bottom; the components each decide whether they are due (docs/code-map.md walks through it).
-"""
+"""The Trainer: builds and owns a run's components and trains them, one step at a time. Training,
+the benchmark and the GPU check all build a run this way (docs/code-map.md walks through ``fit``)."""
 
 from __future__ import annotations
 
@@ -38,22 +35,20 @@ from cifar_dist.trainer.build import (
 from cifar_dist.trainer.callbacks import Callbacks
 from cifar_dist.trainer.checkpointer import Checkpointer, DeepSpeedWeights, Weights
 from cifar_dist.trainer.control import Control
-from cifar_dist.trainer.epoch import EpochRun, EpochTotals, epoch_line
+from cifar_dist.trainer.epoch import EpochRun, EpochTotals, Throughput, epoch_line
 from cifar_dist.trainer.evaluation import Evaluator
 from cifar_dist.trainer.precision import Precision
 from cifar_dist.trainer.profiling import RunProfile, data_waits, span
 from cifar_dist.trainer.progress import progress_bars
 from cifar_dist.trainer.stopping import StopReason, StopRequest
-from cifar_dist.trainer.throughput import Throughput
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
 class Trainer:
-    """A run's components, built from its config, and the loop that trains them; what callbacks
-    receive as ``run``. Only the trainer changes ``state``. Steps are counted from 1: step k is
-    the k-th optimizer step, and ``state.global_step`` the steps done."""
+    """A run's components and the loop that trains them; what callbacks receive as ``run``. Only the
+    trainer changes ``state``. Step k is the k-th optimizer step; ``state.global_step``: steps done."""
 
     # the run
     cfg: Config
@@ -97,9 +92,8 @@ class Trainer:
         stop: StopRequest | None = None,
         progress=None,
     ):
-        """``model``: from ``build_model_seeded`` (built here if None). ``loader``: batches to use
-        instead of a loader of ``train_set`` (the benchmark's). ``wrap=False``: this process's
-        model alone, without the launcher's DDP or DeepSpeed wrapper and with no collective."""
+        """``model``: from ``build_model_seeded`` (built here if None). ``loader``: the benchmark's batches.
+        ``wrap=False``: this process's model alone, without DDP or DeepSpeed and with no collective."""
         self.cfg, self.accelerator, self.shard, self.run_dir = cfg, accelerator, shard, run_dir
         self.rank, self.world = shard.rank, shard.world
         model = build_model_seeded(cfg) if model is None else model
@@ -118,18 +112,16 @@ class Trainer:
         self.averages = WeightAverages.build(cfg, self.model, ema_module, self.loader.steps_per_epoch)
         if cfg.eval.use_ema and self.averages.ema is not None:
             eval_model = compile_module(cfg, self.averages.ema.module)
-        self.evaluator = (
-            Evaluator(cfg, eval_model, eval_set, self.device, self.precision, self.train_model)
-            if eval_set is not None
-            else None
-        )
+        self.evaluator = None
+        if eval_set is not None:
+            self.evaluator = Evaluator(cfg, eval_model, eval_set, self.device, self.precision, self.train_model)
         self.callbacks = callbacks or Callbacks()
         weights = DeepSpeedWeights(accelerator) if self.deepspeed else Weights(self.model, self.optimizer)
         # what a checkpoint holds besides state.json: a new stateful component is one more entry
         components = {"weights": weights, "averages": self.averages, "callbacks": self.callbacks}
         staged = lambda folder, step: self.callbacks.call("on_checkpoint_staged", folder, step)  # noqa: E731
         self.checkpointer = Checkpointer(run_dir, cfg.checkpoint, components, on_staged=staged)
-        self.stop = stop or StopRequest(None, say=say if self.rank == 0 else None)
+        self.stop = stop or StopRequest(say=say if self.rank == 0 else None)
         self.stop.stop_file = run_dir / "STOP" if run_dir is not None and self.rank == 0 else None
         self.progress = progress or progress_bars(False)
         # None: this process alone (the benchmark's reference); exact_reduce sums in a fixed tree
@@ -153,10 +145,16 @@ class Trainer:
         self.state = state
         self.control = Control(self.precision, self.device, state.global_step, state.skipped_steps)
         self.loss_logged_at = state.global_step  # the step of the last running loss sent to the trackers
-        self.ended = self._ended_before()
+        if self._finished():  # a longer train.max_steps lets a finished run go on
+            self.ended = StopReason.FINISHED
+        elif state.ended and state.ended != StopReason.FINISHED.value:
+            self.ended = StopReason(state.ended)
+        else:
+            self.ended, state.ended = None, ""
+            # an epoch that ended early and goes on loses its row (the checkpoint kept its sums)
+            if state.step_in_epoch and state.history and state.history[-1]["epoch"] == state.epoch + 1:
+                state.history.pop()
         self.stop_reason = self.ended  # a run that has ended trains no further step
-        if self.ended is None:
-            self._reopen_epoch()
 
     def restore(self, ckpt: Path) -> TrainState:
         """Load checkpoint ``ckpt`` into every component and train on from its state."""
@@ -165,23 +163,8 @@ class Trainer:
         self.start_from(state)
         return state
 
-    def _ended_before(self) -> StopReason | None:
-        """Why the run had ended at the state it starts from: its steps or epochs done (a longer
-        train.max_steps lets a finished run go on), or an earlier end it recorded."""
-        state = self.state
-        if state.global_step >= self.max_steps or state.epoch >= self.cfg.train.epochs:
-            return StopReason.FINISHED
-        if state.ended and state.ended != StopReason.FINISHED.value:
-            return StopReason(state.ended)
-        return None
-
-    def _reopen_epoch(self) -> None:
-        """A run that ended inside an epoch and goes on (a longer train.max_steps): the epoch's row
-        goes (the checkpoint kept its sums), so the row written when it ends covers it all."""
-        state = self.state
-        state.ended = ""
-        if state.step_in_epoch and state.history and state.history[-1]["epoch"] == state.epoch + 1:
-            state.history.pop()
+    def _finished(self) -> bool:
+        return self.state.global_step >= self.max_steps or self.state.epoch >= self.cfg.train.epochs
 
     @property
     def preempted(self) -> bool:
@@ -235,7 +218,6 @@ class Trainer:
         return state
 
     def _open_metrics(self) -> None:
-        """Rank 0 of a run with a directory: metrics.jsonl and the trackers, from the state's rows."""
         if self.metrics is not None or self.run_dir is None or self.rank != 0:
             return
         cfg = self.cfg
@@ -247,15 +229,12 @@ class Trainer:
             print0(f"trackers: {tracker_places(cfg.run.trackers, self.run_dir)}")
 
     def _stop_asked_before_start(self) -> bool:
-        """A stop asked while the run started up (any rank's vote: one collective, before the
-        first step); the loop then stops where it stands."""
+        """Any rank's stop asked while the run started up (one collective, before the first step)."""
         asked = torch.tensor([float(self.stop.requested())], device=self.device)
         return bool(all_reduce_max(asked).item())
 
     def _after_step(self, step: int, nonfinite: torch.Tensor, epoch: EpochRun, ends_epoch: bool) -> dict:
-        """What follows every step: the BatchNorm statistics sync, which carries the control flags
-        in the same collective; the host read when due (a non-finite step raises there, a stop
-        vote of any rank sets the stop reason); the weight averages. Returns the step's metrics."""
+        """The BatchNorm sync with the control flags, the host read when due, the averages; the metrics."""
         metrics = {"lr": self.optimizer.param_groups[0]["lr"]}
         read = Control.due(step, must=ends_epoch or self.checkpointer.due(step))
         vote = read and self.stop.requested()
@@ -271,16 +250,14 @@ class Trainer:
         return metrics
 
     def _log_loss(self, loss: float, step: int) -> None:
-        """At a control read: the running training loss to the trackers, every
-        ``run.log_every_steps`` steps (the read is already there: no extra one)."""
+        """At a control read (no extra one): the running loss to the trackers every run.log_every_steps."""
         every = self.cfg.run.log_every_steps
         if every and self.metrics is not None and step // every > self.loss_logged_at // every:
             self.loss_logged_at = step
             self.metrics.log_loss(loss, step)
 
     def steady_step(self, batch, step: int, totals: EpochTotals) -> bool:
-        """Step ``step`` as ``fit`` runs it away from epoch boundaries, without callbacks or
-        checkpoints (the benchmark's step). Returns whether the host read the device."""
+        """Step ``step`` as ``fit`` runs it mid-epoch (the benchmark's); returns whether the host read."""
         nonfinite = self.train_step(batch, step, totals)
         read = Control.due(step)
         self._sync(nonfinite, False, totals, read)
@@ -288,20 +265,18 @@ class Trainer:
         return read
 
     def _sync(self, nonfinite, stop_vote: bool, totals: EpochTotals, read: bool, where: str = ""):
-        """The step's one collective: the BatchNorm statistics with the control flags; then the
-        host read when ``read`` (None otherwise)."""
+        """The step's one collective (BatchNorm statistics and control flags), then the host read if ``read``."""
         with span("control"):
             summed = sync_bn_statistics(self.model, self.reduce, extra=self.control.flags(nonfinite, stop_vote))
             return self.control.record(summed, totals.loss, read, where)
 
     def _end_epoch(self, epoch: EpochRun) -> None:
-        """The epoch's row, an evaluation when due, the log, then an epoch-end checkpoint when due."""
         state = self.state
         row = epoch.row(state, self.cfg.train, self.throughput)
         complete = state.step_in_epoch >= epoch.steps
         if complete:
             state.epoch, state.step_in_epoch = epoch.number, 0
-        if state.global_step >= self.max_steps or state.epoch >= self.cfg.train.epochs:
+        if self._finished():
             self.request_stop(StopReason.FINISHED)
         last = self.stop_reason is not None and not self.preempted
         result = self.evaluator.maybe_run(epoch.number, last) if self.evaluator is not None else None
@@ -323,8 +298,7 @@ class Trainer:
             self.graphs_after_warmup = graph_count()
 
     def _record(self, partial: dict | None = None) -> dict:
-        """What a checkpoint's state.json holds: the state, with an interrupted epoch's sums over
-        all ranks, the loss scaler and the world size (the state itself is not changed)."""
+        """state.json: the state, an interrupted epoch's sums over all ranks, the loss scaler, the world size."""
         return {
             **dataclasses.asdict(self.state),
             "partial": partial or {},
@@ -335,8 +309,7 @@ class Trainer:
     # one optimizer step
 
     def train_step(self, batch, step: int, totals: EpochTotals) -> torch.Tensor:
-        """Optimizer step ``step`` over this process's micro-batches; returns its non-finite flag
-        (a 0-dim device tensor: nothing here reads a device value on the host)."""
+        """Optimizer step ``step``; returns its non-finite flag, a 0-dim device tensor (no host read)."""
         cfg = self.cfg
         set_lr(self.optimizer, lr_at(step - 1, cfg.train, self.loader.steps_per_epoch))
         backward = self._backward_exact if cfg.train.exact_reduce else self._backward_ddp
@@ -371,16 +344,14 @@ class Trainer:
         return loss, (~torch.isfinite(loss.detach())).float()
 
     def _no_sync(self):
-        """DDP's ``no_sync()``, not Accelerate's: that one does nothing for one process, though
-        `accelerate launch --num_processes 1` still wraps the model in DDP, whose reduce into its
-        buckets then overwrote the chunk gradients the exact path aliases there."""
+        """DDP's ``no_sync()``, not Accelerate's, which does nothing for one process although
+        `accelerate launch --num_processes 1` wraps in DDP (whose reduce overwrote the exact path's chunks)."""
         if self.deepspeed:
             return contextlib.nullcontext()  # DeepSpeed keeps its own accumulation
         return getattr(self.train_model, "no_sync", contextlib.nullcontext)()
 
     def _backward_ddp(self, batch, step: int, totals: EpochTotals) -> torch.Tensor:
-        """Gradients averaged by DDP (or DeepSpeed): fast; equal across process counts up to
-        float summation order."""
+        """Gradients averaged by DDP (or DeepSpeed): fast; equal across process counts up to summation order."""
         accum = len(batch)
         nonfinite = torch.zeros((), device=self.device)
         for i, (x, y, _idx) in enumerate(batch):
