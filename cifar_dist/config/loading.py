@@ -13,17 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from yaml.composer import ComposerError
 
 from cifar_dist.config.plugins import is_spec
-from cifar_dist.config.schema import (
-    MAX_INT,
-    SECTION_CLASSES,
-    Config,
-    choices,
-    field_type,
-    group_class,
-    new_config,
-)
+from cifar_dist.config.schema import MAX_INT, SECTION_CLASSES, Config, choices, field_type, group_class, new_config
 from cifar_dist.errors import ConfigError
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of text; anything near this size is not one
@@ -164,14 +157,10 @@ class _ConfigLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.composer.ComposerError(
-                None, None, f"aliases (*{event.anchor}) are not accepted in a config", event.start_mark
-            )
+            raise ComposerError(None, None, f"aliases (*{event.anchor}) are not accepted in a config", event.start_mark)
         depth = getattr(self, "_depth", 0)
         if depth >= MAX_DEPTH:
-            raise yaml.composer.ComposerError(
-                None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
-            )
+            raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
         self._depth = depth + 1
         try:
             return super().compose_node(parent, index)
@@ -206,10 +195,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        if p.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                f"{p}: {p.stat().st_size:,} bytes is too large for a config (at most {MAX_CONFIG_BYTES:,})"
-            )
+        if (size := p.stat().st_size) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {size:,} bytes is too large for a config (at most {MAX_CONFIG_BYTES:,})")
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: unreadable ({getattr(e, 'strerror', None) or e})") from None
@@ -253,92 +240,71 @@ def validate(cfg: Config, origin: dict | None = None, *, deepspeed: bool = False
     came from. Run at loading, again under DeepSpeed and once ``run.precision: auto`` is resolved
     (``auto_precision``). Rules on the launch, the machine or the model live where those are known."""
 
-    def check(ok: bool, keys: tuple, message: str) -> None:
-        if ok:
-            return
+    def fail(keys: tuple, message: str) -> typing.NoReturn:
         if origin is None:  # a config checked again, after loading: its places are not known here
             raise ConfigError(message)
         places = [origin[k] for k in keys if k in origin]
         where = "command line" if "command line" in places else places[0] if places else "defaults"
         raise ConfigError(f"{where}: {message}")
 
+    def check(ok: bool, keys: tuple, problem: str) -> None:
+        """Refuse ``problem`` of the first of ``keys`` unless ``ok``."""
+        if not ok:
+            fail(keys, f"{keys[0]}: {problem}")
+
     m, d, t = cfg.model, cfg.data, cfg.train
     for spec in cfg.run.callbacks:
-        check(is_spec(spec), ("run.callbacks",), f"run.callbacks: {spec!r} is not of the form package.module:Class")
-    check(
-        len(m.widths) == len(m.blocks) and bool(m.widths),
-        ("model.widths", "model.blocks"),
-        f"model.widths and model.blocks must be non-empty lists of equal length, got {m.widths} and {m.blocks}",
-    )
-    for key, sizes, most in (("model.widths", m.widths, 4096), ("model.blocks", m.blocks, 64)):
-        check(
-            all(1 <= v <= most for v in sizes),
-            (key,),
-            f"{key}: every entry must be within 1..{most}, got {show(sizes)}",
+        check(is_spec(spec), ("run.callbacks",), f"{spec!r} is not of the form package.module:Class")
+    if not (len(m.widths) == len(m.blocks) and m.widths):
+        fail(
+            ("model.widths", "model.blocks"),
+            f"model.widths and model.blocks must be non-empty lists of equal length, got {m.widths} and {m.blocks}",
         )
+    for key, sizes, most in (("model.widths", m.widths, 4096), ("model.blocks", m.blocks, 64)):
+        check(all(1 <= v <= most for v in sizes), (key,), f"every entry must be within 1..{most}, got {show(sizes)}")
     for key, values in (("data.mean", d.mean), ("data.std", d.std)):
-        check(len(values) == 3, (key,), f"{key}: expected 3 values (R, G, B), got {values}")
-    check(all(v > 0 for v in d.std), ("data.std",), f"data.std: every entry must be > 0, got {d.std}")
+        check(len(values) == 3, (key,), f"expected 3 values (R, G, B), got {values}")
+    check(all(v > 0 for v in d.std), ("data.std",), f"every entry must be > 0, got {d.std}")
     check(
         len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
         ("train.betas",),
-        f"train.betas: expected two values in [0, 1), got {t.betas}",
+        f"expected two values in [0, 1), got {t.betas}",
     )
     if t.exact_reduce:
-        check(
-            m.bn_group > 0,
-            ("train.exact_reduce", "model.bn_group"),
-            "train.exact_reduce: needs model.bn_group > 0 (the chunk size)",
-        )
+        check(m.bn_group > 0, ("train.exact_reduce", "model.bn_group"), "needs model.bn_group > 0 (the chunk size)")
         chunks = t.batch_size // m.bn_group
         check(
             t.batch_size % m.bn_group == 0 and not chunks & (chunks - 1),
             ("train.exact_reduce", "train.batch_size", "model.bn_group"),
-            f"train.exact_reduce: train.batch_size / model.bn_group must be a power of two, "
-            f"got {t.batch_size} / {m.bn_group}",
+            f"train.batch_size / model.bn_group must be a power of two, got {t.batch_size} / {m.bn_group}",
         )
         chose = "; run.precision=auto chose fp16 on this GPU" if auto_precision else ""
         check(
             cfg.run.precision != "fp16",
             ("train.exact_reduce", "run.precision"),
-            f"train.exact_reduce: not with run.precision=fp16 (loss scaling{chose}); set run.precision=fp32 or bf16",
+            f"not with run.precision=fp16 (loss scaling{chose}); set run.precision=fp32 or bf16",
         )
     check(
         not (cfg.eval.use_ema and t.ema is None),
         ("eval.use_ema", "train.ema"),
-        "eval.use_ema: needs train.ema (e.g. train.ema.decay=0.999)",
+        "needs train.ema (e.g. train.ema.decay=0.999)",
     )
-    check(
-        not (d.val_split and d.synthetic),
-        ("data.val_split", "data.synthetic"),
-        "data.val_split: not available with data.synthetic",
-    )
+    check(not (d.val_split and d.synthetic), ("data.val_split", "data.synthetic"), "not available with data.synthetic")
     images = d.synthetic_train if d.synthetic else CIFAR_TRAIN_IMAGES
-    check(
-        d.val_split < images,
-        ("data.val_split",),
-        f"data.val_split: {d.val_split} leaves no training images of {images}",
-    )
-    check(
-        d.subset <= images - d.val_split,
-        ("data.subset", "data.val_split"),
-        f"data.subset: {d.subset} is more than the {images - d.val_split} training images",
-    )
+    check(d.val_split < images, ("data.val_split",), f"{d.val_split} leaves no training images of {images}")
+    left = images - d.val_split
+    check(d.subset <= left, ("data.subset", "data.val_split"), f"{d.subset} is more than the {left} training images")
     check(
         t.batch_size <= train_images(cfg),
         ("train.batch_size", "data.subset", "data.val_split", "data.synthetic_train"),
-        f"train.batch_size: {t.batch_size} is larger than the {train_images(cfg)} training images",
+        f"{t.batch_size} is larger than the {train_images(cfg)} training images",
     )
     if deepspeed:
-        check(
-            not t.exact_reduce,
-            ("train.exact_reduce",),
-            "train.exact_reduce: DeepSpeed reduces gradients itself; "
-            "set train.exact_reduce=false to train with DeepSpeed",
-        )
+        problem = "DeepSpeed reduces gradients itself; set train.exact_reduce=false to train with DeepSpeed"
+        check(not t.exact_reduce, ("train.exact_reduce",), problem)
         for key, on in (("train.ema", t.ema is not None), ("train.lookahead", t.lookahead is not None)):
             # the engine's optimizer updates weights of its own, partitioned
-            check(not on, (key,), f"{key}: not with DeepSpeed (its engine owns the weights); set {key}=null")
+            check(not on, (key,), f"not with DeepSpeed (its engine owns the weights); set {key}=null")
 
 
 def train_images(cfg: Config) -> int:
@@ -355,8 +321,7 @@ def resolve_data_root(cfg: Config) -> Path:
 
 
 def config_from_dict(tree: dict, where: str) -> Config:
-    """A config from the nested form ``Config.to_dict()`` gives (config.json of a shared model),
-    validated; an error names ``where``."""
+    """A validated config from the nested form of ``Config.to_dict()``; an error names ``where``."""
     cfg = new_config()
     for key, value in _flatten(tree, where).items():
         _apply(cfg, key, value, where)

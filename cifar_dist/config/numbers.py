@@ -14,8 +14,8 @@ def count(minimum: int = 1):
         try:
             value = int(str(text).strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
-        if value < minimum:
+            value = None
+        if value is None or value < minimum:
             raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
         return value
 
@@ -32,7 +32,7 @@ def real(low: float = 0.0, high: float = math.inf, low_open: bool = True):
         try:
             value = float(str(text).strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+            value = math.nan  # refused below
         if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value

@@ -22,11 +22,9 @@ def reference_markdown() -> str:
         out += [f"**{section}**", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
             out.append(_row(section, f, f"{section}.{f.name}"))
-            group = group_class(section, f)
+            group, free = group_class(section, f), not f.metadata.get("result", True)
             for g in dataclasses.fields(group) if group else ():  # its keys, with their defaults when on
-                out.append(
-                    _row(group, g, f"{section}.{f.name}.{g.name}", result_free=not f.metadata.get("result", True))
-                )
+                out.append(_row(group, g, f"{section}.{f.name}.{g.name}", result_free=free))
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -1,7 +1,5 @@
-"""The configuration schema: every key once, with its type, default, help and range.
-
-Loading, validation, the reference, resume and ``compare`` all derive from these declarations.
-"""
+"""The configuration schema: every key once, with its type, default, help and range; loading,
+validation, the reference, resume and ``compare`` all derive from these declarations."""
 
 from __future__ import annotations
 
@@ -34,11 +32,10 @@ def _f(
     specs: bool = False,
     aliases: dict | None = None,
 ):
-    """A dataclass field with its help line and rules: ``min``/``max`` inclusive, ``above``/``below``
-    exclusive bounds. ``result=False``: the key changes nothing a run trains or measures, so a resume
-    may change it and ``compare`` groups runs that differ in it. ``registry``: the names it accepts,
-    with ``also`` (e.g. "auto") and, with ``specs``, ``package.module:name``; ``aliases``: values
-    read as others (``{True: "flip"}``)."""
+    """A dataclass field with its help line and rules: ``min``/``max`` inclusive and ``above``/``below``
+    exclusive bounds; ``result=False`` for a key that changes nothing a run trains or measures (a resume
+    may change it); ``registry`` the names it accepts, with ``also`` and, with ``specs``,
+    ``package.module:name``; ``aliases`` values read as others (``{True: "flip"}``)."""
     if max is None and below is None and isinstance(default, float):  # what float32 tensors can hold
         max = FLOAT32_MAX
     meta = {
@@ -328,14 +325,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTION_CLASSES = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "run": RunConfig,
-    "checkpoint": CheckpointConfig,
-    "eval": EvalConfig,
-}
+SECTION_CLASSES: dict = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "name"}
 
 
 def new_config() -> Config:
@@ -343,9 +333,7 @@ def new_config() -> Config:
     return Config(**{section: cls() for section, cls in SECTION_CLASSES.items()})
 
 
-@functools.cache
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+_hints = functools.cache(typing.get_type_hints)
 
 
 def field_type(section, f: dataclasses.Field):
@@ -422,7 +410,5 @@ def flatten_keys(d: dict) -> dict:
 
 
 def iter_fields():
-    """Yield (section, dataclass field) for every leaf key, in declaration order."""
-    for section, cls in SECTION_CLASSES.items():
-        for f in dataclasses.fields(cls):
-            yield section, f
+    """(section, dataclass field) of every key of a section, in declaration order."""
+    return ((section, f) for section, cls in SECTION_CLASSES.items() for f in dataclasses.fields(cls))
