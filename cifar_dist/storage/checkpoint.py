@@ -1,6 +1,5 @@
 """Checkpoints: atomic ``checkpoints/step_N/`` directories with a manifest of digests, the
-newest intact one wins, safe loading (layout and guarantees: docs/runs.md, reliability.md).
-"""
+newest intact one wins, safe loading (layout and guarantees: docs/runs.md, reliability.md)."""
 
 from __future__ import annotations
 
@@ -19,9 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from cifar_dist.config.loading import load_config
 from cifar_dist.config.plugins import require_trust
-from cifar_dist.errors import CheckpointError, EnvironmentFault, say
+from cifar_dist.errors import CheckpointError, say
 from cifar_dist.model.resnet import build_model
-from cifar_dist.storage.files import own_folder, utf8_path
+from cifar_dist.storage.files import own_folder, replacing, utf8_path
 from cifar_dist.storage.state import TrainState, parse_state
 
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -52,16 +51,10 @@ def write_tensors(tensors: dict, path: Path) -> None:
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Write ``model.safetensors`` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
+    with replacing(path, "cannot write weights") as tmp:
         tmp.unlink(missing_ok=True)  # safetensors would write through a link of that name
         write_tensors(model.state_dict(), tmp)
         _fsync(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise EnvironmentFault(f"{path}: cannot write weights: {e.strerror or e}") from None
 
 
 def load_weights(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict:
@@ -156,9 +149,8 @@ def locate_weights(path) -> tuple[Path, Path, str]:
 
 
 def evaluated_weights(weights: Path, what: str, cfg, named: bool, use_ema: bool | None = None) -> tuple[Path, str]:
-    """(weights, description) to evaluate: with ``use_ema`` None those the run evaluated (a
-    checkpoint's EMA under ``eval.use_ema``: its model.safetensors holds the training weights),
-    else the EMA or training weights wherever the run keeps them (docs/runs.md)."""
+    """(weights, description) to evaluate: with ``use_ema`` None those the run evaluated (a checkpoint's
+    EMA under ``eval.use_ema``), else the EMA or training weights wherever the run keeps them (docs/runs.md)."""
     if use_ema is None:
         ema = weights.parent / EMA_FILE
         if cfg.eval.use_ema and not named and ema.is_file():
@@ -291,13 +283,11 @@ class CheckpointWriter:
             if f.is_file():
                 _fsync(f)
         final = self.root / f"step_{step:08d}"
+        old = self.root / f".old-{final.name}-{time.time_ns()}"
         if final.exists() or final.is_symlink():  # the same step saved again (e.g. after a resume)
-            old = self.root / f".old-{final.name}-{time.time_ns()}"
             os.rename(final, old)
-            os.rename(tmp, final)
-            _remove(old)
-        else:
-            os.rename(tmp, final)
+        os.rename(tmp, final)
+        _remove(old)
         _fsync(self.root)
         for stale in list_checkpoints(self.root.parent)[: -self.keep]:
             _remove(stale)

@@ -61,19 +61,26 @@ def create_new(path):
     return os.fdopen(os.open(path, _NEW, 0o644), "wb")
 
 
-def write_bytes_atomic(path, data: bytes) -> None:
+@contextlib.contextmanager
+def replacing(path, failure: str = "cannot write"):
+    """A temporary path beside ``path`` that replaces it when the block ends; an OSError leaves
+    nothing behind and is one EnvironmentFault line naming ``path``."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
-        with create_new(tmp) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise EnvironmentFault(f"{path}: cannot write: {e.strerror or e}") from None
+        raise EnvironmentFault(f"{path}: {failure}: {e.strerror or e}") from None
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    with replacing(path) as tmp, create_new(tmp) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text_atomic(path, text: str) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cifar_dist.errors import UserError, say
 from cifar_dist.storage.files import write_text_atomic
+from cifar_dist.storage.trackers import Trackers
 
 
 class MetricsLog:
@@ -16,7 +17,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, history: list[dict] | None = None, trackers=None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.history = list(history or [])
-        self.trackers = trackers
+        self.trackers = trackers if trackers is not None else Trackers([], [])
         # A resumed run rewrites the file from the checkpoint's history, so an epoch logged
         # after that checkpoint never appears twice. A fresh run writes it at its first row.
         if self.history:
@@ -28,17 +29,14 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         self.history.append(row)
         self._rewrite()
-        if self.trackers is not None:
-            self.trackers.log_row(row)
+        self.trackers.log_row(row)
 
     def log_loss(self, loss: float, step: int) -> None:
         """A running training loss between rows: to the trackers only (the rows hold the epoch's)."""
-        if self.trackers is not None:
-            self.trackers.log_loss(loss, step)
+        self.trackers.log_loss(loss, step)
 
     def close(self) -> None:
-        if self.trackers is not None:
-            self.trackers.close()
+        self.trackers.close()
 
 
 def read_metrics(run_dir: Path, warn: bool = True) -> list[dict]:
@@ -62,9 +60,8 @@ def read_metrics(run_dir: Path, warn: bool = True) -> list[dict]:
             row = None
         if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
             rows.append(row)
-        elif number == len(lines):
-            if warn:
-                say(f"cifar-dist: warning: {path}: line {number} is torn (a write cut short); skipped")
-        else:
+        elif number < len(lines):
             raise UserError(f"{path}: line {number} is not a metrics row")
+        elif warn:  # the last line, torn
+            say(f"cifar-dist: warning: {path}: line {number} is torn (a write cut short); skipped")
     return rows

@@ -41,21 +41,21 @@ def epoch_axis(ax, epochs) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-    if epochs:
-        lo, hi = min(epochs), max(epochs)
-        if hi - lo < 2:
-            ax.set_xlim(lo - 0.5, hi + 0.5)
+    if epochs and max(epochs) - min(epochs) < 2:
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
     ax.set_xlabel("epoch")
 
 
-def _curve(rows, keys, labels, ylabel, path, title, scale=1.0, schedule=None):
+def _curve(rows, metric, ylabel, path, title, scale=1.0, schedule=None):
+    """``train_<metric>`` and ``test_<metric>`` per epoch, with the learning rate on a second axis."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
     epochs = []
-    for key, label in zip(keys, labels):
+    for split in ("train", "test"):
+        key = f"{split}_{metric}"
         points = [(r["epoch"], r[key] * scale) for r in rows if isinstance(r.get(key), (int, float))]
         if points:
-            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+            ax.plot(*zip(*points), marker="o", markersize=3, label=split)
             epochs += [e for e, _ in points]
     epoch_axis(ax, epochs)
     ax.set_ylabel(ylabel)
@@ -72,14 +72,6 @@ def _curve(rows, keys, labels, ylabel, path, title, scale=1.0, schedule=None):
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
-
-
-def _run_config(run_dir: Path):
-    """The run's config (None when config.yaml is missing or does not load)."""
-    try:
-        return load_config(run_dir / "config.yaml")
-    except UserError:
-        return None
 
 
 def lr_schedule(cfg: Config, points: int = 400) -> tuple[list[float], list[float]] | None:
@@ -101,13 +93,11 @@ def plot_confusion(matrix, path, title="confusion matrix"):
     im = ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
     ax.set_yticks(range(len(CLASSES)), CLASSES)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     peak = max(max(row) for row in matrix) or 1
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > peak / 2 else "black")
-    ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     save_figure(fig, path)
@@ -134,20 +124,15 @@ def draw_run(run_dir: Path) -> list[Path]:
     if not rows:
         raise UserError(f"{run_dir}: no metrics.jsonl with any epoch; is this a run directory?")
     out = own_folder(run_dir / "plots")
-    cfg = _run_config(run_dir)
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except UserError:  # missing or no longer loading: the plots go without the recipe's name and schedule
+        cfg = None
     name = f"{run_dir.name} ({cfg.name}, {cfg.model.name})" if cfg else run_dir.name
     drawn = [out / "loss.png", out / "accuracy.png"]
-    _curve(rows, ["train_loss", "test_loss"], ["train", "test"], "loss", drawn[0], f"loss: {name}")
-    _curve(
-        rows,
-        ["train_acc", "test_acc"],
-        ["train", "test"],
-        "accuracy (%)",
-        drawn[1],
-        f"accuracy and learning rate: {name}",
-        scale=100,
-        schedule=lr_schedule(cfg) if cfg else None,
-    )
+    schedule = lr_schedule(cfg) if cfg else None
+    _curve(rows, "loss", "loss", drawn[0], f"loss: {name}")
+    _curve(rows, "acc", "accuracy (%)", drawn[1], f"accuracy and learning rate: {name}", scale=100, schedule=schedule)
     cm_path = run_dir / "confusion_matrix.json"
     if cm_path.is_file():
         matrix = read_confusion(cm_path)

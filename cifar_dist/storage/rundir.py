@@ -22,8 +22,7 @@ from cifar_dist.storage.metrics import read_metrics
 
 # Keys a resume may change: the result-free ones, the step cap and the final evaluation's TTA.
 RESUMABLE_CHANGES = result_free_keys() | {"train.max_steps", "eval.tta"}
-
-
+_ABSENT = "(absent)"
 # The folders a run writes into inside its directory: a link in their place is refused.
 RUN_FOLDERS = ("checkpoints", "plots", "profile", "tensorboard", "trackers", "mlflow", "wandb")
 # The files it writes there: a folder in their place is refused at the start, not after training.
@@ -57,9 +56,6 @@ def lock_holder(run_dir: Path) -> str | None:
 
 def default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-_ABSENT = "(absent)"
 
 
 def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
@@ -145,12 +141,10 @@ class RunDir:
         if ckpt is None:
             if (self.path / "summary.json").exists():
                 raise RunDirError(
-                    f"{self.path}: a finished run with no usable checkpoint: --resume has nothing to "
-                    "continue, and starting again would replace its results; pass --overwrite to "
-                    "train it again"
+                    f"{self.path}: a finished run with no usable checkpoint: --resume has nothing to continue, "
+                    "and starting again would replace its results; pass --overwrite to train it again"
                 )
-            rows = read_metrics(self.path, warn=False)
-            if rows:
+            if rows := read_metrics(self.path, warn=False):
                 raise RunDirError(
                     f"{self.path}: {len(rows)} epoch(s) in metrics.jsonl but no usable checkpoint: "
                     "--resume would start again and replace them; pass --overwrite to train it again"
@@ -161,8 +155,7 @@ class RunDir:
         saved_path = self.path / "config.yaml"
         if not saved_path.is_file():
             return
-        saved = read_yaml(saved_path)
-        changed = config_changes(saved, config)
+        changed = config_changes(read_yaml(saved_path), config)
         if changed:
             shown = "; ".join(f"{k}: saved {_short(old)}, now {_short(new)}" for k, old, new in changed[:4])
             more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""

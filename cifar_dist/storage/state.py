@@ -28,7 +28,7 @@ class TrainState:
 # TrainState.ended: the values of trainer.stopping.StopReason that end a run (not a preemption)
 ENDINGS = ("", "finished", "requested by a callback", "eval.target_acc reached")
 _INT = {"epoch", "step_in_epoch", "global_step", "skipped_steps", "world_size"}
-_PARTIAL = {"loss_units": int, "correct": int, "count": int}
+_PARTIAL = {"loss_units", "correct", "count"}
 
 
 def _is_int(v) -> bool:
@@ -48,10 +48,9 @@ def parse_state(data, source) -> TrainState:
     if unknown:
         raise invalid(f"unknown key {str(unknown[0])[:40]!r}")
     for key in _INT & set(data):
-        if not _is_int(data[key]) or data[key] < 0 or (key == "world_size" and data[key] < 1):
-            raise invalid(
-                f"{key}: expected a whole number >= {1 if key == 'world_size' else 0}, got {str(data[key])[:40]!r}"
-            )
+        least = 1 if key == "world_size" else 0
+        if not _is_int(data[key]) or data[key] < least:
+            raise invalid(f"{key}: expected a whole number >= {least}, got {str(data[key])[:40]!r}")
     for key in ("history", "segments"):
         if key in data and not (isinstance(data[key], list) and all(isinstance(r, dict) for r in data[key])):
             raise invalid(f"{key}: expected a list of objects")
@@ -62,9 +61,8 @@ def parse_state(data, source) -> TrainState:
         if set(seg) != {"world_size", "from_step"} or not all(_is_int(v) and v >= 0 for v in seg.values()):
             raise invalid("segments: expected objects of world_size and from_step")
     partial = data.get("partial", {})
-    if not isinstance(partial, dict) or (
-        partial
-        and (set(partial) != set(_PARTIAL) or not all(_is_int(partial[k]) and partial[k] >= 0 for k in _PARTIAL))
+    if partial != {} and not (
+        isinstance(partial, dict) and set(partial) == _PARTIAL and all(_is_int(v) and v >= 0 for v in partial.values())
     ):
         raise invalid("partial: expected {} or whole numbers loss_units, correct and count")
     if not isinstance(data.get("scaler", {}), dict):

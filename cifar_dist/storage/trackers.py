@@ -25,9 +25,7 @@ PIP_NAMES = {"comet_ml": "comet-ml"}
 # here for earlier runs of this process are not the user's.
 _MLFLOW_URIS_SET: set[str] = set()
 LEDGER = "trackers.json"  # the run ids of the trackers that continue a run, and what each was sent
-LEDGER_KEYS = ("wandb_id", "mlflow_run_id")
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # W&B's and MLflow's ids; W&B's names folders: nothing path-like
-LOSS_KEY = "train_loss_running"
 NOTHING = {"rows": -1, "loss": -1}  # the last step of each kind of point a tracker holds
 
 
@@ -40,12 +38,11 @@ def check_trackers(names: list[str]) -> None:
     for name in names:
         if is_spec(name):
             _custom_class(name)
-            continue
-        if name not in TRACKERS:
+        elif name not in TRACKERS:
             raise ConfigError(
                 f"run.trackers: unknown tracker {name!r} (one of {', '.join(TRACKERS)}, or package.module:Class)"
             )
-        if importlib.util.find_spec(name) is None:
+        elif importlib.util.find_spec(name) is None:
             raise ConfigError(
                 f"run.trackers: {name} is not installed: pip install {PIP_NAMES.get(name, name)} "
                 f"(or leave {name} out of run.trackers)"
@@ -73,11 +70,6 @@ def loggable(values: dict) -> dict:
     return out
 
 
-def config_values(flat: dict) -> dict:
-    """A flattened config as hyperparameters: scalars as they are, lists and null as text."""
-    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flat.items()}
-
-
 class Trackers:
     """The run's trackers on rank 0 (none elsewhere, or with ``run.trackers: []``), each with
     the last step of each kind of point (rows, loss) it already holds."""
@@ -103,7 +95,8 @@ class Trackers:
         made = [_make(name, run_dir, project, ledger, None if first else step) for name in names]
         trackers = [tracker for tracker, _ in made]
         held = [_sent(ledger, tracker.name, step) if continues else dict(NOTHING) for tracker, continues in made]
-        values = config_values(config)
+        # the flattened config as hyperparameters: scalars as they are, lists and null as text
+        values = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in config.items()}
         for tracker, continues in made:
             tracker.start()
             if not continues:  # the config once per tracker run: a continued one has it
@@ -122,7 +115,7 @@ class Trackers:
 
     def log_loss(self, loss: float, step: int) -> None:
         """The epoch's running training loss at global step ``step`` (a control read)."""
-        self._log("loss", loggable({LOSS_KEY: loss}), step)
+        self._log("loss", loggable({"train_loss_running": loss}), step)
 
     def _log(self, kind: str, values: dict, step: int) -> None:
         due = [(tracker, held) for tracker, held in zip(self.trackers, self.held) if values and step > held[kind]]
@@ -171,9 +164,8 @@ def tracker_places(names: list[str], run_dir: Path) -> str:
 
 
 def _read_ledger(path: Path) -> dict:
-    """``trackers.json`` of an earlier start: the tracker run ids it continues and the steps each
-    tracker was sent. An unreadable file or a value that is no run id is warned about and left
-    out: those trackers start new runs (metrics.jsonl, the run's record, is untouched)."""
+    """``trackers.json`` of an earlier start: the tracker run ids it continues and the steps each was
+    sent. An unreadable file or a value that is no run id is warned about; those trackers start anew."""
     try:
         ledger = json.loads(path.read_text())
         if not isinstance(ledger, dict):
@@ -182,7 +174,7 @@ def _read_ledger(path: Path) -> dict:
         warnings.warn(f"{path}: unreadable ({e}); the trackers start new runs", stacklevel=2)
         return {}
     kept = {key: ledger[key] for key in ("sent", "closed") if isinstance(ledger.get(key), (dict, bool))}
-    for key in LEDGER_KEYS:
+    for key in ("wandb_id", "mlflow_run_id"):
         value = ledger.get(key)
         if isinstance(value, str) and RUN_ID.fullmatch(value):
             kept[key] = value
@@ -227,8 +219,7 @@ def _make(name: str, run_dir: Path, project: str, ledger: dict, resumed_at: int 
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")  # the run's opening lines say where it writes
         continues = "wandb_id" in ledger
-        run_id = ledger.get("wandb_id") or uuid.uuid4().hex[:12]
-        ledger["wandb_id"] = run_id
+        run_id = ledger.setdefault("wandb_id", uuid.uuid4().hex[:12])
         return cls(
             os.environ.get("WANDB_PROJECT", "cifar_dist"),
             id=run_id,
@@ -245,7 +236,6 @@ def _make(name: str, run_dir: Path, project: str, ledger: dict, resumed_at: int 
 
         for quiet in ("mlflow", "alembic"):  # the store's set-up narrates each table it creates
             logging.getLogger(quiet).setLevel(logging.WARNING)
-
         given = os.environ.get("MLFLOW_TRACKING_URI")
         if not given or given in _MLFLOW_URIS_SET:  # the user's store, else the run directory's
             uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
