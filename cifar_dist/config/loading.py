@@ -1,6 +1,5 @@
-"""Typed configuration: defaults < YAML file < ``key=value`` arguments. An unknown key, a wrong
-type or an invalid value is a one-line ``ConfigError`` naming the key and where it came from (exit
-code 2 on the command line)."""
+"""Typed configuration: defaults < YAML file < ``key=value`` arguments; an unknown key, a wrong type or
+an invalid value is a one-line ``ConfigError`` naming the key and where it came from (exit code 2)."""
 
 from __future__ import annotations
 
@@ -103,9 +102,7 @@ def _set_in_group(obj, key: str, name: str, value: Any, where: str) -> None:
 
 def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
     if key == "name":
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: name: expected a string, got {show(value)}")
-        cfg.name = value
+        cfg.name = _coerce(value, str, key, where)
         return
     if key in RENAMED:
         raise ConfigError(f"{where}: {key} is now {RENAMED[key]}")
@@ -236,9 +233,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 
 def validate(cfg: Config, origin: dict | None = None, *, deepspeed: bool = False, auto_precision: bool = False) -> None:
-    """Every rule that involves more than one key, each once; an error names where the keys' values
-    came from. Run at loading, again under DeepSpeed and once ``run.precision: auto`` is resolved
-    (``auto_precision``). Rules on the launch, the machine or the model live where those are known."""
+    """Every rule that involves more than one key, each once, naming where the keys' values came from;
+    run at loading, again under DeepSpeed and once ``run.precision: auto`` is resolved (``auto_precision``)."""
 
     def fail(keys: tuple, message: str) -> typing.NoReturn:
         if origin is None:  # a config checked again, after loading: its places are not known here

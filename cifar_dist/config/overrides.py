@@ -1,6 +1,5 @@
-"""``key=value`` overrides anywhere on a command line, and a value written as one. argparse stops
-filling an ``nargs='*'`` positional at the first option, so leftover ``key=value`` arguments
-join the overrides in the order given."""
+"""``key=value`` overrides anywhere on a command line, and a value written as one: argparse stops filling
+an ``nargs='*'`` positional at the first option, so leftover ``key=value`` arguments join the overrides."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The names a config key accepts: models, input pipelines, precisions. A name maps to a
-``"package.module:name"`` imported only when used (checking a config imports nothing heavy), or to
-plain facts; an entry added here is accepted, listed in the reference and used by the run."""
+"""The names a config key accepts: models, input pipelines, precisions. A name maps to plain facts or to
+a ``"package.module:name"`` imported only when used; an entry added here is accepted, listed and used."""
 
 from __future__ import annotations
 

@@ -12,8 +12,6 @@ from typing import Literal
 
 from cifar_dist.config.registry import LOADERS, MODELS, PRECISIONS
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the paper's Normalize constants
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
 MAX_INT = 2**63 - 1  # the largest integer any key takes (int64), unless the key says less
 FLOAT32_MAX = 3.4e38  # a float key without a bound of its own stays below float32's largest value
 
@@ -132,8 +130,9 @@ class DataConfig:
         max=0.5,
     )
     rotation: float = _f(0.0, "random rotation range, in degrees (0 = off)", min=0, max=180)
-    mean: list[float] = _f(list(CIFAR_MEAN), "per-channel normalization mean, in [0, 1] units")
-    std: list[float] = _f(list(CIFAR_STD), "per-channel normalization std, in [0, 1] units")
+    # the paper's Normalize constants
+    mean: list[float] = _f([0.4914, 0.4822, 0.4465], "per-channel normalization mean, in [0, 1] units")
+    std: list[float] = _f([0.2023, 0.1994, 0.2010], "per-channel normalization std, in [0, 1] units")
     eval_batch_size: int = _f(500, "evaluation batch per process, in images", min=1, max=100_000)
 
 

@@ -135,8 +135,7 @@ def locate_weights(path) -> tuple[Path, Path, str]:
                 f"{path}: no model.safetensors in this checkpoint (a DeepSpeed checkpoint holds "
                 "its weights in DeepSpeed's own files; evaluate the run's final weights)"
             )
-        problem = check_checkpoint(path)
-        if problem:
+        if problem := check_checkpoint(path):
             raise CheckpointError(f"damaged checkpoint: {problem}")
         return path / "model.safetensors", path.parent.parent / "config.yaml", f"checkpoint {path.name}"
     if (path / "model.safetensors").is_file():
@@ -279,9 +278,8 @@ class CheckpointWriter:
     def commit(self, tmp: Path, step: int) -> Path:
         """Write ``tmp``'s manifest, rename it into place as ``step``'s checkpoint, prune old ones."""
         write_manifest(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync(f)
+        for f in [*_files(tmp), tmp / MANIFEST]:
+            _fsync(f)
         final = self.root / f"step_{step:08d}"
         old = self.root / f".old-{final.name}-{time.time_ns()}"
         if final.exists() or final.is_symlink():  # the same step saved again (e.g. after a resume)

@@ -40,9 +40,8 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path, warn: bool = True) -> list[dict]:
-    """The rows of ``run_dir/metrics.jsonl`` (none when it is missing), the one reader of the file.
-    A torn last line (a write cut short) is skipped, with a warning; any other line that is not a
-    row (a JSON object with a whole ``epoch``) is a UserError naming the file and line."""
+    """The rows of ``run_dir/metrics.jsonl`` (none when it is missing): a torn last line is skipped with a
+    warning; any other line that is not a JSON object with a whole ``epoch`` is a UserError."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []

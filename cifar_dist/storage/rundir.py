@@ -1,6 +1,5 @@
-"""The run directory: choose it, refuse to clobber it, lock it, and check a resume. Nothing of an
-earlier run is overwritten unless ``--overwrite`` says so; a second run on the same directory is
-refused while the first holds its lock."""
+"""The run directory: choose it, refuse to clobber it (unless ``--overwrite``), lock it against a second
+run, and check a resume."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""Experiment trackers (TensorBoard, W&B, MLflow, ...) through Accelerate's tracker layer: rank 0
-sends the config once per tracker run, every epoch row and the running loss, offline by default; a
-resume continues each tracker run and never sends a point twice (docs/observability.md)."""
+"""Experiment trackers (TensorBoard, W&B, MLflow, ...) through Accelerate, from rank 0: offline by
+default; a resume continues each tracker run and never sends a point twice (docs/observability.md)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -71,8 +71,7 @@ def loggable(values: dict) -> dict:
 
 
 class Trackers:
-    """The run's trackers on rank 0 (none elsewhere, or with ``run.trackers: []``), each with
-    the last step of each kind of point (rows, loss) it already holds."""
+    """The run's trackers (rank 0; none elsewhere), each with the last step of rows and of losses it holds."""
 
     def __init__(self, trackers: list, held: list[dict], ledger: dict | None = None, path: Path | None = None):
         self.trackers, self.held, self.ledger, self.path = trackers, held, ledger or {}, path
@@ -81,9 +80,8 @@ class Trackers:
     def start(
         cls, names: list[str], run_dir: Path, project: str, config: dict, step: int, history: Sequence[dict] = ()
     ) -> Trackers:
-        """Start each tracker in ``run_dir``, where training starts at global step ``step`` after
-        the rows ``history``. The tracker runs a ``trackers.json`` names are continued past the steps
-        they were sent; a tracker run that is new gets the config and the rows of ``history``."""
+        """Start each tracker at global step ``step``, after the rows ``history``: the tracker runs of a
+        ``trackers.json`` continue past what they were sent; a new one gets the config and ``history``."""
         run_dir = Path(run_dir)
         if not names:
             return cls([], [])
@@ -230,8 +228,6 @@ def _make(name: str, run_dir: Path, project: str, ledger: dict, resumed_at: int 
             settings=_wandb_flush(),
         ), continues
     if name == "mlflow":
-        import logging
-
         import mlflow
 
         for quiet in ("mlflow", "alembic"):  # the store's set-up narrates each table it creates
