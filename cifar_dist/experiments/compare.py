@@ -1,7 +1,5 @@
-"""`cifar-dist compare`: final test accuracies of many runs grouped into configurations, with
-intervals and Holm-adjusted tests of every pair; writes compare.md, .json and .png
-(docs/sweeps.md#compare-runs).
-"""
+"""`cifar-dist compare`: final test accuracies of runs grouped into configurations, with intervals
+and Holm-adjusted tests of every pair; writes compare.md, .json and .png (docs/sweeps.md#compare-runs)."""
 
 from __future__ import annotations
 
@@ -110,10 +108,9 @@ def collect_runs(dirs: list[str]) -> tuple[list[dict], list[str]]:
         if not finished:
             raise UserError(f"{path}: holds no finished run (no summary.json in it or its subfolders)")
         for p in members:
-            key = p.resolve()
-            if key in seen:
+            if p.resolve() in seen:
                 continue
-            seen.add(key)
+            seen.add(p.resolve())
             if p in finished:
                 runs.append(_read_run(p))
             else:
@@ -212,11 +209,9 @@ def _data_name(data) -> str:
         return "data not recorded"
     if data.get("source") == "synthetic":
         return "synthetic data"
-    return (
-        "CIFAR-10 (official files)"
-        if data.get("official")
-        else f"a CIFAR-10 copy that is not the official files (md5 {str(data.get('md5', ''))[:8]})"
-    )
+    if data.get("official"):
+        return "CIFAR-10 (official files)"
+    return f"a CIFAR-10 copy that is not the official files (md5 {str(data.get('md5', ''))[:8]})"
 
 
 def pair_tests(
@@ -249,8 +244,12 @@ def pair_tests(
     return scope, out
 
 
-def _num(v, fmt: str = ".2f") -> str:
-    return "–" if v is None else format(v, fmt)
+def _num(v, fmt: str = ".2f", missing: str = "–") -> str:
+    return missing if v is None else format(v, fmt)
+
+
+def _interval(ci, fmt: str) -> str:
+    return "– (n < 2)" if ci is None else f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -268,20 +267,11 @@ def _pairs_section(report: dict) -> list[str]:
     lines = ["", f"## {TESTS[report['test']][1]} of the test-accuracy difference ({scope})", ""]
     rows = []
     for p in report["pairs"]:
-        ci = p["diff_ci95_bootstrap"]
-        ci_text = "– (n < 2)" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+        ci = _interval(p["diff_ci95_bootstrap"], "+.2f")
         if p["bootstrap_method"] == "percentile":
-            ci_text += " (percentile)"
-        rows.append(
-            [
-                p["a"],
-                p["b"],
-                f"{p['diff_pct']:+.2f}",
-                ci_text,
-                "– (n < 2)" if p["p_value"] is None else f"{p['p_value']:.3g}",
-                "–" if p["p_holm"] is None else f"{p['p_holm']:.3g}",
-            ]
-        )
+            ci += " (percentile)"
+        p_value = _num(p["p_value"], ".3g", missing="– (n < 2)")
+        rows.append([p["a"], p["b"], f"{p['diff_pct']:+.2f}", ci, p_value, _num(p["p_holm"], ".3g")])
     lines += _table(["A", "B", "A − B (points)", "95% CI of A − B (bootstrap)", "p-value", "p (Holm)"], rows)
     lines += [
         "",
@@ -312,17 +302,8 @@ def to_markdown(report: dict) -> str:
     rows = []
     for c in configs:
         acc, t = c["test_acc_pct"], c["target"]
-        ci = f"[{acc['ci95'][0]:.2f}, {acc['ci95'][1]:.2f}]" if acc["ci95"] else "– (n < 2)"
-        row = [
-            c["label"],
-            str(c["n"]),
-            f"{acc['mean']:.2f} ± {acc['std']:.2f}",
-            f"{acc['min']:.2f}",
-            f"{acc['max']:.2f}",
-            ci,
-            _num(c["wall_time_s_mean"], ".1f"),
-            _num(c["images_per_s_mean"], ".0f"),
-        ]
+        row = [c["label"], str(c["n"]), f"{acc['mean']:.2f} ± {acc['std']:.2f}", _num(acc["min"]), _num(acc["max"])]
+        row += [_interval(acc["ci95"], ".2f"), _num(c["wall_time_s_mean"], ".1f"), _num(c["images_per_s_mean"], ".0f")]
         if has_target:
             row += [
                 f"{_num(t['time_to_target_s_mean'], '.1f')} ({t['reached']}/{c['n']} reached)" if t else "–",
@@ -354,7 +335,7 @@ def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
     """Mean test accuracy per configuration over the epochs where it was recorded, with a min-max band."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    any_curve, all_epochs = False, []
+    all_epochs = []
     for g in groups:
         epochs = sorted({e for r in g["runs"] for e in r["curve"]})
         if not epochs:
@@ -368,8 +349,7 @@ def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
             label=f"{g['label']} (n={len(g['runs'])})",
         )
         ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
-        any_curve = True
-    if any_curve:
+    if all_epochs:
         ax.legend(fontsize="small")
     else:
         ax.text(
@@ -377,10 +357,8 @@ def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
         )
     epoch_axis(ax, all_epochs)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(
-        f"{title + ': ' if title else ''}test accuracy, mean per configuration, band from min to max over its runs",
-        fontsize=9,
-    )
+    prefix = f"{title}: " if title else ""
+    ax.set_title(f"{prefix}test accuracy, mean per configuration, band from min to max over its runs", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)

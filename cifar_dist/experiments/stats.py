@@ -7,12 +7,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from scipy.stats import PermutationMethod
 
 EXACT_MAX_N = 8  # Mann-Whitney: up to this many values per group, the exact p over all splits
 BOOTSTRAP_RESAMPLES = 9999
@@ -38,10 +34,6 @@ def std(xs: Sequence[float]) -> float:
     return float(np.std(xs, ddof=1)) if len(xs) >= 2 else 0.0
 
 
-def _constant(xs: Sequence[float]) -> bool:
-    return min(xs) == max(xs)
-
-
 def mean_ci(xs: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
     """(low, high) of the Student's t ``level`` interval of the mean; None for fewer than 2
     values; (mean, mean) for equal values, where scipy's t.interval gives NaN."""
@@ -58,7 +50,7 @@ def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
     both groups its limit (1.0 for equal means, else 0.0), where scipy gives NaN."""
     if len(a) < 2 or len(b) < 2:
         return None
-    if _constant(a) and _constant(b):
+    if min(a) == max(a) and min(b) == max(b):
         return 1.0 if a[0] == b[0] else 0.0
     with warnings.catch_warnings():
         # a group of equal values has no variance, which scipy flags as a loss of precision
@@ -66,20 +58,16 @@ def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
         return float(_scipy_stats().ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def mannwhitney_method(a: Sequence[float], b: Sequence[float]) -> str | PermutationMethod:
-    """Exact over every split of the values up to EXACT_MAX_N per group (correct with ties,
-    unlike scipy's 'exact': its default gives 0.16 for [1, 2, 2] vs [2, 4, 5], exactly 0.30),
-    else the normal approximation with tie correction."""
-    if max(len(a), len(b)) <= EXACT_MAX_N:
-        return _scipy_stats().PermutationMethod(n_resamples=np.inf)
-    return "asymptotic"
-
-
 def mannwhitney_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Two-sided Mann-Whitney U p-value; None for a group under 2 values."""
+    """Two-sided Mann-Whitney U p-value, None for a group under 2 values: exact over every split of
+    the values up to EXACT_MAX_N per group (correct with ties, unlike scipy's 'exact': its default
+    gives 0.16 for [1, 2, 2] vs [2, 4, 5], exactly 0.30), else normal with tie correction."""
     if len(a) < 2 or len(b) < 2:
         return None
-    return float(_scipy_stats().mannwhitneyu(a, b, alternative="two-sided", method=mannwhitney_method(a, b)).pvalue)
+    scipy_stats = _scipy_stats()
+    exact = max(len(a), len(b)) <= EXACT_MAX_N
+    method = scipy_stats.PermutationMethod(n_resamples=np.inf) if exact else "asymptotic"
+    return float(scipy_stats.mannwhitneyu(a, b, alternative="two-sided", method=method).pvalue)
 
 
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
@@ -105,23 +93,20 @@ def bootstrap_diff_ci(
     "percentile" where BCa is undefined (no variance); None for a group under 2 values."""
     if len(a) < 2 or len(b) < 2:
         return None
+    bootstrap = _scipy_stats().bootstrap
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
-            # BCa's failure is a warning and NaN; the NaN is checked below
-            warnings.simplefilter("ignore")
-            ci = (
-                _scipy_stats()
-                .bootstrap(
-                    (a, b),
-                    _mean_difference,
-                    n_resamples=BOOTSTRAP_RESAMPLES,
-                    vectorized=True,
-                    confidence_level=level,
-                    method=method,
-                    rng=np.random.default_rng(seed),
-                )
-                .confidence_interval
+            warnings.simplefilter("ignore")  # BCa's failure is a warning and NaN; the NaN is checked below
+            result = bootstrap(
+                (a, b),
+                _mean_difference,
+                n_resamples=BOOTSTRAP_RESAMPLES,
+                vectorized=True,
+                confidence_level=level,
+                method=method,
+                rng=np.random.default_rng(seed),
             )
+        ci = result.confidence_interval
         if not (math.isnan(ci.low) or math.isnan(ci.high)):
             break
     return float(ci.low), float(ci.high), method

@@ -1,14 +1,13 @@
-"""`cifar-dist sweep`: every combination of ``key=v1,v2`` values times every seed as an
-independent run directory, trained as by hand; the same command again resumes it.
+"""`cifar-dist sweep`: every combination of ``key=v1,v2`` values times every seed as an independent
+run directory, trained as by hand; the same command again resumes it (Slurm arrays: docs/sweeps.md).
 
     cifar-dist sweep --config configs/fast.yaml --seeds 5 train.lr=0.1,0.2 --out runs/lr --parallel 8
-
-Plans for Slurm arrays, and the rest, in docs/sweeps.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -17,7 +16,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +29,11 @@ from cifar_dist.storage.files import no_link, own_folder, utf8_path, write_json_
 from cifar_dist.storage.rundir import lock_holder
 
 
+def _is_member(m) -> bool:
+    overrides = m.get("overrides") if isinstance(m, dict) else None
+    return isinstance(overrides, list) and all(isinstance(o, str) for o in overrides) and isinstance(m.get("name"), str)
+
+
 def read_sweep_file(path: Path) -> dict:
     """sweep.json, checked for its shape (config, members with name and overrides)."""
     try:
@@ -36,17 +41,8 @@ def read_sweep_file(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({str(e)[:80]}); remove it to plan the sweep again") from None
     members = data.get("members") if isinstance(data, dict) else None
-    if not (
-        isinstance(members, list)
-        and (data.get("config") is None or isinstance(data["config"], str))
-        and all(
-            isinstance(m, dict)
-            and isinstance(m.get("name"), str)
-            and isinstance(m.get("overrides"), list)
-            and all(isinstance(o, str) for o in m["overrides"])
-            for m in members
-        )
-    ):
+    valid = isinstance(members, list) and all(_is_member(m) for m in members)
+    if not valid or not isinstance(data.get("config"), (str, type(None))):
         raise UserError(
             f"{path}: not a sweep file (config, members with name and overrides); remove it to plan the sweep again"
         )
@@ -72,7 +68,6 @@ class Member:
     exit_code: int | None = None
     error: str = ""  # the member's last error line
     wall_time_s: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def split_values(text: str) -> list[str]:
@@ -115,8 +110,6 @@ def _safe(text: str) -> str:
 
 
 def _hashed(readable: str, exact: list[str]) -> str:
-    import hashlib
-
     digest = hashlib.sha1(json.dumps(exact).encode()).hexdigest()[:10]
     return f"{readable[: MAX_NAME - 11]}-{digest}"
 
@@ -124,9 +117,7 @@ def _hashed(readable: str, exact: list[str]) -> str:
 def member_names(readable: list[str], exact: list[list[str]]) -> list[str]:
     """Directory names, one per member: the readable form (``lr=0.1-seed=3``), or, where it is too
     long or shared (``a/b`` and ``a_b`` read alike), that form cut short plus a hash."""
-    counts: dict[str, int] = {}
-    for r in readable:
-        counts[r] = counts.get(r, 0) + 1
+    counts = Counter(readable)
     return [r if counts[r] == 1 and len(r) <= MAX_NAME else _hashed(r, e) for r, e in zip(readable, exact)]
 
 
@@ -175,10 +166,8 @@ class Sweep:
             raise UserError(f"{self.path}: exists and is not a directory; choose another --out")
         if self.file.is_file():
             saved = read_sweep_file(self.file)
-            same = saved["config"] == self.config and [m["overrides"] for m in saved["members"]] == [
-                m.overrides for m in self.members
-            ]
-            if not same:
+            grid = [m["overrides"] for m in saved["members"]]
+            if saved["config"] != self.config or grid != [m.overrides for m in self.members]:
                 raise UserError(f"{self.file}: holds a different sweep (config or grid); choose another --out")
             for m, old in zip(self.members, saved["members"]):
                 m.exit_code, m.wall_time_s = old.get("exit_code"), old.get("wall_time_s")
@@ -217,10 +206,7 @@ def _slots(parallel: int) -> list[dict]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = [g for g in visible.split(",") if g.strip()] if visible else None
     if gpus is None:
-        try:
-            gpus = [str(i) for i in range(torch.cuda.device_count())]
-        except ImportError:
-            gpus = []
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
     if gpus:
         if parallel > len(gpus):
             raise ConfigError(f"--parallel: {parallel} members at once, but {len(gpus)} GPU(s) are visible")
@@ -252,15 +238,11 @@ class _Signals:
     """Catches SIGTERM, SIGINT and SIGHUP while members run, for ``run_members`` to forward once
     (members run in process groups of their own, so a terminal's Ctrl-C reaches them only so)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: int | None = None
-        self._old = {}
 
     def __enter__(self):
-        for sig in self.SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         return self
 
     def _handle(self, signum, frame):
@@ -278,31 +260,17 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
     logs = own_folder(sweep.path / "logs")
     idle_slots, total = _slots(parallel), len(sweep.members)
     running: dict[int, tuple] = {}  # member index -> (process, member, slot, start time, log file)
-    done_before = total - len(todo)
-    print(
-        f"sweep {sweep.path}: {total} members, {done_before} done, {len(todo)} to run, {parallel} at a time", flush=True
-    )
+    todo_text = f"{total - len(todo)} done, {len(todo)} to run, {parallel} at a time"
+    print(f"sweep {sweep.path}: {total} members, {todo_text}", flush=True)
     with _Signals() as signals:
         forwarded = False
         try:
             while (todo and signals.received is None) or running:
                 while todo and idle_slots and signals.received is None:
                     m, slot = todo.pop(0), idle_slots.pop(0)
-                    # a member under a Slurm allocation must never requeue the job: the sweep owns it
-                    env = dict(os.environ, CIFAR_DIST_REQUEUE="0", **{k: v for k, v in slot.items() if k != "threads"})
-                    threads = [f"run.threads={slot['threads']}"] if "threads" in slot and not user_threads else []
                     _wait_for_earlier_member(sweep.member_dir(m), m, signals)
                     log = open(no_link(logs / f"{m.name}.log"), "a")
-                    cmd = [sys.executable, "-m", "cifar_dist.train", *sweep.train_args(m), *threads]
-                    proc = subprocess.Popen(
-                        cmd,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        start_new_session=True,
-                        preexec_fn=_stop_with_parent(os.getpid()),
-                    )
-                    running[m.index] = (proc, m, slot, time.time(), log)
+                    running[m.index] = (_start(sweep, m, slot, log, user_threads), m, slot, time.time(), log)
                     print(f"[{m.index + 1}/{total}] {m.name}: started", flush=True)
                 if signals.received is not None and not forwarded:
                     forwarded = True
@@ -316,18 +284,27 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
                     )
                 time.sleep(0.2)
                 for index, (proc, m, slot, started, log) in list(running.items()):
-                    if proc.poll() is None:
-                        continue
-                    log.close()
-                    del running[index]
-                    idle_slots.append(slot)
-                    _record(sweep, m, proc.returncode, started, logs, stopped=forwarded, total=total)
+                    if proc.poll() is not None:
+                        log.close()
+                        del running[index]
+                        idle_slots.append(slot)
+                        _record(sweep, m, proc.returncode, started, logs, stopped=forwarded, total=total)
         finally:  # an error in the sweep itself: leave no member running
             for proc, *_ in running.values():
                 proc.terminate()
             for proc, *_ in running.values():
                 proc.wait()
     return [m for m in sweep.members if m.state == "failed"], signals.received
+
+
+def _start(sweep: Sweep, m: Member, slot: dict, log, user_threads: bool) -> subprocess.Popen:
+    """`cifar-dist train` of ``m`` in ``slot`` (a GPU or a share of the threads), in a process group of its own."""
+    # a member under a Slurm allocation must never requeue the job: the sweep owns it
+    env = dict(os.environ, CIFAR_DIST_REQUEUE="0", **{k: v for k, v in slot.items() if k != "threads"})
+    threads = [f"run.threads={slot['threads']}"] if "threads" in slot and not user_threads else []
+    cmd = [sys.executable, "-m", "cifar_dist.train", *sweep.train_args(m), *threads]
+    arm = _stop_with_parent(os.getpid())
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=arm)
 
 
 def _stop_with_parent(sweep_pid: int):
