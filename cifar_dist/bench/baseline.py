@@ -1,12 +1,6 @@
-"""The baseline every benchmark row is compared with: the obvious PyTorch loop.
-
-Like the paper's notebook: a torchvision-style DataLoader, fp32, eager,
-NCHW, nn.BatchNorm2d, the same model and batch size, and nothing of this
-framework in the step (the model comes from ``build_model`` with plain
-``nn.BatchNorm2d`` layers). With real data it uses the notebook's transforms
-(RandomCrop, RandomHorizontalFlip, ToTensor, Normalize) on PIL images with 2
-workers; with synthetic data a TensorDataset of normalized images.
-"""
+"""The baseline every benchmark row is compared with: the obvious PyTorch loop, as in the paper's
+notebook (torchvision-style DataLoader with its transforms on PIL images and 2 workers, or synthetic
+normalized images; fp32, eager, NCHW, nn.BatchNorm2d; the same model and batch size)."""
 
 from __future__ import annotations
 
@@ -56,12 +50,10 @@ def _repeat(loader):
 
 def measure(cfg, batch: int, args, device, data=None) -> dict:
     """Images/s of the plain loop at ``batch`` (one process), timed like every row."""
-
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, norm=nn.BatchNorm2d).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     loader, kind = _loader(cfg, batch, data)
-
     stream = _repeat(loader)
 
     def step(batch_):

@@ -17,6 +17,13 @@ from cifar_dist.trainer.epoch import EpochTotals
 from cifar_dist.trainer.profiling import profile_steps
 from cifar_dist.trainer.trainer import Trainer
 
+WORKER_LOADERS = ("torch", "ffcv")  # the loaders with worker processes
+
+
+def worker_counts(loader: str, workers: list[int]) -> list[int]:
+    """The worker counts ``loader`` is benchmarked with: ``workers``, or [0] where it has none."""
+    return workers if loader in WORKER_LOADERS else [0]
+
 
 @dataclass(frozen=True)
 class Row:
@@ -28,17 +35,13 @@ class Row:
     workers: int
 
     @property
+    def loader_label(self) -> str:
+        return f"{self.loader} w{self.workers}" if self.loader in WORKER_LOADERS else self.loader
+
+    @property
     def label(self) -> str:
-        parts = [
-            "compile" if self.compile else "eager",
-            self.precision,
-            "channels_last" if self.channels_last else "NCHW",
-            f"b{self.batch}",
-            self.loader,
-        ]
-        if self.loader in ("torch", "ffcv"):
-            parts.append(f"w{self.workers}")
-        return " ".join(parts)
+        layout = "channels_last" if self.channels_last else "NCHW"
+        return f"{'compile' if self.compile else 'eager'} {self.precision} {layout} b{self.batch} {self.loader_label}"
 
     @property
     def slug(self) -> str:
@@ -52,7 +55,6 @@ class SyntheticLoader:
     name = "synthetic"
 
     def __init__(self, shard, device, steps_per_epoch=10**9):
-
         g = torch.Generator().manual_seed(0)
         self.x = torch.randint(0, 256, (shard.micro_batch, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
         self.y = torch.randint(0, 10, (shard.micro_batch,), generator=g).to(device)
@@ -75,17 +77,9 @@ def row_config(base, row: Row, world: int):
 
 
 def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool, profile: Path | None = None) -> dict:
-    """Time the framework's training step for one row; ``distributed=False`` runs
-    rank 0's model alone, unwrapped: the single-process reference. ``profile``: the
-    benchmark's folder; after the timed repeats (which it does not slow down) the same steps
-    are profiled into ``<profile>/profile/<row slug>/`` (``run.profile.steps`` of them).
-
-    Each step is what the training loop runs (``Trainer.steady_step``): the step and the control
-    collective after it (BatchNorm statistics and flags), with the flags read on
-    the host every ``CONTROL_EVERY`` steps. A compiled row starts from a fresh
-    compile state, so its figure does not depend on the rows before it.
-    """
-
+    """Time one row's ``Trainer.steady_step`` (the step and its control work, as in training);
+    ``distributed=False``: rank 0's model alone, unwrapped (the single-process reference).
+    ``profile``: the benchmark's folder, where the same steps are profiled after the timed ones."""
     rank, world = world_info() if distributed else (0, 1)
     cfg = row_config(base_cfg, row, world)
     resolve_run_precision(cfg, warn=False)

@@ -4,21 +4,7 @@
     cifar-dist bench --loader-only --loaders torch,gpu,ffcv --workers 0,2
     accelerate launch --config_file launch/cpu.yaml --num_processes 2 -m cifar_dist.bench --out runs/bench2
 
-Each row runs the framework's own training step (``Trainer.steady_step``) on the
-configured model, built by the same function as training
-(``trainer.Trainer``), followed by the same control work as the training
-loop (the BatchNorm/flag collective, a host read every ``CONTROL_EVERY``
-steps). Warm-up steps (and compilation) are not timed; each repeat times
-``--steps`` steps between two device synchronizations (throughput, as in
-training), and each figure is the median over ``--repeats`` repeats. Every
-compiled row starts from a fresh compile state and reports the graphs it
-compiled; every row reports the precision it ran in. With several processes
-each row is also run by rank 0 alone, which gives the scaling efficiency.
-
-Modules, each importing only those listed before it: ``args`` (the command
-line), ``timing`` (the clock and the figures), ``baseline`` (the plain loop),
-``rows`` (one row of the matrix), ``table`` (bench.md, bench.png), ``run``
-(the whole benchmark).
+What a row runs and how it is timed: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -31,7 +17,7 @@ from pathlib import Path
 import torch
 
 from cifar_dist.bench import baseline as plain_loop
-from cifar_dist.bench.rows import Row, measure_row, row_config
+from cifar_dist.bench.rows import Row, measure_row, row_config, worker_counts
 from cifar_dist.bench.table import bench_table, plot_bench
 from cifar_dist.bench.timing import Clock, figures, forever, time_steps
 from cifar_dist.config.loading import load_config
@@ -48,23 +34,25 @@ from cifar_dist.runtime.seeding import apply_tf32
 from cifar_dist.storage.files import utf8_path, write_text_atomic
 
 
-def run_bench(args) -> int:
-    """`cifar-dist bench`: rows of the matrix, the baseline, and the outputs."""
-
-    base = load_config(args.config, args.overrides)
-
-    loaders = ("synthetic", *LOADERS)
-    for loader in args.loaders:
-        if loader not in loaders:
-            raise ConfigError(f"--loaders: unknown loader {loader!r} ({', '.join(loaders)})")
-    for p in args.precision:
-        if p not in PRECISIONS:
-            raise ConfigError(f"--precision: unknown precision {p!r} ({', '.join(PRECISIONS)})")
+def _check_arguments(args, bn_group: int) -> None:
+    for flag, what, values, choices in (
+        ("--loaders", "loader", args.loaders, ("synthetic", *LOADERS)),
+        ("--precision", "precision", args.precision, tuple(PRECISIONS)),
+    ):
+        for value in values:
+            if value not in choices:
+                raise ConfigError(f"{flag}: unknown {what} {value!r} ({', '.join(choices)})")
     for b in args.batch_sizes:
-        if base.model.bn_group and b % base.model.bn_group:
-            raise ConfigError(f"--batch-sizes: {b} is not a multiple of model.bn_group={base.model.bn_group}")
+        if bn_group and b % bn_group:
+            raise ConfigError(f"--batch-sizes: {b} is not a multiple of model.bn_group={bn_group}")
     if args.profile and args.loader_only:
         raise ConfigError("--profile: profiles the model's rows; --loader-only has none")
+
+
+def run_bench(args) -> int:
+    """`cifar-dist bench`: rows of the matrix, the baseline, and the outputs."""
+    base = load_config(args.config, args.overrides)
+    _check_arguments(args, base.model.bn_group)
     if base.run.threads:
         torch.set_num_threads(base.run.threads)
     accelerator = make_accelerator(base)
@@ -72,11 +60,7 @@ def run_bench(args) -> int:
     device = accelerator.device
     # fp32 rows (and the plain loop) run on TF32 tensor cores when the run's settings say so
     tf32 = apply_tf32(base.run) and device.type == "cuda"
-    out = (
-        Path(args.out)
-        if args.out
-        else share_from_main(lambda: Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
-    )
+    out = Path(args.out or share_from_main(lambda: Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"))
     if rank == 0:
         utf8_path(out.absolute())
         out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +86,21 @@ def run_bench(args) -> int:
         flops = count_flops(benched, train=True)
         hw["parameters"] = count_parameters(benched)
         peaks = {p: device_peak(device, name, p, tf32) for p in args.precision}
+
+        def add_mfu(fig: dict, precision: str) -> None:
+            fig.update(_mfu(fig, flops, peaks.get(precision) or device_peak(device, name, precision, tf32)))
+
+        baseline = {}
+        if not args.no_baseline and rank == 0:
+            for b in args.batch_sizes:
+                print0(f"baseline b{b} ...")
+                fig = plain_loop.measure(base, b, args, device, data if "torch" in args.loaders else None)
+                add_mfu(fig, "fp32")
+                fig.update(precision_used="fp32", compiled_graphs=0)
+                settings = dict(batch=b, precision="fp32", compile=False, channels_last=False, loader=fig["loader"])
+                label = f"baseline b{b} (plain PyTorch loop)"
+                rows.append({"label": label, "baseline": True, "settings": settings, **fig, "speedup_vs_baseline": 1.0})
+                baseline[b] = fig
         matrix = [
             Row(c, p, cl, b, ld, w)
             for c in args.compile
@@ -109,37 +108,12 @@ def run_bench(args) -> int:
             for cl in args.channels_last
             for b in args.batch_sizes
             for ld in args.loaders
-            for w in (workers if ld in ("torch", "ffcv") else [0])
+            for w in worker_counts(ld, workers)
         ]
-        baseline = {}
-        if not args.no_baseline and rank == 0:
-            for b in args.batch_sizes:
-                print0(f"baseline b{b} ...")
-                baseline[b] = plain_loop.measure(base, b, args, device, data if "torch" in args.loaders else None)
-                baseline[b].update(
-                    _mfu(baseline[b], flops, peaks.get("fp32") or device_peak(device, name, "fp32", tf32))
-                )
-                baseline[b].update(precision_used="fp32", compiled_graphs=0)
-                rows.append(
-                    {
-                        "label": f"baseline b{b} (plain PyTorch loop)",
-                        "baseline": True,
-                        "settings": {
-                            "batch": b,
-                            "precision": "fp32",
-                            "compile": False,
-                            "channels_last": False,
-                            "loader": baseline[b]["loader"],
-                        },
-                        **baseline[b],
-                        "speedup_vs_baseline": 1.0,
-                    }
-                )
         for row in matrix:
             print0(f"{row.label} ...")
             fig = measure_row(base, row, accelerator, data, args, True, out if args.profile else None)
-            used = fig["precision_used"]
-            fig.update(_mfu(fig, flops, peaks.get(used) or device_peak(device, name, used, tf32)))
+            add_mfu(fig, fig["precision_used"])
             if world > 1:
                 single = share_from_main(lambda r=row: measure_row(base, r, accelerator, data, args, False))
                 fig["single_process_images_per_s"] = single["images_per_s"]
@@ -177,7 +151,6 @@ def run_bench(args) -> int:
 
 def _mfu(fig: dict, flops_per_image: float, peak) -> dict:
     """MFU of a row: None (shown as n/a) when the peak is unknown or below what the row achieved."""
-
     value, source = peak
     achieved = fig["images_per_s_per_device"] * flops_per_image
     return {
@@ -191,27 +164,16 @@ def _mfu(fig: dict, flops_per_image: float, peak) -> dict:
 
 def bench_loaders(base, data, args, workers, device) -> list[dict]:
     """Images/s of each input pipeline alone (augmentation included, batches on the device)."""
-
     rows = []
-    for loader in args.loaders:
-        for w in workers if loader in ("torch", "ffcv") else [0]:
-            if loader == "synthetic":
-                continue
-            cfg = row_config(base, Row(False, "fp32", False, args.batch_sizes[0], loader, w), 1)
-            shard = Shard(0, 1, cfg.train.batch_size)
-            ld = build_train_loader(cfg, data, shard, device)
-            timing = time_steps(
-                lambda b: None, forever(ld).__next__, Clock(device), args.warmup, args.steps, args.repeats
-            )
+    for loader in (ld for ld in args.loaders if ld != "synthetic"):
+        for w in worker_counts(loader, workers):
+            row = Row(False, "fp32", False, args.batch_sizes[0], loader, w)
+            cfg = row_config(base, row, 1)
+            batches = forever(build_train_loader(cfg, data, Shard(0, 1, cfg.train.batch_size), device))
+            timing = time_steps(lambda b: None, batches.__next__, Clock(device), args.warmup, args.steps, args.repeats)
             fig = figures(timing, args.steps, cfg.train.batch_size, 1, 0.0)
-            rows.append(
-                {
-                    "label": f"{loader} w{w}" if loader in ("torch", "ffcv") else loader,
-                    "baseline": False,
-                    "settings": {"loader": loader, "workers": w, "batch": args.batch_sizes[0]},
-                    **fig,
-                }
-            )
+            settings = {"loader": loader, "workers": w, "batch": args.batch_sizes[0]}
+            rows.append({"label": row.loader_label, "baseline": False, "settings": settings, **fig})
     torch_rows = [r for r in rows if r["settings"]["loader"] == "torch"]
     if torch_rows:
         ref = max(r["images_per_s"] for r in torch_rows)

@@ -15,6 +15,12 @@ def _percent(mfu) -> str:
     return "n/a" if mfu is None or not 0 <= mfu <= 1 else f"{100 * mfu:.1f}%"
 
 
+def _table(head: str, cols: list[str], rows: list[list[str]]) -> str:
+    """``head``, then a markdown table with its first column left-aligned and the others right-aligned."""
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def bench_table(result: dict) -> str:
     """The benchmark as a markdown table (one row per configuration)."""
     hw = result["hardware"]
@@ -24,24 +30,12 @@ def bench_table(result: dict) -> str:
     )
     rows = result["rows"]
     if rows and "mfu" not in rows[0]:  # loader-only mode
-        lines = [head, "", "| loader | images/s | vs torch DataLoader |", "|---|---:|---:|"]
-        for r in rows:
-            lines.append(f"| {r['label']} | {_rate(r['images_per_s'])} | {r.get('speedup_vs_torch', 1):.2f}x |")
-        return "\n".join(lines)
+        loaders = [[r["label"], _rate(r["images_per_s"]), f"{r.get('speedup_vs_torch', 1):.2f}x"] for r in rows]
+        return _table(head, ["loader", "images/s", "vs torch DataLoader"], loaders)
     scaling = any("scaling_efficiency" in r for r in rows)
-    cols = [
-        "configuration",
-        "ran as",
-        "graphs",
-        "img/s",
-        "img/s/device",
-        "step ms (median / p90)",
-        "data wait",
-        "peak MiB",
-        "MFU",
-        "vs baseline",
-    ] + (["scaling eff."] if scaling else [])
-    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" + "---:|" * (len(cols) - 1)]
+    cols = ["configuration", "ran as", "graphs", "img/s", "img/s/device", "step ms (median / p90)", "data wait"]
+    cols += ["peak MiB", "MFU", "vs baseline"] + (["scaling eff."] if scaling else [])
+    table = []
     for r in rows:
         speed = r.get("speedup_vs_baseline")
         cells = [
@@ -59,8 +53,8 @@ def bench_table(result: dict) -> str:
         if scaling:
             eff = r.get("scaling_efficiency")
             cells.append(f"{100 * eff:.0f}%" if eff is not None else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return _table(head, cols, table)
 
 
 def plot_bench(result: dict, path) -> None:

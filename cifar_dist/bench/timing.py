@@ -16,13 +16,9 @@ def percentile(values, q):
 
 
 def time_steps(step_fn, next_batch, clock, warmup: int, steps: int, repeats: int) -> dict:
-    """Run ``warmup`` untimed steps, then ``repeats`` x ``steps`` timed ones.
-
-    The device is synchronized once before the first repeat and once at the end of
-    each: no step is waited for on its own, so the figure is throughput, as in
-    training (a sync around every step would measure latency). Per repeat: its wall
-    time, its mean step time, and the host time spent waiting in ``next_batch``.
-    """
+    """``warmup`` untimed steps, then ``repeats`` x ``steps`` timed ones: per repeat its wall time,
+    mean step time and host time waiting in ``next_batch``. The device is synchronized only at the
+    start and end of each repeat: throughput, as in training (a sync per step measures latency)."""
     for _ in range(warmup):
         step_fn(next_batch())
     last = clock.now()
@@ -77,10 +73,7 @@ class Clock:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def sync(self) -> None:
+    def now(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def now(self) -> float:
-        self.sync()
         return time.perf_counter()
