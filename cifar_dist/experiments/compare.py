@@ -61,9 +61,7 @@ def _read_json(path: Path) -> dict:
 
 def valid_accuracy(value) -> bool:
     """A test accuracy that can be averaged: a finite number in [0, 1] (not a boolean, not NaN)."""
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0.0 <= value <= 1.0
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
 
 
 def _read_run(path: Path) -> dict:
@@ -318,17 +316,16 @@ def to_markdown(report: dict) -> str:
         ["configuration", "run directory", "seed", "test acc"],
         [[c["label"], r["dir"], str(r["seed"]), f"{r['test_acc_pct']:.2f}"] for c in configs for r in c["runs"]],
     )
-    shared = [(c["label"], seed, dirs) for c in configs for seed, dirs in c.get("shared_seeds", {}).items()]
-    if shared:
-        lines += ["", "## Runs that share a seed (counted once: they repeat one experiment)", ""]
-        lines += [f"- {label}: seed {seed}: {', '.join(dirs)}" for label, seed, dirs in shared]
-    if report.get("invalid"):
-        lines += ["", "## Invalid results (excluded from every statistic)", ""]
-        lines += [f"- {r['dir']}: {r['reason']}" for r in report["invalid"]]
-    if report["not_finished"]:
-        lines += ["", "## Not finished (no summary.json; not counted)", ""]
-        lines += [f"- {d}" for d in report["not_finished"]]
+    shared = [f"{c['label']}: seed {s}: {', '.join(dirs)}" for c in configs for s, dirs in c["shared_seeds"].items()]
+    lines += _list_section("Runs that share a seed (counted once: they repeat one experiment)", shared)
+    invalid = [f"{r['dir']}: {r['reason']}" for r in report["invalid"]]
+    lines += _list_section("Invalid results (excluded from every statistic)", invalid)
+    lines += _list_section("Not finished (no summary.json; not counted)", report["not_finished"])
     return "\n".join(lines) + "\n"
+
+
+def _list_section(title: str, items: list[str]) -> list[str]:
+    return ["", f"## {title}", "", *(f"- {item}" for item in items)] if items else []
 
 
 def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
@@ -342,12 +339,9 @@ def plot_curves(groups: list[dict], path: Path, title: str = "") -> None:
             continue
         all_epochs += epochs
         values = [[r["curve"][e] for r in g["runs"] if e in r["curve"]] for e in epochs]
-        (line,) = ax.plot(
-            epochs,
-            [stats.mean(v) for v in values],
-            marker="o" if len(epochs) < 30 else None,
-            label=f"{g['label']} (n={len(g['runs'])})",
-        )
+        marker = "o" if len(epochs) < 30 else None
+        label = f"{g['label']} (n={len(g['runs'])})"
+        (line,) = ax.plot(epochs, [stats.mean(v) for v in values], marker=marker, label=label)
         ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
     if all_epochs:
         ax.legend(fontsize="small")
@@ -373,9 +367,8 @@ def run_compare(args) -> int:
     invalid = [{"dir": r["dir"], "reason": r["invalid"]} for r in runs if r["invalid"]]
     runs = [r for r in runs if not r["invalid"]]
     if not runs:
-        raise UserError(
-            f"{args.dirs[0]}: no finished run with a valid test_acc ({invalid[0]['dir']}: {invalid[0]['reason']})"
-        )
+        first = invalid[0]
+        raise UserError(f"{args.dirs[0]}: no finished run with a valid test_acc ({first['dir']}: {first['reason']})")
     groups = group_runs(runs)
     configs = [summarize(g) for g in groups]
     scope, pairs = pair_tests(configs, {c["label"]: c["test_acc_pct"]["per_seed"] for c in configs}, args.test)

@@ -4,6 +4,7 @@ group without variance)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -93,20 +94,13 @@ def bootstrap_diff_ci(
     "percentile" where BCa is undefined (no variance); None for a group under 2 values."""
     if len(a) < 2 or len(b) < 2:
         return None
-    bootstrap = _scipy_stats().bootstrap
+    bootstrap = functools.partial(
+        _scipy_stats().bootstrap, n_resamples=BOOTSTRAP_RESAMPLES, vectorized=True, confidence_level=level
+    )
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # BCa's failure is a warning and NaN; the NaN is checked below
-            result = bootstrap(
-                (a, b),
-                _mean_difference,
-                n_resamples=BOOTSTRAP_RESAMPLES,
-                vectorized=True,
-                confidence_level=level,
-                method=method,
-                rng=np.random.default_rng(seed),
-            )
-        ci = result.confidence_interval
+            ci = bootstrap((a, b), _mean_difference, method=method, rng=np.random.default_rng(seed)).confidence_interval
         if not (math.isnan(ci.low) or math.isnan(ci.high)):
             break
     return float(ci.low), float(ci.high), method

@@ -7,6 +7,7 @@ run directory, trained as by hand; the same command again resumes it (Slurm arra
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import itertools
 import json
@@ -36,16 +37,15 @@ def _is_member(m) -> bool:
 
 def read_sweep_file(path: Path) -> dict:
     """sweep.json, checked for its shape (config, members with name and overrides)."""
+    again = "remove it to plan the sweep again"
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({str(e)[:80]}); remove it to plan the sweep again") from None
+        raise UserError(f"{path}: unreadable ({str(e)[:80]}); {again}") from None
     members = data.get("members") if isinstance(data, dict) else None
     valid = isinstance(members, list) and all(_is_member(m) for m in members)
     if not valid or not isinstance(data.get("config"), (str, type(None))):
-        raise UserError(
-            f"{path}: not a sweep file (config, members with name and overrides); remove it to plan the sweep again"
-        )
+        raise UserError(f"{path}: not a sweep file (config, members with name and overrides); {again}")
     return data
 
 
@@ -152,10 +152,7 @@ class Sweep:
 
     def __init__(self, path: Path, config: str | None, members: list[Member]):
         self.path, self.config, self.members = Path(path), config, members
-
-    @property
-    def file(self) -> Path:
-        return self.path / "sweep.json"
+        self.file = self.path / "sweep.json"
 
     def member_dir(self, m: Member) -> Path:
         return self.path / m.name
@@ -204,8 +201,9 @@ class Sweep:
 def _slots(parallel: int) -> list[dict]:
     """Environment changes for each of ``parallel`` concurrent members: its own GPU, or its share of CPU threads."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = [g for g in visible.split(",") if g.strip()] if visible else None
-    if gpus is None:
+    if visible:
+        gpus = [g for g in visible.split(",") if g.strip()]
+    else:
         gpus = [str(i) for i in range(torch.cuda.device_count())]
     if gpus:
         if parallel > len(gpus):
@@ -313,8 +311,6 @@ def _stop_with_parent(sweep_pid: int):
 
     def arm() -> None:
         try:
-            import ctypes
-
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):  # not Linux: the sweep's own handlers are all there is
