@@ -35,12 +35,10 @@ def _loader(cfg, batch, data):
         return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, drop_last=True), "synthetic"
     import torchvision.transforms as T
 
-    tf = T.Compose(
-        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(cfg.data.mean, cfg.data.std)]
-    )
-    return DataLoader(
-        _PilCifar(data, tf), batch_size=batch, shuffle=True, num_workers=2, drop_last=True
-    ), "torchvision w2"
+    normalize = T.Normalize(cfg.data.mean, cfg.data.std)
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    loader = DataLoader(_PilCifar(data, tf), batch_size=batch, shuffle=True, num_workers=2, drop_last=True)
+    return loader, "torchvision w2"
 
 
 def _repeat(loader):

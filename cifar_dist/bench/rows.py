@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,13 +91,11 @@ def measure_row(base_cfg, row: Row, accelerator, data, args, distributed: bool, 
     shard = Shard(rank, world, cfg.train.batch_size)
     synthetic = SyntheticLoader(shard, device) if row.loader == "synthetic" else None
     trainer = Trainer(cfg, accelerator, shard, data, model=build_model_seeded(cfg), loader=synthetic, wrap=distributed)
-    totals = EpochTotals.start(device)
-    done = [0]
-    stream = forever(trainer.loader)
+    totals, stream = EpochTotals.start(device), forever(trainer.loader)
+    step_numbers = itertools.count(1)
 
     def step(batch):
-        done[0] += 1
-        trainer.steady_step(batch, done[0], totals)
+        trainer.steady_step(batch, next(step_numbers), totals)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -9,6 +9,7 @@ What a row runs and how it is timed: docs/benchmarks.md.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import asdict
@@ -65,9 +66,8 @@ def run_bench(args) -> int:
         utf8_path(out.absolute())
         out.mkdir(parents=True, exist_ok=True)
     workers = args.workers or [base.data.workers]
-    data = None
-    if any(loader != "synthetic" for loader in args.loaders) or args.loader_only:
-        data = build_datasets(base)[0]
+    real_data = args.loader_only or any(loader != "synthetic" for loader in args.loaders)
+    data = build_datasets(base)[0] if real_data else None
     name = device_name(device)
     hw = {
         "device": name,
@@ -88,7 +88,11 @@ def run_bench(args) -> int:
         peaks = {p: device_peak(device, name, p, tf32) for p in args.precision}
 
         def add_mfu(fig: dict, precision: str) -> None:
-            fig.update(_mfu(fig, flops, peaks.get(precision) or device_peak(device, name, precision, tf32)))
+            """The row's FLOPs and MFU: None (shown as n/a) when the peak is unknown or below what the row achieved."""
+            peak, source = peaks.get(precision) or device_peak(device, name, precision, tf32)
+            achieved = fig["images_per_s_per_device"] * flops
+            fig.update(flops_per_image=flops, achieved_flops_per_device=achieved, peak_flops=peak, peak_source=source)
+            fig["mfu"] = mfu(achieved, peak)
 
         baseline = {}
         if not args.no_baseline and rank == 0:
@@ -101,16 +105,9 @@ def run_bench(args) -> int:
                 label = f"baseline b{b} (plain PyTorch loop)"
                 rows.append({"label": label, "baseline": True, "settings": settings, **fig, "speedup_vs_baseline": 1.0})
                 baseline[b] = fig
-        matrix = [
-            Row(c, p, cl, b, ld, w)
-            for c in args.compile
-            for p in args.precision
-            for cl in args.channels_last
-            for b in args.batch_sizes
-            for ld in args.loaders
-            for w in worker_counts(ld, workers)
-        ]
-        for row in matrix:
+        # Row's fields in order: compile, precision, channels_last, batch, loader, then each worker count
+        grid = itertools.product(args.compile, args.precision, args.channels_last, args.batch_sizes, args.loaders)
+        for row in (Row(*settings, w) for settings in grid for w in worker_counts(settings[-1], workers)):
             print0(f"{row.label} ...")
             fig = measure_row(base, row, accelerator, data, args, True, out if args.profile else None)
             add_mfu(fig, fig["precision_used"])
@@ -118,10 +115,8 @@ def run_bench(args) -> int:
                 single = share_from_main(lambda r=row: measure_row(base, r, accelerator, data, args, False))
                 fig["single_process_images_per_s"] = single["images_per_s"]
                 fig["scaling_efficiency"] = fig["images_per_s_per_device"] / single["images_per_s"]
-            ref = baseline.get(row.batch)
-            fig["speedup_vs_baseline"] = (
-                fig["images_per_s_per_device"] / ref["images_per_s_per_device"] if ref else None
-            )
+            ref = baseline[row.batch]["images_per_s_per_device"] if row.batch in baseline else None
+            fig["speedup_vs_baseline"] = fig["images_per_s_per_device"] / ref if ref else None
             rows.append({"label": row.label, "baseline": False, "settings": asdict(row), **fig})
         hw["flops_per_image_train"] = flops
         hw["peak_flops"] = {p: {"flops": v, "source": s} for p, (v, s) in peaks.items()}
@@ -147,19 +142,6 @@ def run_bench(args) -> int:
     accelerator.end_training()
     release_process_group()  # its gloo threads joined now, not in the interpreter's shutdown
     return 0
-
-
-def _mfu(fig: dict, flops_per_image: float, peak) -> dict:
-    """MFU of a row: None (shown as n/a) when the peak is unknown or below what the row achieved."""
-    value, source = peak
-    achieved = fig["images_per_s_per_device"] * flops_per_image
-    return {
-        "flops_per_image": flops_per_image,
-        "achieved_flops_per_device": achieved,
-        "peak_flops": value,
-        "peak_source": source,
-        "mfu": mfu(achieved, value),
-    }
 
 
 def bench_loaders(base, data, args, workers, device) -> list[dict]:
