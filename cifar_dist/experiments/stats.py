@@ -1,6 +1,5 @@
-"""Small-sample statistics for comparing runs over scipy.stats: plain floats in and out (None
-where undefined), and answers for what a handful of seeds produces (fewer than two values, a
-group without variance)."""
+"""Small-sample statistics over scipy.stats for comparing runs: plain floats in and out, None where
+undefined, and answers for what a handful of seeds produces (under two values, no variance)."""
 
 from __future__ import annotations
 
