@@ -1,8 +1,7 @@
 """cifar_dist: reproducible CIFAR-10 training from one device to a Slurm cluster.
 
-What users import comes from here: ``train``, ``predict``, ``load_model``, ``build_model``,
-``Callback`` (the base of ``run.callbacks``) and the config types a model factory receives
-(``ModelConfig``, ...) (docs/api.md). They are loaded when first used, so ``import cifar_dist`` imports nothing heavy and changes nothing.
+What users import comes from here (docs/api.md), loaded when first used, so that
+``import cifar_dist`` imports nothing heavy and changes nothing.
 """
 
 from __future__ import annotations

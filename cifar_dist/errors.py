@@ -82,8 +82,7 @@ def _tell_the_launcher(line: str) -> None:
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None, rank: str = "") -> None:
-    """A warning as one line on stderr without Python's echo of the source line; another
-    package's names its category and origin."""
+    """A warning as one line on stderr; another package's names its category and origin."""
     text = " ".join(str(message).split())
     if "cifar_dist" in str(filename):
         say(f"cifar-dist: {rank}warning: {text}")
@@ -92,12 +91,10 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None, 
 
 
 def _out_of_memory(e: Exception) -> bool:
-    """A failed device or host allocation: OutOfMemoryError, MemoryError, or a CPU allocator's
-    RuntimeError ("not enough memory")."""
+    """OutOfMemoryError, MemoryError, or a CPU allocator's RuntimeError ("not enough memory")."""
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("not enough memory" in text or "out of memory" in text.lower())
+    return isinstance(e, RuntimeError) and ("not enough memory" in str(e) or "out of memory" in str(e).lower())
 
 
 def guarded(fn, args, rank_prefix: Callable[[], str] = lambda: "") -> int:
@@ -124,12 +121,9 @@ def guarded(fn, args, rank_prefix: Callable[[], str] = lambda: "") -> int:
         return 128 + 13  # as a program that SIGPIPE ended
     except Exception as e:
         if _out_of_memory(e):
-            fail(
-                f"out of memory: {(str(e) or 'host').splitlines()[0][:160]}; a smaller model or batch "
-                "(train.batch_size, train.accum_steps) fits",
-                1,
-                rank_prefix(),
-            )
+            first = (str(e) or "host").splitlines()[0][:160]
+            hint = "a smaller model or batch (train.batch_size, train.accum_steps) fits"
+            fail(f"out of memory: {first}; {hint}", 1, rank_prefix())
         else:
             say(f"cifar-dist: {rank_prefix()}crashed: {type(e).__name__}: {e}")
             raise

@@ -8,9 +8,6 @@
     torchrun --nproc_per_node 4 -m cifar_dist.train --config configs/fast.yaml
     sbatch --nodes 2 slurm/train.sh configs/fast.yaml
 
-(``python cifar_dist/train.py`` and ``accelerate launch cifar_dist/train.py`` work
-too, with the package installed or on PYTHONPATH.)
-
 ``train.batch_size`` is the global batch: N processes each take 1/N of it.
 With ``run.seed`` and ``model.bn_group`` set, any number of processes computes
 the same run (up to float summation order); ``--resume`` continues it exactly.
@@ -90,10 +87,8 @@ def resolve_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the input, then train (``trainer.run.train``); returns the exit code.
-
-    Everything a user can get wrong is refused before the training stack (torch, Accelerate)
-    is imported, which is why that import comes late: a bad config is one line at once."""
+    """Check the input, then train (``trainer.run.train``); returns the exit code. The training
+    stack is imported late, so that a bad config is reported at once."""
     cfg = resolve_config(args)
     if args.config is None and not args.resume and env_rank() == 0:
         say(
@@ -136,12 +131,9 @@ def train(
     callbacks=(),
 ) -> RunResult:
     """Train as `cifar-dist train --config CONFIG --out OUT OVERRIDES...` does, in this process,
-    with the same bits; ``callbacks``: Callback objects run after those of ``run.callbacks``. Bad input
-    raises ``cifar_dist.errors.UserError`` with the command's one-line message.
-
-    Runs as often as asked in one process: the process group, the signal handlers, the global
-    random generators, torch's thread count, deterministic-algorithm switch and compiled graphs
-    are put back as they were after each run."""
+    with the same bits; ``callbacks``: Callback objects run after those of ``run.callbacks``. Bad
+    input raises ``cifar_dist.errors.UserError``. Process-wide state is restored after each run
+    (docs/api.md)."""
     cfg = load_config(config, list(overrides))
     if out is not None:
         cfg.run.out_dir = str(out)
@@ -162,6 +154,8 @@ def _process_state_kept():
 
     import numpy as np
     import torch
+    import torch._dynamo
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     benchmark = torch.backends.cudnn.benchmark
@@ -175,20 +169,11 @@ def _process_state_kept():
             torch.backends.cudnn.benchmark = benchmark
             random.setstate(py_state)
             np.random.set_state(np_state)
-            _reset_accelerate_and_compiler()
-
-
-def _reset_accelerate_and_compiler() -> None:
-    """Accelerate's process-wide state and torch.compile's caches, so that the next run builds
-    its own Accelerator and compiles from scratch, as a fresh process would."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-    import torch._dynamo
-
-    torch._dynamo.reset()
+            # the next run builds its own Accelerator and compiles from scratch, as a fresh process would
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            PartialState._reset_state()
+            torch._dynamo.reset()
 
 
 def main(argv=None) -> int:

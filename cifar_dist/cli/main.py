@@ -10,16 +10,19 @@ import sys
 from pathlib import Path
 
 import cifar_dist
+from cifar_dist.config.loading import load_config, resolve_data_root
 from cifar_dist.config.numbers import OneLineParser
 from cifar_dist.config.overrides import parse_with_overrides
+from cifar_dist.config.plugins import require_trust
+from cifar_dist.config.schema import EvalConfig, choices, new_config
 from cifar_dist.distributed.launcher import rank_prefix
-from cifar_dist.errors import guarded
+from cifar_dist.errors import CheckpointError, ConfigError, guarded
+from cifar_dist.runtime.malloc import tune_malloc
+from cifar_dist.storage.files import own_folder, write_json_atomic
 from cifar_dist.train import add_train_arguments
 
 
 def _summary(args):
-    from cifar_dist.config.loading import load_config
-    from cifar_dist.config.plugins import require_trust
     from cifar_dist.model.layer_table import count_flops, format_table, layer_table
     from cifar_dist.model.resnet import build_model, count_parameters
 
@@ -38,8 +41,6 @@ def _summary(args):
 
 
 def _prepare(args):
-    from cifar_dist.config.loading import resolve_data_root
-    from cifar_dist.config.schema import new_config
     from cifar_dist.data.prepare import prepare
 
     cfg = new_config()
@@ -72,13 +73,9 @@ def _report(args):
 def _eval(args):
     import torch
 
-    from cifar_dist.config.loading import load_config
-    from cifar_dist.config.plugins import require_trust
     from cifar_dist.data import build_datasets
-    from cifar_dist.errors import CheckpointError, ConfigError
     from cifar_dist.model.resnet import build_model
     from cifar_dist.storage.checkpoint import evaluated_weights, load_weights, locate_weights
-    from cifar_dist.storage.files import own_folder, write_json_atomic
     from cifar_dist.storage.plots import plot_confusion
     from cifar_dist.trainer.evaluation import evaluate_model
 
@@ -130,8 +127,6 @@ EVAL_KEYS = ("data.", "eval.tta", "eval.use_ema", "run.channels_last")
 
 def _eval_overrides(overrides) -> set:
     """The keys of ``eval``'s overrides; one that eval would ignore is refused in one line."""
-    from cifar_dist.errors import ConfigError
-
     keys = {item.split("=", 1)[0].strip() for item in overrides or []}
     for key in sorted(keys):
         if not (key.startswith(EVAL_KEYS[0]) or key in EVAL_KEYS[1:]):
@@ -144,8 +139,6 @@ def _eval_overrides(overrides) -> set:
 
 def _tta_modes() -> tuple:
     """eval.tta's modes, from the schema (the one list of them)."""
-    from cifar_dist.config.schema import EvalConfig, choices
-
     modes = choices(EvalConfig, EvalConfig.__dataclass_fields__["tta"])
     assert modes is not None
     return modes
@@ -154,7 +147,6 @@ def _tta_modes() -> tuple:
 def _config(args):
     import yaml
 
-    from cifar_dist.config.loading import load_config
     from cifar_dist.config.reference import reference_markdown
 
     if args.reference:
@@ -171,20 +163,13 @@ def _doctor(args):
     return 0
 
 
-def _delegate(module: str, function: str):
-    """A subcommand's handler that imports its module only when the subcommand runs."""
-
-    def handler(args):
-        return getattr(importlib.import_module(module), function)(args)
-
-    return handler
-
-
-def _command(sub, name: str, help: str, add_arguments, module: str, function: str) -> None:
-    """A subcommand whose arguments and handler live in their own module."""
+def _command(sub, name: str, help: str, add_arguments, handler: str) -> None:
+    """A subcommand whose arguments and handler (``"module:function"``, imported only when the
+    subcommand runs) live in their own module."""
     p = sub.add_parser(name, help=help)
     add_arguments(p)
-    p.set_defaults(fn=_delegate(module, function))
+    module, function = handler.split(":")
+    p.set_defaults(fn=lambda args: getattr(importlib.import_module(module), function)(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,28 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     from cifar_dist.experiments.sweep import add_sweep_arguments
 
     _command(
-        sub,
-        "train",
-        "train a model (same as python -m cifar_dist.train)",
-        add_train_arguments,
-        "cifar_dist.train",
-        "run",
+        sub, "train", "train a model (same as python -m cifar_dist.train)", add_train_arguments, "cifar_dist.train:run"
     )
     _command(
         sub,
         "sweep",
         "many seeds and settings as independent runs (locally, or a Slurm array)",
         add_sweep_arguments,
-        "cifar_dist.experiments.sweep",
-        "run_sweep",
+        "cifar_dist.experiments.sweep:run_sweep",
     )
     _command(
         sub,
         "compare",
         "runs or sweeps side by side: mean ± std, 95%% CI, Welch's t-test",
         add_compare_arguments,
-        "cifar_dist.experiments.compare",
-        "run_compare",
+        "cifar_dist.experiments.compare:run_compare",
     )
 
     p = sub.add_parser("eval", help="evaluate a run's weights: final, or its newest or a given checkpoint")
@@ -252,16 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         "classify image files with a trained model: top-k classes with probabilities",
         add_predict_arguments,
-        "cifar_dist.inference.commands",
-        "run_predict",
+        "cifar_dist.inference.commands:run_predict",
     )
     _command(
         sub,
         "export",
         "export a trained model (ONNX, TorchScript, ExportedProgram) checked against PyTorch, or share it",
         add_export_arguments,
-        "cifar_dist.inference.commands",
-        "run_export",
+        "cifar_dist.inference.commands:run_export",
     )
 
     p = sub.add_parser("summary", help="per-layer table (the paper's Figure 1), parameters, FLOPs")
@@ -301,8 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         "throughput benchmark: images/s per device, MFU, speed-up over plain PyTorch",
         add_bench_arguments,
-        "cifar_dist.bench.run",
-        "run_bench",
+        "cifar_dist.bench.run:run_bench",
     )
 
     p = sub.add_parser(
@@ -325,8 +300,6 @@ def _bare_tta(argv: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from cifar_dist.runtime.malloc import tune_malloc
-
     tune_malloc()
     args = parse_with_overrides(build_parser(), _bare_tta(sys.argv[1:] if argv is None else list(argv)))
     return guarded(args.fn, args, rank_prefix)

@@ -6,10 +6,10 @@ stream), the same on any device and for any rank or worker (docs/data.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class AugmentSpec:
     """What to apply, read from the data config; the same for every loader."""
 
@@ -68,16 +68,10 @@ class AugmentSpec:
 
     @classmethod
     def from_config(cls, data_cfg) -> AugmentSpec:
+        """Each field from the data config's key of its name; ``fill`` from its mean."""
+        keys = [f.name for f in dataclasses.fields(cls) if f.name != "fill"]
         fill = tuple(int(round(m * 255)) for m in data_cfg.mean)
-        return cls(
-            data_cfg.crop_padding,
-            data_cfg.flip,
-            data_cfg.cutout,
-            data_cfg.color_jitter,
-            data_cfg.rotation,
-            fill,
-            data_cfg.crop_pad_mode,
-        )
+        return cls(fill=fill, **{k: getattr(data_cfg, k) for k in keys})
 
     @property
     def active(self) -> bool:

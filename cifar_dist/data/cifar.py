@@ -142,22 +142,17 @@ def check_md5(folder: Path, names, warn: bool = True) -> list[str]:
     return mismatched
 
 
-def missing_files_message(root: Path) -> str:
-    folder = root / FOLDER
-    return (
-        f"{folder}: CIFAR-10 not found; run `cifar-dist prepare --root {root}` "
-        f"or put data_batch_1..5 and test_batch from cifar-10-python.tar.gz "
-        f"(https://www.cs.toronto.edu/~kriz/cifar.html) in {folder}/"
-    )
-
-
 def load_cifar10(root: Path, train: bool, verify: bool = True) -> ImageSet:
     """Read the training or test split from ``root/cifar-10-batches-py``."""
-    folder = Path(root) / FOLDER
+    root = Path(root)
+    folder = root / FOLDER
     names = TRAIN_FILES if train else TEST_FILES
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        raise DataError(missing_files_message(Path(root)))
+    if any(not (folder / n).is_file() for n in names):
+        raise DataError(
+            f"{folder}: CIFAR-10 not found; run `cifar-dist prepare --root {root}` "
+            f"or put data_batch_1..5 and test_batch from cifar-10-python.tar.gz "
+            f"(https://www.cs.toronto.edu/~kriz/cifar.html) in {folder}/"
+        )
     parts = [read_batch(folder / n) for n in names]
     if verify:
         check_md5(folder, names)

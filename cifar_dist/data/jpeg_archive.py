@@ -90,14 +90,8 @@ def unpack_jpeg_archive(archive: Path, root: Path) -> bool:
         rows = _images(members, split, labels, archive)
         for b, name in enumerate(files):
             part = slice(b * PER_BATCH, (b + 1) * PER_BATCH)
-            _write(
-                out / name,
-                {
-                    b"batch_label": f"{split} batch {b + 1} of {len(files)}".encode(),
-                    b"labels": labels[part],
-                    b"data": rows[part],
-                },
-            )
+            label = f"{split} batch {b + 1} of {len(files)}".encode()
+            _write(out / name, {b"batch_label": label, b"labels": labels[part], b"data": rows[part]})
     _write(
         out / "batches.meta",
         {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": PER_BATCH, b"num_vis": 3072},

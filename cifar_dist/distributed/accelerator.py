@@ -1,4 +1,4 @@
-"""Accelerator construction, collectives, and rank-0 helpers (the launcher's variables: ``launcher``)."""
+"""The Accelerator of a run and the process group beneath it (the launcher's variables: ``launcher``)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,6 @@ def check_gpu_count(local_processes: int, visible_gpus: int) -> None:
 
 
 def is_deepspeed(accelerator) -> bool:
-    """Whether ``accelerator`` runs DeepSpeed's engine (launched with a DeepSpeed config)."""
     return accelerator.distributed_type.value == "DEEPSPEED"
 
 
@@ -72,12 +71,13 @@ def make_accelerator(cfg: Config):
     # would keep it alive past destroy_process_group() (release_process_group: the cost).
     importlib.import_module("torch.distributed.nn.functional")
 
-    if cfg.model.sync_bn and not has_accelerator():
+    on_cpu = not has_accelerator()
+    if cfg.model.sync_bn and on_cpu:
         raise ConfigError(
             "model.sync_bn: SyncBatchNorm only runs on GPUs; on CPU use "
             "model.bn_group for results independent of the process count"
         )
-    timeout_s = cfg.run.collective_timeout_s
+    timeout = timedelta(seconds=cfg.run.collective_timeout_s)
     if torch.cuda.is_available():
         check_gpu_count(local_world_size(), torch.cuda.device_count())
     # Gradients live in DDP's buckets (no copy in and out of them each step). Buffers are not
@@ -85,17 +85,16 @@ def make_accelerator(cfg: Config):
     # Accelerate only knows the argument PyTorch 2.13 deprecated).
     handlers = [
         DistributedDataParallelKwargs(gradient_as_bucket_view=True),
-        InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)),
+        InitProcessGroupKwargs(timeout=timeout),
     ]
     # cifar_dist.trainer.precision owns autocast and loss scaling, except under DeepSpeed.
     kwargs: dict[str, Any] = {"mixed_precision": "no", "kwargs_handlers": handlers}
     if using_deepspeed():
         kwargs["mixed_precision"] = PRECISIONS[cfg.run.precision]["accelerate"]
-        if not has_accelerator():
+        if on_cpu:
             _skip_shm_comm_build()  # before anything starts DeepSpeed's communication backend
-        if not has_accelerator() and launcher_world_size() > 1:
-            # DeepSpeed checks the batch size against the world size when it is
-            # built, so the (gloo) process group must exist first.
+        if on_cpu and launcher_world_size() > 1:
+            # DeepSpeed checks the batch size against the world size when built: the group comes first
             from accelerate import PartialState
 
             PartialState(backend="gloo")
@@ -103,8 +102,8 @@ def make_accelerator(cfg: Config):
         _skip_transformers_weakref()
     else:
         # Without cpu=True, CPU processes started by torchrun each become rank 0 of 1.
-        kwargs["cpu"] = not has_accelerator()
-    init_restarted_process_group(timedelta(seconds=timeout_s))
+        kwargs["cpu"] = on_cpu
+    init_restarted_process_group(timeout)
     accelerator = Accelerator(**kwargs)
     check_world(accelerator.num_processes)
     return accelerator
@@ -120,18 +119,9 @@ def release_process_group() -> None:
 
 
 def init_restarted_process_group(timeout: timedelta) -> bool:
-    """Form the process group of a torchrun restart in a key space of its own.
-
-    torchrun keeps one TCPStore for the whole job (static and c10d rendezvous
-    alike), and the workers of PyTorch 2.14 do not prefix their keys with the
-    attempt (torch/distributed/rendezvous.py assumes a new store per retry). A
-    restarted rank can then read the address that a dead rank of the previous
-    attempt published and try to connect to it: gloo fails after its retries or
-    waits, depending on who comes first (NCCL's unique id is exchanged the same
-    way). Under ``--max-restarts`` the restarted ranks build the group here, on
-    the same store, with the attempt as a prefix; Accelerate then uses that group.
-    Returns whether it did.
-    """
+    """Form the process group of a torchrun restart under a key prefix of its own attempt, so
+    that no rank reads an address a dead rank of the previous attempt published in torchrun's
+    one store (docs/distributed.md); Accelerate then uses that group. Returns whether it did."""
     attempt = restart_attempt()
     if not attempt or launcher_world_size() < 2 or dist.is_initialized():
         return False
@@ -150,18 +140,13 @@ def init_restarted_process_group(timeout: timedelta) -> bool:
 
 
 def _skip_transformers_weakref() -> None:
-    """Accelerate (1.15) registers the DeepSpeed config with Hugging Face
-    transformers whenever DeepSpeed is selected, and fails when transformers is
-    not installed. That registration only serves transformers' own ZeRO-3 model
-    construction, which cifar_dist does not use: without transformers, skip it."""
+    """Accelerate (1.15) registers the DeepSpeed config with transformers, and fails without it;
+    that only serves transformers' ZeRO-3 model construction, so skip it when it is absent."""
     import importlib.util
 
     if importlib.util.find_spec("transformers") is not None:
         return
     from accelerate.utils import DeepSpeedPlugin
-
-    if getattr(DeepSpeedPlugin.set_deepspeed_weakref, "_cifar_dist_skip", False):
-        return
 
     def set_deepspeed_weakref(self):
         if self.zero3_init_flag:
@@ -170,31 +155,26 @@ def _skip_transformers_weakref() -> None:
                 "set it to false in the launch config"
             )
 
-    setattr(set_deepspeed_weakref, "_cifar_dist_skip", True)  # noqa: B010 (a mark on a function)
     DeepSpeedPlugin.set_deepspeed_weakref = set_deepspeed_weakref
 
 
 def _skip_shm_comm_build() -> None:
-    """On CPU, DeepSpeed's communication backend JIT-compiles a C++ shared-memory
-    all-reduce (deepspeed_shm_comm) in every fresh environment: minutes on a small
-    machine (it pushed a test past 15 minutes on 2 busy cores), and a compiler
-    requirement. gloo does the same reductions, so the op is declared unavailable."""
+    """Declare DeepSpeed's shared-memory all-reduce unavailable: on CPU it is JIT-compiled in
+    every fresh environment (minutes, docs/distributed.md), and gloo does the same reductions."""
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def configure_deepspeed(accelerator, shard, cfg: Config) -> None:
-    """Give DeepSpeed the batch geometry (our loaders do not go through prepare()).
-    (``train.exact_reduce`` is refused under DeepSpeed before any set-up: ``train.run``.)"""
+    """Give DeepSpeed the batch geometry (our loaders do not go through prepare())."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"] = shard.micro_batch
     ds["gradient_accumulation_steps"] = shard.accum
     ds["train_batch_size"] = shard.global_batch
     ds["gradient_clipping"] = cfg.train.grad_clip
-    # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32) and ZeRO
-    # allocates one per micro-step: 10 s a step on a CPU. Our largest model has
-    # 11M parameters, so 2e7 elements is one or two buckets.
+    # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32), one allocated per micro-step:
+    # 10 s a step on a CPU. Our largest model has 11M parameters: 2e7 is one or two buckets.
     zero = ds.setdefault("zero_optimization", {})
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         if zero.get(key) in (None, "auto"):

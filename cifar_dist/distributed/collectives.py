@@ -10,24 +10,24 @@ import torch.distributed as dist
 from cifar_dist.errors import EnvironmentFault, UserError
 
 
+def world_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` in place over all processes (no-op for one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    """Sum ``t`` in place over all processes."""
+    if world_info()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    """The elementwise maximum of ``t`` over all processes, in place (no-op for one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    """The elementwise maximum of ``t`` over all processes, in place."""
+    if world_info()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
-
-
-def world_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def print0(line: str) -> None:

@@ -1,9 +1,7 @@
 """Exact gradient reduction (``train.exact_reduce``): bitwise the same weights for any
-power-of-two process count (docs/distributed.md). Each ``model.bn_group`` chunk's gradient is
-computed on its own, then summed in one balanced binary tree over the global chunk order (each
-process its aligned subtree, then the partial sums in rank order) and divided by the
-power-of-two chunk count, which is exact.
-"""
+power-of-two process count. Each ``model.bn_group`` chunk's gradient is summed in one balanced
+binary tree over the global chunk order, then divided by the power-of-two chunk count, which is
+exact (docs/distributed.md)."""
 
 from __future__ import annotations
 
@@ -57,8 +55,4 @@ def tree_all_reduce(flat: torch.Tensor) -> torch.Tensor:
 def reduce_across_processes(local: list[torch.Tensor], num_chunks: int) -> list[torch.Tensor]:
     """Tree-sum every process's partial sum in rank order, then divide by ``num_chunks``."""
     flat = tree_all_reduce(torch.cat([g.reshape(-1) for g in local])) / num_chunks
-    out, offset = [], 0
-    for g in local:
-        out.append(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-    return out
+    return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in local]), local)]

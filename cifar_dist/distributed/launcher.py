@@ -9,40 +9,38 @@ import os
 import sys
 
 
-def launcher_world_size() -> int:
-    """How many processes the launcher started, read from its environment (1 if none)."""
-    for var in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    """The first of ``names`` set to a whole number, else ``default``."""
+    for var in names:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
-    return 1
+    return default
+
+
+def launcher_world_size() -> int:
+    """How many processes the launcher started (1 if none)."""
+    return _env_int(("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"), 1)
 
 
 def env_rank() -> int:
     """This process's rank as the launcher set it (0 if none), usable before any set-up."""
-    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+    return _env_int(("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"), 0)
 
 
 def local_rank() -> int:
-    """This process's rank on its node (LOCAL_RANK; 0 if none): which of the node's GPUs it uses."""
-    value = os.environ.get("LOCAL_RANK", "0")
-    return int(value) if value.isdigit() else 0
+    """This process's rank on its node: which of the node's GPUs it uses."""
+    return _env_int(("LOCAL_RANK",), 0)
 
 
 def local_world_size() -> int:
-    """How many processes the launcher started on this node (LOCAL_WORLD_SIZE; 1 if none)."""
-    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    return int(value) if value.isdigit() else 1
+    return _env_int(("LOCAL_WORLD_SIZE",), 1)
 
 
 def restart_attempt() -> int:
     """Which attempt of a torchrun job this is when torchrun keeps one store for all (else 0)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return 0
-    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return int(value) if value.isdigit() else 0
+    return _env_int(("TORCHELASTIC_RESTART_COUNT",), 0)
 
 
 def master_address() -> tuple[str, int]:

@@ -75,15 +75,14 @@ class _BNLayout:
     """Where each layer's statistics sit in one step's flat tensor, built once per model and
     device so the update is a fixed handful of operations at any depth."""
 
-    def __init__(self, layers: list[GroupBatchNorm2d], device: torch.device):
-        self.layers, self.device = layers, device
+    def __init__(self, layers: list[GroupBatchNorm2d], running: list[torch.Tensor], device: torch.device, key: tuple):
+        self.layers, self.running, self.device, self.key = layers, running, device, key
         self.sizes = [2 * m.num_features for m in layers]
         self.total = sum(self.sizes)
         # the layer of every statistic, to spread the layers' counts over their statistics
         self.owner = torch.repeat_interleave(torch.arange(len(layers)), torch.tensor(self.sizes)).to(device)
         momenta = [m.momentum for m in layers]
         self.momentum: float | torch.Tensor = momenta[0] if len(set(momenta)) == 1 else torch.tensor(momenta).to(device)
-        self.running = [m.running_mean for m in layers] + [m.running_var for m in layers]
 
 
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -93,19 +92,13 @@ def _layout(model: nn.Module) -> _BNLayout | None:
     layers = [m for m in model.modules() if isinstance(m, GroupBatchNorm2d)]
     if not layers:
         return None
-    cached = _LAYOUTS.get(model)
+    running = [m.running_mean for m in layers] + [m.running_var for m in layers]
     device = layers[0].stat_sum.device
-    if (
-        cached is None
-        or cached.device != device
-        or len(cached.layers) != len(layers)
-        or any(a is not b for a, b in zip(cached.layers, layers))
-        or any(
-            r is not q
-            for r, q in zip(cached.running, [m.running_mean for m in layers] + [m.running_var for m in layers])
-        )
-    ):
-        cached = _LAYOUTS[model] = _BNLayout(layers, device)
+    # the layers and buffers it was built for: held by the layout, so their ids are not reused
+    key = tuple(map(id, [*layers, *running]))
+    cached = _LAYOUTS.get(model)
+    if cached is None or cached.device != device or cached.key != key:
+        cached = _LAYOUTS[model] = _BNLayout(layers, running, device, key)
     return cached
 
 

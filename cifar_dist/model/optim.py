@@ -71,10 +71,9 @@ def build_optimizer(params, train_cfg, device="cpu") -> torch.optim.Optimizer:
     """Adam (L2 in the gradient, as the paper), AdamW, or SGD with (Nesterov) momentum."""
     t = train_cfg
     kernels = {"fused": True} if use_fused(t, device) else {}
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, **kernels)
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, **kernels)
+    if t.optimizer in ("adam", "adamw"):
+        adam = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
+        return adam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, **kernels)
     if t.optimizer == "sgd":
         return torch.optim.SGD(
             params,
