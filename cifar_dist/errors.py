@@ -2,6 +2,7 @@
 printed as one line naming the rank; nothing heavy is imported, so bad input is reported
 before torch loads."""
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -74,11 +75,8 @@ def _tell_the_launcher(line: str) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path or os.path.exists(path):
         return
-    try:
-        with open(path, "w") as f:
-            json.dump({"message": line, "timestamp": int(time.time())}, f)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open(path, "w") as f:
+        json.dump({"message": line, "timestamp": int(time.time())}, f)
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None, rank: str = "") -> None:

@@ -53,28 +53,22 @@ def add_train_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run_dirs_of(name: str, root: Path = Path("runs")) -> list[Path]:
     """Run directories under ``root`` that a recipe called ``name`` made by default, newest first."""
-    if not root.is_dir():
-        return []
     found = [p for p in root.glob(f"{name}-*") if (p / "config.yaml").is_file()]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def resolve_config(args: argparse.Namespace):
-    """The config of this run: ``--config`` and the overrides; with ``--resume`` and no
-    ``--config``, the run directory's saved config.yaml and the overrides. ``--resume`` needs
-    to know the run directory (``--out`` or ``run.out_dir``)."""
+    """``--config`` and the overrides; with ``--resume`` and no ``--config``, the saved config.yaml
+    of the run directory (``--out`` or ``run.out_dir``) and the overrides."""
     cfg = load_config(args.config, args.overrides)
     if args.out:
         cfg.run.out_dir = args.out
     if not args.resume:
         return cfg
     if not cfg.run.out_dir:
-        candidates = run_dirs_of(cfg.name)[:3]
-        listed = (
-            f"runs of {cfg.name!r}, newest first: {', '.join(map(str, candidates))}"
-            if candidates
-            else f"no run of {cfg.name!r} under runs/"
-        )
+        listed = f"no run of {cfg.name!r} under runs/"
+        if candidates := run_dirs_of(cfg.name)[:3]:
+            listed = f"runs of {cfg.name!r}, newest first: {', '.join(map(str, candidates))}"
         raise RunDirError(f"--resume: name the run to continue with --out DIR ({listed})")
     saved = Path(cfg.run.out_dir) / "config.yaml"
     if args.config is None and saved.is_file():

@@ -137,13 +137,6 @@ def _eval_overrides(overrides) -> set:
     return keys
 
 
-def _tta_modes() -> tuple:
-    """eval.tta's modes, from the schema (the one list of them)."""
-    modes = choices(EvalConfig, EvalConfig.__dataclass_fields__["tta"])
-    assert modes is not None
-    return modes
-
-
 def _config(args):
     import yaml
 
@@ -164,8 +157,7 @@ def _doctor(args):
 
 
 def _command(sub, name: str, help: str, add_arguments, handler: str) -> None:
-    """A subcommand whose arguments and handler (``"module:function"``, imported only when the
-    subcommand runs) live in their own module."""
+    """A subcommand whose arguments and handler (``"module:function"``, imported when it runs) live elsewhere."""
     p = sub.add_parser(name, help=help)
     add_arguments(p)
     module, function = handler.split(":")
@@ -180,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cifar_dist.bench.args import add_bench_arguments
     from cifar_dist.experiments.compare import add_compare_arguments
     from cifar_dist.experiments.sweep import add_sweep_arguments
+    from cifar_dist.inference.commands import add_export_arguments, add_predict_arguments
 
     _command(
         sub, "train", "train a model (same as python -m cifar_dist.train)", add_train_arguments, "cifar_dist.train:run"
@@ -211,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta",
         nargs="?",
         const="flip",
-        choices=_tta_modes(),
+        choices=choices(EvalConfig, EvalConfig.__dataclass_fields__["tta"]),
         help="test-time augmentation (as eval.tta): flip averages the logits of the image and its mirror "
         "(bare --tta), flip_translate of those and their one-pixel shifts (6 views)",
     )
@@ -222,8 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/data")
     p.set_defaults(fn=_eval)
-
-    from cifar_dist.inference.commands import add_export_arguments, add_predict_arguments
 
     _command(
         sub,

@@ -34,11 +34,10 @@ def build_datasets(cfg: Config) -> tuple[ImageSet, ImageSet, str]:
         train, test = load_cifar10(root, train=True, verify=False), load_cifar10(root, train=False, verify=False)
         if env_rank() == 0:  # one warning, from one process, for a copy that is not the official one
             check_md5(root / FOLDER, list(MD5))
+    name = "test"
     if d.val_split:  # config.loading.validate checked the sizes
         n = len(train) - d.val_split
         train, test, name = train.slice(0, n), train.slice(n, len(train)), "val"
-    else:
-        name = "test"
     if d.subset:
         train = train.slice(0, d.subset)
     return train, test, name

@@ -152,9 +152,8 @@ def _blend(a, b, ratio):
 def _shift_hue(x, shift):
     """Rotate the hue of RGB images in [0, 1] by ``shift`` turns (per sample)."""
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    delta = maxc - minc
+    maxc = x.amax(1)
+    delta = maxc - x.amin(1)
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
     hr = ((g - b) / safe) % 6
     hg = (b - r) / safe + 2
@@ -198,10 +197,8 @@ _PERMS = tuple(itertools.permutations(range(4)))  # the 24 orders of the four ji
 def rotate(x, index, epoch, seed, degrees: float):
     """torchvision's RandomRotation(degrees): about the centre, nearest neighbour, zero fill."""
     angle = rand_uniform(seed, epoch, index, ROTATE, -degrees, degrees) * (math.pi / 180)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack(
-        [torch.stack([cos, -sin, torch.zeros_like(cos)], 1), torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1
-    )
+    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
+    theta = torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(-1, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out.round().clamp(0, 255).to(torch.uint8)

@@ -113,16 +113,13 @@ def ensure_beton(data: ImageSet, folder: Path, name: str, workers: int = 2) -> t
 def verify(path: Path, entry: dict) -> None:
     """Size and checksum against the manifest: a damaged file is refused before FFCV opens it."""
     size = path.stat().st_size
+    rewrite = "delete it and rerun `cifar-dist prepare --beton`"
     if size != entry.get("bytes"):
         raise DataError(
-            f"{path}: truncated or damaged .beton ({size} bytes, the manifest says "
-            f"{entry.get('bytes')}); delete it and rerun `cifar-dist prepare --beton`"
+            f"{path}: truncated or damaged .beton ({size} bytes, the manifest says {entry.get('bytes')}); {rewrite}"
         )
     if file_digest(path, "sha256") != entry.get("sha256"):
-        raise DataError(
-            f"{path}: corrupt .beton (sha256 differs from the manifest); delete it "
-            "and rerun `cifar-dist prepare --beton`"
-        )
+        raise DataError(f"{path}: corrupt .beton (sha256 differs from the manifest); {rewrite}")
 
 
 def write_betons(root: Path, folder: Path | None = None) -> str:

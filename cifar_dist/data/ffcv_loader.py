@@ -49,7 +49,7 @@ class FfcvLoader:
         return cls(cfg, data, AugmentSpec.from_config(cfg.data), shard, device)
 
     def __init__(self, cfg, data: ImageSet, spec: AugmentSpec, shard: Shard, device):
-        threads = torch.get_num_threads()
+        self._threads = torch.get_num_threads()
         require_ffcv()
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader
@@ -81,8 +81,7 @@ class FfcvLoader:
             },
         )
         # FFCV's Loader resets torch's threads in __init__ and every __iter__ (docs/data.md).
-        self._threads = threads
-        torch.set_num_threads(threads)
+        torch.set_num_threads(self._threads)
         if self._loader.reader.num_samples != self.n:
             raise DataError(f"{path}: holds {self._loader.reader.num_samples} samples, expected {self.n}")
 

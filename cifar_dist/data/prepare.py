@@ -34,10 +34,7 @@ def prepare(root: Path, download: bool = True, quiet: bool = False) -> str | Non
     test = load_cifar10(root, train=False, verify=False)
     if quiet and was_complete:
         return None
-    mismatched = check_md5(root / FOLDER, TRAIN_FILES + TEST_FILES, warn=False)  # the report line says it
-    note = (
-        "md5 matches the official files"
-        if not mismatched
-        else f"md5 differs for {len(mismatched)} files: not the official files (a rebuilt or modified copy)"
-    )
+    note = "md5 matches the official files"
+    if mismatched := check_md5(root / FOLDER, TRAIN_FILES + TEST_FILES, warn=False):  # the report line says it
+        note = f"md5 differs for {len(mismatched)} files: not the official files (a rebuilt or modified copy)"
     return f"{root / FOLDER}: {len(train):,} train + {len(test):,} test images, {note}"

@@ -38,8 +38,7 @@ def check_world(num_processes: int) -> None:
 
 
 def check_gpu_count(local_processes: int, visible_gpus: int) -> None:
-    """Refuse more processes on a node than it has visible GPUs: two ranks would share a
-    GPU, and NCCL fails (a launch config must not assume the node's GPU count)."""
+    """Refuse more processes on a node than it has visible GPUs: two ranks would share one, and NCCL fails."""
     if visible_gpus and local_processes > visible_gpus:
         shown = os.environ.get("CUDA_VISIBLE_DEVICES")
         raise UserError(
@@ -61,14 +60,12 @@ def has_accelerator() -> bool:
 
 
 def make_accelerator(cfg: Config):
-    """The Accelerator for this run: DDP (or DeepSpeed when launched with its config); its
-    collectives wait ``run.collective_timeout_s`` for every process."""
+    """The Accelerator for this run: DDP, or DeepSpeed when launched with its config."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    # Imported before any process group exists (DDP imports it later otherwise): its
-    # functions bind the default group as a default argument (group=group.WORLD), which
-    # would keep it alive past destroy_process_group() (release_process_group: the cost).
+    # Imported before any process group exists: its functions bind the default group as a default
+    # argument, which would keep it alive past destroy_process_group() (release_process_group).
     importlib.import_module("torch.distributed.nn.functional")
 
     on_cpu = not has_accelerator()
@@ -80,13 +77,9 @@ def make_accelerator(cfg: Config):
     timeout = timedelta(seconds=cfg.run.collective_timeout_s)
     if torch.cuda.is_available():
         check_gpu_count(local_world_size(), torch.cuda.device_count())
-    # Gradients live in DDP's buckets (no copy in and out of them each step). Buffers are not
-    # broadcast before every forward (trainer.build.prepare_model switches that off on the module:
-    # Accelerate only knows the argument PyTorch 2.13 deprecated).
-    handlers = [
-        DistributedDataParallelKwargs(gradient_as_bucket_view=True),
-        InitProcessGroupKwargs(timeout=timeout),
-    ]
+    # Gradients live in DDP's buckets (no copy in and out of them each step). trainer.build switches
+    # off the buffer broadcast on the module: Accelerate only knows the deprecated argument.
+    handlers = [DistributedDataParallelKwargs(gradient_as_bucket_view=True), InitProcessGroupKwargs(timeout=timeout)]
     # cifar_dist.trainer.precision owns autocast and loss scaling, except under DeepSpeed.
     kwargs: dict[str, Any] = {"mixed_precision": "no", "kwargs_handlers": handlers}
     if using_deepspeed():
@@ -110,9 +103,8 @@ def make_accelerator(cfg: Config):
 
 
 def release_process_group() -> None:
-    """End this process's part in the process group while Python still runs: collected at the
-    interpreter's shutdown instead, a gloo worker that frees a finished collective's tensors
-    there aborts the process after a run that succeeded (docs/distributed.md)."""
+    """Leave the process group while Python still runs: torn down at the interpreter's shutdown,
+    gloo can abort a run that succeeded (docs/distributed.md)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()

@@ -31,8 +31,7 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 
 def print0(line: str) -> None:
-    """The run's log: ``line`` on stdout, from rank 0 only, without breaking a progress bar.
-    (Errors and warnings go to stderr in one write: ``errors.say``.)"""
+    """The run's log: ``line`` on stdout from rank 0, without breaking a progress bar (errors: ``errors.say``)."""
     if world_info()[0] != 0:
         return
     try:

@@ -29,9 +29,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
 
     def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """weight and bias in fp32 (DeepSpeed's bf16/fp16 engines cast them, not the statistics)."""
-        if self.weight.dtype == torch.float32:
-            return self.weight, self.bias
-        return self.weight.float(), self.bias.float()
+        return self.weight.float(), self.bias.float()  # the parameters themselves when fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self._affine()
@@ -118,8 +116,7 @@ def sync_bn_statistics(model: nn.Module, all_reduce=None, extra: torch.Tensor | 
     if all_reduce is not None:
         all_reduce(flat)
     if layout is not None:
-        n = len(layers)
-        count = flat[layout.total : layout.total + n]
+        count = flat[layout.total : layout.total + len(layers)]
         # count is 0 only for a layer that saw no forward this step; avoid a host sync
         averages = flat[: layout.total] / count.clamp(min=1)[layout.owner]
         rate = ((count > 0).float() * layout.momentum).unbind()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -21,17 +23,14 @@ def layer_table(model: nn.Module, image_size: int = 32) -> list[tuple[str, list[
     """(layer, output shape, own parameters) in forward-completion order, like torchsummary;
     containers and the model itself get no row."""
     rows: list[tuple[str, list[int], int]] = []
-    hooks = []
 
     def hook(module, inputs, output):
         shape = [-1] + list(output.shape[1:])
         own = sum(p.numel() for p in module.parameters(recurse=False))
         rows.append((f"{_display_name(module)}-{len(rows) + 1}", shape, own))
 
-    for m in model.modules():
-        if m is model or isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-            continue
-        hooks.append(m.register_forward_hook(hook))
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if m is not model and not isinstance(m, containers)]
     was_training = model.training
     model.eval()
     try:
@@ -52,12 +51,10 @@ def count_flops(model: nn.Module, batch: int = 2, train: bool = False, image_siz
     model.eval()  # batch statistics cost no counted FLOPs; eval mode works for any batch size
     counter = FlopCounterMode(display=False)
     try:
-        with counter:
+        with counter, contextlib.nullcontext() if train else torch.no_grad():
+            out = model(x)
             if train:
-                model(x).float().sum().backward()
-            else:
-                with torch.no_grad():
-                    model(x)
+                out.float().sum().backward()
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)

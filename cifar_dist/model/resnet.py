@@ -56,8 +56,7 @@ class ResNet(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         for i in range(self.num_stages):
             out = getattr(self, f"layer{i + 1}")(out)
-        out = self.avgpool(out)
-        return self.linear(torch.flatten(out, 1))
+        return self.linear(torch.flatten(self.avgpool(out), 1))
 
 
 class ConvBN(nn.Module):
@@ -124,7 +123,6 @@ def resnet18(model_cfg, num_classes: int, norm) -> nn.Module:
 
 
 def resnet9(model_cfg, num_classes: int, norm) -> nn.Module:
-    """The DAWNBench / FFCV ResNet-9."""
     return ResNet9(num_classes, norm)
 
 
