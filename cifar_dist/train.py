@@ -182,8 +182,7 @@ def main(argv=None) -> int:
 
 
 class _CallableModule(types.ModuleType):
-    """``cifar_dist.train(...)`` is ``train(...)``: the package's name for it is this module's,
-    which every launcher runs."""
+    """``cifar_dist.train(...)`` is ``train(...)``: the package names this module, which every launcher runs."""
 
     def __call__(self, *args, **kwargs) -> RunResult:
         return train(*args, **kwargs)

@@ -1,8 +1,6 @@
-"""The augmentation every loader shares, on uint8 [B, 3, 32, 32] batches.
-
-Every random decision is a counter-based hash of (seed, epoch, global sample index,
-stream), the same on any device and for any rank or worker (docs/data.md).
-"""
+"""The augmentation every loader shares, on uint8 [B, 3, 32, 32] batches. Every random decision
+is a counter-based hash of (seed, epoch, global sample index, stream), the same on any device
+and for any rank or worker (docs/data.md)."""
 
 from __future__ import annotations
 

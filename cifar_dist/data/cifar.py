@@ -1,8 +1,6 @@
-"""CIFAR-10 files: a safe reader for the torchvision layout, checks, and synthetic data.
-
-The batch files are pickles; unpickling allows only the globals a CIFAR batch names, so a
-crafted file's ``os.system`` is refused before it runs.
-"""
+"""CIFAR-10 files: a safe reader for the torchvision layout, checks, and synthetic data. The
+batch files are pickles; unpickling allows only the globals a CIFAR batch names, so a crafted
+file's ``os.system`` is refused before it runs."""
 
 from __future__ import annotations
 

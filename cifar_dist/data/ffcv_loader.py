@@ -1,8 +1,6 @@
-"""data.loader=ffcv: FFCV reads and decodes in our sample order; our augmentation runs after.
-
-FFCV's own random operations are not reproducible even with a seed, so none is used; the
-stored index of each sample proves the order.
-"""
+"""data.loader=ffcv: FFCV reads and decodes in our sample order; our augmentation runs after
+(FFCV's own random operations are not reproducible even with a seed). The stored index of
+each sample proves the order."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Training loaders (torch DataLoader, device-resident) and the evaluation batches.
-
-Samples and augmentation follow from (seed, epoch, global index) alone, so the loaders are
-interchangeable and a resumed epoch continues at the exact next sample.
-"""
+"""Training loaders (torch DataLoader, device-resident) and the evaluation batches. Samples and
+augmentation follow from (seed, epoch, global index) alone, so the loaders are interchangeable
+and a resumed epoch continues at the exact next sample."""
 
 from __future__ import annotations
 

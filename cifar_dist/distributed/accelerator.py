@@ -111,9 +111,8 @@ def release_process_group() -> None:
 
 
 def init_restarted_process_group(timeout: timedelta) -> bool:
-    """Form the process group of a torchrun restart under a key prefix of its own attempt, so
-    that no rank reads an address a dead rank of the previous attempt published in torchrun's
-    one store (docs/distributed.md); Accelerate then uses that group. Returns whether it did."""
+    """Form a torchrun restart's process group under a key prefix of its attempt, so no rank reads an
+    address a dead rank published in torchrun's one store (docs/distributed.md). Returns whether it did."""
     attempt = restart_attempt()
     if not attempt or launcher_world_size() < 2 or dist.is_initialized():
         return False

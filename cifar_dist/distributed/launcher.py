@@ -1,7 +1,6 @@
 """The launcher's view of the world (torchrun, Accelerate, Slurm, MPI), from its environment
 variables: the one place that reads them. Nothing here imports torch, so bad input is refused
-before the heavy imports.
-"""
+before the heavy imports."""
 
 from __future__ import annotations
 

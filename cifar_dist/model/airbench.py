@@ -1,7 +1,6 @@
 """airbench94's network (arXiv 2404.00498: 94.01% mean over 1,000 runs with its recipe,
 ``configs/airbench94.yaml``); the layers are listed in docs/reproducing.md. 1,971,352 trained
-parameters, plus 288 frozen whitening weights and 1,152 BatchNorm weights frozen at 1.
-"""
+parameters, plus 288 frozen whitening weights and 1,152 BatchNorm weights frozen at 1."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """The paper's modified ResNet ("seed_resnet", 4,916,284 parameters), ResNet-9 and ResNet-18;
 ``build_model(cfg)``. ReLU and flatten are functional so the per-layer summary lists the
-paper's torchsummary rows; every BatchNorm is a ``GroupBatchNorm2d``.
-"""
+paper's torchsummary rows; every BatchNorm is a ``GroupBatchNorm2d``."""
 
 from __future__ import annotations
 
