@@ -127,7 +127,8 @@ def locate_weights(path) -> tuple[Path, Path, str]:
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: not a .safetensors weights file, a run directory or a checkpoint")
-        run = path.parent.parent if _is_step_dir(path.parent) else path.parent
+        # a checkpoint's weights: RUN/checkpoints/step_N/model.safetensors
+        run = path.parent.parent.parent if _is_step_dir(path.parent) else path.parent
         return path, run / "config.yaml", f"weights {path.name}"
     if _is_step_dir(path):
         if not (path / "model.safetensors").is_file():
