@@ -56,8 +56,8 @@ if [ "$MODE" = lean ]; then
   echo "setup: done ($VENV, lean)"
   exit 0
 fi
-echo "setup: installing cifar_dist with its dev, deepspeed and export extras into $VENV"
-"$VENV/bin/pip" install -q -e ".[dev,deepspeed,export]"
+echo "setup: installing cifar_dist with its dev, deepspeed, export and tune extras into $VENV"
+"$VENV/bin/pip" install -q -e ".[dev,deepspeed,export,tune]"
 if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then
   echo "setup: building FFCV"
   "$VENV/bin/pip" install -q -e ".[ffcv]" || echo "setup: FFCV failed to build; data.loader=ffcv stays unavailable"

@@ -231,3 +231,33 @@ def test_a_sweep_runs_as_a_job_array_and_compare_reads_it(cluster, tmp_path):
     res = cli_here("compare", sweep)
     report = json.loads((sweep / "compare.json").read_text())
     assert res.returncode == 0 and len(report["configurations"]) == 1 and report["configurations"][0]["n"] == 3
+
+
+@pytest.mark.timeout(900)
+def test_tune_workers_as_array_tasks_share_one_study(cluster, tmp_path):
+    """slurm/tune.sh as a 2-task array on one tuning directory: 3 trials in all, each run once."""
+    optuna = pytest.importorskip("optuna", reason="Optuna is not installed: pip install 'cifar_dist[tune]'")
+    space, out = tmp_path / "space.yaml", tmp_path / "tune"
+    space.write_text("train.lr: {low: 0.05, high: 0.5, log: true}\n")
+    small = ["train.max_steps=6", "data.synthetic_train=512", "data.synthetic_test=256", "run.plots=false"]
+    args = ["--config", SMOKE, "--space", space, "--trials", "3", "--pruner", "none", "--out", out, *small]
+    cluster.submit(
+        "--array=0-1", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+        f"--output={tmp_path}/tune-%A_%a.out", "slurm/tune.sh", *args,
+        env=cluster.client_env(**base_env()), cwd=REPO,
+    )  # fmt: skip
+    deadline = time.time() + 800
+    while True:
+        assert time.time() < deadline, cluster.daemon_logs()[-3000:]
+        if (out / "study.journal").is_file():
+            storage = optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))
+            )
+            trials = optuna.load_study(study_name="tune", storage=storage).get_trials()
+            if len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials):
+                break
+        time.sleep(1)
+    logs = "".join(p.read_text() for p in tmp_path.glob("tune-*.out"))
+    assert sorted(line.split("]")[0] for line in logs.splitlines() if line.endswith(": started")) == [
+        "[trial 0", "[trial 1", "[trial 2",
+    ]  # fmt: skip

@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cifar_dist.bench.args import add_bench_arguments
     from cifar_dist.experiments.compare import add_compare_arguments
     from cifar_dist.experiments.sweep import add_sweep_arguments
+    from cifar_dist.experiments.tune import add_tune_arguments
     from cifar_dist.inference.commands import add_export_arguments, add_predict_arguments
 
     _command(
@@ -183,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         "many seeds and settings as independent runs (locally, or a Slurm array)",
         add_sweep_arguments,
         "cifar_dist.experiments.sweep:run_sweep",
+    )
+    _command(
+        sub,
+        "tune",
+        "search settings with Optuna: pruned, resumable trials shared by many workers",
+        add_tune_arguments,
+        "cifar_dist.experiments.tune:run_tune",
     )
     _command(
         sub,

@@ -198,7 +198,7 @@ class Sweep:
         return len(self.members)
 
 
-def _slots(parallel: int) -> list[dict]:
+def slots(parallel: int) -> list[dict]:
     """Environment changes for each of ``parallel`` concurrent members: its own GPU, or its share of CPU threads."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
@@ -232,15 +232,16 @@ def _check_members(config: str | None, members: list[Member]) -> dict[int, str]:
     return refused
 
 
-class _Signals:
-    """Catches SIGTERM, SIGINT and SIGHUP while members run, for ``run_members`` to forward once
+class Signals:
+    """Catches SIGTERM, SIGINT and SIGHUP (and ``extra``) while members run, to forward once
     (members run in process groups of their own, so a terminal's Ctrl-C reaches them only so)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra: int) -> None:
         self.received: int | None = None
+        self.signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *extra)
 
     def __enter__(self):
-        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        self._old = {sig: signal.signal(sig, self._handle) for sig in self.signals}
         return self
 
     def _handle(self, signum, frame):
@@ -256,11 +257,11 @@ def run_members(sweep: Sweep, parallel: int, user_threads: bool) -> tuple[list[M
     signal that stopped the sweep (None if none did)."""
     todo = [m for m in sweep.members if m.state == "pending"]
     logs = own_folder(sweep.path / "logs")
-    idle_slots, total = _slots(parallel), len(sweep.members)
+    idle_slots, total = slots(parallel), len(sweep.members)
     running: dict[int, tuple] = {}  # member index -> (process, member, slot, start time, log file)
     todo_text = f"{total - len(todo)} done, {len(todo)} to run, {parallel} at a time"
     print(f"sweep {sweep.path}: {total} members, {todo_text}", flush=True)
-    with _Signals() as signals:
+    with Signals() as signals:
         forwarded = False
         try:
             while (todo and signals.received is None) or running:
@@ -301,11 +302,11 @@ def _start(sweep: Sweep, m: Member, slot: dict, log, user_threads: bool) -> subp
     env = dict(os.environ, CIFAR_DIST_REQUEUE="0", **{k: v for k, v in slot.items() if k != "threads"})
     threads = [f"run.threads={slot['threads']}"] if "threads" in slot and not user_threads else []
     cmd = [sys.executable, "-m", "cifar_dist.train", *sweep.train_args(m), *threads]
-    arm = _stop_with_parent(os.getpid())
+    arm = stop_with_parent(os.getpid())
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=arm)
 
 
-def _stop_with_parent(sweep_pid: int):
+def stop_with_parent(sweep_pid: int):
     """A member's preexec: SIGTERM when the sweep dies, even by SIGKILL (Linux's parent-death
     signal), so no member trains on as an orphan."""
 
