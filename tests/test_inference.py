@@ -188,6 +188,7 @@ def test_the_python_predict_takes_arrays_files_and_a_run(run_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two runs in this process and the reference's, on a busy machine
 def test_train_twice_in_one_process_gives_the_cli_runs_bits(reference, tmp_path):
     """The notebook case: two calls, each equal to the same run through the command line."""
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
