@@ -10,13 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifar_dist.config.loading import load_config
-from cifar_dist.config.plugins import require_trust
 from cifar_dist.config.schema import Config
 from cifar_dist.data import CLASSES, normalize
-from cifar_dist.errors import CheckpointError
-from cifar_dist.model.resnet import build_model
-from cifar_dist.storage.checkpoint import evaluated_weights, load_weights, locate_weights
+from cifar_dist.storage.checkpoint import load_trained
 from cifar_dist.trainer.evaluation import tta_logits
 
 SIZE = 32
@@ -35,15 +31,7 @@ class TrainedModel:
     def load(cls, path, device: torch.device | str = "cpu", trust_code: bool = False) -> TrainedModel:
         """From a run directory, a checkpoint or a .safetensors file beside its run's config.yaml;
         the weights the run evaluated (its EMA under ``eval.use_ema``)."""
-        weights, config, what = locate_weights(Path(path))
-        if not config.is_file():
-            raise CheckpointError(f"{config}: missing; predicting needs the run's config.yaml")
-        cfg = load_config(config)
-        require_trust(cfg.model.name, config, trust_code)
-        weights, what = evaluated_weights(weights, what, cfg, named=Path(path).is_file())
-        model = build_model(cfg.model)
-        load_weights(weights, model)
-        return cls(model.to(device).eval(), cfg, what)
+        return cls(*load_trained(path, device, trust_code, needed_by="predicting"))
 
 
 def read_image(path: Path) -> torch.Tensor:

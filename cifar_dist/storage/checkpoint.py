@@ -106,15 +106,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def load_model(path, device="cpu", trust_code: bool = False):
     """A trained model in eval mode from a run directory, a checkpoint directory or a
     ``.safetensors`` file; user code named by its config runs only with ``trust_code``."""
+    return load_trained(path, device, trust_code)[0]
+
+
+def load_trained(path, device="cpu", trust_code: bool = False, needed_by: str = "load_model"):
+    """(the model the run evaluated, in eval mode; the run's config; which weights, in words)."""
     weights, config, what = locate_weights(Path(path))
     if not config.is_file():
-        raise CheckpointError(f"{config}: missing; load_model needs the run's config.yaml")
+        raise CheckpointError(f"{config}: missing; {needed_by} needs the run's config.yaml")
     cfg = load_config(config)
     require_trust(cfg.model.name, config, trust_code)
-    weights, _ = evaluated_weights(weights, what, cfg, named=Path(path).is_file())
+    weights, what = evaluated_weights(weights, what, cfg, named=Path(path).is_file())
     model = build_model(cfg.model)
     load_weights(weights, model)
-    return model.to(device).eval()
+    return model.to(device).eval(), cfg, what
 
 
 def locate_weights(path) -> tuple[Path, Path, str]:
