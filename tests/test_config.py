@@ -212,21 +212,24 @@ def test_tf32_switches_gpu_matmuls_and_convolutions(monkeypatch):
 
     from cifar_dist.runtime.seeding import apply_tf32, set_tf32
 
-    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    before = flags()
     try:
         set_tf32(True)
+        assert flags() == (True, True)
         assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32",) * 2
         set_tf32(False)
-        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee",) * 2
+        assert flags() == (False, False)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         assert apply_tf32(load_config(None).run) is False  # no GPU: nothing to switch
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         assert apply_tf32(load_config(None).run) is True  # on by default on a GPU
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert flags() == (True, True)
         assert apply_tf32(load_config(None, ["run.deterministic=true"]).run) is False
-        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert flags() == (False, False)
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_scientific_notation_is_a_number_in_files_and_on_the_command_line(tmp_path):

@@ -26,14 +26,11 @@ def set_determinism(deterministic: bool, compiling: bool = False) -> None:
 
 
 def set_tf32(allowed: bool) -> None:
-    """TF32 tensor cores for fp32 matrix products and convolutions on GPUs (or IEEE fp32)."""
-    mode = "tf32" if allowed else "ieee"
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode  # type: ignore[attr-defined]  # not in the stubs
-    else:  # PyTorch before 2.9
-        torch.backends.cuda.matmul.allow_tf32 = allowed
-        torch.backends.cudnn.allow_tf32 = allowed
+    """TF32 tensor cores for fp32 matrix products and convolutions on GPUs (or IEEE fp32). Through
+    the flags every PyTorch version reads: the per-operator ones of 2.9+ follow them, whereas setting
+    only those leaves a mix that torch.export and the legacy getters refuse to read."""
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
 
 
 def apply_tf32(run_cfg) -> bool:

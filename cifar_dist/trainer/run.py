@@ -36,10 +36,11 @@ from cifar_dist.trainer.trainer import Trainer
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, user_callbacks=()) -> int:
     """Train as ``cfg`` says; returns the exit code (0; 130 after Ctrl-C). Raises UserError for bad input."""
-    with StopRequest() as stop:
-        code = _open_and_train(cfg, resume, overwrite, user_callbacks, stop)
-    release_process_group()  # its threads joined now, not in the interpreter's shutdown
-    return code
+    try:
+        with StopRequest() as stop:
+            return _open_and_train(cfg, resume, overwrite, user_callbacks, stop)
+    finally:  # also after a refusal: gloo's threads torn down at the interpreter's shutdown abort it
+        release_process_group()
 
 
 def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, stop: StopRequest) -> int:
