@@ -81,13 +81,3 @@ def test_mfu_is_never_above_one():
     assert _percent(None) == "n/a" and _percent(13.595) == "n/a" and _percent(0.123) == "12.3%"
 
 
-def test_a_long_cpu_run_is_announced_with_its_estimate_and_the_demo():
-    from cifar_dist.trainer.progress import long_cpu_run_warning
-
-    assert long_cpu_run_warning(370, 256, 1 / 184) is None  # the demo: 8.6 min
-    line = long_cpu_run_warning(23_400, 128, 1 / 25, flops_per_image=4.61e9)  # the paper's recipe
-    assert line == (
-        "cifar-dist: this run needs about 33 h 16 min of training on this CPU (23,400 steps x 128 "
-        "images x 4.61 GFLOP at 115.2 GFLOP/s measured here; evaluation not included); for a CPU demo "
-        "of a few minutes: cifar-dist train --config configs/cpu_quick.yaml"
-    )

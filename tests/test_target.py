@@ -51,21 +51,27 @@ def test_stop_at_target_ends_the_run_at_the_first_epoch_that_reaches_it(tmp_path
 
 def test_the_estimate_is_timed_between_control_reads(monkeypatch):
     """Steps 10 and 20 are control reads: 10 steps in 100 s is 10 s/step, and 980 steps to
-    go is 2 h 43 min. (A long CPU run is announced before its first step, with the demo:
-    test_a_long_cpu_run_is_announced_before_its_first_step.)"""
+    go is 2 h 43 min, which on a CPU also points to the demo (on a GPU it does not)."""
     from types import SimpleNamespace
 
     import torch
 
     from cifar_dist.trainer import progress
 
-    clock = iter([5.0, 105.0])
-    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
-    lines = []
-    eta = progress.EstimatedTime(lines.append)
-    eta.on_train_start(SimpleNamespace(rank=0, max_steps=1000, parts=SimpleNamespace(device=torch.device("cpu"))))
-    for step in range(1, 21):
-        eta.on_step_end(step, {"lr": 0.1, **({"train_loss": 2.0} if step % 10 == 0 else {})})
-    assert lines == [
-        "estimated time to finish: 2 h 43 min for 980 more steps (10 s/step over steps 10-20; evaluation not included)"
+    def estimate(device: str, seconds: float) -> list[str]:
+        clock = iter([5.0, 5.0 + seconds])
+        monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+        lines: list[str] = []
+        eta = progress.EstimatedTime(lines.append)
+        eta.on_train_start(SimpleNamespace(rank=0, max_steps=1000, device=torch.device(device)))
+        for step in range(1, 21):
+            eta.on_step_end(step, {"lr": 0.1, **({"train_loss": 2.0} if step % 10 == 0 else {})})
+        return lines
+
+    line = "estimated time to finish: 2 h 43 min for 980 more steps (10 s/step over steps 10-20; evaluation not included)"
+    assert estimate("meta", 100.0) == [line]
+    demo = "; for a CPU demo of a few minutes: cifar-dist train --config configs/cpu_quick.yaml"
+    assert estimate("cpu", 100.0) == [line + demo]
+    assert estimate("cpu", 30.0) == [  # 49 min to go: no pointer
+        "estimated time to finish: 49 min 00 s for 980 more steps (3 s/step over steps 10-20; evaluation not included)"
     ]

@@ -172,7 +172,7 @@ def test_cpu_quick_reaches_60_percent_on_real_cifar10(cifar_root, tmp_path, load
     print(res.stdout[-800:])
     assert s["epochs"] <= 2 and s["eval_images"] == 10000
     assert s["test_acc"] >= 0.60
-    assert "this run needs about" not in res.stdout  # minutes, not hours: no long-run line
+    assert "for a CPU demo" not in res.stdout  # minutes, not hours: no pointer to the demo
 
 
 @pytest.mark.timeout(600)
@@ -211,27 +211,29 @@ def test_eval_takes_a_checkpoint_an_unfinished_run_or_names_a_missing_path(smoke
     assert res.returncode == 2 and res.stderr.strip() == f"cifar-dist: {tmp_path / 'nowhere'}: not found"
 
 
-def test_a_long_cpu_run_is_announced_before_its_first_step(tmp_path):
-    """The paper's recipe on 50,000 synthetic images on a CPU: the estimate (hours) and the
-    demo command come before step 0, where the injected fault kills the run."""
+def test_a_long_cpu_run_points_to_the_demo_with_its_first_estimate(tmp_path):
+    """The CPU demo's model for 20,000 epochs of 8 steps: the estimate timed over its first steps
+    (hours) names the demo; the injected fault then kills the run."""
     from conftest import FAULT_ARG, fault_env
 
     res = cli(
         "train",
         "--config",
-        REPO / "configs" / "seed.yaml",
+        REPO / "configs" / "cpu_quick.yaml",
         "--out",
-        tmp_path / "paper",
+        tmp_path / "long",
         "data.synthetic=true",
-        "data.synthetic_train=50000",
+        "data.synthetic_train=2048",
         "data.synthetic_test=100",
-        "data.workers=0",
+        "train.epochs=20000",
         "run.progress=false",
+        "run.plots=false",
+        "checkpoint.every_epochs=0",
         FAULT_ARG,
-        env=fault_env("kill@0"),
+        env=fault_env("kill@24"),
         check=False,
     )
     assert res.returncode == -9, res.stderr[-2000:]
-    line = next(ln for ln in res.stdout.splitlines() if "this run needs about" in ln)
-    assert " h " in line and "23,400 steps x 128 images x 4.61 GFLOP" in line
-    assert line.endswith("for a CPU demo of a few minutes: cifar-dist train --config configs/cpu_quick.yaml")
+    line = next(ln for ln in res.stdout.splitlines() if "estimated time to finish" in ln)
+    assert " h " in line and "more steps" in line
+    assert line.endswith("; for a CPU demo of a few minutes: cifar-dist train --config configs/cpu_quick.yaml")

@@ -18,7 +18,6 @@ from cifar_dist.data import data_identity
 from cifar_dist.distributed.accelerator import is_deepspeed, make_accelerator, release_process_group
 from cifar_dist.distributed.collectives import barrier, print0, share_from_main, world_info
 from cifar_dist.errors import CheckpointError, Interrupted, TrainingFault, say
-from cifar_dist.model.layer_table import count_flops
 from cifar_dist.model.resnet import count_parameters
 from cifar_dist.runtime.provenance import device_name, git_sha, versions
 from cifar_dist.runtime.seeding import apply_tf32, set_determinism
@@ -29,7 +28,7 @@ from cifar_dist.storage.rundir import RunDir, default_run_dir, save_config
 from cifar_dist.storage.state import TrainState
 from cifar_dist.trainer import build
 from cifar_dist.trainer.callbacks import Callbacks, StopAtTarget, time_to_target
-from cifar_dist.trainer.progress import EstimatedTime, long_cpu_run_warning, progress_bars, seconds_per_image
+from cifar_dist.trainer.progress import EstimatedTime, progress_bars
 from cifar_dist.trainer.stopping import StopRequest
 from cifar_dist.trainer.trainer import Trainer
 
@@ -118,8 +117,6 @@ def _train(trainer: Trainer, rundir: RunDir, eval_name: str, images: str, starte
         f"= {world} x {cfg.train.accum_steps} x {shard.micro_batch} micro; {trainer.loader.steps_per_epoch} "
         f"steps/epoch, {images}; run dir {run_dir}"
     )
-    if trainer.rank == 0 and trainer.device.type == "cpu" and not trainer.deepspeed and trainer.ended is None:
-        _announce_long_cpu_run(trainer)
     state = trainer.fit()
     if trainer.preempted:
         return _stopped(trainer, rundir)
@@ -216,16 +213,6 @@ def _interrupted(rundir, rank: int, world: int):
         return Interrupted(f"interrupted before the first checkpoint; nothing to keep, {rundir.path} removed")
     rundir.close()
     return Interrupted(f"interrupted before the first checkpoint; {resume_command(rundir.path, world)} starts it again")
-
-
-def _announce_long_cpu_run(trainer: Trainer) -> None:
-    """Before the first step: a CPU run longer than an hour says so, with the demo to try instead."""
-    steps_left, images = trainer.max_steps - trainer.state.global_step, trainer.shard.per_process
-    batch = trainer.cfg.model.bn_group or min(trainer.shard.micro_batch, 8)  # BatchNorm groups must be whole
-    per_image = seconds_per_image(trainer.model, trainer.precision, trainer.cfg.run.channels_last, batch)
-    line = long_cpu_run_warning(steps_left, images, per_image)
-    if line:  # only a long run is worth counting its FLOPs, which the line then gives
-        print0(long_cpu_run_warning(steps_left, images, per_image, count_flops(trainer.model, train=True)) or line)
 
 
 def _mode_in_words(accelerator, world: int) -> str:
