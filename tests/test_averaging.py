@@ -16,10 +16,10 @@ from tally import Tally
 
 from cifar_dist.config.schema import LookaheadConfig
 from cifar_dist.errors import CheckpointError, ConfigError
+from cifar_dist.inference.evaluate import evaluate_model
 from cifar_dist.model.resnet import build_model
 from cifar_dist.trainer.averaging import EMA_FILE, LOOKAHEAD_FILE, Lookahead
 from cifar_dist.trainer.callbacks import STATE_FILE, Callbacks
-from cifar_dist.trainer.evaluation import evaluate_model
 
 from conftest import FAULT_ARG, SMOKE, accelerate_launch, cli, cli_here, fault_env, summary, torchrun
 from helpers import build, fit, restore

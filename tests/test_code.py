@@ -167,8 +167,9 @@ LAYERS = (
     "model",
     "data",
     "storage",
+    "inference",
     "trainer",
-    "bench experiments inference",
+    "bench experiments",
     "train",
     "cli",
 )

@@ -79,5 +79,3 @@ def test_mfu_is_never_above_one():
     from cifar_dist.bench.table import _percent
 
     assert _percent(None) == "n/a" and _percent(13.595) == "n/a" and _percent(0.123) == "12.3%"
-
-

@@ -17,9 +17,9 @@ from PIL import Image
 import cifar_dist
 from cifar_dist.data import CLASSES, build_datasets, normalize
 from cifar_dist.inference import export as export_module
+from cifar_dist.inference.evaluate import evaluate_model
 from cifar_dist.inference.hub import CifarClassifier
 from cifar_dist.inference.predict import TrainedModel
-from cifar_dist.trainer.evaluation import evaluate_model
 
 from conftest import REF_ARGS, SMOKE, cli_here, load_weights, summary
 

@@ -17,7 +17,7 @@ QUICK = [
 
 
 def test_time_to_target_counts_training_time_up_to_the_first_epoch_at_the_target():
-    from cifar_dist.trainer.callbacks import time_to_target
+    from cifar_dist.storage.results import time_to_target
 
     rows = [
         {"epoch": 1, "epoch_time_s": 10.0, "test_acc": 0.5},
@@ -68,7 +68,9 @@ def test_the_estimate_is_timed_between_control_reads(monkeypatch):
             eta.on_step_end(step, {"lr": 0.1, **({"train_loss": 2.0} if step % 10 == 0 else {})})
         return lines
 
-    line = "estimated time to finish: 2 h 43 min for 980 more steps (10 s/step over steps 10-20; evaluation not included)"
+    line = (
+        "estimated time to finish: 2 h 43 min for 980 more steps (10 s/step over steps 10-20; evaluation not included)"
+    )
     assert estimate("meta", 100.0) == [line]
     demo = "; for a CPU demo of a few minutes: cifar-dist train --config configs/cpu_quick.yaml"
     assert estimate("cpu", 100.0) == [line + demo]

@@ -14,7 +14,8 @@ import torch
 from cifar_dist.config.loading import load_config
 from cifar_dist.data import build_datasets, eval_batches, normalize
 from cifar_dist.data.tta import VIEWS, tta_views
-from cifar_dist.trainer.evaluation import Evaluator, evaluate_model, tta_logits
+from cifar_dist.inference.evaluate import evaluate_model, tta_logits
+from cifar_dist.trainer.evaluation import Evaluator
 
 from conftest import SMOKE, cli, cli_here, summary, torchrun
 

@@ -74,10 +74,10 @@ def _eval(args):
     import torch
 
     from cifar_dist.data import build_datasets
+    from cifar_dist.inference.evaluate import evaluate_model
     from cifar_dist.model.resnet import build_model
     from cifar_dist.storage.checkpoint import evaluated_weights, load_weights, locate_weights
     from cifar_dist.storage.plots import plot_confusion
-    from cifar_dist.trainer.evaluation import evaluate_model
 
     asked = _eval_overrides(args.overrides)
     weights, config, what = locate_weights(Path(args.checkpoint))

@@ -12,8 +12,8 @@ import torch
 
 from cifar_dist.config.schema import Config
 from cifar_dist.data import CLASSES, normalize
+from cifar_dist.inference.evaluate import tta_logits
 from cifar_dist.storage.checkpoint import load_trained
-from cifar_dist.trainer.evaluation import tta_logits
 
 SIZE = 32
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}

@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,14 +109,34 @@ def mfu(achieved_flops: float, peak_flops: float | None) -> float | None:
     return achieved_flops / peak_flops
 
 
+@dataclass
+class Throughput:
+    """FLOP/s and MFU of a figure of images/s: the FLOPs of a trained image and the device's peak."""
+
+    flops_per_image: float | None  # forward + backward; None: a model the counter cannot trace
+    peak_flops: float | None  # per device, in the run's precision
+    peak_source: str
+
+    def figures(self, images_per_s_per_device: float) -> dict:
+        """``tflops_per_s`` and ``mfu`` per device (None where the FLOPs or the peak are unknown)."""
+        if not self.flops_per_image:
+            return {"tflops_per_s": None, "mfu": None}
+        achieved = images_per_s_per_device * self.flops_per_image
+        return {"tflops_per_s": achieved / 1e12, "mfu": mfu(achieved, self.peak_flops)}
+
+
 # --- measurements cached per machine -------------------------------------------------------------
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory: on CUDA the most allocated since the last reset, elsewhere the peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def peak_memory_bytes(device: torch.device, reset: bool = False) -> int:
+    """Peak memory: on CUDA the most allocated since the last reset (``reset``: start anew), elsewhere
+    the process's peak RSS so far (the kernel keeps no other figure)."""
+    if device.type != "cuda":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = torch.cuda.max_memory_allocated(device)
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def cache_dir() -> Path:

@@ -108,18 +108,6 @@ def load_callbacks(specs) -> Callbacks:
     return Callbacks(items, specs)
 
 
-def time_to_target(history: list[dict], target: float) -> dict:
-    """``time_to_target_s`` and ``epochs_to_target`` from the rows (None: not reached; {}: no target)."""
-    if not target:
-        return {}
-    elapsed = 0.0
-    for row in history:
-        elapsed += row["epoch_time_s"]
-        if row.get("test_acc") is not None and row["test_acc"] >= target:
-            return {"target_acc": target, "time_to_target_s": elapsed, "epochs_to_target": row["epoch"]}
-    return {"target_acc": target, "time_to_target_s": None, "epochs_to_target": None}
-
-
 class StopAtTarget(Callback):
     """Ends the run after the first evaluation at or above the target; stateless (such a run has ended)."""
 

@@ -12,7 +12,7 @@ from cifar_dist.distributed.collectives import all_reduce_max, all_reduce_sum, s
 from cifar_dist.model.layer_table import count_flops
 from cifar_dist.model.optim import lr_at
 from cifar_dist.model.resnet import build_model
-from cifar_dist.runtime.hardware import device_peak, mfu, peak_memory_bytes
+from cifar_dist.runtime.hardware import Throughput, device_peak, peak_memory_bytes
 from cifar_dist.runtime.provenance import device_name
 from cifar_dist.storage.state import LOSS_UNIT, TrainState
 
@@ -53,46 +53,20 @@ class EpochTotals:
         return {"loss_units": loss, "correct": correct, "count": count}
 
 
-@dataclass
-class Throughput:
-    """FLOP/s and MFU of the rows: the bench's FLOP count and peak table, found once before the first
-    step on a fresh model with the random generators put back."""
+def measure_throughput(cfg, device: torch.device) -> Throughput:
+    """The rows' FLOP/s and MFU figures: rank 0 counts a fresh model's FLOPs (the random generators put
+    back) and looks up the peak; every rank takes them, so that the rows agree."""
 
-    flops_per_image: float | None  # forward + backward
-    peak_flops: float | None  # per device, in the run's precision
-    peak_source: str
+    def find():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            try:
+                flops = count_flops(build_model(cfg.model), train=True)
+            except Exception:  # a user's model the counter cannot trace: MFU is then unknown
+                flops = None
+        tf32 = cfg.run.tf32 and not cfg.run.deterministic
+        return Throughput(flops, *device_peak(device, device_name(device), cfg.run.precision, tf32))
 
-    @classmethod
-    def measure(cls, cfg, device: torch.device) -> Throughput:
-        """Rank 0 counts and looks up; every rank takes its figures (so the rows agree)."""
-
-        def find():
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                try:
-                    flops = count_flops(build_model(cfg.model), train=True)
-                except Exception:  # a user's model the counter cannot trace: MFU is then unknown
-                    flops = None
-                tf32 = cfg.run.tf32 and not cfg.run.deterministic
-                peak, source = device_peak(device, device_name(device), cfg.run.precision, tf32)
-            return flops, peak, source
-
-        return cls(*share_from_main(find))
-
-    def figures(self, images_per_s_per_device: float) -> dict:
-        """``tflops_per_s`` and ``mfu`` per device (None where the FLOPs or the peak are unknown)."""
-        if not self.flops_per_image:
-            return {"tflops_per_s": None, "mfu": None}
-        achieved = images_per_s_per_device * self.flops_per_image
-        return {"tflops_per_s": achieved / 1e12, "mfu": mfu(achieved, self.peak_flops)}
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """This process's peak memory in GB (1e9 bytes): on CUDA since the last call (each epoch row its
-    own), elsewhere the process's peak resident set so far (the kernel keeps no per-epoch figure)."""
-    peak = peak_memory_bytes(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    return peak / 1e9
+    return share_from_main(find)
 
 
 class EpochRun:
@@ -119,7 +93,8 @@ class EpochRun:
         """The epoch's metrics row over all ranks (one host read); memory is the most any process used."""
         elapsed = time.perf_counter() - self.start
         sums = all_reduce_sum(self.totals.stacked())
-        memory = all_reduce_max(torch.tensor([peak_memory_gb(self.device)], device=sums.device, dtype=sums.dtype))
+        peak = peak_memory_bytes(self.device, reset=True) / 1e9  # each epoch its own on CUDA
+        memory = all_reduce_max(torch.tensor([peak], device=sums.device, dtype=sums.dtype))
         loss, correct, count, peak_gb = torch.cat([sums, memory]).tolist()
         count = max(count, 1.0)
         images_per_s = self.steps_run * self.images / max(elapsed, 1e-9)

@@ -8,20 +8,12 @@ from cifar_dist.distributed.collectives import print0
 from cifar_dist.trainer.callbacks import Callback
 
 
-class _Silent:
-    def __init__(self, **kw): ...
-    def update(self, n=1): ...
-    def set_postfix(self, **kw): ...
-    def close(self): ...
-
-
 def progress_bars(enabled: bool):
-    """A factory of tqdm progress bars counting images (so they show images/s), or of silent stand-ins."""
-    if not enabled:
-        return _Silent
+    """A factory of tqdm progress bars counting images (so they show images/s); silent ones when off."""
     from tqdm.auto import tqdm
 
-    return lambda **kw: tqdm(unit="img", unit_scale=True, mininterval=1.0, dynamic_ncols=True, leave=False, **kw)
+    options = dict(unit="img", unit_scale=True, mininterval=1.0, dynamic_ncols=True, leave=False, disable=not enabled)
+    return lambda **kw: tqdm(**options, **kw)
 
 
 def duration(seconds: float) -> str:

@@ -3,7 +3,6 @@ what the run leaves behind (weights, summary.json, plots), or its checkpoint whe
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -21,13 +20,13 @@ from cifar_dist.errors import CheckpointError, Interrupted, TrainingFault, say
 from cifar_dist.model.resnet import count_parameters
 from cifar_dist.runtime.provenance import device_name, git_sha, versions
 from cifar_dist.runtime.seeding import apply_tf32, set_determinism
-from cifar_dist.storage import plots
-from cifar_dist.storage.checkpoint import list_checkpoints, save_weights
-from cifar_dist.storage.files import write_json_atomic, write_text_atomic
+from cifar_dist.storage.checkpoint import list_checkpoints
+from cifar_dist.storage.files import write_text_atomic
+from cifar_dist.storage.results import results_of_step, time_to_target, write_results
 from cifar_dist.storage.rundir import RunDir, default_run_dir, save_config
 from cifar_dist.storage.state import TrainState
 from cifar_dist.trainer import build
-from cifar_dist.trainer.callbacks import Callbacks, StopAtTarget, time_to_target
+from cifar_dist.trainer.callbacks import Callbacks, StopAtTarget
 from cifar_dist.trainer.progress import EstimatedTime, progress_bars
 from cifar_dist.trainer.stopping import StopRequest
 from cifar_dist.trainer.trainer import Trainer
@@ -96,7 +95,7 @@ def _train(trainer: Trainer, rundir: RunDir, eval_name: str, images: str, starte
     """Train, then write the results."""
     cfg, state, run_dir, world = trainer.cfg, trainer.state, rundir.path, trainer.world
     if trainer.ended is not None:
-        if share_from_main(lambda: _results_of_step(run_dir, state.global_step)):
+        if share_from_main(lambda: results_of_step(run_dir, state.global_step)):
             print0(f"{run_dir}: already finished ({trainer.ended.value}, step {state.global_step}); nothing to do")
             rundir.close()
             trainer.accelerator.end_training()
@@ -133,15 +132,6 @@ def _train(trainer: Trainer, rundir: RunDir, eval_name: str, images: str, starte
     rundir.close()
     trainer.accelerator.end_training()
     return 0
-
-
-def _results_of_step(run_dir: Path, step: int) -> bool:
-    """Whether ``run_dir``'s summary.json is that of training that ended at ``step``."""
-    try:
-        written = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(written, dict) and written.get("steps") == step
 
 
 def _stopped(trainer: Trainer, rundir: RunDir) -> int:
@@ -267,15 +257,10 @@ def _summary(trainer: Trainer, final: dict, eval_name: str, wall: float) -> dict
 
 
 def _write_results(trainer: Trainer, summary: dict, final: dict) -> None:
-    """Rank 0: weights, confusion matrix, plots and, last, summary.json (which marks the run finished)."""
-    run_dir, cfg = trainer.run_dir, trainer.cfg
+    """Rank 0: the run's results (summary.json last, which marks the run finished) and its last line."""
+    run_dir = trainer.run_dir
     assert run_dir is not None
-    save_weights(trainer.evaluated, run_dir / "model.safetensors")
-    confusion = {"classes": list(plots.CLASSES), "rows_true_cols_pred": final["confusion"]}
-    write_json_atomic(run_dir / "confusion_matrix.json", confusion, indent=None)
-    if cfg.run.plots:
-        plots.draw_run(run_dir)
-    write_json_atomic(run_dir / "summary.json", summary)
+    write_results(run_dir, trainer.evaluated, summary, final["confusion"], trainer.cfg.run.plots)
     if trainer.metrics is not None:
         trainer.metrics.close()
     tta = "" if summary["tta"] == "none" else f", {summary['tta']} TTA: {summary['tta_views']} views"

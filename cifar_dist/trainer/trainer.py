@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cifar_dist.config.schema import Config, flatten
+from cifar_dist.config.schema import Config
 from cifar_dist.data import Loader, Shard, build_train_loader, normalize
 from cifar_dist.distributed.accelerator import is_deepspeed
 from cifar_dist.distributed.collectives import all_reduce_max, all_reduce_sum, print0
@@ -22,7 +22,6 @@ from cifar_dist.model.loss import smoothed_cross_entropy
 from cifar_dist.model.optim import lr_at, schedule_steps, set_lr
 from cifar_dist.storage.metrics import MetricsLog
 from cifar_dist.storage.state import LOSS_UNIT, TrainState
-from cifar_dist.storage.trackers import Trackers, tracker_places
 from cifar_dist.trainer.averaging import WeightAverages
 from cifar_dist.trainer.build import (
     build_model_seeded,
@@ -35,7 +34,7 @@ from cifar_dist.trainer.build import (
 from cifar_dist.trainer.callbacks import Callbacks
 from cifar_dist.trainer.checkpointer import Checkpointer, DeepSpeedWeights, Weights
 from cifar_dist.trainer.control import Control
-from cifar_dist.trainer.epoch import EpochRun, EpochTotals, Throughput, epoch_line
+from cifar_dist.trainer.epoch import EpochRun, EpochTotals, epoch_line, measure_throughput
 from cifar_dist.trainer.evaluation import Evaluator
 from cifar_dist.trainer.precision import Precision
 from cifar_dist.trainer.profiling import RunProfile, data_waits, span
@@ -144,7 +143,6 @@ class Trainer:
         """Train on from ``state``: a fresh run's, or a checkpoint's (``restore``)."""
         self.state = state
         self.control = Control(self.precision, self.device, state.global_step, state.skipped_steps)
-        self.loss_logged_at = state.global_step  # the step of the last running loss sent to the trackers
         if self._finished():  # a longer train.max_steps lets a finished run go on
             self.ended = StopReason.FINISHED
         elif state.ended and state.ended != StopReason.FINISHED.value:
@@ -186,7 +184,7 @@ class Trainer:
         """Train until a ``StopReason`` (``request_stop``); returns the state where training stands."""
         state = self.state
         self._open_metrics()
-        self.throughput = Throughput.measure(self.cfg, self.device)
+        self.throughput = measure_throughput(self.cfg, self.device)
         profile = RunProfile(self.cfg.run.profile, self.run_dir, self.device, state.global_step, self.max_steps)
         with self.stop, profile:
             self.stop.phase = "train"
@@ -218,15 +216,8 @@ class Trainer:
         return state
 
     def _open_metrics(self) -> None:
-        if self.metrics is not None or self.run_dir is None or self.rank != 0:
-            return
-        cfg = self.cfg
-        trackers = Trackers.start(
-            cfg.run.trackers, self.run_dir, cfg.name, flatten(cfg.to_dict()), self.state.global_step, self.state.history
-        )
-        self.metrics = MetricsLog(self.run_dir, self.state.history, trackers)
-        if cfg.run.trackers:
-            print0(f"trackers: {tracker_places(cfg.run.trackers, self.run_dir)}")
+        if self.metrics is None and self.run_dir is not None and self.rank == 0:
+            self.metrics = MetricsLog.start(self.run_dir, self.cfg, self.state.global_step, self.state.history)
 
     def _stop_asked_before_start(self) -> bool:
         """Any rank's stop asked while the run started up (one collective, before the first step)."""
@@ -243,18 +234,12 @@ class Trainer:
             self.state.skipped_steps = reading.skipped
             metrics["train_loss"] = reading.loss_sum * LOSS_UNIT / max(epoch.totals.count, 1)
             epoch.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
-            self._log_loss(metrics["train_loss"], step)
+            if self.metrics is not None:
+                self.metrics.log_loss(metrics["train_loss"], step)
             if reading.stop_votes > 0:
                 self.request_stop(self._asked_from_outside())
         self.averages.after_step(step)  # EMA, Lookahead: of the weights with synced statistics
         return metrics
-
-    def _log_loss(self, loss: float, step: int) -> None:
-        """At a control read (no extra one): the running loss to the trackers every run.log_every_steps."""
-        every = self.cfg.run.log_every_steps
-        if every and self.metrics is not None and step // every > self.loss_logged_at // every:
-            self.loss_logged_at = step
-            self.metrics.log_loss(loss, step)
 
     def steady_step(self, batch, step: int, totals: EpochTotals) -> bool:
         """Step ``step`` as ``fit`` runs it mid-epoch (the benchmark's); returns whether the host read."""
