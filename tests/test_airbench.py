@@ -134,12 +134,12 @@ def test_the_whitening_init_equals_a_hand_computation_on_a_fixed_batch():
 
 
 def test_a_run_starts_from_the_whitening_of_its_first_training_images(tmp_path):
-    parts = build(tmp_path / "run", *PIECES)
-    images = parts.loader._loader.dataset.data.images[:5000]
+    trainer = build(tmp_path / "run", *PIECES)
+    images = trainer.loader._loader.dataset.data.images[:5000]
     from cifar_dist.data import normalize
 
-    expected = whitening_weights(normalize(images, parts.cfg.data.mean, parts.cfg.data.std, channels_last=False))
-    assert torch.equal(parts.model.whiten.weight.detach(), expected.float())
+    expected = whitening_weights(normalize(images, trainer.cfg.data.mean, trainer.cfg.data.std, channels_last=False))
+    assert torch.equal(trainer.model.whiten.weight.detach(), expected.float())
 
 
 def test_the_whitening_bias_trains_in_its_epochs_only_and_the_batchnorm_biases_at_64x():
@@ -172,9 +172,9 @@ def test_a_frozen_whitening_bias_does_not_move_in_training(tmp_path):
 
     # without Lookahead, whose slow weights would pull it (as in airbench, where it averages them too)
     pieces = [p for p in PIECES if not p.startswith("train.lookahead")]
-    parts = build(tmp_path / "run", *pieces, "train.epochs=2", callbacks=[Watch()])
-    start = parts.model.whiten.bias.detach().clone()
-    fit(parts)
+    trainer = build(tmp_path / "run", *pieces, "train.epochs=2", callbacks=[Watch()])
+    start = trainer.model.whiten.bias.detach().clone()
+    fit(trainer)
     assert not torch.equal(seen[0], start)  # trained in epoch 1
     assert torch.equal(seen[1], seen[0])  # frozen after it: no step, no momentum, no decay
 
@@ -251,19 +251,19 @@ def test_the_pieces_deliver_the_same_pixels_for_1_and_2_processes():
 
 
 def test_fractional_epochs_stop_inside_the_last_epoch_and_schedule_over_it(tmp_path):
-    parts = build(tmp_path / "run", "train.epochs=1.5", "checkpoint.every_steps=2", "checkpoint.keep=10")
-    state = fit(parts)
+    trainer = build(tmp_path / "run", "train.epochs=1.5", "checkpoint.every_steps=2", "checkpoint.keep=10")
+    state = fit(trainer)
     assert state.global_step == math.ceil(1.5 * SPE) == 12
     assert [r["epoch"] for r in state.history] == [1, 2] and state.epoch == 1 and state.step_in_epoch == 4
     # the schedule ends at step 12, not 16: warm-up to step 4, then 8 steps down, the last at 1/8
-    assert lr_at(11, parts.cfg.train, SPE) == pytest.approx(parts.cfg.train.lr / 8)
+    assert lr_at(11, trainer.cfg.train, SPE) == pytest.approx(trainer.cfg.train.lr / 8)
     # a resume from inside the last epoch ends at the same step with the same weights
     resumed = build(tmp_path / "copy", "train.epochs=1.5")
-    shutil.copytree(parts.run_dir / "checkpoints" / "step_00000010", tmp_path / "copy" / "ckpt")
+    shutil.copytree(trainer.run_dir / "checkpoints" / "step_00000010", tmp_path / "copy" / "ckpt")
     again = fit(resumed, restore(resumed, tmp_path / "copy" / "ckpt"))
     assert again.global_step == 12
     assert all(
-        torch.equal(a, b) for a, b in zip(parts.model.state_dict().values(), resumed.model.state_dict().values())
+        torch.equal(a, b) for a, b in zip(trainer.model.state_dict().values(), resumed.model.state_dict().values())
     )
 
 

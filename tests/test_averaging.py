@@ -48,7 +48,7 @@ def test_the_ema_is_the_hand_computed_average_of_weights_and_batchnorm_buffers(t
     """decay 0.8, every 2nd step, a plain copy for the first 2 steps, 7 steps: copies after
     steps 1 and 2, averages after 4 and 6, nothing after 7 (num_batches_tracked says 6)."""
     recorder = Recorder()
-    parts = build(
+    trainer = build(
         tmp_path / "run",
         "train.max_steps=7",
         "train.ema.decay=0.8",
@@ -56,20 +56,20 @@ def test_the_ema_is_the_hand_computed_average_of_weights_and_batchnorm_buffers(t
         "train.ema.warmup_steps=2",
         callbacks=[recorder],
     )
-    fit(parts)
+    fit(trainer)
     expected = dict(recorder.seen[0])
     for done, w in enumerate(recorder.seen[1:], start=1):
         if done <= 2:
             expected = dict(w)
         elif done % 2 == 0:
             expected = {k: 0.8 * expected[k] + 0.2 * w[k] if w[k].is_floating_point() else w[k] for k in w}
-    ema = parts.averages.ema.module.state_dict()
+    ema = trainer.averages.ema.module.state_dict()
     assert ema.keys() == expected.keys() and any("running_var" in k for k in ema)
     for k, v in ema.items():
         assert v.dtype == (torch.float32 if v.is_floating_point() else torch.int64), k
         torch.testing.assert_close(v.double(), expected[k].double(), rtol=1e-5, atol=1e-6, msg=k)
     tracked = [k for k in ema if k.endswith("num_batches_tracked")]
-    assert tracked and all(int(ema[k]) == 6 and int(parts.model.state_dict()[k]) == 7 for k in tracked)
+    assert tracked and all(int(ema[k]) == 6 and int(trainer.model.state_dict()[k]) == 7 for k in tracked)
 
 
 def test_lookahead_is_the_hand_computed_slow_and_fast_weights_after_2k_steps():
@@ -133,17 +133,17 @@ def test_eval_use_ema_evaluates_the_ema_weights_and_leaves_training_alone(tmp_pa
         use: build(tmp_path / f"use_ema_{use}", "train.max_steps=3", "train.ema.decay=0.5", f"eval.use_ema={use}")
         for use in ("true", "false")
     }
-    for parts in runs.values():
-        fit(parts)
+    for trainer in runs.values():
+        fit(trainer)
     on, off = runs["true"], runs["false"]
     assert all(torch.equal(v, _state(off.model)[k]) for k, v in _state(on.model).items())
     assert all(torch.equal(v, _state(off.averages.ema.module)[k]) for k, v in _state(on.averages.ema.module).items())
     assert on.evaluated is on.averages.ema.module and off.evaluated is off.model
-    for parts, weights in ((on, _state(on.averages.ema.module)), (off, _state(off.model))):
-        fresh = build_model(parts.cfg.model).to(memory_format=torch.channels_last)
+    for trainer, weights in ((on, _state(on.averages.ema.module)), (off, _state(off.model))):
+        fresh = build_model(trainer.cfg.model).to(memory_format=torch.channels_last)
         fresh.load_state_dict(weights)
-        again = evaluate_model(fresh, parts.evaluator.eval_set, parts.cfg, parts.device)
-        assert parts.evaluator.last["acc"] == again["acc"] and parts.evaluator.last["loss"] == pytest.approx(
+        again = evaluate_model(fresh, trainer.evaluator.eval_set, trainer.cfg, trainer.device)
+        assert trainer.evaluator.last["acc"] == again["acc"] and trainer.evaluator.last["loss"] == pytest.approx(
             again["loss"], rel=1e-6
         )
     assert on.evaluator.last["loss"] != off.evaluator.last["loss"]  # decay 0.5: other weights
@@ -242,12 +242,12 @@ def test_a_resume_continues_the_ema_lookahead_and_callback_state_exactly(tmp_pat
 
 
 def test_a_checkpoint_without_the_average_a_run_keeps_is_one_line(tmp_path):
-    parts = build(tmp_path / "run", "train.max_steps=1", "train.lookahead.k=2")
-    fit(parts)
+    trainer = build(tmp_path / "run", "train.max_steps=1", "train.lookahead.k=2")
+    fit(trainer)
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
     (ckpt / LOOKAHEAD_FILE).unlink()
     with pytest.raises(CheckpointError, match=f"{LOOKAHEAD_FILE}: missing"):
-        parts.averages.load(ckpt)
+        trainer.averages.load(ckpt)
 
 
 class Plain:

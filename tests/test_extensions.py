@@ -70,8 +70,8 @@ def test_a_callback_stops_the_run_after_the_step_it_asks_at(tmp_path, user_code)
     from cifar_dist.trainer.callbacks import load_callbacks
 
     callbacks = load_callbacks(["user_code:StopAtStep"])
-    parts = build(tmp_path / "run", callbacks=callbacks.items)
-    state = fit(parts)
+    trainer = build(tmp_path / "run", callbacks=callbacks.items)
+    state = fit(trainer)
     seen = callbacks.items[0].seen
     assert state.global_step == 6 and [s for kind, s, _ in seen if kind == "step"] == list(range(1, 7))
     assert seen[-1][0] == "epoch" and seen[-1][1] == 6 and seen[-1][2] is not None  # evaluated like a last epoch

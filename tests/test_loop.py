@@ -21,8 +21,8 @@ from cifar_dist.trainer.stopping import StopReason
 from helpers import SPE, build, fit, restore
 
 
-def weights(parts) -> dict:
-    return {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
+def weights(trainer) -> dict:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
 def poison(model) -> None:
@@ -37,21 +37,21 @@ def checkpoint_steps(run_dir) -> list[int]:
 
 
 class AroundSteps:
-    """A callback: ``before(parts, step)`` and ``after(parts, step)`` around every step fit runs."""
+    """A callback: ``before(trainer, step)`` and ``after(trainer, step)`` around every step fit runs."""
 
     def __init__(self, before=None, after=None):
-        self.before, self.after, self.parts = before, after, None
+        self.before, self.after, self.trainer = before, after, None
 
     def on_train_start(self, run):
-        self.parts = run
+        self.trainer = run
 
     def on_step_start(self, step):  # ``before``/``after`` get the step's index from 0
         if self.before is not None:
-            self.before(self.parts, step - 1)
+            self.before(self.trainer, step - 1)
 
     def on_step_end(self, step, metrics):
         if self.after is not None:
-            self.after(self.parts, step - 1)
+            self.after(self.trainer, step - 1)
 
 
 class LrLog(list):
@@ -83,25 +83,25 @@ def commits(monkeypatch):
 
 
 def test_train_step_returns_a_device_flag_updates_the_weights_and_clears_gradients(tmp_path):
-    parts = build(tmp_path / "run")
-    before = weights(parts)
-    totals = EpochTotals.start(parts.device)
-    micro = next(iter(parts.loader.iter_epoch(0)))
-    bad = parts.train_step(micro, 1, totals)
-    assert isinstance(bad, torch.Tensor) and bad.dim() == 0 and bad.device == parts.device
+    trainer = build(tmp_path / "run")
+    before = weights(trainer)
+    totals = EpochTotals.start(trainer.device)
+    micro = next(iter(trainer.loader.iter_epoch(0)))
+    bad = trainer.train_step(micro, 1, totals)
+    assert isinstance(bad, torch.Tensor) and bad.dim() == 0 and bad.device == trainer.device
     assert float(bad) == 0.0 and totals.count == 64
-    assert all(q.grad is None for q in parts.model.parameters())
+    assert all(q.grad is None for q in trainer.model.parameters())
     # step 0 of the one-cycle schedule runs at lr 0: nothing may move yet
-    assert all(torch.equal(before[k], v) for k, v in weights(parts).items() if "weight" in k)
-    bad = parts.train_step(micro, 2, totals)
-    assert any(not torch.equal(before[k], v) for k, v in weights(parts).items() if "weight" in k)
-    poison(parts.model)
-    assert float(parts.train_step(micro, 3, totals)) > 0
+    assert all(torch.equal(before[k], v) for k, v in weights(trainer).items() if "weight" in k)
+    bad = trainer.train_step(micro, 2, totals)
+    assert any(not torch.equal(before[k], v) for k, v in weights(trainer).items() if "weight" in k)
+    poison(trainer.model)
+    assert float(trainer.train_step(micro, 3, totals)) > 0
 
 
 def test_fit_steps_the_one_cycle_schedule_at_every_step_and_after_a_resume(tmp_path, lr_log):
-    parts = build(tmp_path / "run", "checkpoint.every_steps=5", "checkpoint.keep=10", callbacks=[lr_log])
-    state = fit(parts)
+    trainer = build(tmp_path / "run", "checkpoint.every_steps=5", "checkpoint.keep=10", callbacks=[lr_log])
+    state = fit(trainer)
     # smoke: lr 0.2, linear warm-up over half an epoch (4 steps), then linear to 0 at step 16
     expected = [0.2 * s / 4 if s < 4 else 0.2 * (16 - s) / 12 for s in range(16)]
     assert [s for s, _ in lr_log] == list(range(16))
@@ -109,14 +109,14 @@ def test_fit_steps_the_one_cycle_schedule_at_every_step_and_after_a_resume(tmp_p
     assert [r["lr"] for r in state.history] == pytest.approx([expected[7], expected[15]])
     lr_log.clear()
     again = build(tmp_path / "again", callbacks=[lr_log])
-    fit(again, restore(again, parts.run_dir / "checkpoints" / "step_00000005"))
+    fit(again, restore(again, trainer.run_dir / "checkpoints" / "step_00000005"))
     assert lr_log == [(s, pytest.approx(expected[s], abs=1e-12)) for s in range(5, 16)]
 
 
 def test_the_papers_epoch_schedule_is_constant_within_an_epoch(tmp_path, lr_log):
     """schedule_unit=epoch: like the paper's LambdaLR stepped once per epoch, the first
     epoch of warm-up runs at lr 0, and cosine then takes over from the second."""
-    parts = build(
+    trainer = build(
         tmp_path / "run",
         "train.schedule=warmup_cosine",
         "train.schedule_unit=epoch",
@@ -125,19 +125,19 @@ def test_the_papers_epoch_schedule_is_constant_within_an_epoch(tmp_path, lr_log)
         "train.lr=0.1",
         callbacks=[lr_log],
     )
-    fit(parts)
+    fit(trainer)
     per_epoch = [0.0, 0.1, 0.1 * 0.5 * (1 + math.cos(math.pi / 2))]
     assert [lr for _, lr in lr_log] == pytest.approx([lr for lr in per_epoch for _ in range(SPE)], abs=1e-12)
 
 
 def test_checkpoint_schedule_every_steps_and_every_epoch_and_keep(tmp_path, commits):
-    parts = build(tmp_path / "run", "checkpoint.every_steps=3", "checkpoint.every_epochs=1", "checkpoint.keep=2")
-    fit(parts)
+    trainer = build(tmp_path / "run", "checkpoint.every_steps=3", "checkpoint.every_epochs=1", "checkpoint.keep=2")
+    fit(trainer)
     # every 3 steps inside an epoch, each epoch end (8), and the end of training (16)
     assert commits == [3, 6, 8, 9, 12, 15, 16]
-    assert checkpoint_steps(parts.run_dir) == [15, 16]  # keep=2
-    assert not list((parts.run_dir / "checkpoints").glob(".tmp-*"))
-    state = json.loads((parts.run_dir / "checkpoints" / "step_00000015" / "state.json").read_text())
+    assert checkpoint_steps(trainer.run_dir) == [15, 16]  # keep=2
+    assert not list((trainer.run_dir / "checkpoints").glob(".tmp-*"))
+    state = json.loads((trainer.run_dir / "checkpoints" / "step_00000015" / "state.json").read_text())
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 7, 15)
     assert state["partial"]["count"] == 7 * 64  # the epoch's running loss survives a resume
 
@@ -150,17 +150,17 @@ def test_epoch_checkpoints_follow_every_epochs(tmp_path, commits):
 def test_a_nan_stops_fit_naming_its_step_before_any_checkpoint_holds_it(tmp_path, commits):
     """A NaN weight before the 5th step (step 5: steps are counted from 1): the check due with
     checkpoint 6 reads the flag first, so only checkpoint 3 exists, and it is finite."""
-    parts = build(
+    trainer = build(
         tmp_path / "run",
         "checkpoint.every_steps=3",
         callbacks=[AroundSteps(before=lambda p, step: poison(p.model) if step == 4 else None)],
     )
     with pytest.raises(NonFiniteError, match=r"became NaN/Inf at step 5 \(epoch 1\)"):
-        fit(parts)
-    assert commits == [3] and checkpoint_steps(parts.run_dir) == [3]
+        fit(trainer)
+    assert commits == [3] and checkpoint_steps(trainer.run_dir) == [3]
     from safetensors.torch import load_file
 
-    saved = load_file(str(parts.run_dir / "checkpoints" / "step_00000003" / "model.safetensors"))
+    saved = load_file(str(trainer.run_dir / "checkpoints" / "step_00000003" / "model.safetensors"))
     assert all(bool(v.float().isfinite().all()) for v in saved.values())
 
 
@@ -169,17 +169,16 @@ def test_a_stop_request_checkpoints_at_the_next_control_read_and_resuming_gives_
     CONTROL_EVERY steps, so the run stops after step 10 with a mid-epoch checkpoint."""
     reference = build(tmp_path / "reference")
     fit(reference)
-    parts = build(
+    trainer = build(
         tmp_path / "run",
         callbacks=[AroundSteps(before=lambda p, step: p.stop.stop_file.write_text("") if step == 8 else None)],
     )
-    trainer = parts
     state = trainer.fit()
     assert trainer.stop_reason is StopReason.STOP_FILE
     assert CONTROL_EVERY == 10 and state.global_step == 10
-    assert checkpoint_steps(parts.run_dir) == [8, 10]
+    assert checkpoint_steps(trainer.run_dir) == [8, 10]
     resumed = build(tmp_path / "resumed")
-    fit(resumed, restore(resumed, parts.run_dir / "checkpoints" / "step_00000010"))
+    fit(resumed, restore(resumed, trainer.run_dir / "checkpoints" / "step_00000010"))
     assert all(torch.equal(v, weights(resumed)[k]) for k, v in weights(reference).items())
 
 
@@ -200,10 +199,10 @@ def test_resume_from_a_mid_epoch_checkpoint_gives_the_same_weights_and_history(t
 
 
 def test_evaluation_runs_when_due_and_counts_every_image_once(tmp_path):
-    parts = build(tmp_path / "run", "eval.every_epochs=2", "train.epochs=3", "data.eval_batch_size=100")
-    state = fit(parts)
+    trainer = build(tmp_path / "run", "eval.every_epochs=2", "train.epochs=3", "data.eval_batch_size=100")
+    state = fit(trainer)
     assert ["test_acc" in r for r in state.history] == [False, True, True]
-    ev = parts.evaluator.last
+    ev = trainer.evaluator.last
     assert ev["count"] == 256 and sum(map(sum, ev["confusion"])) == 256  # 100 + 100 + 56
     assert ev["acc"] == pytest.approx(sum(ev["confusion"][i][i] for i in range(10)) / 256)
     assert 0 < ev["loss"] < 10
@@ -269,7 +268,7 @@ def test_the_step_reads_the_device_once_per_control_interval(tmp_path, overrides
     from cifar_dist.storage.trackers import Trackers
 
     counter = SyncCounter()
-    parts = build(
+    trainer = build(
         tmp_path / "run",
         "data.synthetic_train=2048",
         f"train.max_steps={steps}",
@@ -278,9 +277,9 @@ def test_the_step_reads_the_device_once_per_control_interval(tmp_path, overrides
         callbacks=[AroundSteps(before=lambda p, step: setattr(counter, "context", step))],
     )
     # with a tracker (the running loss every 10 steps) and the rows' FLOP/s, MFU and memory
-    parts.metrics = MetricsLog(parts.run_dir, [], Trackers.start(["tensorboard"], parts.run_dir, "t", {}, 0))
+    trainer.metrics = MetricsLog(trainer.run_dir, [], Trackers.start(["tensorboard"], trainer.run_dir, "t", {}, 0))
     with counter:
-        fit(parts)
+        fit(trainer)
     steady = [(step, what, where) for step, what, where in counter.calls if step is not None and 1 <= step <= steps - 2]
     control_steps = {s for s in range(1, steps - 1) if (s + 1) % CONTROL_EVERY == 0}
     assert {step for step, _, _ in steady} <= control_steps, steady
@@ -339,8 +338,8 @@ def _trained(history) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in history]
 
 
-def _ckpt(parts, step: int):
-    return parts.run_dir / "checkpoints" / f"step_{step:08d}"
+def _ckpt(trainer, step: int):
+    return trainer.run_dir / "checkpoints" / f"step_{step:08d}"
 
 
 def test_a_run_that_has_ended_trains_no_further_step_and_a_longer_max_steps_continues_it_exactly(tmp_path):
@@ -396,25 +395,23 @@ def test_a_run_ended_early_stays_ended_when_resumed(tmp_path, ends):
     from cifar_dist.trainer.callbacks import StopAtTarget
 
     stopper, steps = (StopAfter(5), 5) if ends is StopReason.REQUESTED else (StopAtTarget(0.0001), SPE)
-    parts = build(tmp_path / "run", callbacks=[stopper])
-    state = fit(parts)
+    ended = build(tmp_path / "run", callbacks=[stopper])
+    state = fit(ended)
     assert state.global_step == steps and state.ended == ends.value
     resumed = build(tmp_path / "resumed")
-    trainer = resumed
-    restore(resumed, _ckpt(parts, steps))
-    assert trainer.ended is ends
-    assert trainer.fit().global_step == steps and checkpoint_steps(resumed.run_dir) == []
+    restore(resumed, _ckpt(ended, steps))
+    assert resumed.ended is ends
+    assert resumed.fit().global_step == steps and checkpoint_steps(resumed.run_dir) == []
 
 
 def test_a_stop_asked_while_the_run_starts_up_stops_it_before_its_first_step(tmp_path):
     """A SIGTERM recorded before the loop began (building, compiling): no step is trained, the
     run stops as preempted, and nothing is checkpointed (it had trained nothing)."""
-    parts = build(tmp_path / "run")
-    parts.stop.signalled = "SIGTERM"
-    trainer = parts
+    trainer = build(tmp_path / "run")
+    trainer.stop.signalled = "SIGTERM"
     state = trainer.fit()
     assert trainer.stop_reason is StopReason.SIGNAL and trainer.preempted
-    assert state.global_step == 0 and state.history == [] and checkpoint_steps(parts.run_dir) == []
+    assert state.global_step == 0 and state.history == [] and checkpoint_steps(trainer.run_dir) == []
 
 
 def test_state_endings_are_the_stop_reasons_that_end_a_run():
@@ -447,11 +444,11 @@ def test_a_component_added_to_the_checkpointer_is_saved_checksummed_and_restored
     from cifar_dist.storage.checkpoint import check_checkpoint
 
     seen = StepsSeen()
-    parts = build(tmp_path / "run", "train.max_steps=5", "checkpoint.every_steps=3", callbacks=[seen])
-    parts.checkpointer.components["steps_seen"] = seen
-    fit(parts)
-    assert checkpoint_steps(parts.run_dir) == [3, 5]
-    ckpt = _ckpt(parts, 3)
+    trainer = build(tmp_path / "run", "train.max_steps=5", "checkpoint.every_steps=3", callbacks=[seen])
+    trainer.checkpointer.components["steps_seen"] = seen
+    fit(trainer)
+    assert checkpoint_steps(trainer.run_dir) == [3, 5]
+    ckpt = _ckpt(trainer, 3)
     assert json.loads((ckpt / "steps_seen.json").read_text()) == {"steps": 3}
     assert "steps_seen.json" in json.loads((ckpt / "manifest.json").read_text())["files"]
     resumed, again = build(tmp_path / "resumed", "train.max_steps=5"), StepsSeen()
