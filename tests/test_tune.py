@@ -73,7 +73,7 @@ def test_the_same_command_proposes_the_same_trials_and_best_prints_their_rerun(t
     assert runs[0] == runs[1] and len({json.dumps(o) for _, o, _ in runs[0]}) == 3
     for number, _, value in runs[0]:  # each trial is the run a user would make by hand
         s = summary(tmp_path / "a" / f"trial-{number:04d}")
-        assert s["test_acc"] == value and s["epochs"] == 2
+        assert s["test_acc"] == value and s["epochs"] == 2 and s["eval_images"] == 512  # with SMALL's overrides
     best = cli("tune", "--out", tmp_path / "a", "--best", "2")
     top = max(runs[0], key=lambda r: r[2])
     rerun = (

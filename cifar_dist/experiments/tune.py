@@ -326,7 +326,8 @@ class Tuner:
         callbacks = [*load_config(self.config, self.args.overrides).run.callbacks, REPORTER]
         return [
             *launch, "-m", "cifar_dist.train", *config, "--out", str(self.run_dir(number)), "--resume",
-            *overrides, "run.progress=false", f"run.callbacks={override_text(callbacks)}", *threads,
+            *self.args.overrides, *overrides, "run.progress=false", f"run.callbacks={override_text(callbacks)}",
+            *threads,
         ]  # fmt: skip
 
     def _run_trial(self, study, number, trial_id, overrides, resumed, slot, user_threads) -> None:
