@@ -63,8 +63,8 @@ def measure_throughput(cfg, device: torch.device) -> Throughput:
                 flops = count_flops(build_model(cfg.model), train=True)
             except Exception:  # a user's model the counter cannot trace: MFU is then unknown
                 flops = None
-        tf32 = cfg.run.tf32 and not cfg.run.deterministic
-        return Throughput(flops, *device_peak(device, device_name(device), cfg.run.precision, tf32))
+            tf32 = cfg.run.tf32 and not cfg.run.deterministic
+            return Throughput(flops, *device_peak(device, device_name(device), cfg.run.precision, tf32))
 
     return share_from_main(find)
 

@@ -16,7 +16,7 @@ from cifar_dist.config.schema import Config
 from cifar_dist.data import data_identity
 from cifar_dist.distributed.accelerator import is_deepspeed, make_accelerator, release_process_group
 from cifar_dist.distributed.collectives import barrier, print0, share_from_main, world_info
-from cifar_dist.errors import CheckpointError, Interrupted, TrainingFault, say
+from cifar_dist.errors import CheckpointError, Interrupted, TrainingFault, UserError, say
 from cifar_dist.model.resnet import count_parameters
 from cifar_dist.runtime.provenance import device_name, git_sha, versions
 from cifar_dist.runtime.seeding import apply_tf32, set_determinism
@@ -36,9 +36,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, user_callb
     """Train as ``cfg`` says; returns the exit code (0; 130 after Ctrl-C). Raises UserError for bad input."""
     try:
         with StopRequest() as stop:
-            return _open_and_train(cfg, resume, overwrite, user_callbacks, stop)
-    finally:  # also after a refusal: gloo's threads torn down at the interpreter's shutdown abort it
+            code = _open_and_train(cfg, resume, overwrite, user_callbacks, stop)
+    except UserError:  # a refusal, before any step: this rank has no collective under way
         release_process_group()
+        raise
+    release_process_group()  # its threads joined now: at the interpreter's shutdown gloo can abort
+    return code
 
 
 def _open_and_train(cfg: Config, resume: bool, overwrite: bool, user_callbacks, stop: StopRequest) -> int:
@@ -127,7 +130,7 @@ def _train(trainer: Trainer, rundir: RunDir, eval_name: str, images: str, starte
     summary = _summary(trainer, final, eval_name, wall=time.time() - started)
     trainer.callbacks.call("on_train_end", summary)
     if trainer.rank == 0:
-        _write_results(trainer, summary, final)
+        _write_results(trainer, run_dir, summary, final)
     barrier()
     rundir.close()
     trainer.accelerator.end_training()
@@ -256,10 +259,8 @@ def _summary(trainer: Trainer, final: dict, eval_name: str, wall: float) -> dict
     }
 
 
-def _write_results(trainer: Trainer, summary: dict, final: dict) -> None:
+def _write_results(trainer: Trainer, run_dir: Path, summary: dict, final: dict) -> None:
     """Rank 0: the run's results (summary.json last, which marks the run finished) and its last line."""
-    run_dir = trainer.run_dir
-    assert run_dir is not None
     write_results(run_dir, trainer.evaluated, summary, final["confusion"], trainer.cfg.run.plots)
     if trainer.metrics is not None:
         trainer.metrics.close()
