@@ -207,7 +207,7 @@ def test_train_twice_in_one_process_gives_the_cli_runs_bits(reference, tmp_path)
     os.environ.get("CIFAR_DIST_LONG") != "1",
     reason="CIFAR_DIST_LONG=1 trains the CPU demo on real CIFAR-10 and checks every export on its 10,000 test images",
 )
-def test_exports_and_predict_on_the_real_cifar10_test_set(cifar_root, tmp_path):
+def test_exports_and_predict_on_the_real_cifar10_test_set(cifar_root, tmp_path, monkeypatch):
     """The checks on real images: each export over the 10,000 test images, and predict on them as
     PNG files beside a plain PyTorch loop over the same pixels (figures printed, not asserted)."""
     from cifar_dist.inference.predict import predict_files
@@ -231,6 +231,7 @@ def test_exports_and_predict_on_the_real_cifar10_test_set(cifar_root, tmp_path):
         assert check["accuracy_pytorch"] == pytest.approx(plain, abs=1e-9)
 
     trained = TrainedModel.load(run)
+    monkeypatch.setenv("CIFAR_DIST_DATA", str(cifar_root))  # in this process too
     _, test_set, _ = build_datasets(trained.cfg)
     folder = tmp_path / "png"
     folder.mkdir()
